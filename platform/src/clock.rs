@@ -1,0 +1,36 @@
+//! Time for timeouts and backoff. Trusty never interrupts the normal world for ring activity, so
+//! every wait in this stack is a loop against a deadline from a [`Clock`].
+
+/// A monotonic clock and a way to let time pass.
+pub trait Clock: Send + Sync {
+    /// Monotonic time in nanoseconds from an arbitrary origin.
+    fn now_ns(&self) -> u64;
+    /// Let about `ns` nanoseconds pass (sleep, or spin on bare metal).
+    fn sleep_ns(&self, ns: u64);
+    /// A short pause between two polls of shared memory (yield, `wfe`, or nothing).
+    fn relax(&self) {}
+}
+
+/// Nanoseconds in one millisecond.
+pub const NS_PER_MS: u64 = 1_000_000;
+
+/// A point in time after which a wait gives up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline(u64);
+
+impl Deadline {
+    /// The deadline `timeout_ms` from now (saturating).
+    pub fn after_ms(clock: &dyn Clock, timeout_ms: u64) -> Self {
+        Deadline(clock.now_ns().saturating_add(timeout_ms.saturating_mul(NS_PER_MS)))
+    }
+
+    /// A deadline that has already passed: "do not wait".
+    pub const fn now() -> Self {
+        Deadline(0)
+    }
+
+    /// Whether the deadline has passed.
+    pub fn expired(&self, clock: &dyn Clock) -> bool {
+        clock.now_ns() >= self.0
+    }
+}

@@ -1,0 +1,242 @@
+//! Memory the normal world makes visible to Trusty (spec §3): page allocation, the 64-bit
+//! memory id Trusty is given for every shared region, and the [`Sharer`] trait behind which each
+//! sharing mechanism sits.
+
+use alloc::boxed::Box;
+use core::fmt;
+use core::ptr::NonNull;
+
+use crate::Error;
+
+/// Page size of the normal world's shared buffers (all buffers are whole pages, spec §6.11).
+pub const PAGE_SIZE: usize = 4096;
+
+/// The 64-bit id Trusty is given for a shared region: an FF-A handle, a physical address with
+/// attributes, or a grant reference, depending on the mechanism (spec §3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemoryId(pub u64);
+
+impl MemoryId {
+    /// The low 32 bits, as passed in the first SMC32 argument.
+    pub const fn lo(self) -> u32 {
+        self.0 as u32
+    }
+    /// The high 32 bits.
+    pub const fn hi(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    pub const fn from_parts(lo: u32, hi: u32) -> Self {
+        MemoryId(((hi as u64) << 32) | lo as u64)
+    }
+}
+
+impl fmt::Display for MemoryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "memory id {:#x}", self.0)
+    }
+}
+
+/// What the peer may do with a shared region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A physically contiguous run of pages, by its address as the normal world sees it (the IPA in
+/// a guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhysRange {
+    pub addr: u64,
+    pub pages: u32,
+}
+
+/// Pages from a [`PageAllocator`]: where the normal world reaches them and their address.
+#[derive(Debug)]
+pub struct DmaRegion {
+    vaddr: NonNull<u8>,
+    paddr: u64,
+    pages: usize,
+}
+
+// SAFETY: a DmaRegion is an owned run of pages; moving the owner to another thread is sound.
+unsafe impl Send for DmaRegion {}
+
+impl DmaRegion {
+    /// # Safety
+    /// `vaddr` must point to `pages * PAGE_SIZE` bytes that stay valid and are owned by the new
+    /// region until it is handed back to the allocator it came from.
+    pub unsafe fn new(vaddr: NonNull<u8>, paddr: u64, pages: usize) -> Self {
+        DmaRegion { vaddr, paddr, pages }
+    }
+    pub fn vaddr(&self) -> NonNull<u8> {
+        self.vaddr
+    }
+    pub fn paddr(&self) -> u64 {
+        self.paddr
+    }
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+    pub fn len(&self) -> usize {
+        self.pages * PAGE_SIZE
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+    pub fn range(&self) -> PhysRange {
+        PhysRange { addr: self.paddr, pages: self.pages as u32 }
+    }
+}
+
+/// Hands out zeroed, page-aligned, physically contiguous pages that can be shared with the peer.
+pub trait PageAllocator: Send {
+    /// `pages` zeroed pages, or `None` when none are left.
+    fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion>;
+    /// Gives pages back.
+    ///
+    /// # Safety
+    /// `region` came from this allocator and is no longer shared with, or used by, anyone.
+    unsafe fn free(&mut self, region: DmaRegion);
+}
+
+/// One mechanism that makes memory visible to the peer and takes it back (spec §3).
+pub trait Sharer: Send {
+    /// A short name of the mechanism, for logs and the sharing line.
+    fn mechanism(&self) -> &'static str;
+    /// Makes `ranges` visible to the peer; returns the id the peer is given.
+    fn share(&mut self, ranges: &[PhysRange], access: Access) -> Result<MemoryId, Error>;
+    /// Takes a share back. [`Error::ReclaimDenied`] means the peer still holds it: the memory
+    /// must then be leaked, never freed.
+    fn reclaim(&mut self, id: MemoryId) -> Result<(), Error>;
+    /// Shares currently live.
+    fn live_shares(&self) -> usize;
+    /// The most live shares the platform allows, if it limits them.
+    fn budget(&self) -> Option<usize>;
+}
+
+/// Memory that was shared and could not be taken back, so it is kept forever.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeakStats {
+    pub regions: usize,
+    pub pages: usize,
+}
+
+/// A buffer that is shared with the peer. It is released only through
+/// [`SharedMemory::release`], which decides between freeing and leaking it.
+#[derive(Debug)]
+#[must_use = "a shared buffer must be released through SharedMemory::release"]
+pub struct SharedBuf {
+    region: DmaRegion,
+    id: MemoryId,
+    access: Access,
+}
+
+impl SharedBuf {
+    pub fn id(&self) -> MemoryId {
+        self.id
+    }
+    pub fn access(&self) -> Access {
+        self.access
+    }
+    pub fn len(&self) -> usize {
+        self.region.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty()
+    }
+    pub fn paddr(&self) -> u64 {
+        self.region.paddr()
+    }
+    /// The start of the buffer, for code that lays out structures the peer reads (vrings).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.region.vaddr().as_ptr()
+    }
+
+    /// Copies `data` into the buffer at `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), Error> {
+        let end = offset.checked_add(data.len()).ok_or(Error::InvalidArgument("offset overflow"))?;
+        if end > self.len() {
+            return Err(Error::InvalidArgument("write past the end of a shared buffer"));
+        }
+        // SAFETY: offset..end lies inside the region, which this buffer owns; the peer may read
+        // it concurrently, which is what shared memory is for (byte copies, no references).
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+
+    /// Copies bytes from the buffer at `offset` into `out`.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
+        let end = offset.checked_add(out.len()).ok_or(Error::InvalidArgument("offset overflow"))?;
+        if end > self.len() {
+            return Err(Error::InvalidArgument("read past the end of a shared buffer"));
+        }
+        // SAFETY: as in `write`; the bytes are copied out, never referenced in place.
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+}
+
+/// Pages plus the mechanism that shares them: allocates-and-shares, reclaims-and-frees, and
+/// leaks (and counts) what the peer will not give back.
+pub struct SharedMemory {
+    allocator: Box<dyn PageAllocator>,
+    sharer: Box<dyn Sharer>,
+    leaked: LeakStats,
+}
+
+impl SharedMemory {
+    pub fn new(allocator: Box<dyn PageAllocator>, sharer: Box<dyn Sharer>) -> Self {
+        SharedMemory { allocator, sharer, leaked: LeakStats::default() }
+    }
+
+    /// Allocates `bytes` (rounded up to whole pages), zeroed, and shares them with `access`.
+    pub fn alloc_shared(&mut self, bytes: usize, access: Access) -> Result<SharedBuf, Error> {
+        let pages = bytes.div_ceil(PAGE_SIZE).max(1);
+        let region = self.allocator.alloc_zeroed(pages).ok_or(Error::OutOfMemory)?;
+        match self.sharer.share(&[region.range()], access) {
+            Ok(id) => Ok(SharedBuf { region, id, access }),
+            Err(e) => {
+                // SAFETY: the region was never shared and nobody else has seen it.
+                unsafe { self.allocator.free(region) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Reclaims a buffer and frees it. If the peer denies the reclaim (or the reclaim fails in
+    /// a way that leaves the state unknown) the pages are leaked and counted instead, because
+    /// the peer may still map them (spec §3.3).
+    pub fn release(&mut self, buf: SharedBuf) -> Result<(), Error> {
+        match self.sharer.reclaim(buf.id) {
+            Ok(()) => {
+                // SAFETY: the peer gave the share back; the buffer is consumed, so no user is left.
+                unsafe { self.allocator.free(buf.region) };
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("leaking {} page(s) of {}: {e}", buf.region.pages(), buf.id);
+                self.leaked.regions += 1;
+                self.leaked.pages += buf.region.pages();
+                core::mem::forget(buf);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn leaked(&self) -> LeakStats {
+        self.leaked
+    }
+
+    pub fn sharer(&self) -> &dyn Sharer {
+        &*self.sharer
+    }
+
+    pub fn sharer_mut(&mut self) -> &mut dyn Sharer {
+        &mut *self.sharer
+    }
+}
