@@ -1,0 +1,240 @@
+//! The normal world's side of Trusty's virtio bus (spec §5.5, §5.6): fetching the descriptor
+//! into a shared page, patching the fields the driver owns, START, STOP, VDEV_RESET and kicks.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use trusty_platform::mem::{Access, MemoryId, SharedBuf, SharedMemory, PAGE_SIZE};
+use trusty_platform::smc::{api, call};
+use trusty_platform::trusty::Trusty;
+use virtio_drivers::transport::DeviceStatus;
+
+use crate::rsc::{self, field, RscError, VdevInfo};
+use crate::vring::LayoutError;
+
+/// The status byte Trusty requires at START: ACKNOWLEDGE | DRIVER | DRIVER_OK, and *not*
+/// FEATURES_OK, because VERSION_1 is never negotiated (spec §5.5 step 5e, §11 subtlety 3).
+/// virtio-drivers' own init path always sets FEATURES_OK, so it cannot drive this bus.
+pub const STATUS_AT_START: u8 =
+    (DeviceStatus::ACKNOWLEDGE.bits() | DeviceStatus::DRIVER.bits() | DeviceStatus::DRIVER_OK.bits()) as u8;
+/// ACKNOWLEDGE | DRIVER: the status while the driver sets the device up.
+pub const STATUS_DRIVER: u8 = (DeviceStatus::ACKNOWLEDGE.bits() | DeviceStatus::DRIVER.bits()) as u8;
+
+/// Failures of the bus layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusError {
+    Platform(trusty_platform::Error),
+    Descriptor(RscError),
+    /// Trusty answered GET_DESCR with a size outside 1..=the page.
+    DescriptorSize(i64),
+    Layout(LayoutError),
+    /// A call was made in a state that does not allow it.
+    State(&'static str),
+}
+
+impl From<trusty_platform::Error> for BusError {
+    fn from(e: trusty_platform::Error) -> Self {
+        BusError::Platform(e)
+    }
+}
+impl From<RscError> for BusError {
+    fn from(e: RscError) -> Self {
+        BusError::Descriptor(e)
+    }
+}
+impl From<LayoutError> for BusError {
+    fn from(e: LayoutError) -> Self {
+        BusError::Layout(e)
+    }
+}
+
+impl fmt::Display for BusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BusError::Platform(e) => write!(f, "{e}"),
+            BusError::Descriptor(e) => write!(f, "bad virtio descriptor: {e}"),
+            BusError::DescriptorSize(s) => write!(f, "Trusty returned a descriptor size of {s}"),
+            BusError::Layout(e) => write!(f, "unusable vring: {e:?}"),
+            BusError::State(s) => write!(f, "virtio bus: {s}"),
+        }
+    }
+}
+
+/// Index of a vdev in the parsed descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VdevHandle(usize);
+
+/// The bus: owns the call discipline and the shared memory for everything above it.
+pub struct Bus {
+    trusty: Trusty,
+    mem: SharedMemory,
+    descr: Option<SharedBuf>,
+    descr_size: u32,
+    vdevs: Vec<VdevInfo>,
+    started: bool,
+}
+
+impl Bus {
+    pub fn new(trusty: Trusty, mem: SharedMemory) -> Self {
+        Bus { trusty, mem, descr: None, descr_size: 0, vdevs: Vec::new(), started: false }
+    }
+
+    pub fn trusty(&mut self) -> &mut Trusty {
+        &mut self.trusty
+    }
+    pub fn trusty_ref(&self) -> &Trusty {
+        &self.trusty
+    }
+    pub fn mem(&mut self) -> &mut SharedMemory {
+        &mut self.mem
+    }
+    pub fn mem_ref(&self) -> &SharedMemory {
+        &self.mem
+    }
+    /// Both halves at once, for code that shares memory while making calls.
+    pub fn parts(&mut self) -> (&mut Trusty, &mut SharedMemory) {
+        (&mut self.trusty, &mut self.mem)
+    }
+
+    /// Shares a zeroed page, asks Trusty to describe its devices into it, and parses the result
+    /// into a trusted copy (spec §5.5 steps 3-5).
+    pub fn fetch_descriptor(&mut self) -> Result<Vec<VdevHandle>, BusError> {
+        if self.descr.is_some() {
+            return Err(BusError::State("descriptor already fetched"));
+        }
+        let page = self.mem.alloc_shared(PAGE_SIZE, Access::ReadWrite)?;
+        let id = page.id();
+        let size = match self.trusty.std_call(call::SC_VIRTIO_GET_DESCR, id.lo(), id.hi(), PAGE_SIZE as u32) {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = self.mem.release(page);
+                return Err(e.into());
+            }
+        };
+        if size == 0 || size as usize > PAGE_SIZE {
+            let _ = self.mem.release(page);
+            return Err(BusError::DescriptorSize(i64::from(size)));
+        }
+        let mut copy = alloc::vec![0u8; size as usize];
+        page.read(0, &mut copy)?;
+        let vdevs = match rsc::parse(&copy) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.mem.release(page);
+                return Err(e.into());
+            }
+        };
+        self.descr = Some(page);
+        self.descr_size = size;
+        self.vdevs = vdevs;
+        Ok((0..self.vdevs.len()).map(VdevHandle).collect())
+    }
+
+    /// The trusted copy of a vdev entry.
+    pub fn vdev(&self, h: VdevHandle) -> Option<&VdevInfo> {
+        self.vdevs.get(h.0)
+    }
+
+    fn write_field(&mut self, offset: usize, bytes: &[u8]) -> Result<(), BusError> {
+        let page = self.descr.as_ref().ok_or(BusError::State("no descriptor"))?;
+        if offset + bytes.len() > self.descr_size as usize {
+            return Err(BusError::State("field outside the descriptor"));
+        }
+        page.write(offset, bytes)?;
+        Ok(())
+    }
+
+    fn vdev_info(&self, h: VdevHandle) -> Result<&VdevInfo, BusError> {
+        self.vdevs.get(h.0).ok_or(BusError::State("no such vdev"))
+    }
+
+    /// VDEV_RESET. Before START Trusty answers ERR_BAD_STATE, which the caller may ignore
+    /// (spec §5.5 step 5a).
+    pub fn reset_vdev(&mut self, h: VdevHandle) -> Result<(), BusError> {
+        let notifyid = self.vdev_info(h)?.notifyid;
+        self.trusty.std_call(call::SC_VDEV_RESET, notifyid, 0, 0)?;
+        Ok(())
+    }
+
+    pub fn set_status(&mut self, h: VdevHandle, status: u8) -> Result<(), BusError> {
+        let off = self.vdev_info(h)?.offset + field::STATUS;
+        self.write_field(off, &[status])?;
+        if let Some(v) = self.vdevs.get_mut(h.0) {
+            v.status = status;
+        }
+        Ok(())
+    }
+
+    pub fn set_features(&mut self, h: VdevHandle, gfeatures: u32) -> Result<(), BusError> {
+        let off = self.vdev_info(h)?.offset + field::GFEATURES;
+        self.write_field(off, &gfeatures.to_le_bytes())?;
+        if let Some(v) = self.vdevs.get_mut(h.0) {
+            v.gfeatures = gfeatures;
+        }
+        Ok(())
+    }
+
+    /// Records a vring's memory id: low half in `da`, high half in `pa` (spec §5.1).
+    pub fn set_vring_id(&mut self, h: VdevHandle, ring: usize, id: MemoryId) -> Result<(), BusError> {
+        let v = self.vdev_info(h)?;
+        if ring >= v.vrings.len() {
+            return Err(BusError::State("no such vring"));
+        }
+        let da = v.vring_field_offset(ring, field::VRING_DA);
+        let pa = v.vring_field_offset(ring, field::VRING_PA);
+        self.write_field(da, &id.lo().to_le_bytes())?;
+        self.write_field(pa, &id.hi().to_le_bytes())?;
+        if let Some(r) = self.vdevs.get_mut(h.0).and_then(|v| v.vrings.get_mut(ring)) {
+            r.da = id.lo();
+            r.pa = id.hi();
+        }
+        Ok(())
+    }
+
+    /// VIRTIO_START with the exact size GET_DESCR returned (spec §5.5 step 6). The caller
+    /// rescans its rings afterwards: Trusty sends GO_ONLINE inside this call.
+    pub fn start(&mut self) -> Result<(), BusError> {
+        let id = self.descr.as_ref().ok_or(BusError::State("start before descriptor"))?.id();
+        if self.started {
+            return Err(BusError::State("already started"));
+        }
+        self.trusty.std_call(call::SC_VIRTIO_START, id.lo(), id.hi(), self.descr_size)?;
+        self.started = true;
+        Ok(())
+    }
+
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Tells Trusty that vring `vring_notifyid` of a vdev has new buffers (spec §4): a NOP with
+    /// arguments from API 3, a standard call before.
+    pub fn kick(&mut self, h: VdevHandle, vring_notifyid: u32) -> Result<(), BusError> {
+        let notifyid = self.vdev_info(h)?.notifyid;
+        if self.trusty.api_version() >= api::SMP_NOP {
+            self.trusty.nop(call::NC_VDEV_KICK_VQ, notifyid, vring_notifyid)?;
+        } else {
+            self.trusty.std_call(call::SC_VDEV_KICK_VQ, notifyid, vring_notifyid, 0)?;
+        }
+        Ok(())
+    }
+
+    /// VIRTIO_STOP, then reclaims the descriptor page (spec §5.6). Devices must have been reset
+    /// and their memory reclaimed first.
+    pub fn stop(&mut self) -> Result<(), BusError> {
+        let Some(page) = self.descr.take() else { return Ok(()) };
+        let id = page.id();
+        let stop = if self.started {
+            self.trusty.std_call(call::SC_VIRTIO_STOP, id.lo(), id.hi(), self.descr_size).map(|_| ())
+        } else {
+            Ok(())
+        };
+        self.started = false;
+        self.vdevs.clear();
+        // Even when STOP failed the page is offered back; a denied reclaim leaks it.
+        let reclaim = self.mem.release(page);
+        stop?;
+        reclaim?;
+        Ok(())
+    }
+}

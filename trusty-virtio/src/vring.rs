@@ -1,0 +1,476 @@
+//! Split virtqueues in the legacy layout Trusty uses (spec §5.3, §5.7), with both ends:
+//! [`DriverQueue`] for the normal world and [`DeviceQueue`] for a secure-side implementation.
+//!
+//! virtio-drivers' `VirtQueue` is not used for the rings: it places whatever its static `Hal`
+//! returns from `share()` into each descriptor, once per `add`, while Trusty needs the memory id
+//! of a buffer that was shared once and stays shared, from a per-device sharer with a budget;
+//! it also reads `used.len` as a byte count, where the normal-to-secure ring carries a status
+//! (spec §6.7). What is shared with it is the layout arithmetic and the volatile-access style.
+//!
+//! The driver never reads back what it published: descriptors and the avail index live in a
+//! trusted shadow, and everything the device writes (used index, used entries) is validated
+//! before use, so a hostile device can make a queue report errors but never panic it.
+
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use core::sync::atomic::{fence, Ordering};
+
+/// Descriptor flag: the chain continues at `next`.
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes this buffer.
+pub const DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: indirect table (Trusty does not support it).
+pub const DESC_F_INDIRECT: u16 = 4;
+/// `used.flags` bit by which the device says "do not kick me" (spec §4).
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Volatile access to the memory of one ring. Offsets come from a validated [`Layout`], so
+/// they are always in range; an implementation still never touches memory outside `len()`.
+pub trait RingMemory {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn read_u16(&self, off: usize) -> u16;
+    fn write_u16(&self, off: usize, v: u16);
+    fn read_u32(&self, off: usize) -> u32;
+    fn write_u32(&self, off: usize, v: u32);
+    fn read_u64(&self, off: usize) -> u64;
+    fn write_u64(&self, off: usize, v: u64);
+}
+
+/// A ring in memory this side reaches through a pointer (the normal world's own pages).
+pub struct RawRing {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: RawRing is a handle on pages owned by the queue's owner; all access is volatile.
+unsafe impl Send for RawRing {}
+
+impl RawRing {
+    /// # Safety
+    /// `base` must be 8-byte aligned and point to `len` bytes that stay valid for the life of
+    /// this value, shared only with the ring's peer.
+    pub unsafe fn new(base: NonNull<u8>, len: usize) -> Self {
+        RawRing { base, len }
+    }
+
+    fn ptr<T>(&self, off: usize) -> Option<*mut T> {
+        let end = off.checked_add(core::mem::size_of::<T>())?;
+        if end > self.len || off % core::mem::align_of::<T>() != 0 {
+            debug_assert!(false, "ring access out of layout");
+            return None;
+        }
+        // SAFETY: off + size_of::<T>() <= len, so the result stays inside the allocation.
+        Some(unsafe { self.base.as_ptr().add(off) }.cast())
+    }
+}
+
+macro_rules! raw_access {
+    ($read:ident, $write:ident, $t:ty) => {
+        fn $read(&self, off: usize) -> $t {
+            match self.ptr::<$t>(off) {
+                // SAFETY: in bounds and aligned (checked by `ptr`); volatile because the peer
+                // writes this memory concurrently.
+                Some(p) => <$t>::from_le(unsafe { p.read_volatile() }),
+                None => 0,
+            }
+        }
+        fn $write(&self, off: usize, v: $t) {
+            if let Some(p) = self.ptr::<$t>(off) {
+                // SAFETY: in bounds and aligned (checked by `ptr`).
+                unsafe { p.write_volatile(v.to_le()) }
+            }
+        }
+    };
+}
+
+impl RingMemory for RawRing {
+    fn len(&self) -> usize {
+        self.len
+    }
+    raw_access!(read_u16, write_u16, u16);
+    raw_access!(read_u32, write_u32, u32);
+    raw_access!(read_u64, write_u64, u64);
+}
+
+/// Why a ring's size or alignment cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// `num` must be a power of two from 1 to 32768.
+    BadNum(u32),
+    /// `align` must be a power of two of at least 4.
+    BadAlign(u32),
+    /// The memory given is smaller than the layout.
+    TooSmall { needed: usize, have: usize },
+}
+
+/// Offsets of the parts of a legacy split ring (spec §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    num: u16,
+    used_off: usize,
+}
+
+impl Layout {
+    pub fn new(num: u32, align: u32) -> Result<Self, LayoutError> {
+        if num == 0 || num > 32768 || !num.is_power_of_two() {
+            return Err(LayoutError::BadNum(num));
+        }
+        if align < 4 || !align.is_power_of_two() {
+            return Err(LayoutError::BadAlign(align));
+        }
+        let n = num as usize;
+        let used_off = (16 * n + 2 * (3 + n)).next_multiple_of(align as usize);
+        Ok(Layout { num: num as u16, used_off })
+    }
+    pub fn num(&self) -> u16 {
+        self.num
+    }
+    /// Bytes the ring occupies.
+    pub fn size(&self) -> usize {
+        self.used_off + 6 + 8 * usize::from(self.num)
+    }
+    fn desc(&self, i: u16) -> usize {
+        16 * usize::from(i)
+    }
+    fn avail_flags(&self) -> usize {
+        16 * usize::from(self.num)
+    }
+    fn avail_idx(&self) -> usize {
+        self.avail_flags() + 2
+    }
+    fn avail_ring(&self, slot: u16) -> usize {
+        self.avail_flags() + 4 + 2 * usize::from(slot % self.num)
+    }
+    fn used_flags(&self) -> usize {
+        self.used_off
+    }
+    fn used_idx(&self) -> usize {
+        self.used_off + 2
+    }
+    fn used_ring(&self, slot: u16) -> usize {
+        self.used_off + 4 + 8 * usize::from(slot % self.num)
+    }
+}
+
+/// A used entry as the device reported it, after validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// The descriptor (head) index the device returned.
+    pub desc: u16,
+    /// The raw `used.len` word (a status on Trusty's normal-to-secure ring).
+    pub len: u32,
+}
+
+/// Something the device wrote that breaks the ring protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingError {
+    /// used.idx moved by more than the ring size since we last looked.
+    UsedIndexJump { last_seen: u16, now: u16 },
+    /// A used entry names a descriptor that is out of range or not in flight (consumed).
+    BadUsedId { id: u32 },
+    /// Every descriptor is in flight.
+    Full,
+}
+
+/// The driver (normal-world) end of one ring.
+pub struct DriverQueue<M: RingMemory> {
+    mem: M,
+    layout: Layout,
+    avail_idx: u16,
+    last_used: u16,
+    free: Vec<u16>,
+    in_flight: Vec<bool>,
+}
+
+impl<M: RingMemory> DriverQueue<M> {
+    /// A queue over zeroed memory `mem` laid out as `layout`.
+    pub fn new(mem: M, layout: Layout) -> Result<Self, LayoutError> {
+        if mem.len() < layout.size() {
+            return Err(LayoutError::TooSmall { needed: layout.size(), have: mem.len() });
+        }
+        let num = layout.num();
+        Ok(DriverQueue {
+            mem,
+            layout,
+            avail_idx: 0,
+            last_used: 0,
+            free: (0..num).rev().collect(),
+            in_flight: alloc::vec![false; usize::from(num)],
+        })
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Descriptors not in flight.
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Publishes one single-descriptor buffer (Trusty takes one descriptor per message, spec
+    /// §5.7): `addr` is the buffer's memory id, `len` its valid bytes (device-readable) or its
+    /// capacity (device-writable). Returns the descriptor index, the buffer's token.
+    pub fn add(&mut self, addr: u64, len: u32, device_writable: bool) -> Result<u16, RingError> {
+        let idx = self.free.pop().ok_or(RingError::Full)?;
+        let d = self.layout.desc(idx);
+        self.mem.write_u64(d, addr);
+        self.mem.write_u32(d + 8, len);
+        self.mem.write_u16(d + 12, if device_writable { DESC_F_WRITE } else { 0 });
+        self.mem.write_u16(d + 14, 0);
+        self.mem.write_u16(self.layout.avail_ring(self.avail_idx), idx);
+        // The descriptor and ring slot must be visible before the index that publishes them.
+        fence(Ordering::Release);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem.write_u16(self.layout.avail_idx(), self.avail_idx);
+        self.in_flight[usize::from(idx)] = true;
+        Ok(idx)
+    }
+
+    /// Whether the device wants a kick (it clears NO_NOTIFY before it sleeps, spec §4).
+    pub fn needs_kick(&self) -> bool {
+        fence(Ordering::SeqCst);
+        self.mem.read_u16(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
+    }
+
+    /// Takes the next used entry, if any, validating everything the device wrote.
+    pub fn pop_used(&mut self) -> Result<Option<Used>, RingError> {
+        let now = self.mem.read_u16(self.layout.used_idx());
+        if now == self.last_used {
+            return Ok(None);
+        }
+        if now.wrapping_sub(self.last_used) > self.layout.num() {
+            return Err(RingError::UsedIndexJump { last_seen: self.last_used, now });
+        }
+        // Read the entry only after seeing the index that published it.
+        fence(Ordering::Acquire);
+        let e = self.layout.used_ring(self.last_used);
+        let id = self.mem.read_u32(e);
+        let len = self.mem.read_u32(e + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        match u16::try_from(id).ok().filter(|&i| self.in_flight.get(usize::from(i)) == Some(&true)) {
+            Some(desc) => {
+                self.in_flight[usize::from(desc)] = false;
+                self.free.push(desc);
+                Ok(Some(Used { desc, len }))
+            }
+            None => Err(RingError::BadUsedId { id }),
+        }
+    }
+
+    /// Descriptors the device still holds.
+    pub fn in_flight(&self) -> impl Iterator<Item = u16> + '_ {
+        self.in_flight.iter().enumerate().filter(|(_, &f)| f).map(|(i, _)| i as u16)
+    }
+}
+
+/// One descriptor as the device read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+}
+
+/// A chain taken from the avail ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub head: u16,
+    pub descs: Vec<Desc>,
+}
+
+/// Driver errors the device end detects (spec §5.7: the first two make Trusty panic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceRingError {
+    AvailIndexJump { last_seen: u16, now: u16 },
+    HeadOutOfRange { head: u16 },
+    /// A chain link out of range, or a loop: the head is returned with an error status.
+    BadChain { head: u16 },
+}
+
+/// The device (secure-side) end of one ring: consumes avail, produces used.
+pub struct DeviceQueue {
+    layout: Layout,
+    last_avail: u16,
+    used_idx: u16,
+}
+
+impl DeviceQueue {
+    pub fn new(layout: Layout) -> Self {
+        DeviceQueue { layout, last_avail: 0, used_idx: 0 }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Takes the next available chain (at most `num` links).
+    pub fn pop_avail(&mut self, mem: &dyn RingMemory) -> Result<Option<Chain>, DeviceRingError> {
+        let now = mem.read_u16(self.layout.avail_idx());
+        if now == self.last_avail {
+            return Ok(None);
+        }
+        if now.wrapping_sub(self.last_avail) > self.layout.num() {
+            return Err(DeviceRingError::AvailIndexJump { last_seen: self.last_avail, now });
+        }
+        fence(Ordering::Acquire);
+        let head = mem.read_u16(self.layout.avail_ring(self.last_avail));
+        if head >= self.layout.num() {
+            return Err(DeviceRingError::HeadOutOfRange { head });
+        }
+        self.last_avail = self.last_avail.wrapping_add(1);
+        let mut descs = Vec::new();
+        let mut i = head;
+        loop {
+            let d = self.layout.desc(i);
+            let desc = Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) };
+            descs.push(desc);
+            if desc.flags & DESC_F_NEXT == 0 {
+                break;
+            }
+            i = mem.read_u16(d + 14);
+            if i >= self.layout.num() || descs.len() >= usize::from(self.layout.num()) {
+                return Err(DeviceRingError::BadChain { head });
+            }
+        }
+        Ok(Some(Chain { head, descs }))
+    }
+
+    /// Returns a chain with the 32-bit `len` word.
+    pub fn push_used(&mut self, mem: &dyn RingMemory, head: u16, len: u32) {
+        let e = self.layout.used_ring(self.used_idx);
+        mem.write_u32(e, u32::from(head));
+        mem.write_u32(e + 4, len);
+        fence(Ordering::Release);
+        self.used_idx = self.used_idx.wrapping_add(1);
+        mem.write_u16(self.layout.used_idx(), self.used_idx);
+    }
+
+    /// Sets or clears VRING_USED_F_NO_NOTIFY.
+    pub fn set_no_notify(&self, mem: &dyn RingMemory, no_notify: bool) {
+        mem.write_u16(self.layout.used_flags(), if no_notify { USED_F_NO_NOTIFY } else { 0 });
+        fence(Ordering::SeqCst);
+    }
+
+    /// Whether the driver has published chains not yet taken.
+    pub fn has_avail(&self, mem: &dyn RingMemory) -> bool {
+        mem.read_u16(self.layout.avail_idx()) != self.last_avail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::boxed::Box;
+    use std::vec;
+
+    struct Mem(Box<[u64]>);
+    impl Mem {
+        fn new(bytes: usize) -> Self {
+            Mem(vec![0u64; bytes / 8].into_boxed_slice())
+        }
+        fn raw(&mut self) -> RawRing {
+            // SAFETY: the boxed slice is 8-aligned and outlives the ring in these tests.
+            unsafe { RawRing::new(NonNull::new(self.0.as_mut_ptr().cast()).unwrap(), self.0.len() * 8) }
+        }
+    }
+
+    #[test]
+    fn layout_for_trusty_default_ring() {
+        let l = Layout::new(32, 4096).unwrap();
+        assert_eq!(l.avail_flags(), 512);
+        assert_eq!(l.used_flags(), 4096);
+        assert_eq!(l.size(), 4358);
+        assert_eq!(Layout::new(33, 4096), Err(LayoutError::BadNum(33)));
+        assert_eq!(Layout::new(0, 4096), Err(LayoutError::BadNum(0)));
+        assert_eq!(Layout::new(32, 3), Err(LayoutError::BadAlign(3)));
+    }
+
+    #[test]
+    fn driver_and_device_round_trip() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let dev_mem = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        for round in 0..10u64 {
+            let a = drv.add(0x1000 + round, 100, false).unwrap();
+            let b = drv.add(0x2000 + round, 4096, true).unwrap();
+            let c1 = dev.pop_avail(&dev_mem).unwrap().unwrap();
+            assert_eq!(c1.head, a);
+            assert_eq!(c1.descs, vec![Desc { addr: 0x1000 + round, len: 100, flags: 0 }]);
+            let c2 = dev.pop_avail(&dev_mem).unwrap().unwrap();
+            assert_eq!(c2.descs[0].flags, DESC_F_WRITE);
+            assert_eq!(dev.pop_avail(&dev_mem).unwrap(), None);
+            dev.push_used(&dev_mem, c2.head, 20);
+            dev.push_used(&dev_mem, c1.head, (-9i32) as u32);
+            assert_eq!(drv.pop_used().unwrap(), Some(Used { desc: b, len: 20 }));
+            assert_eq!(drv.pop_used().unwrap(), Some(Used { desc: a, len: (-9i32) as u32 }));
+            assert_eq!(drv.pop_used().unwrap(), None);
+        }
+        assert_eq!(drv.free_count(), 4);
+    }
+
+    #[test]
+    fn hostile_device_cannot_panic_the_driver() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let peer = m.raw();
+        let d = drv.add(0x1000, 10, false).unwrap();
+        // Used entry naming a descriptor that is not in flight.
+        peer.write_u32(l.used_ring(0), 3);
+        peer.write_u16(l.used_idx(), 1);
+        assert_eq!(drv.pop_used(), Err(RingError::BadUsedId { id: 3 }));
+        // Out of range id.
+        peer.write_u32(l.used_ring(1), 70_000);
+        peer.write_u16(l.used_idx(), 2);
+        assert_eq!(drv.pop_used(), Err(RingError::BadUsedId { id: 70_000 }));
+        // Index jump.
+        peer.write_u16(l.used_idx(), 200);
+        assert!(matches!(drv.pop_used(), Err(RingError::UsedIndexJump { .. })));
+        // A correct entry still works afterwards.
+        peer.write_u32(l.used_ring(2), u32::from(d));
+        peer.write_u16(l.used_idx(), 3);
+        assert_eq!(drv.pop_used().unwrap().unwrap().desc, d);
+        // Double completion of the same descriptor is refused.
+        peer.write_u32(l.used_ring(3), u32::from(d));
+        peer.write_u16(l.used_idx(), 4);
+        assert!(drv.pop_used().is_err());
+    }
+
+    #[test]
+    fn device_detects_driver_violations() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let drv_side = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        drv_side.write_u16(l.avail_idx(), 9);
+        assert!(matches!(dev.pop_avail(&drv_side), Err(DeviceRingError::AvailIndexJump { .. })));
+        drv_side.write_u16(l.avail_idx(), 1);
+        drv_side.write_u16(l.avail_ring(0), 4);
+        assert_eq!(dev.pop_avail(&drv_side), Err(DeviceRingError::HeadOutOfRange { head: 4 }));
+        drv_side.write_u16(l.avail_ring(0), 0);
+        drv_side.write_u16(l.desc(0) + 12, DESC_F_NEXT);
+        drv_side.write_u16(l.desc(0) + 14, 0); // a loop onto itself
+        assert_eq!(dev.pop_avail(&drv_side), Err(DeviceRingError::BadChain { head: 0 }));
+    }
+
+    #[test]
+    fn full_queue_and_kick_suppression() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(2, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let dev = DeviceQueue::new(l);
+        drv.add(1, 1, false).unwrap();
+        drv.add(2, 1, false).unwrap();
+        assert_eq!(drv.add(3, 1, false), Err(RingError::Full));
+        assert!(drv.needs_kick());
+        dev.set_no_notify(&m.raw(), true);
+        assert!(!drv.needs_kick());
+    }
+}
