@@ -222,7 +222,8 @@ impl SharedMemory {
                 log::warn!("leaking {} page(s) of {}: {e}", buf.region.pages(), buf.id);
                 self.leaked.regions += 1;
                 self.leaked.pages += buf.region.pages();
-                core::mem::forget(buf);
+                // SharedBuf has no destructor: dropping it here keeps the pages allocated for good.
+                drop(buf);
                 Err(e)
             }
         }

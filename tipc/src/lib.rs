@@ -4,4 +4,9 @@
 
 extern crate alloc;
 
+pub mod device;
+mod error;
 pub mod wire;
+
+pub use device::{ChannelId, ChannelState, Config, DeviceState, DeviceStats, PollFlags, Timeout, TipcDevice};
+pub use error::{errno, Error};

@@ -1,0 +1,1092 @@
+//! The Trusty IPC core (ports, channels, message queues, sleeps) and the trusted apps running on it.
+//!
+//! This is a pure, deterministic state machine: it owns no memory shared with the normal world,
+//! no rings, no threads and no clock. The TIPC device model (the caller) turns normal-world
+//! control/data messages into [`Ipc::connect_ns`], [`Ipc::deliver`] and [`Ipc::ns_close`], gives
+//! the trusted apps CPU time with [`Ipc::run`], and drains [`IpcEvent`]s towards the normal world
+//! with [`Ipc::pop_event`] (spec §6.4–§6.8). Time is always passed in as monotonic nanoseconds.
+//!
+//! Trusted apps implement [`TrustedApp`] and see the core only through [`Ctx`], a small version
+//! of Trusty's handle API (`port_create`, `accept`, `get_msg`/`read_msg`/`put_msg`, `send_msg`,
+//! `close`, `nanosleep`). Events are delivered like Trusty's `wait_any`: READY on a port with a
+//! pending connection, MSG/HUP/SEND_UNBLOCKED on a channel. The ipc-unittest services of spec §9.2
+//! live in [`services`].
+//!
+//! Only normal-world clients exist in this model (peer UUID [`NS_CLIENT_UUID`]); port access flags
+//! are still recorded and checked.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+pub mod services;
+
+#[cfg(test)]
+mod tests;
+
+/// UUID of every normal-world client: all zeros (spec §6.4 step 5).
+pub const NS_CLIENT_UUID: [u8; 16] = [0; 16];
+
+/// Maximum number of normal-world channels open at once (256 endpoint slots, spec §6.11).
+pub const MAX_CHANNELS: usize = 256;
+
+/// Longest port name Trusty accepts (IPC_PORT_PATH_MAX 64 including the NUL, spec §6.4 step 5).
+pub const MAX_PORT_NAME_LEN: usize = 63;
+
+/// Largest message a port may be created for (IPC_CHAN_MAX_BUF_SIZE, spec §6.3).
+pub const MAX_PORT_BUF_SIZE: u32 = 4096;
+
+/// Most receive buffers a port may be created with (a model limit that keeps memory bounded).
+pub const MAX_PORT_BUFS: u32 = 256;
+
+/// `max_msg_size` Trusty reports in every successful CONN_RSP, whatever the port (spec §6.3).
+pub const CONN_RSP_MAX_MSG_SIZE: u32 = 4096;
+
+/// `max_msg_cnt` Trusty reports in every successful CONN_RSP, whatever the port (spec §6.3).
+pub const CONN_RSP_MAX_MSG_CNT: u32 = 1;
+
+/// Port flag: trusted apps may connect (Trusty `IPC_PORT_ALLOW_TA_CONNECT`).
+pub const IPC_PORT_ALLOW_TA_CONNECT: u32 = 0x1;
+
+/// Port flag: the normal world may connect (Trusty `IPC_PORT_ALLOW_NS_CONNECT`).
+pub const IPC_PORT_ALLOW_NS_CONNECT: u32 = 0x2;
+
+/// Both access flags.
+pub const IPC_PORT_ALLOW_ALL: u32 = IPC_PORT_ALLOW_TA_CONNECT | IPC_PORT_ALLOW_NS_CONNECT;
+
+/// Upper bound on channel records (open, waiting for the TA to close, or waiting for the NS to
+/// see DISC_REQ), so that a normal world that never drains events cannot grow memory forever.
+const MAX_CHANNEL_RECORDS: usize = 4 * MAX_CHANNELS;
+
+/// LK error numbers (spec §2.3), as i32.
+pub mod lk {
+    /// Success.
+    pub const NO_ERROR: i32 = 0;
+    /// Generic failure.
+    pub const ERR_GENERIC: i32 = -1;
+    /// No such object (port, channel, endpoint).
+    pub const ERR_NOT_FOUND: i32 = -2;
+    /// Channel not accepted yet.
+    pub const ERR_NOT_READY: i32 = -3;
+    /// No message to get.
+    pub const ERR_NO_MSG: i32 = -4;
+    /// Out of memory.
+    pub const ERR_NO_MEMORY: i32 = -5;
+    /// Already started.
+    pub const ERR_ALREADY_STARTED: i32 = -6;
+    /// Malformed request.
+    pub const ERR_NOT_VALID: i32 = -7;
+    /// Invalid argument.
+    pub const ERR_INVALID_ARGS: i32 = -8;
+    /// Receive queue full.
+    pub const ERR_NOT_ENOUGH_BUFFER: i32 = -9;
+    /// Timed out.
+    pub const ERR_TIMED_OUT: i32 = -13;
+    /// Object (e.g. port name) already exists.
+    pub const ERR_ALREADY_EXISTS: i32 = -14;
+    /// Channel closed by the peer or closing.
+    pub const ERR_CHANNEL_CLOSED: i32 = -15;
+    /// Operation not allowed.
+    pub const ERR_NOT_ALLOWED: i32 = -17;
+    /// Operation not supported.
+    pub const ERR_NOT_SUPPORTED: i32 = -24;
+    /// Message larger than the queue's item size.
+    pub const ERR_TOO_BIG: i32 = -25;
+    /// Object in the wrong state.
+    pub const ERR_BAD_STATE: i32 = -31;
+    /// Busy.
+    pub const ERR_BUSY: i32 = -33;
+    /// Bad address.
+    pub const ERR_FAULT: i32 = -40;
+    /// No free resource (e.g. endpoint slot); also every connect failure on the wire (spec §6.4).
+    pub const ERR_NO_RESOURCES: i32 = -41;
+    /// Handle does not exist or belongs to someone else.
+    pub const ERR_BAD_HANDLE: i32 = -42;
+    /// Port does not allow this client.
+    pub const ERR_ACCESS_DENIED: i32 = -43;
+}
+
+/// Opaque id of one NS<->TA channel inside the IPC core (never reused within one Ipc instance).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+pub struct ChanId(pub u32);
+
+/// Opaque id of one port (never reused; a re-created port gets a new id).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u32);
+
+/// Something the IPC core wants the TIPC device (the caller) to do towards the normal world.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpcEvent {
+    /// The TA accepted the NS connection: the device sends CONN_RSP(status 0, max_msg_size, max_msg_cnt).
+    Accepted {
+        /// The channel.
+        chan: ChanId,
+        /// Value for CONN_RSP.max_msg_size (always [`CONN_RSP_MAX_MSG_SIZE`], spec §6.3).
+        max_msg_size: u32,
+        /// Value for CONN_RSP.max_msg_cnt (always [`CONN_RSP_MAX_MSG_CNT`], spec §6.3).
+        max_msg_cnt: u32,
+    },
+    /// The channel was closed by the TA side (before or after accept): the device sends DISC_REQ.
+    Closed {
+        /// The channel.
+        chan: ChanId,
+    },
+    /// The TA sent a message to the NS side of the channel.
+    Message {
+        /// The channel.
+        chan: ChanId,
+        /// The message payload.
+        data: Vec<u8>,
+    },
+}
+
+impl IpcEvent {
+    /// The channel this event is about.
+    pub fn chan(&self) -> ChanId {
+        match self {
+            IpcEvent::Accepted { chan, .. }
+            | IpcEvent::Closed { chan }
+            | IpcEvent::Message { chan, .. } => *chan,
+        }
+    }
+}
+
+/// A set of handle events, as Trusty's `uevent.event` bit mask.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Events(pub u32);
+
+impl Events {
+    /// No event.
+    pub const NONE: Events = Events(0);
+    /// Port: a connection is pending (IPC_HANDLE_POLL_READY).
+    pub const READY: Events = Events(0x1);
+    /// Handle in an error state (IPC_HANDLE_POLL_ERROR; never raised by this model).
+    pub const ERROR: Events = Events(0x2);
+    /// Channel: the peer closed it (IPC_HANDLE_POLL_HUP).
+    pub const HUP: Events = Events(0x4);
+    /// Channel: unread messages (IPC_HANDLE_POLL_MSG).
+    pub const MSG: Events = Events(0x8);
+    /// Channel: a send that failed with ERR_NOT_ENOUGH_BUFFER may now succeed
+    /// (IPC_HANDLE_POLL_SEND_UNBLOCKED).
+    pub const SEND_UNBLOCKED: Events = Events(0x10);
+
+    /// Whether any bit of `other` is set.
+    pub fn intersects(self, other: Events) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether no bit is set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Union of both sets.
+    #[must_use]
+    pub fn union(self, other: Events) -> Events {
+        Events(self.0 | other.0)
+    }
+}
+
+/// Per-port statistics (kept by port name, so they survive a port being re-created).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Port name.
+    pub name: String,
+    /// NS connect requests that reached this port (pending channels created).
+    pub connects: u64,
+    /// Connections accepted by the TA.
+    pub accepted: u64,
+    /// NS messages queued for the TA.
+    pub delivered: u64,
+    /// NS messages dropped because the TA's receive queue was full (spec §6.5 step 8).
+    pub dropped_queue_full: u64,
+    /// Messages the TA sent towards the NS.
+    pub sent: u64,
+}
+
+/// Statistics for tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpcStats {
+    /// Calls of [`Ipc::connect_ns`].
+    pub connect_requests: u64,
+    /// Connect requests that failed immediately.
+    pub connect_rejected: u64,
+    /// Connections accepted by a TA.
+    pub accepted: u64,
+    /// Channels closed by the TA side while the NS side was open (DISC_REQ to send).
+    pub closed_by_ta: u64,
+    /// Channels closed by the NS side ([`Ipc::ns_close`] / [`Ipc::reset`]).
+    pub closed_by_ns: u64,
+    /// NS messages queued for a TA.
+    pub delivered: u64,
+    /// NS messages dropped because the TA's receive queue was full.
+    pub dropped_queue_full: u64,
+    /// NS messages rejected for any other reason (unknown/closed/not accepted channel, too big).
+    pub rejected: u64,
+    /// Messages sent by TAs towards the NS.
+    pub sent_to_ns: u64,
+    /// Channels the NS side currently holds (pending, connected, or DISC_REQ not yet taken).
+    pub ns_channels: usize,
+    /// Channel records alive in the core (including ones a TA has not closed yet).
+    pub channel_records: usize,
+    /// Per-port counters, sorted by port name.
+    pub ports: Vec<PortStats>,
+}
+
+/// A trusted app running on the IPC core. Handlers run inside [`Ipc::run`] (and `start` inside
+/// [`Ipc::add_app`]) and act only through `ctx`.
+///
+/// Delivery follows Trusty's `wait_any`: one handle's events per call, never while the app
+/// sleeps. READY and MSG are level-triggered as long as the app keeps making progress (accepting,
+/// getting or putting messages); a handler that makes none is not called again for that handle
+/// until its state changes, so a misbehaving app cannot stall [`Ipc::run`].
+pub trait TrustedApp: Send {
+    /// Called once when the app is added: create ports here.
+    fn start(&mut self, ctx: &mut Ctx<'_>);
+    /// Events on one of the app's ports (READY: a connection is pending).
+    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, events: Events);
+    /// Events on one of the app's channels (MSG, HUP, SEND_UNBLOCKED).
+    fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events);
+    /// The sleep requested with [`Ctx::sleep`] is over.
+    fn on_wake(&mut self, _ctx: &mut Ctx<'_>) {}
+}
+
+/// TA side of a channel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TaSide {
+    /// On the port's pending list, not accepted yet.
+    Pending,
+    /// Accepted; the TA holds a handle.
+    Open,
+    /// The TA closed its handle (or the port was closed before accepting).
+    Closed,
+}
+
+/// NS side of a channel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum NsSide {
+    /// The NS holds the channel.
+    Open,
+    /// The TA side closed; the Closed event has not been taken by the device yet.
+    Closing,
+    /// The NS side is gone (ns_close, reset, or Closed event taken).
+    Gone,
+}
+
+struct Port {
+    name: String,
+    msg_num: u32,
+    msg_size: u32,
+    flags: u32,
+    owner: usize,
+    pending: VecDeque<ChanId>,
+    /// READY must be (re-)reported to the owner.
+    signal: bool,
+}
+
+struct Channel {
+    owner: usize,
+    port_name: String,
+    /// Item size of both queues (the port's msg_size).
+    max_msg_size: u32,
+    /// Depth of both queues (the port's msg_num).
+    msg_num: u32,
+    ta: TaSide,
+    ns: NsSide,
+    /// NS->TA queue; the first `gotten` entries were got by the TA but not yet put.
+    inbound: VecDeque<Vec<u8>>,
+    gotten: usize,
+    /// Message events of this channel still waiting in the event queue (TA->NS queue fill).
+    outbound: usize,
+    /// A send failed with ERR_NOT_ENOUGH_BUFFER; raise SEND_UNBLOCKED when a slot frees.
+    send_blocked: bool,
+    /// The NS closed the channel; HUP not reported yet / reported.
+    hup: bool,
+    hup_reported: bool,
+    unblocked: bool,
+    /// Something must be reported to the owner.
+    signal: bool,
+    /// Count of successful get/put calls: evidence that a handler made progress.
+    progress: u64,
+}
+
+impl Channel {
+    fn new(owner: usize, port: &Port) -> Self {
+        Channel {
+            owner,
+            port_name: port.name.clone(),
+            max_msg_size: port.msg_size,
+            msg_num: port.msg_num,
+            ta: TaSide::Pending,
+            ns: NsSide::Open,
+            inbound: VecDeque::new(),
+            gotten: 0,
+            outbound: 0,
+            send_blocked: false,
+            hup: false,
+            hup_reported: false,
+            unblocked: false,
+            signal: false,
+            progress: 0,
+        }
+    }
+
+    /// Record of a channel whose DISC_REQ was handed back with [`Ipc::unpop_event`].
+    fn closing_record(owner: usize) -> Self {
+        Channel {
+            owner,
+            port_name: String::new(),
+            max_msg_size: 0,
+            msg_num: 0,
+            ta: TaSide::Closed,
+            ns: NsSide::Closing,
+            inbound: VecDeque::new(),
+            gotten: 0,
+            outbound: 0,
+            send_blocked: false,
+            hup: false,
+            hup_reported: false,
+            unblocked: false,
+            signal: false,
+            progress: 0,
+        }
+    }
+
+    fn unread(&self) -> usize {
+        self.inbound.len().saturating_sub(self.gotten)
+    }
+}
+
+/// Everything except the apps themselves, so that an app can be borrowed next to it.
+struct Core {
+    now: u64,
+    ports: BTreeMap<PortId, Port>,
+    next_port: u32,
+    chans: BTreeMap<ChanId, Channel>,
+    next_chan: u32,
+    events: VecDeque<IpcEvent>,
+    /// Per app: sleeping until this time.
+    sleep_until: Vec<Option<u64>>,
+    stats: IpcStats,
+    port_stats: BTreeMap<String, PortStats>,
+}
+
+impl Core {
+    fn new() -> Self {
+        Core {
+            now: 0,
+            ports: BTreeMap::new(),
+            next_port: 0,
+            chans: BTreeMap::new(),
+            next_chan: 0,
+            events: VecDeque::new(),
+            sleep_until: Vec::new(),
+            stats: IpcStats::default(),
+            port_stats: BTreeMap::new(),
+        }
+    }
+
+    /// Time never goes backwards, whatever the caller passes.
+    fn advance(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
+    fn port_stats(&mut self, name: &str) -> &mut PortStats {
+        self.port_stats
+            .entry(String::from(name))
+            .or_insert_with(|| PortStats {
+                name: String::from(name),
+                ..PortStats::default()
+            })
+    }
+
+    fn ns_channel_count(&self) -> usize {
+        self.chans.values().filter(|c| c.ns != NsSide::Gone).count()
+    }
+
+    fn is_sleeping(&self, app: usize) -> bool {
+        matches!(self.sleep_until.get(app), Some(Some(_)))
+    }
+
+    fn find_port(&self, name: &[u8]) -> Option<PortId> {
+        self.ports
+            .iter()
+            .find(|(_, p)| p.name.as_bytes() == name)
+            .map(|(id, _)| *id)
+    }
+
+    fn connect_ns(&mut self, name: &[u8]) -> Result<ChanId, i32> {
+        // Spec §6.4 step 5: names are at most 63 bytes and NUL-terminated (no NUL inside).
+        if name.is_empty() || name.len() > MAX_PORT_NAME_LEN || name.contains(&0) {
+            return Err(lk::ERR_INVALID_ARGS);
+        }
+        let port_id = self.find_port(name).ok_or(lk::ERR_NOT_FOUND)?;
+        let ns_count = self.ns_channel_count();
+        let records = self.chans.len();
+        let port = self.ports.get_mut(&port_id).ok_or(lk::ERR_NOT_FOUND)?;
+        if port.flags & IPC_PORT_ALLOW_NS_CONNECT == 0 {
+            return Err(lk::ERR_ACCESS_DENIED);
+        }
+        if ns_count >= MAX_CHANNELS || records >= MAX_CHANNEL_RECORDS {
+            return Err(lk::ERR_NO_RESOURCES);
+        }
+        let id = ChanId(self.next_chan);
+        // Ids are never reused: once exhausted, no more channels.
+        self.next_chan = self.next_chan.checked_add(1).ok_or(lk::ERR_NO_RESOURCES)?;
+        let chan = Channel::new(port.owner, port);
+        port.pending.push_back(id);
+        port.signal = true;
+        let port_name = port.name.clone();
+        self.chans.insert(id, chan);
+        self.port_stats(&port_name).connects += 1;
+        Ok(id)
+    }
+
+    fn deliver(&mut self, id: ChanId, data: &[u8]) -> Result<usize, i32> {
+        let chan = self.chans.get_mut(&id).ok_or(lk::ERR_NOT_FOUND)?;
+        // Spec §6.5 step 8.
+        match chan.ns {
+            NsSide::Gone => return Err(lk::ERR_NOT_FOUND),
+            NsSide::Closing => return Err(lk::ERR_CHANNEL_CLOSED),
+            NsSide::Open => {}
+        }
+        match chan.ta {
+            TaSide::Pending => return Err(lk::ERR_NOT_READY),
+            TaSide::Closed => return Err(lk::ERR_CHANNEL_CLOSED),
+            TaSide::Open => {}
+        }
+        if data.len() > chan.max_msg_size as usize {
+            return Err(lk::ERR_TOO_BIG);
+        }
+        if chan.inbound.len() >= chan.msg_num as usize {
+            return Err(lk::ERR_NOT_ENOUGH_BUFFER);
+        }
+        chan.inbound.push_back(data.to_vec());
+        chan.signal = true;
+        Ok(data.len())
+    }
+
+    fn ns_close(&mut self, id: ChanId) {
+        // Nothing more goes to the NS for this channel.
+        self.events.retain(|e| e.chan() != id);
+        let Some(chan) = self.chans.get_mut(&id) else {
+            return;
+        };
+        if chan.ns == NsSide::Gone {
+            return;
+        }
+        chan.ns = NsSide::Gone;
+        self.stats.closed_by_ns += 1;
+        match chan.ta {
+            TaSide::Pending => {
+                // Never accepted: just vanish from the port's pending list.
+                for port in self.ports.values_mut() {
+                    port.pending.retain(|c| *c != id);
+                    if port.pending.is_empty() {
+                        port.signal = false;
+                    }
+                }
+                self.chans.remove(&id);
+            }
+            TaSide::Open => {
+                // The TA sees HUP and is expected to close its handle (spec §6.8).
+                chan.hup = true;
+                chan.signal = true;
+                chan.outbound = 0;
+                chan.send_blocked = false;
+            }
+            TaSide::Closed => {
+                self.chans.remove(&id);
+            }
+        }
+    }
+
+    fn pop_event(&mut self) -> Option<IpcEvent> {
+        let ev = self.events.pop_front()?;
+        match &ev {
+            IpcEvent::Message { chan, .. } => {
+                if let Some(c) = self.chans.get_mut(chan) {
+                    c.outbound = c.outbound.saturating_sub(1);
+                    if c.send_blocked {
+                        c.send_blocked = false;
+                        c.unblocked = true;
+                        c.signal = true;
+                    }
+                }
+            }
+            IpcEvent::Closed { chan } => {
+                if let Some(c) = self.chans.get_mut(chan) {
+                    if c.ns == NsSide::Closing {
+                        c.ns = NsSide::Gone;
+                    }
+                    if c.ns == NsSide::Gone && c.ta == TaSide::Closed {
+                        self.chans.remove(chan);
+                    }
+                }
+            }
+            IpcEvent::Accepted { .. } => {}
+        }
+        Some(ev)
+    }
+
+    fn unpop_event(&mut self, ev: IpcEvent) {
+        let id = ev.chan();
+        match &ev {
+            IpcEvent::Message { .. } => match self.chans.get_mut(&id) {
+                // Undo the slot freed by pop_event; any SEND_UNBLOCKED already raised stays (harmless:
+                // the TA retries and blocks again).
+                Some(c) if c.ns != NsSide::Gone => c.outbound += 1,
+                _ => return,
+            },
+            IpcEvent::Accepted { .. } => match self.chans.get(&id) {
+                Some(c) if c.ns != NsSide::Gone => {}
+                _ => return,
+            },
+            IpcEvent::Closed { .. } => match self.chans.get_mut(&id) {
+                Some(c) => {
+                    if c.ns == NsSide::Gone && c.ta == TaSide::Closed {
+                        c.ns = NsSide::Closing;
+                    }
+                }
+                None => {
+                    // pop_event dropped the record; restore it so deliver() reports CHANNEL_CLOSED.
+                    if id.0 >= self.next_chan {
+                        return;
+                    }
+                    self.chans.insert(id, Channel::closing_record(usize::MAX));
+                }
+            },
+        }
+        self.events.push_front(ev);
+    }
+
+    // ----- operations on behalf of a TA (through Ctx) -----
+
+    fn owned_port(&mut self, app: usize, id: PortId) -> Result<&mut Port, i32> {
+        match self.ports.get_mut(&id) {
+            Some(p) if p.owner == app => Ok(p),
+            _ => Err(lk::ERR_BAD_HANDLE),
+        }
+    }
+
+    fn open_chan(&mut self, app: usize, id: ChanId) -> Result<&mut Channel, i32> {
+        match self.chans.get_mut(&id) {
+            Some(c) if c.owner == app && c.ta == TaSide::Open => Ok(c),
+            _ => Err(lk::ERR_BAD_HANDLE),
+        }
+    }
+
+    fn create_port(
+        &mut self,
+        app: usize,
+        name: &str,
+        msg_num: u32,
+        msg_size: u32,
+        flags: u32,
+    ) -> Result<PortId, i32> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_PORT_NAME_LEN || bytes.contains(&0) {
+            return Err(lk::ERR_INVALID_ARGS);
+        }
+        if msg_num == 0 || msg_num > MAX_PORT_BUFS || msg_size == 0 {
+            return Err(lk::ERR_INVALID_ARGS);
+        }
+        if msg_size > MAX_PORT_BUF_SIZE {
+            return Err(lk::ERR_TOO_BIG);
+        }
+        if self.find_port(bytes).is_some() {
+            return Err(lk::ERR_ALREADY_EXISTS);
+        }
+        let id = PortId(self.next_port);
+        self.next_port = self.next_port.checked_add(1).ok_or(lk::ERR_NO_RESOURCES)?;
+        self.ports.insert(
+            id,
+            Port {
+                name: String::from(name),
+                msg_num,
+                msg_size,
+                flags,
+                owner: app,
+                pending: VecDeque::new(),
+                signal: false,
+            },
+        );
+        self.port_stats(name);
+        Ok(id)
+    }
+
+    fn close_port(&mut self, app: usize, id: PortId) -> Result<(), i32> {
+        self.owned_port(app, id)?;
+        let Some(port) = self.ports.remove(&id) else {
+            return Err(lk::ERR_BAD_HANDLE);
+        };
+        // Connections never accepted are closed: the NS gets DISC_REQ instead of CONN_RSP (§6.4 step 7).
+        for chan_id in port.pending {
+            if let Some(chan) = self.chans.get_mut(&chan_id) {
+                chan.ta = TaSide::Closed;
+                if chan.ns == NsSide::Open {
+                    chan.ns = NsSide::Closing;
+                    self.events.push_back(IpcEvent::Closed { chan: chan_id });
+                    self.stats.closed_by_ta += 1;
+                } else {
+                    self.chans.remove(&chan_id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, app: usize, id: PortId) -> Result<(ChanId, [u8; 16]), i32> {
+        let port = self.owned_port(app, id)?;
+        let chan_id = port.pending.pop_front().ok_or(lk::ERR_NO_MSG)?;
+        let port_name = port.name.clone();
+        let chan = self.chans.get_mut(&chan_id).ok_or(lk::ERR_CHANNEL_CLOSED)?;
+        chan.ta = TaSide::Open;
+        chan.owner = app;
+        // The device answers with Trusty's fixed CONN_RSP limits (spec §6.3, §6.4 step 7).
+        self.events.push_back(IpcEvent::Accepted {
+            chan: chan_id,
+            max_msg_size: CONN_RSP_MAX_MSG_SIZE,
+            max_msg_cnt: CONN_RSP_MAX_MSG_CNT,
+        });
+        self.stats.accepted += 1;
+        self.port_stats(&port_name).accepted += 1;
+        Ok((chan_id, NS_CLIENT_UUID))
+    }
+
+    fn close_chan(&mut self, app: usize, id: ChanId) -> Result<(), i32> {
+        let chan = self.open_chan(app, id)?;
+        chan.ta = TaSide::Closed;
+        chan.inbound.clear();
+        chan.gotten = 0;
+        chan.signal = false;
+        match chan.ns {
+            NsSide::Open => {
+                // Queued messages go out first, then DISC_REQ (spec §6.6 step 1, §6.8).
+                chan.ns = NsSide::Closing;
+                self.events.push_back(IpcEvent::Closed { chan: id });
+                self.stats.closed_by_ta += 1;
+            }
+            NsSide::Closing => {}
+            NsSide::Gone => {
+                self.chans.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    fn get_msg(&mut self, app: usize, id: ChanId) -> Result<Vec<u8>, i32> {
+        let chan = self.open_chan(app, id)?;
+        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?.clone();
+        chan.gotten += 1;
+        chan.progress += 1;
+        Ok(msg)
+    }
+
+    fn put_msg(&mut self, app: usize, id: ChanId) -> Result<(), i32> {
+        let chan = self.open_chan(app, id)?;
+        if chan.gotten == 0 {
+            return Err(lk::ERR_INVALID_ARGS);
+        }
+        chan.inbound.pop_front();
+        chan.gotten -= 1;
+        chan.progress += 1;
+        Ok(())
+    }
+
+    fn send_msg(&mut self, app: usize, id: ChanId, data: &[u8]) -> Result<usize, i32> {
+        let chan = self.open_chan(app, id)?;
+        if chan.ns != NsSide::Open {
+            return Err(lk::ERR_CHANNEL_CLOSED);
+        }
+        if data.len() > chan.max_msg_size as usize {
+            return Err(lk::ERR_TOO_BIG);
+        }
+        // The NS side's queue has the port's depth; the device drains it (spec §6.6 step 2).
+        if chan.outbound >= chan.msg_num as usize {
+            chan.send_blocked = true;
+            return Err(lk::ERR_NOT_ENOUGH_BUFFER);
+        }
+        chan.outbound += 1;
+        let port_name = chan.port_name.clone();
+        self.events.push_back(IpcEvent::Message {
+            chan: id,
+            data: data.to_vec(),
+        });
+        self.stats.sent_to_ns += 1;
+        self.port_stats(&port_name).sent += 1;
+        Ok(data.len())
+    }
+
+    fn signalled_port(&self, app: usize) -> Option<PortId> {
+        self.ports
+            .iter()
+            .find(|(_, p)| p.owner == app && p.signal)
+            .map(|(id, _)| *id)
+    }
+
+    fn signalled_chan(&self, app: usize) -> Option<ChanId> {
+        self.chans
+            .iter()
+            .find(|(_, c)| c.owner == app && c.signal)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// A trusted app's view of the IPC core during one handler call.
+pub struct Ctx<'a> {
+    core: &'a mut Core,
+    app: usize,
+}
+
+impl Ctx<'_> {
+    /// Current time in nanoseconds.
+    pub fn now(&self) -> u64 {
+        self.core.now
+    }
+
+    /// Create a port (Trusty `port_create`): `msg_num` receive buffers of `msg_size` bytes per
+    /// channel, access `flags` ([`IPC_PORT_ALLOW_TA_CONNECT`], [`IPC_PORT_ALLOW_NS_CONNECT`]).
+    /// Errors: ERR_INVALID_ARGS (bad name or sizes), ERR_TOO_BIG (msg_size > 4096),
+    /// ERR_ALREADY_EXISTS (name taken).
+    pub fn create_port(
+        &mut self,
+        name: &str,
+        msg_num: u32,
+        msg_size: u32,
+        flags: u32,
+    ) -> Result<PortId, i32> {
+        self.core
+            .create_port(self.app, name, msg_num, msg_size, flags)
+    }
+
+    /// Close a port: every connection still pending on it is closed (the NS gets DISC_REQ).
+    pub fn close_port(&mut self, port: PortId) -> Result<(), i32> {
+        self.core.close_port(self.app, port)
+    }
+
+    /// Accept the oldest pending connection (Trusty `accept`): returns the channel and the
+    /// peer's UUID. ERR_NO_MSG when nothing is pending, ERR_BAD_HANDLE for a foreign port.
+    pub fn accept(&mut self, port: PortId) -> Result<(ChanId, [u8; 16]), i32> {
+        self.core.accept(self.app, port)
+    }
+
+    /// Close a channel handle (Trusty `close`): unread messages are discarded; if the NS side is
+    /// still open it gets DISC_REQ after the messages already sent.
+    pub fn close(&mut self, chan: ChanId) -> Result<(), i32> {
+        self.core.close_chan(self.app, chan)
+    }
+
+    /// Get (and read) the oldest message not got yet (Trusty `get_msg` + `read_msg`). It keeps its
+    /// receive-queue slot until [`Ctx::put_msg`]. ERR_NO_MSG when there is none.
+    pub fn get_msg(&mut self, chan: ChanId) -> Result<Vec<u8>, i32> {
+        self.core.get_msg(self.app, chan)
+    }
+
+    /// Retire the oldest got message, freeing its slot (Trusty `put_msg`).
+    pub fn put_msg(&mut self, chan: ChanId) -> Result<(), i32> {
+        self.core.put_msg(self.app, chan)
+    }
+
+    /// Send a message to the NS (Trusty `send_msg`). ERR_NOT_ENOUGH_BUFFER when the NS side's
+    /// queue is full (SEND_UNBLOCKED follows once it drains), ERR_CHANNEL_CLOSED after HUP,
+    /// ERR_TOO_BIG above the port's message size.
+    pub fn send_msg(&mut self, chan: ChanId, data: &[u8]) -> Result<usize, i32> {
+        self.core.send_msg(self.app, chan, data)
+    }
+
+    /// Sleep (Trusty `nanosleep`): the app gets no events until `duration_ns` has passed, then
+    /// [`TrustedApp::on_wake`] runs. A zero duration still yields until the next time step.
+    pub fn sleep(&mut self, duration_ns: u64) {
+        let deadline = self.core.now.saturating_add(duration_ns.max(1));
+        if let Some(slot) = self.core.sleep_until.get_mut(self.app) {
+            *slot = Some(deadline);
+        }
+    }
+}
+
+struct App {
+    ta: Box<dyn TrustedApp>,
+}
+
+/// The IPC core with its trusted apps.
+pub struct Ipc {
+    core: Core,
+    apps: Vec<App>,
+}
+
+impl Default for Ipc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for Ipc {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Ipc")
+            .field("now", &self.core.now)
+            .field("apps", &self.apps.len())
+            .field("ports", &self.core.ports.len())
+            .field("channels", &self.core.chans.len())
+            .field("events", &self.core.events.len())
+            .finish()
+    }
+}
+
+impl Ipc {
+    /// An IPC core with no apps.
+    pub fn new() -> Self {
+        Ipc {
+            core: Core::new(),
+            apps: Vec::new(),
+        }
+    }
+
+    /// The standard ipc-unittest service set of §9.2 registered.
+    pub fn with_unittest_services() -> Self {
+        let mut ipc = Ipc::new();
+        for ta in services::unittest_services() {
+            ipc.add_app(ta);
+        }
+        ipc
+    }
+
+    /// Add a trusted app and run its `start` (port creation) at the current time.
+    pub fn add_app(&mut self, ta: Box<dyn TrustedApp>) {
+        let app = self.apps.len();
+        self.core.sleep_until.push(None);
+        self.apps.push(App { ta });
+        if let Some(slot) = self.apps.get_mut(app) {
+            let mut ctx = Ctx {
+                core: &mut self.core,
+                app,
+            };
+            slot.ta.start(&mut ctx);
+        }
+    }
+
+    /// NS asks to connect to `port` (the name as received, without the NUL padding). Ok(chan) means
+    /// "pending": the TA will accept (-> IpcEvent::Accepted) or close (-> IpcEvent::Closed) later.
+    /// Err(lk error) for immediate failure: no such port (ERR_NOT_FOUND), port does not allow NS
+    /// (ERR_ACCESS_DENIED), invalid name (empty, longer than 63 bytes or containing NUL:
+    /// ERR_INVALID_ARGS), no free channel (ERR_NO_RESOURCES). (The device maps all of these to
+    /// CONN_RSP -41 on the wire, spec §6.4 step 6.)
+    pub fn connect_ns(&mut self, port: &[u8], now: u64) -> Result<ChanId, i32> {
+        self.core.advance(now);
+        self.core.stats.connect_requests += 1;
+        let result = self.core.connect_ns(port);
+        if result.is_err() {
+            self.core.stats.connect_rejected += 1;
+        }
+        result
+    }
+
+    /// NS sent a message on chan. Returns Ok(len) when queued for the TA; Err: ERR_NOT_READY if the
+    /// TA has not accepted yet, ERR_NOT_ENOUGH_BUFFER if the TA's receive queue is full (message
+    /// dropped, no retry), ERR_TOO_BIG if larger than the port's max message size,
+    /// ERR_CHANNEL_CLOSED if the channel is closing/closed, ERR_NOT_FOUND for unknown chan
+    /// (including one the NS already closed) (spec §6.5 step 8).
+    pub fn deliver(&mut self, chan: ChanId, data: &[u8], now: u64) -> Result<usize, i32> {
+        self.core.advance(now);
+        let port_name = self.core.chans.get(&chan).map(|c| c.port_name.clone());
+        let result = self.core.deliver(chan, data);
+        match result {
+            Ok(_) => self.core.stats.delivered += 1,
+            Err(lk::ERR_NOT_ENOUGH_BUFFER) => self.core.stats.dropped_queue_full += 1,
+            Err(_) => self.core.stats.rejected += 1,
+        }
+        if let Some(name) = port_name {
+            match result {
+                Ok(_) => self.core.port_stats(&name).delivered += 1,
+                Err(lk::ERR_NOT_ENOUGH_BUFFER) => {
+                    self.core.port_stats(&name).dropped_queue_full += 1
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    /// NS closed the channel (DISC_REQ from NS, or device reset): the TA sees HUP. No event is
+    /// produced for this channel afterwards (queued ones are discarded). Unknown ids are ignored.
+    pub fn ns_close(&mut self, chan: ChanId, now: u64) {
+        self.core.advance(now);
+        self.core.ns_close(chan);
+    }
+
+    /// Close every channel (device reset / VDEV_RESET): no events produced.
+    pub fn reset(&mut self, now: u64) {
+        self.core.advance(now);
+        let ids: Vec<ChanId> = self.core.chans.keys().copied().collect();
+        for id in ids {
+            self.core.ns_close(id);
+        }
+        self.core.events.clear();
+    }
+
+    /// Run every TA until nothing more can happen at time `now` (process queued messages, due
+    /// sleeps, pending accepts). Returns whether anything happened. A `now` earlier than one seen
+    /// before is treated as that earlier-seen maximum (time is monotonic).
+    pub fn run(&mut self, now: u64) -> bool {
+        self.core.advance(now);
+        let mut any = false;
+        loop {
+            let mut pass = false;
+            // Round-robin, one handler call per app per pass: deterministic and fair.
+            for app in 0..self.apps.len() {
+                pass |= self.step_app(app);
+            }
+            if !pass {
+                return any;
+            }
+            any = true;
+        }
+    }
+
+    /// Give one app one handler call if it has something to do. Returns whether it did.
+    fn step_app(&mut self, app: usize) -> bool {
+        let Some(slot) = self.apps.get_mut(app) else {
+            return false;
+        };
+        let core = &mut self.core;
+        match core.sleep_until.get(app).copied() {
+            None => return false,
+            Some(Some(deadline)) if deadline > core.now => return false,
+            Some(Some(_)) => {
+                if let Some(s) = core.sleep_until.get_mut(app) {
+                    *s = None;
+                }
+                slot.ta.on_wake(&mut Ctx { core, app });
+                return true;
+            }
+            Some(None) => {}
+        }
+
+        // Skip stale signals (state changed since they were raised) without counting them as
+        // activity; every iteration clears one flag, so this ends.
+        loop {
+            if let Some(port_id) = core.signalled_port(app) {
+                let before = match core.ports.get_mut(&port_id) {
+                    Some(port) => {
+                        port.signal = false;
+                        port.pending.len()
+                    }
+                    None => return false, // unreachable: the id came from the map
+                };
+                if before == 0 {
+                    continue;
+                }
+                slot.ta.on_port_event(
+                    &mut Ctx {
+                        core: &mut *core,
+                        app,
+                    },
+                    port_id,
+                    Events::READY,
+                );
+                // Level-triggered while the app makes progress (or sleeps, and acts after waking).
+                let sleeping = core.is_sleeping(app);
+                if let Some(port) = core.ports.get_mut(&port_id) {
+                    let remaining = port.pending.len();
+                    if remaining > 0 && (remaining < before || sleeping) {
+                        port.signal = true;
+                    }
+                }
+                return true;
+            }
+
+            let Some(chan_id) = core.signalled_chan(app) else {
+                return false;
+            };
+            let Some(chan) = core.chans.get_mut(&chan_id) else {
+                return false; // unreachable: the id came from the map
+            };
+            chan.signal = false;
+            if chan.ta != TaSide::Open {
+                continue;
+            }
+            let mut events = Events::NONE;
+            if chan.unread() > 0 {
+                events = events.union(Events::MSG);
+            }
+            if chan.hup && !chan.hup_reported {
+                chan.hup_reported = true;
+                events = events.union(Events::HUP);
+            }
+            if chan.unblocked {
+                chan.unblocked = false;
+                events = events.union(Events::SEND_UNBLOCKED);
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let progress_before = chan.progress;
+            slot.ta.on_chan_event(
+                &mut Ctx {
+                    core: &mut *core,
+                    app,
+                },
+                chan_id,
+                events,
+            );
+            let sleeping = core.is_sleeping(app);
+            if let Some(chan) = core.chans.get_mut(&chan_id) {
+                if chan.ta == TaSide::Open
+                    && chan.unread() > 0
+                    && (chan.progress != progress_before || sleeping)
+                {
+                    chan.signal = true;
+                }
+            }
+            return true;
+        }
+    }
+
+    /// Take the next event for the NS side, in order. The device calls this; if it cannot deliver
+    /// an Event::Message because the NS has no free rx buffer, it calls `unpop_event` to put it back
+    /// at the front (Trusty blocks its tx thread, spec §6.6 step 2). Taking a Message frees a slot
+    /// in the channel's TA->NS queue (a blocked sender gets SEND_UNBLOCKED at the next `run`).
+    pub fn pop_event(&mut self) -> Option<IpcEvent> {
+        self.core.pop_event()
+    }
+
+    /// Put an event just taken with [`Ipc::pop_event`] back at the front of the queue, undoing its
+    /// bookkeeping. Events of channels the NS has closed meanwhile are dropped.
+    pub fn unpop_event(&mut self, ev: IpcEvent) {
+        self.core.unpop_event(ev);
+    }
+
+    /// Number of events waiting for the NS side.
+    pub fn pending_events(&self) -> usize {
+        self.core.events.len()
+    }
+
+    /// Earliest time at which a timer (a sleeping app's wake-up) fires (None when none is armed).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.core.sleep_until.iter().flatten().copied().min()
+    }
+
+    /// The latest time seen by the core.
+    pub fn now(&self) -> u64 {
+        self.core.now
+    }
+
+    /// Limits of the currently open port called `name`: (msg_num, msg_size, flags).
+    pub fn port_info(&self, name: &[u8]) -> Option<(u32, u32, u32)> {
+        let id = self.core.find_port(name)?;
+        self.core
+            .ports
+            .get(&id)
+            .map(|p| (p.msg_num, p.msg_size, p.flags))
+    }
+
+    /// Statistics for tests: messages delivered per port, dropped because queue full, etc.
+    pub fn stats(&self) -> IpcStats {
+        let mut stats = self.core.stats.clone();
+        stats.ns_channels = self.core.ns_channel_count();
+        stats.channel_records = self.core.chans.len();
+        stats.ports = self.core.port_stats.values().cloned().collect();
+        stats
+    }
+}

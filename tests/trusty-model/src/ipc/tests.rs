@@ -1,0 +1,826 @@
+//! Unit tests of the IPC core and the ipc-unittest services (spec §6.4–§6.8, §9.2).
+
+extern crate std;
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use std::sync::{Arc, Mutex};
+
+use super::services::{srv_port_name, CLOSER_SLEEP_NS};
+use super::*;
+
+const MS: u64 = 1_000_000;
+
+fn srv(name: &str) -> Vec<u8> {
+    srv_port_name(name).into_bytes()
+}
+
+fn drain(ipc: &mut Ipc) -> Vec<IpcEvent> {
+    core::iter::from_fn(|| ipc.pop_event()).collect()
+}
+
+fn accepted(chan: ChanId) -> IpcEvent {
+    IpcEvent::Accepted {
+        chan,
+        max_msg_size: CONN_RSP_MAX_MSG_SIZE,
+        max_msg_cnt: CONN_RSP_MAX_MSG_CNT,
+    }
+}
+
+fn closed(chan: ChanId) -> IpcEvent {
+    IpcEvent::Closed { chan }
+}
+
+fn message(chan: ChanId, data: &[u8]) -> IpcEvent {
+    IpcEvent::Message {
+        chan,
+        data: data.to_vec(),
+    }
+}
+
+/// Connect and let the TA accept; the Accepted event is consumed.
+fn open(ipc: &mut Ipc, name: &str, now: u64) -> ChanId {
+    let chan = ipc.connect_ns(&srv(name), now).expect("connect");
+    assert!(ipc.run(now));
+    assert_eq!(drain(ipc), vec![accepted(chan)]);
+    chan
+}
+
+#[test]
+fn registers_the_service_table() {
+    let ipc = Ipc::with_unittest_services();
+    let all = IPC_PORT_ALLOW_ALL;
+    let ns = IPC_PORT_ALLOW_NS_CONNECT;
+    let ta = IPC_PORT_ALLOW_TA_CONNECT;
+    for (name, num, size, flags) in [
+        ("closer1", 2, 64, all),
+        ("closer2", 2, 64, all),
+        ("closer3", 2, 64, all),
+        ("connect", 2, 64, ta),
+        ("datasink", 2, 64, all),
+        ("ns_only", 8, 64, ns),
+        ("ta_only", 8, 64, ta),
+        ("echo", 8, 4096, all),
+        ("uuid", 2, 64, all),
+    ] {
+        assert_eq!(
+            ipc.port_info(&srv(name)),
+            Some((num, size, flags)),
+            "{name}"
+        );
+    }
+    assert_eq!(ipc.port_info(b"com.android.ipc-unittest.ctrl"), None);
+    assert_eq!(ipc.next_deadline(), None);
+    assert_eq!(ipc.pending_events(), 0);
+}
+
+#[test]
+fn connect_rejects_bad_names() {
+    let mut ipc = Ipc::with_unittest_services();
+    assert_eq!(ipc.connect_ns(b"", 0), Err(lk::ERR_INVALID_ARGS));
+    assert_eq!(ipc.connect_ns(&[b'a'; 64], 0), Err(lk::ERR_INVALID_ARGS));
+    assert_eq!(ipc.connect_ns(&[b'a'; 63], 0), Err(lk::ERR_NOT_FOUND));
+    assert_eq!(ipc.connect_ns(b"foo", 0), Err(lk::ERR_NOT_FOUND));
+    let mut padded = srv("echo");
+    padded.push(0);
+    assert_eq!(ipc.connect_ns(&padded, 0), Err(lk::ERR_INVALID_ARGS));
+    assert_eq!(ipc.connect_ns(&[0xff; 10], 0), Err(lk::ERR_NOT_FOUND));
+    let stats = ipc.stats();
+    assert_eq!((stats.connect_requests, stats.connect_rejected), (6, 6));
+    assert!(!ipc.run(0));
+    assert_eq!(ipc.pending_events(), 0);
+}
+
+#[test]
+fn access_flags_are_enforced() {
+    let mut ipc = Ipc::with_unittest_services();
+    assert_eq!(
+        ipc.connect_ns(&srv("ta_only"), 0),
+        Err(lk::ERR_ACCESS_DENIED)
+    );
+    assert_eq!(
+        ipc.connect_ns(&srv("connect"), 0),
+        Err(lk::ERR_ACCESS_DENIED)
+    );
+    let chan = open(&mut ipc, "ns_only", 0);
+    assert_eq!(ipc.deliver(chan, b"x", 0), Ok(1));
+}
+
+#[test]
+fn accept_happens_in_run() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = ipc.connect_ns(&srv("echo"), 0).unwrap();
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.deliver(chan, b"early", 0), Err(lk::ERR_NOT_READY));
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pop_event(), Some(accepted(chan)));
+    assert_eq!(ipc.pop_event(), None);
+    assert_eq!(ipc.deliver(chan, b"abc", 0), Ok(3));
+    assert_eq!(ipc.stats().rejected, 1);
+}
+
+#[test]
+fn datasink_discards_and_drops_when_full() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "datasink", 0);
+    assert_eq!(ipc.deliver(chan, &[1; 64], 0), Ok(64));
+    assert_eq!(ipc.deliver(chan, &[2; 64], 0), Ok(64));
+    // 2-deep queue, TA has not run: dropped, no retry (spec §6.5 step 8).
+    assert_eq!(
+        ipc.deliver(chan, &[3; 64], 0),
+        Err(lk::ERR_NOT_ENOUGH_BUFFER)
+    );
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.deliver(chan, &[4; 1], 0), Ok(1));
+    assert_eq!(ipc.deliver(chan, &[5; 1], 0), Ok(1));
+    assert!(ipc.run(0));
+    assert!(!ipc.run(0));
+    let stats = ipc.stats();
+    assert_eq!((stats.delivered, stats.dropped_queue_full), (4, 1));
+    let port = stats
+        .ports
+        .iter()
+        .find(|p| p.name.as_bytes() == srv("datasink").as_slice())
+        .unwrap();
+    assert_eq!(
+        (
+            port.connects,
+            port.accepted,
+            port.delivered,
+            port.dropped_queue_full,
+            port.sent
+        ),
+        (1, 1, 4, 1, 0)
+    );
+}
+
+#[test]
+fn ns_only_queue_is_eight_deep() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "ns_only", 0);
+    for i in 0..8u8 {
+        assert_eq!(ipc.deliver(chan, &[i], 0), Ok(1));
+    }
+    assert_eq!(ipc.deliver(chan, &[8], 0), Err(lk::ERR_NOT_ENOUGH_BUFFER));
+}
+
+#[test]
+fn oversize_messages_are_rejected() {
+    let mut ipc = Ipc::with_unittest_services();
+    let sink = open(&mut ipc, "datasink", 0);
+    assert_eq!(ipc.deliver(sink, &[0; 65], 0), Err(lk::ERR_TOO_BIG));
+    assert_eq!(ipc.deliver(sink, &[0; 64], 0), Ok(64));
+    let echo = open(&mut ipc, "echo", 0);
+    assert_eq!(ipc.deliver(echo, &[0; 4097], 0), Err(lk::ERR_TOO_BIG));
+    assert_eq!(ipc.deliver(echo, &[7; 4096], 0), Ok(4096));
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![message(echo, &[7; 4096])]);
+}
+
+#[test]
+fn unknown_channels() {
+    let mut ipc = Ipc::with_unittest_services();
+    assert_eq!(ipc.deliver(ChanId(999), b"x", 0), Err(lk::ERR_NOT_FOUND));
+    ipc.ns_close(ChanId(999), 0);
+    ipc.unpop_event(IpcEvent::Closed { chan: ChanId(999) });
+    ipc.unpop_event(message(ChanId(5), b"x"));
+    ipc.unpop_event(accepted(ChanId(5)));
+    assert_eq!(ipc.pop_event(), None);
+}
+
+#[test]
+fn closer1_sleeps_on_odd_connections() {
+    let mut ipc = Ipc::with_unittest_services();
+    let c1 = ipc.connect_ns(&srv("closer1"), 0).unwrap();
+    assert!(ipc.run(0));
+    assert_eq!(drain(&mut ipc), vec![accepted(c1)]);
+    assert_eq!(ipc.next_deadline(), Some(CLOSER_SLEEP_NS));
+    assert!(!ipc.run(99 * MS));
+    assert_eq!(ipc.pending_events(), 0);
+    assert!(ipc.run(100 * MS));
+    assert_eq!(drain(&mut ipc), vec![closed(c1)]);
+    assert_eq!(ipc.next_deadline(), None);
+
+    let c2 = ipc.connect_ns(&srv("closer1"), 200 * MS).unwrap();
+    assert!(ipc.run(200 * MS));
+    assert_eq!(drain(&mut ipc), vec![accepted(c2), closed(c2)]);
+    assert_eq!(ipc.next_deadline(), None);
+
+    let c3 = ipc.connect_ns(&srv("closer1"), 300 * MS).unwrap();
+    ipc.run(300 * MS);
+    assert_eq!(drain(&mut ipc), vec![accepted(c3)]);
+    assert_eq!(ipc.next_deadline(), Some(400 * MS));
+}
+
+#[test]
+fn closer1_sleep_delays_the_next_accept() {
+    let mut ipc = Ipc::with_unittest_services();
+    let a = ipc.connect_ns(&srv("closer1"), 0).unwrap();
+    let b = ipc.connect_ns(&srv("closer1"), 0).unwrap();
+    ipc.run(0);
+    // nanosleep blocks the service: b stays pending.
+    assert_eq!(drain(&mut ipc), vec![accepted(a)]);
+    assert_eq!(ipc.deliver(b, b"x", MS), Err(lk::ERR_NOT_READY));
+    ipc.run(100 * MS);
+    assert_eq!(drain(&mut ipc), vec![closed(a), accepted(b), closed(b)]);
+}
+
+#[test]
+fn closer2_refuses_by_restarting_its_port() {
+    let mut ipc = Ipc::with_unittest_services();
+    let c1 = ipc.connect_ns(&srv("closer2"), 0).unwrap();
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.deliver(c1, b"x", 0), Err(lk::ERR_NOT_READY));
+    assert_eq!(ipc.next_deadline(), Some(100 * MS));
+    ipc.run(100 * MS);
+    assert_eq!(ipc.deliver(c1, b"x", 100 * MS), Err(lk::ERR_CHANNEL_CLOSED));
+    assert_eq!(drain(&mut ipc), vec![closed(c1)]);
+    assert_eq!(ipc.deliver(c1, b"x", 100 * MS), Err(lk::ERR_NOT_FOUND));
+    assert_eq!(
+        ipc.port_info(&srv("closer2")),
+        Some((2, 64, IPC_PORT_ALLOW_ALL))
+    );
+
+    // Even connection: refused at once; odd again: after the sleep.
+    let c2 = ipc.connect_ns(&srv("closer2"), 200 * MS).unwrap();
+    ipc.run(200 * MS);
+    assert_eq!(drain(&mut ipc), vec![closed(c2)]);
+    let c3 = ipc.connect_ns(&srv("closer2"), 300 * MS).unwrap();
+    ipc.run(300 * MS);
+    assert_eq!(ipc.pending_events(), 0);
+    ipc.run(400 * MS);
+    assert_eq!(drain(&mut ipc), vec![closed(c3)]);
+    assert_eq!(ipc.stats().accepted, 0);
+    assert_eq!(ipc.stats().channel_records, 0);
+}
+
+#[test]
+fn closer2_restart_refuses_every_pending_connection() {
+    let mut ipc = Ipc::with_unittest_services();
+    let a = ipc.connect_ns(&srv("closer2"), 0).unwrap();
+    ipc.run(0);
+    let b = ipc.connect_ns(&srv("closer2"), 50 * MS).unwrap();
+    assert!(!ipc.run(50 * MS));
+    ipc.run(100 * MS);
+    assert_eq!(drain(&mut ipc), vec![closed(a), closed(b)]);
+    // b never reached the service, so the next one is its 2nd request: refused at once.
+    let c = ipc.connect_ns(&srv("closer2"), 200 * MS).unwrap();
+    ipc.run(200 * MS);
+    assert_eq!(drain(&mut ipc), vec![closed(c)]);
+}
+
+#[test]
+fn closer3_holds_four_then_closes_all() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chans: Vec<ChanId> = (0..3).map(|_| open(&mut ipc, "closer3", 0)).collect();
+    for &c in &chans {
+        assert_eq!(ipc.deliver(c, &[0; 64], 0), Ok(64));
+    }
+    ipc.run(10_000 * MS);
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.next_deadline(), None);
+
+    let t = 10_000 * MS;
+    let fourth = open(&mut ipc, "closer3", t);
+    assert_eq!(ipc.next_deadline(), Some(t + CLOSER_SLEEP_NS));
+    // Sleeping: data is not consumed, the 2-deep queue fills.
+    assert_eq!(ipc.deliver(fourth, &[1; 64], t), Ok(64));
+    assert_eq!(ipc.deliver(fourth, &[2; 64], t), Ok(64));
+    assert_eq!(
+        ipc.deliver(fourth, &[3; 64], t),
+        Err(lk::ERR_NOT_ENOUGH_BUFFER)
+    );
+    assert!(!ipc.run(t + 99 * MS));
+    ipc.run(t + 100 * MS);
+    let mut all = chans.clone();
+    all.push(fourth);
+    assert_eq!(
+        drain(&mut ipc),
+        all.iter().map(|&c| closed(c)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ipc.deliver(fourth, b"x", t + 100 * MS),
+        Err(lk::ERR_NOT_FOUND)
+    );
+    assert_eq!(ipc.stats().channel_records, 0);
+}
+
+#[test]
+fn closer3_counts_channels_the_ns_closed() {
+    let mut ipc = Ipc::with_unittest_services();
+    let a = open(&mut ipc, "closer3", 0);
+    let b = open(&mut ipc, "closer3", 0);
+    ipc.ns_close(a, 0);
+    ipc.run(0);
+    let c = open(&mut ipc, "closer3", 0);
+    let d = open(&mut ipc, "closer3", 0);
+    assert_eq!(ipc.next_deadline(), Some(100 * MS));
+    ipc.run(100 * MS);
+    assert_eq!(drain(&mut ipc), vec![closed(b), closed(c), closed(d)]);
+}
+
+#[test]
+fn echo_returns_messages_in_order() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "echo", 0);
+    assert_eq!(ipc.deliver(chan, b"hello", 0), Ok(5));
+    assert_eq!(ipc.deliver(chan, b"world", 0), Ok(5));
+    assert_eq!(ipc.deliver(chan, b"", 0), Ok(0));
+    assert!(ipc.run(0));
+    assert_eq!(
+        drain(&mut ipc),
+        vec![
+            message(chan, b"hello"),
+            message(chan, b"world"),
+            message(chan, b"")
+        ]
+    );
+    let stats = ipc.stats();
+    assert_eq!((stats.delivered, stats.sent_to_ns), (3, 3));
+}
+
+#[test]
+fn echo_back_pressure_and_resume() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "echo", 0);
+    for i in 0..8u8 {
+        assert_eq!(ipc.deliver(chan, &[i], 0), Ok(1));
+    }
+    ipc.run(0);
+    // The NS side's queue (8 deep) is full now.
+    assert_eq!(ipc.pending_events(), 8);
+    for i in 8..16u8 {
+        assert_eq!(ipc.deliver(chan, &[i], 0), Ok(1));
+    }
+    ipc.run(0);
+    // Echo holds 8 un-retired messages: inbound is full, further messages are dropped.
+    assert_eq!(ipc.pending_events(), 8);
+    assert_eq!(
+        ipc.deliver(chan, b"lost", 0),
+        Err(lk::ERR_NOT_ENOUGH_BUFFER)
+    );
+    assert!(!ipc.run(0));
+
+    // One slot frees -> SEND_UNBLOCKED -> one more echo, one inbound slot free.
+    assert_eq!(ipc.pop_event(), Some(message(chan, &[0])));
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pending_events(), 8);
+    assert_eq!(ipc.deliver(chan, b"A", 0), Ok(1));
+    assert_eq!(ipc.deliver(chan, b"B", 0), Err(lk::ERR_NOT_ENOUGH_BUFFER));
+
+    let mut got = vec![vec![0u8]];
+    for _ in 0..100 {
+        let events = drain(&mut ipc);
+        let progressed = ipc.run(0);
+        if events.is_empty() && !progressed {
+            break;
+        }
+        for ev in events {
+            match ev {
+                IpcEvent::Message { chan: c, data } if c == chan => got.push(data),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let mut expected: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i]).collect();
+    expected.push(b"A".to_vec());
+    assert_eq!(got, expected);
+    assert_eq!(ipc.stats().dropped_queue_full, 2);
+}
+
+#[test]
+fn unpop_event_keeps_order_and_state() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = ipc.connect_ns(&srv("uuid"), 0).unwrap();
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 3);
+    let ev = ipc.pop_event().unwrap();
+    assert_eq!(ev, accepted(chan));
+    ipc.unpop_event(ev);
+    assert_eq!(ipc.pop_event(), Some(accepted(chan)));
+    let ev = ipc.pop_event().unwrap();
+    assert_eq!(ev, message(chan, &NS_CLIENT_UUID));
+    ipc.unpop_event(ev);
+    assert_eq!(ipc.pop_event(), Some(message(chan, &NS_CLIENT_UUID)));
+    let ev = ipc.pop_event().unwrap();
+    assert_eq!(ev, closed(chan));
+    assert_eq!(ipc.deliver(chan, b"x", 0), Err(lk::ERR_NOT_FOUND));
+    ipc.unpop_event(ev);
+    assert_eq!(ipc.deliver(chan, b"x", 0), Err(lk::ERR_CHANNEL_CLOSED));
+    assert_eq!(ipc.pop_event(), Some(closed(chan)));
+    assert_eq!(ipc.pop_event(), None);
+    assert_eq!(ipc.stats().channel_records, 0);
+}
+
+#[test]
+fn unpop_event_restores_echo_back_pressure() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "echo", 0);
+    for i in 0..8u8 {
+        assert_eq!(ipc.deliver(chan, &[i], 0), Ok(1));
+    }
+    ipc.run(0);
+    assert_eq!(ipc.deliver(chan, &[8], 0), Ok(1));
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 8);
+    // The device could not place the message: it goes back, the queue is still full.
+    let ev = ipc.pop_event().unwrap();
+    ipc.unpop_event(ev);
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 8);
+    assert_eq!(ipc.pop_event(), Some(message(chan, &[0])));
+    ipc.run(0);
+    let rest: Vec<IpcEvent> = drain(&mut ipc);
+    assert_eq!(
+        rest,
+        (1..9u8).map(|i| message(chan, &[i])).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn ns_close_while_pending() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = ipc.connect_ns(&srv("datasink"), 0).unwrap();
+    ipc.ns_close(chan, 0);
+    assert!(!ipc.run(0));
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.deliver(chan, b"x", 0), Err(lk::ERR_NOT_FOUND));
+    let stats = ipc.stats();
+    assert_eq!(
+        (stats.ns_channels, stats.channel_records, stats.closed_by_ns),
+        (0, 0, 1)
+    );
+
+    // closer1 never saw the withdrawn request: the next one is its 1st (sleeps).
+    let gone = ipc.connect_ns(&srv("closer1"), 0).unwrap();
+    ipc.ns_close(gone, 0);
+    let c = ipc.connect_ns(&srv("closer1"), 0).unwrap();
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![accepted(c)]);
+    assert_eq!(ipc.next_deadline(), Some(100 * MS));
+}
+
+#[test]
+fn ns_close_connected_discards_events_and_ta_sees_hup() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "echo", 0);
+    for i in 0..3u8 {
+        ipc.deliver(chan, &[i], 0).unwrap();
+    }
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 3);
+    ipc.ns_close(chan, 0);
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.stats().channel_records, 1);
+    assert_eq!(ipc.deliver(chan, b"x", 0), Err(lk::ERR_NOT_FOUND));
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.stats().channel_records, 0);
+    ipc.ns_close(chan, 0);
+    assert_eq!(ipc.stats().closed_by_ns, 1);
+}
+
+#[test]
+fn ns_close_with_unread_messages_datasink() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "datasink", 0);
+    ipc.deliver(chan, b"1", 0).unwrap();
+    ipc.deliver(chan, b"2", 0).unwrap();
+    ipc.ns_close(chan, 0);
+    assert!(ipc.run(0));
+    assert_eq!(ipc.stats().channel_records, 0);
+    assert_eq!(ipc.pending_events(), 0);
+}
+
+#[test]
+fn ns_close_during_closer1_sleep() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = open(&mut ipc, "closer1", 0);
+    ipc.ns_close(chan, 10 * MS);
+    ipc.run(10 * MS);
+    ipc.run(100 * MS);
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.stats().channel_records, 0);
+}
+
+#[test]
+fn ns_close_after_ta_close_drops_the_disc_req() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = ipc.connect_ns(&srv("uuid"), 0).unwrap();
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 3);
+    ipc.ns_close(chan, 0);
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.stats().channel_records, 0);
+}
+
+#[test]
+fn uuid_sends_ns_client_uuid_then_closes() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = ipc.connect_ns(&srv("uuid"), 0).unwrap();
+    ipc.run(0);
+    assert_eq!(
+        drain(&mut ipc),
+        vec![accepted(chan), message(chan, &[0; 16]), closed(chan)]
+    );
+}
+
+#[test]
+fn reset_closes_everything_silently() {
+    let mut ipc = Ipc::with_unittest_services();
+    let echo = open(&mut ipc, "echo", 0);
+    ipc.deliver(echo, b"queued", 0).unwrap();
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 1);
+    let _sleeper = ipc.connect_ns(&srv("closer1"), 0).unwrap();
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 2);
+    assert_eq!(ipc.next_deadline(), Some(100 * MS));
+    let pending = ipc.connect_ns(&srv("datasink"), 0).unwrap();
+    ipc.deliver(echo, b"unread", 0).unwrap();
+    assert!(ipc.pending_events() > 0);
+
+    ipc.reset(MS);
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.stats().ns_channels, 0);
+    ipc.run(MS);
+    ipc.run(200 * MS);
+    assert_eq!(ipc.pending_events(), 0);
+    assert_eq!(ipc.stats().channel_records, 0);
+    assert_eq!(ipc.deliver(pending, b"x", 200 * MS), Err(lk::ERR_NOT_FOUND));
+
+    let again = open(&mut ipc, "echo", 200 * MS);
+    assert!(again > pending);
+    ipc.deliver(again, b"hi", 200 * MS).unwrap();
+    ipc.run(200 * MS);
+    assert_eq!(drain(&mut ipc), vec![message(again, b"hi")]);
+}
+
+#[test]
+fn channel_limit_is_256() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chans: Vec<ChanId> = (0..MAX_CHANNELS)
+        .map(|_| ipc.connect_ns(&srv("datasink"), 0).unwrap())
+        .collect();
+    assert_eq!(ipc.connect_ns(&srv("echo"), 0), Err(lk::ERR_NO_RESOURCES));
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), MAX_CHANNELS);
+    assert_eq!(ipc.connect_ns(&srv("echo"), 0), Err(lk::ERR_NO_RESOURCES));
+    ipc.ns_close(chans[7], 0);
+    assert!(ipc.connect_ns(&srv("echo"), 0).is_ok());
+    assert_eq!(ipc.connect_ns(&srv("echo"), 0), Err(lk::ERR_NO_RESOURCES));
+}
+
+#[test]
+fn channel_ids_are_never_reused() {
+    let mut ipc = Ipc::with_unittest_services();
+    let mut last = None;
+    for _ in 0..10 {
+        let chan = ipc.connect_ns(&srv("uuid"), 0).unwrap();
+        assert!(last.is_none_or(|l| chan > l));
+        last = Some(chan);
+        ipc.run(0);
+        drain(&mut ipc);
+    }
+}
+
+#[test]
+fn run_when_idle_and_time_is_monotonic() {
+    let mut ipc = Ipc::with_unittest_services();
+    assert!(!ipc.run(0));
+    assert!(!ipc.run(5 * MS));
+    let chan = ipc.connect_ns(&srv("closer1"), 10 * MS).unwrap();
+    ipc.run(10 * MS);
+    assert_eq!(ipc.next_deadline(), Some(110 * MS));
+    // A stale `now` does not move time back or fire the timer.
+    assert!(!ipc.run(MS));
+    assert_eq!(ipc.now(), 10 * MS);
+    assert!(ipc.run(u64::MAX));
+    assert_eq!(drain(&mut ipc), vec![accepted(chan), closed(chan)]);
+}
+
+/// A probe TA that records the results of edge-case handle operations.
+struct Probe {
+    log: Arc<Mutex<Vec<(&'static str, i32)>>>,
+    port: Option<PortId>,
+}
+
+impl Probe {
+    fn record(&self, what: &'static str, rc: i32) {
+        self.log.lock().unwrap().push((what, rc));
+    }
+}
+
+fn rc<T>(r: Result<T, i32>) -> i32 {
+    r.err().unwrap_or(lk::NO_ERROR)
+}
+
+impl TrustedApp for Probe {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        self.port = ctx
+            .create_port("probe", 1, 16, IPC_PORT_ALLOW_NS_CONNECT)
+            .ok();
+        self.record("dup", rc(ctx.create_port("probe", 1, 16, 0)));
+        self.record("empty", rc(ctx.create_port("", 1, 16, 0)));
+        self.record("long", rc(ctx.create_port(&"p".repeat(64), 1, 16, 0)));
+        self.record("zero", rc(ctx.create_port("z", 0, 16, 0)));
+        self.record("big", rc(ctx.create_port("b", 1, 4097, 0)));
+        self.record("foreign", rc(ctx.close_port(PortId(0))));
+        if let Some(port) = self.port {
+            self.record("accept-none", rc(ctx.accept(port)));
+        }
+        self.record("close-bogus", rc(ctx.close(ChanId(12345))));
+    }
+
+    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, _events: Events) {
+        if let Ok((chan, uuid)) = ctx.accept(port) {
+            self.record("uuid-zero", i32::from(uuid != NS_CLIENT_UUID));
+            self.record("get-none", rc(ctx.get_msg(chan)));
+            self.record("put-none", rc(ctx.put_msg(chan)));
+            self.record("send-big", rc(ctx.send_msg(chan, &[0; 17])));
+            self.record("send-1", rc(ctx.send_msg(chan, b"1")));
+            self.record("send-2", rc(ctx.send_msg(chan, b"2")));
+        }
+    }
+
+    fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
+        if events.intersects(Events::SEND_UNBLOCKED) {
+            self.record("unblocked-send", rc(ctx.send_msg(chan, b"3")));
+        }
+        if events.intersects(Events::HUP) {
+            self.record("hup-send", rc(ctx.send_msg(chan, b"4")));
+            self.record("hup-close", rc(ctx.close(chan)));
+            self.record("close-again", rc(ctx.close(chan)));
+        }
+    }
+}
+
+#[test]
+fn handle_api_edge_cases() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut ipc = Ipc::with_unittest_services();
+    ipc.add_app(Box::new(Probe {
+        log: log.clone(),
+        port: None,
+    }));
+    let chan = ipc.connect_ns(b"probe", 0).unwrap();
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![accepted(chan), message(chan, b"1")]);
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![message(chan, b"3")]);
+    ipc.ns_close(chan, 0);
+    ipc.run(0);
+    assert_eq!(ipc.pending_events(), 0);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            ("dup", lk::ERR_ALREADY_EXISTS),
+            ("empty", lk::ERR_INVALID_ARGS),
+            ("long", lk::ERR_INVALID_ARGS),
+            ("zero", lk::ERR_INVALID_ARGS),
+            ("big", lk::ERR_TOO_BIG),
+            ("foreign", lk::ERR_BAD_HANDLE),
+            ("accept-none", lk::ERR_NO_MSG),
+            ("close-bogus", lk::ERR_BAD_HANDLE),
+            ("uuid-zero", 0),
+            ("get-none", lk::ERR_NO_MSG),
+            ("put-none", lk::ERR_INVALID_ARGS),
+            ("send-big", lk::ERR_TOO_BIG),
+            ("send-1", lk::NO_ERROR),
+            ("send-2", lk::ERR_NOT_ENOUGH_BUFFER),
+            ("unblocked-send", lk::NO_ERROR),
+            ("hup-send", lk::ERR_CHANNEL_CLOSED),
+            ("hup-close", lk::NO_ERROR),
+            ("close-again", lk::ERR_BAD_HANDLE),
+        ]
+    );
+}
+
+/// A TA that never accepts and never reads: `run` must still terminate.
+struct Lazy;
+
+impl TrustedApp for Lazy {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        let _ = ctx.create_port("lazy", 2, 16, IPC_PORT_ALLOW_NS_CONNECT);
+    }
+    fn on_port_event(&mut self, _ctx: &mut Ctx<'_>, _port: PortId, _events: Events) {}
+    fn on_chan_event(&mut self, _ctx: &mut Ctx<'_>, _chan: ChanId, _events: Events) {}
+}
+
+#[test]
+fn misbehaving_app_cannot_stall_run() {
+    let mut ipc = Ipc::new();
+    ipc.add_app(Box::new(Lazy));
+    let a = ipc.connect_ns(b"lazy", 0).unwrap();
+    assert!(ipc.run(0));
+    assert!(!ipc.run(0));
+    assert_eq!(ipc.deliver(a, b"x", 0), Err(lk::ERR_NOT_READY));
+    // A new connection re-signals the port.
+    let _b = ipc.connect_ns(b"lazy", 0).unwrap();
+    assert!(ipc.run(0));
+    assert!(!ipc.run(0));
+}
+
+/// Tiny deterministic PRNG for the stress test.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[test]
+fn random_operations_keep_invariants() {
+    let names: Vec<Vec<u8>> = [
+        "closer1", "closer2", "closer3", "datasink", "ns_only", "ta_only", "echo", "uuid",
+    ]
+    .iter()
+    .map(|n| srv(n))
+    .chain([b"foo".to_vec(), Vec::new(), vec![b'x'; 70]])
+    .collect();
+    for seed in 0..20u64 {
+        let mut rng = Lcg(seed);
+        let mut ipc = Ipc::with_unittest_services();
+        let mut now = 0u64;
+        let mut chans: Vec<ChanId> = Vec::new();
+        // Per channel: accepted, closed (as seen by the NS), closed by NS.
+        let mut seen: std::collections::BTreeMap<ChanId, (bool, bool, bool)> = Default::default();
+        for _ in 0..3000 {
+            match rng.below(10) {
+                0 => {
+                    let name = &names[rng.below(names.len() as u64) as usize];
+                    if let Ok(c) = ipc.connect_ns(name, now) {
+                        assert!(!seen.contains_key(&c));
+                        seen.insert(c, (false, false, false));
+                        chans.push(c);
+                    }
+                }
+                1..=3 => {
+                    let c = if chans.is_empty() || rng.below(20) == 0 {
+                        ChanId(rng.below(10_000) as u32)
+                    } else {
+                        chans[rng.below(chans.len() as u64) as usize]
+                    };
+                    let len = rng.below(100) as usize;
+                    let _ = ipc.deliver(c, &vec![0xa5; len], now);
+                }
+                4 => {
+                    if !chans.is_empty() && rng.below(3) == 0 {
+                        let c = chans[rng.below(chans.len() as u64) as usize];
+                        ipc.ns_close(c, now);
+                        if let Some(s) = seen.get_mut(&c) {
+                            s.2 = true;
+                        }
+                    }
+                }
+                5 => now += rng.below(150 * MS),
+                6 => {
+                    if rng.below(50) == 0 {
+                        ipc.reset(now);
+                        for s in seen.values_mut() {
+                            s.2 = true;
+                        }
+                    }
+                }
+                7 | 8 => {
+                    ipc.run(now);
+                }
+                _ => {
+                    for _ in 0..rng.below(6) {
+                        let Some(ev) = ipc.pop_event() else { break };
+                        if rng.below(4) == 0 {
+                            ipc.unpop_event(ev);
+                            break;
+                        }
+                        let c = ev.chan();
+                        let s = seen.get_mut(&c).expect("event for a channel never opened");
+                        assert!(!s.1 && !s.2, "event after close: {ev:?}");
+                        match ev {
+                            IpcEvent::Accepted { .. } => {
+                                assert!(!s.0);
+                                s.0 = true;
+                            }
+                            IpcEvent::Message { .. } => assert!(s.0),
+                            IpcEvent::Closed { .. } => s.1 = true,
+                        }
+                    }
+                }
+            }
+            let stats = ipc.stats();
+            assert!(stats.ns_channels <= MAX_CHANNELS);
+            assert!(stats.channel_records <= 4 * MAX_CHANNELS);
+        }
+    }
+}
