@@ -36,6 +36,10 @@ pub struct Config {
     /// Extra shared rx buffers that replace a filled one in the ring while its message waits
     /// in a channel queue (zero-copy receive). With none, the message is copied out instead.
     pub rx_spare_buffers: usize,
+    /// Trusty gets CPU time only when the normal world calls it (a polled driver has no
+    /// doorbell interrupt, spec §4, §10.2): an operation that finds the secure side untouched
+    /// for this long first donates a NOP, so that its timers and services catch up.
+    pub idle_pump_ms: u64,
 }
 
 impl Default for Config {
@@ -47,6 +51,7 @@ impl Default for Config {
             rx_buffers: None,
             tx_buffers: None,
             rx_spare_buffers: 8,
+            idle_pump_ms: 10,
         }
     }
 }
@@ -180,6 +185,8 @@ pub struct TipcDevice {
     shm_outstanding: BTreeMap<u64, u32>,
     /// Memory ids Trusty released (or whose message was dropped): the owner may reclaim them.
     shm_released: VecDeque<u64>,
+    /// When the secure side last had the CPU (ns).
+    last_secure_call: u64,
     stats: DeviceStats,
 }
 
@@ -287,6 +294,7 @@ impl TipcDevice {
             by_addr: BTreeMap::new(),
             shm_outstanding: BTreeMap::new(),
             shm_released: VecDeque::new(),
+            last_secure_call: 0,
             stats: DeviceStats::default(),
         }
     }
@@ -573,6 +581,7 @@ impl TipcDevice {
         let notifyid = if rx { self.rx.notifyid } else { self.tx.notifyid };
         self.stats.kicks += 1;
         let r = self.bus.kick(self.vdev, notifyid);
+        self.last_secure_call = self.clock.now_ns();
         self.scan();
         r.map_err(Error::from)
     }
@@ -581,9 +590,21 @@ impl TipcDevice {
     /// anything.
     pub fn pump(&mut self) -> Result<bool, Error> {
         let r = self.bus.trusty().nop(0, 0, 0);
+        self.last_secure_call = self.clock.now_ns();
         let found = self.scan();
         r?;
         Ok(found)
+    }
+
+    /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
+    fn catch_up(&mut self) -> Result<(), Error> {
+        let idle_ns = self.clock.now_ns().saturating_sub(self.last_secure_call);
+        if idle_ns >= self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS) {
+            self.pump()?;
+        } else {
+            self.scan();
+        }
+        Ok(())
     }
 
     /// Runs NOP+scan rounds until `done` holds or `deadline` passes (`None`: no deadline).
@@ -747,6 +768,7 @@ impl TipcDevice {
             return Err(Error::InvalidArgument);
         }
         let name = Name::new(name).ok_or(Error::NameTooLong)?;
+        self.catch_up()?;
         if self.state != DeviceState::Online {
             return Err(Error::NoDevice);
         }
@@ -759,10 +781,15 @@ impl TipcDevice {
             ChannelState::Disconnected => {}
         }
         let local = chan.local;
-        self.send_ctrl(&Ctrl::ConnReq { name: name.clone() }, local)?;
-        let chan = self.channel(id)?;
+        // CONNECTING before the request leaves: the answer can come back inside the kick.
         chan.state = ChannelState::Connecting;
-        chan.name = Some(name);
+        chan.name = Some(name.clone());
+        if let Err(e) = self.send_ctrl(&Ctrl::ConnReq { name }, local) {
+            let chan = self.channel(id)?;
+            chan.state = ChannelState::Disconnected;
+            chan.name = None;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -819,6 +846,7 @@ impl TipcDevice {
             .checked_mul(wire::SHM_DESC_LEN)
             .and_then(|n| n.checked_add(data_len))
             .ok_or(Error::MessageSize)?;
+        self.catch_up()?;
         if self.state != DeviceState::Online {
             return Err(Error::NoDevice);
         }
@@ -880,6 +908,7 @@ impl TipcDevice {
     pub fn recv(&mut self, id: ChannelId, bufs: &mut [&mut [u8]], timeout: Timeout) -> Result<usize, Error> {
         let deadline = self.deadline(timeout);
         self.channel(id)?;
+        self.catch_up()?;
         loop {
             self.scan();
             let chan = self.channel(id)?;
@@ -929,10 +958,10 @@ impl TipcDevice {
         }
     }
 
-    /// Current readiness of a channel without calling into Trusty (spec §7.2): always writable,
+    /// Current readiness of a channel (spec §7.2), after a catch-up NOP if Trusty has been idle: always writable,
     /// readable with a queued message, error unless connected.
     pub fn poll(&mut self, id: ChannelId) -> Result<PollFlags, Error> {
-        self.scan();
+        self.catch_up()?;
         let chan = self.channel(id)?;
         Ok(PollFlags { readable: !chan.queue.is_empty(), writable: true, error: chan.state != ChannelState::Connected })
     }

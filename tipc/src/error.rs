@@ -59,6 +59,8 @@ pub enum Error {
     Protocol(FrameError),
     /// The bus or platform below failed.
     Bus(BusError),
+    /// The secure side needs something this stack cannot do here.
+    Unsupported(&'static str),
 }
 
 impl Error {
@@ -79,7 +81,7 @@ impl Error {
             Error::Again => EAGAIN,
             Error::TooBig => E2BIG,
             Error::NoMemory => ENOMEM,
-            Error::Protocol(_) | Error::Bus(_) => EIO,
+            Error::Protocol(_) | Error::Bus(_) | Error::Unsupported(_) => EIO,
         }
     }
 }
@@ -117,6 +119,7 @@ impl fmt::Display for Error {
             Error::NoMemory => "out of memory for message buffers",
             Error::Protocol(e) => return write!(f, "protocol violation by the peer: {e:?}"),
             Error::Bus(e) => return write!(f, "{e}"),
+            Error::Unsupported(what) => return write!(f, "unsupported: {what}"),
         };
         write!(f, "{text} (errno {})", self.errno())
     }

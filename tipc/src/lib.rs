@@ -6,6 +6,7 @@ extern crate alloc;
 
 pub mod device;
 mod error;
+pub mod stack;
 pub mod wire;
 
 pub use device::{ChannelId, ChannelState, Config, DeviceState, DeviceStats, PollFlags, Timeout, TipcDevice};

@@ -1,0 +1,348 @@
+//! The host harness: simulated guest RAM that both worlds share, a page allocator over it for
+//! the normal world, a clock, and two conduits into the model: synchronous (the model runs
+//! inside the call, as Trusty does on the calling CPU) and threaded (the model runs on its own
+//! thread and does the work a NOP asked for after the NOP has returned).
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::boxed::Box;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+use std::vec::Vec;
+
+use trusty_platform::clock::Clock;
+use trusty_platform::mem::{DmaRegion, PageAllocator, PAGE_SIZE};
+use trusty_platform::smc::Conduit;
+
+use crate::mem::PhysMem;
+use crate::model::{Model, ModelConfig};
+
+/// Guest RAM: one page-aligned host allocation that stands for physical memory at `base`.
+/// Both the normal world (through [`RamAllocator`]) and the model (through shares only) use it.
+pub struct GuestRam {
+    base: u64,
+    ptr: *mut u8,
+    len: usize,
+    pages_used: Mutex<Vec<bool>>,
+}
+
+// SAFETY: the RAM is plain memory that both worlds access with copies and volatile word
+// accesses, exactly as two CPUs share physical memory; the page map is behind a mutex.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// `pages` pages of zeroed RAM at physical address `base` (page-aligned).
+    pub fn new(base: u64, pages: usize) -> Arc<GuestRam> {
+        let len = pages.max(1) * PAGE_SIZE;
+        let layout = Layout::from_size_align(len, PAGE_SIZE).expect("page-aligned layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of host memory for guest RAM");
+        Arc::new(GuestRam { base, ptr, len, pages_used: Mutex::new(vec_false(pages.max(1))) })
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Pages currently handed out.
+    pub fn pages_in_use(&self) -> usize {
+        self.pages_used.lock().map(|p| p.iter().filter(|&&u| u).count()).unwrap_or(0)
+    }
+
+    fn offset(&self, pa: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(pa.checked_sub(self.base)?).ok()?;
+        (off.checked_add(len)? <= self.len).then_some(off)
+    }
+
+    fn word_ptr<T>(&self, pa: u64) -> Option<*mut T> {
+        let off = self.offset(pa, std::mem::size_of::<T>())?;
+        if off % std::mem::align_of::<T>() != 0 {
+            return None;
+        }
+        // SAFETY: off + size_of::<T>() <= len (checked by `offset`).
+        Some(unsafe { self.ptr.add(off) }.cast())
+    }
+}
+
+fn vec_false(n: usize) -> Vec<bool> {
+    std::vec![false; n]
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, PAGE_SIZE).expect("page-aligned layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr, layout) };
+    }
+}
+
+macro_rules! word_access {
+    ($read:ident, $write:ident, $t:ty) => {
+        fn $read(&self, pa: u64) -> Option<$t> {
+            // SAFETY: in bounds and aligned (checked by `word_ptr`); volatile: the other world
+            // writes concurrently.
+            self.word_ptr::<$t>(pa).map(|p| <$t>::from_le(unsafe { p.read_volatile() }))
+        }
+        fn $write(&self, pa: u64, v: $t) -> bool {
+            match self.word_ptr::<$t>(pa) {
+                Some(p) => {
+                    // SAFETY: in bounds and aligned (checked by `word_ptr`).
+                    unsafe { p.write_volatile(v.to_le()) };
+                    true
+                }
+                None => false,
+            }
+        }
+    };
+}
+
+impl PhysMem for GuestRam {
+    fn contains(&self, pa: u64, len: usize) -> bool {
+        self.offset(pa, len).is_some()
+    }
+    fn read(&self, pa: u64, out: &mut [u8]) -> bool {
+        match self.offset(pa, out.len()) {
+            Some(off) => {
+                // SAFETY: off..off+len is inside the allocation; bytes are copied, not referenced.
+                unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), out.len()) };
+                true
+            }
+            None => false,
+        }
+    }
+    fn write(&self, pa: u64, data: &[u8]) -> bool {
+        match self.offset(pa, data.len()) {
+            Some(off) => {
+                // SAFETY: off..off+len is inside the allocation.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+                true
+            }
+            None => false,
+        }
+    }
+    word_access!(read_u16, write_u16, u16);
+    word_access!(read_u32, write_u32, u32);
+    word_access!(read_u64, write_u64, u64);
+}
+
+/// The normal world's page allocator over [`GuestRam`] (first fit).
+pub struct RamAllocator {
+    ram: Arc<GuestRam>,
+}
+
+impl RamAllocator {
+    pub fn new(ram: Arc<GuestRam>) -> Self {
+        RamAllocator { ram }
+    }
+}
+
+impl PageAllocator for RamAllocator {
+    fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion> {
+        if pages == 0 {
+            return None;
+        }
+        let mut used = self.ram.pages_used.lock().ok()?;
+        let mut run = 0usize;
+        let mut start = None;
+        for (i, &u) in used.iter().enumerate() {
+            run = if u { 0 } else { run + 1 };
+            if run == pages {
+                start = Some(i + 1 - pages);
+                break;
+            }
+        }
+        let start = start?;
+        used[start..start + pages].iter_mut().for_each(|u| *u = true);
+        let off = start * PAGE_SIZE;
+        // SAFETY: the pages start..start+pages lie inside the allocation and were free.
+        let vaddr = unsafe { self.ram.ptr.add(off) };
+        // SAFETY: as above; zeroing memory nobody else holds.
+        unsafe { std::ptr::write_bytes(vaddr, 0, pages * PAGE_SIZE) };
+        let vaddr = std::ptr::NonNull::new(vaddr)?;
+        // SAFETY: the region is owned by the caller until it is freed back here.
+        Some(unsafe { DmaRegion::new(vaddr, self.ram.base + off as u64, pages) })
+    }
+
+    unsafe fn free(&mut self, region: DmaRegion) {
+        let Some(off) = self.ram.offset(region.paddr(), region.len()) else { return };
+        if let Ok(mut used) = self.ram.pages_used.lock() {
+            let first = off / PAGE_SIZE;
+            used[first..first + region.pages()].iter_mut().for_each(|u| *u = false);
+        }
+    }
+}
+
+/// Monotonic time from `Instant`.
+pub struct StdClock {
+    origin: Instant,
+}
+
+impl StdClock {
+    pub fn new() -> Arc<StdClock> {
+        Arc::new(StdClock { origin: Instant::now() })
+    }
+}
+
+impl Clock for StdClock {
+    fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+    fn sleep_ns(&self, ns: u64) {
+        thread::sleep(Duration::from_nanos(ns));
+    }
+    fn relax(&self) {
+        // Between polls of a peer that needs time to pass (service timers): short sleeps keep
+        // an idle wait from burning a core.
+        thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// The model runs inside each call, on the caller's thread.
+pub struct SyncConduit {
+    model: Arc<Mutex<Model>>,
+}
+
+impl Conduit for SyncConduit {
+    fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+        match self.model.lock() {
+            Ok(mut m) => m.smc(regs),
+            // A poisoned model (a bug in it) looks like a panicked Trusty.
+            Err(_) => [(-11i32) as u32 as u64, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+}
+
+enum Request {
+    Call([u64; 8], mpsc::SyncSender<[u64; 8]>),
+    Stop,
+}
+
+/// The model runs on its own thread; calls are messages to it.
+pub struct ThreadedConduit {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Conduit for ThreadedConduit {
+    fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        if self.requests.send(Request::Call(regs, reply_tx)).is_err() {
+            return [(-11i32) as u32 as u64, 0, 0, 0, 0, 0, 0, 0];
+        }
+        reply_rx.recv().unwrap_or([(-11i32) as u32 as u64, 0, 0, 0, 0, 0, 0, 0])
+    }
+}
+
+/// How the model is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelMode {
+    /// Inside each call (`-D sim`).
+    Sync,
+    /// On its own thread (`-D sim-threaded`).
+    Threaded,
+}
+
+/// A simulated machine: guest RAM, the model, a clock and a conduit into the model.
+pub struct Sim {
+    ram: Arc<GuestRam>,
+    clock: Arc<StdClock>,
+    model: Arc<Mutex<Model>>,
+    conduit: Arc<dyn Conduit>,
+    thread: Option<(mpsc::Sender<Request>, thread::JoinHandle<()>)>,
+}
+
+/// Physical address of simulated guest RAM (as in QEMU's `virt` machine).
+pub const RAM_BASE: u64 = 0x4000_0000;
+/// Pages of simulated guest RAM (16 MiB).
+pub const RAM_PAGES: usize = 4096;
+
+impl Sim {
+    pub fn new(mode: ModelMode, mut cfg: ModelConfig) -> Sim {
+        let ram = GuestRam::new(RAM_BASE, RAM_PAGES);
+        let clock = StdClock::new();
+        cfg.deferred = mode == ModelMode::Threaded;
+        let model = Arc::new(Mutex::new(Model::new(cfg, ram.clone(), clock.clone())));
+        match mode {
+            ModelMode::Sync => {
+                let conduit = Arc::new(SyncConduit { model: model.clone() });
+                Sim { ram, clock, model, conduit, thread: None }
+            }
+            ModelMode::Threaded => {
+                let (tx, rx) = mpsc::channel();
+                let m = model.clone();
+                let c = clock.clone();
+                let handle = thread::Builder::new()
+                    .name("trusty-model".into())
+                    .spawn(move || model_thread(m, c, rx))
+                    .expect("spawn the model thread");
+                let conduit = Arc::new(ThreadedConduit { requests: tx.clone() });
+                Sim { ram, clock, model, conduit, thread: Some((tx, handle)) }
+            }
+        }
+    }
+
+    pub fn conduit(&self) -> Arc<dyn Conduit> {
+        self.conduit.clone()
+    }
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+    pub fn allocator(&self) -> Box<dyn PageAllocator> {
+        Box::new(RamAllocator::new(self.ram.clone()))
+    }
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+    /// The model, for inspection and fault injection between calls.
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        match self.model.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.thread.take() {
+            let _ = tx.send(Request::Stop);
+            let _ = handle.join();
+        }
+    }
+}
+
+fn model_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, rx: mpsc::Receiver<Request>) {
+    loop {
+        let wait = {
+            let m = match model.lock() {
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            if m.has_pending_work() {
+                Duration::ZERO
+            } else {
+                let now = clock.now_ns();
+                let until = m.next_deadline().map_or(u64::MAX, |d| d.saturating_sub(now));
+                Duration::from_nanos(until.min(10_000_000))
+            }
+        };
+        match rx.recv_timeout(wait) {
+            Ok(Request::Call(regs, reply)) => {
+                let out = match model.lock() {
+                    Ok(mut m) => m.smc(regs),
+                    Err(_) => return,
+                };
+                let _ = reply.send(out);
+            }
+            Ok(Request::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        // The work a call asked for happens after it returned, on this thread.
+        if let Ok(mut m) = model.lock() {
+            m.run_background();
+        }
+    }
+}

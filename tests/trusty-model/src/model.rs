@@ -1,0 +1,565 @@
+//! The secure side as one state machine behind an SMC entry point: Trusty's fast / standard /
+//! NOP call semantics (spec §2), the virtio bus (spec §5) with its TIPC device, an FF-A
+//! memory-sharing stand-in for the SPMC (spec §3.3), and fault injection.
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use tipc::wire::Ctrl;
+use trusty_platform::clock::Clock;
+use trusty_platform::ffa::{self, func};
+use trusty_platform::smc::{call, fid, SmError};
+use trusty_virtio::rsc;
+
+use crate::ipc::{lk, Ipc};
+use crate::mem::{Fault, PhysMem, ShareStats, ShareTable};
+use crate::tipc_dev::{Malformed, TipcDev, TipcDevStats};
+
+/// What kind of Trusty the model is.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// Highest API version it speaks (spec §2.4).
+    pub max_api_version: u32,
+    pub version: String,
+    /// Whether an FF-A SPMC answers FF-A calls (memory sharing by handle).
+    pub ffa: bool,
+    /// The normal world's FF-A endpoint id (FFA_ID_GET).
+    pub ns_endpoint_id: u16,
+    /// At most this many live shares (Xen's FF-A mediator allows 32 per guest).
+    pub share_cap: Option<usize>,
+    /// The TIPC device name in the descriptor.
+    pub dev_name: String,
+    /// Entries per vring.
+    pub ring_size: u32,
+    /// Threaded mode: NOPs and kicks return before the work they asked for is done; the
+    /// owner runs [`Model::run_background`] on its own thread.
+    pub deferred: bool,
+    /// NXP's patch (spec §5.6): GET_DESCR on an active bus stops it first, so a normal world
+    /// that reboots (a DomU) can bring the bus up again.
+    pub implicit_stop_on_get_descr: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            max_api_version: 5,
+            version: String::from("Trusty model (trusty-ipc-stack) 1.0"),
+            ffa: true,
+            ns_endpoint_id: 0,
+            share_cap: None,
+            dev_name: String::from("dev0"),
+            ring_size: 32,
+            deferred: false,
+            implicit_stop_on_get_descr: true,
+        }
+    }
+}
+
+/// Fault-injection switches. Counts are consumed one per event.
+#[derive(Clone, Debug, Default)]
+pub struct Injection {
+    /// Answer the next N standard calls with SM_ERR_BUSY.
+    pub busy: u32,
+    /// Answer the next N standard calls with SM_ERR_INTERRUPTED (finished by RESTART_LAST).
+    pub interrupted: u32,
+    /// Answer the next N standard calls with SM_ERR_FIQ_INTERRUPTED (finished by RESTART_FIQ).
+    pub fiq_interrupted: u32,
+    /// Answer the next N standard calls with SM_ERR_CPU_IDLE (finished by RESTART_LAST after a NOP).
+    pub cpu_idle: u32,
+    /// Answer the next N NOPs with SM_ERR_NOP_INTERRUPTED.
+    pub nop_interrupted: u32,
+    /// Trusty panics at the next call: every call from then on answers SM_ERR_PANIC.
+    pub panic: bool,
+    /// Answer every standard call and NOP with SM_ERR_BUSY (a wedged secure side).
+    pub always_busy: bool,
+}
+
+/// Counters of the whole model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelStats {
+    pub smcs: u64,
+    /// Calls with Trusty's own function ids (not FF-A).
+    pub plain_trusty_smcs: u64,
+    pub ffa_calls: u64,
+    pub fast_calls: u64,
+    pub std_calls: u64,
+    pub nops: u64,
+    pub kicks: u64,
+    pub shares: ShareStats,
+    pub tipc: TipcDevStats,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StdState {
+    Idle,
+    /// Preempted: the result waits for RESTART_LAST.
+    Interrupted(i32),
+    /// Preempted by a FIQ: RESTART_FIQ must come next.
+    Fiq(i32),
+    /// Blocked: waits for a NOP, then RESTART_LAST.
+    CpuIdle { result: i32, nop_seen: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BusState {
+    Uninitialized,
+    Idle,
+    Active,
+}
+
+/// The secure side.
+pub struct Model {
+    cfg: ModelConfig,
+    clock: Arc<dyn Clock>,
+    shares: ShareTable,
+    ipc: Ipc,
+    tipc: TipcDev,
+    descriptor: Vec<u8>,
+    bus: BusState,
+    client_id: u64,
+    api: u32,
+    api_locked: bool,
+    std: StdState,
+    panicked: bool,
+    /// A kick arrived: there is ring work for `run_background` (threaded mode).
+    work_pending: bool,
+    pub inject: Injection,
+    stats: ModelStats,
+}
+
+fn ret(w0: i32) -> [u64; 8] {
+    [w0 as u32 as u64, 0, 0, 0, 0, 0, 0, 0]
+}
+
+fn ffa_success(w2: u64, w3: u64) -> [u64; 8] {
+    [u64::from(func::SUCCESS), 0, w2, w3, 0, 0, 0, 0]
+}
+
+fn ffa_error(code: i32) -> [u64; 8] {
+    [u64::from(func::ERROR), 0, code as u32 as u64, 0, 0, 0, 0, 0]
+}
+
+/// Trusty's translation of LK errors for the TRUSTED_OS entity (spec §2.3).
+fn lk_to_sm(e: i32) -> i32 {
+    match e {
+        0.. => e,
+        lk::ERR_INVALID_ARGS => SmError::InvalidParameters.code(),
+        lk::ERR_NOT_SUPPORTED => SmError::NotSupported.code(),
+        lk::ERR_NOT_ALLOWED => SmError::NotAllowed.code(),
+        _ => SmError::InternalFailure.code(),
+    }
+}
+
+impl Model {
+    /// A model of Trusty that sees normal-world RAM as `phys` (only through shares) and the
+    /// ipc-unittest services of spec §9.2.
+    pub fn new(cfg: ModelConfig, phys: Arc<dyn PhysMem>, clock: Arc<dyn Clock>) -> Self {
+        let descriptor = Self::build_descriptor(&cfg);
+        Model {
+            shares: ShareTable::new(phys, cfg.share_cap),
+            ipc: Ipc::with_unittest_services(),
+            tipc: TipcDev::new(0),
+            descriptor,
+            bus: BusState::Uninitialized,
+            client_id: 0,
+            api: 0,
+            api_locked: false,
+            std: StdState::Idle,
+            panicked: false,
+            work_pending: false,
+            inject: Injection::default(),
+            stats: ModelStats::default(),
+            cfg,
+            clock,
+        }
+    }
+
+    fn build_descriptor(cfg: &ModelConfig) -> Vec<u8> {
+        let rings = [
+            rsc::VringDecl { align: 4096, num: cfg.ring_size, notifyid: 1 },
+            rsc::VringDecl { align: 4096, num: cfg.ring_size, notifyid: 2 },
+        ];
+        rsc::TableBuilder::new()
+            .vdev(rsc::VIRTIO_ID_TIPC, 0, &rings, &rsc::tipc_config(4096, 4096, &cfg.dev_name))
+            .build()
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> ModelStats {
+        let mut s = self.stats;
+        s.shares = self.shares.stats();
+        s.tipc = self.tipc.stats();
+        s
+    }
+
+    /// Accesses to memory that was never shared (each one fails the run).
+    pub fn faults(&self) -> &[Fault] {
+        self.shares.faults()
+    }
+
+    pub fn panicked(&self) -> bool {
+        self.panicked
+    }
+
+    /// The IPC core, for tests that look at the services.
+    pub fn ipc(&self) -> &Ipc {
+        &self.ipc
+    }
+
+    /// Live FF-A shares.
+    pub fn live_shares(&self) -> usize {
+        self.shares.live()
+    }
+
+    /// Deny the next `n` reclaims, as if the memory were still mapped.
+    pub fn deny_reclaims(&mut self, n: u32) {
+        self.shares.deny_reclaims = n;
+    }
+
+    /// Drop the next `n` data messages from the normal world (negative used length).
+    pub fn drop_messages(&mut self, n: u32) {
+        self.tipc.inject.drop_messages = n;
+    }
+
+    /// Send a broken frame to the normal world at the next opportunity.
+    pub fn send_malformed(&mut self, kind: Malformed) {
+        self.tipc.queue_malformed(kind);
+        self.work_pending = true;
+    }
+
+    /// Send GO_OFFLINE (current Trusty never does; the normal world must handle it).
+    pub fn send_go_offline(&mut self) {
+        self.tipc.queue_ctrl(Ctrl::GoOffline);
+        self.work_pending = true;
+    }
+
+    /// The secure monitor's entry point: one SMC with x0..x7.
+    pub fn smc(&mut self, regs: [u64; 8]) -> [u64; 8] {
+        self.stats.smcs += 1;
+        let f = regs[0] as u32;
+        // FF-A calls go to the SPMC stand-in, which is not Trusty (entity 4, fast).
+        if f & 0xBF00_0000 == 0x8400_0000 {
+            self.stats.ffa_calls += 1;
+            return self.ffa_call(f, &regs);
+        }
+        self.stats.plain_trusty_smcs += 1;
+        if self.inject.panic {
+            self.panicked = true;
+        }
+        if self.panicked {
+            return ret(SmError::Panic.code());
+        }
+        let a = [regs[1] as u32, regs[2] as u32, regs[3] as u32];
+        if fid::is_fast(f) {
+            self.stats.fast_calls += 1;
+            return ret(self.fast_call(f, a));
+        }
+        let r = match f {
+            call::SC_RESTART_LAST => self.restart_last(),
+            call::SC_RESTART_FIQ => match self.std {
+                StdState::Fiq(r) => {
+                    self.std = StdState::Idle;
+                    r
+                }
+                _ => SmError::UnexpectedRestart.code(),
+            },
+            call::SC_NOP => self.nop(a),
+            _ => self.std_entry(f, a, regs[7]),
+        };
+        ret(r)
+    }
+
+    fn fast_call(&mut self, f: u32, a: [u32; 3]) -> i32 {
+        match f {
+            call::FC_GET_VERSION_STR => {
+                let v = self.cfg.version.as_bytes();
+                match a[0] {
+                    u32::MAX => v.len() as i32,
+                    i => v.get(i as usize).map_or(SmError::InvalidParameters.code(), |&c| i32::from(c)),
+                }
+            }
+            call::FC_API_VERSION => {
+                let wanted = a[0].min(self.cfg.max_api_version);
+                // Once features of a version are in use it is locked (spec §2.4).
+                if !(self.api_locked && wanted < self.api) {
+                    self.api = wanted;
+                }
+                self.api as i32
+            }
+            _ => SmError::UndefinedSmc.code(),
+        }
+    }
+
+    fn std_entry(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
+        if matches!(self.std, StdState::Fiq(_)) {
+            return SmError::InterleavedSmc.code();
+        }
+        if self.std != StdState::Idle || self.inject.always_busy {
+            return SmError::Busy.code();
+        }
+        if self.inject.busy > 0 {
+            self.inject.busy -= 1;
+            return SmError::Busy.code();
+        }
+        self.stats.std_calls += 1;
+        let r = self.exec_std(f, a, client);
+        if self.inject.interrupted > 0 {
+            self.inject.interrupted -= 1;
+            self.std = StdState::Interrupted(r);
+            return SmError::Interrupted.code();
+        }
+        if self.inject.fiq_interrupted > 0 {
+            self.inject.fiq_interrupted -= 1;
+            self.std = StdState::Fiq(r);
+            return SmError::FiqInterrupted.code();
+        }
+        if self.inject.cpu_idle > 0 {
+            self.inject.cpu_idle -= 1;
+            self.std = StdState::CpuIdle { result: r, nop_seen: false };
+            return SmError::CpuIdle.code();
+        }
+        r
+    }
+
+    fn restart_last(&mut self) -> i32 {
+        match self.std {
+            StdState::Idle => SmError::UnexpectedRestart.code(),
+            StdState::Fiq(_) => SmError::InterleavedSmc.code(),
+            StdState::Interrupted(r) | StdState::CpuIdle { result: r, nop_seen: true } => {
+                self.std = StdState::Idle;
+                r
+            }
+            StdState::CpuIdle { nop_seen: false, .. } => SmError::CpuIdle.code(),
+        }
+    }
+
+    fn nop(&mut self, a: [u32; 3]) -> i32 {
+        if matches!(self.std, StdState::Fiq(_)) {
+            return SmError::InterleavedSmc.code();
+        }
+        if self.inject.always_busy {
+            return SmError::Busy.code();
+        }
+        self.stats.nops += 1;
+        if let StdState::CpuIdle { result, .. } = self.std {
+            self.std = StdState::CpuIdle { result, nop_seen: true };
+        }
+        // Dispatch by the entity in a0 (spec §2.6).
+        if a[0] != 0 {
+            let r = if fid::entity(a[0]) == fid::ENTITY_TRUSTED_OS && a[0] == call::NC_VDEV_KICK_VQ {
+                lk_to_sm(self.kick(a[1], a[2]))
+            } else if fid::entity(a[0]) == fid::ENTITY_TRUSTED_OS {
+                SmError::NotSupported.code()
+            } else {
+                SmError::UndefinedSmc.code()
+            };
+            if r != 0 {
+                return r;
+            }
+        }
+        if !self.cfg.deferred {
+            self.run_until_idle();
+        }
+        if self.inject.nop_interrupted > 0 {
+            self.inject.nop_interrupted -= 1;
+            return SmError::NopInterrupted.code();
+        }
+        SmError::NopDone.code()
+    }
+
+    fn exec_std(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
+        let id = u64::from(a[0]) | (u64::from(a[1]) << 32);
+        let r = match f {
+            call::SC_LOCKED_NOP => 0,
+            call::SC_VIRTIO_GET_DESCR => self.get_descr(id, a[2], client),
+            call::SC_VIRTIO_START => self.start(id, a[2], client),
+            call::SC_VIRTIO_STOP => self.stop(client),
+            call::SC_VDEV_RESET => self.vdev_reset(a[0]),
+            call::SC_VDEV_KICK_VQ => self.kick(a[0], a[1]),
+            _ => return SmError::UndefinedSmc.code(),
+        };
+        // Trusty runs its scheduler before a standard call returns.
+        if !self.cfg.deferred {
+            self.run_until_idle();
+        }
+        lk_to_sm(r)
+    }
+
+    // ----- virtio bus (spec §5.5, §5.6) ------------------------------------------------------
+
+    fn get_descr(&mut self, id: u64, size: u32, client: u64) -> i32 {
+        if self.bus == BusState::Active {
+            if !self.cfg.implicit_stop_on_get_descr {
+                return lk::ERR_BAD_STATE;
+            }
+            self.reset_devices();
+            self.bus = BusState::Idle;
+        }
+        // The first GET_DESCR freezes the device registry.
+        self.bus = BusState::Idle;
+        self.api_locked = true;
+        let len = self.descriptor.len();
+        if (size as usize) < len {
+            return lk::ERR_NOT_ENOUGH_BUFFER;
+        }
+        let Some(m) = self.shares.map(id, size as usize, true, "virtio descriptor page") else {
+            return lk::ERR_NOT_VALID;
+        };
+        let mut page = alloc::vec![0u8; size as usize];
+        page[..len].copy_from_slice(&self.descriptor);
+        let ok = m.write(0, &page);
+        self.shares.unmap(m);
+        if !ok {
+            return lk::ERR_NOT_VALID;
+        }
+        self.client_id = client;
+        len as i32
+    }
+
+    fn start(&mut self, id: u64, size: u32, client: u64) -> i32 {
+        if client != self.client_id {
+            return lk::ERR_INVALID_ARGS;
+        }
+        if self.bus != BusState::Idle {
+            return lk::ERR_BAD_STATE;
+        }
+        if size as usize != self.descriptor.len() {
+            return lk::ERR_INVALID_ARGS;
+        }
+        let Some(m) = self.shares.map(id, size as usize, false, "virtio descriptor page (START)") else {
+            return lk::ERR_NOT_VALID;
+        };
+        let mut copy = alloc::vec![0u8; size as usize];
+        let ok = m.read(0, &mut copy);
+        self.shares.unmap(m);
+        if !ok {
+            return lk::ERR_NOT_VALID;
+        }
+        self.bus = BusState::Active;
+        // Probe errors are ignored, as Trusty does (spec §5.5 step 6): the device stays in
+        // reset and GO_ONLINE never comes.
+        match rsc::parse(&copy) {
+            Ok(vdevs) => {
+                let devid = self.tipc.devid();
+                for v in vdevs.iter().filter(|v| v.notifyid == devid) {
+                    if let Err(e) = self.tipc.probe(v, &mut self.shares) {
+                        log::warn!("TIPC probe failed: {e}");
+                    }
+                }
+            }
+            Err(e) => log::warn!("normal world's descriptor copy does not parse: {e}"),
+        }
+        self.work_pending = true;
+        0
+    }
+
+    fn stop(&mut self, client: u64) -> i32 {
+        if client != self.client_id {
+            return lk::ERR_INVALID_ARGS;
+        }
+        if self.bus != BusState::Active {
+            return lk::ERR_BAD_STATE;
+        }
+        self.reset_devices();
+        self.bus = BusState::Idle;
+        0
+    }
+
+    fn reset_devices(&mut self) {
+        let now = self.clock.now_ns();
+        self.tipc.reset(&mut self.shares, &mut self.ipc, now);
+    }
+
+    fn vdev_reset(&mut self, devid: u32) -> i32 {
+        if self.bus != BusState::Active {
+            return lk::ERR_BAD_STATE;
+        }
+        if devid != self.tipc.devid() {
+            return lk::ERR_NOT_FOUND;
+        }
+        self.reset_devices();
+        0
+    }
+
+    fn kick(&mut self, devid: u32, vqid: u32) -> i32 {
+        if self.bus != BusState::Active {
+            return lk::ERR_BAD_STATE;
+        }
+        if devid != self.tipc.devid() || !self.tipc.has_vring(vqid) {
+            return lk::ERR_NOT_FOUND;
+        }
+        self.stats.kicks += 1;
+        self.work_pending = true;
+        0
+    }
+
+    /// Runs Trusty until it idles: ring work, services, timers that are due.
+    fn run_until_idle(&mut self) -> bool {
+        let now = self.clock.now_ns();
+        self.work_pending = false;
+        if !self.tipc.active() {
+            return self.ipc.run(now);
+        }
+        match self.tipc.run(&mut self.shares, &mut self.ipc, now) {
+            Ok(any) => any,
+            Err(e) => {
+                // Trusty panics on these (spec §5.7); the model records the normal world's bug.
+                self.shares.fault("vring", 0, alloc::format!("normal world broke the ring protocol: {e:?}"));
+                self.panicked = true;
+                true
+            }
+        }
+    }
+
+    /// Threaded mode: does the work that kicks and timers asked for. Returns whether anything
+    /// happened.
+    pub fn run_background(&mut self) -> bool {
+        if self.panicked {
+            return false;
+        }
+        self.run_until_idle()
+    }
+
+    /// Whether a kick or a control message is waiting for [`Model::run_background`].
+    pub fn has_pending_work(&self) -> bool {
+        self.work_pending
+    }
+
+    /// When the next service timer fires (monotonic ns).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.ipc.next_deadline()
+    }
+
+    // ----- FF-A SPMC stand-in (spec §3.3) ----------------------------------------------------
+
+    fn ffa_call(&mut self, f: u32, regs: &[u64; 8]) -> [u64; 8] {
+        if !self.cfg.ffa {
+            return ret(-1);
+        }
+        match f {
+            func::VERSION => ret(ffa::VERSION_1_0 as i32),
+            func::FEATURES => match regs[1] as u32 {
+                func::MEM_SHARE | func::MEM_RECLAIM | func::RXTX_MAP64 | func::ID_GET => ffa_success(0, 0),
+                _ => ffa_error(ffa::err::NOT_SUPPORTED),
+            },
+            func::ID_GET => ffa_success(u64::from(self.cfg.ns_endpoint_id), 0),
+            func::RXTX_MAP64 => match self.shares.rxtx_map(regs[1], regs[2], regs[3]) {
+                Ok(()) => ffa_success(0, 0),
+                Err(e) => ffa_error(e),
+            },
+            func::MEM_SHARE => match self.shares.mem_share(regs[1], regs[2], self.cfg.ns_endpoint_id) {
+                Ok(h) => ffa_success(h & 0xFFFF_FFFF, h >> 32),
+                Err(e) => ffa_error(e),
+            },
+            func::MEM_RECLAIM => match self.shares.mem_reclaim((regs[1] & 0xFFFF_FFFF) | (regs[2] << 32)) {
+                Ok(()) => ffa_success(0, 0),
+                Err(e) => ffa_error(e),
+            },
+            _ => ffa_error(ffa::err::NOT_SUPPORTED),
+        }
+    }
+}
