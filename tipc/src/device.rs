@@ -194,15 +194,14 @@ impl TipcDevice {
     /// Brings the first TIPC device of the bus up (spec §5.5 steps 3-7): fetches the descriptor,
     /// resets the vdev, negotiates no features, shares both vrings and posts rx buffers, sets
     /// status 0x07, starts the bus, and waits for GO_ONLINE.
-    pub fn probe(mut bus: Bus, cfg: Config) -> Result<TipcDevice, (Error, Bus)> {
+    /// On failure everything shared so far has been reclaimed (or leaked where refused) and the
+    /// bus stopped.
+    pub fn probe(mut bus: Bus, cfg: Config) -> Result<TipcDevice, Error> {
         let clock = bus.trusty_ref().clock().clone();
-        let handles = match bus.fetch_descriptor() {
-            Ok(h) => h,
-            Err(e) => return Err((e.into(), bus)),
-        };
+        let handles = bus.fetch_descriptor()?;
         let Some(vdev) = handles.into_iter().find(|&h| bus.vdev(h).is_some_and(|v| v.id == VIRTIO_ID_TIPC)) else {
             let _ = bus.stop();
-            return Err((Error::NoDevice, bus));
+            return Err(Error::NoDevice);
         };
         match Self::setup(&mut bus, vdev) {
             Ok(setup) => {
@@ -210,8 +209,8 @@ impl TipcDevice {
                 match dev.start() {
                     Ok(()) => Ok(dev),
                     Err(e) => {
-                        let bus = dev.into_bus();
-                        Err((e, bus))
+                        dev.into_bus();
+                        Err(e)
                     }
                 }
             }
@@ -220,7 +219,7 @@ impl TipcDevice {
                     let _ = bus.mem().release(r.mem);
                 }
                 let _ = bus.stop();
-                Err((e, bus))
+                Err(e)
             }
         }
     }

@@ -57,7 +57,7 @@ pub fn bring_up(
     let mechanism = trusty_platform::mem::Sharer::mechanism(&sharer);
     let mem = SharedMemory::new(allocator, Box::new(sharer));
     let bus = Bus::new(trusty, mem);
-    let dev = TipcDevice::probe(bus, cfg.tipc).map_err(|(e, _bus)| e)?;
+    let dev = TipcDevice::probe(bus, cfg.tipc)?;
     log::info!("Trusty '{version}', API {api_version}, TIPC device '{}' online", dev.dev_name());
     Ok((dev, BringUp { version, api_version, mechanism }))
 }

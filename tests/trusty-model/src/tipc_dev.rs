@@ -38,6 +38,7 @@ pub enum Malformed {
     BadUsedId,
 }
 
+#[allow(clippy::large_enum_variant)] // short-lived queue entries; see wire::Ctrl
 enum Outgoing {
     Ctrl(Ctrl),
     Bad(Malformed),
