@@ -225,6 +225,12 @@ impl Model {
         self.tipc.inject.drop_messages = n;
     }
 
+    /// Device-side switches: dropped messages, swallowed connects, a stalled ring.
+    pub fn tipc_injection(&mut self) -> &mut crate::tipc_dev::TipcInjection {
+        self.work_pending = true;
+        &mut self.tipc.inject
+    }
+
     /// Send a broken frame to the normal world at the next opportunity.
     pub fn send_malformed(&mut self, kind: Malformed) {
         self.tipc.queue_malformed(kind);

@@ -61,6 +61,10 @@ struct Ring {
 pub struct TipcInjection {
     /// Answer the next N data messages with ERR_NOT_ENOUGH_BUFFER without delivering them.
     pub drop_messages: u32,
+    /// Accept the next N CONN_REQs but never answer them (drives the connect timeout).
+    pub swallow_conn_req: u32,
+    /// Stop taking messages from the normal world (drives the tx-buffer timeout).
+    pub stall_from_ns: bool,
 }
 
 /// Counters of the device side.
@@ -211,6 +215,9 @@ impl TipcDev {
 
     fn drain_from_ns(&mut self, shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> Result<bool, DeviceRingError> {
         let mut any = false;
+        if self.inject.stall_from_ns {
+            return Ok(false);
+        }
         loop {
             let Some(ring) = self.from_ns.as_mut() else { return Ok(any) };
             let chain = match ring.queue.pop_avail(&ring.mem) {
@@ -263,6 +270,10 @@ impl TipcDev {
         let payload = &frame[wire::HEADER_LEN..];
         if header.dst == wire::CTRL_ADDR {
             return match wire::parse_ctrl(payload, header.shm_cnt, true) {
+                Ok(Ctrl::ConnReq { .. }) if self.inject.swallow_conn_req > 0 => {
+                    self.inject.swallow_conn_req -= 1;
+                    lk::NO_ERROR
+                }
                 Ok(Ctrl::ConnReq { name }) => {
                     self.handle_conn_req(header.src, name.as_bytes(), ipc, now);
                     lk::NO_ERROR
