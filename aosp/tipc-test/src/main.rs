@@ -98,7 +98,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if !args.silent {
+    if args.bench > 0 {
+        // Keep stdout pure JSON in benchmark mode.
+        eprintln!("{}", backend.describe());
+    } else if !args.silent {
         println!("{}", backend.describe());
     }
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
