@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command: installs what it needs, then builds and runs everything.
+# CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain: aarch64-unknown-none target and clippy"
+if ! rustup target list --installed | grep -qx aarch64-unknown-none; then
+    rustup target add aarch64-unknown-none
+fi
+if ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add clippy
+fi
+
+step "unit, integration and conformance tests (host)"
+cargo test --workspace --locked
+
+step "no_std crates build for aarch64-unknown-none"
+cargo build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-model --target aarch64-unknown-none
+
+step "clippy, warnings are errors"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "the main job: tipc-test -t all, model inside the call and on its own thread"
+cargo build --locked --release -p tipc-test
+./target/release/tipc-test -D sim-threaded -t all -s
+./target/release/tipc-test -t echo -r 1000 -m 4000 -s
+./target/release/tipc-test -D sim -t all
