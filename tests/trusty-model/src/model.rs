@@ -38,6 +38,8 @@ pub struct ModelConfig {
     /// NXP's patch (spec §5.6): GET_DESCR on an active bus stops it first, so a normal world
     /// that reboots (a DomU) can bring the bus up again.
     pub implicit_stop_on_get_descr: bool,
+    /// Serve these bytes from GET_DESCR instead of the default table (to test parsers).
+    pub descriptor_override: Option<Vec<u8>>,
 }
 
 impl Default for ModelConfig {
@@ -52,6 +54,7 @@ impl Default for ModelConfig {
             ring_size: 32,
             deferred: false,
             implicit_stop_on_get_descr: true,
+            descriptor_override: None,
         }
     }
 }
@@ -176,6 +179,9 @@ impl Model {
     }
 
     fn build_descriptor(cfg: &ModelConfig) -> Vec<u8> {
+        if let Some(d) = &cfg.descriptor_override {
+            return d.clone();
+        }
         let rings = [
             rsc::VringDecl { align: 4096, num: cfg.ring_size, notifyid: 1 },
             rsc::VringDecl { align: 4096, num: cfg.ring_size, notifyid: 2 },

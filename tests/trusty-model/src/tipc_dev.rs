@@ -36,6 +36,8 @@ pub enum Malformed {
     NegativeUsedLen,
     /// A used entry naming a descriptor index that was never posted.
     BadUsedId,
+    /// Random bytes and a random used length, from a seed.
+    Garbage(u64),
 }
 
 #[allow(clippy::large_enum_variant)] // short-lived queue entries; see wire::Ctrl
@@ -468,6 +470,32 @@ impl TipcDev {
             Malformed::NegativeUsedLen => {
                 let n = ctrl(&Ctrl::GoOnline, &mut frame);
                 self.put_frame(&frame[..n], Some(lk::ERR_NOT_VALID as u32), shares);
+            }
+            Malformed::Garbage(seed) => {
+                let mut x = seed | 1;
+                let mut next = || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                let len = (next() % 300) as usize;
+                for b in frame.iter_mut().take(len) {
+                    *b = next() as u8;
+                }
+                // Sometimes aim at the control address or a plausible channel, so that deeper
+                // parsers see the garbage too.
+                match next() % 3 {
+                    0 => frame[4..8].copy_from_slice(&wire::CTRL_ADDR.to_le_bytes()),
+                    1 => frame[4..8].copy_from_slice(&wire::MIN_LOCAL_ADDR.to_le_bytes()),
+                    _ => {}
+                }
+                let used = match next() % 4 {
+                    0 => next() as u32,
+                    1 => len as u32,
+                    _ => (wire::HEADER_LEN + (next() % 300) as usize) as u32,
+                };
+                self.put_frame(&frame[..len], Some(used), shares);
             }
             Malformed::BadUsedId => {
                 if let Some(r) = &mut self.to_ns {

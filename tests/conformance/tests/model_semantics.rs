@@ -1,0 +1,127 @@
+//! The model's secure-side rules, checked with raw calls (spec §2, §3.3, §5).
+
+use trusty_model::host::{ModelMode, Sim};
+use trusty_model::ModelConfig;
+use trusty_platform::ffa::{self, func};
+use trusty_platform::mem::{Access, PageAllocator, SharedMemory};
+use trusty_platform::smc::{call, SmError};
+
+fn sim() -> Sim {
+    Sim::new(ModelMode::Sync, ModelConfig::default())
+}
+
+fn raw(sim: &Sim, fid: u32, a: [u32; 3]) -> i32 {
+    sim.conduit().call([u64::from(fid), u64::from(a[0]), u64::from(a[1]), u64::from(a[2]), 0, 0, 0, 0])[0] as u32 as i32
+}
+
+#[test]
+fn api_version_is_min_of_asked_and_supported_then_locked() {
+    let s = Sim::new(ModelMode::Sync, ModelConfig { max_api_version: 4, ..Default::default() });
+    assert_eq!(raw(&s, call::FC_API_VERSION, [9, 0, 0]), 4);
+    assert_eq!(raw(&s, call::FC_API_VERSION, [3, 0, 0]), 3);
+    // GET_DESCR uses the version: lower requests no longer lower it (spec §2.4).
+    raw(&s, call::SC_VIRTIO_GET_DESCR, [0, 0, 4096]);
+    assert_eq!(raw(&s, call::FC_API_VERSION, [1, 0, 0]), 3);
+}
+
+#[test]
+fn version_string_by_index() {
+    let s = sim();
+    let len = raw(&s, call::FC_GET_VERSION_STR, [u32::MAX, 0, 0]);
+    assert!(len > 0);
+    assert_eq!(raw(&s, call::FC_GET_VERSION_STR, [0, 0, 0]), i32::from(b'T'));
+    assert_eq!(raw(&s, call::FC_GET_VERSION_STR, [len as u32, 0, 0]), SmError::InvalidParameters.code());
+}
+
+#[test]
+fn std_call_state_machine() {
+    let s = sim();
+    assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::UnexpectedRestart.code());
+    s.model().inject.fiq_interrupted = 1;
+    assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::FiqInterrupted.code());
+    assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::InterleavedSmc.code());
+    assert_eq!(raw(&s, call::SC_NOP, [0; 3]), SmError::InterleavedSmc.code());
+    // The restarted call completes with its own result (bus not active: bad state -> -7).
+    assert_eq!(raw(&s, call::SC_RESTART_FIQ, [0; 3]), SmError::InternalFailure.code());
+    s.model().inject.interrupted = 1;
+    assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Interrupted.code());
+    assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Busy.code(), "one std call at a time");
+    assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code());
+    s.model().inject.cpu_idle = 1;
+    assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::CpuIdle.code());
+    assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::CpuIdle.code(), "needs NOP progress first");
+    assert_eq!(raw(&s, call::SC_NOP, [0; 3]), SmError::NopDone.code());
+    assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code());
+}
+
+#[test]
+fn nop_dispatch_by_entity() {
+    let s = sim();
+    assert_eq!(raw(&s, call::SC_NOP, [0; 3]), SmError::NopDone.code());
+    // A kick before the bus is active is refused (ERR_BAD_STATE -> -7).
+    assert_eq!(raw(&s, call::SC_NOP, [call::NC_VDEV_KICK_VQ, 0, 1]), SmError::InternalFailure.code());
+    assert_eq!(raw(&s, call::SC_NOP, [0x3200_0099, 0, 0]), SmError::NotSupported.code());
+    assert_eq!(raw(&s, call::SC_NOP, [0x0100_0001, 0, 0]), SmError::UndefinedSmc.code());
+    assert_eq!(raw(&s, 0x3C00_0077, [0; 3]), SmError::UndefinedSmc.code());
+}
+
+#[test]
+fn bus_state_rules() {
+    let s = sim();
+    assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [0; 3]), SmError::InternalFailure.code(), "STOP before START");
+    assert_eq!(raw(&s, call::SC_VIRTIO_START, [0, 0, 128]), SmError::InternalFailure.code(), "START before GET_DESCR");
+    let mut alloc = s.allocator();
+    let sharer = ffa::FfaSharer::new(s.conduit(), &mut *alloc, None).unwrap();
+    let mut mem = SharedMemory::new(alloc, Box::new(sharer));
+    let page = mem.alloc_shared(4096, Access::ReadWrite).unwrap();
+    let id = page.id();
+    assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 64]), SmError::InternalFailure.code(), "buffer too small");
+    assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]), 128);
+    assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 4096]), SmError::InvalidParameters.code(), "size must match");
+    // A client id that differs from GET_DESCR's (x7) is refused (spec §2.7).
+    let other = s.conduit().call([u64::from(call::SC_VIRTIO_START), u64::from(id.lo()), u64::from(id.hi()), 128, 0, 0, 0, 7]);
+    assert_eq!(other[0] as u32 as i32, SmError::InvalidParameters.code());
+    assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), 0);
+    assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code(), "already active");
+    assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+    mem.release(page).unwrap();
+}
+
+#[test]
+fn share_table_rules() {
+    let s = sim();
+    let c = s.conduit();
+    let ffa_call = |regs: [u64; 8]| c.call(regs);
+    // MEM_SHARE before RXTX_MAP has no descriptor to read.
+    let r = ffa_call([u64::from(func::MEM_SHARE), 80, 80, 0, 0, 0, 0, 0]);
+    assert_eq!(r[0] as u32, func::ERROR);
+    let mut alloc = s.allocator();
+    let sharer = ffa::FfaSharer::new(s.conduit(), &mut *alloc, Some(2)).unwrap();
+    let mut mem = SharedMemory::new(alloc, Box::new(sharer));
+    let a = mem.alloc_shared(4096, Access::ReadOnly).unwrap();
+    let b = mem.alloc_shared(8192, Access::ReadWrite).unwrap();
+    assert_eq!(mem.alloc_shared(4096, Access::ReadWrite).unwrap_err(), trusty_platform::Error::ShareBudgetExhausted { budget: 2 });
+    assert_eq!(s.model().live_shares(), 2);
+    // Reclaim of an unknown handle.
+    let r = ffa_call([u64::from(func::MEM_RECLAIM), 0x1234, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(r[0] as u32, func::ERROR);
+    assert_eq!(r[2] as u32 as i32, ffa::err::INVALID_PARAMETERS);
+    mem.release(a).unwrap();
+    mem.release(b).unwrap();
+    assert_eq!(s.model().live_shares(), 0);
+    assert_eq!(s.model().stats().shares.max_live, 2);
+}
+
+#[test]
+fn share_cap_in_the_model_is_enforced_and_counted() {
+    let s = Sim::new(ModelMode::Sync, ModelConfig { share_cap: Some(1), ..Default::default() });
+    let mut alloc = s.allocator();
+    let sharer = ffa::FfaSharer::new(s.conduit(), &mut *alloc, None).unwrap();
+    let mut mem = SharedMemory::new(alloc, Box::new(sharer));
+    let a = mem.alloc_shared(4096, Access::ReadOnly).unwrap();
+    let e = mem.alloc_shared(4096, Access::ReadOnly).unwrap_err();
+    assert_eq!(e, trusty_platform::Error::Ffa { call: "FFA_MEM_SHARE", code: ffa::err::NO_MEMORY });
+    assert_eq!(s.model().stats().shares.over_cap, 1);
+    mem.release(a).unwrap();
+    let _ = PageAllocator::alloc_zeroed(&mut *s.allocator(), 1).expect("pages were given back");
+}
