@@ -16,6 +16,7 @@ pub mod clock;
 mod error;
 pub mod ffa;
 pub mod mem;
+pub mod plan;
 pub mod smc;
 pub mod trusty;
 
