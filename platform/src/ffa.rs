@@ -9,7 +9,7 @@ use alloc::sync::Arc;
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::mem::{Access, DmaRegion, MemoryId, PageAllocator, PhysRange, Sharer, PAGE_SIZE};
+use crate::mem::{Access, DmaRegion, MemoryId, PageAllocator, PhysRange, Sharer};
 use crate::smc::Conduit;
 use crate::Error;
 
@@ -222,24 +222,57 @@ fn ffa_call(conduit: &dyn Conduit, regs: [u64; 8], name: &'static str) -> Result
 
 /// Shares memory with Trusty through FFA_MEM_SHARE and takes it back with FFA_MEM_RECLAIM.
 /// Message tx buffers are shared read-only, everything else read-write (spec §3.3).
+///
+/// A descriptor larger than the TX buffer is sent in fragments when the sharer allows them
+/// (spec §3.3; FF-A v1.0 FFA_MEM_FRAG_TX / FFA_MEM_FRAG_RX): FFA_MEM_SHARE carries the total
+/// length in w1 and the first fragment's length in w2; the receiver answers FFA_MEM_FRAG_RX
+/// with the handle (or a cookie) in w1/w2 and the bytes received so far in w3; the sender
+/// writes the next fragment into the TX buffer and calls FFA_MEM_FRAG_TX(w1 = handle low,
+/// w2 = handle high, w3 = fragment length, w4 = 0), until FFA_SUCCESS brings the handle in
+/// w2/w3. Sources: Trusty's Linux driver (`trusty_transfer_memory` in drivers/trusty/trusty.c
+/// and the register comments in include/linux/trusty/arm_ffa.h), Linux's
+/// drivers/firmware/arm_ffa/driver.c (`ffa_mem_first_frag`, `ffa_mem_next_frag`) and Hafnium's
+/// `api_ffa_mem_frag_tx`. w4 carries a sender id in bits 31..16 only when a *hypervisor* sends
+/// on behalf of a VM; from an endpoint it must be zero ("Sender ID MBZ at virtual instance" in
+/// Hafnium, which refuses anything else with INVALID_PARAMETERS; both Linux drivers pass 0).
+/// Every fragment holds whole 16-byte address ranges, as Trusty's retriever requires.
+///
+/// Xen's FF-A mediator accepts only single-fragment descriptors (spec dma-decisions §4.3):
+/// a sharer built with `allow_fragments = false` refuses a descriptor that does not fit the TX
+/// buffer with [`Error::InvalidArgument`] instead of sending it.
 pub struct FfaSharer {
     conduit: Arc<dyn Conduit>,
     own_id: u16,
     receiver: u16,
     tx: DmaRegion,
-    // Kept mapped with the TX buffer for the lifetime of the sharer (FFA_RXTX_MAP takes both).
-    _rx: DmaRegion,
+    // Mapped with the TX buffer for the lifetime of the sharer (FFA_RXTX_MAP takes both); the
+    // producer writes answers such as partition information here.
+    rx: DmaRegion,
     live: usize,
     budget: Option<usize>,
+    allow_fragments: bool,
 }
 
 impl FfaSharer {
     /// FF-A set-up (spec §3.3): version 1.x, MEM_SHARE supported, own id, RX/TX buffers mapped.
     /// The two buffer pages come from `allocator` and stay mapped for the sharer's lifetime.
+    /// Descriptors larger than the TX buffer are sent in fragments; see
+    /// [`FfaSharer::with_fragments`] to forbid that.
     pub fn new(
         conduit: Arc<dyn Conduit>,
         allocator: &mut dyn PageAllocator,
         budget: Option<usize>,
+    ) -> Result<Self, Error> {
+        Self::with_fragments(conduit, allocator, budget, true)
+    }
+
+    /// As [`FfaSharer::new`]; `allow_fragments = false` for a peer that takes only
+    /// single-fragment descriptors (Xen's FF-A mediator).
+    pub fn with_fragments(
+        conduit: Arc<dyn Conduit>,
+        allocator: &mut dyn PageAllocator,
+        budget: Option<usize>,
+        allow_fragments: bool,
     ) -> Result<Self, Error> {
         let v = conduit.call([u64::from(func::VERSION), u64::from(VERSION_1_0), 0, 0, 0, 0, 0, 0]);
         let version = v[0] as u32;
@@ -253,12 +286,101 @@ impl FfaSharer {
         let rx = allocator.alloc_zeroed(1).ok_or(Error::OutOfMemory)?;
         let map = [u64::from(func::RXTX_MAP64), tx.paddr(), rx.paddr(), 1, 0, 0, 0, 0];
         ffa_call(&*conduit, map, "FFA_RXTX_MAP")?;
-        Ok(FfaSharer { conduit, own_id, receiver: TRUSTY_ENDPOINT_ID, tx, _rx: rx, live: 0, budget })
+        Ok(FfaSharer { conduit, own_id, receiver: TRUSTY_ENDPOINT_ID, tx, rx, live: 0, budget, allow_fragments })
     }
 
     /// Our FF-A endpoint id.
     pub fn own_id(&self) -> u16 {
         self.own_id
+    }
+
+    /// Copies the start of the RX buffer (e.g. FFA_PARTITION_INFO_GET's answer) into `out`.
+    pub fn read_rx(&self, out: &mut [u8]) {
+        let n = out.len().min(crate::mem::PAGE_SIZE);
+        // SAFETY: the RX page is owned by this sharer and PAGE_SIZE long; n <= PAGE_SIZE. The
+        // producer wrote it before the call that returned; bytes are copied, not referenced.
+        unsafe { core::ptr::copy_nonoverlapping(self.rx.vaddr().as_ptr(), out.as_mut_ptr(), n) };
+    }
+
+    /// Replaces the live-share budget (the plan is decided after FF-A was set up).
+    pub fn with_budget(mut self, budget: Option<usize>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Allows or forbids fragmented descriptors (Xen's FF-A mediator takes one fragment only).
+    pub fn set_fragments(&mut self, allow: bool) {
+        self.allow_fragments = allow;
+    }
+
+    /// Whether descriptors larger than the TX buffer are sent in fragments.
+    pub fn allows_fragments(&self) -> bool {
+        self.allow_fragments
+    }
+
+    /// Copies `bytes` to the start of the TX buffer.
+    fn write_tx(&mut self, bytes: &[u8]) {
+        assert!(bytes.len() <= self.tx.len(), "fragment larger than the TX buffer");
+        // SAFETY: the TX buffer is owned by this sharer and `tx.len()` bytes long; `bytes` fits
+        // (checked above) and is a separate allocation.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.tx.vaddr().as_ptr(), bytes.len()) };
+    }
+
+    /// Sends `desc` fragment by fragment (see the type's docs); returns the handle.
+    fn share_fragmented(&mut self, desc: &[u8], first_len: usize, next_max: usize) -> Result<u64, Error> {
+        let total = desc.len();
+        self.write_tx(&desc[..first_len]);
+        let regs = [u64::from(func::MEM_SHARE), total as u64, first_len as u64, 0, 0, 0, 0, 0];
+        let mut out = self.conduit.call(regs);
+        let mut sent = first_len;
+        let mut call = "FFA_MEM_SHARE";
+        // The handle (or cookie) of the transaction under way, once the peer has named it.
+        let mut cookie = None;
+        let error = loop {
+            match out[0] as u32 {
+                func::MEM_FRAG_RX => {
+                    let (handle, offset) = (MemoryId::from_parts(out[1] as u32, out[2] as u32), out[3] as u32 as usize);
+                    cookie = Some(handle);
+                    if sent >= total || offset != sent {
+                        log::warn!("FF-A {call}: FFA_MEM_FRAG_RX asks for offset {offset}, {sent} of {total} sent");
+                        break Error::Ffa { call, code: err::INVALID_PARAMETERS };
+                    }
+                    let len = next_max.min(total - sent);
+                    self.write_tx(&desc[sent..sent + len]);
+                    let (lo, hi) = (u64::from(handle.lo()), u64::from(handle.hi()));
+                    out = self.conduit.call([u64::from(func::MEM_FRAG_TX), lo, hi, len as u64, 0, 0, 0, 0]);
+                    sent += len;
+                    call = "FFA_MEM_FRAG_TX";
+                }
+                func::SUCCESS | func::SUCCESS64 => {
+                    let handle = MemoryId::from_parts(out[2] as u32, out[3] as u32);
+                    if sent == total {
+                        return Ok(handle.0);
+                    }
+                    log::warn!("FF-A {call}: FFA_SUCCESS after {sent} of {total} descriptor bytes");
+                    cookie = Some(handle);
+                    break Error::Ffa { call, code: err::INVALID_PARAMETERS };
+                }
+                func::ERROR => break Error::Ffa { call, code: out[2] as u32 as i32 },
+                other => {
+                    log::warn!("FF-A {call}: unexpected answer {other:#x}");
+                    break Error::Ffa { call, code: err::NOT_SUPPORTED };
+                }
+            }
+        };
+        if let Some(handle) = cookie {
+            self.abort_fragmented(handle);
+        }
+        Err(error)
+    }
+
+    /// Best effort after a fragmented share went wrong: take back whatever the peer holds
+    /// under `handle`, so that no transaction is left behind for memory about to be freed.
+    fn abort_fragmented(&self, handle: MemoryId) {
+        let regs = [u64::from(func::MEM_RECLAIM), u64::from(handle.lo()), u64::from(handle.hi()), 0, 0, 0, 0, 0];
+        if let Err(e) = ffa_call(&*self.conduit, regs, "FFA_MEM_RECLAIM") {
+            log::warn!("abandoning fragmented share {handle}: {e}");
+        }
     }
 }
 
@@ -284,14 +406,31 @@ impl Sharer for FfaSharer {
             tag: 0,
             ranges,
         };
-        let mut desc = [0u8; PAGE_SIZE];
+        if u32::try_from(descriptor_len(ranges.len())).is_err() {
+            return Err(Error::InvalidArgument("too many ranges for one FF-A descriptor"));
+        }
+        let mut desc = alloc::vec![0u8; descriptor_len(ranges.len())];
         let len = encode_descriptor(&tx, &mut desc)?;
-        // SAFETY: the TX page is owned by this sharer and PAGE_SIZE long; `len` <= PAGE_SIZE.
-        unsafe { core::ptr::copy_nonoverlapping(desc.as_ptr(), self.tx.vaddr().as_ptr(), len) };
-        let regs = [u64::from(func::MEM_SHARE), len as u64, len as u64, 0, 0, 0, 0, 0];
-        let out = ffa_call(&*self.conduit, regs, "FFA_MEM_SHARE")?;
+        let tx_len = self.tx.len();
+        let handle = if len <= tx_len {
+            self.write_tx(&desc[..len]);
+            let regs = [u64::from(func::MEM_SHARE), len as u64, len as u64, 0, 0, 0, 0, 0];
+            let out = ffa_call(&*self.conduit, regs, "FFA_MEM_SHARE")?;
+            MemoryId::from_parts(out[2] as u32, out[3] as u32)
+        } else if !self.allow_fragments {
+            return Err(Error::InvalidArgument(
+                "FF-A descriptor does not fit one TX buffer and this peer takes only single-fragment \
+                 descriptors (Xen's FF-A mediator); share fewer ranges",
+            ));
+        } else {
+            // Fragments end on whole address ranges: the first holds the header and as many
+            // ranges as fit, each later one as many ranges as fit.
+            let first_len = RANGES_OFFSET + (tx_len - RANGES_OFFSET) / RANGE_LEN * RANGE_LEN;
+            let next_max = tx_len / RANGE_LEN * RANGE_LEN;
+            MemoryId(self.share_fragmented(&desc[..len], first_len, next_max)?)
+        };
         self.live += 1;
-        Ok(MemoryId::from_parts(out[2] as u32, out[3] as u32))
+        Ok(handle)
     }
 
     fn reclaim(&mut self, id: MemoryId) -> Result<(), Error> {
@@ -317,7 +456,199 @@ impl Sharer for FfaSharer {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
+    use crate::mem::PAGE_SIZE;
+    use alloc::vec::Vec;
+    use core::alloc::Layout;
+    use core::ptr::NonNull;
+    use std::sync::Mutex;
+
+    /// Page-aligned heap pages whose "physical" address is their address.
+    struct HeapPages;
+
+    impl PageAllocator for HeapPages {
+        fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion> {
+            let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).ok()?;
+            // SAFETY: the layout has a non-zero size.
+            let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
+            // SAFETY: `p` points to `pages` fresh pages, owned by the region until `free`.
+            Some(unsafe { DmaRegion::new(p, p.as_ptr() as u64, pages) })
+        }
+        unsafe fn free(&mut self, region: DmaRegion) {
+            let layout = Layout::from_size_align(region.len(), PAGE_SIZE).unwrap();
+            // SAFETY: the region came from `alloc_zeroed` with this layout (the caller's contract).
+            unsafe { alloc::alloc::dealloc(region.vaddr().as_ptr(), layout) };
+        }
+    }
+
+    /// How the fake receiver misbehaves, if at all.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Quirk {
+        None,
+        /// Answers the first FFA_MEM_FRAG_TX with FFA_MEM_FRAG_RX at a wrong offset.
+        WrongOffset,
+        /// Answers the first FFA_MEM_FRAG_TX with FFA_ERROR(NO_MEMORY).
+        FailFragTx,
+    }
+
+    const COOKIE: u64 = 0x1234_5678_9ABC_DEF0;
+    const HANDLE: u64 = 0x0000_0042_0000_0007;
+
+    #[derive(Default)]
+    struct State {
+        tx: u64,
+        total: usize,
+        received: Vec<u8>,
+        fragments: Vec<usize>,
+        calls: Vec<[u64; 8]>,
+        decoded: Option<MemTransaction<Vec<PhysRange>>>,
+    }
+
+    /// An FF-A receiver that reassembles fragmented descriptors from the TX buffer.
+    struct Reassembler {
+        quirk: Quirk,
+        state: Mutex<State>,
+    }
+
+    impl Reassembler {
+        fn new(quirk: Quirk) -> Arc<Self> {
+            Arc::new(Reassembler { quirk, state: Mutex::new(State::default()) })
+        }
+
+        fn take_fragment(st: &mut State, len: usize) {
+            let mut buf = alloc::vec![0u8; len];
+            // SAFETY: `tx` is the TX page the sharer mapped (HeapPages: address == pointer), alive
+            // as long as the sharer; `len` <= PAGE_SIZE was checked by the caller.
+            unsafe { core::ptr::copy_nonoverlapping(st.tx as *const u8, buf.as_mut_ptr(), len) };
+            st.received.extend_from_slice(&buf);
+            st.fragments.push(len);
+        }
+
+        fn answer(st: &mut State) -> [u64; 8] {
+            if st.received.len() < st.total {
+                let off = st.received.len() as u64;
+                return [u64::from(func::MEM_FRAG_RX), COOKIE & 0xFFFF_FFFF, COOKIE >> 32, off, 0, 0, 0, 0];
+            }
+            st.decoded = Some(decode_descriptor(&st.received, 4096).expect("reassembled descriptor decodes"));
+            [u64::from(func::SUCCESS), 0, HANDLE & 0xFFFF_FFFF, HANDLE >> 32, 0, 0, 0, 0]
+        }
+    }
+
+    impl Conduit for Reassembler {
+        fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+            let mut st = self.state.lock().unwrap();
+            st.calls.push(regs);
+            let ok = [u64::from(func::SUCCESS), 0, 0, 0, 0, 0, 0, 0];
+            let error = |code: i32| [u64::from(func::ERROR), 0, code as u32 as u64, 0, 0, 0, 0, 0];
+            match regs[0] as u32 {
+                func::VERSION => [u64::from(VERSION_1_0), 0, 0, 0, 0, 0, 0, 0],
+                func::FEATURES | func::MEM_RECLAIM => ok,
+                func::ID_GET => [u64::from(func::SUCCESS), 0, 5, 0, 0, 0, 0, 0],
+                func::RXTX_MAP64 => {
+                    st.tx = regs[1];
+                    ok
+                }
+                func::MEM_SHARE => {
+                    let (total, frag) = (regs[1] as usize, regs[2] as usize);
+                    if frag > PAGE_SIZE || frag > total || regs[3] != 0 || regs[4] != 0 {
+                        return error(err::INVALID_PARAMETERS);
+                    }
+                    st.total = total;
+                    st.received.clear();
+                    Self::take_fragment(&mut st, frag);
+                    Self::answer(&mut st)
+                }
+                func::MEM_FRAG_TX => {
+                    let cookie = regs[1] | (regs[2] << 32);
+                    let len = regs[3] as usize;
+                    // Endpoints pass 0 in w4; whole 16-byte ranges per fragment.
+                    if cookie != COOKIE || regs[4] != 0 || len > PAGE_SIZE || len & 15 != 0 {
+                        return error(err::INVALID_PARAMETERS);
+                    }
+                    if st.fragments.len() == 1 && self.quirk == Quirk::FailFragTx {
+                        return error(err::NO_MEMORY);
+                    }
+                    Self::take_fragment(&mut st, len);
+                    if st.fragments.len() == 2 && self.quirk == Quirk::WrongOffset {
+                        return [u64::from(func::MEM_FRAG_RX), COOKIE & 0xFFFF_FFFF, COOKIE >> 32, 16, 0, 0, 0, 0];
+                    }
+                    Self::answer(&mut st)
+                }
+                _ => error(err::NOT_SUPPORTED),
+            }
+        }
+    }
+
+    /// `n` ranges of one page each, none adjacent.
+    fn scattered(n: usize) -> Vec<PhysRange> {
+        (0..n).map(|i| PhysRange { addr: 0x4000_0000 + i as u64 * 0x2000, pages: 1 }).collect()
+    }
+
+    fn calls_of(fake: &Reassembler, fid: u32) -> Vec<[u64; 8]> {
+        fake.state.lock().unwrap().calls.iter().filter(|r| r[0] as u32 == fid).copied().collect()
+    }
+
+    #[test]
+    fn large_descriptors_go_in_fragments() {
+        let fake = Reassembler::new(Quirk::None);
+        let mut sharer = FfaSharer::new(fake.clone(), &mut HeapPages, None).unwrap();
+        assert!(sharer.allows_fragments());
+        let ranges = scattered(600); // 64 + 600 * 16 = 9664 bytes
+        let id = sharer.share(&ranges, Access::ReadOnly).unwrap();
+        assert_eq!(id, MemoryId(HANDLE));
+        assert_eq!(sharer.live_shares(), 1);
+        {
+            let st = fake.state.lock().unwrap();
+            assert_eq!(st.fragments, [4096, 4096, 1472]);
+            let desc = st.decoded.as_ref().unwrap();
+            assert_eq!(desc.ranges, ranges);
+            assert_eq!((desc.sender, desc.receiver, desc.permissions), (5, TRUSTY_ENDPOINT_ID, PERM_RO));
+        }
+        let share = calls_of(&fake, func::MEM_SHARE);
+        assert_eq!((share[0][1], share[0][2]), (9664, 4096)); // w1 total, w2 first fragment
+        let frag_tx = calls_of(&fake, func::MEM_FRAG_TX);
+        assert_eq!(frag_tx.len(), 2);
+        assert_eq!((frag_tx[1][1], frag_tx[1][2], frag_tx[1][3]), (COOKIE & 0xFFFF_FFFF, COOKIE >> 32, 1472));
+        // A descriptor that fits one page still goes in one piece.
+        sharer.share(&scattered(252), Access::ReadWrite).unwrap();
+        let share = calls_of(&fake, func::MEM_SHARE);
+        assert_eq!((share[1][1], share[1][2]), (4096, 4096));
+        assert_eq!(calls_of(&fake, func::MEM_FRAG_TX).len(), 2);
+        sharer.reclaim(id).unwrap();
+        assert_eq!(sharer.live_shares(), 1);
+    }
+
+    #[test]
+    fn single_fragment_peers_refuse_large_descriptors() {
+        let fake = Reassembler::new(Quirk::None);
+        let mut sharer = FfaSharer::with_fragments(fake.clone(), &mut HeapPages, None, false).unwrap();
+        assert!(!sharer.allows_fragments());
+        match sharer.share(&scattered(253), Access::ReadWrite) {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains("single-fragment")),
+            other => panic!("{other:?}"),
+        }
+        assert!(calls_of(&fake, func::MEM_SHARE).is_empty());
+        assert_eq!(sharer.live_shares(), 0);
+        assert_eq!(sharer.share(&scattered(252), Access::ReadWrite), Ok(MemoryId(HANDLE)));
+    }
+
+    #[test]
+    fn broken_fragment_exchanges_fail_and_abort() {
+        for (quirk, code) in [(Quirk::WrongOffset, err::INVALID_PARAMETERS), (Quirk::FailFragTx, err::NO_MEMORY)] {
+            let fake = Reassembler::new(quirk);
+            let mut sharer = FfaSharer::new(fake.clone(), &mut HeapPages, None).unwrap();
+            assert_eq!(
+                sharer.share(&scattered(600), Access::ReadWrite),
+                Err(Error::Ffa { call: "FFA_MEM_FRAG_TX", code })
+            );
+            assert_eq!(sharer.live_shares(), 0);
+            // The transaction under way is abandoned with a reclaim of its cookie.
+            let reclaim = calls_of(&fake, func::MEM_RECLAIM);
+            assert_eq!(reclaim.len(), 1);
+            assert_eq!(reclaim[0][1] | (reclaim[0][2] << 32), COOKIE);
+        }
+    }
 
     #[test]
     fn descriptor_layout_matches_spec() {

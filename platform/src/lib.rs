@@ -13,12 +13,19 @@
 extern crate alloc;
 
 pub mod clock;
+pub mod decision;
 mod error;
+pub mod facts;
 pub mod ffa;
+pub mod ffa_call;
+pub mod mailbox;
 pub mod mem;
+pub mod phys;
 pub mod plan;
+pub mod probe;
 pub mod smc;
 pub mod trusty;
+pub mod xen;
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;

@@ -40,6 +40,9 @@ pub struct Config {
     /// doorbell interrupt, spec §4, §10.2): an operation that finds the secure side untouched
     /// for this long first donates a NOP, so that its timers and services catch up.
     pub idle_pump_ms: u64,
+    /// Largest message buffer, in pages, the sharing mechanism can make visible (a mediator
+    /// that translates only a buffer's first page allows 1).
+    pub max_buffer_pages: Option<usize>,
 }
 
 impl Default for Config {
@@ -52,6 +55,7 @@ impl Default for Config {
             tx_buffers: None,
             rx_spare_buffers: 8,
             idle_pump_ms: 10,
+            max_buffer_pages: None,
         }
     }
 }
@@ -203,7 +207,7 @@ impl TipcDevice {
             let _ = bus.stop();
             return Err(Error::NoDevice);
         };
-        match Self::setup(&mut bus, vdev) {
+        match Self::setup(&mut bus, vdev, cfg.max_buffer_pages) {
             Ok(setup) => {
                 let mut dev = TipcDevice::from_setup(bus, vdev, cfg, clock, setup);
                 match dev.start() {
@@ -225,7 +229,11 @@ impl TipcDevice {
     }
 
     #[allow(clippy::type_complexity)]
-    fn setup(bus: &mut Bus, vdev: VdevHandle) -> Result<(Ring, Ring, usize, String), (Error, Vec<Ring>)> {
+    fn setup(
+        bus: &mut Bus,
+        vdev: VdevHandle,
+        max_buffer_pages: Option<usize>,
+    ) -> Result<(Ring, Ring, usize, String), (Error, Vec<Ring>)> {
         // Trusty's bus is not active yet, so it answers ERR_BAD_STATE; that is expected
         // (spec §5.5 step 5a).
         let _ = bus.reset_vdev(vdev);
@@ -245,6 +253,10 @@ impl TipcDevice {
             return Err(fail(Error::Protocol(FrameError::BadLength { used: max_size as u32 })));
         }
         let buf_size = max_size.next_multiple_of(PAGE_SIZE);
+        if max_buffer_pages.is_some_and(|max| buf_size > max * PAGE_SIZE) {
+            log::error!("message buffers of {buf_size} bytes exceed what the sharing mechanism can make visible");
+            return Err(fail(Error::Unsupported("message buffers larger than the sharing mechanism allows")));
+        }
         let name_field = &info.config[8..40];
         let name_len = name_field.iter().position(|&b| b == 0).unwrap_or(name_field.len());
         let dev_name = String::from_utf8_lossy(&name_field[..name_len]).into_owned();

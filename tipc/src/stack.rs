@@ -1,15 +1,26 @@
-//! Bringing the whole normal-world stack up over a conduit: version string, API negotiation
-//! (spec §2.4), FF-A set-up (spec §3.3), the virtio bus and the TIPC device (spec §5.5).
+//! Bringing the whole normal-world stack up: facts from the device tree and probes, the call
+//! transport they imply, API negotiation (spec §2.4), the sharing plan (platform `decision`),
+//! the sharer it names, the virtio bus and the TIPC device (spec §5.5).
 
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
+use core::fmt;
+use core::ptr::NonNull;
 
 use trusty_platform::clock::Clock;
+use trusty_platform::decision::{api_ceiling, decide, pool_sizes};
+use trusty_platform::facts::{gather, read_device_tree, FactsError};
 use trusty_platform::ffa::FfaSharer;
-use trusty_platform::mem::{PageAllocator, SharedMemory};
+use trusty_platform::ffa_call::{discover, FfaCallConduit};
+use trusty_platform::mailbox::{EventChannel, MailboxConduit, MAILBOX_GREF};
+use trusty_platform::mem::{Access, PageAllocator, SharedMemory, Sharer, PAGE_SIZE};
+use trusty_platform::phys::{AddressKind, AddressSharer};
+use trusty_platform::plan::{CallTransport, DecisionError, Mechanism, PlatformFacts, SharingPlan};
+use trusty_platform::probe::CallProbes;
 use trusty_platform::smc::{api, Conduit};
 use trusty_platform::trusty::{CallPolicy, Trusty};
+use trusty_platform::xen::grant::{GrantSharer, GrantTable};
 use trusty_virtio::Bus;
 
 use crate::{Config, Error, TipcDevice};
@@ -19,27 +30,241 @@ use crate::{Config, Error, TipcDevice};
 pub struct StackConfig {
     pub tipc: Config,
     pub calls: CallPolicy,
-    /// The API version to ask for.
-    pub api_version: u32,
-    /// Live shares the platform allows, if limited.
-    pub share_budget: Option<usize>,
+    /// Use this mechanism whatever the facts say (to demonstrate a wrong decision).
+    pub force_mechanism: Option<Mechanism>,
+    /// How long a Trusty VM may take to answer one mailbox call.
+    pub mailbox_timeout_ms: u64,
 }
 
 impl Default for StackConfig {
     fn default() -> Self {
-        StackConfig { tipc: Config::default(), calls: CallPolicy::default(), api_version: api::CURRENT, share_budget: None }
+        StackConfig { tipc: Config::default(), calls: CallPolicy::default(), force_mechanism: None, mailbox_timeout_ms: 1000 }
     }
 }
 
-/// What bring-up learned about the secure side.
+/// What the platform provides to the stack.
+pub struct PlatformAccess {
+    /// The SMC (or HVC) conduit into the secure monitor, as the hardware offers it.
+    pub conduit: Arc<dyn Conduit>,
+    pub clock: Arc<dyn Clock>,
+    pub allocator: Box<dyn PageAllocator>,
+    /// The flattened device tree the normal world booted with.
+    pub fdt: alloc::vec::Vec<u8>,
+    /// XENVER_get_features submap 0 (asked only when the device tree shows Xen).
+    pub xen_features: Box<dyn FnMut() -> Option<u32> + Send>,
+    /// Event channels to another domain (for a Trusty VM), if the platform has them.
+    pub events: Option<Arc<dyn EventChannel>>,
+    /// Tells the hypervisor where the grant table is (guest address, entries); on Xen this maps
+    /// the table's frames with XENMEM_add_to_physmap.
+    pub register_grant_table: Box<dyn FnMut(u64, u32) -> Result<(), trusty_platform::Error> + Send>,
+}
+
+/// Why bring-up failed, naming what is missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BringUpError {
+    /// The device tree could not be read.
+    DeviceTree(FactsError),
+    /// No safe way to share memory (or to reach Trusty) on this platform.
+    NoSafeSharing(DecisionError),
+    /// Everything else, from the layers below.
+    Stack(Error),
+    /// Failed after the sharing plan was made (the plan is what was tried).
+    AfterPlan { plan: Box<SharingPlan>, error: Error },
+}
+
+impl BringUpError {
+    /// The plan that was being carried out, if bring-up got that far.
+    pub fn plan(&self) -> Option<&SharingPlan> {
+        match self {
+            BringUpError::AfterPlan { plan, .. } => Some(&**plan),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BringUpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BringUpError::DeviceTree(e) => write!(f, "device tree: {e}"),
+            BringUpError::NoSafeSharing(e) => write!(f, "{e}"),
+            BringUpError::Stack(e) | BringUpError::AfterPlan { error: e, .. } => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<Error> for BringUpError {
+    fn from(e: Error) -> Self {
+        BringUpError::Stack(e)
+    }
+}
+
+impl From<trusty_platform::Error> for BringUpError {
+    fn from(e: trusty_platform::Error) -> Self {
+        BringUpError::Stack(e.into())
+    }
+}
+
+/// What bring-up learned and decided.
 #[derive(Clone, Debug)]
 pub struct BringUp {
     pub version: String,
     pub api_version: u32,
-    pub mechanism: &'static str,
+    pub facts: PlatformFacts,
+    pub plan: SharingPlan,
 }
 
-/// Brings the stack up and returns the online TIPC device.
+/// The transport the facts call for, before any call is made through it.
+fn transport_for(facts: &PlatformFacts) -> Result<CallTransport, DecisionError> {
+    use trusty_platform::plan::TrustyPath;
+    Ok(match facts.trusty {
+        TrustyPath::FfaMediator => CallTransport::FfaDirect,
+        TrustyPath::XenVm { backend_domid, call_evtchn, kick_evtchn } => {
+            CallTransport::XenMailbox { backend_domid, call_evtchn, kick_evtchn }
+        }
+        TrustyPath::Unreachable => return decide(&PlatformFacts { api_version: Some(0), ..*facts }).map(|p| p.transport),
+        _ => CallTransport::Smc,
+    })
+}
+
+/// The highest API version whose ids a mechanism can express.
+fn api_ceiling_of(m: Mechanism) -> u32 {
+    match m {
+        Mechanism::Phys => api::SMP_NOP,
+        Mechanism::PhysAttr | Mechanism::MediatedIpa => api::PHYS_MEM_OBJ,
+        Mechanism::FfaHandle | Mechanism::XenGrant { .. } => api::MEM_OBJ,
+    }
+}
+
+/// Brings the stack up on a platform: reads the facts, decides, and returns the online device.
+pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(TipcDevice, BringUp), BringUpError> {
+    let dt = read_device_tree(&p.fdt).map_err(BringUpError::DeviceTree)?;
+    let mut facts = {
+        let mut probes = CallProbes { conduit: &*p.conduit, xen_features: &mut *p.xen_features };
+        gather(&dt, &mut probes)
+    };
+    let transport = transport_for(&facts).map_err(BringUpError::NoSafeSharing)?;
+
+    // The call conduit, and for the FF-A transport the FF-A endpoint it discovers through.
+    let mut ffa_sharer: Option<FfaSharer> = None;
+    let mut grant_sharer: Option<GrantSharer> = None;
+    let calls: Arc<dyn Conduit> = match transport {
+        CallTransport::Smc => p.conduit.clone(),
+        CallTransport::FfaDirect => {
+            let sharer = FfaSharer::new(p.conduit.clone(), &mut *p.allocator, None)?;
+            let part = discover(&*p.conduit, |out| sharer.read_rx(out))?;
+            let own = sharer.own_id();
+            ffa_sharer = Some(sharer);
+            Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part.id))
+        }
+        CallTransport::XenMailbox { backend_domid, call_evtchn, .. } => {
+            let events = p.events.clone().ok_or(Error::Unsupported("no event channels on this platform"))?;
+            let (sharer, mailbox) = grant_mailbox(&mut p, backend_domid)?;
+            grant_sharer = Some(sharer);
+            // SAFETY: the mailbox page stays allocated and granted for the life of the stack
+            // (it is never released: the Trusty VM may map it at any time).
+            Arc::new(unsafe { MailboxConduit::new(mailbox, events, p.clock.clone(), call_evtchn, cfg.mailbox_timeout_ms) })
+        }
+    };
+
+    let mut trusty = Trusty::new(calls, p.clock.clone(), cfg.calls);
+    let version = trusty.version_string()?;
+    let ceiling = cfg.force_mechanism.map_or(api_ceiling(&facts), |m| api_ceiling(&facts).min(api_ceiling_of(m)));
+    let api_version = trusty.negotiate_api(ceiling)?;
+    facts.api_version = Some(api_version);
+    let mut plan = match (decide(&facts), cfg.force_mechanism) {
+        (Ok(plan), _) => plan,
+        (Err(e), None) => return Err(BringUpError::NoSafeSharing(e)),
+        // A forced mechanism is run even where the decision refuses it: that is the point.
+        (Err(_), Some(_)) => {
+            let pools = pool_sizes(None).ok_or(Error::Unsupported("no buffer pools"))?;
+            SharingPlan {
+                mechanism: Mechanism::Phys,
+                transport,
+                share_budget: None,
+                max_buffer_pages: None,
+                fragmented_descriptors: false,
+                rx_buffers: pools.rx,
+                tx_buffers: pools.tx,
+                rx_spare_buffers: pools.rx_spare,
+                reason: "",
+            }
+        }
+    };
+    if let Some(forced) = cfg.force_mechanism {
+        plan.mechanism = forced;
+        plan.reason = "forced by --force-sharing, whatever the platform is";
+    }
+
+    let facts_done = facts;
+    carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg)
+        .map(|dev| {
+            log::info!("Trusty '{version}', API {api_version}; {plan}");
+            (dev, BringUp { version: version.clone(), api_version, facts: facts_done, plan })
+        })
+        .map_err(|error| BringUpError::AfterPlan { plan: Box::new(plan), error })
+}
+
+/// Makes the plan's sharer, the bus and the device.
+fn carry_out(
+    mut p: PlatformAccess,
+    plan: SharingPlan,
+    trusty: Trusty,
+    mut ffa_sharer: Option<FfaSharer>,
+    mut grant_sharer: Option<GrantSharer>,
+    api_version: u32,
+    cfg: StackConfig,
+) -> Result<TipcDevice, Error> {
+    let sharer: Box<dyn Sharer> = match plan.mechanism {
+        Mechanism::Phys => Box::new(AddressSharer::new(AddressKind::Bare).with_budget(plan.share_budget)),
+        Mechanism::PhysAttr => Box::new(AddressSharer::new(AddressKind::Compat).with_budget(plan.share_budget)),
+        Mechanism::MediatedIpa => {
+            Box::new(AddressSharer::mediated(AddressKind::for_api(api_version)).with_budget(plan.share_budget))
+        }
+        Mechanism::FfaHandle => {
+            let mut s = match ffa_sharer.take() {
+                Some(s) => s.with_budget(plan.share_budget),
+                None => FfaSharer::new(p.conduit.clone(), &mut *p.allocator, plan.share_budget)?,
+            };
+            s.set_fragments(plan.fragmented_descriptors);
+            Box::new(s)
+        }
+        Mechanism::XenGrant { backend_domid } => match grant_sharer.take() {
+            Some(s) => Box::new(s),
+            None => Box::new(grant_mailbox(&mut p, backend_domid)?.0),
+        },
+    };
+    let mem = SharedMemory::new(p.allocator, sharer);
+    let bus = Bus::new(trusty, mem);
+    let tipc = Config {
+        rx_buffers: Some(plan.rx_buffers),
+        tx_buffers: Some(plan.tx_buffers),
+        rx_spare_buffers: plan.rx_spare_buffers,
+        max_buffer_pages: plan.max_buffer_pages,
+        ..cfg.tipc
+    };
+    TipcDevice::probe(bus, tipc)
+}
+
+/// Sets up the grant table, registers it with the hypervisor, and grants the mailbox page to
+/// the Trusty domain with [`MAILBOX_GREF`].
+fn grant_mailbox(p: &mut PlatformAccess, backend_domid: u16) -> Result<(GrantSharer, NonNull<u8>), Error> {
+    let table_mem = p.allocator.alloc_zeroed(1).ok_or(Error::NoMemory)?;
+    (p.register_grant_table)(table_mem.paddr(), (PAGE_SIZE / 8) as u32)?;
+    // SAFETY: the page is ours for good (the hypervisor reads it as our grant table).
+    let table = unsafe { GrantTable::new(table_mem.vaddr(), PAGE_SIZE) }?;
+    let mut sharer = GrantSharer::new(table, backend_domid);
+    let page = p.allocator.alloc_zeroed(1).ok_or(Error::NoMemory)?;
+    let id = sharer.share(&[page.range()], Access::ReadWrite)?;
+    if trusty_platform::xen::grant::decode_grant_id(id.0) != Some(MAILBOX_GREF) {
+        return Err(Error::Unsupported("the mailbox must be the first grant"));
+    }
+    // The table page and the mailbox page are never given back (regions have no destructor):
+    // the hypervisor and the Trusty VM may touch them for the life of the stack.
+    Ok((sharer, page.vaddr()))
+}
+
+/// Brings the stack up over a conduit known to reach Trusty directly with FF-A memory sharing
+/// (no device tree): the simple path of a native API-5 platform.
 pub fn bring_up(
     conduit: Arc<dyn Conduit>,
     clock: Arc<dyn Clock>,
@@ -48,16 +273,22 @@ pub fn bring_up(
 ) -> Result<(TipcDevice, BringUp), Error> {
     let mut trusty = Trusty::new(conduit.clone(), clock, cfg.calls);
     let version = trusty.version_string()?;
-    let api_version = trusty.negotiate_api(cfg.api_version)?;
+    let api_version = trusty.negotiate_api(api::CURRENT)?;
     if api_version < api::MEM_OBJ {
-        // Physical-address ids (API < 5) need to know the platform; see the sharing decision.
-        return Err(Error::Unsupported("Trusty API version below 5: no FF-A memory handles"));
+        return Err(Error::Unsupported("Trusty API version below 5 needs the platform's device tree (bring_up_platform)"));
     }
-    let sharer = FfaSharer::new(conduit, &mut *allocator, cfg.share_budget)?;
-    let mechanism = trusty_platform::mem::Sharer::mechanism(&sharer);
+    let sharer = FfaSharer::new(conduit, &mut *allocator, None)?;
+    let facts = PlatformFacts {
+        hypervisor: trusty_platform::plan::Hypervisor::None,
+        address_map: trusty_platform::plan::AddressMap::Physical,
+        trusty: trusty_platform::plan::TrustyPath::FfaNative,
+        ffa_available: true,
+        grant_table: false,
+        api_version: Some(api_version),
+    };
+    let plan = decide(&facts).map_err(|_| Error::Unsupported("no plan for a native FF-A platform"))?;
     let mem = SharedMemory::new(allocator, Box::new(sharer));
     let bus = Bus::new(trusty, mem);
     let dev = TipcDevice::probe(bus, cfg.tipc)?;
-    log::info!("Trusty '{version}', API {api_version}, TIPC device '{}' online", dev.dev_name());
-    Ok((dev, BringUp { version, api_version, mechanism }))
+    Ok((dev, BringUp { version, api_version, facts, plan }))
 }

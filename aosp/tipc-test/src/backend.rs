@@ -4,9 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use platforms::Profile;
+use tipc::stack::{bring_up_platform, BringUp, PlatformAccess, StackConfig};
 use tipc::{ChannelId, Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
-use trusty_model::ModelConfig;
 
 /// An errno value with its name, as tipc-test reports failures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,17 +79,73 @@ pub struct SimBackend {
     handles: Vec<Option<ChannelId>>,
     sim: Sim,
     mode: ModelMode,
-    version: String,
-    mechanism: &'static str,
+    profile: String,
+    info: BringUp,
+}
+
+/// A bring-up that failed, with what the secure side saw.
+#[derive(Debug)]
+pub struct BringUpFailure {
+    /// The sharing line of the plan that was tried, if bring-up got that far.
+    pub sharing: Option<String>,
+    pub error: String,
+    /// Faults the model recorded (memory it was never given).
+    pub faults: Vec<String>,
+}
+
+impl std::fmt::Display for BringUpFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bring-up failed: {}", self.error)?;
+        for fault in &self.faults {
+            write!(f, "\n  {fault}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Boots the machine a profile describes, without the stack.
+pub fn machine(mode: ModelMode, profile: &Profile) -> Sim {
+    Sim::with_stage2(mode, profile.machine.model.clone(), profile.machine.stage2)
+}
+
+/// What the simulated platform gives the stack.
+pub fn platform_access(sim: &Sim, profile: &Profile) -> PlatformAccess {
+    let features = sim.xen_features();
+    PlatformAccess {
+        conduit: sim.conduit(),
+        clock: sim.clock(),
+        allocator: sim.allocator(),
+        fdt: profile.fdt.clone(),
+        xen_features: Box::new(move || features),
+        events: Some(sim.events()),
+        register_grant_table: sim.grant_table_registrar(),
+    }
 }
 
 impl SimBackend {
-    /// Boots the model and brings the stack up on it.
-    pub fn new(mode: ModelMode, model: ModelConfig, cfg: tipc::stack::StackConfig) -> Result<SimBackend, String> {
-        let sim = Sim::new(mode, model);
-        let (dev, info) = tipc::stack::bring_up(sim.conduit(), sim.clock(), sim.allocator(), cfg)
-            .map_err(|e| format!("bring-up failed: {e}"))?;
-        Ok(SimBackend { dev: Some(dev), handles: Vec::new(), sim, mode, version: info.version, mechanism: info.mechanism })
+    /// Boots the machine of `profile` and brings the stack up on it.
+    pub fn new(mode: ModelMode, profile: &Profile, cfg: StackConfig) -> Result<SimBackend, BringUpFailure> {
+        let sim = machine(mode, profile);
+        match bring_up_platform(platform_access(&sim, profile), cfg) {
+            Ok((dev, info)) => {
+                Ok(SimBackend { dev: Some(dev), handles: Vec::new(), sim, mode, profile: profile.name.clone(), info })
+            }
+            Err(e) => {
+                let faults = sim.model().faults().iter().map(|f| f.to_string()).collect();
+                Err(BringUpFailure { sharing: e.plan().map(|p| p.to_string()), error: e.to_string(), faults })
+            }
+        }
+    }
+
+    /// The default machine: no hypervisor, Trusty API 5 with FF-A.
+    pub fn native(mode: ModelMode) -> Result<SimBackend, BringUpFailure> {
+        let profile = platforms::by_name("native-api5").expect("built-in profile");
+        SimBackend::new(mode, &profile, StackConfig::default())
+    }
+
+    /// What bring-up learned and decided.
+    pub fn bring_up_info(&self) -> &BringUp {
+        &self.info
     }
 
     pub fn sim(&self) -> &Sim {
@@ -134,7 +191,7 @@ impl TipcBackend for SimBackend {
             ModelMode::Sync => "sim",
             ModelMode::Threaded => "sim-threaded",
         };
-        format!("{mode}: embedded Trusty model '{}', memory shared by {}", self.version, self.mechanism)
+        format!("{mode}: platform {}, embedded Trusty model '{}', API {}", self.profile, self.info.version, self.info.api_version)
     }
 
     fn connect(&mut self, port: &str) -> Result<Handle, Errno> {

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
+use tipc::stack::StackConfig;
 use tipc_test::backend::{SimBackend, TipcBackend};
 use tipc_test::cases::{self, Params, Rng, TestCase};
 use tipc_test::runner;
 use trusty_model::host::ModelMode;
-use trusty_model::ModelConfig;
+use trusty_platform::plan::Mechanism;
 
 #[derive(Parser, Debug)]
 #[command(name = "tipc-test", about = "Run AOSP's TIPC tests against Trusty (by default, the embedded model)")]
@@ -45,6 +46,19 @@ struct Args {
     /// How long blocked_read waits for the message that never comes, in ms
     #[arg(long = "blocked-read-ms", default_value_t = 500)]
     blocked_read_ms: u64,
+    /// Platform profile (see --list-platforms) or a DTB file made by --write-dtb
+    #[arg(long = "platform", default_value = "native-api5")]
+    platform: String,
+    /// Share memory this way whatever the platform is, to demonstrate a wrong decision:
+    /// phys, phys-attr, ffa-handle, mediated-ipa, xen-grant
+    #[arg(long = "force-sharing")]
+    force_sharing: Option<String>,
+    /// List the platform profiles and exit
+    #[arg(long = "list-platforms")]
+    list_platforms: bool,
+    /// Write the platform's device tree (with its machine description) to FILE and exit
+    #[arg(long = "write-dtb", value_name = "FILE")]
+    write_dtb: Option<std::path::PathBuf>,
 }
 
 fn list_tests() -> String {
@@ -56,17 +70,57 @@ fn list_tests() -> String {
     s
 }
 
-fn open_backend(dev: &str) -> Result<Box<dyn TipcBackend>, String> {
-    let mode = match dev {
-        "sim" => ModelMode::Sync,
-        "sim-threaded" => ModelMode::Threaded,
-        other => return Err(format!("unknown device '{other}': use sim or sim-threaded")),
-    };
-    Ok(Box::new(SimBackend::new(mode, ModelConfig::default(), Default::default())?))
+fn load_platform(name: &str) -> Result<platforms::Profile, String> {
+    if let Some(p) = platforms::by_name(name) {
+        return Ok(p);
+    }
+    if name.ends_with(".dtb") || std::path::Path::new(name).exists() {
+        let bytes = std::fs::read(name).map_err(|e| format!("cannot read {name}: {e}"))?;
+        return platforms::from_dtb(&bytes);
+    }
+    Err(format!("unknown platform '{name}' (profiles: {})", platforms::names().join(", ")))
+}
+
+fn parse_mechanism(name: &str, profile: &platforms::Profile) -> Result<Mechanism, String> {
+    Ok(match name {
+        "phys" => Mechanism::Phys,
+        "phys-attr" => Mechanism::PhysAttr,
+        "ffa-handle" => Mechanism::FfaHandle,
+        "mediated-ipa" => Mechanism::MediatedIpa,
+        "xen-grant" => Mechanism::XenGrant {
+            backend_domid: match profile.machine.model.path {
+                trusty_model::model::Path::XenVm { domid } => domid,
+                _ => 0,
+            },
+        },
+        other => return Err(format!("unknown sharing mechanism '{other}': phys, phys-attr, ffa-handle, mediated-ipa, xen-grant")),
+    })
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.list_platforms {
+        for p in platforms::all() {
+            println!("{:<26} {}", p.name, p.description);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let profile = match load_platform(&args.platform) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tipc-test: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &args.write_dtb {
+        return match std::fs::write(path, &profile.fdt) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tipc-test: cannot write {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let Some(test) = args.test.clone() else {
         eprintln!("need a test to run (-t NAME or -t all)\n{}", list_tests());
         return ExitCode::FAILURE;
@@ -91,11 +145,39 @@ fn main() -> ExitCode {
         srv: args.srv.clone(),
         blocked_read_timeout: Duration::from_millis(args.blocked_read_ms),
     };
-    let mut backend = match open_backend(&args.dev) {
-        Ok(b) => b,
+    let mode = match args.dev.as_str() {
+        "sim" => ModelMode::Sync,
+        "sim-threaded" => ModelMode::Threaded,
+        other => {
+            eprintln!("tipc-test: unknown device '{other}': use sim or sim-threaded");
+            return ExitCode::FAILURE;
+        }
+    };
+    let force_mechanism = match args.force_sharing.as_deref().map(|m| parse_mechanism(m, &profile)).transpose() {
+        Ok(m) => m,
         Err(e) => {
             eprintln!("tipc-test: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let cfg = StackConfig { force_mechanism, ..Default::default() };
+    let mut backend: Box<dyn TipcBackend> = match SimBackend::new(mode, &profile, cfg) {
+        Ok(b) => {
+            // The sharing line comes first, whatever else is printed (stderr in benchmark mode,
+            // which keeps stdout pure JSON).
+            if args.bench > 0 {
+                eprintln!("{}", b.bring_up_info().plan);
+            } else {
+                println!("{}", b.bring_up_info().plan);
+            }
+            Box::new(b)
+        }
+        Err(e) => {
+            if let Some(line) = &e.sharing {
+                println!("{line}");
+            }
+            eprintln!("tipc-test: {e}");
+            return ExitCode::from(2);
         }
     };
     if args.bench > 0 {

@@ -5,11 +5,10 @@ use tipc_test::backend::SimBackend;
 use tipc_test::cases::{self, Params, Rng};
 use tipc_test::runner;
 use trusty_model::host::ModelMode;
-use trusty_model::ModelConfig;
 
 fn run_case(name: &str, mode: ModelMode, params: Params) {
     let t = cases::find(name).expect("known test");
-    let mut b = SimBackend::new(mode, ModelConfig::default(), Default::default()).expect("bring-up");
+    let mut b = SimBackend::native(mode).unwrap_or_else(|e| panic!("{e}"));
     let mut rng = Rng::new(0x5eed);
     runner::run_one(&mut b, t, &params, &mut rng).unwrap_or_else(|e| panic!("{name}: {e}"));
     b.shutdown().expect("clean teardown");

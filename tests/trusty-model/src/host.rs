@@ -13,15 +13,32 @@ use std::vec::Vec;
 
 use trusty_platform::clock::Clock;
 use trusty_platform::mem::{DmaRegion, PageAllocator, PAGE_SIZE};
+use trusty_platform::mailbox::EventChannel;
 use trusty_platform::smc::Conduit;
 
 use crate::mem::PhysMem;
 use crate::model::{Model, ModelConfig};
 
-/// Guest RAM: one page-aligned host allocation that stands for physical memory at `base`.
-/// Both the normal world (through [`RamAllocator`]) and the model (through shares only) use it.
+/// Size of a stage-2 block: guest RAM is mapped to physical memory in 2 MiB blocks.
+pub const STAGE2_BLOCK: u64 = 2 * 1024 * 1024;
+
+/// How the normal world's addresses (IPAs) map to physical addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage2 {
+    /// IPA == PA (no hypervisor, dom0, a direct-mapped DomU).
+    Identity,
+    /// A DomU's RAM: the 2 MiB blocks of guest RAM lie, in reverse order, at `pa_base`, an
+    /// address range that is not guest RAM, so an IPA read as a PA misses.
+    Translated { pa_base: u64 },
+}
+
+/// Guest RAM: one page-aligned host allocation that stands for the normal world's RAM at
+/// `ipa_base`, and for machine memory at the physical addresses `stage2` gives it. The normal
+/// world reaches it by IPA (through [`RamAllocator`]); the secure side and the hypervisor
+/// stand-ins by PA ([`PhysMem`]), and the model only through what was shared.
 pub struct GuestRam {
-    base: u64,
+    ipa_base: u64,
+    stage2: Stage2,
     ptr: *mut u8,
     len: usize,
     pages_used: Mutex<Vec<bool>>,
@@ -34,18 +51,22 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// `pages` pages of zeroed RAM at physical address `base` (page-aligned).
-    pub fn new(base: u64, pages: usize) -> Arc<GuestRam> {
+    /// `pages` pages of zeroed RAM at guest address `ipa_base` (page-aligned), mapped by `stage2`.
+    pub fn new(ipa_base: u64, pages: usize, stage2: Stage2) -> Arc<GuestRam> {
         let len = pages.max(1) * PAGE_SIZE;
         let layout = Layout::from_size_align(len, PAGE_SIZE).expect("page-aligned layout");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "out of host memory for guest RAM");
-        Arc::new(GuestRam { base, ptr, len, pages_used: Mutex::new(vec_false(pages.max(1))) })
+        Arc::new(GuestRam { ipa_base, stage2, ptr, len, pages_used: Mutex::new(vec_false(pages.max(1))) })
     }
 
-    pub fn base(&self) -> u64 {
-        self.base
+    pub fn ipa_base(&self) -> u64 {
+        self.ipa_base
+    }
+
+    pub fn stage2(&self) -> Stage2 {
+        self.stage2
     }
 
     /// Pages currently handed out.
@@ -53,17 +74,53 @@ impl GuestRam {
         self.pages_used.lock().map(|p| p.iter().filter(|&&u| u).count()).unwrap_or(0)
     }
 
-    fn offset(&self, pa: u64, len: usize) -> Option<usize> {
-        let off = usize::try_from(pa.checked_sub(self.base)?).ok()?;
+    fn blocks(&self) -> u64 {
+        (self.len as u64).div_ceil(STAGE2_BLOCK)
+    }
+
+    /// Offset into the allocation of guest address `ipa`, if `[ipa, ipa + len)` is guest RAM.
+    fn ipa_offset(&self, ipa: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(ipa.checked_sub(self.ipa_base)?).ok()?;
         (off.checked_add(len)? <= self.len).then_some(off)
     }
 
+    /// The stage-2 translation of one guest address.
+    pub fn ipa_to_pa(&self, ipa: u64) -> Option<u64> {
+        let off = self.ipa_offset(ipa, 1)? as u64;
+        Some(match self.stage2 {
+            Stage2::Identity => ipa,
+            Stage2::Translated { pa_base } => {
+                let block = off / STAGE2_BLOCK;
+                pa_base + (self.blocks() - 1 - block) * STAGE2_BLOCK + off % STAGE2_BLOCK
+            }
+        })
+    }
+
+    /// Offset into the allocation of physical address `pa`, if `[pa, pa + len)` is RAM of this
+    /// guest and does not cross a stage-2 block (physically adjacent blocks are not adjacent in
+    /// the guest).
+    fn pa_offset(&self, pa: u64, len: usize) -> Option<usize> {
+        match self.stage2 {
+            Stage2::Identity => self.ipa_offset(pa, len),
+            Stage2::Translated { pa_base } => {
+                let rel = pa.checked_sub(pa_base)?;
+                let block = rel / STAGE2_BLOCK;
+                if block >= self.blocks() || (rel % STAGE2_BLOCK) + len as u64 > STAGE2_BLOCK {
+                    return None;
+                }
+                let off = (self.blocks() - 1 - block) * STAGE2_BLOCK + rel % STAGE2_BLOCK;
+                let off = usize::try_from(off).ok()?;
+                (off.checked_add(len)? <= self.len).then_some(off)
+            }
+        }
+    }
+
     fn word_ptr<T>(&self, pa: u64) -> Option<*mut T> {
-        let off = self.offset(pa, std::mem::size_of::<T>())?;
+        let off = self.pa_offset(pa, std::mem::size_of::<T>())?;
         if off % std::mem::align_of::<T>() != 0 {
             return None;
         }
-        // SAFETY: off + size_of::<T>() <= len (checked by `offset`).
+        // SAFETY: off + size_of::<T>() <= len (checked by `pa_offset`).
         Some(unsafe { self.ptr.add(off) }.cast())
     }
 }
@@ -102,10 +159,13 @@ macro_rules! word_access {
 
 impl PhysMem for GuestRam {
     fn contains(&self, pa: u64, len: usize) -> bool {
-        self.offset(pa, len).is_some()
+        self.pa_offset(pa, len).is_some()
+    }
+    fn guest_to_phys(&self, ipa: u64) -> Option<u64> {
+        self.ipa_to_pa(ipa)
     }
     fn read(&self, pa: u64, out: &mut [u8]) -> bool {
-        match self.offset(pa, out.len()) {
+        match self.pa_offset(pa, out.len()) {
             Some(off) => {
                 // SAFETY: off..off+len is inside the allocation; bytes are copied, not referenced.
                 unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), out.len()) };
@@ -115,7 +175,7 @@ impl PhysMem for GuestRam {
         }
     }
     fn write(&self, pa: u64, data: &[u8]) -> bool {
-        match self.offset(pa, data.len()) {
+        match self.pa_offset(pa, data.len()) {
             Some(off) => {
                 // SAFETY: off..off+len is inside the allocation.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
@@ -164,11 +224,11 @@ impl PageAllocator for RamAllocator {
         unsafe { std::ptr::write_bytes(vaddr, 0, pages * PAGE_SIZE) };
         let vaddr = std::ptr::NonNull::new(vaddr)?;
         // SAFETY: the region is owned by the caller until it is freed back here.
-        Some(unsafe { DmaRegion::new(vaddr, self.ram.base + off as u64, pages) })
+        Some(unsafe { DmaRegion::new(vaddr, self.ram.ipa_base + off as u64, pages) })
     }
 
     unsafe fn free(&mut self, region: DmaRegion) {
-        let Some(off) = self.ram.offset(region.paddr(), region.len()) else { return };
+        let Some(off) = self.ram.ipa_offset(region.paddr(), region.len()) else { return };
         if let Ok(mut used) = self.ram.pages_used.lock() {
             let first = off / PAGE_SIZE;
             used[first..first + region.pages()].iter_mut().for_each(|u| *u = false);
@@ -218,7 +278,31 @@ impl Conduit for SyncConduit {
 
 enum Request {
     Call([u64; 8], mpsc::SyncSender<[u64; 8]>),
+    /// An event on a channel to the Trusty VM: a call waits in the mailbox.
+    Event,
     Stop,
+}
+
+/// Event channels from the guest to a Trusty VM model: a notification makes the VM serve its
+/// mailbox, inside the call (sync) or on the model's thread (threaded).
+pub struct HostEvents {
+    model: Arc<Mutex<Model>>,
+    thread: Option<mpsc::Sender<Request>>,
+}
+
+impl EventChannel for HostEvents {
+    fn notify(&self, _port: u32) {
+        match &self.thread {
+            Some(tx) => {
+                let _ = tx.send(Request::Event);
+            }
+            None => {
+                if let Ok(mut m) = self.model.lock() {
+                    m.serve_mailbox();
+                }
+            }
+        }
+    }
 }
 
 /// The model runs on its own thread; calls are messages to it.
@@ -260,8 +344,14 @@ pub const RAM_BASE: u64 = 0x4000_0000;
 pub const RAM_PAGES: usize = 4096;
 
 impl Sim {
-    pub fn new(mode: ModelMode, mut cfg: ModelConfig) -> Sim {
-        let ram = GuestRam::new(RAM_BASE, RAM_PAGES);
+    /// A machine whose guest RAM is mapped 1:1 (no hypervisor, or a direct-mapped domain).
+    pub fn new(mode: ModelMode, cfg: ModelConfig) -> Sim {
+        Sim::with_stage2(mode, cfg, Stage2::Identity)
+    }
+
+    /// A machine whose guest RAM is mapped by `stage2`.
+    pub fn with_stage2(mode: ModelMode, mut cfg: ModelConfig, stage2: Stage2) -> Sim {
+        let ram = GuestRam::new(RAM_BASE, RAM_PAGES, stage2);
         let clock = StdClock::new();
         cfg.deferred = mode == ModelMode::Threaded;
         let model = Arc::new(Mutex::new(Model::new(cfg, ram.clone(), clock.clone())));
@@ -295,6 +385,30 @@ impl Sim {
     }
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
+    }
+    /// Event channels to the model (when it plays a Trusty VM).
+    pub fn events(&self) -> Arc<dyn EventChannel> {
+        Arc::new(HostEvents { model: self.model.clone(), thread: self.thread.as_ref().map(|(tx, _)| tx.clone()) })
+    }
+    /// What the simulated hypervisor answers to XENVER_get_features (None: there is no Xen).
+    pub fn xen_features(&self) -> Option<u32> {
+        self.model().config().xen_features
+    }
+    /// A hook for the stack's bring-up: registers the grant table with the simulated hypervisor.
+    pub fn grant_table_registrar(&self) -> Box<dyn FnMut(u64, u32) -> Result<(), trusty_platform::Error> + Send> {
+        let model = self.model.clone();
+        Box::new(move |ipa, entries| match model.lock() {
+            Ok(mut m) => {
+                m.set_grant_table(ipa, entries);
+                Ok(())
+            }
+            Err(_) => Err(trusty_platform::Error::InvalidArgument("simulated hypervisor is gone")),
+        })
+    }
+    /// The simulated hypervisor learns where the guest's grant table is (on Xen, the guest maps
+    /// the table's frames with XENMEM_add_to_physmap).
+    pub fn register_grant_table(&self, ipa: u64, entries: u32) {
+        self.model().set_grant_table(ipa, entries);
     }
     /// The model, for inspection and fault injection between calls.
     pub fn model(&self) -> MutexGuard<'_, Model> {
@@ -336,6 +450,11 @@ fn model_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, rx: mpsc::Receiv
                     Err(_) => return,
                 };
                 let _ = reply.send(out);
+            }
+            Ok(Request::Event) => {
+                if let Ok(mut m) = model.lock() {
+                    m.serve_mailbox();
+                }
             }
             Ok(Request::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
             Err(mpsc::RecvTimeoutError::Timeout) => {}

@@ -18,6 +18,9 @@ use trusty_virtio::vring::RingMemory;
 pub trait PhysMem: Send + Sync {
     /// Whether `[pa, pa + len)` is RAM.
     fn contains(&self, pa: u64, len: usize) -> bool;
+    /// The normal-world guest's stage-2 translation of `ipa`. Only the hypervisor stand-ins
+    /// (FF-A mediator, Trusty mediator, grant table) use it; Trusty itself never sees IPAs.
+    fn guest_to_phys(&self, ipa: u64) -> Option<u64>;
     /// Copies out; `false` if the range is not RAM.
     fn read(&self, pa: u64, out: &mut [u8]) -> bool;
     /// Copies in; `false` if the range is not RAM.
@@ -68,17 +71,61 @@ pub struct ShareStats {
     pub over_cap: u64,
 }
 
-/// The FF-A memory-sharing stand-in: handles issued on MEM_SHARE, retrieved (mapped) by the
-/// secure side, given back on MEM_RECLAIM unless still mapped.
+/// How Trusty reads the memory ids it is given (spec §3.1): by API version, or as grant
+/// references when it is a VM peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdScheme {
+    /// API < 4: a bare physical address.
+    Bare,
+    /// API 4: physical address + attributes (spec §3.2).
+    Compat,
+    /// API 5: an FF-A handle.
+    FfaHandle,
+    /// Trusty is Xen domain `domid`: ids are grant references of the guest `guest_domid`.
+    Grant { domid: u16 },
+}
+
+impl IdScheme {
+    fn name(self) -> &'static str {
+        match self {
+            IdScheme::Bare => "phys",
+            IdScheme::Compat => "phys-attr",
+            IdScheme::FfaHandle => "ffa-handle",
+            IdScheme::Grant { .. } => "xen-grant",
+        }
+    }
+}
+
+/// Grant table v1 entry flags (Xen public/grant_table.h).
+const GTF_PERMIT_ACCESS: u16 = 1;
+const GTF_READONLY: u16 = 1 << 2;
+const GTF_READING: u16 = 1 << 3;
+const GTF_WRITING: u16 = 1 << 4;
+
+/// Where Trusty's memory ids come from and what stands between the normal world and Trusty:
+/// the FF-A sharing registry (an SPMC, or Xen's FF-A mediator that translates IPAs), address
+/// ids (optionally rewritten by a Trusty mediator), and the guest's grant table as Xen would
+/// read it for a Trusty VM.
 pub struct ShareTable {
     phys: Arc<dyn PhysMem>,
+    scheme: IdScheme,
+    /// A Trusty mediator rewrites address ids from IPA to PA (first page only, as NXP's does).
+    mediated_addresses: bool,
+    /// Xen's FF-A mediator: MEM_SHARE and RXTX_MAP carry IPAs, descriptors single-fragment.
+    ffa_mediator: bool,
+    /// The guest's grant table: guest address and number of entries.
+    grant_table: Option<(u64, u32)>,
+    /// A share being received in fragments: bytes so far, total length, sender.
+    fragments: Option<(Vec<u8>, usize, u16)>,
     shares: BTreeMap<u64, Share>,
     next_handle: u64,
     cap: Option<usize>,
     stats: ShareStats,
     faults: Vec<Fault>,
-    /// FFA_RXTX_MAP: the normal world's TX buffer (the secure side reads descriptors there).
+    /// FFA_RXTX_MAP: the normal world's TX buffer (the secure side reads descriptors there)
+    /// and RX buffer (partition information is written there), as physical addresses.
     tx_buffer: Option<u64>,
+    rx_buffer: Option<u64>,
     /// Test switch: deny the next N reclaims as if still mapped.
     pub deny_reclaims: u32,
 }
@@ -97,7 +144,55 @@ impl ShareTable {
             stats: ShareStats::default(),
             faults: Vec::new(),
             tx_buffer: None,
+            rx_buffer: None,
             deny_reclaims: 0,
+            scheme: IdScheme::FfaHandle,
+            mediated_addresses: false,
+            ffa_mediator: false,
+            grant_table: None,
+            fragments: None,
+        }
+    }
+
+    /// How ids are read from now on (the model sets it when the API version is chosen).
+    pub fn set_scheme(&mut self, scheme: IdScheme) {
+        self.scheme = scheme;
+    }
+
+    pub fn scheme(&self) -> IdScheme {
+        self.scheme
+    }
+
+    /// A Trusty mediator translates address ids; Xen's FF-A mediator translates FF-A ranges.
+    pub fn set_mediators(&mut self, mediated_addresses: bool, ffa_mediator: bool) {
+        self.mediated_addresses = mediated_addresses;
+        self.ffa_mediator = ffa_mediator;
+    }
+
+    /// The guest told Xen where its grant table is (XENMEM_add_to_physmap in the real thing).
+    pub fn set_grant_table(&mut self, ipa: u64, entries: u32) {
+        self.grant_table = Some((ipa, entries));
+    }
+
+    /// Reads a guest address as the secure side must: through the stage-2 if a hypervisor
+    /// stand-in translates it, as a physical address otherwise.
+    fn guest_range_to_phys(&self, ipa: u64, pages: u32) -> Option<Vec<PhysRange>> {
+        let mut out: Vec<PhysRange> = Vec::new();
+        for i in 0..u64::from(pages) {
+            let pa = self.phys.guest_to_phys(ipa.checked_add(i * PAGE_SIZE as u64)?)?;
+            match out.last_mut() {
+                Some(r) if r.addr + u64::from(r.pages) * PAGE_SIZE as u64 == pa => r.pages += 1,
+                _ => out.push(PhysRange { addr: pa, pages: 1 }),
+            }
+        }
+        Some(out)
+    }
+
+    /// The RX buffer of the normal world's FF-A mailbox (PA), for PARTITION_INFO_GET.
+    pub fn write_rx(&mut self, data: &[u8]) -> bool {
+        match self.rx_buffer {
+            Some(rx) => self.phys.write(rx, data),
+            None => false,
         }
     }
 
@@ -116,30 +211,96 @@ impl ShareTable {
 
     /// FFA_RXTX_MAP: remembers the TX buffer (one page) if it is RAM.
     pub fn rxtx_map(&mut self, tx: u64, rx: u64, pages: u64) -> Result<(), FfaErr> {
+        let (tx, rx) = if self.ffa_mediator {
+            // Xen translates the guest's buffer addresses, and they must be its RAM (spec
+            // dma-decisions §4.3).
+            match (self.phys.guest_to_phys(tx), self.phys.guest_to_phys(rx)) {
+                (Some(t), Some(r)) => (t, r),
+                _ => return Err(ffa::err::INVALID_PARAMETERS),
+            }
+        } else {
+            (tx, rx)
+        };
         if pages != 1 || !self.phys.contains(tx, PAGE_SIZE) || !self.phys.contains(rx, PAGE_SIZE) {
             return Err(ffa::err::INVALID_PARAMETERS);
         }
         self.tx_buffer = Some(tx);
+        self.rx_buffer = Some(rx);
         Ok(())
     }
 
-    /// FFA_MEM_SHARE of a single-fragment descriptor of `len` bytes in the TX buffer.
-    pub fn mem_share(&mut self, total: u64, fragment: u64, sender: u16) -> Result<u64, FfaErr> {
-        let tx = self.tx_buffer.ok_or(ffa::err::DENIED)?;
-        if total != fragment || total as usize > PAGE_SIZE || total == 0 {
-            // Fragmented descriptors are not served by this model.
+    /// FFA_MEM_SHARE: the first (or only) fragment of a descriptor in the TX buffer. Returns
+    /// the handle when complete, `Ok(None)` when more fragments are expected (FFA_MEM_FRAG_RX).
+    pub fn mem_share(&mut self, total: u64, fragment: u64, sender: u16) -> Result<Option<u64>, FfaErr> {
+        if fragment == 0 || fragment > total || fragment as usize > PAGE_SIZE || total > 64 * PAGE_SIZE as u64 {
             return Err(ffa::err::INVALID_PARAMETERS);
         }
-        let mut desc = alloc::vec![0u8; total as usize];
-        if !self.phys.read(tx, &mut desc) {
+        if fragment != total && self.ffa_mediator {
+            // Xen's mediator takes single-fragment descriptors only (spec dma-decisions §4.3).
+            return Err(ffa::err::NOT_SUPPORTED);
+        }
+        let mut desc = alloc::vec![0u8; fragment as usize];
+        if !self.read_tx(&mut desc) {
             return Err(ffa::err::INVALID_PARAMETERS);
         }
-        let tx_desc = ffa::decode_descriptor(&desc, 256).map_err(|_| ffa::err::INVALID_PARAMETERS)?;
+        self.fragments = Some((desc, total as usize, sender));
+        self.finish_share()
+    }
+
+    /// FFA_MEM_FRAG_TX: the next fragment.
+    pub fn mem_frag_tx(&mut self, fragment: u64) -> Result<Option<u64>, FfaErr> {
+        let Some((mut desc, total, sender)) = self.fragments.take() else { return Err(ffa::err::INVALID_PARAMETERS) };
+        if fragment == 0 || fragment as usize > PAGE_SIZE || desc.len() + fragment as usize > total {
+            return Err(ffa::err::INVALID_PARAMETERS);
+        }
+        let mut more = alloc::vec![0u8; fragment as usize];
+        if !self.read_tx(&mut more) {
+            return Err(ffa::err::INVALID_PARAMETERS);
+        }
+        desc.extend_from_slice(&more);
+        self.fragments = Some((desc, total, sender));
+        self.finish_share()
+    }
+
+    /// Bytes of the descriptor received so far (FFA_MEM_FRAG_RX's offset).
+    pub fn fragment_offset(&self) -> usize {
+        self.fragments.as_ref().map_or(0, |f| f.0.len())
+    }
+
+    fn read_tx(&self, out: &mut [u8]) -> bool {
+        match self.tx_buffer {
+            Some(tx) => self.phys.read(tx, out),
+            None => false,
+        }
+    }
+
+    fn finish_share(&mut self) -> Result<Option<u64>, FfaErr> {
+        match &self.fragments {
+            Some((desc, total, _)) if desc.len() < *total => return Ok(None),
+            None => return Err(ffa::err::INVALID_PARAMETERS),
+            _ => {}
+        }
+        let Some((desc, _, sender)) = self.fragments.take() else { return Err(ffa::err::INVALID_PARAMETERS) };
+        let tx_desc = ffa::decode_descriptor(&desc, 4096).map_err(|_| ffa::err::INVALID_PARAMETERS)?;
         if tx_desc.sender != sender || tx_desc.receiver != ffa::TRUSTY_ENDPOINT_ID {
             return Err(ffa::err::INVALID_PARAMETERS);
         }
+        let mut ranges = Vec::new();
         for r in &tx_desc.ranges {
-            if r.addr % PAGE_SIZE as u64 != 0 || !self.phys.contains(r.addr, r.pages as usize * PAGE_SIZE) {
+            if r.addr % PAGE_SIZE as u64 != 0 {
+                return Err(ffa::err::INVALID_PARAMETERS);
+            }
+            if self.ffa_mediator {
+                // Xen walks the guest's pages and shares machine addresses (§4.3); a page that
+                // is not the guest's RAM is DENIED.
+                let translated = self.guest_range_to_phys(r.addr, r.pages).ok_or(ffa::err::DENIED)?;
+                ranges.extend(translated);
+            } else {
+                ranges.push(*r);
+            }
+        }
+        for r in &ranges {
+            if !self.phys.contains(r.addr, r.pages as usize * PAGE_SIZE) && !self.ranges_contained(r) {
                 return Err(ffa::err::INVALID_PARAMETERS);
             }
         }
@@ -156,11 +317,16 @@ impl ShareTable {
         };
         let handle = self.next_handle;
         self.next_handle += 2;
-        self.shares.insert(handle, Share { ranges: tx_desc.ranges, writable, mapped: 0 });
+        self.shares.insert(handle, Share { ranges, writable, mapped: 0 });
         self.stats.shared_total += 1;
         self.stats.live = self.shares.len();
         self.stats.max_live = self.stats.max_live.max(self.stats.live);
-        Ok(handle)
+        Ok(Some(handle))
+    }
+
+    /// A range may span stage-2 blocks; then each page must be RAM.
+    fn ranges_contained(&self, r: &PhysRange) -> bool {
+        (0..u64::from(r.pages)).all(|i| self.phys.contains(r.addr + i * PAGE_SIZE as u64, PAGE_SIZE))
     }
 
     /// FFA_MEM_RECLAIM: DENIED while the secure side still maps it.
@@ -177,9 +343,19 @@ impl ShareTable {
         Ok(())
     }
 
-    /// Retrieves (maps) `len` bytes of share `id` with the given access; a fault if `id` was
-    /// never shared, is too small, or was shared read-only and `write` is asked.
+    /// Maps `len` bytes of the memory named by `id`, read as the current [`IdScheme`] says,
+    /// with the access asked for. Anything that was not made visible to Trusty this way is a
+    /// fault that names the id and the mechanism.
     pub fn map(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
+        let pages = len.div_ceil(PAGE_SIZE).max(1) as u32;
+        match self.scheme {
+            IdScheme::FfaHandle => self.map_ffa(id, len, write, purpose),
+            IdScheme::Bare | IdScheme::Compat => self.map_address(id, pages, len, write, purpose),
+            IdScheme::Grant { domid } => self.map_grant(id, pages, len, write, domid, purpose),
+        }
+    }
+
+    fn map_ffa(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
         let Some(share) = self.shares.get_mut(&id) else {
             self.fault("ffa-handle", id, format!("{purpose}: memory id was never shared"));
             return None;
@@ -194,13 +370,109 @@ impl ShareTable {
             return None;
         }
         share.mapped += 1;
-        Some(Mapping { id, ranges: share.ranges.clone(), len, writable: write, phys: self.phys.clone() })
+        Some(Mapping { id, ranges: share.ranges.clone(), len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
+    }
+
+    fn map_address(&mut self, id: u64, pages: u32, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
+        let mechanism = if self.mediated_addresses { "mediated-ipa" } else { self.scheme.name() };
+        let (addr, read_only) = if self.scheme == IdScheme::Compat {
+            match trusty_platform::phys::decode_compat(id) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.fault(mechanism, id, format!("{purpose}: not a valid physical-address id ({e:?})"));
+                    return None;
+                }
+            }
+        } else {
+            (id & 0x0000_FFFF_FFFF_F000, false)
+        };
+        if write && read_only {
+            self.fault(mechanism, id, format!("{purpose}: write through a read-only id"));
+            return None;
+        }
+        let pa = if self.mediated_addresses {
+            // An NXP-style mediator translates the first page only (spec dma-decisions §4.4).
+            match self.phys.guest_to_phys(addr) {
+                Some(pa) => pa,
+                None => {
+                    self.fault(mechanism, addr, format!("{purpose}: the mediator found no guest RAM here"));
+                    return None;
+                }
+            }
+        } else {
+            addr
+        };
+        let range = PhysRange { addr: pa, pages };
+        if !self.phys.contains(pa, len.max(1)) && !self.ranges_contained(&range) {
+            self.fault(mechanism, pa, format!("{purpose}: {len} bytes at this address are not the normal world's RAM"));
+            return None;
+        }
+        Some(Mapping { id, ranges: alloc::vec![range], len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
+    }
+
+    fn grant_entry_pa(&self, gref: u32) -> Option<u64> {
+        let (ipa, entries) = self.grant_table?;
+        if gref >= entries {
+            return None;
+        }
+        self.phys.guest_to_phys(ipa + u64::from(gref) * 8)
+    }
+
+    fn map_grant(&mut self, id: u64, pages: u32, len: usize, write: bool, domid: u16, purpose: &str) -> Option<Mapping> {
+        let Some(first) = trusty_platform::xen::grant::decode_grant_id(id) else {
+            self.fault("xen-grant", id, format!("{purpose}: not a grant reference"));
+            return None;
+        };
+        let mut ranges: Vec<PhysRange> = Vec::new();
+        let mut grants = Vec::new();
+        for i in 0..pages {
+            let gref = first.wrapping_add(i);
+            let entry = self.grant_entry_pa(gref);
+            let checked = entry.and_then(|epa| {
+                let flags = self.phys.read_u16(epa)?;
+                let granted_to = self.phys.read_u16(epa + 2)?;
+                let frame = self.phys.read_u32(epa + 4)?;
+                let ok = flags & GTF_PERMIT_ACCESS != 0 && granted_to == domid && !(write && flags & GTF_READONLY != 0);
+                ok.then_some((epa, flags, frame))
+            });
+            let Some((epa, flags, frame)) = checked else {
+                for (e, f) in grants {
+                    self.phys.write_u16(e, f);
+                }
+                self.fault("xen-grant", u64::from(gref), format!("{purpose}: grant reference not granted to domain {domid} for this access"));
+                return None;
+            };
+            let Some(pa) = self.phys.guest_to_phys(u64::from(frame) << 12) else {
+                for (e, f) in grants {
+                    self.phys.write_u16(e, f);
+                }
+                self.fault("xen-grant", u64::from(gref), format!("{purpose}: granted frame {frame:#x} is not guest RAM"));
+                return None;
+            };
+            // Xen marks the entry while it is mapped, so the granter cannot end access.
+            self.phys.write_u16(epa, flags | if write { GTF_WRITING | GTF_READING } else { GTF_READING });
+            grants.push((epa, flags));
+            match ranges.last_mut() {
+                Some(r) if r.addr + u64::from(r.pages) * PAGE_SIZE as u64 == pa => r.pages += 1,
+                _ => ranges.push(PhysRange { addr: pa, pages: 1 }),
+            }
+        }
+        Some(Mapping { id, ranges, len, writable: write, phys: self.phys.clone(), grants })
     }
 
     /// Gives a mapping back.
     pub fn unmap(&mut self, m: Mapping) {
-        if let Some(share) = self.shares.get_mut(&m.id) {
-            share.mapped = share.mapped.saturating_sub(1);
+        match self.scheme {
+            IdScheme::FfaHandle => {
+                if let Some(share) = self.shares.get_mut(&m.id) {
+                    share.mapped = share.mapped.saturating_sub(1);
+                }
+            }
+            _ => {
+                for (entry, flags) in m.grants {
+                    self.phys.write_u16(entry, flags);
+                }
+            }
         }
     }
 
@@ -217,6 +489,8 @@ pub struct Mapping {
     len: usize,
     writable: bool,
     phys: Arc<dyn PhysMem>,
+    /// Grant entries marked in use, with the flags to restore on unmap.
+    grants: Vec<(u64, u16)>,
 }
 
 impl Mapping {

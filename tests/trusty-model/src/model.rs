@@ -13,12 +13,33 @@ use trusty_platform::smc::{call, fid, SmError};
 use trusty_virtio::rsc;
 
 use crate::ipc::{lk, Ipc};
-use crate::mem::{Fault, PhysMem, ShareStats, ShareTable};
+use crate::mem::{Fault, IdScheme, PhysMem, ShareStats, ShareTable};
 use crate::tipc_dev::{Malformed, TipcDev, TipcDevStats};
+
+/// What stands between the normal world and Trusty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Trusty's SMCs reach it (no hypervisor, or one that forwards them untouched).
+    Direct,
+    /// Xen's FF-A mediator: plain Trusty SMCs are refused (NOT_SUPPORTED); FF-A calls pass,
+    /// with the guest's addresses in MEM_SHARE and RXTX_MAP translated, single-fragment
+    /// descriptors only (spec dma-decisions §4.3).
+    XenFfaMediator,
+    /// An NXP-style Trusty mediator: Trusty's SMCs pass and the guest addresses they carry are
+    /// translated, first page only (spec dma-decisions §4.4). FF-A calls are not forwarded.
+    TrustyMediator,
+    /// Trusty is Xen domain `domid`, reached through a mailbox and event channels; it maps only
+    /// what the guest grants it. SMCs from the guest go nowhere.
+    XenVm { domid: u16 },
+    /// Xen without a mediator: every Trusty and FF-A call is refused.
+    XenNoPath,
+}
 
 /// What kind of Trusty the model is.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
+    /// What stands between the normal world and Trusty.
+    pub path: Path,
     /// Highest API version it speaks (spec §2.4).
     pub max_api_version: u32,
     pub version: String,
@@ -40,11 +61,15 @@ pub struct ModelConfig {
     pub implicit_stop_on_get_descr: bool,
     /// Serve these bytes from GET_DESCR instead of the default table (to test parsers).
     pub descriptor_override: Option<Vec<u8>>,
+    /// XENVER_get_features submap 0 as the simulated hypervisor answers it (None: no Xen).
+    pub xen_features: Option<u32>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
+            path: Path::Direct,
+            xen_features: None,
             max_api_version: 5,
             version: String::from("Trusty model (trusty-ipc-stack) 1.0"),
             ffa: true,
@@ -89,6 +114,12 @@ pub struct ModelStats {
     pub std_calls: u64,
     pub nops: u64,
     pub kicks: u64,
+    /// Trusty SMCs the hypervisor refused before they reached Trusty.
+    pub refused_smcs: u64,
+    /// Calls that arrived as FF-A direct requests.
+    pub ffa_direct_requests: u64,
+    /// Calls that arrived through the Xen mailbox.
+    pub mailbox_calls: u64,
     pub shares: ShareStats,
     pub tipc: TipcDevStats,
 }
@@ -127,6 +158,9 @@ pub struct Model {
     panicked: bool,
     /// A kick arrived: there is ring work for `run_background` (threaded mode).
     work_pending: bool,
+    /// FF-A transport: the queued standard call, and its result once FFA_RUN ran it.
+    queued_std: Option<(u32, [u32; 3])>,
+    queued_result: Option<i32>,
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -159,8 +193,13 @@ impl Model {
     /// ipc-unittest services of spec §9.2.
     pub fn new(cfg: ModelConfig, phys: Arc<dyn PhysMem>, clock: Arc<dyn Clock>) -> Self {
         let descriptor = Self::build_descriptor(&cfg);
+        let mut shares = ShareTable::new(phys, cfg.share_cap);
+        shares.set_mediators(cfg.path == Path::TrustyMediator, cfg.path == Path::XenFfaMediator);
+        if let Path::XenVm { domid } = cfg.path {
+            shares.set_scheme(IdScheme::Grant { domid });
+        }
         Model {
-            shares: ShareTable::new(phys, cfg.share_cap),
+            shares,
             ipc: Ipc::with_unittest_services(),
             tipc: TipcDev::new(0),
             descriptor,
@@ -171,6 +210,8 @@ impl Model {
             std: StdState::Idle,
             panicked: false,
             work_pending: false,
+            queued_std: None,
+            queued_result: None,
             inject: Injection::default(),
             stats: ModelStats::default(),
             cfg,
@@ -221,6 +262,11 @@ impl Model {
         self.shares.live()
     }
 
+    /// The guest told the (simulated) hypervisor where its grant table is.
+    pub fn set_grant_table(&mut self, ipa: u64, entries: u32) {
+        self.shares.set_grant_table(ipa, entries);
+    }
+
     /// Deny the next `n` reclaims, as if the memory were still mapped.
     pub fn deny_reclaims(&mut self, n: u32) {
         self.shares.deny_reclaims = n;
@@ -249,15 +295,90 @@ impl Model {
         self.work_pending = true;
     }
 
-    /// The secure monitor's entry point: one SMC with x0..x7.
+    /// Whether FF-A calls from the guest reach an SPMC.
+    fn ffa_reachable(&self) -> bool {
+        match self.cfg.path {
+            Path::Direct => self.cfg.ffa,
+            Path::XenFfaMediator => true,
+            Path::TrustyMediator | Path::XenVm { .. } | Path::XenNoPath => false,
+        }
+    }
+
+    /// The secure monitor's entry point: one SMC from the normal world with x0..x7, as it
+    /// arrives after whatever hypervisor stands in between.
     pub fn smc(&mut self, regs: [u64; 8]) -> [u64; 8] {
         self.stats.smcs += 1;
         let f = regs[0] as u32;
         // FF-A calls go to the SPMC stand-in, which is not Trusty (entity 4, fast).
         if f & 0xBF00_0000 == 0x8400_0000 {
+            if !self.ffa_reachable() {
+                self.stats.refused_smcs += 1;
+                return ret(-1);
+            }
             self.stats.ffa_calls += 1;
             return self.ffa_call(f, &regs);
         }
+        if !matches!(self.cfg.path, Path::Direct | Path::TrustyMediator) {
+            // Xen answers Trusted-OS calls it has no mediator for with SMCCC NOT_SUPPORTED
+            // (spec dma-decisions §4.1, §4.3).
+            self.stats.refused_smcs += 1;
+            return ret(-1);
+        }
+        self.trusty_call(regs)
+    }
+
+    /// A Trusty VM's entry point: one call taken from the mailbox (the guest's SMC registers).
+    pub fn mailbox_call(&mut self, regs: [u64; 8]) -> [u64; 8] {
+        self.stats.mailbox_calls += 1;
+        self.trusty_call(regs)
+    }
+
+    /// A Trusty VM woken on its call event channel: takes the request from the mailbox page the
+    /// guest granted it (reference `MAILBOX_GREF`), runs it, and answers in the same page.
+    /// Returns whether a request was served.
+    pub fn serve_mailbox(&mut self) -> bool {
+        use trusty_platform::mailbox as mb;
+        let Path::XenVm { .. } = self.cfg.path else { return false };
+        let id = (1u64 << 63) | (u64::from(mb::MAILBOX_GREF) << 12);
+        let Some(m) = self.shares.map(id, trusty_platform::mem::PAGE_SIZE, true, "Trusty VM mailbox") else {
+            return false;
+        };
+        let mut word = [0u8; 4];
+        let read_u32 = |m: &crate::mem::Mapping, off: usize, w: &mut [u8; 4]| -> u32 {
+            if m.read(off, w) {
+                u32::from_le_bytes(*w)
+            } else {
+                0
+            }
+        };
+        let magic = read_u32(&m, mb::OFF_MAGIC, &mut word);
+        let req = read_u32(&m, mb::OFF_REQ_SEQ, &mut word);
+        let rsp = read_u32(&m, mb::OFF_RSP_SEQ, &mut word);
+        let served = magic == mb::MAILBOX_MAGIC && req != rsp;
+        if served {
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+            let mut raw = [0u8; 64];
+            let mut regs = [0u64; 8];
+            if m.read(mb::OFF_REQUEST, &mut raw) {
+                for (i, r) in regs.iter_mut().enumerate() {
+                    *r = u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+                }
+            }
+            let out = self.mailbox_call(regs);
+            for (i, r) in out.iter().enumerate() {
+                raw[i * 8..i * 8 + 8].copy_from_slice(&r.to_le_bytes());
+            }
+            m.write(mb::OFF_RESPONSE, &raw);
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
+            m.write(mb::OFF_RSP_SEQ, &req.to_le_bytes());
+        }
+        self.shares.unmap(m);
+        served
+    }
+
+    /// Trusty's own dispatcher (spec §2): fast, standard and NOP calls.
+    fn trusty_call(&mut self, regs: [u64; 8]) -> [u64; 8] {
+        let f = regs[0] as u32;
         self.stats.plain_trusty_smcs += 1;
         if self.inject.panic {
             self.panicked = true;
@@ -299,11 +420,24 @@ impl Model {
                 // Once features of a version are in use it is locked (spec §2.4).
                 if !(self.api_locked && wanted < self.api) {
                     self.api = wanted;
+                    self.update_scheme();
                 }
                 self.api as i32
             }
             _ => SmError::UndefinedSmc.code(),
         }
+    }
+
+    /// Trusty reads memory ids by API version (spec §3.1); a VM peer reads grants.
+    fn update_scheme(&mut self) {
+        if matches!(self.cfg.path, Path::XenVm { .. }) {
+            return;
+        }
+        self.shares.set_scheme(match self.api {
+            5.. => IdScheme::FfaHandle,
+            4 => IdScheme::Compat,
+            _ => IdScheme::Bare,
+        });
     }
 
     fn std_entry(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
@@ -360,18 +494,9 @@ impl Model {
         if let StdState::CpuIdle { result, .. } = self.std {
             self.std = StdState::CpuIdle { result, nop_seen: true };
         }
-        // Dispatch by the entity in a0 (spec §2.6).
-        if a[0] != 0 {
-            let r = if fid::entity(a[0]) == fid::ENTITY_TRUSTED_OS && a[0] == call::NC_VDEV_KICK_VQ {
-                lk_to_sm(self.kick(a[1], a[2]))
-            } else if fid::entity(a[0]) == fid::ENTITY_TRUSTED_OS {
-                SmError::NotSupported.code()
-            } else {
-                SmError::UndefinedSmc.code()
-            };
-            if r != 0 {
-                return r;
-            }
+        let r = self.nop_args(a[0], a[1], a[2]);
+        if r != 0 {
+            return r;
         }
         if !self.cfg.deferred {
             self.run_until_idle();
@@ -381,6 +506,19 @@ impl Model {
             return SmError::NopInterrupted.code();
         }
         SmError::NopDone.code()
+    }
+
+    /// The work a NOP carries: dispatched by the entity in a0 (spec §2.6); 0 when there is none.
+    fn nop_args(&mut self, a0: u32, a1: u32, a2: u32) -> i32 {
+        if a0 == 0 {
+            0
+        } else if fid::entity(a0) == fid::ENTITY_TRUSTED_OS && a0 == call::NC_VDEV_KICK_VQ {
+            lk_to_sm(self.kick(a1, a2))
+        } else if fid::entity(a0) == fid::ENTITY_TRUSTED_OS {
+            SmError::NotSupported.code()
+        } else {
+            SmError::UndefinedSmc.code()
+        }
     }
 
     fn exec_std(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
@@ -548,6 +686,59 @@ impl Model {
 
     // ----- FF-A SPMC stand-in (spec §3.3) ----------------------------------------------------
 
+    fn share_answer(&mut self, r: Result<Option<u64>, i32>) -> [u64; 8] {
+        match r {
+            Ok(Some(h)) => ffa_success(h & 0xFFFF_FFFF, h >> 32),
+            // More fragments expected: FFA_MEM_FRAG_RX with the offset received so far.
+            Ok(None) => [u64::from(func::MEM_FRAG_RX), 0, 0, self.shares.fragment_offset() as u64, 0, 0, 0, 0],
+            Err(e) => ffa_error(e),
+        }
+    }
+
+    /// Trusty's FF-A call transport (spec trusty-protocol §11): opcode in w3, arguments w4..w7.
+    fn direct_request(&mut self, regs: &[u64; 8]) -> [u64; 8] {
+        let receiver = regs[1] as u16;
+        if receiver != ffa::TRUSTY_ENDPOINT_ID {
+            return ffa_error(ffa::err::INVALID_PARAMETERS);
+        }
+        self.stats.ffa_direct_requests += 1;
+        if self.inject.panic {
+            self.panicked = true;
+        }
+        let w = [regs[4] as u32, regs[5] as u32, regs[6] as u32, regs[7] as u32];
+        let client = u64::from(self.cfg.ns_endpoint_id);
+        let answer: i32 = if self.panicked {
+            SmError::Panic.code()
+        } else {
+            match regs[3] as u32 {
+                trusty_platform::ffa_call::opcode::RUN_FASTCALL => {
+                    self.stats.fast_calls += 1;
+                    self.fast_call(w[0], [w[1], w[2], w[3]])
+                }
+                trusty_platform::ffa_call::opcode::QUEUE_STDCALL => {
+                    if self.queued_std.is_some() || self.queued_result.is_some() {
+                        SmError::Busy.code()
+                    } else {
+                        self.queued_std = Some((w[0], [w[1], w[2], w[3]]));
+                        0
+                    }
+                }
+                trusty_platform::ffa_call::opcode::GET_STDCALL_RET => match self.queued_result.take() {
+                    Some(r) => r,
+                    None if self.queued_std.is_some() => SmError::CpuIdle.code(),
+                    None => SmError::UnexpectedRestart.code(),
+                },
+                trusty_platform::ffa_call::opcode::RUN_NOPCALL => {
+                    let _ = client;
+                    self.nop_args(w[0], w[1], w[2])
+                }
+                trusty_platform::ffa_call::opcode::IS_IDLE => i32::from(!self.work_pending || !self.cfg.deferred),
+                _ => SmError::NotSupported.code(),
+            }
+        };
+        [u64::from(func::MSG_SEND_DIRECT_RESP), (u64::from(ffa::TRUSTY_ENDPOINT_ID) << 16) | (regs[1] >> 16), 0, u64::from(answer as u32), 0, 0, 0, 0]
+    }
+
     fn ffa_call(&mut self, f: u32, regs: &[u64; 8]) -> [u64; 8] {
         if !self.cfg.ffa {
             return ret(-1);
@@ -563,10 +754,51 @@ impl Model {
                 Ok(()) => ffa_success(0, 0),
                 Err(e) => ffa_error(e),
             },
-            func::MEM_SHARE => match self.shares.mem_share(regs[1], regs[2], self.cfg.ns_endpoint_id) {
-                Ok(h) => ffa_success(h & 0xFFFF_FFFF, h >> 32),
-                Err(e) => ffa_error(e),
-            },
+            func::MEM_SHARE => {
+                let r = self.shares.mem_share(regs[1], regs[2], self.cfg.ns_endpoint_id);
+                self.share_answer(r)
+            }
+            func::MEM_FRAG_TX => {
+                let r = self.shares.mem_frag_tx(regs[3]);
+                self.share_answer(r)
+            }
+            func::PARTITION_INFO_GET => {
+                let uuid = [regs[1], regs[2], regs[3], regs[4]].map(|w| w as u32);
+                if uuid != trusty_platform::ffa_call::TRUSTY_UUID_WORDS {
+                    return ffa_error(ffa::err::INVALID_PARAMETERS);
+                }
+                // Trusty: id 0x8000, one execution context, receives direct requests.
+                let mut desc = [0u8; 8];
+                desc[0..2].copy_from_slice(&ffa::TRUSTY_ENDPOINT_ID.to_le_bytes());
+                desc[2..4].copy_from_slice(&1u16.to_le_bytes());
+                desc[4..8].copy_from_slice(&trusty_platform::ffa_call::PARTITION_DIRECT_REQ_RECV.to_le_bytes());
+                if !self.shares.write_rx(&desc) {
+                    return ffa_error(ffa::err::BUSY);
+                }
+                ffa_success(1, 0)
+            }
+            func::RX_RELEASE => ffa_success(0, 0),
+            func::MSG_SEND_DIRECT_REQ => self.direct_request(regs),
+            func::RUN => {
+                // CPU time for Trusty: run the queued standard call, then whatever it started.
+                if let Some((f, a)) = self.queued_std.take() {
+                    // Preemption is FFA_RUN's business here; of the std-call injections only
+                    // BUSY has a meaning on this transport.
+                    let client = u64::from(self.cfg.ns_endpoint_id);
+                    let r = if self.inject.busy > 0 {
+                        self.inject.busy -= 1;
+                        SmError::Busy.code()
+                    } else {
+                        self.stats.std_calls += 1;
+                        self.exec_std(f, a, client)
+                    };
+                    self.queued_result = Some(r);
+                }
+                if !self.cfg.deferred {
+                    self.run_until_idle();
+                }
+                ffa_success(0, 0)
+            }
             func::MEM_RECLAIM => match self.shares.mem_reclaim((regs[1] & 0xFFFF_FFFF) | (regs[2] << 32)) {
                 Ok(()) => ffa_success(0, 0),
                 Err(e) => ffa_error(e),

@@ -1,0 +1,253 @@
+//! Trusty's FF-A call transport (spec trusty-protocol §11): every Trusty call wrapped in an
+//! FF-A direct request to Trusty's partition, with CPU time given by FFA_RUN. Under Xen's FF-A
+//! mediator this is the only way a DomU reaches Trusty: its plain Trusty SMCs come back
+//! NOT_SUPPORTED (spec dma-decisions §4.3).
+//!
+//! [`FfaCallConduit`] is a [`Conduit`]: the call discipline above it is unchanged, and FF-A calls
+//! (memory sharing) pass through untouched.
+
+use alloc::sync::Arc;
+
+use crate::ffa::func;
+use crate::smc::{call, fid, Conduit, SmError};
+use crate::Error;
+
+/// Trusty's partition UUID 40ee25f0-a2bc-304c-8c4c-a173c57d8af1 as FFA_PARTITION_INFO_GET's
+/// four argument words (spec §11).
+pub const TRUSTY_UUID_WORDS: [u32; 4] = [0xf025_ee40, 0x4c30_bca2, 0x73a1_4c8c, 0xf18a_7dc5];
+
+/// Direct-request opcodes (w3) of Trusty's FF-A transport.
+pub mod opcode {
+    pub const RUN_FASTCALL: u32 = 0;
+    pub const QUEUE_STDCALL: u32 = 1;
+    pub const GET_STDCALL_RET: u32 = 2;
+    pub const RUN_NOPCALL: u32 = 3;
+    pub const IS_IDLE: u32 = 4;
+}
+
+/// Bit 0 of a partition's properties: it receives direct requests.
+pub const PARTITION_DIRECT_REQ_RECV: u32 = 1;
+/// Size of one FF-A 1.0 partition-info descriptor: id u16, execution contexts u16, properties u32.
+pub const PARTITION_INFO_LEN: usize = 8;
+
+/// Trusty's partition as FFA_PARTITION_INFO_GET described it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustyPartition {
+    pub id: u16,
+    pub exec_contexts: u16,
+    pub properties: u32,
+}
+
+/// Finds Trusty's partition by UUID. `read_rx` copies the start of our RX buffer (mapped with
+/// FFA_RXTX_MAP), where the answer is written; the buffer is released afterwards.
+pub fn discover(conduit: &dyn Conduit, read_rx: impl FnOnce(&mut [u8])) -> Result<TrustyPartition, Error> {
+    let w = TRUSTY_UUID_WORDS.map(u64::from);
+    let out = conduit.call([u64::from(func::PARTITION_INFO_GET), w[0], w[1], w[2], w[3], 0, 0, 0]);
+    match out[0] as u32 {
+        func::SUCCESS | func::SUCCESS64 => {}
+        func::ERROR => return Err(Error::Ffa { call: "FFA_PARTITION_INFO_GET", code: out[2] as u32 as i32 }),
+        _ => return Err(Error::Ffa { call: "FFA_PARTITION_INFO_GET", code: crate::ffa::err::NOT_SUPPORTED }),
+    }
+    let count = out[2] as u32;
+    let mut desc = [0u8; PARTITION_INFO_LEN];
+    read_rx(&mut desc);
+    // The RX buffer belongs to the producer again once we have read it.
+    conduit.call([u64::from(func::RX_RELEASE), 0, 0, 0, 0, 0, 0, 0]);
+    if count != 1 {
+        return Err(Error::Ffa { call: "FFA_PARTITION_INFO_GET (Trusty's UUID)", code: crate::ffa::err::INVALID_PARAMETERS });
+    }
+    let part = TrustyPartition {
+        id: u16::from_le_bytes([desc[0], desc[1]]),
+        exec_contexts: u16::from_le_bytes([desc[2], desc[3]]),
+        properties: u32::from_le_bytes([desc[4], desc[5], desc[6], desc[7]]),
+    };
+    if part.properties & PARTITION_DIRECT_REQ_RECV == 0 {
+        return Err(Error::InvalidArgument("Trusty's partition does not receive direct requests"));
+    }
+    Ok(part)
+}
+
+/// Carries Trusty calls as FF-A direct requests.
+pub struct FfaCallConduit {
+    inner: Arc<dyn Conduit>,
+    own_id: u16,
+    trusty_id: u16,
+}
+
+fn ret(code: i32) -> [u64; 8] {
+    [u64::from(code as u32), 0, 0, 0, 0, 0, 0, 0]
+}
+
+impl FfaCallConduit {
+    /// `inner` issues the FF-A calls; `own_id` is ours (FFA_ID_GET), `trusty_id` Trusty's.
+    pub fn new(inner: Arc<dyn Conduit>, own_id: u16, trusty_id: u16) -> Self {
+        FfaCallConduit { inner, own_id, trusty_id }
+    }
+
+    /// One direct request; Trusty's answer in w3, or INTERNAL_FAILURE for FFA_ERROR,
+    /// FFA_INTERRUPT or anything else (spec §11).
+    fn direct(&self, op: u32, args: [u32; 4]) -> i32 {
+        let endpoints = (u64::from(self.own_id) << 16) | u64::from(self.trusty_id);
+        let a = args.map(u64::from);
+        let out = self.inner.call([u64::from(func::MSG_SEND_DIRECT_REQ), endpoints, 0, u64::from(op), a[0], a[1], a[2], a[3]]);
+        if out[0] as u32 == func::MSG_SEND_DIRECT_RESP {
+            out[3] as u32 as i32
+        } else {
+            SmError::InternalFailure.code()
+        }
+    }
+
+    /// Gives Trusty CPU time (FFA_RUN on vCPU 0), then asks whether it went idle.
+    fn run_then_idle(&self) -> Result<bool, i32> {
+        let target = u64::from(self.trusty_id) << 16;
+        let out = self.inner.call([u64::from(func::RUN), target, 0, 0, 0, 0, 0, 0]);
+        match out[0] as u32 {
+            func::SUCCESS | func::SUCCESS64 | func::MSG_WAIT => {}
+            _ => return Err(SmError::InternalFailure.code()),
+        }
+        match self.direct(opcode::IS_IDLE, [0; 4]) {
+            1 => Ok(true),
+            0 => Ok(false),
+            e => Err(e),
+        }
+    }
+
+    /// After the std call ran: its result if Trusty is idle, else INTERRUPTED (the caller's
+    /// RESTART_LAST comes back here).
+    fn std_result(&self) -> i32 {
+        match self.run_then_idle() {
+            Ok(true) => self.direct(opcode::GET_STDCALL_RET, [0; 4]),
+            Ok(false) => SmError::Interrupted.code(),
+            Err(e) => e,
+        }
+    }
+}
+
+impl Conduit for FfaCallConduit {
+    fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+        let f = regs[0] as u32;
+        // FF-A's own calls (memory sharing) go out as they are.
+        if f & 0xBF00_0000 == 0x8400_0000 {
+            return self.inner.call(regs);
+        }
+        let (a0, a1, a2) = (regs[1] as u32, regs[2] as u32, regs[3] as u32);
+        if fid::is_fast(f) {
+            return ret(self.direct(opcode::RUN_FASTCALL, [f, a0, a1, a2]));
+        }
+        ret(match f {
+            call::SC_NOP => {
+                if a0 != 0 {
+                    let r = self.direct(opcode::RUN_NOPCALL, [a0, a1, a2, 0]);
+                    if r != 0 {
+                        return ret(r);
+                    }
+                }
+                match self.run_then_idle() {
+                    Ok(true) => SmError::NopDone.code(),
+                    Ok(false) => SmError::NopInterrupted.code(),
+                    Err(e) => e,
+                }
+            }
+            // RESTART_LAST becomes "FFA_RUN, then GET_STDCALL_RET" (spec §11); with direct
+            // requests there is no FIQ preemption to resume, so RESTART_FIQ is the same.
+            call::SC_RESTART_LAST | call::SC_RESTART_FIQ => self.std_result(),
+            _ => match self.direct(opcode::QUEUE_STDCALL, [f, a0, a1, a2]) {
+                0 => self.std_result(),
+                e => e,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::sync::Mutex;
+    use std::vec::Vec;
+
+    /// A fake partition: records requests, answers from simple rules.
+    struct FakeSp {
+        log: Mutex<Vec<(u32, u32)>>,
+        idle_after_runs: Mutex<u32>,
+    }
+    impl Conduit for FakeSp {
+        fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+            let f = regs[0] as u32;
+            self.log.lock().unwrap().push((f, regs[3] as u32));
+            match f {
+                func::MSG_SEND_DIRECT_REQ => {
+                    assert_eq!(regs[1], (5 << 16) | 0x8000, "sender << 16 | receiver");
+                    let w3 = match regs[3] as u32 {
+                        opcode::RUN_FASTCALL => regs[4] as u32 ^ 0xFF, // echo something of the fid
+                        opcode::QUEUE_STDCALL => 0,
+                        opcode::GET_STDCALL_RET => 42,
+                        opcode::RUN_NOPCALL => 0,
+                        opcode::IS_IDLE => {
+                            let mut n = self.idle_after_runs.lock().unwrap();
+                            if *n == 0 {
+                                1
+                            } else {
+                                *n -= 1;
+                                0
+                            }
+                        }
+                        _ => -8i32 as u32,
+                    };
+                    [u64::from(func::MSG_SEND_DIRECT_RESP), 0, 0, u64::from(w3), 0, 0, 0, 0]
+                }
+                func::RUN => [u64::from(func::SUCCESS), 0, 0, 0, 0, 0, 0, 0],
+                func::MEM_SHARE => [u64::from(func::SUCCESS), 0, 7, 0, 0, 0, 0, 0],
+                _ => [u64::from(func::ERROR), 0, (-1i32) as u32 as u64, 0, 0, 0, 0, 0],
+            }
+        }
+    }
+
+    fn conduit(busy_runs: u32) -> (Arc<FakeSp>, FfaCallConduit) {
+        let sp = Arc::new(FakeSp { log: Mutex::new(Vec::new()), idle_after_runs: Mutex::new(busy_runs) });
+        (sp.clone(), FfaCallConduit::new(sp, 5, 0x8000))
+    }
+
+    fn r(c: &FfaCallConduit, f: u32, a: u32) -> i32 {
+        c.call([u64::from(f), u64::from(a), 0, 0, 0, 0, 0, 0])[0] as u32 as i32
+    }
+
+    #[test]
+    fn fast_call_is_run_fastcall() {
+        let (sp, c) = conduit(0);
+        assert_eq!(r(&c, call::FC_API_VERSION, 5), (call::FC_API_VERSION ^ 0xFF) as i32);
+        assert_eq!(sp.log.lock().unwrap().as_slice(), &[(func::MSG_SEND_DIRECT_REQ, opcode::RUN_FASTCALL)]);
+    }
+
+    #[test]
+    fn std_call_is_queue_run_idle_get() {
+        let (sp, c) = conduit(0);
+        assert_eq!(r(&c, call::SC_VIRTIO_START, 1), 42);
+        let log = sp.log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            [
+                (func::MSG_SEND_DIRECT_REQ, opcode::QUEUE_STDCALL),
+                (func::RUN, 0),
+                (func::MSG_SEND_DIRECT_REQ, opcode::IS_IDLE),
+                (func::MSG_SEND_DIRECT_REQ, opcode::GET_STDCALL_RET)
+            ]
+        );
+    }
+
+    #[test]
+    fn busy_partition_means_interrupted_then_restart_finishes() {
+        let (_, c) = conduit(1);
+        assert_eq!(r(&c, call::SC_VIRTIO_START, 1), SmError::Interrupted.code());
+        assert_eq!(r(&c, call::SC_RESTART_LAST, 0), 42);
+    }
+
+    #[test]
+    fn nops_and_passthrough() {
+        let (sp, c) = conduit(1);
+        assert_eq!(r(&c, call::SC_NOP, 0), SmError::NopInterrupted.code());
+        assert_eq!(r(&c, call::SC_NOP, 0), SmError::NopDone.code());
+        assert_eq!(c.call([u64::from(func::MEM_SHARE), 80, 80, 0, 0, 0, 0, 0])[2], 7);
+        assert!(!sp.log.lock().unwrap().iter().any(|&(f, _)| f == call::SC_NOP), "no plain Trusty call leaks through");
+    }
+}

@@ -1,0 +1,9 @@
+//! Xen primitives for a DomU on ARM64: the hypercall ABI and its argument structs
+//! ([`hypercall`]), and grant table v1 with the "xen-grant" sharing mechanism ([`grant`]).
+//!
+//! Encoders, decoders and the grant-table logic run on the host against fakes; only the `hvc`
+//! instruction (`hypercall::HvcHypercall`) is compiled for AArch64 alone. Numbers and layouts
+//! follow Xen's public headers (`xen/include/public/`), cited where they are defined.
+
+pub mod grant;
+pub mod hypercall;
