@@ -385,20 +385,27 @@ pub fn gather(dt: &DtFacts, probes: &mut dyn Probes) -> PlatformFacts {
 
     let (trusty, ffa_available) = if let Some((backend_domid, call_evtchn, kick_evtchn)) = dt.trusty_vm {
         (TrustyPath::XenVm { backend_domid, call_evtchn, kick_evtchn }, false)
-    } else if probes.trusty_smc_answers() {
-        if xen {
+    } else if xen {
+        // Xen routes Trusted-OS and FF-A calls to the one mediator it runs (spec dma-decisions
+        // §4.1). If FF-A answers, that is the FF-A mediator, which refuses Trusty's own calls:
+        // no Trusty SMC is sent to find that out (§4.3).
+        if probes.ffa_version_ok() {
+            (TrustyPath::FfaMediator, true)
+        } else if probes.trusty_smc_answers() {
             let path = if dt.trusty_mediator { TrustyPath::TrustyMediator } else { TrustyPath::Smc };
             (path, false)
-        } else if probes.ffa_version_ok() {
+        } else {
+            (TrustyPath::Unreachable, false)
+        }
+    } else if probes.trusty_smc_answers() {
+        if probes.ffa_version_ok() {
             (TrustyPath::FfaNative, true)
         } else {
             (TrustyPath::Smc, false)
         }
     } else {
-        let ffa = probes.ffa_version_ok();
-        // Trusty's SMCs refused but FF-A answers: under Xen that is the FF-A mediator (§4.3).
-        let path = if ffa && xen { TrustyPath::FfaMediator } else { TrustyPath::Unreachable };
-        (path, ffa)
+        // No hypervisor, and Trusty does not answer: FF-A alone does not reach it.
+        (TrustyPath::Unreachable, probes.ffa_version_ok())
     };
 
     PlatformFacts { hypervisor, address_map, trusty, ffa_available, grant_table: dt.grant_table, api_version: None }
@@ -816,7 +823,7 @@ mod tests {
         assert_eq!(facts.trusty, TrustyPath::FfaMediator);
         assert!(facts.ffa_available);
         assert!(facts.grant_table);
-        assert_eq!(probes.asked, ["xen", "trusty", "ffa"]);
+        assert_eq!(probes.asked, ["xen", "ffa"], "no Trusty SMC is sent once FF-A answered under Xen");
     }
 
     #[test]
@@ -826,7 +833,7 @@ mod tests {
         let facts = gather(&dt, &mut probes);
         assert_eq!(facts.trusty, TrustyPath::TrustyMediator);
         assert!(!facts.ffa_available);
-        assert_eq!(probes.asked, ["xen", "trusty"], "FF-A is excluded once Trusty's SMC answered under Xen");
+        assert_eq!(probes.asked, ["xen", "ffa", "trusty"]);
     }
 
     #[test]
@@ -852,7 +859,7 @@ mod tests {
         let mut probes = FakeProbes { features: Some(NOT_DIRECT), ..Default::default() };
         let facts = gather(&DT_XEN, &mut probes);
         assert_eq!(facts.trusty, TrustyPath::Unreachable);
-        assert_eq!(probes.asked, ["xen", "trusty", "ffa"]);
+        assert_eq!(probes.asked, ["xen", "ffa", "trusty"]);
     }
 
     #[test]

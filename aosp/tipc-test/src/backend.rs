@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use platforms::Profile;
-use tipc::stack::{bring_up_platform, BringUp, PlatformAccess, StackConfig};
+use tipc::stack::{bring_up_platform, BringUp, StackConfig};
 use tipc::{ChannelId, Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
 
@@ -103,30 +103,11 @@ impl std::fmt::Display for BringUpFailure {
     }
 }
 
-/// Boots the machine a profile describes, without the stack.
-pub fn machine(mode: ModelMode, profile: &Profile) -> Sim {
-    Sim::with_stage2(mode, profile.machine.model.clone(), profile.machine.stage2)
-}
-
-/// What the simulated platform gives the stack.
-pub fn platform_access(sim: &Sim, profile: &Profile) -> PlatformAccess {
-    let features = sim.xen_features();
-    PlatformAccess {
-        conduit: sim.conduit(),
-        clock: sim.clock(),
-        allocator: sim.allocator(),
-        fdt: profile.fdt.clone(),
-        xen_features: Box::new(move || features),
-        events: Some(sim.events()),
-        register_grant_table: sim.grant_table_registrar(),
-    }
-}
-
 impl SimBackend {
     /// Boots the machine of `profile` and brings the stack up on it.
     pub fn new(mode: ModelMode, profile: &Profile, cfg: StackConfig) -> Result<SimBackend, BringUpFailure> {
-        let sim = machine(mode, profile);
-        match bring_up_platform(platform_access(&sim, profile), cfg) {
+        let sim = profile.boot(mode);
+        match bring_up_platform(profile.access(&sim), cfg) {
             Ok((dev, info)) => {
                 Ok(SimBackend { dev: Some(dev), handles: Vec::new(), sim, mode, profile: profile.name.clone(), info })
             }

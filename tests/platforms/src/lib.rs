@@ -8,7 +8,8 @@
 //! stack never reads, so that a DTB file alone can reproduce a run (`tipc-test --platform
 //! FILE.dtb`).
 
-use trusty_model::host::Stage2;
+use tipc::stack::PlatformAccess;
+use trusty_model::host::{ModelMode, Sim, Stage2};
 use trusty_model::model::Path;
 use trusty_model::ModelConfig;
 use vm_fdt::FdtWriter;
@@ -168,6 +169,28 @@ fn specs() -> Vec<Spec> {
             ns_endpoint_id: 0,
         },
     ]
+}
+
+impl Profile {
+    /// Boots the machine this profile describes (without the stack).
+    pub fn boot(&self, mode: ModelMode) -> Sim {
+        Sim::with_stage2(mode, self.machine.model.clone(), self.machine.stage2)
+    }
+
+    /// What the simulated platform gives the stack: the conduit, clock, RAM, this profile's
+    /// device tree, and the simulated hypervisor's answers.
+    pub fn access(&self, sim: &Sim) -> PlatformAccess {
+        let features = sim.xen_features();
+        PlatformAccess {
+            conduit: sim.conduit(),
+            clock: sim.clock(),
+            allocator: sim.allocator(),
+            fdt: self.fdt.clone(),
+            xen_features: Box::new(move || features),
+            events: Some(sim.events()),
+            register_grant_table: sim.grant_table_registrar(),
+        }
+    }
 }
 
 /// The names of all profiles, in a stable order.
