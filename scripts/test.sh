@@ -27,4 +27,6 @@ step "the main job: tipc-test -t all, model inside the call and on its own threa
 cargo build --locked --release -p tipc-test
 ./target/release/tipc-test -D sim-threaded -t all -s
 ./target/release/tipc-test -t echo -r 1000 -m 4000 -s
+./target/release/tipc-test --platform xen-domu-ffa-mediator -D sim-threaded -t all -s
+./target/release/tipc-test --platform xen-domu-trusty-vm -t all -s
 ./target/release/tipc-test -D sim -t all
