@@ -119,11 +119,18 @@ pub fn read_device_tree(fdt: &[u8]) -> Result<DtFacts, FactsError> {
         }
     };
 
-    let domid = match root.children().find(|n| n.name == "chosen") {
+    let chosen = root.children().find(|n| n.name == "chosen");
+    let domid = match chosen {
         Some(chosen) if chosen.property(CHOSEN_DOMID_PROP).is_some() => {
             Some(domid_from(required_u32(chosen, CHOSEN_DOMID_PROP)?, CHOSEN_DOMID_PROP)?)
         }
         _ => None,
+    };
+    // A dom0less guest's device tree is written by Xen, so the Trusty VM may instead be named on
+    // the kernel command line (the domain node's `bootargs`).
+    let trusty_vm = match (trusty_vm, chosen.and_then(|c| c.property("bootargs")).and_then(|p| p.as_str())) {
+        (None, Some(args)) => trusty_vm_from_bootargs(args)?,
+        (vm, _) => vm,
     };
 
     Ok(DtFacts {
@@ -134,6 +141,22 @@ pub fn read_device_tree(fdt: &[u8]) -> Result<DtFacts, FactsError> {
         trusty_vm,
         domid,
     })
+}
+
+/// The boot argument naming a Trusty VM: `trusty-ipc-stack.trusty-vm=<domid>,<call>,<kick>`.
+pub const TRUSTY_VM_BOOTARG: &str = "trusty-ipc-stack.trusty-vm=";
+
+/// Reads [`TRUSTY_VM_BOOTARG`] from a command line, if present.
+pub fn trusty_vm_from_bootargs(args: &str) -> Result<Option<(u16, u32, u32)>, FactsError> {
+    const WHAT: &str = "bootargs trusty-ipc-stack.trusty-vm=<domid>,<call-evtchn>,<kick-evtchn>";
+    let Some(value) = args.split_ascii_whitespace().find_map(|w| w.strip_prefix(TRUSTY_VM_BOOTARG)) else {
+        return Ok(None);
+    };
+    let mut parts = value.split(',').map(|p| p.parse::<u32>().map_err(|_| FactsError::BadProperty(WHAT)));
+    let (Some(domid), Some(call), Some(kick), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(FactsError::BadProperty(WHAT));
+    };
+    Ok(Some((domid_from(domid?, WHAT)?, call?, kick?)))
 }
 
 fn is_compatible(node: &FdtNode<'_, '_>, compatible: &str) -> bool {
@@ -610,6 +633,15 @@ mod tests {
         let facts = read_device_tree(&build(&spec)).unwrap();
         assert_eq!(facts.trusty_vm, Some((7, 11, 12)));
         assert!(!facts.trusty_node);
+    }
+
+    #[test]
+    fn trusty_vm_from_the_command_line() {
+        assert_eq!(trusty_vm_from_bootargs("console=hvc0 trusty-ipc-stack.trusty-vm=1,10,11 quiet"), Ok(Some((1, 10, 11))));
+        assert_eq!(trusty_vm_from_bootargs("console=hvc0"), Ok(None));
+        for bad in ["trusty-ipc-stack.trusty-vm=1,10", "trusty-ipc-stack.trusty-vm=1,10,11,12", "trusty-ipc-stack.trusty-vm=x,1,2", "trusty-ipc-stack.trusty-vm=70000,1,2"] {
+            assert!(trusty_vm_from_bootargs(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

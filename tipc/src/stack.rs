@@ -14,7 +14,7 @@ use trusty_platform::facts::{gather, read_device_tree, FactsError};
 use trusty_platform::ffa::FfaSharer;
 use trusty_platform::ffa_call::{discover, FfaCallConduit};
 use trusty_platform::mailbox::{EventChannel, MailboxConduit, MAILBOX_GREF};
-use trusty_platform::mem::{Access, PageAllocator, SharedMemory, Sharer, PAGE_SIZE};
+use trusty_platform::mem::{Access, PageAllocator, SharedMemory, Sharer};
 use trusty_platform::phys::{AddressKind, AddressSharer};
 use trusty_platform::plan::{CallTransport, DecisionError, Mechanism, PlatformFacts, SharingPlan};
 use trusty_platform::probe::CallProbes;
@@ -54,9 +54,10 @@ pub struct PlatformAccess {
     pub xen_features: Box<dyn FnMut() -> Option<u32> + Send>,
     /// Event channels to another domain (for a Trusty VM), if the platform has them.
     pub events: Option<Arc<dyn EventChannel>>,
-    /// Tells the hypervisor where the grant table is (guest address, entries); on Xen this maps
-    /// the table's frames with XENMEM_add_to_physmap.
-    pub register_grant_table: Box<dyn FnMut(u64, u32) -> Result<(), trusty_platform::Error> + Send>,
+    /// The grant table's memory (where it is, and its length in bytes): on Xen the table's
+    /// frames mapped with XENMEM_add_to_physmap into the grant window; on the host, RAM the
+    /// simulated hypervisor was told about. Asked for once, only when a Trusty VM is the peer.
+    pub grant_table: Box<dyn FnMut() -> Result<(NonNull<u8>, usize), trusty_platform::Error> + Send>,
 }
 
 /// Why bring-up failed, naming what is missing.
@@ -248,18 +249,18 @@ fn carry_out(
 /// Sets up the grant table, registers it with the hypervisor, and grants the mailbox page to
 /// the Trusty domain with [`MAILBOX_GREF`].
 fn grant_mailbox(p: &mut PlatformAccess, backend_domid: u16) -> Result<(GrantSharer, NonNull<u8>), Error> {
-    let table_mem = p.allocator.alloc_zeroed(1).ok_or(Error::NoMemory)?;
-    (p.register_grant_table)(table_mem.paddr(), (PAGE_SIZE / 8) as u32)?;
-    // SAFETY: the page is ours for good (the hypervisor reads it as our grant table).
-    let table = unsafe { GrantTable::new(table_mem.vaddr(), PAGE_SIZE) }?;
+    let (table_mem, table_len) = (p.grant_table)()?;
+    // SAFETY: the platform hands the table's memory to the stack for good (the hypervisor reads
+    // it as our grant table; nothing else in this program touches it).
+    let table = unsafe { GrantTable::new(table_mem, table_len) }?;
     let mut sharer = GrantSharer::new(table, backend_domid);
     let page = p.allocator.alloc_zeroed(1).ok_or(Error::NoMemory)?;
     let id = sharer.share(&[page.range()], Access::ReadWrite)?;
     if trusty_platform::xen::grant::decode_grant_id(id.0) != Some(MAILBOX_GREF) {
         return Err(Error::Unsupported("the mailbox must be the first grant"));
     }
-    // The table page and the mailbox page are never given back (regions have no destructor):
-    // the hypervisor and the Trusty VM may touch them for the life of the stack.
+    // The mailbox page is never given back (regions have no destructor): the Trusty VM may
+    // touch it for the life of the stack.
     Ok((sharer, page.vaddr()))
 }
 

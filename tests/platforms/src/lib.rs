@@ -188,7 +188,7 @@ impl Profile {
             fdt: self.fdt.clone(),
             xen_features: Box::new(move || features),
             events: Some(sim.events()),
-            register_grant_table: sim.grant_table_registrar(),
+            grant_table: sim.grant_table_provider(),
         }
     }
 }

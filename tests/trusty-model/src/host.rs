@@ -394,15 +394,20 @@ impl Sim {
     pub fn xen_features(&self) -> Option<u32> {
         self.model().config().xen_features
     }
-    /// A hook for the stack's bring-up: registers the grant table with the simulated hypervisor.
-    pub fn grant_table_registrar(&self) -> Box<dyn FnMut(u64, u32) -> Result<(), trusty_platform::Error> + Send> {
+    /// A hook for the stack's bring-up: a page of guest RAM for the grant table, registered with
+    /// the simulated hypervisor (on Xen the guest maps the table's frames instead).
+    #[allow(clippy::type_complexity)]
+    pub fn grant_table_provider(
+        &self,
+    ) -> Box<dyn FnMut() -> Result<(std::ptr::NonNull<u8>, usize), trusty_platform::Error> + Send> {
         let model = self.model.clone();
-        Box::new(move |ipa, entries| match model.lock() {
-            Ok(mut m) => {
-                m.set_grant_table(ipa, entries);
-                Ok(())
-            }
-            Err(_) => Err(trusty_platform::Error::InvalidArgument("simulated hypervisor is gone")),
+        let mut allocator = RamAllocator::new(self.ram.clone());
+        Box::new(move || {
+            let page = allocator.alloc_zeroed(1).ok_or(trusty_platform::Error::OutOfMemory)?;
+            let mut m = model.lock().map_err(|_| trusty_platform::Error::InvalidArgument("simulated hypervisor is gone"))?;
+            m.set_grant_table(page.paddr(), (PAGE_SIZE / 8) as u32);
+            // The page now belongs to the grant table for good.
+            Ok((page.vaddr(), PAGE_SIZE))
         })
     }
     /// The simulated hypervisor learns where the guest's grant table is (on Xen, the guest maps

@@ -96,6 +96,27 @@ impl IdScheme {
     }
 }
 
+/// Maps another domain's grant references into the secure side's address space, as Xen's
+/// GNTTABOP_map_grant_ref does for a Trusty VM. The host harness reads the guest's grant table
+/// itself ([`HostGrantTable`]); a Trusty VM image asks Xen.
+pub trait GrantMapper: Send {
+    /// Maps reference `gref`, read-only unless `write`. Returns the page's address as
+    /// [`PhysMem`] reaches it and a handle for `unmap`, or why not.
+    fn map(&mut self, gref: u32, write: bool) -> Result<(u64, u32), GrantMapError>;
+    fn unmap(&mut self, addr: u64, handle: u32);
+}
+
+/// Why a grant could not be mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantMapError {
+    /// Not granted to us, or not for this access (GNTST_permission_denied and friends).
+    NotGranted,
+    /// The granted frame is not the guest's RAM.
+    BadFrame(u32),
+    /// The hypervisor refused for another reason (its status code).
+    Refused(i32),
+}
+
 /// Grant table v1 entry flags (Xen public/grant_table.h).
 const GTF_PERMIT_ACCESS: u16 = 1;
 const GTF_READONLY: u16 = 1 << 2;
@@ -113,8 +134,8 @@ pub struct ShareTable {
     mediated_addresses: bool,
     /// Xen's FF-A mediator: MEM_SHARE and RXTX_MAP carry IPAs, descriptors single-fragment.
     ffa_mediator: bool,
-    /// The guest's grant table: guest address and number of entries.
-    grant_table: Option<(u64, u32)>,
+    /// How grant references are mapped (a Trusty VM).
+    grants: Option<alloc::boxed::Box<dyn GrantMapper>>,
     /// A share being received in fragments: bytes so far, total length, sender.
     fragments: Option<(Vec<u8>, usize, u16)>,
     shares: BTreeMap<u64, Share>,
@@ -149,7 +170,7 @@ impl ShareTable {
             scheme: IdScheme::FfaHandle,
             mediated_addresses: false,
             ffa_mediator: false,
-            grant_table: None,
+            grants: None,
             fragments: None,
         }
     }
@@ -169,9 +190,16 @@ impl ShareTable {
         self.ffa_mediator = ffa_mediator;
     }
 
-    /// The guest told Xen where its grant table is (XENMEM_add_to_physmap in the real thing).
+    /// How grant references reach memory.
+    pub fn set_grant_mapper(&mut self, mapper: alloc::boxed::Box<dyn GrantMapper>) {
+        self.grants = Some(mapper);
+    }
+
+    /// The host harness: the guest told Xen where its grant table is.
     pub fn set_grant_table(&mut self, ipa: u64, entries: u32) {
-        self.grant_table = Some((ipa, entries));
+        if let IdScheme::Grant { domid } = self.scheme {
+            self.grants = Some(alloc::boxed::Box::new(HostGrantTable::new(self.phys.clone(), ipa, entries, domid)));
+        }
     }
 
     /// Reads a guest address as the secure side must: through the stage-2 if a hypervisor
@@ -410,14 +438,6 @@ impl ShareTable {
         Some(Mapping { id, ranges: alloc::vec![range], len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
     }
 
-    fn grant_entry_pa(&self, gref: u32) -> Option<u64> {
-        let (ipa, entries) = self.grant_table?;
-        if gref >= entries {
-            return None;
-        }
-        self.phys.guest_to_phys(ipa + u64::from(gref) * 8)
-    }
-
     fn map_grant(&mut self, id: u64, pages: u32, len: usize, write: bool, domid: u16, purpose: &str) -> Option<Mapping> {
         let Some(first) = trusty_platform::xen::grant::decode_grant_id(id) else {
             self.fault("xen-grant", id, format!("{purpose}: not a grant reference"));
@@ -427,34 +447,26 @@ impl ShareTable {
         let mut grants = Vec::new();
         for i in 0..pages {
             let gref = first.wrapping_add(i);
-            let entry = self.grant_entry_pa(gref);
-            let checked = entry.and_then(|epa| {
-                let flags = self.phys.read_u16(epa)?;
-                let granted_to = self.phys.read_u16(epa + 2)?;
-                let frame = self.phys.read_u32(epa + 4)?;
-                let ok = flags & GTF_PERMIT_ACCESS != 0 && granted_to == domid && !(write && flags & GTF_READONLY != 0);
-                ok.then_some((epa, flags, frame))
-            });
-            let Some((epa, flags, frame)) = checked else {
-                for (e, f) in grants {
-                    self.phys.write_u16(e, f);
-                }
-                self.fault("xen-grant", u64::from(gref), format!("{purpose}: grant reference not granted to domain {domid} for this access"));
-                return None;
+            let mapped = match self.grants.as_mut() {
+                Some(m) => m.map(gref, write),
+                None => Err(GrantMapError::NotGranted),
             };
-            let Some(pa) = self.phys.guest_to_phys(u64::from(frame) << 12) else {
-                for (e, f) in grants {
-                    self.phys.write_u16(e, f);
+            let (addr, handle) = match mapped {
+                Ok(m) => m,
+                Err(e) => {
+                    if let Some(m) = self.grants.as_mut() {
+                        for (a, h) in grants {
+                            m.unmap(a, h);
+                        }
+                    }
+                    self.fault("xen-grant", u64::from(gref), format!("{purpose}: grant reference not mapped for domain {domid} ({e:?})"));
+                    return None;
                 }
-                self.fault("xen-grant", u64::from(gref), format!("{purpose}: granted frame {frame:#x} is not guest RAM"));
-                return None;
             };
-            // Xen marks the entry while it is mapped, so the granter cannot end access.
-            self.phys.write_u16(epa, flags | if write { GTF_WRITING | GTF_READING } else { GTF_READING });
-            grants.push((epa, flags));
+            grants.push((addr, handle));
             match ranges.last_mut() {
-                Some(r) if r.addr + u64::from(r.pages) * PAGE_SIZE as u64 == pa => r.pages += 1,
-                _ => ranges.push(PhysRange { addr: pa, pages: 1 }),
+                Some(r) if r.addr + u64::from(r.pages) * PAGE_SIZE as u64 == addr => r.pages += 1,
+                _ => ranges.push(PhysRange { addr, pages: 1 }),
             }
         }
         Some(Mapping { id, ranges, len, writable: write, phys: self.phys.clone(), grants })
@@ -469,8 +481,10 @@ impl ShareTable {
                 }
             }
             _ => {
-                for (entry, flags) in m.grants {
-                    self.phys.write_u16(entry, flags);
+                if let Some(mapper) = self.grants.as_mut() {
+                    for (addr, handle) in m.grants {
+                        mapper.unmap(addr, handle);
+                    }
                 }
             }
         }
@@ -482,6 +496,55 @@ impl ShareTable {
     }
 }
 
+/// The host harness's stand-in for Xen's grant mapping: reads the guest's grant table (whose
+/// location the guest registered) through the stage-2, checks the entry as Xen would, and marks
+/// it in use while mapped.
+pub struct HostGrantTable {
+    phys: Arc<dyn PhysMem>,
+    /// Guest address and entry count of the table.
+    table: (u64, u32),
+    /// The domain the secure side is (grants must name it).
+    domid: u16,
+}
+
+impl HostGrantTable {
+    pub fn new(phys: Arc<dyn PhysMem>, table_ipa: u64, entries: u32, domid: u16) -> Self {
+        HostGrantTable { phys, table: (table_ipa, entries), domid }
+    }
+
+    fn entry_pa(&self, gref: u32) -> Option<u64> {
+        let (ipa, entries) = self.table;
+        if gref >= entries {
+            return None;
+        }
+        self.phys.guest_to_phys(ipa + u64::from(gref) * 8)
+    }
+}
+
+impl GrantMapper for HostGrantTable {
+    fn map(&mut self, gref: u32, write: bool) -> Result<(u64, u32), GrantMapError> {
+        let epa = self.entry_pa(gref).ok_or(GrantMapError::NotGranted)?;
+        let flags = self.phys.read_u16(epa).ok_or(GrantMapError::NotGranted)?;
+        let granted_to = self.phys.read_u16(epa + 2).ok_or(GrantMapError::NotGranted)?;
+        let frame = self.phys.read_u32(epa + 4).ok_or(GrantMapError::NotGranted)?;
+        if flags & GTF_PERMIT_ACCESS == 0 || granted_to != self.domid || (write && flags & GTF_READONLY != 0) {
+            return Err(GrantMapError::NotGranted);
+        }
+        let pa = self.phys.guest_to_phys(u64::from(frame) << 12).ok_or(GrantMapError::BadFrame(frame))?;
+        // Xen marks the entry while it is mapped, so the granter cannot end access.
+        self.phys.write_u16(epa, flags | if write { GTF_WRITING | GTF_READING } else { GTF_READING });
+        Ok((pa, gref))
+    }
+
+    fn unmap(&mut self, _addr: u64, gref: u32) {
+        if let Some(epa) = self.entry_pa(gref) {
+            if let Some(flags) = self.phys.read_u16(epa) {
+                self.phys.write_u16(epa, flags & !(GTF_READING | GTF_WRITING));
+            }
+        }
+    }
+}
+
 /// A mapped share: bounded access to exactly the bytes that were shared.
 pub struct Mapping {
     id: u64,
@@ -489,8 +552,8 @@ pub struct Mapping {
     len: usize,
     writable: bool,
     phys: Arc<dyn PhysMem>,
-    /// Grant entries marked in use, with the flags to restore on unmap.
-    grants: Vec<(u64, u16)>,
+    /// Grant pages mapped for this mapping: address and unmap handle.
+    grants: Vec<(u64, u32)>,
 }
 
 impl Mapping {

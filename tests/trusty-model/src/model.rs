@@ -267,6 +267,11 @@ impl Model {
         self.shares.set_grant_table(ipa, entries);
     }
 
+    /// A Trusty VM on real Xen maps grants with hypercalls.
+    pub fn set_grant_mapper(&mut self, mapper: alloc::boxed::Box<dyn crate::mem::GrantMapper>) {
+        self.shares.set_grant_mapper(mapper);
+    }
+
     /// Deny the next `n` reclaims, as if the memory were still mapped.
     pub fn deny_reclaims(&mut self, n: u32) {
         self.shares.deny_reclaims = n;
