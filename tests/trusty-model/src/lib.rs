@@ -18,6 +18,7 @@ pub mod host;
 pub mod ipc;
 pub mod mem;
 pub mod model;
+pub mod raw;
 pub mod tipc_dev;
 
 pub use model::{Injection, Model, ModelConfig, ModelStats};

@@ -149,6 +149,8 @@ pub struct ShareTable {
     rx_buffer: Option<u64>,
     /// Test switch: deny the next N reclaims as if still mapped.
     pub deny_reclaims: u32,
+    /// A `try_map` is under way: refusals are not faults.
+    quiet: bool,
 }
 
 /// Why MEM_SHARE was refused, as an FF-A error code.
@@ -167,6 +169,7 @@ impl ShareTable {
             tx_buffer: None,
             rx_buffer: None,
             deny_reclaims: 0,
+            quiet: false,
             scheme: IdScheme::FfaHandle,
             mediated_addresses: false,
             ffa_mediator: false,
@@ -233,6 +236,9 @@ impl ShareTable {
     }
 
     pub fn fault(&mut self, mechanism: &'static str, addr: u64, what: String) {
+        if self.quiet {
+            return;
+        }
         log::error!("secure-side fault: {what} at {addr:#x} ({mechanism})");
         self.faults.push(Fault { mechanism, addr, what });
     }
@@ -375,6 +381,20 @@ impl ShareTable {
     /// with the access asked for. Anything that was not made visible to Trusty this way is a
     /// fault that names the id and the mechanism.
     pub fn map(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
+        self.quiet = false;
+        self.map_inner(id, len, write, purpose)
+    }
+
+    /// Like [`ShareTable::map`], but a refusal is not a fault: for memory the peer may simply
+    /// not have granted yet (a Trusty VM waiting for the guest's mailbox).
+    pub fn try_map(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
+        self.quiet = true;
+        let m = self.map_inner(id, len, write, purpose);
+        self.quiet = false;
+        m
+    }
+
+    fn map_inner(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
         let pages = len.div_ceil(PAGE_SIZE).max(1) as u32;
         match self.scheme {
             IdScheme::FfaHandle => self.map_ffa(id, len, write, purpose),

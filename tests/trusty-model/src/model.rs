@@ -161,6 +161,8 @@ pub struct Model {
     /// FF-A transport: the queued standard call, and its result once FFA_RUN ran it.
     queued_std: Option<(u32, [u32; 3])>,
     queued_result: Option<i32>,
+    /// A Trusty VM's mapping of the guest's mailbox page.
+    mailbox: Option<crate::mem::Mapping>,
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -212,6 +214,7 @@ impl Model {
             work_pending: false,
             queued_std: None,
             queued_result: None,
+            mailbox: None,
             inject: Injection::default(),
             stats: ModelStats::default(),
             cfg,
@@ -344,9 +347,16 @@ impl Model {
     pub fn serve_mailbox(&mut self) -> bool {
         use trusty_platform::mailbox as mb;
         let Path::XenVm { .. } = self.cfg.path else { return false };
-        let id = (1u64 << 63) | (u64::from(mb::MAILBOX_GREF) << 12);
-        let Some(m) = self.shares.map(id, trusty_platform::mem::PAGE_SIZE, true, "Trusty VM mailbox") else {
-            return false;
+        // The mailbox stays mapped once the guest has granted it (it never takes it back).
+        let m = match self.mailbox.take() {
+            Some(m) => m,
+            None => {
+                let id = (1u64 << 63) | (u64::from(mb::MAILBOX_GREF) << 12);
+                match self.shares.try_map(id, trusty_platform::mem::PAGE_SIZE, true, "Trusty VM mailbox") {
+                    Some(m) => m,
+                    None => return false,
+                }
+            }
         };
         let mut word = [0u8; 4];
         let read_u32 = |m: &crate::mem::Mapping, off: usize, w: &mut [u8; 4]| -> u32 {
@@ -377,7 +387,7 @@ impl Model {
             core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
             m.write(mb::OFF_RSP_SEQ, &req.to_le_bytes());
         }
-        self.shares.unmap(m);
+        self.mailbox = Some(m);
         served
     }
 
