@@ -18,7 +18,7 @@ step "unit, integration and conformance tests (host)"
 cargo test --workspace --locked
 
 step "no_std crates build for aarch64-unknown-none"
-cargo build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-model --target aarch64-unknown-none
+cargo build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-model -p tipc-test-cases --target aarch64-unknown-none
 
 step "clippy, warnings are errors"
 cargo clippy --locked --workspace --all-targets -- -D warnings

@@ -42,6 +42,9 @@ impl Default for StackConfig {
     }
 }
 
+/// Gives the grant table's memory: where it is, and its length in bytes.
+pub type GrantTableProvider = Box<dyn FnMut() -> Result<(NonNull<u8>, usize), trusty_platform::Error> + Send>;
+
 /// What the platform provides to the stack.
 pub struct PlatformAccess {
     /// The SMC (or HVC) conduit into the secure monitor, as the hardware offers it.
@@ -57,7 +60,7 @@ pub struct PlatformAccess {
     /// The grant table's memory (where it is, and its length in bytes): on Xen the table's
     /// frames mapped with XENMEM_add_to_physmap into the grant window; on the host, RAM the
     /// simulated hypervisor was told about. Asked for once, only when a Trusty VM is the peer.
-    pub grant_table: Box<dyn FnMut() -> Result<(NonNull<u8>, usize), trusty_platform::Error> + Send>,
+    pub grant_table: GrantTableProvider,
 }
 
 /// Why bring-up failed, naming what is missing.

@@ -1,6 +1,11 @@
-//! A Rust port of AOSP's tipc-test (spec §9.1): the test cases, the backends they run against,
-//! and the runner with tipc-test's benchmark output.
+//! A Rust port of AOSP's tipc-test (spec §9.1) on a host: the backend over the embedded model,
+//! the std environment, and the runner with tipc-test's benchmark output. The test cases
+//! themselves live in the `no_std` crate `tipc-test-cases`, which bare-metal images run too.
 
 pub mod backend;
-pub mod cases;
+pub mod env;
 pub mod runner;
+
+pub use env::StdEnv;
+/// The test cases, re-exported from `tipc-test-cases`.
+pub use tipc_test_cases::cases;

@@ -2,10 +2,14 @@
 //! what went wrong and still returns success, these fail: a test passes only if the secure side
 //! behaved as §9.2 says it must.
 
-use std::thread;
-use std::time::{Duration, Instant};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::time::Duration;
 
 use crate::backend::{Errno, Handle, TipcBackend};
+use crate::env::{elapsed_us, TestEnv};
 use tipc::errno::{ENOTCONN, ETIMEDOUT};
 
 pub const ECHO: &str = "com.android.ipc-unittest.srv.echo";
@@ -50,7 +54,7 @@ pub type Outcome = Result<(), String>;
 /// A test: its name and body.
 pub struct TestCase {
     pub name: &'static str,
-    pub run: fn(&mut dyn TipcBackend, &Params, &mut Rng) -> Outcome,
+    pub run: fn(&mut dyn TipcBackend, &dyn TestEnv, &Params, &mut Rng) -> Outcome,
 }
 
 /// The tests `-t all` runs, in tipc-test's order.
@@ -107,8 +111,9 @@ fn msg_len(p: &Params, rng: &mut Rng) -> usize {
     }
 }
 
+/// One line of progress, unless silent.
 macro_rules! say {
-    ($p:expr, $($arg:tt)*) => { if !$p.silent { println!($($arg)*); } };
+    ($env:expr, $p:expr, $($arg:tt)*) => { if !$p.silent { $env.println(format_args!($($arg)*)); } };
 }
 
 fn connect_to(b: &mut dyn TipcBackend, port: &str) -> Result<Handle, String> {
@@ -131,8 +136,8 @@ fn close(b: &mut dyn TipcBackend, h: Handle) -> Outcome {
     b.close(h).map_err(|e| format!("close failed: {e}"))
 }
 
-fn connect(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "connect: repeat = {}", p.repeat);
+fn connect(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "connect: repeat = {}", p.repeat);
     for _ in 0..p.repeat {
         match &p.srv {
             Some(srv) => {
@@ -147,16 +152,16 @@ fn connect(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
             }
         }
     }
-    say!(p, "connect: done");
+    say!(env, p, "connect: done");
     Ok(())
 }
 
-fn connect_foo(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "connect_foo: repeat = {}", p.repeat);
+fn connect_foo(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "connect_foo: repeat = {}", p.repeat);
     for _ in 0..p.repeat {
         expect_refused(b, "foo")?;
     }
-    say!(p, "connect_foo: done");
+    say!(env, p, "connect_foo: done");
     Ok(())
 }
 
@@ -168,8 +173,8 @@ fn write_all(b: &mut dyn TipcBackend, h: Handle, data: &[u8], what: &str) -> Out
     }
 }
 
-fn burst_write(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
-    say!(p, "burst_write: repeat {}: burst {}: msgsize {}: variable {}", p.repeat, p.burst, p.msgsize, p.variable);
+fn burst_write(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, rng: &mut Rng) -> Outcome {
+    say!(env, p, "burst_write: repeat {}: burst {}: msgsize {}: variable {}", p.repeat, p.burst, p.msgsize, p.variable);
     for i in 0..p.repeat {
         let h = connect_to(b, DATASINK)?;
         for _ in 0..p.burst {
@@ -182,15 +187,20 @@ fn burst_write(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
         }
         close(b, h)?;
     }
-    say!(p, "burst_write: done");
+    say!(env, p, "burst_write: done");
     Ok(())
+}
+
+/// `d` in whole microseconds (saturating), the unit of [`TestEnv::now_us`].
+fn as_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// How long a test waits for a reply that must come.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn echo(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
-    say!(p, "echo: repeat {}: msgsize {}: variable {}", p.repeat, p.msgsize, p.variable);
+fn echo(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, rng: &mut Rng) -> Outcome {
+    say!(env, p, "echo: repeat {}: msgsize {}: variable {}", p.repeat, p.msgsize, p.variable);
     let h = connect_to(b, ECHO)?;
     let result = (|| {
         let mut rx = vec![0u8; p.msgsize.max(1)];
@@ -209,20 +219,20 @@ fn echo(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
         Ok(())
     })();
     close(b, h)?;
-    say!(p, "echo: done");
+    say!(env, p, "echo: done");
     result
 }
 
 /// select() for up to `timeout` in total, reading every message that arrives; returns the count.
-fn wait_for_msgs(b: &mut dyn TipcBackend, h: Handle, timeout: Duration, p: &Params) -> Result<u32, String> {
-    say!(p, "waiting ({}) for msg", timeout.as_secs_f32());
-    let end = Instant::now() + timeout;
+fn wait_for_msgs(b: &mut dyn TipcBackend, env: &dyn TestEnv, h: Handle, timeout: Duration, p: &Params) -> Result<u32, String> {
+    say!(env, p, "waiting ({}) for msg", timeout.as_secs_f32());
+    let end = env.now_us().saturating_add(as_us(timeout));
     let mut count = 0;
     let mut rx = vec![0u8; p.msgsize.max(1)];
     loop {
-        let left = end.saturating_duration_since(Instant::now());
+        let left = Duration::from_micros(end.saturating_sub(env.now_us()));
         if left.is_zero() || !b.wait_readable(h, left).map_err(|e| format!("select: {e}"))? {
-            say!(p, "select timedout");
+            say!(env, p, "select timedout");
             break;
         }
         match b.read(h, &mut rx, Some(Duration::ZERO)) {
@@ -231,26 +241,26 @@ fn wait_for_msgs(b: &mut dyn TipcBackend, h: Handle, timeout: Duration, p: &Para
             Err(e) => return Err(format!("select: read failed: {e}")),
         }
     }
-    say!(p, "got {count} messages");
+    say!(env, p, "got {count} messages");
     Ok(count)
 }
 
-fn select(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "select: repeat {}", p.repeat);
+fn select(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "select: repeat {}", p.repeat);
     let h = connect_to(b, ECHO)?;
     let result = (|| {
         let mut received = 0;
         let mut sent = 0;
         for i in 0..p.repeat {
-            received += wait_for_msgs(b, h, Duration::from_secs(1), p)?;
-            say!(p, "sending burst: {} msg", p.burst);
+            received += wait_for_msgs(b, env, h, Duration::from_secs(1), p)?;
+            say!(env, p, "sending burst: {} msg", p.burst);
             for j in 0..p.burst {
                 let tx = vec![(i + j) as u8; p.msgsize];
                 write_all(b, h, &tx, "select")?;
                 sent += 1;
             }
         }
-        received += wait_for_msgs(b, h, Duration::from_secs(1), p)?;
+        received += wait_for_msgs(b, env, h, Duration::from_secs(1), p)?;
         // Echo's queue is 8 deep, so a burst may lose messages (spec §9.2), but replies to what
         // it accepted must arrive, and never more than was sent.
         if sent > 0 && received == 0 {
@@ -262,20 +272,20 @@ fn select(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
         Ok(())
     })();
     close(b, h)?;
-    say!(p, "select: done");
+    say!(env, p, "select: done");
     result
 }
 
-fn blocked_read(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "blocked_read: repeat {}", p.repeat);
+fn blocked_read(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "blocked_read: repeat {}", p.repeat);
     let h = connect_to(b, ECHO)?;
     let result = (|| {
         let mut rx = [0u8; 512];
         for _ in 0..p.repeat {
             // Nothing was sent, so the read must block until its bound runs out.
-            let start = Instant::now();
+            let start = env.now_us();
             match b.read(h, &mut rx, Some(p.blocked_read_timeout)) {
-                Err(Errno(ETIMEDOUT)) if start.elapsed() >= p.blocked_read_timeout => {}
+                Err(Errno(ETIMEDOUT)) if elapsed_us(env, start) >= as_us(p.blocked_read_timeout) => {}
                 Err(Errno(ETIMEDOUT)) => return Err("blocked_read: timed out early".into()),
                 Err(e) => return Err(format!("blocked_read: read failed: {e}")),
                 Ok(n) => return Err(format!("blocked_read: got {n} bytes nobody sent")),
@@ -284,46 +294,46 @@ fn blocked_read(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
         Ok(())
     })();
     close(b, h)?;
-    say!(p, "blocked_read: done");
+    say!(env, p, "blocked_read: done");
     result
 }
 
-fn closer1(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "closer1: repeat = {}", p.repeat);
+fn closer1(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "closer1: repeat = {}", p.repeat);
     for _ in 0..p.repeat {
         let h = connect_to(b, CLOSER1)?;
-        say!(p, "closer1: connected");
+        say!(env, p, "closer1: connected");
         close(b, h)?;
     }
-    say!(p, "closer1: done");
+    say!(env, p, "closer1: done");
     Ok(())
 }
 
-fn closer2(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "closer2: repeat = {}", p.repeat);
+fn closer2(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "closer2: repeat = {}", p.repeat);
     for _ in 0..p.repeat {
         expect_refused(b, CLOSER2)?;
-        say!(p, "failed to connect to 'closer2' service");
+        say!(env, p, "failed to connect to 'closer2' service");
     }
-    say!(p, "closer2: done");
+    say!(env, p, "closer2: done");
     Ok(())
 }
 
-fn closer3(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "closer3: repeat = {}", p.repeat);
+fn closer3(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "closer3: repeat = {}", p.repeat);
     for i in 0..p.repeat {
         let mut fds = Vec::new();
         let opened = (|| {
             for j in 0..4u32 {
                 let h = connect_to(b, CLOSER3)?;
                 fds.push(h);
-                say!(p, "closer3: fd[{j}]={h}: connected");
+                say!(env, p, "closer3: fd[{j}]={h}: connected");
                 write_all(b, h, &[(i + j) as u8; 64], "closer3")?;
             }
             Ok::<(), String>(())
         })();
         let result = opened.and_then(|()| {
-            thread::sleep(Duration::from_secs(1));
+            env.sleep(Duration::from_secs(1));
             // The service closed all four (spec §9.2): writes must now fail.
             for &h in &fds {
                 match b.write(h, &[0u8; 64]) {
@@ -339,11 +349,11 @@ fn closer3(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
         }
         result?;
     }
-    say!(p, "closer3: done");
+    say!(env, p, "closer3: done");
     Ok(())
 }
 
-fn dev_uuid(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
+fn dev_uuid(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
     let h = connect_to(b, UUID)?;
     let mut uuid = [0u8; 16];
     let result = b.read(h, &mut uuid, Some(REPLY_TIMEOUT)).map_err(|e| format!("dev-uuid: read failed: {e}"));
@@ -352,8 +362,9 @@ fn dev_uuid(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
     if n != 16 {
         return Err(format!("unexpected uuid size ({n} vs. 16)"));
     }
-    let w = |r: std::ops::Range<usize>| uuid[r].iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
+    let w = |r: core::ops::Range<usize>| uuid[r].iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
     say!(
+        env,
         p,
         "uuid: {:08x}-{:04x}-{:04x}-{}",
         w(0..4),
@@ -368,17 +379,17 @@ fn dev_uuid(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
     Ok(())
 }
 
-fn ta_access(b: &mut dyn TipcBackend, p: &Params, _: &mut Rng) -> Outcome {
-    say!(p, "ta-access:");
+fn ta_access(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    say!(env, p, "ta-access:");
     expect_refused(b, TA_ONLY)?;
     let h = connect_to(b, NS_ONLY)?;
     close(b, h)?;
-    say!(p, "ta-access: done");
+    say!(env, p, "ta-access: done");
     Ok(())
 }
 
-fn writev(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
-    say!(p, "writev: repeat {}: msgsize {}: variable {}", p.repeat, p.msgsize, p.variable);
+fn writev(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, rng: &mut Rng) -> Outcome {
+    say!(env, p, "writev: repeat {}: msgsize {}: variable {}", p.repeat, p.msgsize, p.variable);
     let h = connect_to(b, ECHO)?;
     let result = (|| {
         for i in 0..p.repeat {
@@ -405,12 +416,12 @@ fn writev(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
         Ok(())
     })();
     close(b, h)?;
-    say!(p, "writev: done");
+    say!(env, p, "writev: done");
     result
 }
 
-fn readv(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
-    say!(p, "readv: repeat {}: msgsize {}: variable {}", p.repeat, p.msgsize, p.variable);
+fn readv(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, rng: &mut Rng) -> Outcome {
+    say!(env, p, "readv: repeat {}: msgsize {}: variable {}", p.repeat, p.msgsize, p.variable);
     let h = connect_to(b, ECHO)?;
     let result = (|| {
         for i in 0..p.repeat {
@@ -436,6 +447,6 @@ fn readv(b: &mut dyn TipcBackend, p: &Params, rng: &mut Rng) -> Outcome {
         Ok(())
     })();
     close(b, h)?;
-    say!(p, "readv: done");
+    say!(env, p, "readv: done");
     result
 }

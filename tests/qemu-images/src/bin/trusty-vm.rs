@@ -1,0 +1,44 @@
+//! The Trusty model as a Xen DomU: serves the guest's calls from the mailbox page it granted,
+//! and maps the guest's memory only through grants.
+#![cfg_attr(target_arch = "aarch64", no_std, no_main)]
+
+#[cfg(not(target_arch = "aarch64"))]
+fn main() {
+    eprintln!("trusty-vm is an aarch64-unknown-none image; see tests/qemu/run.sh");
+}
+
+#[cfg(target_arch = "aarch64")]
+mod image {
+    extern crate alloc;
+
+    use alloc::sync::Arc;
+
+    use baremetal::clock::CounterClock;
+    use baremetal::{console, println};
+    use qemu_images::{args, vm};
+    use trusty_platform::xen::hypercall::HvcHypercall;
+
+    baremetal::entry!(main, stack_pages = 32, heap_size = 8 << 20);
+
+    fn report(a: core::fmt::Arguments<'_>) {
+        println!("{a}");
+    }
+
+    fn main(dtb: usize) -> ! {
+        console::set_console(&console::XEN);
+        // SAFETY: Xen leaves the guest's device tree at x0; its header gives its length.
+        let header = unsafe { core::slice::from_raw_parts(dtb as *const u8, 8) };
+        // SAFETY: as above.
+        let fdt = unsafe { core::slice::from_raw_parts(dtb as *const u8, args::fdt_size(header)) };
+        let bootargs = args::bootargs(fdt).unwrap_or("");
+        let guest = args::number(bootargs, "trusty-vm.guest-domid").unwrap_or(2) as u16;
+        let domid = args::number(bootargs, "trusty-vm.domid").unwrap_or(1) as u16;
+        let ram = args::memory(fdt).unwrap_or((0x4000_0000, 64 << 20));
+        let clock = Arc::new(CounterClock);
+        // SAFETY: `ram` is this domain's memory (from its device tree) and the grant window is
+        // unused guest-physical space in Xen's extended regions.
+        let mut model = unsafe { vm::trusty_vm(domid, guest, ram, Arc::new(HvcHypercall), clock.clone()) };
+        println!("trusty-vm: ready as domain {domid}, serving domain {guest}");
+        vm::serve(&mut model, &*clock, report)
+    }
+}

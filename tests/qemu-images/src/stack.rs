@@ -1,0 +1,111 @@
+//! The stack as a guest: read the platform from the device tree and probes, bring the stack up,
+//! run the tipc-test suite, and say how it went with an exit code.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::sync::Arc;
+use core::fmt;
+use core::time::Duration;
+
+use tipc::stack::{bring_up_platform, BringUpError, PlatformAccess, StackConfig};
+use tipc_test_cases::{cases, runner, DeviceBackend, Params, Rng, TestEnv};
+use trusty_platform::clock::Clock;
+use trusty_platform::mem::PageAllocator;
+use trusty_platform::plan::Mechanism;
+use trusty_platform::smc::Conduit;
+use trusty_platform::xen::hypercall::{self, Hypercall};
+
+use crate::args;
+use crate::xen::{grant_table_frame, XenEvents, GRANT_WINDOW};
+
+/// Exit code: bring-up failed after a plan was made (a fault, a refused call, ...).
+pub const EXIT_BRINGUP_FAILED: u32 = 2;
+/// Exit code: no safe way to reach Trusty or share memory on this platform.
+pub const EXIT_NO_PATH: u32 = 3;
+
+/// What the machine gives the stack.
+pub struct Machine {
+    /// `smc #0`.
+    pub conduit: Arc<dyn Conduit>,
+    pub clock: Arc<dyn Clock>,
+    pub allocator: Box<dyn PageAllocator>,
+    /// Xen's hypercalls, when the device tree shows Xen.
+    pub xen: Option<Arc<dyn Hypercall>>,
+}
+
+/// The tests' environment on bare metal: the counter clock, busy sleeps, the console.
+pub struct BareEnv {
+    pub clock: Arc<dyn Clock>,
+    pub print: fn(fmt::Arguments<'_>),
+}
+
+impl TestEnv for BareEnv {
+    fn now_us(&self) -> u64 {
+        self.clock.now_ns() / 1000
+    }
+    fn sleep(&self, d: Duration) {
+        self.clock.sleep_ns(d.as_nanos() as u64);
+    }
+    fn println(&self, args: fmt::Arguments<'_>) {
+        (self.print)(args);
+    }
+}
+
+/// `trusty-ipc-stack.force-sharing=MECH` on the command line: share memory wrongly on purpose.
+fn forced_mechanism(bootargs: &str) -> Option<Mechanism> {
+    Some(match args::value(bootargs, "trusty-ipc-stack.force-sharing")? {
+        "phys" => Mechanism::Phys,
+        "phys-attr" => Mechanism::PhysAttr,
+        "ffa-handle" => Mechanism::FfaHandle,
+        "mediated-ipa" => Mechanism::MediatedIpa,
+        _ => return None,
+    })
+}
+
+/// Brings the stack up from the device tree `fdt` and runs every tipc-test case. Returns the
+/// exit code: the number of failed tests, or [`EXIT_BRINGUP_FAILED`] / [`EXIT_NO_PATH`].
+pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
+    let say = |a: fmt::Arguments<'_>| env.println(a);
+    let bootargs = args::bootargs(fdt).unwrap_or("");
+    let xen = m.xen.clone();
+    let xen_for_features = xen.clone();
+    let xen_for_table = xen.clone();
+    let access = PlatformAccess {
+        conduit: m.conduit,
+        clock: m.clock.clone(),
+        allocator: m.allocator,
+        fdt: fdt.to_vec(),
+        xen_features: Box::new(move || xen_for_features.as_ref().and_then(|h| hypercall::xen_features(&**h, 0).ok())),
+        events: xen.map(|h| Arc::new(XenEvents(h)) as Arc<dyn trusty_platform::mailbox::EventChannel>),
+        grant_table: Box::new(move || match &xen_for_table {
+            Some(h) => grant_table_frame(&**h, GRANT_WINDOW)
+                .map_err(|_| trusty_platform::Error::InvalidArgument("could not map the grant table")),
+            None => Err(trusty_platform::Error::InvalidArgument("no hypervisor: no grant table")),
+        }),
+    };
+    let cfg = StackConfig { force_mechanism: forced_mechanism(bootargs), ..Default::default() };
+    let (dev, info) = match bring_up_platform(access, cfg) {
+        Ok(up) => up,
+        Err(e) => {
+            if let Some(plan) = e.plan() {
+                say(format_args!("{plan}"));
+            }
+            say(format_args!("tipc-stack: bring-up failed: {e}"));
+            return match e {
+                BringUpError::NoSafeSharing(_) => EXIT_NO_PATH,
+                _ => EXIT_BRINGUP_FAILED,
+            };
+        }
+    };
+    say(format_args!("{}", info.plan));
+    say(format_args!("tipc-stack: Trusty '{}', API {}", info.version, info.api_version));
+    let mut backend = DeviceBackend::new(dev, format!("bare metal, {}", info.plan));
+    let params = Params { silent: true, ..Default::default() };
+    let mut rng = Rng::new(m.clock.now_ns() | 1);
+    let tests: alloc::vec::Vec<_> = cases::ALL.iter().collect();
+    let summary = runner::run_tests(&mut backend, env, &tests, &params, &mut rng);
+    if let Err(e) = backend.shutdown() {
+        say(format_args!("tipc-stack: teardown: {e}"));
+    }
+    summary.failed
+}

@@ -1,0 +1,597 @@
+#!/usr/bin/env bash
+# QEMU scenario runner: boots the bare-metal images under qemu-system-aarch64 (TCG) with Debian's
+# Xen 4.17 arm64 (dom0less, no dom0) and/or an EL3 firmware, and checks console markers plus
+# QEMU's exit status. See tests/qemu/README.md.
+#
+#   tests/qemu/run.sh SCENARIO...     SCENARIO: xen-trusty-vm | el3-native | xen-no-path |
+#                                               xen-trusty-vm-broken | all (= the first three)
+#
+# Environment:
+#   IMAGES=real|hello   real (default): the qemu-images crate (stack-domu, trusty-vm, el3-trusty);
+#                       hello: tests/baremetal/hello (hello-el1 stands in for both DomUs and the
+#                       NS payload, hello-el3 for the firmware); checks boot mechanics only.
+#   IMAGE_DIR=DIR       take the ELF images from DIR instead of building them.
+#   QEMU_TIMEOUT=S      hard limit per boot (default 60).
+#   VERBOSE=1           also stream the console while booting.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TARGET_DIR = /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
+QDIR=$TARGET_DIR/qemu
+IMAGES=${IMAGES:-real}
+QEMU_TIMEOUT=${QEMU_TIMEOUT:-60}
+VERBOSE=${VERBOSE:-0}
+RUST_TARGET=aarch64-unknown-none
+QEMU=qemu-system-aarch64
+OBJCOPY=aarch64-linux-gnu-objcopy
+READELF=aarch64-linux-gnu-readelf
+AS=aarch64-linux-gnu-as
+XEN_PKG=xen-hypervisor-4.17-arm64
+XEN=$QDIR/xen/boot/xen-4.17-arm64
+
+# Machine layout shared with the images (see README.md).
+RAM_BASE=$((0x40000000))
+QEMU_DTB_ROM_END=$((0x40100000)) # with no -kernel, QEMU puts its own 1 MiB DTB at the base of RAM
+SECRAM_BASE=$((0x0e000000))      # secure-only RAM of virt,secure=on: where the EL3 firmware lives
+SECRAM_END=$((0x0f000000))
+FLASH_SIZE=$((0x04000000))       # secure flash at 0x0: -bios
+NS_STAGE_STUB_ADDR=0x4f000000    # el3-native: the stub that puts a staged NS image in place
+NS_STAGING_ADDR=0x50000000       # el3-native: where a NS image that overlaps QEMU's DTB is staged
+NS_DTB_ADDR=0x48000000           # EL3 scenarios: the DTB the firmware hands to the next stage (x0)
+XEN_IMAGE_ADDR=0x40200000        # xen-no-path: where the firmware enters Xen (EL2)
+MOD1_ADDR=0x50000000             # dom0less modules: domU1 (and the only DomU of xen-no-path)
+MOD2_ADDR=0x51000000             # domU2
+MOD_GAP=$((0x01000000))          # so a DomU image may be at most 16 MiB
+XEN_BOOTARGS_BASE="console=dtuart dtuart=/pl011@9000000 bootscrub=0 guest_loglvl=all"
+
+COMMON_QEMU=(-cpu cortex-a57 -m 2G -nographic -no-reboot -semihosting -nic none)
+
+usage() {
+    sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    exit 2
+}
+
+log() { printf '%s\n' "qemu-run: $*" >&2; }
+die() { printf '%s\n' "qemu-run: error: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# 1. Tools, rustup target, Xen (cached under target/qemu/, never installed)
+
+APT_FRESH=0
+apt_update_once() {
+    if [[ $APT_FRESH = 0 ]]; then
+        log "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+        APT_FRESH=1
+    fi
+}
+
+need_root() {
+    [[ $(id -u) = 0 ]] || die "$1 needs root (CI runs as root); do it by hand or rerun as root"
+}
+
+ensure_packages() {
+    local missing=()
+    command -v "$QEMU" >/dev/null || missing+=(qemu-system-arm)
+    command -v dtc >/dev/null || missing+=(device-tree-compiler)
+    { command -v "$OBJCOPY" >/dev/null && command -v "$READELF" >/dev/null && command -v "$AS" >/dev/null; } ||
+        missing+=(binutils-aarch64-linux-gnu)
+    command -v timeout >/dev/null || missing+=(coreutils)
+    if ((${#missing[@]})); then
+        need_root "installing ${missing[*]}"
+        apt_update_once
+        log "apt-get install ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+}
+
+ensure_rust_target() {
+    if [[ -n ${IMAGE_DIR:-} ]]; then return; fi
+    command -v rustup >/dev/null || die "rustup not found (needed for the $RUST_TARGET target)"
+    if ! (cd "$ROOT" && rustup target list --installed) | grep -qx "$RUST_TARGET"; then
+        log "rustup target add $RUST_TARGET"
+        (cd "$ROOT" && rustup target add "$RUST_TARGET") >&2
+    fi
+}
+
+ensure_xen() {
+    [[ -s $XEN ]] && return
+    local debdir=$QDIR/deb deb
+    mkdir -p "$debdir"
+    deb=$(find "$debdir" -maxdepth 1 -name "${XEN_PKG}_*_arm64.deb" | sort | tail -n 1)
+    if [[ -z $deb ]]; then
+        need_root "downloading $XEN_PKG:arm64"
+        if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+            log "dpkg --add-architecture arm64"
+            dpkg --add-architecture arm64
+            APT_FRESH=0
+        fi
+        if ! apt-cache show "$XEN_PKG:arm64" >/dev/null 2>&1; then
+            apt_update_once
+        fi
+        log "apt-get download $XEN_PKG:arm64 (into $debdir)"
+        if ! (cd "$debdir" && apt-get download -qq -o APT::Sandbox::User=root "$XEN_PKG:arm64" >&2); then
+            apt_update_once
+            (cd "$debdir" && apt-get download -qq -o APT::Sandbox::User=root "$XEN_PKG:arm64" >&2)
+        fi
+        deb=$(find "$debdir" -maxdepth 1 -name "${XEN_PKG}_*_arm64.deb" | sort | tail -n 1)
+        [[ -n $deb ]] || die "apt-get download $XEN_PKG:arm64 produced no .deb"
+    fi
+    rm -rf "$QDIR/xen.tmp"
+    dpkg -x "$deb" "$QDIR/xen.tmp"
+    [[ -s $QDIR/xen.tmp/boot/xen-4.17-arm64 ]] || die "$deb has no boot/xen-4.17-arm64"
+    rm -rf "$QDIR/xen"
+    mv "$QDIR/xen.tmp" "$QDIR/xen"
+    log "Xen: $XEN ($(basename "$deb"))"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 2. Images
+
+declare -A ELF     # role -> ELF path   (roles: stack, tvm, el3)
+declare -A BIN     # role -> raw binary (DomU / NS images)
+declare -A BASE    # role -> link (load) address of the raw binary
+
+build_images() {
+    local elfdir pkg
+    if [[ -n ${IMAGE_DIR:-} ]]; then
+        elfdir=$IMAGE_DIR
+    else
+        case $IMAGES in
+            real) pkg=qemu-images ;;
+            hello) pkg=baremetal-hello ;;
+        esac
+        log "cargo build --release --locked --target $RUST_TARGET -p $pkg"
+        (cd "$ROOT" && cargo build --release --locked --target "$RUST_TARGET" -p "$pkg") >&2
+        elfdir=$TARGET_DIR/$RUST_TARGET/release
+    fi
+    case $IMAGES in
+        real) ELF[stack]=$elfdir/stack-domu ELF[tvm]=$elfdir/trusty-vm ELF[el3]=$elfdir/el3-trusty ;;
+        hello) ELF[stack]=$elfdir/hello-el1 ELF[tvm]=$elfdir/hello-el1 ELF[el3]=$elfdir/hello-el3 ;;
+    esac
+    local role
+    for role in stack tvm el3; do
+        [[ -s ${ELF[$role]} ]] || die "missing image ${ELF[$role]}"
+    done
+    rm -rf "$QDIR/img"
+    mkdir -p "$QDIR/img"
+    for role in stack tvm; do
+        to_raw_image "$role"
+    done
+    make_el3_boot
+}
+
+# The EL3 firmware boots from -bios: QEMU virt (secure=on) starts the CPU at EL3 at 0x0, the
+# secure flash. Secure RAM (secram) exists only in the secure address space and QEMU's loaders
+# (-device loader, -kernel) write through the non-secure one, so:
+# - an image linked to run from flash (code at 0, .data copied to secram by the image itself, as
+#   tests/baremetal/rt/ld/baremetal-el3.ld does) is given to -bios as its raw binary;
+# - an image linked entirely in secram is wrapped by el3-boot.s, which carries its raw image and
+#   copies it to its link address, then jumps to its ELF entry point.
+EL3_BOOT=$QDIR/img/el3-boot.bin
+make_el3_boot() {
+    local elf=${ELF[el3]} dir=$QDIR/img/el3 entry lo hi size
+    entry=$(("$("$READELF" -hW "$elf" | sed -n 's/^ *Entry point address: *//p')"))
+    # lo: the lowest load address of file contents (where `objcopy -O binary` starts);
+    # hi: the end of the highest segment (incl. .bss etc.).
+    read -r lo hi < <("$READELF" -lW "$elf" | {
+        lo="" hi=0
+        while read -r type _ _ pa filesz memsz _; do
+            [[ $type = LOAD ]] || continue
+            if ((filesz > 0)) && { [[ -z $lo ]] || ((pa < lo)); }; then lo=$((pa)); fi
+            if ((pa + memsz > hi)); then hi=$((pa + memsz)); fi
+        done
+        echo "${lo:-0} $hi"
+    })
+    mkdir -p "$dir"
+    "$OBJCOPY" -O binary "$elf" "$dir/el3-payload.bin"
+    size=$(file_size "$dir/el3-payload.bin")
+    if ((lo == 0)); then
+        ((entry == 0)) || die "$(printf '%s: linked at 0 (flash) but its entry point is %#x; with -bios the CPU starts at 0' "$elf" "$entry")"
+        ((size <= FLASH_SIZE)) || die "$elf: $size bytes do not fit in the 64 MiB secure flash"
+        cp "$dir/el3-payload.bin" "$EL3_BOOT"
+    elif ((lo >= SECRAM_BASE && hi <= SECRAM_END && entry >= lo && entry < hi)); then
+        assemble_stub "$EL3_BOOT" -I "$dir" --defsym PAYLOAD=1 --defsym "LOAD=$lo" --defsym "ENTRY=$entry"
+    else
+        die "$(printf '%s: an EL3 image must be linked at 0 (secure flash, entry 0) or in secram %#x-%#x; found %#x-%#x, entry %#x' \
+            "$elf" $SECRAM_BASE $SECRAM_END "$lo" "$hi" "$entry")"
+    fi
+}
+
+# assemble_stub OUT.bin AS_ARGS...: el3-boot.s as a raw binary
+assemble_stub() {
+    local out=$1
+    shift
+    "$AS" "$@" -o "${out%.bin}.o" "$HERE/el3-boot.s"
+    "$OBJCOPY" -O binary -j .text "${out%.bin}.o" "$out"
+}
+
+# ELF -> raw arm64 Image; checks the header and that the link address is what Xen will use.
+to_raw_image() {
+    local role=$1 elf=${ELF[$1]} bin base magic text_offset
+    bin=$QDIR/img/$(basename "$elf")-$role.bin
+    "$OBJCOPY" -O binary "$elf" "$bin"
+    base=$("$READELF" -lW "$elf" | while read -r type _ _ pa filesz _; do
+        if [[ $type = LOAD ]] && ((filesz > 0)); then printf '%d\n' "$pa"; fi
+    done | sort -n | head -n 1)
+    [[ -n $base ]] || die "$elf has no loadable segment"
+    magic=$(od -An -tx4 -j56 -N4 "$bin" | tr -d ' ')
+    [[ $magic = 644d5241 ]] ||
+        die "$elf: no arm64 Image header (magic 'ARM\\x64' at offset 56); Xen cannot load it"
+    text_offset=$(od -An -tu8 -j8 -N8 "$bin" | tr -d ' ')
+    if ((base != RAM_BASE + text_offset)); then
+        die "$(printf '%s: linked at %#x but its Image header says text_offset=%#x: Xen (and the EL3 firmware) will load it at %#x' \
+            "$elf" "$base" "$text_offset" $((RAM_BASE + text_offset)))"
+    fi
+    BIN[$role]=$bin
+    BASE[$role]=$base
+}
+
+file_size() { stat -c %s "$1"; }
+
+# module reg size: the file size rounded up to 4 KiB (Xen copies exactly this many bytes)
+module_size() {
+    local s
+    s=$(file_size "$1")
+    ((s <= MOD_GAP)) || die "$1 is $s bytes; modules are $MOD_GAP bytes apart"
+    printf '%#x' $(((s + 0xfff) & ~0xfff))
+}
+
+# ---------------------------------------------------------------------------------------------
+# 3. Device trees: QEMU's own (dumpdtb with the exact machine of the boot) + a dtc fragment
+
+# make_dtb OUT.dtb FRAGMENT_FILE QEMU_MACHINE_ARGS...
+make_dtb() {
+    local out=$1 frag=$2
+    shift 2
+    local base=${out%.dtb}
+    "$QEMU" "$@" "${COMMON_QEMU[@]}" -machine "dumpdtb=$base.qemu.dtb" </dev/null >/dev/null 2>&1 ||
+        die "qemu dumpdtb failed for $out"
+    dtc -q -I dtb -O dts -o "$base.qemu.dts" "$base.qemu.dtb"
+    cat "$base.qemu.dts" "$frag" >"$base.dts"
+    dtc -q -I dts -O dtb -o "$out" "$base.dts" || die "dtc failed on $base.dts"
+}
+
+# Xen dom0less fragment for the Trusty-VM scenarios: domU1 = trusty-vm, domU2 = stack-domu.
+trusty_vm_fragment() {
+    local stack_extra=$1 tvm_size stack_size
+    tvm_size=$(module_size "${BIN[tvm]}")
+    stack_size=$(module_size "${BIN[stack]}")
+    cat <<EOF
+
+/* ---- appended by tests/qemu/run.sh ---- */
+&{/chosen} {
+	xen,xen-bootargs = "$XEN_BOOTARGS_BASE xsm=dummy";
+	#address-cells = <1>;
+	#size-cells = <1>;
+
+	domU1 {
+		compatible = "xen,domain";
+		#address-cells = <1>;
+		#size-cells = <1>;
+		memory = <0x0 0x10000>;		/* KiB: 64 MiB */
+		cpus = <1>;
+		xen,enhanced = "no-xenstore";
+
+		module@${MOD1_ADDR#0x} {
+			compatible = "multiboot,kernel", "multiboot,module";
+			reg = <$MOD1_ADDR $tvm_size>;
+			bootargs = "trusty-vm.guest-domid=2 trusty-vm.call-evtchn=11";
+		};
+
+		tvm_call: evtchn@11 {
+			compatible = "xen,evtchn-v1";
+			xen,evtchn = <11 &stack_call>;
+		};
+
+		tvm_kick: evtchn@13 {
+			compatible = "xen,evtchn-v1";
+			xen,evtchn = <13 &stack_kick>;
+		};
+	};
+
+	domU2 {
+		compatible = "xen,domain";
+		#address-cells = <1>;
+		#size-cells = <1>;
+		memory = <0x0 0x10000>;		/* KiB: 64 MiB */
+		cpus = <1>;
+		xen,enhanced = "no-xenstore";
+
+		module@${MOD2_ADDR#0x} {
+			compatible = "multiboot,kernel", "multiboot,module";
+			reg = <$MOD2_ADDR $stack_size>;
+			bootargs = "trusty-ipc-stack.trusty-vm=1,10,12$stack_extra";
+		};
+
+		stack_call: evtchn@10 {
+			compatible = "xen,evtchn-v1";
+			xen,evtchn = <10 &tvm_call>;
+		};
+
+		stack_kick: evtchn@12 {
+			compatible = "xen,evtchn-v1";
+			xen,evtchn = <12 &tvm_kick>;
+		};
+	};
+};
+EOF
+}
+
+# What the EL3 scenarios change in QEMU's secure=on tree: secram is secure-only memory, and QEMU
+# leaves PSCI to the firmware, so it writes no /psci node.
+el3_common_fragment() {
+    local next_addr=$1 next_el=$2
+    cat <<EOF
+
+/* ---- appended by tests/qemu/run.sh ---- */
+/delete-node/ &{/secram@e000000};
+
+/ {
+	/delete-node/ psci;
+	psci {
+		compatible = "arm,psci-1.0", "arm,psci-0.2";
+		method = "smc";
+	};
+};
+
+&{/chosen} {
+	/* where the EL3 firmware enters the normal world: 64-bit address, exception level */
+	trusty-ipc-stack,el3-next = <0x0 $(printf '%#x' "$next_addr") $next_el>;
+};
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4. Scenarios. Each sets QEMU_ARGS, and the expectations EXPECT_STATUS and MARKERS (each
+#    "re:REGEX" must match a console line; "count:N:REGEX" must match exactly N lines). Xen's
+#    "(dN) " prefix is stripped from guest lines before matching.
+
+QEMU_ARGS=()
+EXPECT_STATUS=0
+MARKERS=()
+
+# IMAGES=hello: tests/baremetal/hello's images print no scenario markers; they only have to
+# boot and exit as tests/baremetal/hello/run.sh expects. hello-el1 reads its console and exit
+# status from its bootargs (default: Xen console, exit 0); hello-el3 ignores el3-next: it copies
+# the payload staged at 0x50000000 to 0x40000000 and enters NS-EL1, or Xen at 0x40200000 at
+# NS-EL2 when /chosen says hello-el3,next = "el2".
+hello_expect() {
+    EXPECT_STATUS=$1
+    MARKERS=("re:^hello-el1: PASS, exiting with status $1$")
+}
+
+# hello_chosen PROPERTIES: a /chosen fragment, only for IMAGES=hello
+hello_chosen() {
+    [[ $IMAGES = hello ]] || return 0
+    printf '\n&{/chosen} {\n\t%s\n};\n' "$1"
+}
+
+scenario_xen_trusty_vm() {
+    local sc=$1 extra=""
+    [[ $sc = xen-trusty-vm-broken ]] && extra=" trusty-ipc-stack.force-sharing=phys"
+    local machine=(-machine "virt,virtualization=on,gic-version=3" -smp 2)
+    local dir=$QDIR/$sc
+    mkdir -p "$dir"
+    trusty_vm_fragment "$extra" >"$dir/fragment.dtsi"
+    make_dtb "$dir/$sc.dtb" "$dir/fragment.dtsi" "${machine[@]}"
+    QEMU_ARGS=("${machine[@]}" "${COMMON_QEMU[@]}"
+        -kernel "$XEN" -dtb "$dir/$sc.dtb"
+        -device "loader,file=${BIN[tvm]},addr=$MOD1_ADDR,force-raw=on"
+        -device "loader,file=${BIN[stack]},addr=$MOD2_ADDR,force-raw=on")
+    if [[ $IMAGES = hello ]]; then
+        hello_expect 0 # whichever DomU finishes first ends the run
+    elif [[ $sc = xen-trusty-vm-broken ]]; then
+        EXPECT_STATUS=2
+        MARKERS=("re:secure-side fault")
+    else
+        EXPECT_STATUS=0
+        MARKERS=("re:^sharing: xen-grant to domain 1" "count:13:^PASS " "re:^13 passed, 0 failed$")
+    fi
+}
+
+scenario_el3_native() {
+    local sc=$1
+    local machine=(-machine "virt,secure=on,gic-version=3" -smp 1 -bios "$EL3_BOOT")
+    local dir=$QDIR/$sc entry=${BASE[stack]} size
+    size=$(file_size "${BIN[stack]}")
+    mkdir -p "$dir"
+    {
+        el3_common_fragment "$entry" 1
+        hello_chosen 'bootargs = "console=pl011 exit=smc";'
+    } >"$dir/fragment.dtsi"
+    make_dtb "$dir/$sc.dtb" "$dir/fragment.dtsi" "${machine[@]}"
+    QEMU_ARGS=("${machine[@]}" "${COMMON_QEMU[@]}"
+        -device "loader,file=$dir/$sc.dtb,addr=$NS_DTB_ADDR,force-raw=on")
+    if ((entry < QEMU_DTB_ROM_END && entry + size > RAM_BASE)); then
+        # With -bios, QEMU itself puts its DTB at the base of RAM (a 1 MiB ROM blob, 0x40000000
+        # to 0x40100000) and refuses to start when another image overlaps it. So the image is
+        # staged at NS_STAGING_ADDR, and the CPU starts in a stub (el3-boot.s, COPY) that puts
+        # it in place and then jumps to 0x0, where the firmware starts as if from reset.
+        assemble_stub "$dir/stage.bin" --defsym COPY=1 --defsym "COPY_SRC=$NS_STAGING_ADDR" \
+            --defsym "COPY_DST=$entry" --defsym "COPY_LEN=$size" --defsym ENTRY=0
+        QEMU_ARGS+=(-device "loader,file=${BIN[stack]},addr=$NS_STAGING_ADDR,force-raw=on"
+            -device "loader,file=$dir/stage.bin,addr=$NS_STAGE_STUB_ADDR,force-raw=on"
+            -device "loader,addr=$NS_STAGE_STUB_ADDR,cpu-num=0")
+    else
+        QEMU_ARGS+=(-device "loader,file=${BIN[stack]},addr=$(printf '%#x' "$entry"),force-raw=on")
+    fi
+    if [[ $IMAGES = hello ]]; then
+        hello_expect 9 # the status hello-el3's monitor hands out by SMC
+    else
+        EXPECT_STATUS=0
+        MARKERS=("re:^sharing: ffa-handle" "count:13:^PASS " "re:^13 passed, 0 failed$")
+    fi
+}
+
+scenario_xen_no_path() {
+    local sc=$1
+    local machine=(-machine "virt,secure=on,virtualization=on,gic-version=3" -smp 1 -bios "$EL3_BOOT")
+    local dir=$QDIR/$sc stack_size domu_args=""
+    stack_size=$(module_size "${BIN[stack]}")
+    [[ $IMAGES = hello ]] && domu_args="exit=3"
+    mkdir -p "$dir"
+    {
+        el3_common_fragment "$XEN_IMAGE_ADDR" 2
+        hello_chosen 'hello-el3,next = "el2";'
+        cat <<EOF
+
+&{/chosen} {
+	xen,xen-bootargs = "$XEN_BOOTARGS_BASE";
+	#address-cells = <1>;
+	#size-cells = <1>;
+
+	domU1 {
+		compatible = "xen,domain";
+		#address-cells = <1>;
+		#size-cells = <1>;
+		memory = <0x0 0x10000>;		/* KiB: 64 MiB */
+		cpus = <1>;
+		xen,enhanced = "no-xenstore";
+
+		module@${MOD1_ADDR#0x} {
+			compatible = "multiboot,kernel", "multiboot,module";
+			reg = <$MOD1_ADDR $stack_size>;
+			bootargs = "$domu_args";
+		};
+	};
+};
+EOF
+    } >"$dir/fragment.dtsi"
+    make_dtb "$dir/$sc.dtb" "$dir/fragment.dtsi" "${machine[@]}"
+    QEMU_ARGS=("${machine[@]}" "${COMMON_QEMU[@]}"
+        -device "loader,file=$XEN,addr=$XEN_IMAGE_ADDR,force-raw=on"
+        -device "loader,file=$dir/$sc.dtb,addr=$NS_DTB_ADDR,force-raw=on"
+        -device "loader,file=${BIN[stack]},addr=$MOD1_ADDR,force-raw=on")
+    if [[ $IMAGES = hello ]]; then
+        hello_expect 3
+    else
+        EXPECT_STATUS=3
+        MARKERS=("re:missing a path to Trusty")
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# 5. Boot and check
+
+PASSED=0
+FAILED=0
+
+run_scenario() {
+    local sc=$1
+    case $sc in
+        xen-trusty-vm | xen-trusty-vm-broken) scenario_xen_trusty_vm "$sc" ;;
+        el3-native) scenario_el3_native "$sc" ;;
+        xen-no-path) scenario_xen_no_path "$sc" ;;
+    esac
+    local logf=$QDIR/$sc.log status=0 t0 t1 secs
+    printf '%s\n' "$QEMU ${QEMU_ARGS[*]}" >"$QDIR/$sc.cmd"
+    log "booting $sc (log: $logf)"
+    t0=$(date +%s.%N)
+    if [[ $VERBOSE = 1 ]]; then
+        timeout -k 5 "$QEMU_TIMEOUT" "$QEMU" "${QEMU_ARGS[@]}" </dev/null 2>&1 | tee "$logf" >&2 ||
+            status=${PIPESTATUS[0]}
+    else
+        timeout -k 5 "$QEMU_TIMEOUT" "$QEMU" "${QEMU_ARGS[@]}" </dev/null >"$logf" 2>&1 || status=$?
+    fi
+    t1=$(date +%s.%N)
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    log "$sc: QEMU exited with status $status after $secs s"
+
+    # Console lines without CRs, Xen's "(dN) " guest prefix stripped.
+    local console why=()
+    console=$(tr -d '\r' <"$logf" | sed -E 's/^\(d[0-9]+\) //')
+    if ((status == 124 || status == 137)); then
+        why+=("timed out after ${QEMU_TIMEOUT} s")
+    elif ((status != EXPECT_STATUS)); then
+        why+=("QEMU exit status $status, expected $EXPECT_STATUS")
+    fi
+    local m re n got
+    for m in "${MARKERS[@]}"; do
+        case $m in
+            re:*)
+                re=${m#re:}
+                grep -Eq -- "$re" <<<"$console" || why+=("no console line matching /$re/")
+                ;;
+            count:*)
+                n=${m#count:}
+                re=${n#*:}
+                n=${n%%:*}
+                got=$(grep -Ec -- "$re" <<<"$console" || true)
+                ((got == n)) || why+=("$got console lines matching /$re/, expected $n")
+                ;;
+        esac
+    done
+    if ((${#why[@]} == 0)); then
+        echo "PASS $sc ($secs s)"
+    else
+        local joined
+        joined=$(printf '%s; ' "${why[@]}")
+        echo "FAIL $sc: ${joined%; } (after $secs s; log: $logf)"
+        echo "---- last 40 console lines of $sc ----"
+        tr -d '\r' <"$logf" | tail -n 40
+        echo "----"
+    fi
+}
+
+SCENARIOS=()
+setup_failed() {
+    local rc=$? sc
+    ((rc != 0)) || return 0
+    for sc in "${SCENARIOS[@]}"; do echo "FAIL $sc: set-up failed before the boot (see above)"; done
+    echo "0 passed, ${#SCENARIOS[@]} failed"
+    exit "$rc"
+}
+
+main() {
+    (($#)) || usage
+    local scenarios=() a
+    for a in "$@"; do
+        case $a in
+            all) scenarios+=(xen-trusty-vm el3-native xen-no-path) ;;
+            xen-trusty-vm | el3-native | xen-no-path | xen-trusty-vm-broken) scenarios+=("$a") ;;
+            -h | --help) usage ;;
+            *) log "unknown scenario '$a'"; usage ;;
+        esac
+    done
+    case $IMAGES in real | hello) ;; *) die "IMAGES must be real or hello, not '$IMAGES'" ;; esac
+
+    # If the common set-up (packages, Xen, build) fails, still report every scenario as failed.
+    SCENARIOS=("${scenarios[@]}")
+    trap setup_failed EXIT
+    mkdir -p "$QDIR"
+    ensure_packages
+    ensure_rust_target
+    local sc need_xen=0
+    for sc in "${scenarios[@]}"; do [[ $sc = el3-native ]] || need_xen=1; done
+    ((need_xen == 0)) || ensure_xen
+    build_images
+    trap - EXIT
+
+    for sc in "${scenarios[@]}"; do
+        # Each scenario runs in a subshell with errexit, so one that cannot even be set up
+        # (missing file, dtc error, ...) counts as failed and the others still run.
+        local res=$QDIR/$sc.result rc
+        set +e
+        (
+            set -e
+            run_scenario "$sc"
+        ) | tee "$res"
+        rc=${PIPESTATUS[0]}
+        set -e
+        if ((rc != 0)); then
+            echo "FAIL $sc: could not set up the boot (see the error above)"
+            FAILED=$((FAILED + 1))
+        elif grep -q "^PASS $sc " "$res"; then
+            PASSED=$((PASSED + 1))
+        else
+            FAILED=$((FAILED + 1))
+        fi
+    done
+    echo "$PASSED passed, $FAILED failed"
+    ((FAILED == 0))
+}
+
+main "$@"
