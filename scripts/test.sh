@@ -19,9 +19,15 @@ cargo test --workspace --locked
 
 step "no_std crates build for aarch64-unknown-none"
 cargo build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-model -p tipc-test-cases --target aarch64-unknown-none
+cargo clippy --locked -p baremetal -p baremetal-hello -p qemu-images --target aarch64-unknown-none -- -D warnings
 
 step "clippy, warnings are errors"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "emulation: the bare-metal runtime, then the stack as a Xen DomU and at NS-EL1 under QEMU"
+tests/baremetal/hello/run.sh
+tests/qemu/run.sh xen-trusty-vm-broken
+tests/qemu/run.sh all
 
 step "the main job: tipc-test -t all, model inside the call and on its own thread"
 cargo build --locked --release -p tipc-test

@@ -46,13 +46,6 @@ pub fn el3_next(fdt: &[u8]) -> Option<(u64, u32)> {
     chosen_addr_and_cell(fdt, "trusty-ipc-stack,el3-next")
 }
 
-/// `/chosen/trusty-ipc-stack,el3-stage = <hi lo size>`: the normal world's image was loaded at
-/// this staging address (QEMU's `-bios` boot keeps its own device tree at 0x40000000, where the
-/// image belongs) and must be copied to the entry address first.
-pub fn el3_stage(fdt: &[u8]) -> Option<(u64, u32)> {
-    chosen_addr_and_cell(fdt, "trusty-ipc-stack,el3-stage")
-}
-
 /// The total size a flattened device tree declares in its header (0 if it is not one).
 pub fn fdt_size(header: &[u8]) -> usize {
     if header.len() < 8 || header[..4] != [0xd0, 0x0d, 0xfe, 0xed] {

@@ -67,13 +67,6 @@ mod image {
         if let Err(e) = unsafe { el3::gicv3::init_for_non_secure(el3::gicv3::QEMU_VIRT_GICD, el3::gicv3::QEMU_VIRT_GICR) } {
             println!("el3-trusty: GIC set-up failed: {e:?}");
         }
-        if let Some((src, size)) = args::el3_stage(fdt) {
-            println!("el3-trusty: copying {size} bytes of the normal world's image from {src:#x} to {entry:#x}");
-            // SAFETY: the runner staged the image at `src` (normal-world RAM) and the entry
-            // region is normal-world RAM holding nothing yet (QEMU's own device tree there is
-            // not used: the normal world gets NS_DTB).
-            unsafe { core::ptr::copy(src as usize as *const u8, entry as usize as *mut u8, size as usize) };
-        }
         println!("el3-trusty: Trusty model ready; entering EL{el} at {entry:#x}");
         let level = if el == 2 { LowerEl::El2 } else { LowerEl::El1 };
         // SAFETY: the runner loaded the normal world's image at `entry` and its device tree at
