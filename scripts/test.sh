@@ -24,6 +24,9 @@ cargo clippy --locked -p baremetal -p baremetal-hello -p qemu-images --target aa
 step "clippy, warnings are errors"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+step "Android: every Android.bp through real Blueprint/Soong, with negative controls"
+scripts/soong-check.sh
+
 step "emulation: the bare-metal runtime, then the stack as a Xen DomU and at NS-EL1 under QEMU"
 tests/baremetal/hello/run.sh
 tests/qemu/run.sh xen-trusty-vm-broken

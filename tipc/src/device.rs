@@ -634,6 +634,21 @@ impl TipcDevice {
         }
     }
 
+    /// One round of a blocking wait: fail at once without blocking, or when the deadline has
+    /// passed; otherwise donate a NOP and scan, and pause if nothing happened.
+    fn wait_step(&mut self, timeout: Timeout, deadline: Option<Deadline>) -> Result<(), Error> {
+        if timeout == Timeout::NonBlocking {
+            return Err(Error::Again);
+        }
+        if deadline.is_some_and(|d| d.expired(&*self.clock)) {
+            return Err(Error::TimedOut);
+        }
+        if !self.pump()? {
+            self.clock.relax();
+        }
+        Ok(())
+    }
+
     fn deadline(&self, t: Timeout) -> Option<Deadline> {
         match t {
             Timeout::NonBlocking => Some(Deadline::now()),
@@ -669,15 +684,7 @@ impl TipcDevice {
                     }
                 }
             }
-            if timeout == Timeout::NonBlocking {
-                return Err(Error::Again);
-            }
-            if deadline.is_some_and(|d| d.expired(&*self.clock)) {
-                return Err(Error::TimedOut);
-            }
-            if !self.pump()? {
-                self.clock.relax();
-            }
+            self.wait_step(timeout, deadline)?;
         }
     }
 
@@ -864,13 +871,13 @@ impl TipcDevice {
         if payload_len > self.max_message_size() {
             return Err(Error::MessageSize);
         }
-        Self::check_sendable(self.channel(id)?.state)?;
+        Self::require_connected(self.channel(id)?.state)?;
         let buf = self.get_tx_buffer(timeout)?;
         // The wait may have let the peer close the channel or take the device offline.
         let chan = match self.channel(id) {
             Ok(c) if c.state == ChannelState::Connected => c,
             Ok(c) => {
-                let e = Self::check_sendable(c.state).err().unwrap_or(Error::NotConnected);
+                let e = Self::require_connected(c.state).err().unwrap_or(Error::NotConnected);
                 self.tx_free.push(buf);
                 return Err(e);
             }
@@ -906,7 +913,7 @@ impl TipcDevice {
         Ok(data_len)
     }
 
-    fn check_sendable(state: ChannelState) -> Result<(), Error> {
+    fn require_connected(state: ChannelState) -> Result<(), Error> {
         match state {
             ChannelState::Connected => Ok(()),
             ChannelState::Stale => Err(Error::Shutdown),
@@ -952,20 +959,8 @@ impl TipcDevice {
                 }
                 return Ok(len);
             }
-            match chan.state {
-                ChannelState::Connected => {}
-                ChannelState::Stale => return Err(Error::Shutdown),
-                ChannelState::Connecting | ChannelState::Disconnected => return Err(Error::NotConnected),
-            }
-            if timeout == Timeout::NonBlocking {
-                return Err(Error::Again);
-            }
-            if deadline.is_some_and(|d| d.expired(&*self.clock)) {
-                return Err(Error::TimedOut);
-            }
-            if !self.pump()? {
-                self.clock.relax();
-            }
+            Self::require_connected(chan.state)?;
+            self.wait_step(timeout, deadline)?;
         }
     }
 

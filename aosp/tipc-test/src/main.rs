@@ -1,13 +1,16 @@
 //! tipc-test: AOSP's TIPC test tool, in Rust, running against the embedded Trusty model by
-//! default. `tipc-test -t all` runs every test and ends with `N passed, M failed`.
+//! default, or against a real Trusty through a Linux trusty-ipc device (`-D /dev/trusty-ipc-dev0`).
+//! `tipc-test -t all` runs every test and ends with `N passed, M failed`.
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tipc::stack::StackConfig;
 use tipc_test::backend::{SimBackend, TipcBackend};
 use tipc_test::cases::{self, Params, Rng, TestCase};
+use tipc_test::kernel::KernelBackend;
 use tipc_test::runner;
 use trusty_model::host::ModelMode;
 use trusty_platform::plan::Mechanism;
@@ -16,7 +19,7 @@ use trusty_platform::plan::Mechanism;
 #[command(name = "tipc-test", about = "Run AOSP's TIPC tests against Trusty (by default, the embedded model)")]
 struct Args {
     /// Device: `sim` (the model runs inside each call), `sim-threaded` (the model runs on its
-    /// own thread)
+    /// own thread), or the path of a Linux trusty-ipc device such as /dev/trusty-ipc-dev0
     #[arg(short = 'D', long = "dev", default_value = "sim")]
     dev: String,
     /// Service name for the `connect` test
@@ -46,11 +49,12 @@ struct Args {
     /// How long blocked_read waits for the message that never comes, in ms
     #[arg(long = "blocked-read-ms", default_value_t = 500)]
     blocked_read_ms: u64,
-    /// Platform profile (see --list-platforms) or a DTB file made by --write-dtb
+    /// Platform profile (see --list-platforms) or a DTB file made by --write-dtb; embedded
+    /// model only
     #[arg(long = "platform", default_value = "native-api5")]
     platform: String,
     /// Share memory this way whatever the platform is, to demonstrate a wrong decision:
-    /// phys, phys-attr, ffa-handle, mediated-ipa, xen-grant
+    /// phys, phys-attr, ffa-handle, mediated-ipa, xen-grant; embedded model only
     #[arg(long = "force-sharing")]
     force_sharing: Option<String>,
     /// List the platform profiles and exit
@@ -97,8 +101,49 @@ fn parse_mechanism(name: &str, profile: &platforms::Profile) -> Result<Mechanism
     })
 }
 
+/// What `-D` names: the embedded model, or a trusty-ipc device.
+enum Target {
+    Model(ModelMode),
+    Device(String),
+}
+
+/// Opens the device before any test runs: a missing device fails at once.
+fn open_device(path: &str) -> Result<KernelBackend, String> {
+    KernelBackend::open(path).map_err(|e| {
+        // A bare word that names nothing was most likely meant as a model name.
+        if e.is_not_found() && !path.contains('/') {
+            format!("unknown device '{path}' (not sim or sim-threaded): {e}")
+        } else {
+            e.to_string()
+        }
+    })
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let target = match args.dev.as_str() {
+        "sim" => Target::Model(ModelMode::Sync),
+        "sim-threaded" => Target::Model(ModelMode::Threaded),
+        path => Target::Device(path.to_string()),
+    };
+    if let Target::Device(path) = &target {
+        // A kernel driver makes its own platform and sharing decisions.
+        for (opt, given) in [
+            ("--platform", matches.value_source("platform") == Some(ValueSource::CommandLine)),
+            ("--force-sharing", args.force_sharing.is_some()),
+        ] {
+            if given {
+                eprintln!(
+                    "tipc-test: {opt} applies only to the embedded model (-D sim or sim-threaded), not to the device {path}: its driver decides for itself"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if args.list_platforms {
         for p in platforms::all() {
             println!("{:<26} {}", p.name, p.description);
@@ -145,13 +190,15 @@ fn main() -> ExitCode {
         srv: args.srv.clone(),
         blocked_read_timeout: Duration::from_millis(args.blocked_read_ms),
     };
-    let mode = match args.dev.as_str() {
-        "sim" => ModelMode::Sync,
-        "sim-threaded" => ModelMode::Threaded,
-        other => {
-            eprintln!("tipc-test: unknown device '{other}': use sim or sim-threaded");
-            return ExitCode::FAILURE;
-        }
+    let mode = match target {
+        Target::Model(mode) => mode,
+        Target::Device(path) => match open_device(&path) {
+            Ok(b) => return run(Box::new(b), &args, &selected, &params),
+            Err(e) => {
+                eprintln!("tipc-test: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
     let force_mechanism = match args.force_sharing.as_deref().map(|m| parse_mechanism(m, &profile)).transpose() {
         Ok(m) => m,
@@ -161,7 +208,7 @@ fn main() -> ExitCode {
         }
     };
     let cfg = StackConfig { force_mechanism, ..Default::default() };
-    let mut backend: Box<dyn TipcBackend> = match SimBackend::new(mode, &profile, cfg) {
+    let backend: Box<dyn TipcBackend> = match SimBackend::new(mode, &profile, cfg) {
         Ok(b) => {
             // The sharing line comes first, whatever else is printed (stderr in benchmark mode,
             // which keeps stdout pure JSON).
@@ -180,6 +227,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    run(backend, &args, &selected, &params)
+}
+
+/// Runs the selected tests (or benchmarks them) on `backend`.
+fn run(mut backend: Box<dyn TipcBackend>, args: &Args, selected: &[&'static TestCase], params: &Params) -> ExitCode {
     if args.bench > 0 {
         // Keep stdout pure JSON in benchmark mode.
         eprintln!("{}", backend.describe());
@@ -190,8 +242,8 @@ fn main() -> ExitCode {
     let mut rng = Rng::new(seed);
     if args.bench > 0 {
         let mut failed = false;
-        for t in &selected {
-            match runner::bench(&mut *backend, t, &params, &mut rng, args.bench) {
+        for t in selected {
+            match runner::bench(&mut *backend, t, params, &mut rng, args.bench) {
                 Ok(r) => println!("{}", runner::bench_json(t.name, &r)),
                 Err(e) => {
                     eprintln!("FAIL {}: {e}", t.name);
@@ -201,7 +253,7 @@ fn main() -> ExitCode {
         }
         return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
     }
-    let summary = runner::run_tests(&mut *backend, &selected, &params, &mut rng);
+    let summary = runner::run_tests(&mut *backend, selected, params, &mut rng);
     if summary.failed == 0 {
         ExitCode::SUCCESS
     } else {

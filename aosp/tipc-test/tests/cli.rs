@@ -101,3 +101,48 @@ fn a_written_dtb_reproduces_its_profile() {
     assert_ne!(code, 0);
     assert!(err.contains("unknown platform 'nope'"), "{err}");
 }
+
+#[test]
+fn a_missing_device_fails_before_any_test() {
+    let dev0 = "/dev/trusty-ipc-dev0";
+    let mut runs = vec![(["-D", "/nonexistent/x", "-t", "all"], "/nonexistent/x")];
+    // AOSP's default device: missing on a development machine, but not on a Trusty device.
+    if !std::path::Path::new(dev0).exists() {
+        runs.push((["-D", dev0, "-t", "echo"], dev0));
+    }
+    for (args, path) in runs {
+        let (code, out, err) = tipc_test(&args);
+        assert_ne!(code, 0, "{args:?}: {out}\n{err}");
+        assert!(err.contains(&format!("{path}: device not found")), "{args:?}: {err}");
+        assert!(!out.contains("PASS") && !out.contains("FAIL"), "no test may run: {out}");
+        assert!(!out.contains("sharing:"), "the sharing line is the model's: {out}");
+    }
+}
+
+#[test]
+fn model_options_are_rejected_for_a_device() {
+    for (opt, value) in [("--platform", "native-api4"), ("--force-sharing", "phys")] {
+        let (code, out, err) = tipc_test(&["-D", "/dev/null", opt, value, "-t", "echo"]);
+        assert_ne!(code, 0);
+        assert!(err.contains(opt) && err.contains("only to the embedded model"), "{err}");
+        assert!(!out.contains("PASS") && !out.contains("FAIL"), "no test may run: {out}");
+    }
+}
+
+#[test]
+fn a_device_that_is_not_trusty_ipc_fails_clearly() {
+    // A character device without the trusty-ipc driver: CONNECT reaches the kernel and comes
+    // back ENOTTY, reported per test; no sharing line (that is the model's).
+    let (code, out, err) = tipc_test(&["-D", "/dev/null", "-t", "echo"]);
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(out.starts_with("kernel: /dev/null"), "{out}");
+    assert!(out.contains("FAIL echo") && out.contains("ENOTTY"), "{out}");
+    assert!(!out.contains("sharing:"), "{out}");
+    assert_eq!(out.lines().last(), Some("0 passed, 1 failed"), "{out}");
+    // Not a device at all.
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let (code, out, err) = tipc_test(&["-D", file, "-t", "echo"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a character device"), "{err}");
+    assert!(!out.contains("PASS") && !out.contains("FAIL"), "no test may run: {out}");
+}
