@@ -94,6 +94,8 @@ pub mod xenfeat {
 pub const CONSOLEIO_WRITE: u64 = 0;
 /// `SCHEDOP_shutdown` (sched.h): argument `struct sched_shutdown`.
 pub const SCHEDOP_SHUTDOWN: u64 = 2;
+/// `SCHEDOP_poll` (sched.h): argument `struct sched_poll`; returns when a port is pending.
+pub const SCHEDOP_POLL: u64 = 3;
 /// `EVTCHNOP_send` (event_channel.h): argument `struct evtchn_send`.
 pub const EVTCHNOP_SEND: u64 = 4;
 /// `XENMEM_add_to_physmap` (memory.h): argument `struct xen_add_to_physmap`.
@@ -179,6 +181,17 @@ pub struct XenFeatureInfo {
 #[repr(C)]
 pub struct SchedShutdown {
     pub reason: u32,
+}
+
+/// `struct sched_poll` (sched.h): a guest handle (64 bits on Arm) to the ports, their count,
+/// and an absolute timeout in Xen system time (0: none).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct SchedPoll {
+    pub ports: u64,
+    pub nr_ports: u32,
+    pub _pad: u32,
+    pub timeout: u64,
 }
 
 /// `struct evtchn_send` (event_channel.h).
@@ -300,6 +313,7 @@ pub struct GnttabQuerySize {
 const _: () = {
     assert!(size_of::<XenFeatureInfo>() == 8);
     assert!(size_of::<SchedShutdown>() == 4);
+    assert!(size_of::<SchedPoll>() == 24);
     assert!(size_of::<EvtchnSend>() == 4);
     assert!(size_of::<XenAddToPhysmap>() == 24);
     assert!(offset_of!(XenAddToPhysmap, space) == 4 && offset_of!(XenAddToPhysmap, idx) == 8);
@@ -371,6 +385,14 @@ pub fn evtchn_send(h: &dyn Hypercall, port: u32) -> Result<(), XenError> {
 pub fn shutdown(h: &dyn Hypercall, reason: ShutdownReason) -> Result<(), XenError> {
     let mut arg = SchedShutdown { reason: reason as u32 };
     check("SCHEDOP_shutdown", h.hypercall(op::SCHED_OP, [SCHEDOP_SHUTDOWN, ptr(&mut arg), 0, 0, 0])).map(drop)
+}
+
+/// `SCHEDOP_poll`: blocks until one of `ports` is pending (returns at once if one already is).
+/// No timeout: the caller clears the ports' pending bits, re-checks its condition, then polls.
+pub fn sched_poll(h: &dyn Hypercall, ports: &mut [u32]) -> Result<(), XenError> {
+    let nr_ports = u32::try_from(ports.len()).map_err(|_| XenError::TooLarge { op: "SCHEDOP_poll" })?;
+    let mut arg = SchedPoll { ports: ports.as_mut_ptr() as u64, nr_ports, _pad: 0, timeout: 0 };
+    check("SCHEDOP_poll", h.hypercall(op::SCHED_OP, [SCHEDOP_POLL, ptr(&mut arg), 0, 0, 0])).map(drop)
 }
 
 /// `XENMEM_add_to_physmap` for this domain: page `idx` of `space` appears at guest frame `gpfn`.

@@ -7,7 +7,10 @@ use trusty_model::model::Path;
 use trusty_model::raw::RawPhysMem;
 use trusty_model::{Model, ModelConfig};
 use trusty_platform::clock::Clock;
-use trusty_platform::xen::hypercall::Hypercall;
+use core::sync::atomic::{fence, Ordering};
+
+use trusty_platform::mem::PAGE_SIZE;
+use trusty_platform::xen::hypercall::{self, Hypercall, XenError};
 
 use crate::xen::XenGrantMapper;
 
@@ -31,20 +34,71 @@ pub unsafe fn trusty_vm(domid: u16, guest: u16, own_ram: (u64, u64), h: Arc<dyn 
     model
 }
 
-/// Serves calls for ever: the mailbox is polled (the guest's event only hurries a VM that
-/// sleeps, and this one does not), service timers run in between. Faults are reported once.
-pub fn serve(model: &mut Model, clock: &dyn Clock, report: fn(core::fmt::Arguments<'_>)) -> ! {
+/// Where the VM maps its shared_info page (unused guest-physical space; qemu-xen.md §4).
+pub const SHARED_INFO: u64 = 0x3910_0000;
+/// Offset of `evtchn_pending[]` in shared_info on Arm: one 48-byte vcpu_info precedes it
+/// (qemu-xen.md §4).
+const EVTCHN_PENDING: u64 = 48;
+
+/// Sleeping until the guest signals the call event channel.
+pub struct CallEvent {
+    h: Arc<dyn Hypercall>,
+    port: u32,
+}
+
+impl CallEvent {
+    /// Maps shared_info at [`SHARED_INFO`] (to clear the port's pending bit before sleeping).
+    pub fn new(h: Arc<dyn Hypercall>, port: u32) -> Result<CallEvent, XenError> {
+        hypercall::add_to_physmap(&*h, hypercall::XENMAPSPACE_SHARED_INFO, 0, SHARED_INFO / PAGE_SIZE as u64)?;
+        Ok(CallEvent { h, port })
+    }
+
+    /// Clears the port's pending bit. A plain read-modify-write: exclusives do not work with the
+    /// MMU off (qemu-xen.md gotcha 5); a bit Xen sets meanwhile for this port is caught by the
+    /// caller's re-check of the mailbox, and no other port is waited on.
+    fn clear(&self) {
+        let word = (SHARED_INFO + EVTCHN_PENDING + u64::from(self.port / 64) * 8) as usize as *mut u64;
+        // SAFETY: shared_info is mapped at SHARED_INFO for good (`new`); the word lies in it.
+        unsafe { word.write_volatile(word.read_volatile() & !(1u64 << (self.port % 64))) };
+        fence(Ordering::SeqCst);
+    }
+
+    fn wait(&self) {
+        let mut ports = [self.port];
+        if let Err(e) = hypercall::sched_poll(&*self.h, &mut ports) {
+            log::warn!("SCHEDOP_poll failed: {e:?}");
+        }
+    }
+}
+
+/// Serves calls for ever. With service timers armed (or work pending) it keeps running; when
+/// idle it clears the call event, checks the mailbox once more, and sleeps in SCHEDOP_poll until
+/// the guest signals the next call. Faults are reported once each.
+pub fn serve(model: &mut Model, event: Option<&CallEvent>, clock: &dyn Clock, report: fn(core::fmt::Arguments<'_>)) -> ! {
     let mut reported = 0;
     loop {
-        let served = model.serve_mailbox();
+        let mut served = model.serve_mailbox();
         if !served {
             model.run_background();
-            clock.relax();
         }
         let faults = model.faults();
         for f in &faults[reported..] {
             report(format_args!("trusty-vm: {f}"));
         }
         reported = faults.len();
+        if served {
+            continue;
+        }
+        match event {
+            Some(ev) if !model.has_pending_work() && model.next_deadline().is_none() => {
+                ev.clear();
+                served = model.serve_mailbox();
+                if !served {
+                    ev.wait();
+                }
+            }
+            // Timers need time to pass, not events: keep running.
+            _ => clock.relax(),
+        }
     }
 }

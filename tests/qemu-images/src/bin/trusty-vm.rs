@@ -35,10 +35,22 @@ mod image {
         let domid = args::number(bootargs, "trusty-vm.domid").unwrap_or(1) as u16;
         let ram = args::memory(fdt).unwrap_or((0x4000_0000, 64 << 20));
         let clock = Arc::new(CounterClock);
+        let xen = Arc::new(HvcHypercall);
         // SAFETY: `ram` is this domain's memory (from its device tree) and the grant window is
         // unused guest-physical space in Xen's extended regions.
-        let mut model = unsafe { vm::trusty_vm(domid, guest, ram, Arc::new(HvcHypercall), clock.clone()) };
-        println!("trusty-vm: ready as domain {domid}, serving domain {guest}");
-        vm::serve(&mut model, &*clock, report)
+        let mut model = unsafe { vm::trusty_vm(domid, guest, ram, xen.clone(), clock.clone()) };
+        let event = match args::number(bootargs, "trusty-vm.call-evtchn") {
+            Some(port) => match vm::CallEvent::new(xen, port as u32) {
+                Ok(ev) => Some(ev),
+                Err(e) => {
+                    println!("trusty-vm: cannot map shared_info ({e:?}); polling the mailbox instead");
+                    None
+                }
+            },
+            None => None,
+        };
+        let how = if event.is_some() { "sleeping on its call event channel" } else { "polling its mailbox" };
+        println!("trusty-vm: ready as domain {domid}, serving domain {guest}, {how}");
+        vm::serve(&mut model, event.as_ref(), &*clock, report)
     }
 }
