@@ -485,14 +485,13 @@ impl TipcDevice {
             return;
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
-        let Some(chan) = self.channel_by_addr(header.dst).filter(|c| c.state == ChannelState::Connected) else {
+        if !self.channel_by_addr(header.dst).is_some_and(|c| c.state == ChannelState::Connected) {
             self.stats.undeliverable_frames += 1;
             let _ = self.post_rx(buf);
             return;
-        };
-        let _ = chan;
+        }
         self.stats.messages_received += 1;
-        let msg_and_repost = match self.rx_spare.pop() {
+        let (msg, repost) = match self.rx_spare.pop() {
             Some(spare) => (RxMsg::Buffer { buf, len: payload_len }, spare),
             None => {
                 let mut data = alloc::vec![0u8; payload_len];
@@ -501,7 +500,6 @@ impl TipcDevice {
                 (RxMsg::Copied(data), buf)
             }
         };
-        let (msg, repost) = msg_and_repost;
         if let Some(chan) = self.channel_by_addr(header.dst) {
             chan.queue.push_back(msg);
         }

@@ -161,3 +161,16 @@ fn trusty_mediator_allows_single_page_buffers_only() {
     let (_, info) = r.expect("bring-up");
     assert_eq!(info.plan.max_buffer_pages, Some(1));
 }
+
+#[test]
+fn an_unreadable_device_tree_is_a_clear_error_and_nothing_is_shared() {
+    let profile = by_name("native-api5").expect("profile");
+    let sim = profile.boot(ModelMode::Sync);
+    let mut access = profile.access(&sim);
+    access.fdt = b"not a device tree".to_vec();
+    let e = bring_up_platform(access, StackConfig::default()).err().expect("must fail");
+    assert!(matches!(e, BringUpError::DeviceTree(_)), "{e}");
+    assert!(e.to_string().starts_with("device tree:"), "{e}");
+    assert_eq!(sim.model().stats().smcs, 0, "no call before the facts are known");
+    assert_eq!(sim.ram().pages_in_use(), 0);
+}
