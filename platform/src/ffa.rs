@@ -50,6 +50,12 @@ pub mod err {
     pub const ABORTED: i32 = -8;
 }
 
+/// Whether `fid` is an FF-A call: a fast SMC32/SMC64 call of the standard-service entity with a
+/// function number from 0x60 (PSCI and SMCCC share the entity with lower numbers).
+pub const fn is_ffa_call(fid: u32) -> bool {
+    fid & 0xBF00_0000 == 0x8400_0000 && fid & 0xFFFF >= 0x60 && fid & 0xFFFF <= 0xFF
+}
+
 /// FF-A version 1.0, the one Trusty speaks (major must be 1).
 pub const VERSION_1_0: u32 = 0x1_0000;
 /// Trusty's FF-A endpoint id when it is not discovered (spec §3.3).
@@ -647,6 +653,17 @@ mod tests {
             let reclaim = calls_of(&fake, func::MEM_RECLAIM);
             assert_eq!(reclaim.len(), 1);
             assert_eq!(reclaim[0][1] | (reclaim[0][2] << 32), COOKIE);
+        }
+    }
+
+    #[test]
+    fn ffa_calls_are_told_from_psci_and_trusty_calls() {
+        for f in [func::VERSION, func::MEM_SHARE, func::RXTX_MAP64, func::MSG_SEND_DIRECT_REQ, func::SUCCESS64] {
+            assert!(is_ffa_call(f), "{f:#x}");
+        }
+        // PSCI and SMCCC share the standard-service entity; Trusty's calls are another entity.
+        for f in [0x8400_0000, 0x8400_0009, 0x8400_000A, 0x8000_0000, 0xBC00_000B, 0x3200_0014, 0x8400_0100] {
+            assert!(!is_ffa_call(f), "{f:#x}");
         }
     }
 

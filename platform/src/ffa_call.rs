@@ -127,7 +127,7 @@ impl Conduit for FfaCallConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
         let f = regs[0] as u32;
         // FF-A's own calls (memory sharing) go out as they are.
-        if f & 0xBF00_0000 == 0x8400_0000 {
+        if crate::ffa::is_ffa_call(f) {
             return self.inner.call(regs);
         }
         let (a0, a1, a2) = (regs[1] as u32, regs[2] as u32, regs[3] as u32);

@@ -85,6 +85,19 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
+    /// The mechanism called `name` (as [`Mechanism::name`] spells it); a grant's peer is
+    /// `grant_backend`.
+    pub fn from_name(name: &str, grant_backend: u16) -> Option<Mechanism> {
+        Some(match name {
+            "phys" => Mechanism::Phys,
+            "phys-attr" => Mechanism::PhysAttr,
+            "ffa-handle" => Mechanism::FfaHandle,
+            "xen-grant" => Mechanism::XenGrant { backend_domid: grant_backend },
+            "mediated-ipa" => Mechanism::MediatedIpa,
+            _ => return None,
+        })
+    }
+
     /// Short name, as used by `--force-sharing` and in the sharing line.
     pub fn name(&self) -> &'static str {
         match self {

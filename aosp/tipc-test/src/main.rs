@@ -86,18 +86,12 @@ fn load_platform(name: &str) -> Result<platforms::Profile, String> {
 }
 
 fn parse_mechanism(name: &str, profile: &platforms::Profile) -> Result<Mechanism, String> {
-    Ok(match name {
-        "phys" => Mechanism::Phys,
-        "phys-attr" => Mechanism::PhysAttr,
-        "ffa-handle" => Mechanism::FfaHandle,
-        "mediated-ipa" => Mechanism::MediatedIpa,
-        "xen-grant" => Mechanism::XenGrant {
-            backend_domid: match profile.machine.model.path {
-                trusty_model::model::Path::XenVm { domid } => domid,
-                _ => 0,
-            },
-        },
-        other => return Err(format!("unknown sharing mechanism '{other}': phys, phys-attr, ffa-handle, mediated-ipa, xen-grant")),
+    let backend = match profile.machine.model.path {
+        trusty_model::model::Path::XenVm { domid } => domid,
+        _ => 0,
+    };
+    Mechanism::from_name(name, backend).ok_or_else(|| {
+        format!("unknown sharing mechanism '{name}': phys, phys-attr, ffa-handle, mediated-ipa, xen-grant")
     })
 }
 

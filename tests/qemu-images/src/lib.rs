@@ -6,7 +6,6 @@
 extern crate alloc;
 
 pub mod args;
-pub mod el3;
 pub mod pages;
 pub mod stack;
 pub mod vm;

@@ -52,14 +52,8 @@ impl TestEnv for BareEnv {
 }
 
 /// `trusty-ipc-stack.force-sharing=MECH` on the command line: share memory wrongly on purpose.
-fn forced_mechanism(bootargs: &str) -> Option<Mechanism> {
-    Some(match args::value(bootargs, "trusty-ipc-stack.force-sharing")? {
-        "phys" => Mechanism::Phys,
-        "phys-attr" => Mechanism::PhysAttr,
-        "ffa-handle" => Mechanism::FfaHandle,
-        "mediated-ipa" => Mechanism::MediatedIpa,
-        _ => return None,
-    })
+fn forced_mechanism(bootargs: &str, facts_backend: u16) -> Option<Mechanism> {
+    Mechanism::from_name(args::value(bootargs, "trusty-ipc-stack.force-sharing")?, facts_backend)
 }
 
 /// Brings the stack up from the device tree `fdt` and runs every tipc-test case. Returns the
@@ -83,7 +77,8 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
             None => Err(trusty_platform::Error::InvalidArgument("no hypervisor: no grant table")),
         }),
     };
-    let cfg = StackConfig { force_mechanism: forced_mechanism(bootargs), ..Default::default() };
+    let grant_backend = trusty_platform::facts::trusty_vm_from_bootargs(bootargs).ok().flatten().map_or(0, |vm| vm.0);
+    let cfg = StackConfig { force_mechanism: forced_mechanism(bootargs, grant_backend), ..Default::default() };
     let (dev, info) = match bring_up_platform(access, cfg) {
         Ok(up) => up,
         Err(e) => {

@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 
 use trusty_platform::ffa;
 use trusty_platform::mem::{PhysRange, PAGE_SIZE};
+use trusty_platform::xen::grant::{GTF_PERMIT_ACCESS, GTF_READING, GTF_READONLY, GTF_WRITING};
 use trusty_virtio::vring::RingMemory;
 
 /// Physical memory as the secure side reaches it (bytes and naturally aligned words).
@@ -116,12 +117,6 @@ pub enum GrantMapError {
     /// The hypervisor refused for another reason (its status code).
     Refused(i32),
 }
-
-/// Grant table v1 entry flags (Xen public/grant_table.h).
-const GTF_PERMIT_ACCESS: u16 = 1;
-const GTF_READONLY: u16 = 1 << 2;
-const GTF_READING: u16 = 1 << 3;
-const GTF_WRITING: u16 = 1 << 4;
 
 /// Where Trusty's memory ids come from and what stands between the normal world and Trusty:
 /// the FF-A sharing registry (an SPMC, or Xen's FF-A mediator that translates IPAs), address

@@ -318,7 +318,7 @@ impl Model {
         self.stats.smcs += 1;
         let f = regs[0] as u32;
         // FF-A calls go to the SPMC stand-in, which is not Trusty (entity 4, fast).
-        if f & 0xBF00_0000 == 0x8400_0000 {
+        if ffa::is_ffa_call(f) {
             if !self.ffa_reachable() {
                 self.stats.refused_smcs += 1;
                 return ret(-1);
@@ -351,7 +351,7 @@ impl Model {
         let m = match self.mailbox.take() {
             Some(m) => m,
             None => {
-                let id = (1u64 << 63) | (u64::from(mb::MAILBOX_GREF) << 12);
+                let id = trusty_platform::xen::grant::grant_id(mb::MAILBOX_GREF);
                 match self.shares.try_map(id, trusty_platform::mem::PAGE_SIZE, true, "Trusty VM mailbox") {
                     Some(m) => m,
                     None => return false,

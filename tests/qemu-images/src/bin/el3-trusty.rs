@@ -19,7 +19,6 @@ mod image {
     use baremetal::{console, println};
     use critical_section::Mutex;
     use qemu_images::args;
-    use qemu_images::el3::{handle, After};
     use trusty_model::raw::RawPhysMem;
     use trusty_model::{Model, ModelConfig};
 
@@ -32,18 +31,16 @@ mod image {
 
     static MODEL: Mutex<RefCell<Option<Model>>> = Mutex::new(RefCell::new(None));
 
+    /// PSCI/SMCCC queries (and power-off) are the monitor's own; everything else is Trusty's,
+    /// and the model runs inside the call, as Trusty runs on the calling CPU.
     fn smc(regs: &mut [u64; 8]) {
-        let after = critical_section::with(|cs| match MODEL.borrow(cs).borrow_mut().as_mut() {
-            Some(m) => handle(m, regs),
-            None => {
-                regs[0] = el3::NOT_SUPPORTED;
-                After::Return
-            }
-        });
-        if let After::Exit(code) = after {
-            println!("el3-trusty: normal world asked to stop ({code})");
-            baremetal::exit(code);
+        if el3::standard_service(regs) {
+            return;
         }
+        critical_section::with(|cs| match MODEL.borrow(cs).borrow_mut().as_mut() {
+            Some(m) => *regs = m.smc(*regs),
+            None => regs[0] = el3::NOT_SUPPORTED,
+        });
     }
 
     fn main(_x0: usize) -> ! {
