@@ -4,6 +4,11 @@
 # misspelt property must each fail it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=lib/setup.sh
+. scripts/lib/setup.sh
+# The check installs its own Debian packages (Go, Soong and Blueprint sources); the negative
+# controls need git and sed.
+need_debs git:git sed:sed
 CHECK=${SOONG_CHECK:-$(cd .. && pwd)/shared/tools/soong-check/check}
 [ -x "$CHECK" ] || { echo "soong-check.sh: $CHECK not found" >&2; exit 1; }
 set -a

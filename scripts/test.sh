@@ -5,14 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=lib/setup.sh
+. scripts/lib/setup.sh
 
 step "toolchain: aarch64-unknown-none target and clippy"
-if ! rustup target list --installed | grep -qx aarch64-unknown-none; then
-    rustup target add aarch64-unknown-none
-fi
-if ! cargo clippy --version >/dev/null 2>&1; then
-    rustup component add clippy
-fi
+need_rust_target aarch64-unknown-none
+need_rust_component clippy
 
 step "unit, integration and conformance tests (host)"
 cargo test --workspace --locked

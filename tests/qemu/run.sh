@@ -59,72 +59,21 @@ die() { printf '%s\n' "qemu-run: error: $*" >&2; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # 1. Tools, rustup target, Xen (cached under target/qemu/, never installed)
 
-APT_FRESH=0
-apt_update_once() {
-    if [[ $APT_FRESH = 0 ]]; then
-        log "apt-get update"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-        APT_FRESH=1
-    fi
-}
+# shellcheck source=../../scripts/lib/setup.sh
+. "$ROOT/scripts/lib/setup.sh"
 
-need_root() {
-    [[ $(id -u) = 0 ]] || die "$1 needs root (CI runs as root); do it by hand or rerun as root"
-}
-
-ensure_packages() {
-    local missing=()
-    command -v "$QEMU" >/dev/null || missing+=(qemu-system-arm)
-    command -v dtc >/dev/null || missing+=(device-tree-compiler)
-    { command -v "$OBJCOPY" >/dev/null && command -v "$READELF" >/dev/null && command -v "$AS" >/dev/null; } ||
-        missing+=(binutils-aarch64-linux-gnu)
-    command -v timeout >/dev/null || missing+=(coreutils)
-    if ((${#missing[@]})); then
-        need_root "installing ${missing[*]}"
-        apt_update_once
-        log "apt-get install ${missing[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-    fi
-}
+ensure_packages() { need_qemu_tools; }
 
 ensure_rust_target() {
     if [[ -n ${IMAGE_DIR:-} ]]; then return; fi
-    command -v rustup >/dev/null || die "rustup not found (needed for the $RUST_TARGET target)"
-    if ! (cd "$ROOT" && rustup target list --installed) | grep -qx "$RUST_TARGET"; then
-        log "rustup target add $RUST_TARGET"
-        (cd "$ROOT" && rustup target add "$RUST_TARGET") >&2
-    fi
+    (cd "$ROOT" && need_rust_target "$RUST_TARGET")
 }
 
 ensure_xen() {
     [[ -s $XEN ]] && return
-    local debdir=$QDIR/deb deb
-    mkdir -p "$debdir"
-    deb=$(find "$debdir" -maxdepth 1 -name "${XEN_PKG}_*_arm64.deb" | sort | tail -n 1)
-    if [[ -z $deb ]]; then
-        need_root "downloading $XEN_PKG:arm64"
-        if ! dpkg --print-foreign-architectures | grep -qx arm64; then
-            log "dpkg --add-architecture arm64"
-            dpkg --add-architecture arm64
-            APT_FRESH=0
-        fi
-        if ! apt-cache show "$XEN_PKG:arm64" >/dev/null 2>&1; then
-            apt_update_once
-        fi
-        log "apt-get download $XEN_PKG:arm64 (into $debdir)"
-        if ! (cd "$debdir" && apt-get download -qq -o APT::Sandbox::User=root "$XEN_PKG:arm64" >&2); then
-            apt_update_once
-            (cd "$debdir" && apt-get download -qq -o APT::Sandbox::User=root "$XEN_PKG:arm64" >&2)
-        fi
-        deb=$(find "$debdir" -maxdepth 1 -name "${XEN_PKG}_*_arm64.deb" | sort | tail -n 1)
-        [[ -n $deb ]] || die "apt-get download $XEN_PKG:arm64 produced no .deb"
-    fi
-    rm -rf "$QDIR/xen.tmp"
-    dpkg -x "$deb" "$QDIR/xen.tmp"
-    [[ -s $QDIR/xen.tmp/boot/xen-4.17-arm64 ]] || die "$deb has no boot/xen-4.17-arm64"
-    rm -rf "$QDIR/xen"
-    mv "$QDIR/xen.tmp" "$QDIR/xen"
-    log "Xen: $XEN ($(basename "$deb"))"
+    local got
+    got=$(need_xen "$QDIR")
+    [[ $got = "$XEN" ]] || die "Xen unpacked at $got, expected $XEN"
 }
 
 # ---------------------------------------------------------------------------------------------

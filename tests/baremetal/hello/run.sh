@@ -15,10 +15,11 @@
 #
 # Each boot runs under `timeout 30`; the script checks QEMU's exit status and a marker line, and
 # prints the wall time of each boot. Needs qemu-system-aarch64 (qemu-system-arm), dtc
-# (device-tree-compiler), an objcopy for AArch64 (binutils-aarch64-linux-gnu or llvm), and the
-# Debian package xen-hypervisor-4.17-arm64 (taken from $XEN_DEB, /tmp/xendl/, or downloaded with
-# `apt-get download`, which needs `dpkg --add-architecture arm64 && apt-get update`); the package
-# is only unpacked into the work directory, never installed.
+# (device-tree-compiler), an objcopy for AArch64 (binutils-aarch64-linux-gnu), the
+# aarch64-unknown-none target and the Debian package xen-hypervisor-4.17-arm64; all of them are
+# installed by scripts/lib/setup.sh when missing (the Xen package is downloaded with
+# `apt-get download`, after adding dpkg's arm64 architecture if needed, and only unpacked under
+# target/qemu/, never installed; $XEN_DEB overrides it).
 #
 # Env: XEN_DEB (path of the .deb), BAREMETAL_WORK (work directory; default: a new temp dir, kept
 # only on failure or with KEEP=1).
@@ -43,15 +44,17 @@ step() { printf '\n==> %s\n' "$*"; }
 die() { echo "run.sh: $*" >&2; failed=1; exit 1; }
 now() { date +%s.%N; }
 
+# shellcheck source=../../../scripts/lib/setup.sh
+. "$ROOT/scripts/lib/setup.sh"
+step "tools: QEMU, dtc, AArch64 binutils, the aarch64-unknown-none target"
+need_qemu_tools
+(cd "$ROOT" && need_rust_target aarch64-unknown-none)
+
 step "build (release, aarch64-unknown-none)"
 (cd "$ROOT" && cargo build --release --target aarch64-unknown-none -p baremetal-hello)
 
-# rustup's rust-objcopy is broken on this machine (missing libLLVM); use binutils or llvm.
-OBJCOPY=""
-for c in aarch64-linux-gnu-objcopy llvm-objcopy; do
-    if command -v "$c" >/dev/null; then OBJCOPY=$c; break; fi
-done
-[[ -n $OBJCOPY ]] || die "no objcopy for AArch64 (install binutils-aarch64-linux-gnu or llvm)"
+# rustup's rust-objcopy is broken on this machine (missing libLLVM); use binutils.
+OBJCOPY=aarch64-linux-gnu-objcopy
 for img in hello-el1 hello-el3; do
     "$OBJCOPY" -O binary "$OUT/$img" "$WORK/$img.bin"
 done
@@ -61,19 +64,14 @@ echo "hello-el1.bin: $EL1_SIZE bytes, hello-el3.bin: $(stat -c %s "$WORK/hello-e
 ((EL1_SIZE <= 1048576)) || die "hello-el1.bin is larger than hello-el3's 1 MiB staging copy"
 
 step "Xen 4.17 from the Debian package"
-deb=${XEN_DEB:-}
-if [[ -z $deb ]]; then
-    deb=$(ls /tmp/xendl/xen-hypervisor-4.17-arm64_*_arm64.deb 2>/dev/null | head -n1 || true)
+if [[ -n ${XEN_DEB:-} ]]; then
+    dpkg -x "$XEN_DEB" "$WORK/xen"
+    XEN="$WORK/xen/boot/xen-4.17-arm64"
+    [[ -f $XEN ]] || die "$XEN_DEB has no boot/xen-4.17-arm64"
+else
+    XEN=$(need_xen "$TARGET_DIR/qemu")
 fi
-if [[ -z $deb ]]; then
-    (cd "$WORK" && apt-get download xen-hypervisor-4.17-arm64:arm64) ||
-        die "cannot get xen-hypervisor-4.17-arm64:arm64 (set XEN_DEB, or: dpkg --add-architecture arm64 && apt-get update)"
-    deb=$(ls "$WORK"/xen-hypervisor-4.17-arm64_*_arm64.deb | head -n1)
-fi
-dpkg -x "$deb" "$WORK/xen"
-XEN="$WORK/xen/boot/xen-4.17-arm64"
-[[ -f $XEN ]] || die "$deb has no boot/xen-4.17-arm64"
-echo "$deb -> $XEN"
+echo "Xen: $XEN"
 
 declare -a SUMMARY=()
 
