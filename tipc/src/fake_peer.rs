@@ -103,6 +103,9 @@ pub enum OnConnect {
     Swallow,
 }
 
+/// Misbehaviour a test adds: runs after the peer's own work on every call.
+pub type Hook = Box<dyn FnMut(&mut Peer) + Send>;
+
 /// A frame the normal world sent, as the peer read it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
@@ -144,7 +147,7 @@ pub struct Peer {
     /// reset: how far the caller's stack moved between calls.
     pub stack_span: Option<(usize, usize)>,
     /// Runs after the peer's own work on every call.
-    pub hook: Option<Box<dyn FnMut(&mut Peer) + Send>>,
+    pub hook: Option<Hook>,
     /// Descriptor heads of rx buffers used, with the frame written, most recent last.
     pub filled: Vec<(u16, u32)>,
     /// Sent instead of the plain GO_ONLINE at START, if set.
