@@ -215,7 +215,8 @@ pub struct TipcDevice {
     /// its allocation).
     rx_repost: Vec<SharedBuf>,
     /// Re-posted rx buffers Trusty has not been told about yet (the kick was cut short by the
-    /// bound on rounds per scan, or failed).
+    /// bound on rounds per scan). A kick that failed is not repeated: the next call into the
+    /// secure side gives Trusty the CPU anyway.
     rx_kick_pending: bool,
     /// Memory ids sent in messages that Trusty has not released yet.
     shm_outstanding: BTreeMap<u64, u32>,
@@ -989,6 +990,7 @@ impl TipcDevice {
     /// -> TimedOut, and the channel is stale for good. Trusty may still hold an endpoint for a
     /// timed-out connect, so closing the channel sends it DISC_REQ.
     pub fn finish_connect(&mut self, id: ChannelId) -> Result<(), Error> {
+        let was_connecting = self.channel(id)?.state == ChannelState::Connecting;
         let deadline = Deadline::after_ms(&*self.clock, self.cfg.connect_timeout_ms);
         let answered =
             self.wait_until(Some(deadline), |d| d.peek(id).is_none_or(|c| c.state != ChannelState::Connecting))?;
@@ -1001,7 +1003,9 @@ impl TipcDevice {
         match chan.state {
             ChannelState::Connected => Ok(()),
             ChannelState::Disconnected if !chan.queue.is_empty() => Ok(()),
-            ChannelState::Stale => Err(Error::WentOffline),
+            // Only GO_OFFLINE takes a connecting channel to stale.
+            ChannelState::Stale if was_connecting => Err(Error::WentOffline),
+            ChannelState::Stale => Err(Error::Shutdown),
             _ => Err(Error::NotConnected),
         }
     }
@@ -1217,6 +1221,7 @@ impl TipcDevice {
         bufs.extend(self.rx_posted.iter_mut().filter_map(Option::take));
         bufs.extend(self.tx_posted.iter_mut().filter_map(Option::take).map(|(b, _)| b));
         bufs.append(&mut self.rx_spare);
+        bufs.append(&mut self.rx_repost);
         bufs.append(&mut self.tx_free);
         for chan in self.channels.iter_mut().filter_map(Option::take) {
             for msg in chan.queue {

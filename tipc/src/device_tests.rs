@@ -176,6 +176,8 @@ fn close_after_a_connect_timeout_sends_disc_req_and_the_late_answer_misses_new_c
     h.dev.start_connect(a, "slow.port").unwrap();
     assert_eq!(h.dev.finish_connect(a), Err(Error::TimedOut));
     assert_eq!(h.dev.channel_state(a), Ok(ChannelState::Stale));
+    assert_eq!(h.dev.finish_connect(a), Err(Error::Shutdown));
+    assert_eq!(h.dev.start_connect(a, "slow.port"), Err(Error::Shutdown));
     let a_local = last_conn_req_src(&h);
     h.dev.close(a).unwrap();
     // Linux tipc_chan_shutdown(): the channel is still CONNECTING on the wire, so Trusty is told
