@@ -20,6 +20,11 @@ use trusty_virtio::{Bus, BusError, VdevHandle};
 use crate::wire::{self, heapless_name::Name, Ctrl, FrameError, Header, ShmDesc};
 use crate::Error;
 
+/// Rounds of "take a batch from each ring, re-post, kick" one [`TipcDevice::scan`] makes at
+/// most. Each kick is a call into the secure side that may bring more frames; the bound keeps a
+/// peer that always has more from holding the caller (the owed kick is made by the next scan).
+pub const MAX_SCAN_ROUNDS: usize = 4;
+
 /// Tunables of one device. The defaults are the Linux driver's (spec §6.11).
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -43,6 +48,11 @@ pub struct Config {
     /// Largest message buffer, in pages, the sharing mechanism can make visible (a mediator
     /// that translates only a buffer's first page allows 1).
     pub max_buffer_pages: Option<usize>,
+    /// Messages one channel may hold unread; `None` = the rx pool (the rx buffers posted on
+    /// vring 0). A message arriving on a full channel is discarded and counted in
+    /// [`DeviceStats::rx_queue_overflows`], its buffer going straight back to the ring (as
+    /// Linux's dn_handle_msg() discards a message when it cannot get a replacement buffer).
+    pub rx_queue_limit: Option<usize>,
 }
 
 impl Default for Config {
@@ -56,6 +66,7 @@ impl Default for Config {
             rx_spare_buffers: 8,
             idle_pump_ms: 10,
             max_buffer_pages: None,
+            rx_queue_limit: None,
         }
     }
 }
@@ -120,6 +131,11 @@ pub struct DeviceStats {
     pub rx_copies: u64,
     /// Kicks issued.
     pub kicks: u64,
+    /// Messages discarded because their channel already held `rx_queue_limit` unread ones.
+    pub rx_queue_overflows: u64,
+    /// Answers (CONN_RSP, DISC_REQ) that arrived for a channel whose connect had already
+    /// timed out; they are only used to address the DISC_REQ that close sends.
+    pub late_answers: u64,
 }
 
 enum RxMsg {
@@ -135,6 +151,12 @@ struct Channel {
     state: ChannelState,
     name: Option<Name>,
     queue: VecDeque<RxMsg>,
+    /// The connect timed out while Trusty may still hold an endpoint for it: the channel is
+    /// stale for its user, but on the wire it is still connecting (Linux dn_wait_for_reply()
+    /// sets only the file's state to STALE, `chan->state` stays CONNECTING), so close must
+    /// send DISC_REQ (tipc_chan_shutdown()). Cleared when Trusty's late answer says it holds
+    /// nothing (refusal, DISC_REQ) or when the device goes offline.
+    disc_on_close: bool,
 }
 
 struct Ring {
@@ -185,6 +207,17 @@ pub struct TipcDevice {
     channels: Vec<Option<Channel>>,
     next_generation: u32,
     by_addr: BTreeMap<u32, u32>,
+    /// Where the search for the next local address starts (cyclic allocation, see `open`).
+    next_local: u32,
+    /// Rx buffers posted at start: the rx pool, and the default per-channel queue limit.
+    rx_pool: usize,
+    /// Buffers waiting to go back on vring 0 until the current batch is done (kept to reuse
+    /// its allocation).
+    rx_repost: Vec<SharedBuf>,
+    /// Re-posted rx buffers Trusty has not been told about yet (the kick was cut short by the
+    /// bound on rounds per scan). A kick that failed is not repeated: the next call into the
+    /// secure side gives Trusty the CPU anyway.
+    rx_kick_pending: bool,
     /// Memory ids sent in messages that Trusty has not released yet.
     shm_outstanding: BTreeMap<u64, u32>,
     /// Memory ids Trusty released (or whose message was dropped): the owner may reclaim them.
@@ -257,7 +290,9 @@ impl TipcDevice {
             log::error!("message buffers of {buf_size} bytes exceed what the sharing mechanism can make visible");
             return Err(fail(Error::Unsupported("message buffers larger than the sharing mechanism allows")));
         }
-        let name_field = &info.config[8..40];
+        // Linux tipc_virtio_probe(): strncpy into a 32-byte field, then the last byte forced to
+        // NUL, so at most 31 bytes of the name survive.
+        let name_field = &info.config[8..39];
         let name_len = name_field.iter().position(|&b| b == 0).unwrap_or(name_field.len());
         let dev_name = String::from_utf8_lossy(&name_field[..name_len]).into_owned();
         let (r0, r1) = (info.vrings[0], info.vrings[1]);
@@ -303,6 +338,10 @@ impl TipcDevice {
             channels: Vec::new(),
             next_generation: 1,
             by_addr: BTreeMap::new(),
+            next_local: wire::MIN_LOCAL_ADDR,
+            rx_pool: 0,
+            rx_repost: Vec::new(),
+            rx_kick_pending: false,
             shm_outstanding: BTreeMap::new(),
             shm_released: VecDeque::new(),
             last_secure_call: 0,
@@ -319,6 +358,7 @@ impl TipcDevice {
             let buf = self.bus.mem().alloc_shared(self.buf_size, Access::ReadWrite)?;
             self.post_rx(buf)?;
         }
+        self.rx_pool = posted;
         for _ in 0..self.cfg.rx_spare_buffers {
             match self.bus.mem().alloc_shared(self.buf_size, Access::ReadWrite) {
                 Ok(buf) => self.rx_spare.push(buf),
@@ -380,15 +420,42 @@ impl TipcDevice {
 
     /// Processes everything Trusty returned on both rings. Called after every return from the
     /// secure side. Returns whether anything was found.
+    ///
+    /// Iterative and bounded whatever the peer does: each round takes at most one batch per
+    /// ring (the entries published when the round began, at most the ring size), re-posts rx
+    /// buffers only after the batch, and then tells Trusty about them with one kick (Linux
+    /// `_rxvq_cb()` kicks once after its loop). A kick is a call into the secure side, which
+    /// may return more frames; those are taken by the next round, up to [`MAX_SCAN_ROUNDS`]. A
+    /// kick still owed after the last round is made by the next scan, so a peer that answers
+    /// every kick with a frame costs each scan a bounded number of calls and no stack.
     pub fn scan(&mut self) -> bool {
-        let tx = self.scan_tx();
-        let rx = self.scan_rx();
-        tx || rx
+        let mut any = false;
+        for _ in 0..MAX_SCAN_ROUNDS {
+            let tx = self.scan_tx();
+            let rx = self.scan_rx();
+            any |= tx || rx;
+            if !self.rx_kick_pending {
+                break;
+            }
+            self.rx_kick_pending = false;
+            // Re-posted buffers may be what a blocked Trusty sender waits for.
+            if !self.rx.queue.needs_kick() || self.notify(true).is_err() {
+                break;
+            }
+        }
+        any
     }
 
     fn scan_tx(&mut self) -> bool {
+        let pending = match self.tx.queue.used_pending() {
+            Ok(n) => n,
+            Err(e) => {
+                self.ring_error("tx", e);
+                return true;
+            }
+        };
         let mut any = false;
-        loop {
+        for _ in 0..pending {
             match self.tx.queue.pop_used() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
@@ -398,7 +465,8 @@ impl TipcDevice {
                         continue;
                     };
                     // used.len on this ring is a status (spec §6.7): negative means dropped, and
-                    // the references the message carried are ours to release.
+                    // the references the message carried are ours to release (Linux
+                    // _txvq_cb() -> handle_dropped_mb()).
                     if (used.len as i32) < 0 {
                         self.stats.dropped_by_peer += 1;
                         log::debug!("Trusty dropped a message: status {}", used.len as i32);
@@ -411,9 +479,6 @@ impl TipcDevice {
                 Err(e) => {
                     any = true;
                     self.ring_error("tx", e);
-                    if matches!(e, RingError::UsedIndexJump { .. }) {
-                        break;
-                    }
                 }
             }
         }
@@ -426,54 +491,72 @@ impl TipcDevice {
     }
 
     fn scan_rx(&mut self) -> bool {
+        let pending = match self.rx.queue.used_pending() {
+            Ok(n) => n,
+            Err(e) => {
+                self.ring_error("rx", e);
+                return false;
+            }
+        };
         let mut processed = 0usize;
-        loop {
-            let used = match self.rx.queue.pop_used() {
+        let mut repost = core::mem::take(&mut self.rx_repost);
+        for _ in 0..pending {
+            match self.rx.queue.pop_used() {
                 Ok(None) => break,
-                Ok(Some(u)) => u,
-                Err(e) => {
-                    self.ring_error("rx", e);
-                    if matches!(e, RingError::UsedIndexJump { .. }) {
-                        break;
+                Ok(Some(used)) => {
+                    processed += 1;
+                    match self.rx_posted.get_mut(usize::from(used.desc)).and_then(Option::take) {
+                        Some(buf) => repost.push(self.handle_rx(buf, used.len)),
+                        None => self.stats.ring_errors += 1,
                     }
-                    continue;
                 }
-            };
-            processed += 1;
-            match self.rx_posted.get_mut(usize::from(used.desc)).and_then(Option::take) {
-                Some(buf) => self.handle_rx(buf, used.len),
-                None => self.stats.ring_errors += 1,
+                // A repeated or unknown id (BadUsedId) is counted and skipped.
+                Err(e) => self.ring_error("rx", e),
             }
         }
-        // Re-posted buffers may be what a blocked Trusty sender waits for.
-        if processed > 0 && self.rx.queue.needs_kick() {
-            let _ = self.kick_ring(true);
+        // Only now do the buffers go back: a used entry later in the batch that repeats an id
+        // finds it no longer in flight (a ring error) instead of an old message in a buffer
+        // that was just re-posted.
+        for buf in repost.drain(..) {
+            let _ = self.post_rx(buf);
+        }
+        self.rx_repost = repost;
+        if processed > 0 {
+            self.rx_kick_pending = true;
         }
         processed > 0
     }
 
-    /// Validates one received frame (spec §6.6 steps 6-9) and routes it. The buffer is re-posted
-    /// unless it moved to a channel queue, in which case a spare takes its place.
-    fn handle_rx(&mut self, buf: SharedBuf, used: u32) {
+    /// Validates one received frame (spec §6.6 steps 6-9) and routes it (Linux
+    /// `_handle_rxbuf()`). Returns the buffer to re-post: the same one, unless it moved to a
+    /// channel queue, in which case a spare takes its place.
+    fn handle_rx(&mut self, buf: SharedBuf, used: u32) -> SharedBuf {
         let header = match self.validate_rx(&buf, used) {
             Ok(h) => h,
             Err(e) => {
                 self.stats.malformed_frames += 1;
                 log::warn!("dropping malformed frame from Trusty: {e:?}");
-                let _ = self.post_rx(buf);
-                return;
+                return buf;
             }
         };
         let payload_len = usize::from(header.len);
         if header.dst == wire::CTRL_ADDR {
-            let mut payload = [0u8; wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
-            let parsed = match payload.get_mut(..payload_len) {
-                Some(p) => buf.read(wire::HEADER_LEN, p).map_err(|_| FrameError::BadLength { used }).and_then(|()| {
-                    // shm_cnt is not written by Trusty on what it sends (spec §11 5): ignore it.
-                    wire::parse_ctrl(p, 0, false)
-                }),
-                None => Err(FrameError::BadControl { ctrl_type: 0, body_len: header.len.into() }),
+            // Most control messages fit on the stack; Linux accepts longer bodies for some types
+            // (GO_ONLINE, RELEASE), which are read into the heap.
+            let mut small = [0u8; wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
+            let mut large = Vec::new();
+            let p: &mut [u8] = match small.get_mut(..payload_len) {
+                Some(p) => p,
+                None => {
+                    large.resize(payload_len, 0);
+                    &mut large
+                }
             };
+            let parsed = buf
+                .read(wire::HEADER_LEN, p)
+                .map_err(|_| FrameError::BadLength { used })
+                // shm_cnt is not written by Trusty on what it sends (spec §11 5): ignore it.
+                .and_then(|()| wire::parse_ctrl(p, 0, false));
             match parsed {
                 Ok(msg) => self.handle_ctrl(msg),
                 Err(e) => {
@@ -481,14 +564,21 @@ impl TipcDevice {
                     log::warn!("dropping malformed control message: {e:?}");
                 }
             }
-            let _ = self.post_rx(buf);
-            return;
+            return buf;
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
-        if !self.channel_by_addr(header.dst).is_some_and(|c| c.state == ChannelState::Connected) {
-            self.stats.undeliverable_frames += 1;
-            let _ = self.post_rx(buf);
-            return;
+        let limit = self.rx_queue_limit();
+        let queued = match self.channel_by_addr(header.dst) {
+            Some(c) if c.state == ChannelState::Connected => c.queue.len(),
+            _ => {
+                self.stats.undeliverable_frames += 1;
+                return buf;
+            }
+        };
+        if queued >= limit {
+            self.stats.rx_queue_overflows += 1;
+            log::warn!("channel {}: {queued} messages unread, discarding an incoming one", header.dst);
+            return buf;
         }
         self.stats.messages_received += 1;
         let (msg, repost) = match self.rx_spare.pop() {
@@ -503,7 +593,12 @@ impl TipcDevice {
         if let Some(chan) = self.channel_by_addr(header.dst) {
             chan.queue.push_back(msg);
         }
-        let _ = self.post_rx(repost);
+        repost
+    }
+
+    /// Messages one channel may hold unread.
+    fn rx_queue_limit(&self) -> usize {
+        self.cfg.rx_queue_limit.unwrap_or(self.rx_pool).max(1)
     }
 
     fn validate_rx(&self, buf: &SharedBuf, used: u32) -> Result<Header, FrameError> {
@@ -532,14 +627,19 @@ impl TipcDevice {
                 if self.state == DeviceState::Online {
                     log::warn!("TIPC device {} went offline", self.dev_name);
                     self.state = DeviceState::Offline;
-                    // Every channel becomes stale (spec §6.10).
+                    // Every channel becomes stale (spec §6.10; Linux _go_offline() sets
+                    // `chan->state` STALE too, so closing one sends nothing). Waiters see it at
+                    // their next round: a connect ends with WentOffline, a sender or a close
+                    // waiting for a tx buffer with NoDevice, a reader with Shutdown.
                     for chan in self.channels.iter_mut().flatten() {
                         chan.state = ChannelState::Stale;
                         chan.remote = 0;
+                        chan.disc_on_close = false;
                     }
                 }
             }
             Ctrl::ConnRsp { target, status, remote, .. } => match self.channel_by_addr(target) {
+                // Linux _handle_conn_rsp(): only a channel still CONNECTING takes the answer.
                 Some(chan) if chan.state == ChannelState::Connecting => {
                     if status == 0 {
                         chan.state = ChannelState::Connected;
@@ -550,12 +650,31 @@ impl TipcDevice {
                         chan.state = ChannelState::Disconnected;
                     }
                 }
+                // The connect timed out but on the wire it was still connecting: Linux moves
+                // `chan->state` on (CONNECTED with the remote, or DISCONNECTED). The channel stays
+                // stale here; what is kept is whether close owes Trusty a DISC_REQ, and for
+                // which endpoint.
+                Some(chan) if chan.disc_on_close => {
+                    if status == 0 {
+                        chan.remote = remote;
+                    } else {
+                        chan.disc_on_close = false;
+                    }
+                    self.stats.late_answers += 1;
+                }
                 _ => self.stats.undeliverable_frames += 1,
             },
             Ctrl::DiscReq { target } => match self.channel_by_addr(target) {
+                // Linux _handle_disc_req().
                 Some(chan) if matches!(chan.state, ChannelState::Connected | ChannelState::Connecting) => {
                     chan.state = ChannelState::Disconnected;
                     chan.remote = 0;
+                }
+                // Trusty freed the endpoint of a timed-out connect itself: nothing owed.
+                Some(chan) if chan.disc_on_close => {
+                    chan.disc_on_close = false;
+                    chan.remote = 0;
+                    self.stats.late_answers += 1;
                 }
                 _ => self.stats.undeliverable_frames += 1,
             },
@@ -567,14 +686,20 @@ impl TipcDevice {
         }
     }
 
+    /// One message's reference to `id` is over (a RELEASE, or its message was dropped). The id
+    /// becomes reclaimable only when no message sent with it is outstanding: Trusty sends one
+    /// RELEASE per reference it was given (each descriptor of each message), so the count is
+    /// per message, not per id. (Linux shares a fresh handle per message, `dn_share_fd()`, and
+    /// drops it on its one RELEASE in `_handle_release()`; here the caller may send one id in
+    /// several messages.)
     fn release_shm(&mut self, id: u64) {
         match self.shm_outstanding.get_mut(&id) {
             Some(count) => {
-                *count -= 1;
+                *count = count.saturating_sub(1);
                 if *count == 0 {
                     self.shm_outstanding.remove(&id);
+                    self.shm_released.push_back(id);
                 }
-                self.shm_released.push_back(id);
             }
             None => log::warn!("RELEASE of unknown memory id {id:#x}"),
         }
@@ -586,13 +711,20 @@ impl TipcDevice {
         self.shm_released.pop_front()
     }
 
-    fn kick_ring(&mut self, rx: bool) -> Result<(), Error> {
+    /// Tells Trusty that a ring has new buffers; does not scan (the caller does, or is the scan).
+    fn notify(&mut self, rx: bool) -> Result<(), Error> {
         let notifyid = if rx { self.rx.notifyid } else { self.tx.notifyid };
         self.stats.kicks += 1;
         let r = self.bus.kick(self.vdev, notifyid);
         self.last_secure_call = self.clock.now_ns();
-        self.scan();
         r.map_err(Error::from)
+    }
+
+    /// Kicks a ring and takes what Trusty returned during the call.
+    fn kick_ring(&mut self, rx: bool) -> Result<(), Error> {
+        let r = self.notify(rx);
+        self.scan();
+        r
     }
 
     /// Donates one slice of CPU time to Trusty (a NOP) and scans. Returns whether the scan found
@@ -658,11 +790,16 @@ impl TipcDevice {
     // ----- tx buffers --------------------------------------------------------------------------
 
     /// A free tx buffer: recycled, newly shared while under the pool limit, or waited for
-    /// (spec §6.5 step 1).
+    /// (spec §6.5 step 1). The device must be online, checked on every round, so GO_OFFLINE
+    /// ends the wait at once (Linux `_get_txbuf_locked()` -> ENODEV, and `_go_offline()` wakes
+    /// `sendq`).
     fn get_tx_buffer(&mut self, timeout: Timeout) -> Result<SharedBuf, Error> {
         let deadline = self.deadline(timeout);
         loop {
             self.scan_tx();
+            if self.state != DeviceState::Online {
+                return Err(Error::NoDevice);
+            }
             if let Some(buf) = self.tx_free.pop() {
                 return Ok(buf);
             }
@@ -709,6 +846,11 @@ impl TipcDevice {
 
     fn send_ctrl(&mut self, msg: &Ctrl, src: u32) -> Result<(), Error> {
         let buf = self.get_tx_buffer(Timeout::Ms(self.cfg.txbuf_timeout_ms))?;
+        self.send_ctrl_with(buf, msg, src)
+    }
+
+    /// Sends a control message in a tx buffer the caller already holds.
+    fn send_ctrl_with(&mut self, buf: SharedBuf, msg: &Ctrl, src: u32) -> Result<(), Error> {
         let mut frame = [0u8; wire::HEADER_LEN + wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
         let Some(len) = wire::encode_ctrl(msg, src, &mut frame) else {
             self.tx_free.push(buf);
@@ -736,23 +878,19 @@ impl TipcDevice {
             .ok_or(Error::BadHandle)
     }
 
-    /// Opens a channel with a fresh local address (the lowest free one >= 1024, spec §6.1).
-    /// The device must be online (spec §6.4 step 1).
+    /// Opens a channel with a fresh local address (spec §6.1). The device must be online
+    /// (spec §6.4 step 1; Linux `vds_add_channel()` answers EINVAL otherwise).
+    ///
+    /// Addresses are handed out cyclically, the first free one after the last given out
+    /// (wrapping from i32::MAX back to 1024), where Linux's `idr_alloc()` takes the lowest free
+    /// one. A closed channel's address is thus not reused until about 2^31 opens later, so a
+    /// late CONN_RSP, DISC_REQ or data message for it finds no channel and is dropped instead of
+    /// landing on an unrelated new one.
     pub fn open(&mut self) -> Result<ChannelId, Error> {
         if self.state != DeviceState::Online {
-            return Err(Error::NoDevice);
-        }
-        let mut local = wire::MIN_LOCAL_ADDR;
-        for &addr in self.by_addr.keys() {
-            if addr == local {
-                local += 1;
-            } else if addr > local {
-                break;
-            }
-        }
-        if local > i32::MAX as u32 {
             return Err(Error::InvalidArgument);
         }
+        let local = self.alloc_local().ok_or(Error::InvalidArgument)?;
         let slot = match self.channels.iter().position(Option::is_none) {
             Some(s) => s,
             None => {
@@ -769,12 +907,40 @@ impl TipcDevice {
             state: ChannelState::Disconnected,
             name: None,
             queue: VecDeque::new(),
+            disc_on_close: false,
         });
         self.by_addr.insert(local, slot as u32);
         Ok(ChannelId { slot: slot as u32, generation })
     }
 
+    /// The first address from `next_local` on that no open channel holds, wrapping in
+    /// 1024..=i32::MAX; `None` when every one is taken.
+    fn alloc_local(&mut self) -> Option<u32> {
+        const MAX: u32 = i32::MAX as u32;
+        let mut candidate = self.next_local.clamp(wire::MIN_LOCAL_ADDR, MAX);
+        // Each step skips a run of taken addresses; at most one wrap.
+        for _ in 0..2 {
+            for (&addr, _) in self.by_addr.range(candidate..) {
+                if addr != candidate {
+                    break;
+                }
+                candidate = addr.checked_add(1)?;
+            }
+            if candidate <= MAX {
+                self.next_local = if candidate == MAX { wire::MIN_LOCAL_ADDR } else { candidate + 1 };
+                return Some(candidate);
+            }
+            candidate = wire::MIN_LOCAL_ADDR;
+        }
+        None
+    }
+
     /// Sends CONN_REQ for `port` (spec §6.4 steps 2-3) without waiting for the answer.
+    ///
+    /// Order of checks as Linux `tipc_chan_connect()`: the name first, then a tx buffer (device
+    /// offline -> NoDevice, none within the tx-buffer timeout -> TimedOut), then the channel's
+    /// state (same name -> done, other name -> Already / IsConnected, stale -> Shutdown); the
+    /// buffer goes back unused when nothing is sent.
     pub fn start_connect(&mut self, id: ChannelId, port: &str) -> Result<(), Error> {
         let name = port.as_bytes();
         if name.len() >= wire::PORT_NAME_FIELD {
@@ -784,23 +950,32 @@ impl TipcDevice {
             return Err(Error::InvalidArgument);
         }
         let name = Name::new(name).ok_or(Error::NameTooLong)?;
+        self.channel(id)?;
         self.catch_up()?;
-        if self.state != DeviceState::Online {
-            return Err(Error::NoDevice);
-        }
-        let chan = self.channel(id)?;
-        match chan.state {
-            ChannelState::Connecting | ChannelState::Connected if chan.name.as_ref() == Some(&name) => return Ok(()),
-            ChannelState::Connecting => return Err(Error::Already),
-            ChannelState::Connected => return Err(Error::IsConnected),
-            ChannelState::Stale => return Err(Error::Shutdown),
-            ChannelState::Disconnected => {}
+        let buf = self.get_tx_buffer(Timeout::Ms(self.cfg.txbuf_timeout_ms))?;
+        let chan = match self.channel(id) {
+            Ok(c) => c,
+            Err(e) => {
+                self.tx_free.push(buf);
+                return Err(e);
+            }
+        };
+        let early = match chan.state {
+            ChannelState::Connecting | ChannelState::Connected if chan.name.as_ref() == Some(&name) => Some(Ok(())),
+            ChannelState::Connecting => Some(Err(Error::Already)),
+            ChannelState::Connected => Some(Err(Error::IsConnected)),
+            ChannelState::Stale => Some(Err(Error::Shutdown)),
+            ChannelState::Disconnected => None,
+        };
+        if let Some(result) = early {
+            self.tx_free.push(buf);
+            return result;
         }
         let local = chan.local;
         // CONNECTING before the request leaves: the answer can come back inside the kick.
         chan.state = ChannelState::Connecting;
         chan.name = Some(name.clone());
-        if let Err(e) = self.send_ctrl(&Ctrl::ConnReq { name }, local) {
+        if let Err(e) = self.send_ctrl_with(buf, &Ctrl::ConnReq { name }, local) {
             let chan = self.channel(id)?;
             chan.state = ChannelState::Disconnected;
             chan.name = None;
@@ -809,21 +984,27 @@ impl TipcDevice {
         Ok(())
     }
 
-    /// Waits for a connect to finish (spec §6.4 steps 8-9): connected -> Ok; refused or closed
-    /// before accept -> NotConnected (unless messages already arrived); no answer within the
-    /// connect timeout -> TimedOut, and the channel is stale for good.
+    /// Waits for a connect to finish (spec §6.4 steps 8-9, Linux `dn_wait_for_reply()`):
+    /// connected -> Ok; refused or closed before accept -> NotConnected (unless messages already
+    /// arrived); GO_OFFLINE meanwhile -> WentOffline (EIO); no answer within the connect timeout
+    /// -> TimedOut, and the channel is stale for good. Trusty may still hold an endpoint for a
+    /// timed-out connect, so closing the channel sends it DISC_REQ.
     pub fn finish_connect(&mut self, id: ChannelId) -> Result<(), Error> {
+        let was_connecting = self.channel(id)?.state == ChannelState::Connecting;
         let deadline = Deadline::after_ms(&*self.clock, self.cfg.connect_timeout_ms);
         let answered =
             self.wait_until(Some(deadline), |d| d.peek(id).is_none_or(|c| c.state != ChannelState::Connecting))?;
         let chan = self.channel(id)?;
         if !answered {
             chan.state = ChannelState::Stale;
+            chan.disc_on_close = true;
             return Err(Error::TimedOut);
         }
         match chan.state {
             ChannelState::Connected => Ok(()),
             ChannelState::Disconnected if !chan.queue.is_empty() => Ok(()),
+            // Only GO_OFFLINE takes a connecting channel to stale.
+            ChannelState::Stale if was_connecting => Err(Error::WentOffline),
             ChannelState::Stale => Err(Error::Shutdown),
             _ => Err(Error::NotConnected),
         }
@@ -852,25 +1033,29 @@ impl TipcDevice {
 
     /// Sends one message: the concatenation of `iov`, followed by `shm` references (spec §6.5,
     /// §6.9). Returns the data length. Delivery is not confirmed: Trusty may still drop it.
+    ///
+    /// Errors come in Linux's order (`tipc_write_iter()`, `filp_send_ioctl()`): too many
+    /// references (TooBig); with references, a channel not connected (NotConnected, as
+    /// `dn_share_fd()`); then the tx buffer (NoDevice when offline, Again without blocking,
+    /// TimedOut); then the size (MessageSize); then the channel's state (NotConnected /
+    /// Shutdown, `tipc_chan_queue_msg()`).
     pub fn send(&mut self, id: ChannelId, iov: &[&[u8]], shm: &[ShmDesc], timeout: Timeout) -> Result<usize, Error> {
-        let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len())).ok_or(Error::MessageSize)?;
         if shm.len() > usize::from(u16::MAX) {
             return Err(Error::TooBig);
         }
-        let payload_len = shm
-            .len()
-            .checked_mul(wire::SHM_DESC_LEN)
-            .and_then(|n| n.checked_add(data_len))
-            .ok_or(Error::MessageSize)?;
+        if !shm.is_empty() && self.channel(id)?.state != ChannelState::Connected {
+            return Err(Error::NotConnected);
+        }
+        let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
+        let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
+        self.channel(id)?;
         self.catch_up()?;
-        if self.state != DeviceState::Online {
-            return Err(Error::NoDevice);
-        }
-        if payload_len > self.max_message_size() {
-            return Err(Error::MessageSize);
-        }
-        Self::require_connected(self.channel(id)?.state)?;
         let buf = self.get_tx_buffer(timeout)?;
+        let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
+        else {
+            self.tx_free.push(buf);
+            return Err(Error::MessageSize);
+        };
         // The wait may have let the peer close the channel or take the device offline.
         let chan = match self.channel(id) {
             Ok(c) if c.state == ChannelState::Connected => c,
@@ -981,8 +1166,12 @@ impl TipcDevice {
         ids.iter().map(|&id| self.poll(id)).collect()
     }
 
-    /// Closes a channel (spec §6.8): queued messages are dropped, DISC_REQ is sent if the channel
-    /// was connected or connecting, and the local address is free at once.
+    /// Closes a channel (spec §6.8, Linux `tipc_release()` -> `tipc_chan_shutdown()`): queued
+    /// messages are dropped, and DISC_REQ {target = Trusty's address, 0 if it never answered}
+    /// is sent if the channel was connected or connecting on the wire, which includes a connect
+    /// that timed out. The local address is free at once, but `open` hands out others first.
+    /// Waiting for a tx buffer ends with NoDevice if the device goes offline; the channel is
+    /// gone in any case.
     pub fn close(&mut self, id: ChannelId) -> Result<(), Error> {
         self.channel(id)?;
         let Some(mut chan) = self.channels.get_mut(id.slot as usize).and_then(Option::take) else {
@@ -996,9 +1185,10 @@ impl TipcDevice {
         }
         let was = chan.state;
         chan.state = ChannelState::Stale;
-        if matches!(was, ChannelState::Connected | ChannelState::Connecting) && self.state == DeviceState::Online {
+        let on_wire = matches!(was, ChannelState::Connected | ChannelState::Connecting) || chan.disc_on_close;
+        if on_wire && self.state == DeviceState::Online {
             // target = Trusty's address, 0 while still connecting (spec §6.8 step 2).
-            let target = if was == ChannelState::Connected { chan.remote } else { 0 };
+            let target = chan.remote;
             if let Err(e) = self.send_ctrl(&Ctrl::DiscReq { target }, chan.local) {
                 log::warn!("could not send DISC_REQ for channel {}: {e}", chan.local);
                 return Err(e);
@@ -1031,6 +1221,7 @@ impl TipcDevice {
         bufs.extend(self.rx_posted.iter_mut().filter_map(Option::take));
         bufs.extend(self.tx_posted.iter_mut().filter_map(Option::take).map(|(b, _)| b));
         bufs.append(&mut self.rx_spare);
+        bufs.append(&mut self.rx_repost);
         bufs.append(&mut self.tx_free);
         for chan in self.channels.iter_mut().filter_map(Option::take) {
             for msg in chan.queue {

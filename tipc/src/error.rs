@@ -47,6 +47,9 @@ pub enum Error {
     Shutdown,
     /// A reply or a free buffer did not come within its timeout.
     TimedOut,
+    /// A connect was ended by GO_OFFLINE before Trusty answered (Linux dn_wait_for_reply():
+    /// woken with the channel neither connected nor disconnected -> EIO).
+    WentOffline,
     /// The message does not fit a buffer, or the caller's buffer is smaller than the message.
     MessageSize,
     /// Nothing to do without blocking.
@@ -77,6 +80,7 @@ impl Error {
             Error::NotConnected => ENOTCONN,
             Error::Shutdown => ESHUTDOWN,
             Error::TimedOut => ETIMEDOUT,
+            Error::WentOffline => EIO,
             Error::MessageSize => EMSGSIZE,
             Error::Again => EAGAIN,
             Error::TooBig => E2BIG,
@@ -113,6 +117,7 @@ impl fmt::Display for Error {
             Error::NotConnected => "channel is not connected",
             Error::Shutdown => "channel is shut down",
             Error::TimedOut => "timed out",
+            Error::WentOffline => "the TIPC device went offline before the connect was answered",
             Error::MessageSize => "message too long",
             Error::Again => "operation would block",
             Error::TooBig => "too many shared-memory references",

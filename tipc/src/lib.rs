@@ -11,3 +11,8 @@ pub mod wire;
 
 pub use device::{ChannelId, ChannelState, Config, DeviceState, DeviceStats, PollFlags, Timeout, TipcDevice};
 pub use error::{errno, Error};
+
+#[cfg(test)]
+mod fake_peer;
+#[cfg(test)]
+mod device_tests;

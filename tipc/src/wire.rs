@@ -193,14 +193,10 @@ pub fn parse_ctrl(payload: &[u8], shm_cnt: u16, check_shm: bool) -> Result<Ctrl,
     let u64_at = |at: usize| -> u64 { u64::from(word(body, at)) | (u64::from(word(body, at + 4)) << 32) };
     let exact = |n: usize| if body.len() == n { Ok(()) } else { Err(bad(ctrl_type, body_len)) };
     Ok(match ctrl_type {
-        ctrl::GO_ONLINE => {
-            exact(0)?;
-            Ctrl::GoOnline
-        }
-        ctrl::GO_OFFLINE => {
-            exact(0)?;
-            Ctrl::GoOffline
-        }
+        // Linux _handle_ctrl_msg() looks at no body for GO_ONLINE / GO_OFFLINE: whatever follows
+        // (a body_len consistent with hdr.len) is ignored, not refused.
+        ctrl::GO_ONLINE => Ctrl::GoOnline,
+        ctrl::GO_OFFLINE => Ctrl::GoOffline,
         ctrl::CONN_REQ => {
             exact(PORT_NAME_FIELD)?;
             let end = body.iter().position(|&b| b == 0).ok_or(FrameError::UnterminatedName)?;
@@ -221,7 +217,8 @@ pub fn parse_ctrl(payload: &[u8], shm_cnt: u16, check_shm: bool) -> Result<Ctrl,
             exact(4)?;
             Ctrl::DiscReq { target: word(body, 0) }
         }
-        // The normal world accepts a RELEASE body of 8 or more bytes (spec §6.3).
+        // The normal world accepts a RELEASE body of 8 or more bytes (spec §6.3; Linux
+        // _handle_release() only refuses `len < sizeof(*req)`).
         ctrl::RELEASE if body.len() >= 8 => Ctrl::Release { id: u64_at(0) },
         ctrl::REUSE_MSGBUF_REQ => {
             exact(0)?;
@@ -395,6 +392,27 @@ mod tests {
         assert_eq!(parse_ctrl(&buf[16..28], 1, true), Err(FrameError::ControlWithShm));
         // a control payload shorter than its header
         assert!(parse_ctrl(&[1, 0, 0], 0, false).is_err());
+    }
+
+    #[test]
+    fn go_online_and_offline_bodies_and_long_release_bodies_are_accepted() {
+        // Linux _handle_ctrl_msg(): only 8 + body_len == hdr.len is checked for these types.
+        for (ctrl_type, want) in [(ctrl::GO_ONLINE, Ctrl::GoOnline), (ctrl::GO_OFFLINE, Ctrl::GoOffline)] {
+            let mut payload = [0u8; 8 + 12];
+            payload[..4].copy_from_slice(&ctrl_type.to_le_bytes());
+            payload[4..8].copy_from_slice(&12u32.to_le_bytes());
+            assert_eq!(parse_ctrl(&payload, 0, false), Ok(want));
+        }
+        let mut release = [0u8; 8 + 300];
+        release[..4].copy_from_slice(&ctrl::RELEASE.to_le_bytes());
+        release[4..8].copy_from_slice(&300u32.to_le_bytes());
+        release[8..16].copy_from_slice(&0xabcd_u64.to_le_bytes());
+        assert_eq!(parse_ctrl(&release, 0, false), Ok(Ctrl::Release { id: 0xabcd }));
+        // Shorter than the id: refused (Linux: "undersized release control message").
+        let mut short = [0u8; 8 + 4];
+        short[..4].copy_from_slice(&ctrl::RELEASE.to_le_bytes());
+        short[4..8].copy_from_slice(&4u32.to_le_bytes());
+        assert!(parse_ctrl(&short, 0, false).is_err());
     }
 
     #[test]

@@ -236,6 +236,22 @@ impl<M: RingMemory> DriverQueue<M> {
         self.mem.read_u16(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
     }
 
+    /// Used entries the device has published and the driver not yet taken: the size of the
+    /// batch a scan may take now (at most the ring size). A driver that re-posts buffers while it
+    /// walks a batch should take exactly this many entries and re-post only afterwards, so that
+    /// a used id the device repeats later in the same batch can never name a descriptor that was
+    /// handed out again meanwhile (Linux virtqueue_get_buf() detaches each id once; the TIPC
+    /// driver re-adds buffers one by one inside `_rxvq_cb()`, which a hostile device could
+    /// exploit if ids were checked only against the current in-flight set).
+    pub fn used_pending(&self) -> Result<u16, RingError> {
+        let now = self.mem.read_u16(self.layout.used_idx());
+        let n = now.wrapping_sub(self.last_used);
+        if n > self.layout.num() {
+            return Err(RingError::UsedIndexJump { last_seen: self.last_used, now });
+        }
+        Ok(n)
+    }
+
     /// Takes the next used entry, if any, validating everything the device wrote.
     pub fn pop_used(&mut self) -> Result<Option<Used>, RingError> {
         let now = self.mem.read_u16(self.layout.used_idx());
@@ -441,6 +457,35 @@ mod tests {
         peer.write_u32(l.used_ring(3), u32::from(d));
         peer.write_u16(l.used_idx(), 4);
         assert!(drv.pop_used().is_err());
+    }
+
+    #[test]
+    fn a_batch_taken_before_reposting_refuses_a_repeated_id() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let peer = m.raw();
+        let d = drv.add(0x1000, 64, true).unwrap();
+        drv.add(0x2000, 64, true).unwrap();
+        // The device returns descriptor d twice in one batch.
+        peer.write_u32(l.used_ring(0), u32::from(d));
+        peer.write_u32(l.used_ring(1), u32::from(d));
+        peer.write_u16(l.used_idx(), 2);
+        assert_eq!(drv.used_pending(), Ok(2));
+        let mut reposts = Vec::new();
+        let mut errors = 0;
+        for _ in 0..drv.used_pending().unwrap() {
+            match drv.pop_used() {
+                Ok(Some(u)) => reposts.push(u.desc),
+                Ok(None) => break,
+                Err(_) => errors += 1,
+            }
+        }
+        assert_eq!((reposts.as_slice(), errors), (&[d][..], 1), "the repeat is refused, not delivered twice");
+        assert_eq!(drv.used_pending(), Ok(0));
+        // A jump beyond the ring size is reported, not trusted.
+        peer.write_u16(l.used_idx(), 200);
+        assert!(matches!(drv.used_pending(), Err(RingError::UsedIndexJump { .. })));
     }
 
     #[test]

@@ -80,10 +80,11 @@ void tipc_shutdown(void);
  * other name gives -ENOENT.
  *
  * Returns a handle (>= 0), or -EINVAL (a NULL name, an empty port name or one
- * that is not UTF-8), -ENOENT (no such device), -ENAMETOOLONG (port name of
+ * that is not UTF-8, or the device is offline: the kernel driver's open()
+ * answers EINVAL then), -ENOENT (no such device), -ENAMETOOLONG (port name of
  * 256 bytes or more), -ENOTCONN (no such port, or the service refused),
- * -ETIMEDOUT (no answer within 5 s), -ENODEV (device offline), or the error
- * of starting the stack (see tipc_init).
+ * -ETIMEDOUT (no answer within 5 s), -EIO (the device went offline before the
+ * answer came), or the error of starting the stack (see tipc_init).
  */
 int tipc_connect(const char* dev_name, const char* srv_name);
 
@@ -96,7 +97,11 @@ int tipc_connect(const char* dev_name, const char* srv_name);
  * with a non-zero iov_len, a transfer kind that is not one of enum
  * transfer_kind), -EMSGSIZE (the message does not fit one message buffer),
  * -ENOTCONN / -ESHUTDOWN (the channel is not connected / is stale),
- * -ETIMEDOUT (no free message buffer within 15 s), -ENODEV.
+ * -ETIMEDOUT (no free message buffer within 15 s), -ENODEV (device offline).
+ * As in the kernel driver, a free message buffer is waited for first
+ * (-ENODEV / -ETIMEDOUT), then the size is checked (-EMSGSIZE), then the
+ * channel (-ENOTCONN / -ESHUTDOWN); with shm references, a channel that is not
+ * connected is -ENOTCONN before anything else.
  *
  * Memory objects: the in-process stack cannot resolve a file descriptor into
  * memory it could share (there is no dma-buf or memfd import), so a valid
