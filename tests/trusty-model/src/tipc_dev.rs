@@ -6,7 +6,7 @@ use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::vec::Vec;
 
-use tipc::wire::{self, Ctrl, FrameError, Header};
+use tipc::wire::{self, Ctrl, Header};
 use trusty_platform::mem::PAGE_SIZE;
 use trusty_virtio::rsc::{VdevInfo, VIRTIO_ID_TIPC};
 use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
@@ -234,11 +234,16 @@ impl TipcDev {
             };
             any = true;
             self.stats.frames_from_ns += 1;
-            let status = match chain.descs.as_slice() {
-                [d] if d.flags & DESC_F_WRITE == 0 => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
-                // One readable descriptor per message (spec §5.7).
-                [_, _, ..] => lk::ERR_TOO_BIG,
-                _ => lk::ERR_NOT_VALID,
+            // vqueue.c _vqueue_get_avail_buf_locked(): at most one readable and one writable
+            // descriptor (MAX_RX_IOVS = 1 per list), more is ERR_TOO_BIG. tipc_virtio_dev.c
+            // handle_rx_msg(): no readable descriptor is ERR_INVALID_ARGS; a writable one next to
+            // it is only logged.
+            let readable: Vec<_> = chain.descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).collect();
+            let writable = chain.descs.len() - readable.len();
+            let status = match readable.as_slice() {
+                _ if readable.len() > 1 || writable > 1 => lk::ERR_TOO_BIG,
+                [d] => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
+                _ => lk::ERR_INVALID_ARGS,
             };
             if status < 0 {
                 self.stats.refused_from_ns += 1;
@@ -250,13 +255,19 @@ impl TipcDev {
     }
 
     /// One frame from the normal world (spec §6.5 steps 6-9); returns the used-length status.
+    /// Follows tipc_virtio_dev.c handle_rx_msg(): map the buffer read-only (a mapping failure is
+    /// its error), shorter than the header or 16 + hdr.len != descriptor length is
+    /// ERR_INVALID_ARGS, a control message carrying shm_cnt is ERR_INVALID_ARGS, then
+    /// handle_ctrl_msg() or handle_chan_msg().
     fn handle_ns_frame(&mut self, id: u64, len: u32, shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> i32 {
         let len = len as usize;
-        if !(wire::HEADER_LEN..=64 * 1024).contains(&len) {
-            return lk::ERR_NOT_VALID;
+        // hdr.len is 16 bits, so a longer descriptor can never match it (ERR_INVALID_ARGS below);
+        // the model refuses it before mapping a huge range.
+        if len > wire::HEADER_LEN + usize::from(u16::MAX) {
+            return lk::ERR_INVALID_ARGS;
         }
         // Trusty maps whole pages of the buffer, read-only, for this one message.
-        let Some(m) = shares.map(id, len.next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)") else {
+        let Some(m) = shares.map(id, len.max(1).next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)") else {
             return lk::ERR_NOT_VALID;
         };
         let mut frame = alloc::vec![0u8; len];
@@ -265,40 +276,69 @@ impl TipcDev {
         if !ok {
             return lk::ERR_NOT_VALID;
         }
-        let Some(header) = Header::decode(&frame) else { return lk::ERR_NOT_VALID };
+        let Some(header) = Header::decode(&frame) else { return lk::ERR_INVALID_ARGS };
         if wire::HEADER_LEN + usize::from(header.len) != len {
-            return lk::ERR_NOT_VALID;
+            return lk::ERR_INVALID_ARGS;
         }
         let payload = &frame[wire::HEADER_LEN..];
         if header.dst == wire::CTRL_ADDR {
-            return match wire::parse_ctrl(payload, header.shm_cnt, true) {
-                Ok(Ctrl::ConnReq { .. }) if self.inject.swallow_conn_req > 0 => {
-                    self.inject.swallow_conn_req -= 1;
-                    lk::NO_ERROR
-                }
-                Ok(Ctrl::ConnReq { name }) => {
-                    self.handle_conn_req(header.src, name.as_bytes(), ipc, now);
-                    lk::NO_ERROR
-                }
-                Ok(Ctrl::DiscReq { target }) => {
-                    self.handle_disc_req(header.src, target, ipc, now);
-                    lk::NO_ERROR
-                }
-                Err(FrameError::ControlWithShm) => lk::ERR_INVALID_ARGS,
-                _ => lk::ERR_NOT_VALID,
-            };
+            if header.shm_cnt != 0 {
+                return lk::ERR_INVALID_ARGS;
+            }
+            return self.handle_ctrl_msg(header.src, payload, ipc, now);
         }
-        // Data: the endpoint must exist and belong to this sender (spec §6.5 step 7).
-        let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
-        let Some(ep) = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src) else {
-            return lk::ERR_NOT_FOUND;
-        };
+        self.handle_chan_msg(&header, payload, shares, ipc, now)
+    }
+
+    /// tipc_virtio_dev.c handle_ctrl_msg(): shorter than the control header, or 8 + body_len !=
+    /// length, or a type other than CONN_REQ / DISC_REQ, or a wrong body length: ERR_NOT_VALID.
+    /// CONN_REQ goes to handle_conn_req() whatever its name holds (a name that is not
+    /// NUL-terminated fails there and is answered with CONN_RSP -41).
+    fn handle_ctrl_msg(&mut self, src: u32, payload: &[u8], ipc: &mut Ipc, now: u64) -> i32 {
+        let word = |at: usize| payload.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let (Some(ctrl_type), Some(body_len)) = (word(0), word(4)) else { return lk::ERR_NOT_VALID };
+        let body = &payload[wire::CTRL_HEADER_LEN..];
+        if body.len() != body_len as usize {
+            return lk::ERR_NOT_VALID;
+        }
+        match (ctrl_type, body.len()) {
+            (wire::ctrl::CONN_REQ, wire::PORT_NAME_FIELD) => {
+                if self.inject.swallow_conn_req > 0 {
+                    self.inject.swallow_conn_req -= 1;
+                    return lk::NO_ERROR;
+                }
+                // strncpy() into a 256-byte field, then ipc_port_connect_async() with that
+                // length: a name without NUL is refused there.
+                let name = match body.iter().position(|&b| b == 0) {
+                    Some(end) => &body[..end],
+                    None => body,
+                };
+                let terminated = name.len() < body.len();
+                self.handle_conn_req(src, name, terminated, ipc, now);
+                lk::NO_ERROR
+            }
+            (wire::ctrl::DISC_REQ, 4) => {
+                let target = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                self.handle_disc_req(src, target, ipc, now);
+                lk::NO_ERROR
+            }
+            _ => lk::ERR_NOT_VALID,
+        }
+    }
+
+    /// tipc_virtio_dev.c handle_chan_msg(): more than MAX_MSG_HANDLES references is
+    /// ERR_INVALID_ARGS; every reference is retrieved first (a failure fails the message);
+    /// only then the endpoint is looked up by dst and must belong to hdr.src (ERR_NOT_FOUND);
+    /// ipc_send_msg() gives the status (bytes queued, or ERR_NOT_ENOUGH_BUFFER when the TA's
+    /// queue is full, ERR_NOT_READY, ERR_CHANNEL_CLOSED). References of a failed message are
+    /// dropped quietly (suppress_handle()); of a delivered one, each is RELEASEd when Trusty lets
+    /// it go (tipc_ext_mem_destroy()).
+    fn handle_chan_msg(&mut self, header: &Header, payload: &[u8], shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> i32 {
         if usize::from(header.shm_cnt) > MAX_MSG_HANDLES {
             return lk::ERR_INVALID_ARGS;
         }
-        let Ok((data_len, descs)) = wire::split_shm(&header, payload) else { return lk::ERR_INVALID_ARGS };
+        let Ok((data_len, descs)) = wire::split_shm(header, payload) else { return lk::ERR_INVALID_ARGS };
         let descs: Vec<_> = descs.collect();
-        // Retrieve every referenced object before delivery; a bad id fails the whole message.
         let mut maps = Vec::new();
         for d in &descs {
             match shares.map(d.obj_id, d.size as usize, false, "memory reference in a message") {
@@ -307,19 +347,22 @@ impl TipcDev {
                     for m in maps {
                         shares.unmap(m);
                     }
+                    // ext_mem_get_vmm_obj()'s error; the model reports ERR_INVALID_ARGS.
                     return lk::ERR_INVALID_ARGS;
                 }
             }
         }
-        if self.inject.drop_messages > 0 {
-            self.inject.drop_messages -= 1;
-            self.stats.dropped_on_purpose += 1;
-            for m in maps {
-                shares.unmap(m);
+        let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
+        let ep = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src);
+        let result = match ep {
+            None => Err(lk::ERR_NOT_FOUND),
+            Some(_) if self.inject.drop_messages > 0 => {
+                self.inject.drop_messages -= 1;
+                self.stats.dropped_on_purpose += 1;
+                Err(lk::ERR_NOT_ENOUGH_BUFFER)
             }
-            return lk::ERR_NOT_ENOUGH_BUFFER;
-        }
-        let result = ipc.deliver(ep.chan, &payload[..data_len], now);
+            Some(ep) => ipc.deliver(ep.chan, &payload[..data_len], now),
+        };
         // The services keep no references: each is dropped at once, and Trusty tells the normal
         // world with RELEASE unless the message failed (spec §6.9).
         for m in maps {
@@ -336,10 +379,13 @@ impl TipcDev {
         }
     }
 
-    fn handle_conn_req(&mut self, ns_addr: u32, name: &[u8], ipc: &mut Ipc, now: u64) {
+    /// tipc_virtio_dev.c handle_conn_req(): ipc_port_connect_async() as the NS client, then an
+    /// endpoint slot (alloc_local_addr()); any failure is answered at once with CONN_RSP
+    /// {status ERR_NO_RESOURCES, remote 0} (send_conn_rsp()); success waits for the TA's accept.
+    fn handle_conn_req(&mut self, ns_addr: u32, name: &[u8], terminated: bool, ipc: &mut Ipc, now: u64) {
         // Every failure looks the same on the wire (spec §6.4 step 6).
         let refuse = Ctrl::ConnRsp { target: ns_addr, status: lk::ERR_NO_RESOURCES, remote: 0, max_msg_size: 0, max_msg_cnt: 0 };
-        let Some(slot) = self.endpoints.iter().position(Option::is_none) else {
+        let Some(slot) = self.endpoints.iter().position(Option::is_none).filter(|_| terminated) else {
             self.outbox.push_back(Outgoing::Ctrl(refuse));
             return;
         };
@@ -507,22 +553,43 @@ impl TipcDev {
     }
 
     /// Takes one rx buffer from vring 0, writes `frame` into it and returns it with
-    /// `used_len` (default: the bytes written). A buffer that is not one writable descriptor of
-    /// at least 16 bytes is given up without being returned, as Trusty does (spec §5.7).
+    /// `used_len` (default: the bytes written). Follows tipc_virtio_dev.c tipc_send_data():
+    /// - a chain with more than one writable (or readable) descriptor, or a broken link, is a
+    ///   fetch error: the buffer is not returned and the frame is lost;
+    /// - no writable descriptor, or one shorter than the 16-byte header, comes back with used.len
+    ///   ERR_NOT_ENOUGH_BUFFER (negative) and the frame is lost;
+    /// - a mapping failure comes back with that error as used.len;
+    /// - otherwise the header fields src, dst, reserved, len and flags are written (shm_cnt,
+    ///   bytes 10..12, is left as the normal world had it), the payload is cut to the buffer
+    ///   (hdr.len keeps the full length), and used.len = 16 + bytes copied.
     fn put_frame(&mut self, frame: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
         let Some(ring) = self.to_ns.as_mut() else { return };
         let chain = match ring.queue.pop_avail(&ring.mem) {
             Ok(Some(c)) => c,
-            Ok(None) | Err(_) => return,
+            Ok(None) => return,
+            Err(e) => {
+                // Index jumps and heads out of range make Trusty panic (vqueue.c); the model
+                // records them; a broken chain is given up without being returned.
+                self.stats.lost_to_bad_buffers += 1;
+                if !matches!(e, DeviceRingError::BadChain { .. }) {
+                    shares.fault("vring", 0, format!("normal world broke vring 0: {e:?}"));
+                }
+                return;
+            }
         };
-        let [d] = chain.descs.as_slice() else {
-            self.stats.lost_to_bad_buffers += 1;
-            return;
-        };
-        if d.flags & DESC_F_WRITE == 0 || (d.len as usize) < wire::HEADER_LEN {
+        let writable: Vec<_> = chain.descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).collect();
+        let readable = chain.descs.len() - writable.len();
+        if writable.len() > 1 || readable > 1 {
+            // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns early.
             self.stats.lost_to_bad_buffers += 1;
             return;
         }
+        let usable = writable.first().filter(|d| d.len as usize >= wire::HEADER_LEN).copied().copied();
+        let Some(d) = usable else {
+            self.stats.lost_to_bad_buffers += 1;
+            ring.queue.push_used(&ring.mem, chain.head, lk::ERR_NOT_ENOUGH_BUFFER as u32);
+            return;
+        };
         let cap = d.len as usize;
         let Some(m) = shares.map(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)") else {
             // A mapping failure is returned as a negative length (spec §6.6 step 5).
@@ -530,7 +597,14 @@ impl TipcDev {
             return;
         };
         let n = frame.len().min(cap);
-        if !m.write(0, &frame[..n]) {
+        // Everything but shm_cnt (bytes 10..12 of the header); a frame too short for a header
+        // (only the broken frames of fault injection) is written as it is.
+        let ok = if n >= wire::HEADER_LEN {
+            m.write(0, &frame[..10]) && m.write(12, &frame[12..n])
+        } else {
+            m.write(0, &frame[..n])
+        };
+        if !ok {
             shares.fault("ffa-handle", d.addr, format!("write of {n} bytes to an rx buffer failed"));
         }
         shares.unmap(m);
