@@ -1,7 +1,7 @@
 //! The model's secure-side rules, checked with raw calls (spec §2, §3.3, §5).
 
 use trusty_model::host::{ModelMode, Sim};
-use trusty_model::ModelConfig;
+use trusty_model::{ModelConfig, Variant};
 use trusty_platform::ffa::{self, func};
 use trusty_platform::mem::{Access, PageAllocator, SharedMemory};
 use trusty_platform::smc::{call, SmError};
@@ -47,11 +47,38 @@ fn std_call_state_machine() {
     assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Interrupted.code());
     assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Busy.code(), "one std call at a time");
     assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code());
+    // CPU_IDLE is for a client at API >= 2 (sm_get_stdcall_ret()).
+    assert_eq!(raw(&s, call::FC_API_VERSION, [5, 0, 0]), 5);
     s.model().inject.cpu_idle = 1;
     assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::CpuIdle.code());
     assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::CpuIdle.code(), "needs NOP progress first");
     assert_eq!(raw(&s, call::SC_NOP, [0; 3]), SmError::NopDone.code());
     assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code());
+}
+
+#[test]
+fn restart_last_of_an_unfinished_call_below_api_2_is_busy() {
+    // Trusty lib/sm/sm.c sm_get_stdcall_ret(): a std call that has not finished when the CPU
+    // returns to a client below API 2 answers INTERRUPTED, and BUSY once it was restarted
+    // (restart_count > 0). The call stays pending: a fresh call is BUSY too, RESTART_LAST
+    // finishes it.
+    for api in [0u32, 1] {
+        let s = sim();
+        assert_eq!(raw(&s, call::FC_API_VERSION, [api, 0, 0]), api as i32);
+        s.model().inject.cpu_idle = 1;
+        assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Interrupted.code());
+        assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::Busy.code(), "restarted, still unfinished");
+        assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Busy.code(), "a fresh call while one is pending");
+        assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code(), "VDEV_RESET's own result");
+        assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::UnexpectedRestart.code());
+    }
+}
+
+#[test]
+fn unknown_trusted_os_std_call_is_not_supported() {
+    // lib/trusty/smcall.c trusty_sm_stdcall(): default -> ERR_NOT_SUPPORTED -> SM_ERR_NOT_SUPPORTED.
+    let s = sim();
+    assert_eq!(raw(&s, 0x3200_0077, [0; 3]), SmError::NotSupported.code());
 }
 
 #[test]
@@ -67,7 +94,13 @@ fn nop_dispatch_by_entity() {
 
 #[test]
 fn bus_state_rules() {
-    let s = sim();
+    for variant in Variant::ALL {
+        bus_state_rules_of(variant);
+    }
+}
+
+fn bus_state_rules_of(variant: Variant) {
+    let s = Sim::new(ModelMode::Sync, ModelConfig { variant, ..Default::default() });
     assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [0; 3]), SmError::InternalFailure.code(), "STOP before START");
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [0, 0, 128]), SmError::InternalFailure.code(), "START before GET_DESCR");
     let mut alloc = s.allocator();
@@ -83,7 +116,28 @@ fn bus_state_rules() {
     assert_eq!(other[0] as u32 as i32, SmError::InvalidParameters.code());
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), 0);
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code(), "already active");
-    assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+    // GET_DESCR while the bus is active: upstream refuses (the client's bus exists); NXP stops
+    // the bus first and describes it again.
+    let again = raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]);
+    match variant {
+        Variant::Upstream => {
+            assert_eq!(again, SmError::NotAllowed.code(), "upstream: GET_DESCR only once per bus");
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+            // STOP removed the bus: START needs a new GET_DESCR, and STOP has nothing to stop.
+            assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+            // A bus that never started is removed by STOP all the same (answer ERR_BAD_STATE).
+            assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]), 128);
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+            assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]), 128, "removed: a new bus");
+        }
+        Variant::Nxp => {
+            assert_eq!(again, 128, "NXP: implicit STOP, then the table");
+            assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), 0);
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+        }
+    }
     mem.release(page).unwrap();
 }
 

@@ -612,3 +612,230 @@ impl TipcDev {
         ring.queue.push_used(&ring.mem, chain.head, used_len.unwrap_or(n as u32));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The device side against a hand-written normal world: raw ring memory, bare addresses.
+    extern crate std;
+    use std::sync::{Arc, Mutex};
+    use std::vec;
+
+    use super::*;
+    use crate::mem::{IdScheme, PhysMem};
+    use trusty_virtio::rsc::VringInfo;
+
+    const BASE: u64 = 0x1000_0000;
+    const RING0: u64 = BASE;
+    const RING1: u64 = BASE + 0x2000;
+    const BUFS: u64 = BASE + 0x4000;
+    const NUM: u16 = 4;
+    // Legacy layout of a 4-entry ring aligned to 4096 (spec §5.3).
+    const AVAIL_IDX: u64 = 16 * NUM as u64 + 2;
+    const AVAIL_RING: u64 = 16 * NUM as u64 + 4;
+    const USED_IDX: u64 = 4096 + 2;
+    const USED_RING: u64 = 4096 + 4;
+
+    struct Ram(Mutex<Vec<u8>>);
+
+    impl Ram {
+        fn at(&self, pa: u64, len: usize) -> Option<usize> {
+            let off = pa.checked_sub(BASE)? as usize;
+            (off + len <= self.0.lock().unwrap().len()).then_some(off)
+        }
+    }
+
+    impl PhysMem for Ram {
+        fn contains(&self, pa: u64, len: usize) -> bool {
+            self.at(pa, len).is_some()
+        }
+        fn guest_to_phys(&self, ipa: u64) -> Option<u64> {
+            Some(ipa)
+        }
+        fn read(&self, pa: u64, out: &mut [u8]) -> bool {
+            let Some(o) = self.at(pa, out.len()) else { return false };
+            out.copy_from_slice(&self.0.lock().unwrap()[o..o + out.len()]);
+            true
+        }
+        fn write(&self, pa: u64, data: &[u8]) -> bool {
+            let Some(o) = self.at(pa, data.len()) else { return false };
+            self.0.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+            true
+        }
+        fn read_u16(&self, pa: u64) -> Option<u16> {
+            let mut b = [0; 2];
+            self.read(pa, &mut b).then(|| u16::from_le_bytes(b))
+        }
+        fn write_u16(&self, pa: u64, v: u16) -> bool {
+            self.write(pa, &v.to_le_bytes())
+        }
+        fn read_u32(&self, pa: u64) -> Option<u32> {
+            let mut b = [0; 4];
+            self.read(pa, &mut b).then(|| u32::from_le_bytes(b))
+        }
+        fn write_u32(&self, pa: u64, v: u32) -> bool {
+            self.write(pa, &v.to_le_bytes())
+        }
+        fn read_u64(&self, pa: u64) -> Option<u64> {
+            let mut b = [0; 8];
+            self.read(pa, &mut b).then(|| u64::from_le_bytes(b))
+        }
+        fn write_u64(&self, pa: u64, v: u64) -> bool {
+            self.write(pa, &v.to_le_bytes())
+        }
+    }
+
+    /// A probed device on two 4-entry rings, with the normal world's side done by hand.
+    struct Bench {
+        ram: Arc<Ram>,
+        dev: TipcDev,
+        shares: ShareTable,
+        ipc: Ipc,
+        posted: [u16; 2],
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let ram = Arc::new(Ram(Mutex::new(vec![0; 0x20000])));
+            let mut shares = ShareTable::new(ram.clone(), None);
+            shares.set_scheme(IdScheme::Bare);
+            let ring = |da: u64, notifyid| VringInfo { align: 4096, num: u32::from(NUM), notifyid, da: da as u32, pa: 0 };
+            let vdev = VdevInfo {
+                offset: 0,
+                id: VIRTIO_ID_TIPC,
+                notifyid: 0,
+                dfeatures: 0,
+                gfeatures: 0,
+                status: STATUS_AT_START,
+                vrings: vec![ring(RING0, 1), ring(RING1, 2)],
+                config: Vec::new(),
+            };
+            let mut dev = TipcDev::new(0);
+            dev.probe(&vdev, &mut shares).expect("probe");
+            Bench { ram, dev, shares, ipc: Ipc::with_unittest_services(), posted: [0, 0] }
+        }
+
+        /// Posts one descriptor (index = how many were posted) on vring `ring`.
+        fn post(&mut self, ring: usize, addr: u64, len: u32, flags: u16) -> u16 {
+            let base = if ring == 0 { RING0 } else { RING1 };
+            let i = self.posted[ring];
+            let d = base + 16 * u64::from(i);
+            self.ram.write_u64(d, addr);
+            self.ram.write_u32(d + 8, len);
+            self.ram.write_u16(d + 12, flags);
+            self.ram.write_u16(base + AVAIL_RING + 2 * u64::from(i % NUM), i);
+            self.posted[ring] = i + 1;
+            self.ram.write_u16(base + AVAIL_IDX, i + 1);
+            i
+        }
+
+        fn run(&mut self) {
+            self.dev.run(&mut self.shares, &mut self.ipc, 0).expect("no ring violation");
+        }
+
+        /// (id, len) of used entry `slot` of vring `ring`, if the device returned that many.
+        fn used(&self, ring: usize, slot: u16) -> Option<(u32, i32)> {
+            let base = if ring == 0 { RING0 } else { RING1 };
+            if self.ram.read_u16(base + USED_IDX)? <= slot {
+                return None;
+            }
+            let e = base + USED_RING + 8 * u64::from(slot % NUM);
+            Some((self.ram.read_u32(e)?, self.ram.read_u32(e + 4)? as i32))
+        }
+
+        fn bytes(&self, pa: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            assert!(self.ram.read(pa, &mut v));
+            v
+        }
+    }
+
+    #[test]
+    fn unusable_rx_buffers_come_back_with_not_enough_buffer() {
+        // tipc_send_data(): no writable descriptor, or one shorter than the header, is returned
+        // with used.len ERR_NOT_ENOUGH_BUFFER (the frame it was meant for is lost).
+        let mut b = Bench::new();
+        let short = b.post(0, BUFS, 8, DESC_F_WRITE);
+        let readable = b.post(0, BUFS + 0x1000, 4096, 0);
+        b.run();
+        assert_eq!(b.used(0, 0), Some((u32::from(short), lk::ERR_NOT_ENOUGH_BUFFER)));
+        b.dev.queue_ctrl(Ctrl::GoOnline);
+        b.run();
+        assert_eq!(b.used(0, 1), Some((u32::from(readable), lk::ERR_NOT_ENOUGH_BUFFER)));
+        assert_eq!(b.dev.stats().lost_to_bad_buffers, 2);
+        assert!(b.shares.faults().is_empty());
+    }
+
+    #[test]
+    fn frames_to_the_normal_world_leave_shm_cnt_as_it_was() {
+        // tipc_send_data() writes src, dst, reserved, len and flags; never shm_cnt.
+        let mut b = Bench::new();
+        assert!(b.ram.write(BUFS, &[0xAA; 32]));
+        let d = b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.run();
+        assert_eq!(b.used(0, 0), Some((u32::from(d), 24)), "GO_ONLINE: header and 8-byte control header");
+        let frame = b.bytes(BUFS, 24);
+        assert_eq!(&frame[0..4], &53u32.to_le_bytes(), "src");
+        assert_eq!(&frame[4..8], &53u32.to_le_bytes(), "dst");
+        assert_eq!(&frame[8..10], &[0, 0], "reserved");
+        assert_eq!(&frame[10..12], &[0xAA, 0xAA], "shm_cnt untouched");
+        assert_eq!(&frame[12..14], &8u16.to_le_bytes(), "len");
+        assert_eq!(&frame[16..20], &1u32.to_le_bytes(), "GO_ONLINE");
+    }
+
+    fn conn_req(name: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&1024u32.to_le_bytes());
+        f.extend_from_slice(&53u32.to_le_bytes());
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&264u16.to_le_bytes());
+        f.extend_from_slice(&[0; 2]);
+        f.extend_from_slice(&3u32.to_le_bytes());
+        f.extend_from_slice(&256u32.to_le_bytes());
+        let mut field = [0u8; 256];
+        field[..name.len()].copy_from_slice(name);
+        f.extend_from_slice(&field);
+        f
+    }
+
+    #[test]
+    fn conn_req_without_nul_is_answered_with_no_resources() {
+        // handle_conn_req(): the name goes to ipc_port_connect_async(), which refuses one that
+        // is not NUL-terminated; the refusal is CONN_RSP {status ERR_NO_RESOURCES}.
+        let mut b = Bench::new();
+        b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.post(0, BUFS + 0x1000, 4096, DESC_F_WRITE);
+        b.run();
+        assert!(b.ram.write(BUFS + 0x2000, &conn_req(&[b'a'; 256])));
+        let d = b.post(1, BUFS + 0x2000, 280, 0);
+        b.run();
+        assert_eq!(b.used(1, 0), Some((u32::from(d), lk::NO_ERROR)));
+        assert_eq!(b.used(0, 1).map(|u| u.1), Some(44), "CONN_RSP sent");
+        let rsp = b.bytes(BUFS + 0x1000, 44);
+        assert_eq!(&rsp[16..20], &4u32.to_le_bytes(), "CONN_RSP");
+        assert_eq!(&rsp[24..28], &1024u32.to_le_bytes(), "target");
+        assert_eq!(&rsp[28..32], &lk::ERR_NO_RESOURCES.to_le_bytes(), "status -41");
+    }
+
+    #[test]
+    fn frames_from_the_normal_world_get_trustys_error_codes() {
+        let mut b = Bench::new();
+        b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.run();
+        // handle_rx_msg(): 16 + hdr.len != descriptor length -> ERR_INVALID_ARGS.
+        let mut f = conn_req(b"com.android.ipc-unittest.srv.echo");
+        f[12] = 0x07;
+        assert!(b.ram.write(BUFS + 0x2000, &f));
+        b.post(1, BUFS + 0x2000, 280, 0);
+        // handle_ctrl_msg(): a control type it does not take -> ERR_NOT_VALID.
+        let mut g = conn_req(b"x");
+        g[16] = 2;
+        assert!(b.ram.write(BUFS + 0x3000, &g));
+        b.post(1, BUFS + 0x3000, 280, 0);
+        // No readable descriptor -> ERR_INVALID_ARGS.
+        b.post(1, BUFS + 0x3000, 280, DESC_F_WRITE);
+        b.run();
+        assert_eq!(b.used(1, 0).map(|u| u.1), Some(lk::ERR_INVALID_ARGS));
+        assert_eq!(b.used(1, 1).map(|u| u.1), Some(lk::ERR_NOT_VALID));
+        assert_eq!(b.used(1, 2).map(|u| u.1), Some(lk::ERR_INVALID_ARGS));
+    }
+}
