@@ -22,6 +22,7 @@ fn api_version_is_min_of_asked_and_supported_then_locked() {
     // GET_DESCR uses the version: lower requests no longer lower it (spec §2.4).
     raw(&s, call::SC_VIRTIO_GET_DESCR, [0, 0, 4096]);
     assert_eq!(raw(&s, call::FC_API_VERSION, [1, 0, 0]), 3);
+    assert_eq!(raw(&s, call::FC_API_VERSION, [4, 0, 0]), 3, "nor do higher ones raise it (smc_sm_api_version)");
 }
 
 #[test]

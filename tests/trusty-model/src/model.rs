@@ -432,7 +432,10 @@ impl Model {
         served
     }
 
-    /// Trusty's own dispatcher (spec §2): fast, standard and NOP calls.
+    /// Trusty's own dispatcher (spec §2): fast, standard and NOP calls. Follows lib/sm/sm.c
+    /// sm_return_and_wait_for_next_stdcall() (NOPs go to sm_nopcall_table, everything else to
+    /// sm_queue_stdcall()) and sm_sched_nonsecure_fiq_loop() (fast calls answered at once;
+    /// after platform_halt() every call answers SM_ERR_PANIC).
     fn trusty_call(&mut self, regs: [u64; 8]) -> [u64; 8] {
         let f = regs[0] as u32;
         self.stats.plain_trusty_smcs += 1;
@@ -449,6 +452,7 @@ impl Model {
         }
         let r = match f {
             call::SC_RESTART_LAST => self.restart_last(),
+            // lib/sm/sm.c sm_handle_fiq(): FIQ_INTERRUPTED waits for RESTART_FIQ.
             call::SC_RESTART_FIQ => match self.std {
                 StdState::Fiq(r) => {
                     self.std = StdState::Idle;
@@ -462,6 +466,9 @@ impl Model {
         ret(r)
     }
 
+    /// lib/sm/smcall.c smc_get_version_str() (length at index -1, then one character per
+    /// call) and lib/sm/sm.c smc_sm_api_version() (min of asked and supported, unless
+    /// sm_get_api_version() has locked it).
     fn fast_call(&mut self, f: u32, a: [u32; 3]) -> i32 {
         match f {
             call::FC_GET_VERSION_STR => {
@@ -473,8 +480,9 @@ impl Model {
             }
             call::FC_API_VERSION => {
                 let wanted = a[0].min(self.cfg.max_api_version);
-                // Once features of a version are in use it is locked (spec §2.4).
-                if !(self.api_locked && wanted < self.api) {
+                // Once features of a version are in use it is locked (spec §2.4): smc_sm_api_version()
+                // then answers the locked version to any request, higher or lower.
+                if !self.api_locked {
                     self.api = wanted;
                     self.update_scheme();
                 }
@@ -562,6 +570,10 @@ impl Model {
         }
     }
 
+    /// SMC_SC_NOP: lib/sm/sm.c hands it to sm_nopcall_table[SMC_ENTITY(a0)]; a non-zero
+    /// handler result is returned at once, otherwise Trusty runs (sm_wait_for_smcall()) and the
+    /// CPU comes back with NOP_DONE when idle or NOP_INTERRUPTED on an interrupt
+    /// (sm_irq_return_ns()).
     fn nop(&mut self, a: [u32; 3]) -> i32 {
         if matches!(self.std, StdState::Fiq(_)) {
             return SmError::InterleavedSmc.code();
@@ -588,6 +600,9 @@ impl Model {
     }
 
     /// The work a NOP carries: dispatched by the entity in a0 (spec §2.6); 0 when there is none.
+    /// lib/trusty/smcall.c trusty_sm_nopcall(): SMC_NC_VDEV_KICK_VQ -> virtio_kick_vq(), any
+    /// other Trusted-OS function ERR_NOT_SUPPORTED; an unregistered entity is
+    /// SM_ERR_UNDEFINED_SMC.
     fn nop_args(&mut self, a0: u32, a1: u32, a2: u32) -> i32 {
         if a0 == 0 {
             0
@@ -833,6 +848,9 @@ impl Model {
     }
 
     /// Trusty's FF-A call transport (spec trusty-protocol §11): opcode in w3, arguments w4..w7.
+    /// Written from the normal world's side of it (ACK drivers/trusty/trusty-ffa.c and
+    /// ql-tipc's trusty_dev_common.c), not from a Trusty source: QUEUE_STDCALL while one is
+    /// queued is BUSY as sm_queue_stdcall() answers.
     fn direct_request(&mut self, regs: &[u64; 8]) -> [u64; 8] {
         let receiver = regs[1] as u16;
         if receiver != ffa::TRUSTY_ENDPOINT_ID {
