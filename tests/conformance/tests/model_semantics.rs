@@ -180,3 +180,21 @@ fn share_cap_in_the_model_is_enforced_and_counted() {
     mem.release(a).unwrap();
     let _ = PageAllocator::alloc_zeroed(&mut *s.allocator(), 1).expect("pages were given back");
 }
+
+#[test]
+#[ignore = "needs the stack-side fix of the `calls` branch: a BUSY answer to RESTART_LAST must restart again, not re-issue the call"]
+fn stack_collects_an_unfinished_call_below_api_2_from_the_upstream_model() {
+    // Upstream sm_get_stdcall_ret() answers BUSY to RESTART_LAST while the call is unfinished at
+    // API < 2; Linux's trusty_std_call32() keeps RESTART_LAST in its BUSY loop. A discipline that
+    // re-issues the original call gets BUSY (one call in flight) until its limit.
+    use trusty_platform::trusty::{CallPolicy, Trusty};
+    let s = sim();
+    let policy = CallPolicy { std_call_timeout_ms: 2000, ..CallPolicy::default() };
+    let mut t = Trusty::new(s.conduit(), s.clock(), policy);
+    assert_eq!(t.negotiate_api(1), Ok(1));
+    s.model().inject.cpu_idle = 1;
+    // VDEV_RESET on a bus that was never started: the call's own answer is ERR_BAD_STATE.
+    assert_eq!(t.std_call(call::SC_VDEV_RESET, 0, 0, 0), Err(trusty_platform::Error::Sm(SmError::InternalFailure)));
+    // Nothing is left pending: a fresh call is taken.
+    assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::UnexpectedRestart.code());
+}
