@@ -646,6 +646,8 @@ impl Model {
     /// zeroed and filled, and every vdev records the client id.
     /// NXP: one bus for good, and an active bus is stopped first (the DomU-reboot patch).
     fn get_descr(&mut self, id: u64, size: u32, client: u64) -> i32 {
+        // Decoding the buffer's id reads the API version, which locks it (sm_get_api_version()).
+        self.api_locked = true;
         match self.cfg.variant {
             Variant::Upstream => {
                 if self.bus != BusState::Uninitialized {
@@ -659,7 +661,6 @@ impl Model {
             }
         }
         self.bus = BusState::Idle;
-        self.api_locked = true;
         let r = self.write_descriptor(id, size);
         if r < 0 && self.cfg.variant == Variant::Upstream {
             // remove_client_bus() on the error paths of virtio_get_description().
@@ -689,12 +690,13 @@ impl Model {
         len as i32
     }
 
-    /// lib/trusty/trusty_virtio.c virtio_start(): no bus for the client is ERR_BAD_STATE; a vdev
-    /// recorded for another client is ERR_INVALID_ARGS; the bus must be IDLE (ERR_BAD_STATE);
+    /// lib/trusty/trusty_virtio.c virtio_start(): no bus for the client is ERR_BAD_STATE (upstream
+    /// keys buses by client id, so another client has none); a vdev recorded for another client
+    /// is ERR_INVALID_ARGS (the single-bus tree, NXP); the bus must be IDLE (ERR_BAD_STATE);
     /// the size must be the descriptor's exactly (ERR_INVALID_ARGS); the normal world's copy is
     /// read into secure memory and each vdev probed on it, probe errors ignored; bus ACTIVE.
     fn start(&mut self, id: u64, size: u32, client: u64) -> i32 {
-        if self.cfg.variant == Variant::Upstream && self.bus == BusState::Uninitialized {
+        if self.cfg.variant == Variant::Upstream && !self.has_bus(client) {
             return lk::ERR_BAD_STATE;
         }
         if client != self.client_id {
@@ -738,7 +740,7 @@ impl Model {
     /// answer is ERR_BAD_STATE; otherwise every vdev is reset and (upstream) the bus removed, so
     /// the next GET_DESCR builds fresh devices. NXP: the bus goes back to IDLE.
     fn stop(&mut self, client: u64) -> i32 {
-        if self.cfg.variant == Variant::Upstream && self.bus == BusState::Uninitialized {
+        if self.cfg.variant == Variant::Upstream && !self.has_bus(client) {
             return lk::ERR_BAD_STATE;
         }
         if client != self.client_id {
@@ -763,6 +765,11 @@ impl Model {
             }
             (Variant::Nxp, false) => lk::ERR_BAD_STATE,
         }
+    }
+
+    /// Upstream get_client_bus(): whether `client` has a bus (the model serves one client).
+    fn has_bus(&self, client: u64) -> bool {
+        self.bus != BusState::Uninitialized && client == self.client_id
     }
 
     /// tipc_virtio_dev.c tipc_dev_reset() through the vdev's reset op: channels closed without
