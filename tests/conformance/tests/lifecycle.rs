@@ -113,16 +113,20 @@ fn bus_comes_up_again_after_a_normal_world_reboot() {
         // A DomU that reboots brings the bus up without having stopped it: NXP's GET_DESCR stops
         // the old bus itself; upstream refuses GET_DESCR (ERR_NOT_ALLOWED) while the client's
         // bus exists, and the stack stops it and asks again.
-        let mut rig = Rig::variant(ModelMode::Sync, variant);
-        rig.echo_once(b"before");
-        let dev = rig.dev.take().unwrap();
-        std::mem::forget(dev); // the guest "reboots": no teardown at all
-        let (mut dev, _) = tipc::stack::bring_up(rig.sim.conduit(), rig.sim.clock(), rig.sim.allocator(), StackConfig::default())
-            .expect("second bring-up");
-        let ch = dev.connect(ECHO).unwrap();
-        dev.send(ch, &[b"after"], &[], Timeout::Ms(100)).unwrap();
-        let mut buf = [0u8; 16];
-        assert_eq!(dev.recv(ch, &mut [&mut buf], Timeout::Ms(1000)), Ok(5));
+        for mode in [ModelMode::Sync, ModelMode::Threaded] {
+            let mut rig = Rig::variant(mode, variant);
+            rig.echo_once(b"before");
+            let dev = rig.dev.take().unwrap();
+            std::mem::forget(dev); // the guest "reboots": no teardown at all
+            let (mut dev, _) = tipc::stack::bring_up(rig.sim.conduit(), rig.sim.clock(), rig.sim.allocator(), StackConfig::default())
+                .unwrap_or_else(|e| panic!("{variant:?} {mode:?}: second bring-up: {e}"));
+            let ch = dev.connect(ECHO).unwrap();
+            dev.send(ch, &[b"after"], &[], Timeout::Ms(100)).unwrap();
+            let mut buf = [0u8; 16];
+            assert_eq!(dev.recv(ch, &mut [&mut buf], Timeout::Ms(1000)), Ok(5));
+            rig.assert_no_faults();
+            assert!(!rig.sim.model().panicked());
+        }
     }
 }
 
