@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use trusty_platform::mem::{Access, MemoryId, SharedBuf, SharedMemory, PAGE_SIZE};
-use trusty_platform::smc::{api, call};
+use trusty_platform::smc::{api, call, SmError};
 use trusty_platform::trusty::Trusty;
 use virtio_drivers::transport::DeviceStatus;
 
@@ -104,7 +104,21 @@ impl Bus {
         }
         let page = self.mem.alloc_shared(PAGE_SIZE, Access::ReadWrite)?;
         let id = page.id();
-        let size = match self.trusty.std_call(call::SC_VIRTIO_GET_DESCR, id.lo(), id.hi(), PAGE_SIZE as u32) {
+        let get_descr = |trusty: &mut Trusty| trusty.std_call(call::SC_VIRTIO_GET_DESCR, id.lo(), id.hi(), PAGE_SIZE as u32);
+        let mut answer = get_descr(&mut self.trusty);
+        if answer == Err(trusty_platform::Error::Sm(SmError::NotAllowed)) {
+            // Upstream Trusty keeps one bus per client from GET_DESCR until VIRTIO_STOP
+            // (lib/trusty/trusty_virtio.c virtio_get_description(): ERR_NOT_ALLOWED while the
+            // client's bus exists). A normal world that restarted without tearing down (a DomU
+            // reboot, a crashed driver) finds its previous bus still there: VIRTIO_STOP resets
+            // its devices and removes it whatever its state (virtio_stop(); ERR_BAD_STATE if it
+            // was not active, which is expected here), then GET_DESCR is asked once more. The
+            // STOP's descriptor arguments are only logged by Trusty.
+            log::warn!("Trusty still has a virtio bus from a previous start: stopping it");
+            let _ = self.trusty.std_call(call::SC_VIRTIO_STOP, id.lo(), id.hi(), PAGE_SIZE as u32);
+            answer = get_descr(&mut self.trusty);
+        }
+        let size = match answer {
             Ok(size) => size,
             Err(e) => {
                 let _ = self.mem.release(page);

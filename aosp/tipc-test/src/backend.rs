@@ -63,8 +63,11 @@ impl SimBackend {
                     ModelMode::Threaded => "sim-threaded",
                 };
                 let describe = format!(
-                    "{mode}: platform {}, embedded Trusty model '{}', API {}",
-                    profile.name, info.version, info.api_version
+                    "{mode}: platform {}, embedded Trusty model '{}' ({} variant), API {}",
+                    profile.name,
+                    info.version,
+                    profile.machine.model.variant.name(),
+                    info.api_version
                 );
                 let model = sim.clone();
                 let dev = DeviceBackend::new(dev, describe).with_health(move || model_health(&model));

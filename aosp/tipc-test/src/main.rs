@@ -13,6 +13,7 @@ use tipc_test::cases::{self, Params, Rng, TestCase};
 use tipc_test::kernel::KernelBackend;
 use tipc_test::runner;
 use trusty_model::host::ModelMode;
+use trusty_model::Variant;
 use trusty_platform::plan::Mechanism;
 
 #[derive(Parser, Debug)]
@@ -57,6 +58,10 @@ struct Args {
     /// phys, phys-attr, ffa-handle, mediated-ipa, xen-grant; embedded model only
     #[arg(long = "force-sharing")]
     force_sharing: Option<String>,
+    /// Which Trusty the embedded model follows: `upstream` (AOSP trusty/kernel) or `nxp`
+    /// (NXP's tree with its DomU-reboot patches); embedded model only
+    #[arg(long = "model", default_value = "upstream")]
+    model: String,
     /// List the platform profiles and exit
     #[arg(long = "list-platforms")]
     list_platforms: bool,
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
         for (opt, given) in [
             ("--platform", matches.value_source("platform") == Some(ValueSource::CommandLine)),
             ("--force-sharing", args.force_sharing.is_some()),
+            ("--model", matches.value_source("model") == Some(ValueSource::CommandLine)),
         ] {
             if given {
                 eprintln!(
@@ -144,13 +150,20 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let profile = match load_platform(&args.platform) {
+    let mut profile = match load_platform(&args.platform) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("tipc-test: {e}");
             return ExitCode::FAILURE;
         }
     };
+    match Variant::from_name(&args.model) {
+        Some(v) => profile.machine.model.variant = v,
+        None => {
+            eprintln!("tipc-test: unknown model '{}': upstream or nxp", args.model);
+            return ExitCode::FAILURE;
+        }
+    }
     if let Some(path) = &args.write_dtb {
         return match std::fs::write(path, &profile.fdt) {
             Ok(()) => ExitCode::SUCCESS,

@@ -53,9 +53,11 @@ fn every_platform_with_a_path_prints_its_sharing_line_and_passes_all() {
         ("xen-domu-trusty-mediator", "sharing: mediated-ipa ("),
         ("xen-domu-trusty-vm", "sharing: xen-grant to domain 1 ("),
     ];
-    let runs: Vec<_> = profiles
+    // Against the upstream model (the default) and NXP's variant.
+    let runs: Vec<_> = ["upstream", "nxp"]
         .iter()
-        .map(|&(p, line)| std::thread::spawn(move || (p, line, tipc_test(&["--platform", p, "-t", "all", "-s"]))))
+        .flat_map(|&m| profiles.iter().map(move |&(p, line)| (m, p, line)))
+        .map(|(m, p, line)| std::thread::spawn(move || (p, line, tipc_test(&["--model", m, "--platform", p, "-t", "all", "-s"]))))
         .collect();
     for r in runs {
         let (p, line, (code, out, err)) = r.join().unwrap();
@@ -63,6 +65,19 @@ fn every_platform_with_a_path_prints_its_sharing_line_and_passes_all() {
         assert!(out.lines().next().is_some_and(|l| l.starts_with(line)), "{p}: {out}");
         assert_eq!(out.lines().last(), Some("13 passed, 0 failed"), "{p}: {out}");
     }
+}
+
+#[test]
+fn model_variant_is_chosen_by_name_and_shown() {
+    let (code, out, err) = tipc_test(&["-t", "echo"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(upstream variant)"), "upstream is the default: {out}");
+    let (code, out, err) = tipc_test(&["--model", "nxp", "-t", "echo"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(nxp variant)"), "{out}");
+    let (code, _, err) = tipc_test(&["--model", "intel", "-t", "echo"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown model 'intel': upstream or nxp"), "{err}");
 }
 
 #[test]
@@ -121,7 +136,7 @@ fn a_missing_device_fails_before_any_test() {
 
 #[test]
 fn model_options_are_rejected_for_a_device() {
-    for (opt, value) in [("--platform", "native-api4"), ("--force-sharing", "phys")] {
+    for (opt, value) in [("--platform", "native-api4"), ("--force-sharing", "phys"), ("--model", "nxp")] {
         let (code, out, err) = tipc_test(&["-D", "/dev/null", opt, value, "-t", "echo"]);
         assert_ne!(code, 0);
         assert!(err.contains(opt) && err.contains("only to the embedded model"), "{err}");

@@ -3,7 +3,7 @@
 use tipc::stack::{bring_up, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
-use trusty_model::ModelConfig;
+use trusty_model::{ModelConfig, Variant};
 
 pub const ECHO: &str = "com.android.ipc-unittest.srv.echo";
 pub const DATASINK: &str = "com.android.ipc-unittest.srv.datasink";
@@ -20,6 +20,11 @@ pub struct Rig {
 impl Rig {
     pub fn new(mode: ModelMode) -> Rig {
         Rig::with(mode, ModelConfig::default(), StackConfig::default(), |_| {})
+    }
+
+    /// The stack on a model of the given Trusty tree (upstream or NXP's).
+    pub fn variant(mode: ModelMode, variant: Variant) -> Rig {
+        Rig::with(mode, model(variant), StackConfig::default(), |_| {})
     }
 
     /// Builds the machine, lets `prepare` set switches on the model, then brings the stack up.
@@ -71,4 +76,9 @@ impl Rig {
         let m = self.sim.model();
         assert!(m.faults().is_empty(), "model faults: {:?}", m.faults());
     }
+}
+
+/// The default model, following `variant`.
+pub fn model(variant: Variant) -> ModelConfig {
+    ModelConfig { variant, ..ModelConfig::default() }
 }

@@ -1,7 +1,7 @@
 //! The model's secure-side rules, checked with raw calls (spec §2, §3.3, §5).
 
 use trusty_model::host::{ModelMode, Sim};
-use trusty_model::ModelConfig;
+use trusty_model::{ModelConfig, Variant};
 use trusty_platform::ffa::{self, func};
 use trusty_platform::mem::{Access, PageAllocator, SharedMemory};
 use trusty_platform::smc::{call, SmError};
@@ -22,6 +22,7 @@ fn api_version_is_min_of_asked_and_supported_then_locked() {
     // GET_DESCR uses the version: lower requests no longer lower it (spec §2.4).
     raw(&s, call::SC_VIRTIO_GET_DESCR, [0, 0, 4096]);
     assert_eq!(raw(&s, call::FC_API_VERSION, [1, 0, 0]), 3);
+    assert_eq!(raw(&s, call::FC_API_VERSION, [4, 0, 0]), 3, "nor do higher ones raise it (smc_sm_api_version)");
 }
 
 #[test]
@@ -47,11 +48,38 @@ fn std_call_state_machine() {
     assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Interrupted.code());
     assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Busy.code(), "one std call at a time");
     assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code());
+    // CPU_IDLE is for a client at API >= 2 (sm_get_stdcall_ret()).
+    assert_eq!(raw(&s, call::FC_API_VERSION, [5, 0, 0]), 5);
     s.model().inject.cpu_idle = 1;
     assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::CpuIdle.code());
     assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::CpuIdle.code(), "needs NOP progress first");
     assert_eq!(raw(&s, call::SC_NOP, [0; 3]), SmError::NopDone.code());
     assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code());
+}
+
+#[test]
+fn restart_last_of_an_unfinished_call_below_api_2_is_busy() {
+    // Trusty lib/sm/sm.c sm_get_stdcall_ret(): a std call that has not finished when the CPU
+    // returns to a client below API 2 answers INTERRUPTED, and BUSY once it was restarted
+    // (restart_count > 0). The call stays pending: a fresh call is BUSY too, RESTART_LAST
+    // finishes it.
+    for api in [0u32, 1] {
+        let s = sim();
+        assert_eq!(raw(&s, call::FC_API_VERSION, [api, 0, 0]), api as i32);
+        s.model().inject.cpu_idle = 1;
+        assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Interrupted.code());
+        assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::Busy.code(), "restarted, still unfinished");
+        assert_eq!(raw(&s, call::SC_VDEV_RESET, [0; 3]), SmError::Busy.code(), "a fresh call while one is pending");
+        assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::InternalFailure.code(), "VDEV_RESET's own result");
+        assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::UnexpectedRestart.code());
+    }
+}
+
+#[test]
+fn unknown_trusted_os_std_call_is_not_supported() {
+    // lib/trusty/smcall.c trusty_sm_stdcall(): default -> ERR_NOT_SUPPORTED -> SM_ERR_NOT_SUPPORTED.
+    let s = sim();
+    assert_eq!(raw(&s, 0x3200_0077, [0; 3]), SmError::NotSupported.code());
 }
 
 #[test]
@@ -67,7 +95,13 @@ fn nop_dispatch_by_entity() {
 
 #[test]
 fn bus_state_rules() {
-    let s = sim();
+    for variant in Variant::ALL {
+        bus_state_rules_of(variant);
+    }
+}
+
+fn bus_state_rules_of(variant: Variant) {
+    let s = Sim::new(ModelMode::Sync, ModelConfig { variant, ..Default::default() });
     assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [0; 3]), SmError::InternalFailure.code(), "STOP before START");
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [0, 0, 128]), SmError::InternalFailure.code(), "START before GET_DESCR");
     let mut alloc = s.allocator();
@@ -78,12 +112,38 @@ fn bus_state_rules() {
     assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 64]), SmError::InternalFailure.code(), "buffer too small");
     assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]), 128);
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 4096]), SmError::InvalidParameters.code(), "size must match");
-    // A client id that differs from GET_DESCR's (x7) is refused (spec §2.7).
+    // A client id that differs from GET_DESCR's (x7) is refused (spec §2.7): upstream has no bus
+    // for that client (ERR_BAD_STATE), the single-bus tree finds the vdev's client id differs.
     let other = s.conduit().call([u64::from(call::SC_VIRTIO_START), u64::from(id.lo()), u64::from(id.hi()), 128, 0, 0, 0, 7]);
-    assert_eq!(other[0] as u32 as i32, SmError::InvalidParameters.code());
+    let refused = match variant {
+        Variant::Upstream => SmError::InternalFailure,
+        Variant::Nxp => SmError::InvalidParameters,
+    };
+    assert_eq!(other[0] as u32 as i32, refused.code());
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), 0);
     assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code(), "already active");
-    assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+    // GET_DESCR while the bus is active: upstream refuses (the client's bus exists); NXP stops
+    // the bus first and describes it again.
+    let again = raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]);
+    match variant {
+        Variant::Upstream => {
+            assert_eq!(again, SmError::NotAllowed.code(), "upstream: GET_DESCR only once per bus");
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+            // STOP removed the bus: START needs a new GET_DESCR, and STOP has nothing to stop.
+            assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+            // A bus that never started is removed by STOP all the same (answer ERR_BAD_STATE).
+            assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]), 128);
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+            assert_eq!(raw(&s, call::SC_VIRTIO_GET_DESCR, [id.lo(), id.hi(), 4096]), 128, "removed: a new bus");
+        }
+        Variant::Nxp => {
+            assert_eq!(again, 128, "NXP: implicit STOP, then the table");
+            assert_eq!(raw(&s, call::SC_VIRTIO_START, [id.lo(), id.hi(), 128]), 0);
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), 0);
+            assert_eq!(raw(&s, call::SC_VIRTIO_STOP, [id.lo(), id.hi(), 128]), SmError::InternalFailure.code());
+        }
+    }
     mem.release(page).unwrap();
 }
 
@@ -124,4 +184,22 @@ fn share_cap_in_the_model_is_enforced_and_counted() {
     assert_eq!(s.model().stats().shares.over_cap, 1);
     mem.release(a).unwrap();
     let _ = PageAllocator::alloc_zeroed(&mut *s.allocator(), 1).expect("pages were given back");
+}
+
+#[test]
+#[ignore = "needs the stack-side fix of the `calls` branch: a BUSY answer to RESTART_LAST must restart again, not re-issue the call"]
+fn stack_collects_an_unfinished_call_below_api_2_from_the_upstream_model() {
+    // Upstream sm_get_stdcall_ret() answers BUSY to RESTART_LAST while the call is unfinished at
+    // API < 2; Linux's trusty_std_call32() keeps RESTART_LAST in its BUSY loop. A discipline that
+    // re-issues the original call gets BUSY (one call in flight) until its limit.
+    use trusty_platform::trusty::{CallPolicy, Trusty};
+    let s = sim();
+    let policy = CallPolicy { std_call_timeout_ms: 2000, ..CallPolicy::default() };
+    let mut t = Trusty::new(s.conduit(), s.clock(), policy);
+    assert_eq!(t.negotiate_api(1), Ok(1));
+    s.model().inject.cpu_idle = 1;
+    // VDEV_RESET on a bus that was never started: the call's own answer is ERR_BAD_STATE.
+    assert_eq!(t.std_call(call::SC_VDEV_RESET, 0, 0, 0), Err(trusty_platform::Error::Sm(SmError::InternalFailure)));
+    // Nothing is left pending: a fresh call is taken.
+    assert_eq!(raw(&s, call::SC_RESTART_LAST, [0; 3]), SmError::UnexpectedRestart.code());
 }

@@ -21,5 +21,5 @@ pub mod model;
 pub mod raw;
 pub mod tipc_dev;
 
-pub use model::{Injection, Model, ModelConfig, ModelStats};
+pub use model::{Injection, Model, ModelConfig, ModelStats, Variant};
 pub use tipc_dev::Malformed;

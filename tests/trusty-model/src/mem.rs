@@ -358,7 +358,9 @@ impl ShareTable {
         (0..u64::from(r.pages)).all(|i| self.phys.contains(r.addr + i * PAGE_SIZE as u64, PAGE_SIZE))
     }
 
-    /// FFA_MEM_RECLAIM: DENIED while the secure side still maps it.
+    /// FFA_MEM_RECLAIM (the SPMC's side, FF-A v1.0 §11): DENIED while the borrower has not
+    /// relinquished. Trusty relinquishes when its last mapping goes (lib/sm/shared_mem.c
+    /// sm_mem_obj_destroy() sends FFA_MEM_RELINQUISH), so "still mapped" is the model's test.
     pub fn mem_reclaim(&mut self, handle: u64) -> Result<(), FfaErr> {
         let share = self.shares.get(&handle).ok_or(ffa::err::INVALID_PARAMETERS)?;
         if share.mapped > 0 || self.deny_reclaims > 0 {
@@ -398,6 +400,9 @@ impl ShareTable {
         }
     }
 
+    /// API 5: lib/sm/shared_mem.c ext_mem_get_vmm_obj() retrieves the handle from the SPMC
+    /// (FFA_MEM_RETRIEVE_REQ) with the caller's client id; an unknown handle, a range too short
+    /// or write access to a read-only share fails the retrieve / the mapping.
     fn map_ffa(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
         let Some(share) = self.shares.get_mut(&id) else {
             self.fault("ffa-handle", id, format!("{purpose}: memory id was never shared"));
@@ -416,6 +421,11 @@ impl ShareTable {
         Some(Mapping { id, ranges: share.ranges.clone(), len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
     }
 
+    /// API < 5: lib/sm/ns_mem.c ext_mem_get_vmm_obj() decodes the id with
+    /// sm_decode_ns_memory_attr() (API 4: address + MAIR/shareability attributes) or takes it
+    /// as a bare physical address (API < 4, vqueue_init()/vmm_alloc_physical() of older trees)
+    /// and maps it as NS memory; nothing checks that the normal world meant to share it, which is
+    /// why the model records an address outside the normal world's RAM as a fault.
     fn map_address(&mut self, id: u64, pages: u32, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
         let mechanism = if self.mediated_addresses { "mediated-ipa" } else { self.scheme.name() };
         let (addr, read_only) = if self.scheme == IdScheme::Compat {

@@ -35,6 +35,41 @@ pub enum Path {
     XenNoPath,
 }
 
+/// Which Trusty tree the model follows where trees differ (README: fidelity table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// Upstream trusty/kernel (lib/trusty/trusty_virtio.c with one virtio bus per client:
+    /// `virtio_get_description` creates the bus, a second GET_DESCR while it exists is
+    /// ERR_NOT_ALLOWED, `virtio_stop` resets every device and removes the bus).
+    #[default]
+    Upstream,
+    /// NXP's tree for Android in a Xen DomU (spec TK-NXP, §5.6): one bus for good; GET_DESCR on
+    /// an active bus stops it first, so a guest that rebooted without VIRTIO_STOP can bring the
+    /// bus up again; vring consumer indices start from 0 at every probe.
+    Nxp,
+}
+
+impl Variant {
+    /// `upstream` or `nxp`.
+    pub fn from_name(name: &str) -> Option<Variant> {
+        match name {
+            "upstream" => Some(Variant::Upstream),
+            "nxp" => Some(Variant::Nxp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Upstream => "upstream",
+            Variant::Nxp => "nxp",
+        }
+    }
+
+    /// Both variants, upstream first.
+    pub const ALL: [Variant; 2] = [Variant::Upstream, Variant::Nxp];
+}
+
 /// What kind of Trusty the model is.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -56,9 +91,8 @@ pub struct ModelConfig {
     /// Threaded mode: NOPs and kicks return before the work they asked for is done; the
     /// owner runs [`Model::run_background`] on its own thread.
     pub deferred: bool,
-    /// NXP's patch (spec §5.6): GET_DESCR on an active bus stops it first, so a normal world
-    /// that reboots (a DomU) can bring the bus up again.
-    pub implicit_stop_on_get_descr: bool,
+    /// Upstream Trusty, or NXP's patched tree.
+    pub variant: Variant,
     /// Serve these bytes from GET_DESCR instead of the default table (to test parsers).
     pub descriptor_override: Option<Vec<u8>>,
     /// XENVER_get_features submap 0 as the simulated hypervisor answers it (None: no Xen).
@@ -78,7 +112,7 @@ impl Default for ModelConfig {
             dev_name: String::from("dev0"),
             ring_size: 32,
             deferred: false,
-            implicit_stop_on_get_descr: true,
+            variant: Variant::Upstream,
             descriptor_override: None,
         }
     }
@@ -93,7 +127,9 @@ pub struct Injection {
     pub interrupted: u32,
     /// Answer the next N standard calls with SM_ERR_FIQ_INTERRUPTED (finished by RESTART_FIQ).
     pub fiq_interrupted: u32,
-    /// Answer the next N standard calls with SM_ERR_CPU_IDLE (finished by RESTART_LAST after a NOP).
+    /// The next N standard calls do not finish before the CPU idles: SM_ERR_CPU_IDLE at API >= 2
+    /// (finished by RESTART_LAST after a NOP); below API 2 SM_ERR_INTERRUPTED, then SM_ERR_BUSY
+    /// to the first RESTART_LAST, then the result (Trusty `sm_get_stdcall_ret`).
     pub cpu_idle: u32,
     /// Answer the next N NOPs with SM_ERR_NOP_INTERRUPTED.
     pub nop_interrupted: u32,
@@ -133,10 +169,15 @@ enum StdState {
     Fiq(i32),
     /// Blocked: waits for a NOP, then RESTART_LAST.
     CpuIdle { result: i32, nop_seen: bool },
+    /// Not finished when the CPU went back to the normal world, for a client below API 2
+    /// (`sm_get_stdcall_ret`: INTERRUPTED the first time, BUSY after a restart): each
+    /// RESTART_LAST gives it time; `busy_left` more restarts find it unfinished.
+    Unfinished { result: i32, busy_left: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum BusState {
+    /// Upstream: no bus for the client (before GET_DESCR, after STOP). NXP: registry not frozen.
     Uninitialized,
     Idle,
     Active,
@@ -391,7 +432,10 @@ impl Model {
         served
     }
 
-    /// Trusty's own dispatcher (spec §2): fast, standard and NOP calls.
+    /// Trusty's own dispatcher (spec §2): fast, standard and NOP calls. Follows lib/sm/sm.c
+    /// sm_return_and_wait_for_next_stdcall() (NOPs go to sm_nopcall_table, everything else to
+    /// sm_queue_stdcall()) and sm_sched_nonsecure_fiq_loop() (fast calls answered at once;
+    /// after platform_halt() every call answers SM_ERR_PANIC).
     fn trusty_call(&mut self, regs: [u64; 8]) -> [u64; 8] {
         let f = regs[0] as u32;
         self.stats.plain_trusty_smcs += 1;
@@ -408,6 +452,7 @@ impl Model {
         }
         let r = match f {
             call::SC_RESTART_LAST => self.restart_last(),
+            // lib/sm/sm.c sm_handle_fiq(): FIQ_INTERRUPTED waits for RESTART_FIQ.
             call::SC_RESTART_FIQ => match self.std {
                 StdState::Fiq(r) => {
                     self.std = StdState::Idle;
@@ -421,6 +466,9 @@ impl Model {
         ret(r)
     }
 
+    /// lib/sm/smcall.c smc_get_version_str() (length at index -1, then one character per
+    /// call) and lib/sm/sm.c smc_sm_api_version() (min of asked and supported, unless
+    /// sm_get_api_version() has locked it).
     fn fast_call(&mut self, f: u32, a: [u32; 3]) -> i32 {
         match f {
             call::FC_GET_VERSION_STR => {
@@ -432,8 +480,9 @@ impl Model {
             }
             call::FC_API_VERSION => {
                 let wanted = a[0].min(self.cfg.max_api_version);
-                // Once features of a version are in use it is locked (spec §2.4).
-                if !(self.api_locked && wanted < self.api) {
+                // Once features of a version are in use it is locked (spec §2.4): smc_sm_api_version()
+                // then answers the locked version to any request, higher or lower.
+                if !self.api_locked {
                     self.api = wanted;
                     self.update_scheme();
                 }
@@ -455,6 +504,9 @@ impl Model {
         });
     }
 
+    /// Trusty lib/sm/sm.c sm_queue_stdcall(): one standard call in flight; a fresh one while it
+    /// is pending (or its result is not collected) is SM_ERR_BUSY. sm_handle_fiq(): anything but
+    /// RESTART_FIQ after FIQ_INTERRUPTED is SM_ERR_INTERLEAVED_SMC.
     fn std_entry(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
         if matches!(self.std, StdState::Fiq(_)) {
             return SmError::InterleavedSmc.code();
@@ -480,16 +532,36 @@ impl Model {
         }
         if self.inject.cpu_idle > 0 {
             self.inject.cpu_idle -= 1;
-            self.std = StdState::CpuIdle { result: r, nop_seen: false };
-            return SmError::CpuIdle.code();
+            // Trusty lib/sm/sm.c sm_get_stdcall_ret(): a client at API >= 2 (SMP) is told
+            // CPU_IDLE; an older one INTERRUPTED while restart_count is 0.
+            if self.api >= 2 {
+                self.std = StdState::CpuIdle { result: r, nop_seen: false };
+                return SmError::CpuIdle.code();
+            }
+            self.std = StdState::Unfinished { result: r, busy_left: 1 };
+            return SmError::Interrupted.code();
         }
         r
     }
 
+    /// Trusty lib/sm/sm.c sm_queue_stdcall(): RESTART_LAST with no call pending is
+    /// UNEXPECTED_RESTART; with one pending it restarts it (restart_count++), and
+    /// sm_get_stdcall_ret() answers its result once done.
     fn restart_last(&mut self) -> i32 {
         match self.std {
             StdState::Idle => SmError::UnexpectedRestart.code(),
             StdState::Fiq(_) => SmError::InterleavedSmc.code(),
+            // sm_get_stdcall_ret(): unfinished, API < 2, restart_count > 0 -> SM_ERR_BUSY. The
+            // call stays pending: the caller must restart it again, never re-issue it.
+            StdState::Unfinished { result, busy_left } => {
+                if busy_left > 0 {
+                    self.std = StdState::Unfinished { result, busy_left: busy_left - 1 };
+                    SmError::Busy.code()
+                } else {
+                    self.std = StdState::Idle;
+                    result
+                }
+            }
             StdState::Interrupted(r) | StdState::CpuIdle { result: r, nop_seen: true } => {
                 self.std = StdState::Idle;
                 r
@@ -498,6 +570,10 @@ impl Model {
         }
     }
 
+    /// SMC_SC_NOP: lib/sm/sm.c hands it to sm_nopcall_table[SMC_ENTITY(a0)]; a non-zero
+    /// handler result is returned at once, otherwise Trusty runs (sm_wait_for_smcall()) and the
+    /// CPU comes back with NOP_DONE when idle or NOP_INTERRUPTED on an interrupt
+    /// (sm_irq_return_ns()).
     fn nop(&mut self, a: [u32; 3]) -> i32 {
         if matches!(self.std, StdState::Fiq(_)) {
             return SmError::InterleavedSmc.code();
@@ -524,6 +600,9 @@ impl Model {
     }
 
     /// The work a NOP carries: dispatched by the entity in a0 (spec §2.6); 0 when there is none.
+    /// lib/trusty/smcall.c trusty_sm_nopcall(): SMC_NC_VDEV_KICK_VQ -> virtio_kick_vq(), any
+    /// other Trusted-OS function ERR_NOT_SUPPORTED; an unregistered entity is
+    /// SM_ERR_UNDEFINED_SMC.
     fn nop_args(&mut self, a0: u32, a1: u32, a2: u32) -> i32 {
         if a0 == 0 {
             0
@@ -545,6 +624,9 @@ impl Model {
             call::SC_VIRTIO_STOP => self.stop(client),
             call::SC_VDEV_RESET => self.vdev_reset(a[0]),
             call::SC_VDEV_KICK_VQ => self.kick(a[0], a[1]),
+            // lib/trusty/smcall.c trusty_sm_stdcall(): an unknown Trusted-OS function is
+            // ERR_NOT_SUPPORTED; lib/sm: an entity nobody registered is SM_ERR_UNDEFINED_SMC.
+            _ if fid::entity(f) == fid::ENTITY_TRUSTED_OS => lk::ERR_NOT_SUPPORTED,
             _ => return SmError::UndefinedSmc.code(),
         };
         // Trusty runs its scheduler before a standard call returns.
@@ -556,17 +638,41 @@ impl Model {
 
     // ----- virtio bus (spec §5.5, §5.6) ------------------------------------------------------
 
+    /// Upstream lib/trusty/trusty_virtio.c virtio_get_description(): create_new_bus() for the
+    /// caller's client id; if that client already has a bus the call is refused with
+    /// ERR_NOT_ALLOWED ("may only call the VIRTIO_GET_DESCR once") and the bus is left as it
+    /// is; a failed call removes the bus it created. finalize_vdev_registry() freezes the
+    /// registry; a buffer smaller than the table is ERR_NOT_ENOUGH_BUFFER; the page is mapped,
+    /// zeroed and filled, and every vdev records the client id.
+    /// NXP: one bus for good, and an active bus is stopped first (the DomU-reboot patch).
     fn get_descr(&mut self, id: u64, size: u32, client: u64) -> i32 {
-        if self.bus == BusState::Active {
-            if !self.cfg.implicit_stop_on_get_descr {
-                return lk::ERR_BAD_STATE;
-            }
-            self.reset_devices();
-            self.bus = BusState::Idle;
-        }
-        // The first GET_DESCR freezes the device registry.
-        self.bus = BusState::Idle;
+        // Decoding the buffer's id reads the API version, which locks it (sm_get_api_version()).
         self.api_locked = true;
+        match self.cfg.variant {
+            Variant::Upstream => {
+                if self.bus != BusState::Uninitialized {
+                    return lk::ERR_NOT_ALLOWED;
+                }
+            }
+            Variant::Nxp => {
+                if self.bus == BusState::Active {
+                    self.reset_devices();
+                }
+            }
+        }
+        self.bus = BusState::Idle;
+        let r = self.write_descriptor(id, size);
+        if r < 0 && self.cfg.variant == Variant::Upstream {
+            // remove_client_bus() on the error paths of virtio_get_description().
+            self.bus = BusState::Uninitialized;
+        }
+        if r >= 0 {
+            self.client_id = client;
+        }
+        r
+    }
+
+    fn write_descriptor(&mut self, id: u64, size: u32) -> i32 {
         let len = self.descriptor.len();
         if (size as usize) < len {
             return lk::ERR_NOT_ENOUGH_BUFFER;
@@ -581,11 +687,18 @@ impl Model {
         if !ok {
             return lk::ERR_NOT_VALID;
         }
-        self.client_id = client;
         len as i32
     }
 
+    /// lib/trusty/trusty_virtio.c virtio_start(): no bus for the client is ERR_BAD_STATE (upstream
+    /// keys buses by client id, so another client has none); a vdev recorded for another client
+    /// is ERR_INVALID_ARGS (the single-bus tree, NXP); the bus must be IDLE (ERR_BAD_STATE);
+    /// the size must be the descriptor's exactly (ERR_INVALID_ARGS); the normal world's copy is
+    /// read into secure memory and each vdev probed on it, probe errors ignored; bus ACTIVE.
     fn start(&mut self, id: u64, size: u32, client: u64) -> i32 {
+        if self.cfg.variant == Variant::Upstream && !self.has_bus(client) {
+            return lk::ERR_BAD_STATE;
+        }
         if client != self.client_id {
             return lk::ERR_INVALID_ARGS;
         }
@@ -622,23 +735,52 @@ impl Model {
         0
     }
 
+    /// lib/trusty/trusty_virtio.c virtio_stop(): no bus is ERR_BAD_STATE; a vdev of another
+    /// client is ERR_INVALID_ARGS; a bus that is not ACTIVE is removed all the same and the
+    /// answer is ERR_BAD_STATE; otherwise every vdev is reset and (upstream) the bus removed, so
+    /// the next GET_DESCR builds fresh devices. NXP: the bus goes back to IDLE.
     fn stop(&mut self, client: u64) -> i32 {
+        if self.cfg.variant == Variant::Upstream && !self.has_bus(client) {
+            return lk::ERR_BAD_STATE;
+        }
         if client != self.client_id {
             return lk::ERR_INVALID_ARGS;
         }
-        if self.bus != BusState::Active {
-            return lk::ERR_BAD_STATE;
+        let was_active = self.bus == BusState::Active;
+        if was_active {
+            self.reset_devices();
         }
-        self.reset_devices();
-        self.bus = BusState::Idle;
-        0
+        match (self.cfg.variant, was_active) {
+            (Variant::Upstream, active) => {
+                self.bus = BusState::Uninitialized;
+                if active {
+                    0
+                } else {
+                    lk::ERR_BAD_STATE
+                }
+            }
+            (Variant::Nxp, true) => {
+                self.bus = BusState::Idle;
+                0
+            }
+            (Variant::Nxp, false) => lk::ERR_BAD_STATE,
+        }
     }
 
+    /// Upstream get_client_bus(): whether `client` has a bus (the model serves one client).
+    fn has_bus(&self, client: u64) -> bool {
+        self.bus != BusState::Uninitialized && client == self.client_id
+    }
+
+    /// tipc_virtio_dev.c tipc_dev_reset() through the vdev's reset op: channels closed without
+    /// a word to the normal world, threads stopped, vrings unmapped, device in RESET.
     fn reset_devices(&mut self) {
         let now = self.clock.now_ns();
         self.tipc.reset(&mut self.shares, &mut self.ipc, now);
     }
 
+    /// lib/trusty/trusty_virtio.c virtio_device_reset(): the bus must be ACTIVE
+    /// (ERR_BAD_STATE), the device found by devid (ERR_NOT_FOUND); the bus stays ACTIVE.
     fn vdev_reset(&mut self, devid: u32) -> i32 {
         if self.bus != BusState::Active {
             return lk::ERR_BAD_STATE;
@@ -650,6 +792,8 @@ impl Model {
         0
     }
 
+    /// lib/trusty/trusty_virtio.c virtio_kick_vq() -> tipc_vdev_kick_vq(): bus ACTIVE
+    /// (ERR_BAD_STATE), devid and vqid known (ERR_NOT_FOUND); the ring's thread is woken.
     fn kick(&mut self, devid: u32, vqid: u32) -> i32 {
         if self.bus != BusState::Active {
             return lk::ERR_BAD_STATE;
@@ -711,6 +855,9 @@ impl Model {
     }
 
     /// Trusty's FF-A call transport (spec trusty-protocol §11): opcode in w3, arguments w4..w7.
+    /// Written from the normal world's side of it (ACK drivers/trusty/trusty-ffa.c and
+    /// ql-tipc's trusty_dev_common.c), not from a Trusty source: QUEUE_STDCALL while one is
+    /// queued is BUSY as sm_queue_stdcall() answers.
     fn direct_request(&mut self, regs: &[u64; 8]) -> [u64; 8] {
         let receiver = regs[1] as u16;
         if receiver != ffa::TRUSTY_ENDPOINT_ID {

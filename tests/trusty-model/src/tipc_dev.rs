@@ -6,7 +6,7 @@ use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::vec::Vec;
 
-use tipc::wire::{self, Ctrl, FrameError, Header};
+use tipc::wire::{self, Ctrl, Header};
 use trusty_platform::mem::PAGE_SIZE;
 use trusty_virtio::rsc::{VdevInfo, VIRTIO_ID_TIPC};
 use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
@@ -94,6 +94,8 @@ pub struct TipcDev {
     stats: TipcDevStats,
     /// The device's virtio notifyids of its rings (1 and 2 for the default device).
     notifyids: [u32; 2],
+    /// A ring violation met while sending (Trusty panics on it): reported by `run`.
+    violation: Option<DeviceRingError>,
 }
 
 impl TipcDev {
@@ -107,6 +109,7 @@ impl TipcDev {
             inject: TipcInjection::default(),
             stats: TipcDevStats::default(),
             notifyids: [1, 2],
+            violation: None,
         }
     }
 
@@ -194,6 +197,9 @@ impl TipcDev {
             let mut progress = self.drain_from_ns(shares, ipc, now)?;
             progress |= ipc.run(now);
             progress |= self.flush_to_ns(shares, ipc);
+            if let Some(e) = self.violation.take() {
+                return Err(e);
+            }
             if !progress {
                 break;
             }
@@ -234,11 +240,16 @@ impl TipcDev {
             };
             any = true;
             self.stats.frames_from_ns += 1;
-            let status = match chain.descs.as_slice() {
-                [d] if d.flags & DESC_F_WRITE == 0 => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
-                // One readable descriptor per message (spec §5.7).
-                [_, _, ..] => lk::ERR_TOO_BIG,
-                _ => lk::ERR_NOT_VALID,
+            // vqueue.c _vqueue_get_avail_buf_locked(): at most one readable and one writable
+            // descriptor (MAX_RX_IOVS = 1 per list), more is ERR_TOO_BIG. tipc_virtio_dev.c
+            // handle_rx_msg(): no readable descriptor is ERR_INVALID_ARGS; a writable one next to
+            // it is only logged.
+            let readable: Vec<_> = chain.descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).collect();
+            let writable = chain.descs.len() - readable.len();
+            let status = match readable.as_slice() {
+                _ if readable.len() > 1 || writable > 1 => lk::ERR_TOO_BIG,
+                [d] => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
+                _ => lk::ERR_INVALID_ARGS,
             };
             if status < 0 {
                 self.stats.refused_from_ns += 1;
@@ -250,13 +261,19 @@ impl TipcDev {
     }
 
     /// One frame from the normal world (spec §6.5 steps 6-9); returns the used-length status.
+    /// Follows tipc_virtio_dev.c handle_rx_msg(): map the buffer read-only (a mapping failure is
+    /// its error), shorter than the header or 16 + hdr.len != descriptor length is
+    /// ERR_INVALID_ARGS, a control message carrying shm_cnt is ERR_INVALID_ARGS, then
+    /// handle_ctrl_msg() or handle_chan_msg().
     fn handle_ns_frame(&mut self, id: u64, len: u32, shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> i32 {
         let len = len as usize;
-        if !(wire::HEADER_LEN..=64 * 1024).contains(&len) {
-            return lk::ERR_NOT_VALID;
+        // hdr.len is 16 bits, so a longer descriptor can never match it (ERR_INVALID_ARGS below);
+        // the model refuses it before mapping a huge range.
+        if len > wire::HEADER_LEN + usize::from(u16::MAX) {
+            return lk::ERR_INVALID_ARGS;
         }
         // Trusty maps whole pages of the buffer, read-only, for this one message.
-        let Some(m) = shares.map(id, len.next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)") else {
+        let Some(m) = shares.map(id, len.max(1).next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)") else {
             return lk::ERR_NOT_VALID;
         };
         let mut frame = alloc::vec![0u8; len];
@@ -265,40 +282,69 @@ impl TipcDev {
         if !ok {
             return lk::ERR_NOT_VALID;
         }
-        let Some(header) = Header::decode(&frame) else { return lk::ERR_NOT_VALID };
+        let Some(header) = Header::decode(&frame) else { return lk::ERR_INVALID_ARGS };
         if wire::HEADER_LEN + usize::from(header.len) != len {
-            return lk::ERR_NOT_VALID;
+            return lk::ERR_INVALID_ARGS;
         }
         let payload = &frame[wire::HEADER_LEN..];
         if header.dst == wire::CTRL_ADDR {
-            return match wire::parse_ctrl(payload, header.shm_cnt, true) {
-                Ok(Ctrl::ConnReq { .. }) if self.inject.swallow_conn_req > 0 => {
-                    self.inject.swallow_conn_req -= 1;
-                    lk::NO_ERROR
-                }
-                Ok(Ctrl::ConnReq { name }) => {
-                    self.handle_conn_req(header.src, name.as_bytes(), ipc, now);
-                    lk::NO_ERROR
-                }
-                Ok(Ctrl::DiscReq { target }) => {
-                    self.handle_disc_req(header.src, target, ipc, now);
-                    lk::NO_ERROR
-                }
-                Err(FrameError::ControlWithShm) => lk::ERR_INVALID_ARGS,
-                _ => lk::ERR_NOT_VALID,
-            };
+            if header.shm_cnt != 0 {
+                return lk::ERR_INVALID_ARGS;
+            }
+            return self.handle_ctrl_msg(header.src, payload, ipc, now);
         }
-        // Data: the endpoint must exist and belong to this sender (spec §6.5 step 7).
-        let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
-        let Some(ep) = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src) else {
-            return lk::ERR_NOT_FOUND;
-        };
+        self.handle_chan_msg(&header, payload, shares, ipc, now)
+    }
+
+    /// tipc_virtio_dev.c handle_ctrl_msg(): shorter than the control header, or 8 + body_len !=
+    /// length, or a type other than CONN_REQ / DISC_REQ, or a wrong body length: ERR_NOT_VALID.
+    /// CONN_REQ goes to handle_conn_req() whatever its name holds (a name that is not
+    /// NUL-terminated fails there and is answered with CONN_RSP -41).
+    fn handle_ctrl_msg(&mut self, src: u32, payload: &[u8], ipc: &mut Ipc, now: u64) -> i32 {
+        let word = |at: usize| payload.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let (Some(ctrl_type), Some(body_len)) = (word(0), word(4)) else { return lk::ERR_NOT_VALID };
+        let body = &payload[wire::CTRL_HEADER_LEN..];
+        if body.len() != body_len as usize {
+            return lk::ERR_NOT_VALID;
+        }
+        match (ctrl_type, body.len()) {
+            (wire::ctrl::CONN_REQ, wire::PORT_NAME_FIELD) => {
+                if self.inject.swallow_conn_req > 0 {
+                    self.inject.swallow_conn_req -= 1;
+                    return lk::NO_ERROR;
+                }
+                // strncpy() into a 256-byte field, then ipc_port_connect_async() with that
+                // length: a name without NUL is refused there.
+                let name = match body.iter().position(|&b| b == 0) {
+                    Some(end) => &body[..end],
+                    None => body,
+                };
+                let terminated = name.len() < body.len();
+                self.handle_conn_req(src, name, terminated, ipc, now);
+                lk::NO_ERROR
+            }
+            (wire::ctrl::DISC_REQ, 4) => {
+                let target = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                self.handle_disc_req(src, target, ipc, now);
+                lk::NO_ERROR
+            }
+            _ => lk::ERR_NOT_VALID,
+        }
+    }
+
+    /// tipc_virtio_dev.c handle_chan_msg(): more than MAX_MSG_HANDLES references is
+    /// ERR_INVALID_ARGS; every reference is retrieved first (a failure fails the message);
+    /// only then the endpoint is looked up by dst and must belong to hdr.src (ERR_NOT_FOUND);
+    /// ipc_send_msg() gives the status (bytes queued, or ERR_NOT_ENOUGH_BUFFER when the TA's
+    /// queue is full, ERR_NOT_READY, ERR_CHANNEL_CLOSED). References of a failed message are
+    /// dropped quietly (suppress_handle()); of a delivered one, each is RELEASEd when Trusty lets
+    /// it go (tipc_ext_mem_destroy()).
+    fn handle_chan_msg(&mut self, header: &Header, payload: &[u8], shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> i32 {
         if usize::from(header.shm_cnt) > MAX_MSG_HANDLES {
             return lk::ERR_INVALID_ARGS;
         }
-        let Ok((data_len, descs)) = wire::split_shm(&header, payload) else { return lk::ERR_INVALID_ARGS };
+        let Ok((data_len, descs)) = wire::split_shm(header, payload) else { return lk::ERR_INVALID_ARGS };
         let descs: Vec<_> = descs.collect();
-        // Retrieve every referenced object before delivery; a bad id fails the whole message.
         let mut maps = Vec::new();
         for d in &descs {
             match shares.map(d.obj_id, d.size as usize, false, "memory reference in a message") {
@@ -307,19 +353,22 @@ impl TipcDev {
                     for m in maps {
                         shares.unmap(m);
                     }
+                    // ext_mem_get_vmm_obj()'s error; the model reports ERR_INVALID_ARGS.
                     return lk::ERR_INVALID_ARGS;
                 }
             }
         }
-        if self.inject.drop_messages > 0 {
-            self.inject.drop_messages -= 1;
-            self.stats.dropped_on_purpose += 1;
-            for m in maps {
-                shares.unmap(m);
+        let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
+        let ep = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src);
+        let result = match ep {
+            None => Err(lk::ERR_NOT_FOUND),
+            Some(_) if self.inject.drop_messages > 0 => {
+                self.inject.drop_messages -= 1;
+                self.stats.dropped_on_purpose += 1;
+                Err(lk::ERR_NOT_ENOUGH_BUFFER)
             }
-            return lk::ERR_NOT_ENOUGH_BUFFER;
-        }
-        let result = ipc.deliver(ep.chan, &payload[..data_len], now);
+            Some(ep) => ipc.deliver(ep.chan, &payload[..data_len], now),
+        };
         // The services keep no references: each is dropped at once, and Trusty tells the normal
         // world with RELEASE unless the message failed (spec §6.9).
         for m in maps {
@@ -336,10 +385,13 @@ impl TipcDev {
         }
     }
 
-    fn handle_conn_req(&mut self, ns_addr: u32, name: &[u8], ipc: &mut Ipc, now: u64) {
+    /// tipc_virtio_dev.c handle_conn_req(): ipc_port_connect_async() as the NS client, then an
+    /// endpoint slot (alloc_local_addr()); any failure is answered at once with CONN_RSP
+    /// {status ERR_NO_RESOURCES, remote 0} (send_conn_rsp()); success waits for the TA's accept.
+    fn handle_conn_req(&mut self, ns_addr: u32, name: &[u8], terminated: bool, ipc: &mut Ipc, now: u64) {
         // Every failure looks the same on the wire (spec §6.4 step 6).
         let refuse = Ctrl::ConnRsp { target: ns_addr, status: lk::ERR_NO_RESOURCES, remote: 0, max_msg_size: 0, max_msg_cnt: 0 };
-        let Some(slot) = self.endpoints.iter().position(Option::is_none) else {
+        let Some(slot) = self.endpoints.iter().position(Option::is_none).filter(|_| terminated) else {
             self.outbox.push_back(Outgoing::Ctrl(refuse));
             return;
         };
@@ -507,22 +559,43 @@ impl TipcDev {
     }
 
     /// Takes one rx buffer from vring 0, writes `frame` into it and returns it with
-    /// `used_len` (default: the bytes written). A buffer that is not one writable descriptor of
-    /// at least 16 bytes is given up without being returned, as Trusty does (spec §5.7).
+    /// `used_len` (default: the bytes written). Follows tipc_virtio_dev.c tipc_send_data():
+    /// - a chain with more than one writable (or readable) descriptor, or a broken link, is a
+    ///   fetch error: the buffer is not returned and the frame is lost;
+    /// - no writable descriptor, or one shorter than the 16-byte header, comes back with used.len
+    ///   ERR_NOT_ENOUGH_BUFFER (negative) and the frame is lost;
+    /// - a mapping failure comes back with that error as used.len;
+    /// - otherwise the header fields src, dst, reserved, len and flags are written (shm_cnt,
+    ///   bytes 10..12, is left as the normal world had it), the payload is cut to the buffer
+    ///   (hdr.len keeps the full length), and used.len = 16 + bytes copied.
     fn put_frame(&mut self, frame: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
         let Some(ring) = self.to_ns.as_mut() else { return };
         let chain = match ring.queue.pop_avail(&ring.mem) {
             Ok(Some(c)) => c,
-            Ok(None) | Err(_) => return,
+            Ok(None) => return,
+            Err(e) => {
+                // Index jumps and heads out of range make Trusty panic (vqueue.c), which `run`
+                // reports; a broken chain is given up without being returned.
+                self.stats.lost_to_bad_buffers += 1;
+                if !matches!(e, DeviceRingError::BadChain { .. }) {
+                    self.violation.get_or_insert(e);
+                }
+                return;
+            }
         };
-        let [d] = chain.descs.as_slice() else {
-            self.stats.lost_to_bad_buffers += 1;
-            return;
-        };
-        if d.flags & DESC_F_WRITE == 0 || (d.len as usize) < wire::HEADER_LEN {
+        let writable: Vec<_> = chain.descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).collect();
+        let readable = chain.descs.len() - writable.len();
+        if writable.len() > 1 || readable > 1 {
+            // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns early.
             self.stats.lost_to_bad_buffers += 1;
             return;
         }
+        let usable = writable.first().filter(|d| d.len as usize >= wire::HEADER_LEN).copied().copied();
+        let Some(d) = usable else {
+            self.stats.lost_to_bad_buffers += 1;
+            ring.queue.push_used(&ring.mem, chain.head, lk::ERR_NOT_ENOUGH_BUFFER as u32);
+            return;
+        };
         let cap = d.len as usize;
         let Some(m) = shares.map(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)") else {
             // A mapping failure is returned as a negative length (spec §6.6 step 5).
@@ -530,11 +603,256 @@ impl TipcDev {
             return;
         };
         let n = frame.len().min(cap);
-        if !m.write(0, &frame[..n]) {
+        // Everything but shm_cnt (bytes 10..12 of the header); a frame too short for a header
+        // (only the broken frames of fault injection) is written as it is.
+        let ok = if n >= wire::HEADER_LEN {
+            m.write(0, &frame[..10]) && m.write(12, &frame[12..n])
+        } else {
+            m.write(0, &frame[..n])
+        };
+        if !ok {
             shares.fault("ffa-handle", d.addr, format!("write of {n} bytes to an rx buffer failed"));
         }
         shares.unmap(m);
         self.stats.frames_to_ns += 1;
         ring.queue.push_used(&ring.mem, chain.head, used_len.unwrap_or(n as u32));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device side against a hand-written normal world: raw ring memory, bare addresses.
+    extern crate std;
+    use std::sync::{Arc, Mutex};
+    use std::vec;
+
+    use super::*;
+    use crate::mem::{IdScheme, PhysMem};
+    use trusty_virtio::rsc::VringInfo;
+
+    const BASE: u64 = 0x1000_0000;
+    const RING0: u64 = BASE;
+    const RING1: u64 = BASE + 0x2000;
+    const BUFS: u64 = BASE + 0x4000;
+    const NUM: u16 = 4;
+    // Legacy layout of a 4-entry ring aligned to 4096 (spec §5.3).
+    const AVAIL_IDX: u64 = 16 * NUM as u64 + 2;
+    const AVAIL_RING: u64 = 16 * NUM as u64 + 4;
+    const USED_IDX: u64 = 4096 + 2;
+    const USED_RING: u64 = 4096 + 4;
+
+    struct Ram(Mutex<Vec<u8>>);
+
+    impl Ram {
+        fn at(&self, pa: u64, len: usize) -> Option<usize> {
+            let off = pa.checked_sub(BASE)? as usize;
+            (off + len <= self.0.lock().unwrap().len()).then_some(off)
+        }
+    }
+
+    impl PhysMem for Ram {
+        fn contains(&self, pa: u64, len: usize) -> bool {
+            self.at(pa, len).is_some()
+        }
+        fn guest_to_phys(&self, ipa: u64) -> Option<u64> {
+            Some(ipa)
+        }
+        fn read(&self, pa: u64, out: &mut [u8]) -> bool {
+            let Some(o) = self.at(pa, out.len()) else { return false };
+            out.copy_from_slice(&self.0.lock().unwrap()[o..o + out.len()]);
+            true
+        }
+        fn write(&self, pa: u64, data: &[u8]) -> bool {
+            let Some(o) = self.at(pa, data.len()) else { return false };
+            self.0.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+            true
+        }
+        fn read_u16(&self, pa: u64) -> Option<u16> {
+            let mut b = [0; 2];
+            self.read(pa, &mut b).then(|| u16::from_le_bytes(b))
+        }
+        fn write_u16(&self, pa: u64, v: u16) -> bool {
+            self.write(pa, &v.to_le_bytes())
+        }
+        fn read_u32(&self, pa: u64) -> Option<u32> {
+            let mut b = [0; 4];
+            self.read(pa, &mut b).then(|| u32::from_le_bytes(b))
+        }
+        fn write_u32(&self, pa: u64, v: u32) -> bool {
+            self.write(pa, &v.to_le_bytes())
+        }
+        fn read_u64(&self, pa: u64) -> Option<u64> {
+            let mut b = [0; 8];
+            self.read(pa, &mut b).then(|| u64::from_le_bytes(b))
+        }
+        fn write_u64(&self, pa: u64, v: u64) -> bool {
+            self.write(pa, &v.to_le_bytes())
+        }
+    }
+
+    /// A probed device on two 4-entry rings, with the normal world's side done by hand.
+    struct Bench {
+        ram: Arc<Ram>,
+        dev: TipcDev,
+        shares: ShareTable,
+        ipc: Ipc,
+        posted: [u16; 2],
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let ram = Arc::new(Ram(Mutex::new(vec![0; 0x20000])));
+            let mut shares = ShareTable::new(ram.clone(), None);
+            shares.set_scheme(IdScheme::Bare);
+            let ring = |da: u64, notifyid| VringInfo { align: 4096, num: u32::from(NUM), notifyid, da: da as u32, pa: 0 };
+            let vdev = VdevInfo {
+                offset: 0,
+                id: VIRTIO_ID_TIPC,
+                notifyid: 0,
+                dfeatures: 0,
+                gfeatures: 0,
+                status: STATUS_AT_START,
+                vrings: vec![ring(RING0, 1), ring(RING1, 2)],
+                config: Vec::new(),
+            };
+            let mut dev = TipcDev::new(0);
+            dev.probe(&vdev, &mut shares).expect("probe");
+            Bench { ram, dev, shares, ipc: Ipc::with_unittest_services(), posted: [0, 0] }
+        }
+
+        /// Posts one descriptor (index = how many were posted) on vring `ring`.
+        fn post(&mut self, ring: usize, addr: u64, len: u32, flags: u16) -> u16 {
+            let base = if ring == 0 { RING0 } else { RING1 };
+            let i = self.posted[ring];
+            let d = base + 16 * u64::from(i);
+            self.ram.write_u64(d, addr);
+            self.ram.write_u32(d + 8, len);
+            self.ram.write_u16(d + 12, flags);
+            self.ram.write_u16(base + AVAIL_RING + 2 * u64::from(i % NUM), i);
+            self.posted[ring] = i + 1;
+            self.ram.write_u16(base + AVAIL_IDX, i + 1);
+            i
+        }
+
+        fn run(&mut self) {
+            self.dev.run(&mut self.shares, &mut self.ipc, 0).expect("no ring violation");
+        }
+
+        /// (id, len) of used entry `slot` of vring `ring`, if the device returned that many.
+        fn used(&self, ring: usize, slot: u16) -> Option<(u32, i32)> {
+            let base = if ring == 0 { RING0 } else { RING1 };
+            if self.ram.read_u16(base + USED_IDX)? <= slot {
+                return None;
+            }
+            let e = base + USED_RING + 8 * u64::from(slot % NUM);
+            Some((self.ram.read_u32(e)?, self.ram.read_u32(e + 4)? as i32))
+        }
+
+        fn bytes(&self, pa: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            assert!(self.ram.read(pa, &mut v));
+            v
+        }
+    }
+
+    #[test]
+    fn unusable_rx_buffers_come_back_with_not_enough_buffer() {
+        // tipc_send_data(): no writable descriptor, or one shorter than the header, is returned
+        // with used.len ERR_NOT_ENOUGH_BUFFER (the frame it was meant for is lost).
+        let mut b = Bench::new();
+        let short = b.post(0, BUFS, 8, DESC_F_WRITE);
+        let readable = b.post(0, BUFS + 0x1000, 4096, 0);
+        b.run();
+        assert_eq!(b.used(0, 0), Some((u32::from(short), lk::ERR_NOT_ENOUGH_BUFFER)));
+        b.dev.queue_ctrl(Ctrl::GoOnline);
+        b.run();
+        assert_eq!(b.used(0, 1), Some((u32::from(readable), lk::ERR_NOT_ENOUGH_BUFFER)));
+        assert_eq!(b.dev.stats().lost_to_bad_buffers, 2);
+        assert!(b.shares.faults().is_empty());
+    }
+
+    #[test]
+    fn an_avail_index_jump_on_vring_0_is_a_panic() {
+        // vqueue.c _vqueue_get_avail_buf_locked(): "new avail idx out of range" -> panic.
+        let mut b = Bench::new();
+        b.ram.write_u16(RING0 + AVAIL_IDX, NUM + 1);
+        assert!(matches!(
+            b.dev.run(&mut b.shares, &mut b.ipc, 0),
+            Err(DeviceRingError::AvailIndexJump { last_seen: 0, now: 5 })
+        ));
+    }
+
+    #[test]
+    fn frames_to_the_normal_world_leave_shm_cnt_as_it_was() {
+        // tipc_send_data() writes src, dst, reserved, len and flags; never shm_cnt.
+        let mut b = Bench::new();
+        assert!(b.ram.write(BUFS, &[0xAA; 32]));
+        let d = b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.run();
+        assert_eq!(b.used(0, 0), Some((u32::from(d), 24)), "GO_ONLINE: header and 8-byte control header");
+        let frame = b.bytes(BUFS, 24);
+        assert_eq!(&frame[0..4], &53u32.to_le_bytes(), "src");
+        assert_eq!(&frame[4..8], &53u32.to_le_bytes(), "dst");
+        assert_eq!(&frame[8..10], &[0, 0], "reserved");
+        assert_eq!(&frame[10..12], &[0xAA, 0xAA], "shm_cnt untouched");
+        assert_eq!(&frame[12..14], &8u16.to_le_bytes(), "len");
+        assert_eq!(&frame[16..20], &1u32.to_le_bytes(), "GO_ONLINE");
+    }
+
+    fn conn_req(name: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&1024u32.to_le_bytes());
+        f.extend_from_slice(&53u32.to_le_bytes());
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&264u16.to_le_bytes());
+        f.extend_from_slice(&[0; 2]);
+        f.extend_from_slice(&3u32.to_le_bytes());
+        f.extend_from_slice(&256u32.to_le_bytes());
+        let mut field = [0u8; 256];
+        field[..name.len()].copy_from_slice(name);
+        f.extend_from_slice(&field);
+        f
+    }
+
+    #[test]
+    fn conn_req_without_nul_is_answered_with_no_resources() {
+        // handle_conn_req(): the name goes to ipc_port_connect_async(), which refuses one that
+        // is not NUL-terminated; the refusal is CONN_RSP {status ERR_NO_RESOURCES}.
+        let mut b = Bench::new();
+        b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.post(0, BUFS + 0x1000, 4096, DESC_F_WRITE);
+        b.run();
+        assert!(b.ram.write(BUFS + 0x2000, &conn_req(&[b'a'; 256])));
+        let d = b.post(1, BUFS + 0x2000, 280, 0);
+        b.run();
+        assert_eq!(b.used(1, 0), Some((u32::from(d), lk::NO_ERROR)));
+        assert_eq!(b.used(0, 1).map(|u| u.1), Some(44), "CONN_RSP sent");
+        let rsp = b.bytes(BUFS + 0x1000, 44);
+        assert_eq!(&rsp[16..20], &4u32.to_le_bytes(), "CONN_RSP");
+        assert_eq!(&rsp[24..28], &1024u32.to_le_bytes(), "target");
+        assert_eq!(&rsp[28..32], &lk::ERR_NO_RESOURCES.to_le_bytes(), "status -41");
+    }
+
+    #[test]
+    fn frames_from_the_normal_world_get_trustys_error_codes() {
+        let mut b = Bench::new();
+        b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.run();
+        // handle_rx_msg(): 16 + hdr.len != descriptor length -> ERR_INVALID_ARGS.
+        let mut f = conn_req(b"com.android.ipc-unittest.srv.echo");
+        f[12] = 0x07;
+        assert!(b.ram.write(BUFS + 0x2000, &f));
+        b.post(1, BUFS + 0x2000, 280, 0);
+        // handle_ctrl_msg(): a control type it does not take -> ERR_NOT_VALID.
+        let mut g = conn_req(b"x");
+        g[16] = 2;
+        assert!(b.ram.write(BUFS + 0x3000, &g));
+        b.post(1, BUFS + 0x3000, 280, 0);
+        // No readable descriptor -> ERR_INVALID_ARGS.
+        b.post(1, BUFS + 0x3000, 280, DESC_F_WRITE);
+        b.run();
+        assert_eq!(b.used(1, 0).map(|u| u.1), Some(lk::ERR_INVALID_ARGS));
+        assert_eq!(b.used(1, 1).map(|u| u.1), Some(lk::ERR_NOT_VALID));
+        assert_eq!(b.used(1, 2).map(|u| u.1), Some(lk::ERR_INVALID_ARGS));
     }
 }

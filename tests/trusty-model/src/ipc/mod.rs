@@ -456,12 +456,12 @@ impl Core {
             TaSide::Closed => return Err(lk::ERR_CHANNEL_CLOSED),
             TaSide::Open => {}
         }
-        if data.len() > chan.max_msg_size as usize {
-            return Err(lk::ERR_TOO_BIG);
-        }
         if chan.inbound.len() >= chan.msg_num as usize {
             return Err(lk::ERR_NOT_ENOUGH_BUFFER);
         }
+        // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
+        // cut to the queue's item size and delivered; the length written is the result.
+        let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.inbound.push_back(data.to_vec());
         chan.signal = true;
         Ok(data.len())
@@ -700,14 +700,14 @@ impl Core {
         if chan.ns != NsSide::Open {
             return Err(lk::ERR_CHANNEL_CLOSED);
         }
-        if data.len() > chan.max_msg_size as usize {
-            return Err(lk::ERR_TOO_BIG);
-        }
         // The NS side's queue has the port's depth; the device drains it (spec §6.6 step 2).
         if chan.outbound >= chan.msg_num as usize {
             chan.send_blocked = true;
             return Err(lk::ERR_NOT_ENOUGH_BUFFER);
         }
+        // ipc_msg.c user_msg_write_locked() -> iovec.c user_iovec_to_membuf(): cut to the item
+        // size, not refused.
+        let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.outbound += 1;
         let port_name = chan.port_name.clone();
         self.events.push_back(IpcEvent::Message {
@@ -791,7 +791,7 @@ impl Ctx<'_> {
 
     /// Send a message to the NS (Trusty `send_msg`). ERR_NOT_ENOUGH_BUFFER when the NS side's
     /// queue is full (SEND_UNBLOCKED follows once it drains), ERR_CHANNEL_CLOSED after HUP,
-    /// ERR_TOO_BIG above the port's message size.
+    /// A message above the port's message size is cut to it (Trusty `user_msg_write_locked`).
     pub fn send_msg(&mut self, chan: ChanId, data: &[u8]) -> Result<usize, i32> {
         self.core.send_msg(self.app, chan, data)
     }
