@@ -680,7 +680,7 @@ mod tests {
 
     #[test]
     fn fiq_interrupted_forever_ends_within_the_limit() {
-        let (_, clock, mut t) = with_peer(|f| if f == F { -12 } else { -12 });
+        let (_, clock, mut t) = with_peer(|_| -12);
         assert_eq!(t.std_call(F, 0, 0, 0), Err(FIQ_OWED));
         assert!(secs(&clock) <= 31, "{} s", secs(&clock));
         assert_eq!(t.pending_call(), Some(PendingCall { fid: F, restart_fiq_owed: true }));
@@ -710,7 +710,7 @@ mod tests {
 
     #[test]
     fn interrupted_forever_keeps_the_call_pending_and_collects_it_before_a_fresh_call() {
-        let (p, clock, mut t) = with_peer(|f| if f == F { -3 } else { -3 });
+        let (p, clock, mut t) = with_peer(|_| -3);
         assert_eq!(t.std_call(F, 0, 0, 0), Err(PENDING));
         assert!(secs(&clock) <= 31);
         assert_eq!(t.pending_call(), Some(PendingCall { fid: F, restart_fiq_owed: false }));
