@@ -111,7 +111,8 @@ impl From<trusty_platform::Error> for BringUpError {
 /// What bring-up learned and decided.
 #[derive(Clone, Debug)]
 pub struct BringUp {
-    pub version: String,
+    /// Trusty's version string; `None` when Trusty would not give it (the call is optional).
+    pub version: Option<String>,
     pub api_version: u32,
     pub facts: PlatformFacts,
     pub plan: SharingPlan,
@@ -171,7 +172,8 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
     };
 
     let mut trusty = Trusty::new(calls, p.clock.clone(), cfg.calls);
-    let version = trusty.version_string()?;
+    // Optional, as in Linux's trusty_init_version: a failure is logged and bring-up goes on.
+    let version = trusty.version_string_or_log()?;
     let ceiling = cfg.force_mechanism.map_or(api_ceiling(&facts), |m| api_ceiling(&facts).min(api_ceiling_of(m)));
     let api_version = trusty.negotiate_api(ceiling)?;
     facts.api_version = Some(api_version);
@@ -202,7 +204,7 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
     let facts_done = facts;
     carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg)
         .map(|dev| {
-            log::info!("Trusty '{version}', API {api_version}; {plan}");
+            log::info!("Trusty '{}', API {api_version}; {plan}", version.as_deref().unwrap_or("unknown"));
             (dev, BringUp { version: version.clone(), api_version, facts: facts_done, plan })
         })
         .map_err(|error| BringUpError::AfterPlan { plan: Box::new(plan), error })
@@ -276,7 +278,8 @@ pub fn bring_up(
     cfg: StackConfig,
 ) -> Result<(TipcDevice, BringUp), Error> {
     let mut trusty = Trusty::new(conduit.clone(), clock, cfg.calls);
-    let version = trusty.version_string()?;
+    // Optional, as in Linux's trusty_init_version: a failure is logged and bring-up goes on.
+    let version = trusty.version_string_or_log()?;
     let api_version = trusty.negotiate_api(api::CURRENT)?;
     if api_version < api::MEM_OBJ {
         return Err(Error::Unsupported("Trusty API version below 5 needs the platform's device tree (bring_up_platform)"));

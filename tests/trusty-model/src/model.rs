@@ -63,6 +63,14 @@ pub struct ModelConfig {
     pub descriptor_override: Option<Vec<u8>>,
     /// XENVER_get_features submap 0 as the simulated hypervisor answers it (None: no Xen).
     pub xen_features: Option<u32>,
+    /// Whether SMC_FC_GET_VERSION_STR exists (`false`: answered SM_ERR_UNDEFINED_SMC, as by a
+    /// Trusty whose fast-call table has no entry for it, lib/sm/smcall.c `smc_undefined`).
+    pub has_version_str: bool,
+    /// Trusty before 2019: GET_DESCR/START/STOP decode their memory argument with
+    /// `smc32_decode_mem_buf_info` -> `sm_decode_ns_memory_attr` (lib/sm/ns_mem.c) whatever the
+    /// API version, so a bare address (attribute 0) is ERR_NOT_SUPPORTED, and
+    /// `get_ns_mem_buf` (lib/trusty/smcall.c) refuses read-only or EL0 memory (ERR_INVALID_ARGS).
+    pub mem_buf_attrs_required: bool,
 }
 
 impl Default for ModelConfig {
@@ -80,6 +88,8 @@ impl Default for ModelConfig {
             deferred: false,
             implicit_stop_on_get_descr: true,
             descriptor_override: None,
+            has_version_str: true,
+            mem_buf_attrs_required: false,
         }
     }
 }
@@ -423,6 +433,7 @@ impl Model {
 
     fn fast_call(&mut self, f: u32, a: [u32; 3]) -> i32 {
         match f {
+            call::FC_GET_VERSION_STR if !self.cfg.has_version_str => SmError::UndefinedSmc.code(),
             call::FC_GET_VERSION_STR => {
                 let v = self.cfg.version.as_bytes();
                 match a[0] {
@@ -538,6 +549,13 @@ impl Model {
 
     fn exec_std(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
         let id = u64::from(a[0]) | (u64::from(a[1]) << 32);
+        if self.cfg.mem_buf_attrs_required
+            && matches!(f, call::SC_VIRTIO_GET_DESCR | call::SC_VIRTIO_START | call::SC_VIRTIO_STOP)
+        {
+            if let Err(e) = Self::decode_mem_buf(id) {
+                return lk_to_sm(e);
+            }
+        }
         let r = match f {
             call::SC_LOCKED_NOP => 0,
             call::SC_VIRTIO_GET_DESCR => self.get_descr(id, a[2], client),
@@ -555,6 +573,21 @@ impl Model {
     }
 
     // ----- virtio bus (spec §5.5, §5.6) ------------------------------------------------------
+
+    /// Trusty before 2019 (lib/trusty/smcall.c `get_ns_mem_buf` over lib/sm/ns_mem.c
+    /// `smc32_decode_mem_buf_info` / `sm_decode_ns_memory_attr`): the id must carry attributes
+    /// of normal cached inner-shareable or uncached memory (MAIR 0 = device strongly-ordered,
+    /// which a bare address reads as, is ERR_NOT_SUPPORTED), and the memory must be read-write
+    /// and not EL0 (else ERR_INVALID_ARGS).
+    fn decode_mem_buf(id: u64) -> Result<(), i32> {
+        use trusty_platform::phys::{decode_compat, AP_EL0};
+        match decode_compat(id) {
+            Err(_) => Err(lk::ERR_NOT_SUPPORTED),
+            Ok((_, true)) => Err(lk::ERR_INVALID_ARGS),
+            Ok(_) if id & AP_EL0 != 0 => Err(lk::ERR_INVALID_ARGS),
+            Ok(_) => Ok(()),
+        }
+    }
 
     fn get_descr(&mut self, id: u64, size: u32, client: u64) -> i32 {
         if self.bus == BusState::Active {
