@@ -56,3 +56,53 @@ fn api_3_descriptor_page_id_carries_memory_attributes() {
         assert_eq!(sim.ram().pages_in_use(), 0, "every page freed");
     }
 }
+
+/// A Trusty VM slower than the guest's mailbox timeout: every call is executed exactly once
+/// (a timeout is not BUSY; the late answer is collected by RESTART_LAST, never re-sent).
+#[test]
+fn a_trusty_vm_slower_than_the_mailbox_timeout_runs_each_call_once() {
+    let profile = by_name("xen-domu-trusty-vm").expect("profile");
+    let sim = profile.boot(ModelMode::Threaded);
+    {
+        let mut m = sim.model();
+        m.inject.mailbox_slow_std_calls = 3; // GET_DESCR, VDEV_RESET, START
+        m.inject.mailbox_delay_ms = 80;
+    }
+    let cfg = StackConfig { mailbox_timeout_ms: 20, ..Default::default() };
+    let (mut dev, _) = bring_up_platform(profile.access(&sim), cfg).unwrap_or_else(|e| panic!("bring-up: {e}"));
+    let issued = dev.bus().trusty_ref().stats().std_calls;
+    assert_eq!(sim.model().stats().std_calls, issued, "each standard call executed once");
+    assert!(dev.bus().trusty_ref().stats().restart_last >= 3, "late answers collected by RESTART_LAST");
+    echo(&mut dev, b"after a slow VM");
+    let (_, result) = dev.shutdown();
+    result.expect("teardown");
+    let m = sim.model();
+    assert!(m.faults().is_empty(), "{:?}", m.faults());
+}
+
+/// A Trusty VM that stops answering: the operation ends with a clear error within the stated
+/// limit, the request it took is never published again, and no fresh standard call follows
+/// while the old one is outstanding.
+#[test]
+fn a_trusty_vm_that_never_answers_ends_with_a_clear_error() {
+    let profile = by_name("xen-domu-trusty-vm").expect("profile");
+    let sim = profile.boot(ModelMode::Threaded);
+    let limit_ms = 300;
+    let cfg = StackConfig {
+        mailbox_timeout_ms: 20,
+        calls: trusty_platform::trusty::CallPolicy { std_call_timeout_ms: limit_ms, ..Default::default() },
+        ..Default::default()
+    };
+    let (mut dev, _) = bring_up_platform(profile.access(&sim), cfg).unwrap_or_else(|e| panic!("bring-up: {e}"));
+    sim.model().inject.mailbox_silent = true;
+    let start = Instant::now();
+    let e = dev.connect(ECHO).expect_err("a silent Trusty VM cannot connect");
+    let took = start.elapsed();
+    assert!(matches!(e, tipc::Error::Bus(trusty_virtio::BusError::Platform(trusty_platform::Error::Timeout { .. }))), "{e}");
+    assert!(took < Duration::from_millis(limit_ms + 1000), "{took:?}");
+    let seen = sim.model().stats().mailbox_unanswered;
+    assert_eq!(seen, 1, "the one request taken was never published again");
+    // A later operation does not publish anything new either while that answer is outstanding.
+    let _ = dev.connect(ECHO);
+    assert_eq!(sim.model().stats().mailbox_unanswered, 1);
+}

@@ -111,6 +111,13 @@ pub struct Injection {
     pub panic: bool,
     /// Answer every standard call and NOP with SM_ERR_BUSY (a wedged secure side).
     pub always_busy: bool,
+    /// Trusty VM slower than the guest's mailbox timeout (descheduled by Xen, say): the next
+    /// `mailbox_slow_std_calls` standard calls taken from the mailbox are executed at once but
+    /// answered `mailbox_delay_ms` later. Not a Trusty behaviour: a test of the transport.
+    pub mailbox_slow_std_calls: u32,
+    pub mailbox_delay_ms: u64,
+    /// A hung Trusty VM: requests are seen (and counted) but never executed or answered.
+    pub mailbox_silent: bool,
 }
 
 /// Counters of the whole model.
@@ -130,6 +137,8 @@ pub struct ModelStats {
     pub ffa_direct_requests: u64,
     /// Calls that arrived through the Xen mailbox.
     pub mailbox_calls: u64,
+    /// Mailbox requests a hung VM (`Injection::mailbox_silent`) saw and never answered.
+    pub mailbox_unanswered: u64,
     pub shares: ShareStats,
     pub tipc: TipcDevStats,
 }
@@ -173,6 +182,8 @@ pub struct Model {
     queued_result: Option<i32>,
     /// A Trusty VM's mapping of the guest's mailbox page.
     mailbox: Option<crate::mem::Mapping>,
+    /// The last request a hung VM saw (so each is counted once).
+    mailbox_seen: u32,
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -225,6 +236,7 @@ impl Model {
             queued_std: None,
             queued_result: None,
             mailbox: None,
+            mailbox_seen: 0,
             inject: Injection::default(),
             stats: ModelStats::default(),
             cfg,
@@ -379,7 +391,14 @@ impl Model {
         let magic = read_u32(&m, mb::OFF_MAGIC, &mut word);
         let req = read_u32(&m, mb::OFF_REQ_SEQ, &mut word);
         let rsp = read_u32(&m, mb::OFF_RSP_SEQ, &mut word);
-        let served = magic == mb::MAILBOX_MAGIC && req != rsp;
+        let mut served = magic == mb::MAILBOX_MAGIC && req != rsp;
+        if served && self.inject.mailbox_silent {
+            if req != self.mailbox_seen {
+                self.mailbox_seen = req;
+                self.stats.mailbox_unanswered += 1;
+            }
+            served = false;
+        }
         if served {
             core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
             let mut raw = [0u8; 64];
@@ -390,6 +409,11 @@ impl Model {
                 }
             }
             let out = self.mailbox_call(regs);
+            let std_call = !fid::is_fast(regs[0] as u32) && regs[0] as u32 != call::SC_NOP;
+            if std_call && self.inject.mailbox_slow_std_calls > 0 {
+                self.inject.mailbox_slow_std_calls -= 1;
+                self.clock.sleep_ns(self.inject.mailbox_delay_ms.saturating_mul(1_000_000));
+            }
             for (i, r) in out.iter().enumerate() {
                 raw[i * 8..i * 8 + 8].copy_from_slice(&r.to_le_bytes());
             }
