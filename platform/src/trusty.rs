@@ -130,6 +130,8 @@ pub struct Trusty {
     pending: Option<StdCall>,
     /// A NOP was answered FIQ_INTERRUPTED and the limit ran out: RESTART_FIQ is owed.
     nop_fiq_owed: bool,
+    /// The conduit said it can carry no further call ([`Conduit::failure`]).
+    transport_failed: Option<&'static str>,
 }
 
 impl Trusty {
@@ -144,6 +146,7 @@ impl Trusty {
             stats: CallStats::default(),
             pending: None,
             nop_fiq_owed: false,
+            transport_failed: None,
         }
     }
 
@@ -179,6 +182,12 @@ impl Trusty {
         self.stats.smcs += 1;
         let regs = [u64::from(fid), u64::from(a0), u64::from(a1), u64::from(a2), 0, 0, 0, 0];
         let result = result32(&self.conduit.call(regs));
+        if let Some(why) = self.conduit.failure() {
+            if self.transport_failed.is_none() {
+                log::error!("call {fid:#x}: {why}");
+            }
+            self.transport_failed = Some(why);
+        }
         if result == SmError::Panic.code() {
             log::error!("Trusty panicked (call {fid:#x})");
             self.panicked = true;
@@ -189,10 +198,20 @@ impl Trusty {
     }
 
     fn check_alive(&self) -> Result<(), Error> {
-        if self.panicked {
+        if let Some(why) = self.transport_failed {
+            Err(Error::TransportFailed(why))
+        } else if self.panicked {
             Err(Error::TrustyPanicked)
         } else {
             Ok(())
+        }
+    }
+
+    /// After a call: a failed transport ends everything, whatever the answer said.
+    fn check_transport(&self) -> Result<(), Error> {
+        match self.transport_failed {
+            Some(why) => Err(Error::TransportFailed(why)),
+            None => Ok(()),
         }
     }
 
@@ -203,6 +222,7 @@ impl Trusty {
         self.check_alive()?;
         self.stats.fast_calls += 1;
         let r = self.raw(fid, a0, a1, a2);
+        self.check_transport()?;
         if self.panicked {
             return Err(Error::Sm(SmError::Panic));
         }
@@ -282,6 +302,7 @@ impl Trusty {
                 return Err(Error::Sm(SmError::Panic));
             }
             self.pending = c.owed().then_some(c);
+            self.check_transport()?;
             let what = if c.fiq {
                 WHAT_FIQ
             } else if c.next == Next::RestartLast {
@@ -338,7 +359,7 @@ impl Trusty {
         loop {
             match self.nop_inner(0, 0, 0, &idle) {
                 Ok(()) => return Ok(()),
-                Err(Error::Sm(SmError::Panic)) => return Err(Error::Sm(SmError::Panic)),
+                Err(e @ (Error::Sm(SmError::Panic) | Error::TransportFailed(_))) => return Err(e),
                 Err(_) if !idle.expired(&*self.clock) => self.clock.relax(),
                 Err(_) => {
                     self.expire_check(deadline, WHAT_PENDING)?;
@@ -407,12 +428,14 @@ impl Trusty {
         let mut args = (a0, a1, a2);
         loop {
             let r = self.raw(call::SC_NOP, args.0, args.1, args.2);
+            self.check_transport()?;
             let mut r = SmError::from_code(r);
             while r == Some(SmError::FiqInterrupted) {
                 self.nop_fiq_owed = true;
                 self.expire_check(deadline, WHAT_FIQ)?;
                 self.stats.restart_fiq += 1;
                 r = SmError::from_code(self.raw(call::SC_RESTART_FIQ, 0, 0, 0));
+                self.check_transport()?;
                 self.nop_fiq_owed = false;
             }
             match r {

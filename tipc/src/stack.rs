@@ -159,7 +159,8 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
             let part = discover(&*p.conduit, |out| sharer.read_rx(out))?;
             let own = sharer.own_id();
             ffa_sharer = Some(sharer);
-            Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part.id))
+            // FFA_INTERRUPT is followed for as long as one standard call may take.
+            Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part, p.clock.clone(), cfg.calls.std_call_timeout_ms))
         }
         CallTransport::XenMailbox { backend_domid, call_evtchn, .. } => {
             let events = p.events.clone().ok_or(Error::Unsupported("no event channels on this platform"))?;

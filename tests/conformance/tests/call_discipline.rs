@@ -106,3 +106,50 @@ fn a_trusty_vm_that_never_answers_ends_with_a_clear_error() {
     let _ = dev.connect(ECHO);
     assert_eq!(sim.model().stats().mailbox_unanswered, 1);
 }
+
+/// Linux's arm_ffa driver follows FFA_INTERRUPT with FFA_RUN until the direct request (or the
+/// run) finishes; bring-up and traffic go through interrupts on both.
+#[test]
+fn ffa_interrupts_are_followed_with_ffa_run() {
+    for mode in [ModelMode::Sync, ModelMode::Threaded] {
+        let profile = by_name("xen-domu-ffa-mediator").expect("profile");
+        let sim = profile.boot(mode);
+        sim.model().inject.ffa_interrupt = 7;
+        let (mut dev, _) =
+            bring_up_platform(profile.access(&sim), StackConfig::default()).unwrap_or_else(|e| panic!("bring-up: {e}"));
+        assert_eq!(sim.model().inject.ffa_interrupt, 0, "every interrupt was met");
+        sim.model().inject.ffa_interrupt = 5;
+        echo(&mut dev, b"through FFA_INTERRUPT");
+        let (_, result) = dev.shutdown();
+        result.expect("teardown");
+        let m = sim.model();
+        assert!(m.faults().is_empty(), "{:?}", m.faults());
+        assert_eq!(m.live_shares(), 0);
+    }
+}
+
+/// A partition that answers FFA_INTERRUPT for ever: the operation ends with a clear error within
+/// the limit, and nothing is sent to Trusty afterwards (the transport is declared failed).
+#[test]
+fn ffa_interrupt_forever_ends_with_a_clear_error() {
+    let profile = by_name("xen-domu-ffa-mediator").expect("profile");
+    let sim = profile.boot(ModelMode::Sync);
+    let limit_ms = 300;
+    let cfg = StackConfig {
+        calls: trusty_platform::trusty::CallPolicy { std_call_timeout_ms: limit_ms, ..Default::default() },
+        ..Default::default()
+    };
+    let (mut dev, _) = bring_up_platform(profile.access(&sim), cfg).unwrap_or_else(|e| panic!("bring-up: {e}"));
+    sim.model().inject.ffa_interrupt = u32::MAX;
+    let start = Instant::now();
+    let e = dev.connect(ECHO).expect_err("no connect through endless interrupts");
+    assert!(start.elapsed() < Duration::from_millis(3 * limit_ms + 1000), "{:?}", start.elapsed());
+    assert!(
+        matches!(e, tipc::Error::Bus(trusty_virtio::BusError::Platform(trusty_platform::Error::TransportFailed(_)))),
+        "{e}"
+    );
+    assert!(e.to_string().contains("FFA_INTERRUPT"), "{e}");
+    let requests = sim.model().stats().ffa_direct_requests;
+    let _ = dev.connect(ECHO);
+    assert_eq!(sim.model().stats().ffa_direct_requests, requests, "no request after the failure");
+}

@@ -118,6 +118,11 @@ pub struct Injection {
     pub mailbox_delay_ms: u64,
     /// A hung Trusty VM: requests are seen (and counted) but never executed or answered.
     pub mailbox_silent: bool,
+    /// Answer the next N FF-A direct requests and FFA_RUNs with FFA_INTERRUPT (u32::MAX:
+    /// forever), as an SPMC does when a normal-world interrupt preempts the partition (FF-A
+    /// 1.1 §8.3 "FFA_INTERRUPT"); an interrupted direct request is finished by a later FFA_RUN,
+    /// which returns its FFA_MSG_SEND_DIRECT_RESP.
+    pub ffa_interrupt: u32,
 }
 
 /// Counters of the whole model.
@@ -184,6 +189,8 @@ pub struct Model {
     mailbox: Option<crate::mem::Mapping>,
     /// The last request a hung VM saw (so each is counted once).
     mailbox_seen: u32,
+    /// The answer of a direct request preempted by FFA_INTERRUPT, returned by the next FFA_RUN.
+    ffa_resumed: Option<[u64; 8]>,
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -237,6 +244,7 @@ impl Model {
             queued_result: None,
             mailbox: None,
             mailbox_seen: 0,
+            ffa_resumed: None,
             inject: Injection::default(),
             stats: ModelStats::default(),
             cfg,
@@ -811,9 +819,36 @@ impl Model {
         [u64::from(func::MSG_SEND_DIRECT_RESP), (u64::from(ffa::TRUSTY_ENDPOINT_ID) << 16) | (regs[1] >> 16), 0, u64::from(answer as u32), 0, 0, 0, 0]
     }
 
+    /// FFA_INTERRUPT injection (see [`Injection::ffa_interrupt`]) and the FFA_RUN that resumes
+    /// a preempted direct request.
+    fn ffa_preempt(&mut self, f: u32, regs: &[u64; 8]) -> Option<[u64; 8]> {
+        if !matches!(f, func::MSG_SEND_DIRECT_REQ | func::RUN) {
+            return None;
+        }
+        if f == func::MSG_SEND_DIRECT_REQ && self.ffa_resumed.is_some() {
+            // The partition is still inside the preempted request.
+            return Some(ffa_error(ffa::err::BUSY));
+        }
+        if self.inject.ffa_interrupt == 0 {
+            return if f == func::RUN { self.ffa_resumed.take() } else { None };
+        }
+        if self.inject.ffa_interrupt != u32::MAX {
+            self.inject.ffa_interrupt -= 1;
+        }
+        let vcpu = if f == func::RUN { regs[1] & 0xFFFF } else { 0 };
+        if f == func::MSG_SEND_DIRECT_REQ {
+            let out = self.direct_request(regs);
+            self.ffa_resumed = Some(out);
+        }
+        Some([u64::from(func::INTERRUPT), (u64::from(ffa::TRUSTY_ENDPOINT_ID) << 16) | vcpu, 0, 0, 0, 0, 0, 0])
+    }
+
     fn ffa_call(&mut self, f: u32, regs: &[u64; 8]) -> [u64; 8] {
         if !self.cfg.ffa {
             return ret(-1);
+        }
+        if let Some(out) = self.ffa_preempt(f, regs) {
+            return out;
         }
         match f {
             func::VERSION => ret(ffa::VERSION_1_0 as i32),
