@@ -64,7 +64,7 @@ impl SimBackend {
                 };
                 let describe = format!(
                     "{mode}: platform {}, embedded Trusty model '{}', API {}",
-                    profile.name, info.version, info.api_version
+                    profile.name, info.version.as_deref().unwrap_or("unknown"), info.api_version
                 );
                 let model = sim.clone();
                 let dev = DeviceBackend::new(dev, describe).with_health(move || model_health(&model));
