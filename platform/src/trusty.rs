@@ -327,6 +327,9 @@ impl Trusty {
                 }
                 Step::Idle => {
                     self.expire_check(deadline, what)?;
+                    // Trusty's call is blocked: pause before donating time again, so a peer
+                    // that answers CPU_IDLE for ever is not met with a hot loop of calls.
+                    self.clock.relax();
                     self.wait_for_nop_progress(deadline)?;
                 }
             }
