@@ -153,3 +153,40 @@ fn ffa_interrupt_forever_ends_with_a_clear_error() {
     let _ = dev.connect(ECHO);
     assert_eq!(sim.model().stats().ffa_direct_requests, requests, "no request after the failure");
 }
+
+/// A Trusty that keeps GET_DESCR unfinished past the limit: the descriptor page it was given
+/// is leaked, not freed (Trusty may still write it when it finishes), and the id it was given
+/// carried memory attributes even at API < 4.
+#[test]
+fn a_page_a_pending_call_may_still_use_is_leaked_not_freed() {
+    use std::sync::{Arc, Mutex};
+    use trusty_platform::mem::SharedMemory;
+    use trusty_platform::phys::{decode_compat, AddressKind, AddressSharer};
+    use trusty_platform::smc::{call, Conduit, SmError};
+    use trusty_platform::trusty::{CallPolicy, Trusty};
+
+    /// GET_DESCR is taken and never finishes; NOPs complete.
+    struct Stuck(Mutex<Vec<[u64; 8]>>);
+    impl Conduit for Stuck {
+        fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+            self.0.lock().unwrap().push(regs);
+            let r = if regs[0] as u32 == call::SC_NOP { SmError::NopDone } else { SmError::Interrupted };
+            [u64::from(r.code() as u32), 0, 0, 0, 0, 0, 0, 0]
+        }
+    }
+    let sim = trusty_model::host::Sim::new(ModelMode::Sync, ModelConfig::default());
+    let stuck = Arc::new(Stuck(Mutex::new(Vec::new())));
+    let policy = CallPolicy { std_call_timeout_ms: 100, ..Default::default() };
+    let trusty = Trusty::new(stuck.clone(), sim.clock(), policy);
+    let mem = SharedMemory::new(sim.allocator(), Box::new(AddressSharer::new(AddressKind::Bare)));
+    let mut bus = trusty_virtio::Bus::new(trusty, mem);
+    let e = bus.fetch_descriptor().expect_err("GET_DESCR never finishes");
+    assert!(matches!(e, trusty_virtio::BusError::Platform(trusty_platform::Error::Timeout { .. })), "{e}");
+    assert!(bus.trusty_ref().pending_call().is_some());
+    assert_eq!(bus.mem_ref().leaked().pages, 1, "the descriptor page is kept");
+    assert_eq!(sim.ram().pages_in_use(), 1);
+    let first = stuck.0.lock().unwrap()[0];
+    assert_eq!(first[0] as u32, call::SC_VIRTIO_GET_DESCR);
+    let id = first[1] | (first[2] << 32);
+    assert!(decode_compat(id).is_ok(), "GET_DESCR's id {id:#x} carries memory attributes");
+}
