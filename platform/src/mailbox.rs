@@ -266,3 +266,105 @@ impl Conduit for MailboxConduit {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::sync::atomic::AtomicU64;
+    use std::boxed::Box;
+    use std::vec;
+
+    struct NoVm;
+    impl EventChannel for NoVm {
+        fn notify(&self, _port: u32) {}
+    }
+    struct TestClock(AtomicU64);
+    impl Clock for TestClock {
+        fn now_ns(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn sleep_ns(&self, ns: u64) {
+            self.0.fetch_add(ns, Ordering::SeqCst);
+        }
+        fn relax(&self) {
+            self.0.fetch_add(100_000, Ordering::SeqCst);
+        }
+    }
+
+    /// A mailbox page in a heap buffer, with a Trusty VM the test plays by hand. Reached only
+    /// through the raw pointer (as the peer would), never through a reference.
+    struct Page(NonNull<u64>);
+    const WORDS: usize = 512;
+    impl Page {
+        fn new() -> Page {
+            let b: Box<[u64]> = vec![0u64; WORDS].into_boxed_slice();
+            Page(NonNull::new(Box::into_raw(b).cast::<u64>()).unwrap())
+        }
+        fn ptr(&self) -> NonNull<u8> {
+            self.0.cast()
+        }
+        fn word(&self, i: usize) -> *mut u64 {
+            assert!(i < WORDS);
+            // SAFETY: i is inside the allocation.
+            unsafe { self.0.as_ptr().add(i) }
+        }
+        fn read(&self, i: usize) -> u64 {
+            // SAFETY: in bounds (`word`), aligned, the allocation lives until drop.
+            unsafe { self.word(i).read_volatile() }
+        }
+        fn write(&self, i: usize, v: u64) {
+            // SAFETY: as in `read`.
+            unsafe { self.word(i).write_volatile(v) }
+        }
+        fn u32_at(&self, off: usize) -> u32 {
+            let w = self.read(off / 8);
+            (if off.is_multiple_of(8) { w } else { w >> 32 }) as u32
+        }
+        /// The VM answers request `seq` with `w0`.
+        fn answer(&self, seq: u32, w0: i32) {
+            self.write(OFF_RESPONSE / 8, u64::from(w0 as u32));
+            let w = self.read(OFF_RSP_SEQ / 8);
+            self.write(OFF_RSP_SEQ / 8, (w & 0xFFFF_FFFF_0000_0000) | u64::from(seq));
+        }
+        fn request_fid(&self) -> u32 {
+            self.read(OFF_REQUEST / 8) as u32
+        }
+    }
+    impl Drop for Page {
+        fn drop(&mut self) {
+            let slice = core::ptr::slice_from_raw_parts_mut(self.0.as_ptr(), WORDS);
+            // SAFETY: made by Box::into_raw of a boxed slice of WORDS words in `new`.
+            drop(unsafe { Box::from_raw(slice) });
+        }
+    }
+
+    fn r(c: &MailboxConduit, f: u32) -> i32 {
+        c.call([u64::from(f), 0, 0, 0, 0, 0, 0, 0])[0] as u32 as i32
+    }
+
+    #[test]
+    fn a_taken_call_is_never_published_twice() {
+        let page = Page::new();
+        let clock = Arc::new(TestClock(AtomicU64::new(0)));
+        // SAFETY: the page outlives the conduit (both live to the end of the test), nothing else uses it.
+        let c = unsafe { MailboxConduit::new(page.ptr(), Arc::new(NoVm), clock, 1, 10) };
+        let start = call::SC_VIRTIO_START;
+        assert_eq!(r(&c, start), SmError::Interrupted.code(), "a timeout says: taken, not finished");
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1);
+        // Still unanswered: a restart publishes nothing, a fresh call is BUSY (not executed).
+        assert_eq!(r(&c, call::SC_RESTART_LAST), SmError::Interrupted.code());
+        assert_eq!(r(&c, call::SC_VIRTIO_STOP), SmError::Busy.code());
+        assert_eq!(r(&c, call::SC_NOP), SmError::NopInterrupted.code());
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1, "nothing new published while request 1 is outstanding");
+        assert_eq!(page.request_fid(), start);
+        // The VM answers late: the restart collects that answer, still without a new request.
+        page.answer(1, 77);
+        assert_eq!(r(&c, call::SC_RESTART_LAST), 77);
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1);
+        // Then calls flow again, each as a new request.
+        assert_eq!(r(&c, call::SC_VIRTIO_STOP), SmError::Interrupted.code());
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 2);
+        assert_eq!(page.request_fid(), call::SC_VIRTIO_STOP);
+    }
+}
