@@ -457,7 +457,13 @@ impl Trusty {
     /// (SM_ERR_UNDEFINED_SMC) as version 0 and rejects an answer above what was asked
     /// (Linux `trusty_init_api_version`).
     pub fn negotiate_api(&mut self, wanted: u32) -> Result<u32, Error> {
-        let r = self.fast_call(call::FC_API_VERSION, wanted, 0, 0)? as u32;
+        let r = self.fast_call(call::FC_API_VERSION, wanted, 0, 0)?;
+        // Any other monitor error (e.g. a transport that got no answer) is an error, not a
+        // version number in the billions.
+        if let Some(e) = SmError::from_code(r).filter(|e| !matches!(e, SmError::UndefinedSmc | SmError::Other(_))) {
+            return Err(Error::Sm(e));
+        }
+        let r = r as u32;
         let got = if r == u32::MAX { 0 } else { r };
         if got > wanted {
             return Err(Error::BadApiVersion { asked: wanted, got });
@@ -658,6 +664,9 @@ mod tests {
         let c = Scripted::new(&[6]);
         let mut t = trusty(&c);
         assert_eq!(t.negotiate_api(5), Err(Error::BadApiVersion { asked: 5, got: 6 }));
+        let c = Scripted::new(&[-7]);
+        let mut t = trusty(&c);
+        assert_eq!(t.negotiate_api(5), Err(Error::Sm(SmError::InternalFailure)));
         let c = Scripted::new(&[3]);
         let mut t = trusty(&c);
         assert_eq!(t.negotiate_api(5), Ok(3));
