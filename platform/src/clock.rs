@@ -15,7 +15,7 @@ pub trait Clock: Send + Sync {
 pub const NS_PER_MS: u64 = 1_000_000;
 
 /// A point in time after which a wait gives up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Deadline(u64);
 
 impl Deadline {
@@ -32,5 +32,10 @@ impl Deadline {
     /// Whether the deadline has passed.
     pub fn expired(&self, clock: &dyn Clock) -> bool {
         clock.now_ns() >= self.0
+    }
+
+    /// Nanoseconds left until the deadline (0 once it has passed).
+    pub fn remaining_ns(&self, clock: &dyn Clock) -> u64 {
+        self.0.saturating_sub(clock.now_ns())
     }
 }

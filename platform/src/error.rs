@@ -24,6 +24,8 @@ pub enum Error {
     Ffa { call: &'static str, code: i32 },
     /// A caller passed a value the operation cannot take.
     InvalidArgument(&'static str),
+    /// The call transport can carry no further call (the reason); sticky, like a panic.
+    TransportFailed(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -44,6 +46,7 @@ impl fmt::Display for Error {
             }
             Error::Ffa { call, code } => write!(f, "FF-A {call} failed with error {code}"),
             Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
+            Error::TransportFailed(why) => write!(f, "call transport to Trusty failed: {why}"),
         }
     }
 }

@@ -7,6 +7,9 @@
 //! (memory sharing) pass through untouched.
 
 use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::clock::{Clock, Deadline};
 
 use crate::ffa::func;
 use crate::smc::{call, fid, Conduit, SmError};
@@ -68,28 +71,83 @@ pub fn discover(conduit: &dyn Conduit, read_rx: impl FnOnce(&mut [u8])) -> Resul
 }
 
 /// Carries Trusty calls as FF-A direct requests.
+///
+/// FFA_INTERRUPT: Linux's arm_ffa driver (`ffa_msg_send_direct_req`, `ffa_run`) answers it
+/// with FFA_RUN on the target the interrupt names (w1) until something else comes back. This
+/// conduit does the same, for at most `interrupt_limit_ms` per call:
+/// - FFA_RUN (giving Trusty time) still interrupted at the limit: Trusty simply has not gone
+///   idle; the call is answered as not finished (SM_ERR_INTERRUPTED / SM_ERR_NOP_INTERRUPTED),
+///   and the discipline's RESTART_LAST runs it again, within the discipline's own deadline;
+/// - a direct request still interrupted at the limit: FF-A has no way to collect its answer
+///   later but to keep running it, and a second request while it is live would be refused or
+///   misread, so the transport is declared failed ([`Conduit::failure`]): no call is made
+///   through it again, which keeps "never a fresh call while one is pending".
 pub struct FfaCallConduit {
     inner: Arc<dyn Conduit>,
     own_id: u16,
-    trusty_id: u16,
+    trusty: TrustyPartition,
+    clock: Arc<dyn Clock>,
+    interrupt_limit_ms: u64,
+    current_cpu: fn() -> u16,
+    failed: AtomicBool,
 }
+
+/// Why the transport stopped (see [`FfaCallConduit`]).
+pub const INTERRUPTED_REQUEST: &str =
+    "Trusty's FF-A partition kept answering FFA_INTERRUPT to a direct request past the limit; its answer is lost, so no further call is made";
 
 fn ret(code: i32) -> [u64; 8] {
     [u64::from(code as u32), 0, 0, 0, 0, 0, 0, 0]
 }
 
 impl FfaCallConduit {
-    /// `inner` issues the FF-A calls; `own_id` is ours (FFA_ID_GET), `trusty_id` Trusty's.
-    pub fn new(inner: Arc<dyn Conduit>, own_id: u16, trusty_id: u16) -> Self {
-        FfaCallConduit { inner, own_id, trusty_id }
+    /// `inner` issues the FF-A calls; `own_id` is ours (FFA_ID_GET), `trusty` Trusty's
+    /// partition as [`discover`] found it. FFA_INTERRUPT is followed with FFA_RUN for at most
+    /// `interrupt_limit_ms` per call, measured on `clock`.
+    pub fn new(inner: Arc<dyn Conduit>, own_id: u16, trusty: TrustyPartition, clock: Arc<dyn Clock>, interrupt_limit_ms: u64) -> Self {
+        FfaCallConduit {
+            inner,
+            own_id,
+            trusty,
+            clock,
+            interrupt_limit_ms,
+            current_cpu: crate::cpu::current_cpu,
+            failed: AtomicBool::new(false),
+        }
     }
 
-    /// One direct request; Trusty's answer in w3, or INTERNAL_FAILURE for FFA_ERROR,
-    /// FFA_INTERRUPT or anything else (spec §11).
+    /// Names the calling CPU another way than [`crate::cpu::current_cpu`] (Trusty's FF-A
+    /// transport runs the vCPU of the calling CPU: NXP/Google `trusty_ffa_run` passes
+    /// `smp_processor_id()` to FFA_RUN).
+    pub fn with_current_cpu(mut self, current_cpu: fn() -> u16) -> Self {
+        self.current_cpu = current_cpu;
+        self
+    }
+
+    /// FFA_RUN while the answer is FFA_INTERRUPT (Linux `ffa_run`, `ffa_msg_send_direct_req`),
+    /// on the target the interrupt names. `None` when still interrupted at the limit.
+    fn resume(&self, mut out: [u64; 8]) -> Option<[u64; 8]> {
+        let deadline = Deadline::after_ms(&*self.clock, self.interrupt_limit_ms);
+        while out[0] as u32 == func::INTERRUPT {
+            if deadline.expired(&*self.clock) {
+                return None;
+            }
+            out = self.inner.call([u64::from(func::RUN), out[1], 0, 0, 0, 0, 0, 0]);
+        }
+        Some(out)
+    }
+
+    /// One direct request; Trusty's answer in w3, or INTERNAL_FAILURE for FFA_ERROR or
+    /// anything else (spec §11). FFA_INTERRUPT is resumed (see [`FfaCallConduit`]).
     fn direct(&self, op: u32, args: [u32; 4]) -> i32 {
-        let endpoints = (u64::from(self.own_id) << 16) | u64::from(self.trusty_id);
+        let endpoints = (u64::from(self.own_id) << 16) | u64::from(self.trusty.id);
         let a = args.map(u64::from);
         let out = self.inner.call([u64::from(func::MSG_SEND_DIRECT_REQ), endpoints, 0, u64::from(op), a[0], a[1], a[2], a[3]]);
+        let Some(out) = self.resume(out) else {
+            log::error!("{INTERRUPTED_REQUEST} (opcode {op}, {} ms)", self.interrupt_limit_ms);
+            self.failed.store(true, Ordering::Release);
+            return SmError::InternalFailure.code();
+        };
         if out[0] as u32 == func::MSG_SEND_DIRECT_RESP {
             out[3] as u32 as i32
         } else {
@@ -97,10 +155,20 @@ impl FfaCallConduit {
         }
     }
 
-    /// Gives Trusty CPU time (FFA_RUN on vCPU 0), then asks whether it went idle.
+    /// Gives Trusty CPU time (FFA_RUN on the calling CPU's vCPU), then asks whether it went
+    /// idle. Interrupted past the limit: not idle.
     fn run_then_idle(&self) -> Result<bool, i32> {
-        let target = u64::from(self.trusty_id) << 16;
+        let cpu = (self.current_cpu)();
+        if cpu >= self.trusty.exec_contexts.max(1) {
+            log::error!("CPU {cpu} has no execution context in Trusty's partition ({})", self.trusty.exec_contexts);
+            return Err(SmError::InternalFailure.code());
+        }
+        let target = (u64::from(self.trusty.id) << 16) | u64::from(cpu);
         let out = self.inner.call([u64::from(func::RUN), target, 0, 0, 0, 0, 0, 0]);
+        let Some(out) = self.resume(out) else {
+            log::warn!("FFA_RUN still interrupted after {} ms; Trusty is not idle yet", self.interrupt_limit_ms);
+            return Ok(false);
+        };
         match out[0] as u32 {
             func::SUCCESS | func::SUCCESS64 | func::MSG_WAIT => {}
             _ => return Err(SmError::InternalFailure.code()),
@@ -124,8 +192,15 @@ impl FfaCallConduit {
 }
 
 impl Conduit for FfaCallConduit {
+    fn failure(&self) -> Option<&'static str> {
+        self.failed.load(Ordering::Acquire).then_some(INTERRUPTED_REQUEST)
+    }
+
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
         let f = regs[0] as u32;
+        if self.failed.load(Ordering::Acquire) {
+            return ret(SmError::InternalFailure.code());
+        }
         // FF-A's own calls (memory sharing) go out as they are.
         if crate::ffa::is_ffa_call(f) {
             return self.inner.call(regs);
@@ -163,6 +238,7 @@ impl Conduit for FfaCallConduit {
 mod tests {
     extern crate std;
     use super::*;
+    use core::sync::atomic::AtomicU64;
     use std::sync::Mutex;
     use std::vec::Vec;
 
@@ -170,11 +246,61 @@ mod tests {
     struct FakeSp {
         log: Mutex<Vec<(u32, u32)>>,
         idle_after_runs: Mutex<u32>,
+        /// Answer the next N direct requests / FFA_RUNs with FFA_INTERRUPT (u32::MAX: forever).
+        interrupt_requests: Mutex<u32>,
+        interrupt_runs: Mutex<u32>,
+        /// w1 of every FFA_RUN.
+        run_targets: Mutex<Vec<u64>>,
+        /// The answer of a direct request that was interrupted: FFA_RUN resumes it and returns it.
+        resumed: Mutex<Option<[u64; 8]>>,
+        clock: Arc<TestClock>,
+    }
+    fn take(n: &Mutex<u32>) -> bool {
+        let mut n = n.lock().unwrap();
+        match *n {
+            0 => false,
+            u32::MAX => true,
+            _ => {
+                *n -= 1;
+                true
+            }
+        }
+    }
+    const INTERRUPT: [u64; 8] = [func::INTERRUPT as u64, (0x8000 << 16) | 2, 0, 0, 0, 0, 0, 0];
+    /// Time that passes by 1 ms per call.
+    struct TestClock(AtomicU64);
+    impl Clock for TestClock {
+        fn now_ns(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn sleep_ns(&self, ns: u64) {
+            self.0.fetch_add(ns, Ordering::SeqCst);
+        }
     }
     impl Conduit for FakeSp {
         fn call(&self, regs: [u64; 8]) -> [u64; 8] {
             let f = regs[0] as u32;
             self.log.lock().unwrap().push((f, regs[3] as u32));
+            self.clock.0.fetch_add(1_000_000, Ordering::SeqCst);
+            if f == func::RUN {
+                self.run_targets.lock().unwrap().push(regs[1]);
+                if take(&self.interrupt_runs) {
+                    return INTERRUPT;
+                }
+                if let Some(out) = self.resumed.lock().unwrap().take() {
+                    return out;
+                }
+            }
+            let out = self.answer(f, &regs);
+            if f == func::MSG_SEND_DIRECT_REQ && take(&self.interrupt_requests) {
+                *self.resumed.lock().unwrap() = Some(out);
+                return INTERRUPT;
+            }
+            out
+        }
+    }
+    impl FakeSp {
+        fn answer(&self, f: u32, regs: &[u64; 8]) -> [u64; 8] {
             match f {
                 func::MSG_SEND_DIRECT_REQ => {
                     assert_eq!(regs[1], (5 << 16) | 0x8000, "sender << 16 | receiver");
@@ -203,9 +329,26 @@ mod tests {
         }
     }
 
+    fn sp(busy_runs: u32) -> Arc<FakeSp> {
+        Arc::new(FakeSp {
+            log: Mutex::new(Vec::new()),
+            idle_after_runs: Mutex::new(busy_runs),
+            interrupt_requests: Mutex::new(0),
+            interrupt_runs: Mutex::new(0),
+            run_targets: Mutex::new(Vec::new()),
+            resumed: Mutex::new(None),
+            clock: Arc::new(TestClock(AtomicU64::new(0))),
+        })
+    }
+    const PART: TrustyPartition = TrustyPartition { id: 0x8000, exec_contexts: 4, properties: 1 };
+    const LIMIT_MS: u64 = 100;
+    fn on(sp: &Arc<FakeSp>) -> FfaCallConduit {
+        FfaCallConduit::new(sp.clone(), 5, PART, sp.clock.clone(), LIMIT_MS)
+    }
     fn conduit(busy_runs: u32) -> (Arc<FakeSp>, FfaCallConduit) {
-        let sp = Arc::new(FakeSp { log: Mutex::new(Vec::new()), idle_after_runs: Mutex::new(busy_runs) });
-        (sp.clone(), FfaCallConduit::new(sp, 5, 0x8000))
+        let sp = sp(busy_runs);
+        let c = on(&sp);
+        (sp, c)
     }
 
     fn r(c: &FfaCallConduit, f: u32, a: u32) -> i32 {
@@ -249,5 +392,58 @@ mod tests {
         assert_eq!(r(&c, call::SC_NOP, 0), SmError::NopDone.code());
         assert_eq!(c.call([u64::from(func::MEM_SHARE), 80, 80, 0, 0, 0, 0, 0])[2], 7);
         assert!(!sp.log.lock().unwrap().iter().any(|&(f, _)| f == call::SC_NOP), "no plain Trusty call leaks through");
+    }
+
+    #[test]
+    fn ffa_interrupt_is_followed_with_ffa_run_on_the_named_target() {
+        // Linux ffa_msg_send_direct_req / ffa_run: FFA_RUN(w1 of the interrupt) until done.
+        let (sp, c) = conduit(0);
+        *sp.interrupt_requests.lock().unwrap() = 2;
+        assert_eq!(r(&c, call::FC_API_VERSION, 5), (call::FC_API_VERSION ^ 0xFF) as i32);
+        *sp.interrupt_runs.lock().unwrap() = 1;
+        assert_eq!(r(&c, call::SC_VIRTIO_START, 1), 42);
+        let targets = sp.run_targets.lock().unwrap().clone();
+        assert_eq!(&targets[..2], &[(0x8000 << 16) | 2, (0x8000 << 16) | 2], "resumed on the interrupt's target");
+        assert!(c.failure().is_none());
+    }
+
+    #[test]
+    fn ffa_run_gives_time_to_the_calling_cpus_vcpu() {
+        let sp = sp(0);
+        let c = on(&sp).with_current_cpu(|| 3);
+        assert_eq!(r(&c, call::SC_NOP, 0), SmError::NopDone.code());
+        assert_eq!(sp.run_targets.lock().unwrap().as_slice(), &[(0x8000 << 16) | 3]);
+        // A CPU Trusty's partition has no execution context for is refused, not sent.
+        let c = on(&sp).with_current_cpu(|| 4);
+        assert_eq!(r(&c, call::SC_NOP, 0), SmError::InternalFailure.code());
+        assert_eq!(sp.run_targets.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn ffa_run_interrupted_forever_means_not_finished_within_the_limit() {
+        let (sp, c) = conduit(0);
+        *sp.interrupt_runs.lock().unwrap() = u32::MAX;
+        assert_eq!(r(&c, call::SC_VIRTIO_START, 1), SmError::Interrupted.code());
+        assert_eq!(r(&c, call::SC_NOP, 0), SmError::NopInterrupted.code());
+        assert!(sp.clock.now_ns() <= 3 * (LIMIT_MS + 2) * 1_000_000);
+        assert!(c.failure().is_none(), "running Trusty longer is always allowed");
+    }
+
+    #[test]
+    fn direct_request_interrupted_forever_fails_the_transport_for_good() {
+        use crate::trusty::{CallPolicy, Trusty};
+        let sp = sp(0);
+        *sp.interrupt_requests.lock().unwrap() = u32::MAX;
+        *sp.interrupt_runs.lock().unwrap() = u32::MAX;
+        let c = Arc::new(on(&sp));
+        let mut t = Trusty::new(c.clone(), sp.clock.clone(), CallPolicy::default());
+        assert_eq!(t.std_call(call::SC_VIRTIO_START, 1, 0, 0), Err(Error::TransportFailed(INTERRUPTED_REQUEST)));
+        assert!(sp.clock.now_ns() <= (LIMIT_MS + 2) * 1_000_000);
+        let sent = sp.log.lock().unwrap().len();
+        // Nothing goes out again: not a fresh call, not a NOP, not a fast call.
+        assert_eq!(t.std_call(call::SC_VIRTIO_STOP, 1, 0, 0), Err(Error::TransportFailed(INTERRUPTED_REQUEST)));
+        assert_eq!(t.nop(0, 0, 0), Err(Error::TransportFailed(INTERRUPTED_REQUEST)));
+        assert_eq!(t.fast_call(call::FC_API_VERSION, 5, 0, 0), Err(Error::TransportFailed(INTERRUPTED_REQUEST)));
+        assert_eq!(sp.log.lock().unwrap().len(), sent);
     }
 }

@@ -13,6 +13,7 @@
 extern crate alloc;
 
 pub mod clock;
+pub mod cpu;
 pub mod decision;
 mod error;
 pub mod facts;

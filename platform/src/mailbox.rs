@@ -19,10 +19,11 @@
 
 use alloc::sync::Arc;
 use core::ptr::NonNull;
+use core::cell::UnsafeCell;
 use core::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 
 use crate::clock::{Clock, Deadline};
-use crate::smc::{Conduit, SmError};
+use crate::smc::{call, Conduit, SmError};
 
 /// "TIPC" in little-endian ASCII.
 pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"TIPC");
@@ -41,7 +42,48 @@ pub trait EventChannel: Send + Sync {
     fn notify(&self, port: u32);
 }
 
+/// What kind of call a request was, for what a late answer means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Fast,
+    /// SMC_SC_NOP: concurrent, its answer only says whether Trusty went idle.
+    Nop,
+    /// Any other standard call, restarts included.
+    Std,
+}
+
+fn kind_of(fid: u32) -> Kind {
+    if crate::smc::fid::is_fast(fid) {
+        Kind::Fast
+    } else if fid == call::SC_NOP {
+        Kind::Nop
+    } else {
+        Kind::Std
+    }
+}
+
+/// The mailbox's memory of a call the Trusty VM took and has not answered, and of an answer
+/// that came too late for its caller.
+#[derive(Default)]
+struct Flight {
+    /// Sequence number and kind of a request published but not answered within the timeout.
+    outstanding: Option<(u32, Kind)>,
+    /// A standard call's answer that arrived after its caller was told SM_ERR_INTERRUPTED: it
+    /// is the answer to the next RESTART_LAST (or RESTART_FIQ).
+    held: Option<[u64; 8]>,
+}
+
 /// A [`Conduit`] whose calls go through the mailbox.
+///
+/// A timeout is not BUSY: BUSY means "not executed", while a request the Trusty VM has not
+/// answered in time may well be executing. So a request is published once and never again
+/// (each has its own sequence number); while its answer is outstanding no other request is
+/// published. Its caller is told what Trusty itself says of a call still running:
+/// SM_ERR_INTERRUPTED for a standard call (the discipline's RESTART_LAST then collects the real
+/// answer here, without a new request), SM_ERR_NOP_INTERRUPTED for a NOP; a fast call, which
+/// Trusty runs to completion at once, gets SM_ERR_INTERNAL_FAILURE and an error in the log.
+/// A fresh call made while an answer is outstanding is answered SM_ERR_BUSY without being
+/// published (true: it was not executed).
 pub struct MailboxConduit {
     page: NonNull<u8>,
     events: Arc<dyn EventChannel>,
@@ -50,10 +92,12 @@ pub struct MailboxConduit {
     timeout_ms: u64,
     seq: AtomicU32,
     busy: AtomicBool,
+    /// Touched only while `busy` is held (see `call`).
+    flight: UnsafeCell<Flight>,
 }
 
 // SAFETY: the page is owned by this conduit for its lifetime; access is volatile and one call at
-// a time (`busy`).
+// a time (`busy`), which also guards the flight state.
 unsafe impl Send for MailboxConduit {}
 // SAFETY: as above.
 unsafe impl Sync for MailboxConduit {}
@@ -69,7 +113,16 @@ impl MailboxConduit {
         call_port: u32,
         timeout_ms: u64,
     ) -> Self {
-        let c = MailboxConduit { page, events, clock, call_port, timeout_ms, seq: AtomicU32::new(0), busy: AtomicBool::new(false) };
+        let c = MailboxConduit {
+            page,
+            events,
+            clock,
+            call_port,
+            timeout_ms,
+            seq: AtomicU32::new(0),
+            busy: AtomicBool::new(false),
+            flight: UnsafeCell::new(Flight::default()),
+        };
         c.write_u32(OFF_MAGIC, MAILBOX_MAGIC);
         c.write_u32(OFF_REQ_SEQ, 0);
         c
@@ -102,13 +155,32 @@ impl MailboxConduit {
     }
 }
 
-impl Conduit for MailboxConduit {
-    fn call(&self, regs: [u64; 8]) -> [u64; 8] {
-        let busy = SmError::Busy.code() as u32 as u64;
-        if self.busy.swap(true, Ordering::Acquire) {
-            return [busy, 0, 0, 0, 0, 0, 0, 0];
+fn ret(code: SmError) -> [u64; 8] {
+    [u64::from(code.code() as u32), 0, 0, 0, 0, 0, 0, 0]
+}
+
+impl MailboxConduit {
+    /// Waits up to the timeout for the answer to request `seq`.
+    fn wait_answer(&self, seq: u32) -> Option<[u64; 8]> {
+        let deadline = Deadline::after_ms(&*self.clock, self.timeout_ms);
+        loop {
+            if self.read_u32(OFF_RSP_SEQ) == seq {
+                fence(Ordering::Acquire);
+                let mut out = [0u64; 8];
+                for (i, r) in out.iter_mut().enumerate() {
+                    *r = self.read_u64(OFF_RESPONSE + 8 * i);
+                }
+                return Some(out);
+            }
+            if deadline.expired(&*self.clock) {
+                return None;
+            }
+            self.clock.relax();
         }
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    }
+
+    /// Publishes `regs` as request `seq` and signals the Trusty VM.
+    fn publish(&self, seq: u32, regs: &[u64; 8]) {
         for (i, r) in regs.iter().enumerate() {
             self.write_u64(OFF_REQUEST + 8 * i, *r);
         }
@@ -117,26 +189,182 @@ impl Conduit for MailboxConduit {
         self.write_u32(OFF_REQ_SEQ, seq);
         fence(Ordering::SeqCst);
         self.events.notify(self.call_port);
-        let deadline = Deadline::after_ms(&*self.clock, self.timeout_ms);
-        let mut out = [0u64; 8];
-        loop {
-            if self.read_u32(OFF_RSP_SEQ) == seq {
-                fence(Ordering::Acquire);
-                for (i, r) in out.iter_mut().enumerate() {
-                    *r = self.read_u64(OFF_RESPONSE + 8 * i);
+    }
+
+    fn call_locked(&self, flight: &mut Flight, regs: [u64; 8]) -> [u64; 8] {
+        let f = regs[0] as u32;
+        let kind = kind_of(f);
+        let restart = f == call::SC_RESTART_LAST || f == call::SC_RESTART_FIQ;
+        // 1. An answer still outstanding comes first; nothing new is published before it.
+        if let Some((seq, late_kind)) = flight.outstanding {
+            match self.wait_answer(seq) {
+                Some(out) => {
+                    flight.outstanding = None;
+                    match late_kind {
+                        Kind::Std => flight.held = Some(out),
+                        Kind::Nop | Kind::Fast => {
+                            log::warn!("late mailbox answer {:#x} to request {seq} (a {late_kind:?} call) discarded", out[0])
+                        }
+                    }
                 }
-                break;
+                None => {
+                    log::warn!("Trusty VM still has not answered request {seq}; call {f:#x} not sent");
+                    return match kind {
+                        Kind::Std if restart => ret(SmError::Interrupted),
+                        Kind::Std => ret(SmError::Busy),
+                        Kind::Nop if regs[1] == 0 => ret(SmError::NopInterrupted),
+                        Kind::Nop => ret(SmError::Busy),
+                        Kind::Fast => ret(SmError::InternalFailure),
+                    };
+                }
             }
-            if deadline.expired(&*self.clock) {
-                log::error!("Trusty VM did not answer call {:#x} within {} ms", regs[0], self.timeout_ms);
-                // A VM that does not answer is as good as a busy secure side: the discipline's
-                // own deadline turns this into a timeout error.
-                out = [busy, 0, 0, 0, 0, 0, 0, 0];
-                break;
-            }
-            self.clock.relax();
         }
+        // 2. A standard call's late answer is what its restart collects.
+        if let Some(out) = flight.held {
+            if restart {
+                flight.held = None;
+                return out;
+            }
+            if kind == Kind::Std {
+                // Trusty answers a fresh call BUSY while the last one's result is uncollected
+                // (sm_queue_stdcall); the discipline never does this.
+                return ret(SmError::Busy);
+            }
+        }
+        // 3. A new request, published exactly once.
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        self.publish(seq, &regs);
+        match self.wait_answer(seq) {
+            Some(out) => out,
+            None => {
+                log::error!(
+                    "Trusty VM took call {f:#x} (request {seq}) and did not answer within {} ms; it is not sent again",
+                    self.timeout_ms
+                );
+                flight.outstanding = Some((seq, kind));
+                match kind {
+                    Kind::Std => ret(SmError::Interrupted),
+                    Kind::Nop => ret(SmError::NopInterrupted),
+                    Kind::Fast => ret(SmError::InternalFailure),
+                }
+            }
+        }
+    }
+}
+
+impl Conduit for MailboxConduit {
+    fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+        // One call at a time: a concurrent one was not executed, which is what BUSY says.
+        if self.busy.swap(true, Ordering::Acquire) {
+            return ret(SmError::Busy);
+        }
+        // SAFETY: `busy` was false and is now ours, so no other call is between these two
+        // stores of `busy`: this is the only reference to the flight state until it is released.
+        let flight = unsafe { &mut *self.flight.get() };
+        let out = self.call_locked(flight, regs);
         self.busy.store(false, Ordering::Release);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::sync::atomic::AtomicU64;
+    use std::boxed::Box;
+    use std::vec;
+
+    struct NoVm;
+    impl EventChannel for NoVm {
+        fn notify(&self, _port: u32) {}
+    }
+    struct TestClock(AtomicU64);
+    impl Clock for TestClock {
+        fn now_ns(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn sleep_ns(&self, ns: u64) {
+            self.0.fetch_add(ns, Ordering::SeqCst);
+        }
+        fn relax(&self) {
+            self.0.fetch_add(100_000, Ordering::SeqCst);
+        }
+    }
+
+    /// A mailbox page in a heap buffer, with a Trusty VM the test plays by hand. Reached only
+    /// through the raw pointer (as the peer would), never through a reference.
+    struct Page(NonNull<u64>);
+    const WORDS: usize = 512;
+    impl Page {
+        fn new() -> Page {
+            let b: Box<[u64]> = vec![0u64; WORDS].into_boxed_slice();
+            Page(NonNull::new(Box::into_raw(b).cast::<u64>()).unwrap())
+        }
+        fn ptr(&self) -> NonNull<u8> {
+            self.0.cast()
+        }
+        fn word(&self, i: usize) -> *mut u64 {
+            assert!(i < WORDS);
+            // SAFETY: i is inside the allocation.
+            unsafe { self.0.as_ptr().add(i) }
+        }
+        fn read(&self, i: usize) -> u64 {
+            // SAFETY: in bounds (`word`), aligned, the allocation lives until drop.
+            unsafe { self.word(i).read_volatile() }
+        }
+        fn write(&self, i: usize, v: u64) {
+            // SAFETY: as in `read`.
+            unsafe { self.word(i).write_volatile(v) }
+        }
+        fn u32_at(&self, off: usize) -> u32 {
+            let w = self.read(off / 8);
+            (if off.is_multiple_of(8) { w } else { w >> 32 }) as u32
+        }
+        /// The VM answers request `seq` with `w0`.
+        fn answer(&self, seq: u32, w0: i32) {
+            self.write(OFF_RESPONSE / 8, u64::from(w0 as u32));
+            let w = self.read(OFF_RSP_SEQ / 8);
+            self.write(OFF_RSP_SEQ / 8, (w & 0xFFFF_FFFF_0000_0000) | u64::from(seq));
+        }
+        fn request_fid(&self) -> u32 {
+            self.read(OFF_REQUEST / 8) as u32
+        }
+    }
+    impl Drop for Page {
+        fn drop(&mut self) {
+            let slice = core::ptr::slice_from_raw_parts_mut(self.0.as_ptr(), WORDS);
+            // SAFETY: made by Box::into_raw of a boxed slice of WORDS words in `new`.
+            drop(unsafe { Box::from_raw(slice) });
+        }
+    }
+
+    fn r(c: &MailboxConduit, f: u32) -> i32 {
+        c.call([u64::from(f), 0, 0, 0, 0, 0, 0, 0])[0] as u32 as i32
+    }
+
+    #[test]
+    fn a_taken_call_is_never_published_twice() {
+        let page = Page::new();
+        let clock = Arc::new(TestClock(AtomicU64::new(0)));
+        // SAFETY: the page outlives the conduit (both live to the end of the test), nothing else uses it.
+        let c = unsafe { MailboxConduit::new(page.ptr(), Arc::new(NoVm), clock, 1, 10) };
+        let start = call::SC_VIRTIO_START;
+        assert_eq!(r(&c, start), SmError::Interrupted.code(), "a timeout says: taken, not finished");
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1);
+        // Still unanswered: a restart publishes nothing, a fresh call is BUSY (not executed).
+        assert_eq!(r(&c, call::SC_RESTART_LAST), SmError::Interrupted.code());
+        assert_eq!(r(&c, call::SC_VIRTIO_STOP), SmError::Busy.code());
+        assert_eq!(r(&c, call::SC_NOP), SmError::NopInterrupted.code());
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1, "nothing new published while request 1 is outstanding");
+        assert_eq!(page.request_fid(), start);
+        // The VM answers late: the restart collects that answer, still without a new request.
+        page.answer(1, 77);
+        assert_eq!(r(&c, call::SC_RESTART_LAST), 77);
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1);
+        // Then calls flow again, each as a new request.
+        assert_eq!(r(&c, call::SC_VIRTIO_STOP), SmError::Interrupted.code());
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 2);
+        assert_eq!(page.request_fid(), call::SC_VIRTIO_STOP);
     }
 }

@@ -113,6 +113,17 @@ pub trait Sharer: Send {
     fn live_shares(&self) -> usize;
     /// The most live shares the platform allows, if it limits them.
     fn budget(&self) -> Option<usize>;
+    /// The id to hand Trusty where it decodes normal-world memory attributes from the id even
+    /// below API 4: the virtio descriptor page of GET_DESCR/START/STOP. Linux shares that page
+    /// with `trusty_share_memory` (physical address plus attributes at API < 4) and only vrings
+    /// and message buffers with `trusty_share_memory_compat` (attributes masked off); Trusty
+    /// before 2019 decodes those three calls' argument with `sm_decode_ns_memory_attr`, which
+    /// refuses attribute 0. `id` is what [`Sharer::share`] returned (and stays the id to
+    /// reclaim). Default: `id` itself (handles and grants carry no attributes).
+    fn attributed_id(&self, id: MemoryId, access: Access) -> MemoryId {
+        let _ = access;
+        id
+    }
 }
 
 /// Memory that was shared and could not be taken back, so it is kept forever.
@@ -227,6 +238,15 @@ impl SharedMemory {
                 Err(e)
             }
         }
+    }
+
+    /// Keeps a shared buffer allocated and shared for good (counted as leaked): for memory the
+    /// peer may still use, e.g. while a standard call that refers to it is pending.
+    pub fn leak(&mut self, buf: SharedBuf) {
+        self.leaked.regions += 1;
+        self.leaked.pages += buf.region.pages();
+        // SharedBuf has no destructor: dropping it keeps the pages allocated and shared.
+        drop(buf);
     }
 
     pub fn leaked(&self) -> LeakStats {

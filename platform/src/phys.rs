@@ -239,6 +239,16 @@ impl Sharer for AddressSharer {
     fn budget(&self) -> Option<usize> {
         self.budget
     }
+
+    /// A bare id (API < 4) becomes the §3.2 encoding with attributes, as Linux's
+    /// `trusty_share_memory` returns it before `trusty_share_memory_compat` masks it; compat ids
+    /// already carry them.
+    fn attributed_id(&self, id: MemoryId, access: Access) -> MemoryId {
+        match self.kind {
+            AddressKind::Bare => MemoryId(encode_compat(id.0, access)),
+            AddressKind::Compat => id,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +327,22 @@ mod tests {
         assert_eq!(s.live_shares(), 1);
         s.reclaim(id2).unwrap();
         assert_eq!(s.live_shares(), 0);
+    }
+
+    #[test]
+    fn descriptor_page_id_carries_attributes_below_api_4() {
+        let r = PhysRange { addr: 0x4000_2000, pages: 1 };
+        let mut bare = AddressSharer::new(AddressKind::Bare);
+        let id = bare.share(&[r], RW).unwrap();
+        assert_eq!(id, MemoryId(0x4000_2000));
+        let attr = bare.attributed_id(id, RW);
+        assert_eq!(attr, MemoryId(encode_compat(0x4000_2000, RW)));
+        assert_eq!(decode_compat(attr.0), Ok((0x4000_2000, false)));
+        // The bare id stays the one to reclaim.
+        bare.reclaim(id).unwrap();
+        let mut compat = AddressSharer::new(AddressKind::Compat);
+        let id = compat.share(&[r], RW).unwrap();
+        assert_eq!(compat.attributed_id(id, RW), id);
     }
 
     #[test]

@@ -11,6 +11,13 @@ use core::fmt;
 pub trait Conduit: Send + Sync {
     /// Make the call and return x0..x7 as the secure side left them.
     fn call(&self, regs: [u64; 8]) -> [u64; 8];
+
+    /// Why this transport can carry no further call, once it knows (e.g. an FF-A direct request
+    /// it had to give up while Trusty still ran it). The call discipline turns it into a sticky
+    /// [`crate::Error::TransportFailed`]. Default: never.
+    fn failure(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Function-id encoding (spec §2.1).

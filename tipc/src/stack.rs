@@ -111,7 +111,8 @@ impl From<trusty_platform::Error> for BringUpError {
 /// What bring-up learned and decided.
 #[derive(Clone, Debug)]
 pub struct BringUp {
-    pub version: String,
+    /// Trusty's version string; `None` when Trusty would not give it (the call is optional).
+    pub version: Option<String>,
     pub api_version: u32,
     pub facts: PlatformFacts,
     pub plan: SharingPlan,
@@ -158,7 +159,8 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
             let part = discover(&*p.conduit, |out| sharer.read_rx(out))?;
             let own = sharer.own_id();
             ffa_sharer = Some(sharer);
-            Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part.id))
+            // FFA_INTERRUPT is followed for as long as one standard call may take.
+            Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part, p.clock.clone(), cfg.calls.std_call_timeout_ms))
         }
         CallTransport::XenMailbox { backend_domid, call_evtchn, .. } => {
             let events = p.events.clone().ok_or(Error::Unsupported("no event channels on this platform"))?;
@@ -171,7 +173,8 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
     };
 
     let mut trusty = Trusty::new(calls, p.clock.clone(), cfg.calls);
-    let version = trusty.version_string()?;
+    // Optional, as in Linux's trusty_init_version: a failure is logged and bring-up goes on.
+    let version = trusty.version_string_or_log()?;
     let ceiling = cfg.force_mechanism.map_or(api_ceiling(&facts), |m| api_ceiling(&facts).min(api_ceiling_of(m)));
     let api_version = trusty.negotiate_api(ceiling)?;
     facts.api_version = Some(api_version);
@@ -202,7 +205,7 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
     let facts_done = facts;
     carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg)
         .map(|dev| {
-            log::info!("Trusty '{version}', API {api_version}; {plan}");
+            log::info!("Trusty '{}', API {api_version}; {plan}", version.as_deref().unwrap_or("unknown"));
             (dev, BringUp { version: version.clone(), api_version, facts: facts_done, plan })
         })
         .map_err(|error| BringUpError::AfterPlan { plan: Box::new(plan), error })
@@ -276,7 +279,8 @@ pub fn bring_up(
     cfg: StackConfig,
 ) -> Result<(TipcDevice, BringUp), Error> {
     let mut trusty = Trusty::new(conduit.clone(), clock, cfg.calls);
-    let version = trusty.version_string()?;
+    // Optional, as in Linux's trusty_init_version: a failure is logged and bring-up goes on.
+    let version = trusty.version_string_or_log()?;
     let api_version = trusty.negotiate_api(api::CURRENT)?;
     if api_version < api::MEM_OBJ {
         return Err(Error::Unsupported("Trusty API version below 5 needs the platform's device tree (bring_up_platform)"));

@@ -69,6 +69,9 @@ pub struct Bus {
     trusty: Trusty,
     mem: SharedMemory,
     descr: Option<SharedBuf>,
+    /// The descriptor page's id as GET_DESCR/START/STOP pass it: with memory attributes even
+    /// below API 4 ([`trusty_platform::mem::Sharer::attributed_id`]).
+    descr_arg: MemoryId,
     descr_size: u32,
     vdevs: Vec<VdevInfo>,
     started: bool,
@@ -76,7 +79,7 @@ pub struct Bus {
 
 impl Bus {
     pub fn new(trusty: Trusty, mem: SharedMemory) -> Self {
-        Bus { trusty, mem, descr: None, descr_size: 0, vdevs: Vec::new(), started: false }
+        Bus { trusty, mem, descr: None, descr_arg: MemoryId(0), descr_size: 0, vdevs: Vec::new(), started: false }
     }
 
     pub fn trusty(&mut self) -> &mut Trusty {
@@ -103,7 +106,9 @@ impl Bus {
             return Err(BusError::State("descriptor already fetched"));
         }
         let page = self.mem.alloc_shared(PAGE_SIZE, Access::ReadWrite)?;
-        let id = page.id();
+        // Linux trusty_virtio_probe: the descriptor page is shared with trusty_share_memory, so
+        // its id keeps the memory attributes at API < 4 (vrings and buffers do not).
+        let id = self.mem.sharer().attributed_id(page.id(), Access::ReadWrite);
         let get_descr = |trusty: &mut Trusty| trusty.std_call(call::SC_VIRTIO_GET_DESCR, id.lo(), id.hi(), PAGE_SIZE as u32);
         let mut answer = get_descr(&mut self.trusty);
         if answer == Err(trusty_platform::Error::Sm(SmError::NotAllowed)) {
@@ -121,7 +126,7 @@ impl Bus {
         let size = match answer {
             Ok(size) => size,
             Err(e) => {
-                let _ = self.mem.release(page);
+                let _ = self.give_back(page);
                 return Err(e.into());
             }
         };
@@ -139,6 +144,7 @@ impl Bus {
             }
         };
         self.descr = Some(page);
+        self.descr_arg = id;
         self.descr_size = size;
         self.vdevs = vdevs;
         Ok((0..self.vdevs.len()).map(VdevHandle).collect())
@@ -208,7 +214,10 @@ impl Bus {
     /// VIRTIO_START with the exact size GET_DESCR returned (spec §5.5 step 6). The caller
     /// rescans its rings afterwards: Trusty sends GO_ONLINE inside this call.
     pub fn start(&mut self) -> Result<(), BusError> {
-        let id = self.descr.as_ref().ok_or(BusError::State("start before descriptor"))?.id();
+        if self.descr.is_none() {
+            return Err(BusError::State("start before descriptor"));
+        }
+        let id = self.descr_arg;
         if self.started {
             return Err(BusError::State("already started"));
         }
@@ -237,7 +246,7 @@ impl Bus {
     /// and their memory reclaimed first.
     pub fn stop(&mut self) -> Result<(), BusError> {
         let Some(page) = self.descr.take() else { return Ok(()) };
-        let id = page.id();
+        let id = self.descr_arg;
         let stop = if self.started {
             self.trusty.std_call(call::SC_VIRTIO_STOP, id.lo(), id.hi(), self.descr_size).map(|_| ())
         } else {
@@ -245,10 +254,24 @@ impl Bus {
         };
         self.started = false;
         self.vdevs.clear();
-        // Even when STOP failed the page is offered back; a denied reclaim leaks it.
-        let reclaim = self.mem.release(page);
+        // Even when STOP failed the page is offered back; a denied reclaim leaks it, and so
+        // does a STOP that Trusty still holds (it may still use the page).
+        let reclaim = self.give_back(page);
         stop?;
         reclaim?;
+        Ok(())
+    }
+
+    /// Reclaims and frees a page the bus shared, unless a standard call that refers to it is
+    /// still pending in Trusty after a timeout: then the page is leaked (and counted), because
+    /// Trusty may still write it when it finishes the call.
+    fn give_back(&mut self, page: SharedBuf) -> Result<(), BusError> {
+        if let Some(p) = self.trusty.pending_call() {
+            log::warn!("Trusty still holds standard call {:#x}; leaking {} instead of freeing it", p.fid, page.id());
+            self.mem.leak(page);
+            return Ok(());
+        }
+        self.mem.release(page)?;
         Ok(())
     }
 }

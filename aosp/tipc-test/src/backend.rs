@@ -65,7 +65,7 @@ impl SimBackend {
                 let describe = format!(
                     "{mode}: platform {}, embedded Trusty model '{}' ({} variant), API {}",
                     profile.name,
-                    info.version,
+                    info.version.as_deref().unwrap_or("unknown"),
                     profile.machine.model.variant.name(),
                     info.api_version
                 );

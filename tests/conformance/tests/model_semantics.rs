@@ -187,7 +187,6 @@ fn share_cap_in_the_model_is_enforced_and_counted() {
 }
 
 #[test]
-#[ignore = "needs the stack-side fix of the `calls` branch: a BUSY answer to RESTART_LAST must restart again, not re-issue the call"]
 fn stack_collects_an_unfinished_call_below_api_2_from_the_upstream_model() {
     // Upstream sm_get_stdcall_ret() answers BUSY to RESTART_LAST while the call is unfinished at
     // API < 2; Linux's trusty_std_call32() keeps RESTART_LAST in its BUSY loop. A discipline that

@@ -93,7 +93,7 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
         }
     };
     say(format_args!("{}", info.plan));
-    say(format_args!("tipc-stack: Trusty '{}', API {}", info.version, info.api_version));
+    say(format_args!("tipc-stack: Trusty '{}', API {}", info.version.as_deref().unwrap_or("unknown"), info.api_version));
     let mut backend = DeviceBackend::new(dev, format!("bare metal, {}", info.plan));
     let params = Params { silent: true, ..Default::default() };
     let mut rng = Rng::new(m.clock.now_ns() | 1);

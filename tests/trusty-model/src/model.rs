@@ -97,6 +97,14 @@ pub struct ModelConfig {
     pub descriptor_override: Option<Vec<u8>>,
     /// XENVER_get_features submap 0 as the simulated hypervisor answers it (None: no Xen).
     pub xen_features: Option<u32>,
+    /// Whether SMC_FC_GET_VERSION_STR exists (`false`: answered SM_ERR_UNDEFINED_SMC, as by a
+    /// Trusty whose fast-call table has no entry for it, lib/sm/smcall.c `smc_undefined`).
+    pub has_version_str: bool,
+    /// Trusty before 2019: GET_DESCR/START/STOP decode their memory argument with
+    /// `smc32_decode_mem_buf_info` -> `sm_decode_ns_memory_attr` (lib/sm/ns_mem.c) whatever the
+    /// API version, so a bare address (attribute 0) is ERR_NOT_SUPPORTED, and
+    /// `get_ns_mem_buf` (lib/trusty/smcall.c) refuses read-only or EL0 memory (ERR_INVALID_ARGS).
+    pub mem_buf_attrs_required: bool,
 }
 
 impl Default for ModelConfig {
@@ -114,6 +122,8 @@ impl Default for ModelConfig {
             deferred: false,
             variant: Variant::Upstream,
             descriptor_override: None,
+            has_version_str: true,
+            mem_buf_attrs_required: false,
         }
     }
 }
@@ -137,6 +147,18 @@ pub struct Injection {
     pub panic: bool,
     /// Answer every standard call and NOP with SM_ERR_BUSY (a wedged secure side).
     pub always_busy: bool,
+    /// Trusty VM slower than the guest's mailbox timeout (descheduled by Xen, say): the next
+    /// `mailbox_slow_std_calls` standard calls taken from the mailbox are executed at once but
+    /// answered `mailbox_delay_ms` later. Not a Trusty behaviour: a test of the transport.
+    pub mailbox_slow_std_calls: u32,
+    pub mailbox_delay_ms: u64,
+    /// A hung Trusty VM: requests are seen (and counted) but never executed or answered.
+    pub mailbox_silent: bool,
+    /// Answer the next N FF-A direct requests and FFA_RUNs with FFA_INTERRUPT (u32::MAX:
+    /// forever), as an SPMC does when a normal-world interrupt preempts the partition (FF-A
+    /// 1.1 §8.3 "FFA_INTERRUPT"); an interrupted direct request is finished by a later FFA_RUN,
+    /// which returns its FFA_MSG_SEND_DIRECT_RESP.
+    pub ffa_interrupt: u32,
 }
 
 /// Counters of the whole model.
@@ -156,6 +178,8 @@ pub struct ModelStats {
     pub ffa_direct_requests: u64,
     /// Calls that arrived through the Xen mailbox.
     pub mailbox_calls: u64,
+    /// Mailbox requests a hung VM (`Injection::mailbox_silent`) saw and never answered.
+    pub mailbox_unanswered: u64,
     pub shares: ShareStats,
     pub tipc: TipcDevStats,
 }
@@ -204,6 +228,10 @@ pub struct Model {
     queued_result: Option<i32>,
     /// A Trusty VM's mapping of the guest's mailbox page.
     mailbox: Option<crate::mem::Mapping>,
+    /// The last request a hung VM saw (so each is counted once).
+    mailbox_seen: u32,
+    /// The answer of a direct request preempted by FFA_INTERRUPT, returned by the next FFA_RUN.
+    ffa_resumed: Option<[u64; 8]>,
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -256,6 +284,8 @@ impl Model {
             queued_std: None,
             queued_result: None,
             mailbox: None,
+            mailbox_seen: 0,
+            ffa_resumed: None,
             inject: Injection::default(),
             stats: ModelStats::default(),
             cfg,
@@ -410,7 +440,14 @@ impl Model {
         let magic = read_u32(&m, mb::OFF_MAGIC, &mut word);
         let req = read_u32(&m, mb::OFF_REQ_SEQ, &mut word);
         let rsp = read_u32(&m, mb::OFF_RSP_SEQ, &mut word);
-        let served = magic == mb::MAILBOX_MAGIC && req != rsp;
+        let mut served = magic == mb::MAILBOX_MAGIC && req != rsp;
+        if served && self.inject.mailbox_silent {
+            if req != self.mailbox_seen {
+                self.mailbox_seen = req;
+                self.stats.mailbox_unanswered += 1;
+            }
+            served = false;
+        }
         if served {
             core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
             let mut raw = [0u8; 64];
@@ -421,6 +458,11 @@ impl Model {
                 }
             }
             let out = self.mailbox_call(regs);
+            let std_call = !fid::is_fast(regs[0] as u32) && regs[0] as u32 != call::SC_NOP;
+            if std_call && self.inject.mailbox_slow_std_calls > 0 {
+                self.inject.mailbox_slow_std_calls -= 1;
+                self.clock.sleep_ns(self.inject.mailbox_delay_ms.saturating_mul(1_000_000));
+            }
             for (i, r) in out.iter().enumerate() {
                 raw[i * 8..i * 8 + 8].copy_from_slice(&r.to_le_bytes());
             }
@@ -471,6 +513,7 @@ impl Model {
     /// sm_get_api_version() has locked it).
     fn fast_call(&mut self, f: u32, a: [u32; 3]) -> i32 {
         match f {
+            call::FC_GET_VERSION_STR if !self.cfg.has_version_str => SmError::UndefinedSmc.code(),
             call::FC_GET_VERSION_STR => {
                 let v = self.cfg.version.as_bytes();
                 match a[0] {
@@ -617,6 +660,13 @@ impl Model {
 
     fn exec_std(&mut self, f: u32, a: [u32; 3], client: u64) -> i32 {
         let id = u64::from(a[0]) | (u64::from(a[1]) << 32);
+        if self.cfg.mem_buf_attrs_required
+            && matches!(f, call::SC_VIRTIO_GET_DESCR | call::SC_VIRTIO_START | call::SC_VIRTIO_STOP)
+        {
+            if let Err(e) = Self::decode_mem_buf(id) {
+                return lk_to_sm(e);
+            }
+        }
         let r = match f {
             call::SC_LOCKED_NOP => 0,
             call::SC_VIRTIO_GET_DESCR => self.get_descr(id, a[2], client),
@@ -637,6 +687,21 @@ impl Model {
     }
 
     // ----- virtio bus (spec §5.5, §5.6) ------------------------------------------------------
+
+    /// Trusty before 2019 (lib/trusty/smcall.c `get_ns_mem_buf` over lib/sm/ns_mem.c
+    /// `smc32_decode_mem_buf_info` / `sm_decode_ns_memory_attr`): the id must carry attributes
+    /// of normal cached inner-shareable or uncached memory (MAIR 0 = device strongly-ordered,
+    /// which a bare address reads as, is ERR_NOT_SUPPORTED), and the memory must be read-write
+    /// and not EL0 (else ERR_INVALID_ARGS).
+    fn decode_mem_buf(id: u64) -> Result<(), i32> {
+        use trusty_platform::phys::{decode_compat, AP_EL0};
+        match decode_compat(id) {
+            Err(_) => Err(lk::ERR_NOT_SUPPORTED),
+            Ok((_, true)) => Err(lk::ERR_INVALID_ARGS),
+            Ok(_) if id & AP_EL0 != 0 => Err(lk::ERR_INVALID_ARGS),
+            Ok(_) => Ok(()),
+        }
+    }
 
     /// Upstream lib/trusty/trusty_virtio.c virtio_get_description(): create_new_bus() for the
     /// caller's client id; if that client already has a bus the call is refused with
@@ -901,9 +966,36 @@ impl Model {
         [u64::from(func::MSG_SEND_DIRECT_RESP), (u64::from(ffa::TRUSTY_ENDPOINT_ID) << 16) | (regs[1] >> 16), 0, u64::from(answer as u32), 0, 0, 0, 0]
     }
 
+    /// FFA_INTERRUPT injection (see [`Injection::ffa_interrupt`]) and the FFA_RUN that resumes
+    /// a preempted direct request.
+    fn ffa_preempt(&mut self, f: u32, regs: &[u64; 8]) -> Option<[u64; 8]> {
+        if !matches!(f, func::MSG_SEND_DIRECT_REQ | func::RUN) {
+            return None;
+        }
+        if f == func::MSG_SEND_DIRECT_REQ && self.ffa_resumed.is_some() {
+            // The partition is still inside the preempted request.
+            return Some(ffa_error(ffa::err::BUSY));
+        }
+        if self.inject.ffa_interrupt == 0 {
+            return if f == func::RUN { self.ffa_resumed.take() } else { None };
+        }
+        if self.inject.ffa_interrupt != u32::MAX {
+            self.inject.ffa_interrupt -= 1;
+        }
+        let vcpu = if f == func::RUN { regs[1] & 0xFFFF } else { 0 };
+        if f == func::MSG_SEND_DIRECT_REQ {
+            let out = self.direct_request(regs);
+            self.ffa_resumed = Some(out);
+        }
+        Some([u64::from(func::INTERRUPT), (u64::from(ffa::TRUSTY_ENDPOINT_ID) << 16) | vcpu, 0, 0, 0, 0, 0, 0])
+    }
+
     fn ffa_call(&mut self, f: u32, regs: &[u64; 8]) -> [u64; 8] {
         if !self.cfg.ffa {
             return ret(-1);
+        }
+        if let Some(out) = self.ffa_preempt(f, regs) {
+            return out;
         }
         match f {
             func::VERSION => ret(ffa::VERSION_1_0 as i32),
