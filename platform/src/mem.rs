@@ -113,6 +113,14 @@ pub trait Sharer: Send {
     fn live_shares(&self) -> usize;
     /// The most live shares the platform allows, if it limits them.
     fn budget(&self) -> Option<usize>;
+    /// Gives back what the mechanism itself holds (FF-A's RX/TX buffer pair: unmapped with
+    /// FFA_RXTX_UNMAP, then freed into `allocator`). Called once at teardown, after every share
+    /// was reclaimed; later shares fail. Pages the peer would not give back are leaked, not freed,
+    /// and the error says why. The default holds nothing.
+    fn close(&mut self, allocator: &mut dyn PageAllocator) -> Result<(), Error> {
+        let _ = allocator;
+        Ok(())
+    }
 }
 
 /// Memory that was shared and could not be taken back, so it is kept forever.
@@ -233,11 +241,28 @@ impl SharedMemory {
         self.leaked
     }
 
+    /// Teardown's last step: the sharer gives back what it holds for itself (see
+    /// [`Sharer::close`]). Idempotent; buffers still shared stay the caller's to release first.
+    pub fn close(&mut self) -> Result<(), Error> {
+        self.sharer.close(&mut *self.allocator)
+    }
+
     pub fn sharer(&self) -> &dyn Sharer {
         &*self.sharer
     }
 
     pub fn sharer_mut(&mut self) -> &mut dyn Sharer {
         &mut *self.sharer
+    }
+}
+
+/// A safety net for every path that drops the memory without [`SharedMemory::close`] (a
+/// bring-up that fails half-way): the sharer still gives back what it holds, so that repeated
+/// bring-ups do not leak the mechanism's own pages (FF-A's RX/TX pair).
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::warn!("closing the sharer on drop: {e}");
+        }
     }
 }
