@@ -162,6 +162,10 @@ impl Ctx<'_> {
     pub fn set_used_idx(&self, ring: RingAt, idx: u16) {
         self.ram.write_u16(ring.used_idx(), idx);
     }
+    /// used.flags: bit 0 (VRING_USED_F_NO_NOTIFY) tells the driver not to kick.
+    pub fn set_used_flags(&self, ring: RingAt, flags: u16) {
+        self.ram.write_u16(ring.pa + ring.used_off, flags);
+    }
     pub fn avail_idx(&self, ring: RingAt) -> u16 {
         self.read_u16(ring.avail_idx())
     }
@@ -187,6 +191,15 @@ impl Ctx<'_> {
         }
         let pa = id & !(PAGE_SIZE as u64 - 1) & 0x0000_FFFF_FFFF_FFFF;
         self.ram.contains(pa, PAGE_SIZE).then(|| vec![PhysRange { addr: pa, pages: 1 }])
+    }
+    /// Reads from the buffer a memory id names (first range), at `offset`.
+    pub fn read_buffer(&self, id: u64, offset: u64, out: &mut [u8]) -> bool {
+        match self.ranges_of(id).and_then(|r| r.first().copied()) {
+            Some(r) if offset + out.len() as u64 <= u64::from(r.pages) * PAGE_SIZE as u64 => {
+                self.ram.read(r.addr + offset, out)
+            }
+            _ => false,
+        }
     }
     /// Writes into the buffer a memory id names (first range), at `offset`.
     pub fn write_buffer(&self, id: u64, offset: u64, bytes: &[u8]) -> bool {
