@@ -576,6 +576,8 @@ mod tests {
         WrongOffset,
         /// Answers the first FFA_MEM_FRAG_TX with FFA_ERROR(NO_MEMORY).
         FailFragTx,
+        /// Refuses FFA_RXTX_UNMAP.
+        RefuseUnmap,
     }
 
     const COOKIE: u64 = 0x1234_5678_9ABC_DEF0;
@@ -631,8 +633,14 @@ mod tests {
                 func::VERSION => [u64::from(VERSION_1_0), 0, 0, 0, 0, 0, 0, 0],
                 func::FEATURES | func::MEM_RECLAIM => ok,
                 func::ID_GET => [u64::from(func::SUCCESS), 0, 5, 0, 0, 0, 0, 0],
+                func::RXTX_MAP64 if st.tx != 0 => error(err::DENIED),
                 func::RXTX_MAP64 => {
                     st.tx = regs[1];
+                    ok
+                }
+                func::RXTX_UNMAP if self.quirk == Quirk::RefuseUnmap || st.tx == 0 => error(err::INVALID_PARAMETERS),
+                func::RXTX_UNMAP => {
+                    st.tx = 0;
                     ok
                 }
                 func::MEM_SHARE => {
@@ -734,6 +742,84 @@ mod tests {
             assert_eq!(reclaim.len(), 1);
             assert_eq!(reclaim[0][1] | (reclaim[0][2] << 32), COOKIE);
         }
+    }
+
+    /// HeapPages that counts the pages it has handed out and not yet taken back.
+    struct Counted(usize);
+
+    impl PageAllocator for Counted {
+        fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion> {
+            self.0 += pages;
+            HeapPages.alloc_zeroed(pages)
+        }
+        unsafe fn free(&mut self, region: DmaRegion) {
+            self.0 -= region.pages();
+            // SAFETY: forwarded with the caller's guarantee; the region came from HeapPages.
+            unsafe { HeapPages.free(region) };
+        }
+    }
+
+    #[test]
+    fn close_unmaps_the_rxtx_pair_then_frees_it() {
+        let fake = Reassembler::new(Quirk::None);
+        let mut pages = Counted(0);
+        let mut sharer = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        assert_eq!(pages.0, 2);
+        assert!(sharer.rxtx_mapped());
+        sharer.close(&mut pages).unwrap();
+        assert_eq!(pages.0, 0, "both pages freed");
+        assert!(!sharer.rxtx_mapped());
+        let unmap = calls_of(&fake, func::RXTX_UNMAP);
+        assert_eq!(unmap.len(), 1);
+        assert_eq!(unmap[0][1], 0, "w1 (endpoint id) is 0 from an endpoint");
+        // Idempotent, and a closed sharer refuses to share (it has no TX buffer).
+        sharer.close(&mut pages).unwrap();
+        assert_eq!(calls_of(&fake, func::RXTX_UNMAP).len(), 1);
+        assert!(matches!(sharer.share(&scattered(1), Access::ReadOnly), Err(Error::InvalidArgument(_))));
+        let mut out = [0xAAu8; 8];
+        sharer.read_rx(&mut out);
+        assert_eq!(out, [0; 8]);
+        // The pair can be mapped again by a new sharer.
+        let mut again = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        again.close(&mut pages).unwrap();
+        assert_eq!(pages.0, 0);
+    }
+
+    #[test]
+    fn a_refused_unmap_keeps_the_pages() {
+        let fake = Reassembler::new(Quirk::RefuseUnmap);
+        let mut pages = Counted(0);
+        let mut sharer = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        assert_eq!(sharer.close(&mut pages), Err(Error::Ffa { call: "FFA_RXTX_UNMAP", code: err::INVALID_PARAMETERS }));
+        assert_eq!(pages.0, 2, "still mapped, so never freed");
+        assert!(sharer.rxtx_mapped());
+    }
+
+    #[test]
+    fn a_stale_pair_is_unmapped_and_mapped_again() {
+        let fake = Reassembler::new(Quirk::None);
+        let mut pages = Counted(0);
+        let first = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        core::mem::forget(first); // a run that never tore down
+        let mut second = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        assert_eq!(calls_of(&fake, func::RXTX_MAP64).len(), 3, "map, DENIED, map again");
+        assert_eq!(calls_of(&fake, func::RXTX_UNMAP).len(), 1);
+        second.close(&mut pages).unwrap();
+        assert_eq!(pages.0, 2, "only the forgotten run's pages remain");
+    }
+
+    #[test]
+    fn a_refused_map_frees_the_pages() {
+        let fake = Reassembler::new(Quirk::RefuseUnmap);
+        let mut pages = Counted(0);
+        let first = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        core::mem::forget(first);
+        // DENIED, and the stale pair cannot be unmapped: the new pages go back at once.
+        assert_eq!(
+            FfaSharer::new(fake.clone(), &mut pages, None).err(),
+            Some(Error::Ffa { call: "FFA_RXTX_UNMAP", code: err::INVALID_PARAMETERS })
+        );
+        assert_eq!(pages.0, 2);
     }
 
     #[test]
