@@ -3,7 +3,7 @@
 # committed seeds in fuzz/seeds, and fails on any crash. Installs what it needs itself: the
 # nightly toolchain (cargo-fuzz builds with sanitizers) and cargo-fuzz.
 #
-#   scripts/fuzz.sh              every target, FUZZ_SECONDS (default 25) each
+#   scripts/fuzz.sh              every target, FUZZ_SECONDS (default 15) each
 #   scripts/fuzz.sh rsc_parse    one target
 #
 # The committed seeds are only read: new inputs go to a scratch corpus that is thrown away.
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SECONDS_PER_TARGET=${FUZZ_SECONDS:-25}
+SECONDS_PER_TARGET=${FUZZ_SECONDS:-15}
 
 step() { printf '\n==> %s\n' "$*"; }
 
