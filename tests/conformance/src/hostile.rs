@@ -13,7 +13,9 @@
 //! memory id that was shared. To find them the peer follows the bring-up as it goes through:
 //! FFA_RXTX_MAP tells it where the TX buffer is, each FFA_MEM_SHARE's descriptor (read from
 //! there) which pages a handle names, and VIRTIO_START's descriptor page where the vrings are.
-//! Address ids (API < 5) are taken as addresses.
+//! Address ids (API < 5) are taken as addresses. The rings are found from a START made as a
+//! plain standard call (the SMC transport); behind FF-A direct requests or a Xen mailbox the
+//! peer still replaces answers but does not learn where the rings are.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
