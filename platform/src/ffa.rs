@@ -250,10 +250,12 @@ pub struct FfaSharer {
     conduit: Arc<dyn Conduit>,
     own_id: u16,
     receiver: u16,
-    tx: DmaRegion,
-    // Mapped with the TX buffer for the lifetime of the sharer (FFA_RXTX_MAP takes both); the
-    // producer writes answers such as partition information here.
-    rx: DmaRegion,
+    /// The TX buffer (descriptors go here), mapped with FFA_RXTX_MAP until [`Sharer::close`].
+    /// `None` once unmapped and freed.
+    tx: Option<DmaRegion>,
+    /// Mapped with the TX buffer (FFA_RXTX_MAP takes both); the producer writes answers such as
+    /// partition information here.
+    rx: Option<DmaRegion>,
     live: usize,
     budget: Option<usize>,
     allow_fragments: bool,
@@ -289,10 +291,51 @@ impl FfaSharer {
         let id = ffa_call(&*conduit, [u64::from(func::ID_GET), 0, 0, 0, 0, 0, 0, 0], "FFA_ID_GET")?;
         let own_id = id[2] as u16;
         let tx = allocator.alloc_zeroed(1).ok_or(Error::OutOfMemory)?;
-        let rx = allocator.alloc_zeroed(1).ok_or(Error::OutOfMemory)?;
+        let Some(rx) = allocator.alloc_zeroed(1) else {
+            // SAFETY: the page was never mapped or shared; nobody else has seen it.
+            unsafe { allocator.free(tx) };
+            return Err(Error::OutOfMemory);
+        };
         let map = [u64::from(func::RXTX_MAP64), tx.paddr(), rx.paddr(), 1, 0, 0, 0, 0];
-        ffa_call(&*conduit, map, "FFA_RXTX_MAP")?;
-        Ok(FfaSharer { conduit, own_id, receiver: TRUSTY_ENDPOINT_ID, tx, rx, live: 0, budget, allow_fragments })
+        let mut mapped = ffa_call(&*conduit, map, "FFA_RXTX_MAP");
+        if let Err(Error::Ffa { code: err::DENIED, .. }) = mapped {
+            // A pair is already registered for this endpoint (FF-A v1.0 §7.2: DENIED; Xen's
+            // mediator: "Already mapped"). At this instance there is one normal-world endpoint,
+            // us, so the pair is a stale one from an earlier run that never tore down (a guest
+            // reboot, a crashed loader): unmap it and map ours once more.
+            log::warn!("FF-A RX/TX pair already mapped (an earlier run did not tear down); unmapping it");
+            let unmap = [u64::from(func::RXTX_UNMAP), 0, 0, 0, 0, 0, 0, 0];
+            mapped = ffa_call(&*conduit, unmap, "FFA_RXTX_UNMAP").and_then(|_| ffa_call(&*conduit, map, "FFA_RXTX_MAP"));
+        }
+        if let Err(e) = mapped {
+            // A refused FFA_RXTX_MAP maps nothing (FF-A v1.0 §7.2), so the pages are ours again.
+            // SAFETY: the producer refused the pair; neither page was ever visible to it.
+            unsafe {
+                allocator.free(tx);
+                allocator.free(rx);
+            }
+            return Err(e);
+        }
+        Ok(FfaSharer {
+            conduit,
+            own_id,
+            receiver: TRUSTY_ENDPOINT_ID,
+            tx: Some(tx),
+            rx: Some(rx),
+            live: 0,
+            budget,
+            allow_fragments,
+        })
+    }
+
+    /// Whether the RX/TX pair is still mapped (until [`Sharer::close`]).
+    pub fn rxtx_mapped(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// The TX buffer, or why there is none.
+    fn tx_buf(&self) -> Result<&DmaRegion, Error> {
+        self.tx.as_ref().ok_or(Error::InvalidArgument("FF-A RX/TX buffers were unmapped (the sharer is closed)"))
     }
 
     /// Our FF-A endpoint id.
@@ -301,11 +344,16 @@ impl FfaSharer {
     }
 
     /// Copies the start of the RX buffer (e.g. FFA_PARTITION_INFO_GET's answer) into `out`.
+    /// After [`Sharer::close`] there is no RX buffer and `out` is zeroed.
     pub fn read_rx(&self, out: &mut [u8]) {
-        let n = out.len().min(crate::mem::PAGE_SIZE);
-        // SAFETY: the RX page is owned by this sharer and PAGE_SIZE long; n <= PAGE_SIZE. The
+        let Some(rx) = &self.rx else {
+            out.fill(0);
+            return;
+        };
+        let n = out.len().min(rx.len());
+        // SAFETY: the RX page is owned by this sharer and `rx.len()` long; n <= that. The
         // producer wrote it before the call that returned; bytes are copied, not referenced.
-        unsafe { core::ptr::copy_nonoverlapping(self.rx.vaddr().as_ptr(), out.as_mut_ptr(), n) };
+        unsafe { core::ptr::copy_nonoverlapping(rx.vaddr().as_ptr(), out.as_mut_ptr(), n) };
     }
 
     /// Replaces the live-share budget (the plan is decided after FF-A was set up).
@@ -325,17 +373,21 @@ impl FfaSharer {
     }
 
     /// Copies `bytes` to the start of the TX buffer.
-    fn write_tx(&mut self, bytes: &[u8]) {
-        assert!(bytes.len() <= self.tx.len(), "fragment larger than the TX buffer");
+    fn write_tx(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let tx = self.tx_buf()?;
+        if bytes.len() > tx.len() {
+            return Err(Error::InvalidArgument("FF-A descriptor fragment larger than the TX buffer"));
+        }
         // SAFETY: the TX buffer is owned by this sharer and `tx.len()` bytes long; `bytes` fits
         // (checked above) and is a separate allocation.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.tx.vaddr().as_ptr(), bytes.len()) };
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), tx.vaddr().as_ptr(), bytes.len()) };
+        Ok(())
     }
 
     /// Sends `desc` fragment by fragment (see the type's docs); returns the handle.
     fn share_fragmented(&mut self, desc: &[u8], first_len: usize, next_max: usize) -> Result<u64, Error> {
         let total = desc.len();
-        self.write_tx(&desc[..first_len]);
+        self.write_tx(&desc[..first_len])?;
         let regs = [u64::from(func::MEM_SHARE), total as u64, first_len as u64, 0, 0, 0, 0, 0];
         let mut out = self.conduit.call(regs);
         let mut sent = first_len;
@@ -352,7 +404,9 @@ impl FfaSharer {
                         break Error::Ffa { call, code: err::INVALID_PARAMETERS };
                     }
                     let len = next_max.min(total - sent);
-                    self.write_tx(&desc[sent..sent + len]);
+                    if let Err(e) = self.write_tx(&desc[sent..sent + len]) {
+                        break e;
+                    }
                     let (lo, hi) = (u64::from(handle.lo()), u64::from(handle.hi()));
                     out = self.conduit.call([u64::from(func::MEM_FRAG_TX), lo, hi, len as u64, 0, 0, 0, 0]);
                     sent += len;
@@ -417,9 +471,9 @@ impl Sharer for FfaSharer {
         }
         let mut desc = alloc::vec![0u8; descriptor_len(ranges.len())];
         let len = encode_descriptor(&tx, &mut desc)?;
-        let tx_len = self.tx.len();
+        let tx_len = self.tx_buf()?.len();
         let handle = if len <= tx_len {
-            self.write_tx(&desc[..len]);
+            self.write_tx(&desc[..len])?;
             let regs = [u64::from(func::MEM_SHARE), len as u64, len as u64, 0, 0, 0, 0, 0];
             let out = ffa_call(&*self.conduit, regs, "FFA_MEM_SHARE")?;
             MemoryId::from_parts(out[2] as u32, out[3] as u32)
@@ -457,6 +511,32 @@ impl Sharer for FfaSharer {
 
     fn budget(&self) -> Option<usize> {
         self.budget
+    }
+
+    /// FFA_RXTX_UNMAP, then the two pages go back to `allocator`, as Linux's arm_ffa driver
+    /// tears down (`ffa_rxtx_unmap()` then `free_pages_exact()` in drivers/firmware/arm_ffa/
+    /// driver.c). w1 is 0: the endpoint-id field is only for a hypervisor unmapping on behalf of
+    /// a VM (current Linux passes 0; Xen's mediator puts the VM's id there when it forwards).
+    /// If the producer refuses, the pair is still mapped, so the pages are kept (leaked), never
+    /// freed, and the error is returned; a later `close` tries again.
+    fn close(&mut self, allocator: &mut dyn PageAllocator) -> Result<(), Error> {
+        if self.tx.is_none() {
+            return Ok(());
+        }
+        if self.live > 0 {
+            log::warn!("FF-A RX/TX buffers unmapped while {} share(s) are live", self.live);
+        }
+        let regs = [u64::from(func::RXTX_UNMAP), 0, 0, 0, 0, 0, 0, 0];
+        if let Err(e) = ffa_call(&*self.conduit, regs, "FFA_RXTX_UNMAP") {
+            log::warn!("keeping the FF-A RX/TX pages: {e}");
+            return Err(e);
+        }
+        for region in [self.tx.take(), self.rx.take()].into_iter().flatten() {
+            // SAFETY: the producer unmapped the pair (FFA_RXTX_UNMAP succeeded) and this sharer
+            // owned both pages; nothing else refers to them.
+            unsafe { allocator.free(region) };
+        }
+        Ok(())
     }
 }
 
@@ -496,6 +576,8 @@ mod tests {
         WrongOffset,
         /// Answers the first FFA_MEM_FRAG_TX with FFA_ERROR(NO_MEMORY).
         FailFragTx,
+        /// Refuses FFA_RXTX_UNMAP.
+        RefuseUnmap,
     }
 
     const COOKIE: u64 = 0x1234_5678_9ABC_DEF0;
@@ -551,8 +633,14 @@ mod tests {
                 func::VERSION => [u64::from(VERSION_1_0), 0, 0, 0, 0, 0, 0, 0],
                 func::FEATURES | func::MEM_RECLAIM => ok,
                 func::ID_GET => [u64::from(func::SUCCESS), 0, 5, 0, 0, 0, 0, 0],
+                func::RXTX_MAP64 if st.tx != 0 => error(err::DENIED),
                 func::RXTX_MAP64 => {
                     st.tx = regs[1];
+                    ok
+                }
+                func::RXTX_UNMAP if self.quirk == Quirk::RefuseUnmap || st.tx == 0 => error(err::INVALID_PARAMETERS),
+                func::RXTX_UNMAP => {
+                    st.tx = 0;
                     ok
                 }
                 func::MEM_SHARE => {
@@ -654,6 +742,84 @@ mod tests {
             assert_eq!(reclaim.len(), 1);
             assert_eq!(reclaim[0][1] | (reclaim[0][2] << 32), COOKIE);
         }
+    }
+
+    /// HeapPages that counts the pages it has handed out and not yet taken back.
+    struct Counted(usize);
+
+    impl PageAllocator for Counted {
+        fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion> {
+            self.0 += pages;
+            HeapPages.alloc_zeroed(pages)
+        }
+        unsafe fn free(&mut self, region: DmaRegion) {
+            self.0 -= region.pages();
+            // SAFETY: forwarded with the caller's guarantee; the region came from HeapPages.
+            unsafe { HeapPages.free(region) };
+        }
+    }
+
+    #[test]
+    fn close_unmaps_the_rxtx_pair_then_frees_it() {
+        let fake = Reassembler::new(Quirk::None);
+        let mut pages = Counted(0);
+        let mut sharer = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        assert_eq!(pages.0, 2);
+        assert!(sharer.rxtx_mapped());
+        sharer.close(&mut pages).unwrap();
+        assert_eq!(pages.0, 0, "both pages freed");
+        assert!(!sharer.rxtx_mapped());
+        let unmap = calls_of(&fake, func::RXTX_UNMAP);
+        assert_eq!(unmap.len(), 1);
+        assert_eq!(unmap[0][1], 0, "w1 (endpoint id) is 0 from an endpoint");
+        // Idempotent, and a closed sharer refuses to share (it has no TX buffer).
+        sharer.close(&mut pages).unwrap();
+        assert_eq!(calls_of(&fake, func::RXTX_UNMAP).len(), 1);
+        assert!(matches!(sharer.share(&scattered(1), Access::ReadOnly), Err(Error::InvalidArgument(_))));
+        let mut out = [0xAAu8; 8];
+        sharer.read_rx(&mut out);
+        assert_eq!(out, [0; 8]);
+        // The pair can be mapped again by a new sharer.
+        let mut again = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        again.close(&mut pages).unwrap();
+        assert_eq!(pages.0, 0);
+    }
+
+    #[test]
+    fn a_refused_unmap_keeps_the_pages() {
+        let fake = Reassembler::new(Quirk::RefuseUnmap);
+        let mut pages = Counted(0);
+        let mut sharer = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        assert_eq!(sharer.close(&mut pages), Err(Error::Ffa { call: "FFA_RXTX_UNMAP", code: err::INVALID_PARAMETERS }));
+        assert_eq!(pages.0, 2, "still mapped, so never freed");
+        assert!(sharer.rxtx_mapped());
+    }
+
+    #[test]
+    fn a_stale_pair_is_unmapped_and_mapped_again() {
+        let fake = Reassembler::new(Quirk::None);
+        let mut pages = Counted(0);
+        let first = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        core::mem::forget(first); // a run that never tore down
+        let mut second = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        assert_eq!(calls_of(&fake, func::RXTX_MAP64).len(), 3, "map, DENIED, map again");
+        assert_eq!(calls_of(&fake, func::RXTX_UNMAP).len(), 1);
+        second.close(&mut pages).unwrap();
+        assert_eq!(pages.0, 2, "only the forgotten run's pages remain");
+    }
+
+    #[test]
+    fn a_refused_map_frees_the_pages() {
+        let fake = Reassembler::new(Quirk::RefuseUnmap);
+        let mut pages = Counted(0);
+        let first = FfaSharer::new(fake.clone(), &mut pages, None).unwrap();
+        core::mem::forget(first);
+        // DENIED, and the stale pair cannot be unmapped: the new pages go back at once.
+        assert_eq!(
+            FfaSharer::new(fake.clone(), &mut pages, None).err(),
+            Some(Error::Ffa { call: "FFA_RXTX_UNMAP", code: err::INVALID_PARAMETERS })
+        );
+        assert_eq!(pages.0, 2);
     }
 
     #[test]

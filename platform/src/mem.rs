@@ -124,6 +124,15 @@ pub trait Sharer: Send {
         let _ = access;
         id
     }
+
+    /// Gives back what the mechanism itself holds (FF-A's RX/TX buffer pair: unmapped with
+    /// FFA_RXTX_UNMAP, then freed into `allocator`). Called once at teardown, after every share
+    /// was reclaimed; later shares fail. Pages the peer would not give back are leaked, not freed,
+    /// and the error says why. The default holds nothing.
+    fn close(&mut self, allocator: &mut dyn PageAllocator) -> Result<(), Error> {
+        let _ = allocator;
+        Ok(())
+    }
 }
 
 /// Memory that was shared and could not be taken back, so it is kept forever.
@@ -253,11 +262,130 @@ impl SharedMemory {
         self.leaked
     }
 
+    /// Teardown's last step: the sharer gives back what it holds for itself (see
+    /// [`Sharer::close`]). Idempotent; buffers still shared stay the caller's to release first.
+    pub fn close(&mut self) -> Result<(), Error> {
+        self.sharer.close(&mut *self.allocator)
+    }
+
     pub fn sharer(&self) -> &dyn Sharer {
         &*self.sharer
     }
 
     pub fn sharer_mut(&mut self) -> &mut dyn Sharer {
         &mut *self.sharer
+    }
+}
+
+/// A safety net for every path that drops the memory without [`SharedMemory::close`] (a
+/// bring-up that fails half-way): the sharer still gives back what it holds, so that repeated
+/// bring-ups do not leak the mechanism's own pages (FF-A's RX/TX pair).
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::warn!("closing the sharer on drop: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::alloc::Layout;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Heap pages whose "physical" address is their address; counts what is outstanding.
+    struct Heap(Arc<AtomicUsize>);
+
+    impl PageAllocator for Heap {
+        fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion> {
+            let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).ok()?;
+            // SAFETY: the layout has a non-zero size.
+            let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
+            self.0.fetch_add(pages, Ordering::Relaxed);
+            // SAFETY: `p` points to `pages` fresh pages, owned by the region until `free`.
+            Some(unsafe { DmaRegion::new(p, p.as_ptr() as u64, pages) })
+        }
+        unsafe fn free(&mut self, region: DmaRegion) {
+            self.0.fetch_sub(region.pages(), Ordering::Relaxed);
+            let layout = Layout::from_size_align(region.len(), PAGE_SIZE).unwrap();
+            // SAFETY: the region came from `alloc_zeroed` with this layout (the caller's contract).
+            unsafe { alloc::alloc::dealloc(region.vaddr().as_ptr(), layout) };
+        }
+    }
+
+    /// Address ids; denies the next `deny` reclaims; counts closes.
+    struct Fake {
+        live: usize,
+        deny: u32,
+        closes: Arc<AtomicUsize>,
+    }
+
+    impl Sharer for Fake {
+        fn mechanism(&self) -> &'static str {
+            "fake"
+        }
+        fn share(&mut self, ranges: &[PhysRange], _: Access) -> Result<MemoryId, Error> {
+            self.live += 1;
+            Ok(MemoryId(ranges[0].addr))
+        }
+        fn reclaim(&mut self, id: MemoryId) -> Result<(), Error> {
+            if self.deny > 0 {
+                self.deny -= 1;
+                return Err(Error::ReclaimDenied(id));
+            }
+            self.live -= 1;
+            Ok(())
+        }
+        fn live_shares(&self) -> usize {
+            self.live
+        }
+        fn budget(&self) -> Option<usize> {
+            None
+        }
+        fn close(&mut self, _: &mut dyn PageAllocator) -> Result<(), Error> {
+            self.closes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn memory(deny: u32) -> (SharedMemory, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let (pages, closes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let sharer = Fake { live: 0, deny, closes: closes.clone() };
+        (SharedMemory::new(Box::new(Heap(pages.clone())), Box::new(sharer)), pages, closes)
+    }
+
+    #[test]
+    fn shared_buffers_copy_within_bounds_only() {
+        let (mut mem, pages, _) = memory(0);
+        let buf = mem.alloc_shared(PAGE_SIZE + 1, Access::ReadWrite).unwrap();
+        assert_eq!((buf.len(), pages.load(Ordering::Relaxed)), (2 * PAGE_SIZE, 2));
+        buf.write(PAGE_SIZE - 2, b"span").unwrap();
+        let mut out = [0u8; 4];
+        buf.read(PAGE_SIZE - 2, &mut out).unwrap();
+        assert_eq!(&out, b"span");
+        assert!(buf.write(2 * PAGE_SIZE - 3, b"four").is_err(), "past the end");
+        assert!(buf.read(2 * PAGE_SIZE, &mut out).is_err());
+        assert!(buf.write(usize::MAX, b"x").is_err(), "offset overflow");
+        assert!(buf.read(usize::MAX - 1, &mut out).is_err());
+        buf.write(2 * PAGE_SIZE, b"").unwrap();
+        mem.release(buf).unwrap();
+        assert_eq!(pages.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn denied_reclaims_leak_and_drop_closes_the_sharer() {
+        let (mut mem, pages, closes) = memory(1);
+        let a = mem.alloc_shared(1, Access::ReadOnly).unwrap();
+        let b = mem.alloc_shared(1, Access::ReadOnly).unwrap();
+        assert!(matches!(mem.release(a), Err(Error::ReclaimDenied(_))));
+        mem.release(b).unwrap();
+        assert_eq!(mem.leaked(), LeakStats { regions: 1, pages: 1 });
+        assert_eq!(pages.load(Ordering::Relaxed), 1, "the denied page stays allocated");
+        mem.close().unwrap();
+        drop(mem);
+        assert_eq!(closes.load(Ordering::Relaxed), 2, "explicit close, then the drop's");
     }
 }

@@ -242,9 +242,17 @@ impl Bus {
         Ok(())
     }
 
-    /// VIRTIO_STOP, then reclaims the descriptor page (spec §5.6). Devices must have been reset
-    /// and their memory reclaimed first.
+    /// VIRTIO_STOP, then reclaims the descriptor page (spec §5.6), then closes the sharer (FF-A
+    /// unmaps and frees its RX/TX pair, as Linux's arm_ffa driver does at teardown). Devices must
+    /// have been reset and their memory reclaimed first. This ends the bus's life: nothing can be
+    /// shared through it afterwards.
     pub fn stop(&mut self) -> Result<(), BusError> {
+        let stop = self.stop_bus();
+        let close = self.mem.close().map_err(BusError::from);
+        stop.and(close)
+    }
+
+    fn stop_bus(&mut self) -> Result<(), BusError> {
         let Some(page) = self.descr.take() else { return Ok(()) };
         let id = self.descr_arg;
         let stop = if self.started {

@@ -1,5 +1,7 @@
 //! Shared set-up for the conformance suites: the stack brought up on a simulated machine.
 
+pub mod hostile;
+
 use tipc::stack::{bring_up, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
@@ -8,8 +10,9 @@ use trusty_model::{ModelConfig, Variant};
 pub const ECHO: &str = "com.android.ipc-unittest.srv.echo";
 pub const DATASINK: &str = "com.android.ipc-unittest.srv.datasink";
 
-/// Pages the normal world keeps for good: FF-A's TX and RX buffers.
-pub const RXTX_PAGES: usize = 2;
+/// Pages the normal world still holds after a clean teardown: none. (FF-A's RX/TX pair used to
+/// stay mapped and allocated for good; teardown now unmaps it with FFA_RXTX_UNMAP and frees it.)
+pub const RXTX_PAGES: usize = 0;
 
 /// A simulated machine and the stack on it.
 pub struct Rig {

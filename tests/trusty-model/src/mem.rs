@@ -70,6 +70,8 @@ pub struct ShareStats {
     pub denied_reclaims: u64,
     /// MEM_SHARE refused because the share cap was reached.
     pub over_cap: u64,
+    /// FFA_RXTX_MAP while mapped, or FFA_RXTX_UNMAP while not, refused.
+    pub rxtx_refused: u64,
 }
 
 /// How Trusty reads the memory ids it is given (spec §3.1): by API version, or as grant
@@ -238,8 +240,14 @@ impl ShareTable {
         self.faults.push(Fault { mechanism, addr, what });
     }
 
-    /// FFA_RXTX_MAP: remembers the TX buffer (one page) if it is RAM.
+    /// FFA_RXTX_MAP: remembers the TX buffer (one page) if it is RAM. A second map without
+    /// FFA_RXTX_UNMAP is DENIED, as FF-A v1.0 §7.2 says and Xen's mediator does
+    /// (`ffa_handle_rxtx_map()`: "Already mapped" -> FFA_RET_DENIED; Hafnium likewise).
     pub fn rxtx_map(&mut self, tx: u64, rx: u64, pages: u64) -> Result<(), FfaErr> {
+        if self.tx_buffer.is_some() {
+            self.stats.rxtx_refused += 1;
+            return Err(ffa::err::DENIED);
+        }
         let (tx, rx) = if self.ffa_mediator {
             // Xen translates the guest's buffer addresses, and they must be its RAM (spec
             // dma-decisions §4.3).
@@ -256,6 +264,26 @@ impl ShareTable {
         self.tx_buffer = Some(tx);
         self.rx_buffer = Some(rx);
         Ok(())
+    }
+
+    /// FFA_RXTX_UNMAP (FF-A v1.0 §7.3): forgets the pair. w1 bits 31..16 name the endpoint
+    /// only when a hypervisor unmaps for a VM; from the endpoint itself they are 0 (or its own
+    /// id). With no pair mapped the answer is INVALID_PARAMETERS (Xen's `rxtx_unmap()`).
+    pub fn rxtx_unmap(&mut self, w1: u64, own_id: u16) -> Result<(), FfaErr> {
+        let id = (w1 >> 16) as u16;
+        if (id != 0 && id != own_id) || self.tx_buffer.is_none() {
+            self.stats.rxtx_refused += 1;
+            return Err(ffa::err::INVALID_PARAMETERS);
+        }
+        self.tx_buffer = None;
+        self.rx_buffer = None;
+        self.fragments = None;
+        Ok(())
+    }
+
+    /// Whether the normal world's RX/TX pair is mapped (FFA_RXTX_MAP without UNMAP).
+    pub fn rxtx_mapped(&self) -> bool {
+        self.tx_buffer.is_some()
     }
 
     /// FFA_MEM_SHARE: the first (or only) fragment of a descriptor in the TX buffer. Returns

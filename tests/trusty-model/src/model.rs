@@ -336,6 +336,11 @@ impl Model {
         self.shares.live()
     }
 
+    /// Whether the normal world's FF-A RX/TX pair is mapped.
+    pub fn rxtx_mapped(&self) -> bool {
+        self.shares.rxtx_mapped()
+    }
+
     /// The guest told the (simulated) hypervisor where its grant table is.
     pub fn set_grant_table(&mut self, ipa: u64, entries: u32) {
         self.shares.set_grant_table(ipa, entries);
@@ -1000,11 +1005,17 @@ impl Model {
         match f {
             func::VERSION => ret(ffa::VERSION_1_0 as i32),
             func::FEATURES => match regs[1] as u32 {
-                func::MEM_SHARE | func::MEM_RECLAIM | func::RXTX_MAP64 | func::ID_GET => ffa_success(0, 0),
+                func::MEM_SHARE | func::MEM_RECLAIM | func::RXTX_MAP64 | func::RXTX_UNMAP | func::ID_GET => {
+                    ffa_success(0, 0)
+                }
                 _ => ffa_error(ffa::err::NOT_SUPPORTED),
             },
             func::ID_GET => ffa_success(u64::from(self.cfg.ns_endpoint_id), 0),
             func::RXTX_MAP64 => match self.shares.rxtx_map(regs[1], regs[2], regs[3]) {
+                Ok(()) => ffa_success(0, 0),
+                Err(e) => ffa_error(e),
+            },
+            func::RXTX_UNMAP => match self.shares.rxtx_unmap(regs[1], self.cfg.ns_endpoint_id) {
                 Ok(()) => ffa_success(0, 0),
                 Err(e) => ffa_error(e),
             },

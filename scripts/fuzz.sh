@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target in fuzz/fuzz_targets for a bounded time, starting from the
+# committed seeds in fuzz/seeds, and fails on any crash. Installs what it needs itself: the
+# nightly toolchain (cargo-fuzz builds with sanitizers) and cargo-fuzz.
+#
+#   scripts/fuzz.sh              every target, FUZZ_SECONDS (default 15) each
+#   scripts/fuzz.sh rsc_parse    one target
+#
+# The committed seeds are only read: new inputs go to a scratch corpus that is thrown away.
+# A crash leaves its input under fuzz/artifacts/<target>/ (git-ignored) and the script stops
+# with libFuzzer's status.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_TARGET=${FUZZ_SECONDS:-15}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain: nightly and cargo-fuzz"
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    rustup toolchain install nightly --profile minimal
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+cd fuzz
+if [ "$#" -gt 0 ]; then
+    targets=("$@")
+else
+    mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+[ "${#targets[@]}" -gt 0 ] || { echo "no fuzz targets found" >&2; exit 1; }
+
+step "build every target once (release, address sanitizer)"
+cargo +nightly fuzz build
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+failed=()
+for t in "${targets[@]}"; do
+    if [ ! -d "seeds/$t" ]; then
+        echo "fuzz target $t has no committed seeds (fuzz/seeds/$t)" >&2
+        exit 1
+    fi
+    step "fuzz $t for ${SECONDS_PER_TARGET}s from fuzz/seeds/$t"
+    mkdir -p "$scratch/$t"
+    # First corpus directory: where libFuzzer writes new inputs (scratch); the seeds are read.
+    if ! cargo +nightly fuzz run "$t" "$scratch/$t" "seeds/$t" -- \
+        -max_total_time="$SECONDS_PER_TARGET" -print_final_stats=1; then
+        echo "FUZZ FAILURE: $t (the crashing input is under fuzz/artifacts/$t/)" >&2
+        failed+=("$t")
+    fi
+done
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "fuzz targets that crashed: ${failed[*]}" >&2
+    exit 1
+fi
+echo "fuzz: ${#targets[@]} target(s), ${SECONDS_PER_TARGET}s each, no crash"
