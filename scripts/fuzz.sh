@@ -16,24 +16,26 @@ SECONDS_PER_TARGET=${FUZZ_SECONDS:-15}
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "toolchain: nightly and cargo-fuzz"
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    rustup toolchain install nightly --profile minimal
-fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    cargo install cargo-fuzz --locked
-fi
+# shellcheck source=lib/setup.sh
+. scripts/lib/setup.sh
+# A dated nightly (cargo-fuzz builds with sanitizer flags only nightly takes), the same one
+# scripts/miri.sh uses.
+NIGHTLY=${NIGHTLY:-$(cat scripts/nightly-toolchain)}
+
+step "toolchain: $NIGHTLY and cargo-fuzz"
+need_toolchain "$NIGHTLY"
+need_cargo_tool cargo-fuzz cargo-fuzz
 
 cd fuzz
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    mapfile -t targets < <(cargo +nightly fuzz list)
+    mapfile -t targets < <(cargo "+$NIGHTLY" fuzz list)
 fi
 [ "${#targets[@]}" -gt 0 ] || { echo "no fuzz targets found" >&2; exit 1; }
 
 step "build every target once (release, address sanitizer)"
-cargo +nightly fuzz build
+cargo "+$NIGHTLY" fuzz build
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
@@ -46,7 +48,7 @@ for t in "${targets[@]}"; do
     step "fuzz $t for ${SECONDS_PER_TARGET}s from fuzz/seeds/$t"
     mkdir -p "$scratch/$t"
     # First corpus directory: where libFuzzer writes new inputs (scratch); the seeds are read.
-    if ! cargo +nightly fuzz run "$t" "$scratch/$t" "seeds/$t" -- \
+    if ! cargo "+$NIGHTLY" fuzz run "$t" "$scratch/$t" "seeds/$t" -- \
         -max_total_time="$SECONDS_PER_TARGET" -print_final_stats=1; then
         echo "FUZZ FAILURE: $t (the crashing input is under fuzz/artifacts/$t/)" >&2
         failed+=("$t")

@@ -22,6 +22,12 @@ cargo clippy --locked -p baremetal -p baremetal-hello -p qemu-images --target aa
 step "clippy, warnings are errors"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+step "Miri over the ring and raw-memory unit tests (installs a dated nightly with miri)"
+scripts/miri.sh
+
+step "fuzz every parser of peer-written memory for a bounded time from the committed seeds"
+FUZZ_SECONDS=${FUZZ_SECONDS:-15} scripts/fuzz.sh
+
 step "Android: every Android.bp through real Blueprint/Soong, with negative controls"
 scripts/soong-check.sh
 

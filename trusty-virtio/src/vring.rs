@@ -384,14 +384,27 @@ mod tests {
     use std::boxed::Box;
     use std::vec;
 
-    struct Mem(Box<[u64]>);
+    /// Ring memory for the tests. Every view is derived from one raw base pointer taken once
+    /// with `Box::into_raw`, so a second view does not invalidate the first (re-borrowing the
+    /// box for each view would, under Stacked and Tree Borrows alike).
+    struct Mem {
+        base: NonNull<[u64]>,
+    }
     impl Mem {
         fn new(bytes: usize) -> Self {
-            Mem(vec![0u64; bytes / 8].into_boxed_slice())
+            let boxed = vec![0u64; bytes / 8].into_boxed_slice();
+            Mem { base: NonNull::new(Box::into_raw(boxed)).unwrap() }
         }
         fn raw(&mut self) -> RawRing {
-            // SAFETY: the boxed slice is 8-aligned and outlives the ring in these tests.
-            unsafe { RawRing::new(NonNull::new(self.0.as_mut_ptr().cast()).unwrap(), self.0.len() * 8) }
+            // SAFETY: the allocation is 8-aligned, lives until `Mem` is dropped (after every ring
+            // view in these tests), and all views share the one base pointer's provenance.
+            unsafe { RawRing::new(self.base.cast(), self.base.len() * 8) }
+        }
+    }
+    impl Drop for Mem {
+        fn drop(&mut self) {
+            // SAFETY: `base` came from `Box::into_raw` in `new` and is freed only here.
+            drop(unsafe { Box::from_raw(self.base.as_ptr()) });
         }
     }
 
