@@ -159,10 +159,22 @@ fn ret(code: SmError) -> [u64; 8] {
     [u64::from(code.code() as u32), 0, 0, 0, 0, 0, 0, 0]
 }
 
+/// The shortest wait for a fast call's answer, whatever the configured timeout. Trusty runs a
+/// fast call to completion and it cannot be restarted, so a fast call that times out is lost
+/// (SM_ERR_INTERNAL_FAILURE); a short mailbox timeout, chosen so that slow standard calls are
+/// handed back to the discipline early, must not also fail a fast call whose Trusty VM was
+/// merely descheduled for a moment.
+pub const FAST_CALL_MIN_WAIT_MS: u64 = 1000;
+
 impl MailboxConduit {
-    /// Waits up to the timeout for the answer to request `seq`.
-    fn wait_answer(&self, seq: u32) -> Option<[u64; 8]> {
-        let deadline = Deadline::after_ms(&*self.clock, self.timeout_ms);
+    /// Waits for the answer to request `seq`: up to the timeout, or for a fast call at least
+    /// [`FAST_CALL_MIN_WAIT_MS`].
+    fn wait_answer(&self, seq: u32, kind: Kind) -> Option<[u64; 8]> {
+        let ms = match kind {
+            Kind::Fast => self.timeout_ms.max(FAST_CALL_MIN_WAIT_MS),
+            Kind::Nop | Kind::Std => self.timeout_ms,
+        };
+        let deadline = Deadline::after_ms(&*self.clock, ms);
         loop {
             if self.read_u32(OFF_RSP_SEQ) == seq {
                 fence(Ordering::Acquire);
@@ -197,7 +209,7 @@ impl MailboxConduit {
         let restart = f == call::SC_RESTART_LAST || f == call::SC_RESTART_FIQ;
         // 1. An answer still outstanding comes first; nothing new is published before it.
         if let Some((seq, late_kind)) = flight.outstanding {
-            match self.wait_answer(seq) {
+            match self.wait_answer(seq, late_kind) {
                 Some(out) => {
                     flight.outstanding = None;
                     match late_kind {
@@ -234,7 +246,7 @@ impl MailboxConduit {
         // 3. A new request, published exactly once.
         let seq = self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         self.publish(seq, &regs);
-        match self.wait_answer(seq) {
+        match self.wait_answer(seq, kind) {
             Some(out) => out,
             None => {
                 log::error!(
@@ -366,5 +378,47 @@ mod tests {
         assert_eq!(r(&c, call::SC_VIRTIO_STOP), SmError::Interrupted.code());
         assert_eq!(page.u32_at(OFF_REQ_SEQ), 2);
         assert_eq!(page.request_fid(), call::SC_VIRTIO_STOP);
+    }
+
+    /// A clock whose Trusty VM answers request 1 with `w0` once `at_ns` has passed.
+    struct AnsweringClock {
+        now: AtomicU64,
+        page: usize,
+        at_ns: u64,
+        w0: i32,
+    }
+    impl Clock for AnsweringClock {
+        fn now_ns(&self) -> u64 {
+            self.now.load(Ordering::SeqCst)
+        }
+        fn sleep_ns(&self, ns: u64) {
+            self.now.fetch_add(ns, Ordering::SeqCst);
+        }
+        fn relax(&self) {
+            let now = self.now.fetch_add(100_000, Ordering::SeqCst);
+            if now >= self.at_ns {
+                let page = Page(NonNull::new(self.page as *mut u64).unwrap());
+                page.answer(1, self.w0);
+                core::mem::forget(page);
+            }
+        }
+    }
+
+    #[test]
+    fn a_fast_call_waits_past_a_short_timeout() {
+        let page = Page::new();
+        // Answered 50 ms after it was published: past the 10 ms timeout, within the fast-call
+        // minimum wait.
+        let clock = Arc::new(AnsweringClock {
+            now: AtomicU64::new(0),
+            page: page.0.as_ptr() as usize,
+            at_ns: 50 * crate::clock::NS_PER_MS,
+            w0: 5,
+        });
+        // SAFETY: the page outlives the conduit (both live to the end of the test), nothing else uses it.
+        let c = unsafe { MailboxConduit::new(page.ptr(), Arc::new(NoVm), clock.clone(), 1, 10) };
+        assert_eq!(r(&c, call::FC_API_VERSION), 5, "a fast call is not lost to a short timeout");
+        assert!(clock.now_ns() >= 50 * crate::clock::NS_PER_MS);
+        assert_eq!(page.u32_at(OFF_REQ_SEQ), 1, "published once");
     }
 }
