@@ -26,7 +26,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Errno, Handle, TipcBackend};
+use crate::backend::{Errno, Handle, ShmObject, TipcBackend, Transfer};
+use crate::shm::FdObject;
 
 /// The trusty-ipc UAPI (`include/uapi/linux/trusty/ipc.h`, spec §7.1).
 pub mod uapi {
@@ -58,6 +59,11 @@ pub mod uapi {
     /// Linux's `_IOW(type, nr, T)` with `size` = `sizeof(T)`.
     pub const fn iow(ty: u8, nr: u8, size: usize) -> u32 {
         ioc(IOC_WRITE, ty, nr, size)
+    }
+
+    /// Linux's `_IOWR(type, nr, T)` with `size` = `sizeof(T)`.
+    pub const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
+        ioc(IOC_READ | IOC_WRITE, ty, nr, size)
     }
 
     pub const TIPC_IOC_MAGIC: u8 = b'r';
@@ -96,6 +102,13 @@ pub mod uapi {
     pub const TRUSTY_LEND: u32 = 1;
     /// The memory is already secure; only Trusty sees it.
     pub const TRUSTY_SEND_SECURE: u32 = 2;
+    /// The platform-assigned id if the buffer has one, else shared (newest drivers).
+    pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
+}
+
+/// The ioctl-number helpers, for other device interfaces (dma-buf heaps).
+pub mod ioctl {
+    pub use super::uapi::{ioc, iow, iowr};
 }
 
 use uapi::{TipcSendMsgReq, TrustyShm, TIPC_IOC_CONNECT, TIPC_IOC_SEND_MSG};
@@ -282,6 +295,22 @@ impl KernelBackend {
 impl TipcBackend for KernelBackend {
     fn describe(&self) -> String {
         format!("kernel: {} (trusty-ipc driver)", self.path.display())
+    }
+
+    fn alloc_shm(&mut self, len: usize) -> Result<Box<dyn ShmObject>, String> {
+        FdObject::for_send_fd(len).map(|o| Box::new(o) as Box<dyn ShmObject>).map_err(|e| e.to_string())
+    }
+
+    /// TIPC_IOC_SEND_MSG with the objects' fds: the driver shares them (`dn_share_fd()`);
+    /// what it refuses comes back as its errno (a memfd is not a dma-buf: `dma_buf_get()`
+    /// fails).
+    fn send_shm(&mut self, h: Handle, iov: &[&[u8]], shm: &[(&dyn ShmObject, Transfer)]) -> Result<usize, Errno> {
+        let mut list = Vec::with_capacity(shm.len());
+        for (obj, transfer) in shm {
+            let o = obj.as_any().downcast_ref::<FdObject>().ok_or(Errno(libc::EBADF))?;
+            list.push(TrustyShm { fd: o.fd(), transfer: *transfer as u32 });
+        }
+        self.send(h, iov, &list)
     }
 
     fn connect(&mut self, port: &str) -> Result<Handle, Errno> {
