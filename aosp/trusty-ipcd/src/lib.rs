@@ -5,6 +5,7 @@
 //! [`server`]). The same serving loop runs inside a process for libtrusty's in-process
 //! device names (`sim`, the platform profiles): a socket pair per channel and a service thread.
 
+pub mod cli;
 pub mod logger;
 pub mod memref;
 pub mod server;

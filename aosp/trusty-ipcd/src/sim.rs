@@ -14,11 +14,13 @@ pub const DEFAULT_PLATFORM: &str = "native-api5";
 /// Boots the machine of profile `platform` (model threads per `mode`) and brings the stack up
 /// on it. The status words add the model's open TIPC endpoints and live shares. Errors: the
 /// message and an errno (ENOENT unknown profile, ENODEV no safe path, or the failed step's).
-pub fn bring_up(
-    platform: &str,
-    mode: ModelMode,
-    cfg: StackConfig,
-) -> Result<(Stack, String), (String, i32)> {
+pub fn bring_up(platform: &str, threaded: bool) -> Result<(Stack, String), (String, i32)> {
+    let mode = if threaded { ModelMode::Threaded } else { ModelMode::Sync };
+    bring_up_with(platform, mode, StackConfig::default())
+}
+
+/// [`bring_up`] with a model mode and a stack configuration of the caller's.
+pub fn bring_up_with(platform: &str, mode: ModelMode, cfg: StackConfig) -> Result<(Stack, String), (String, i32)> {
     let profile = platforms::by_name(platform).ok_or_else(|| {
         (
             format!(
