@@ -122,6 +122,11 @@ impl TipcDev {
         self.stats
     }
 
+    /// Endpoints (normal-world channels) currently open on this device.
+    pub fn open_endpoints(&self) -> usize {
+        self.endpoints.iter().flatten().count()
+    }
+
     /// Whether `vqid` names one of this device's rings (by notifyid, spec §4).
     pub fn has_vring(&self, vqid: u32) -> bool {
         self.notifyids.contains(&vqid)
