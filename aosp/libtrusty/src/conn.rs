@@ -158,26 +158,54 @@ pub fn connect_vsock(spec: &str, port: &str) -> Result<OwnedFd, Errno> {
     handshake(fd, port)
 }
 
-/// Sends one message on a socket channel. Memory references cannot be passed over a socket
-/// channel yet: EOPNOTSUPP (ENOTSUP, what AOSP's `tipc_vsock_send()` returns). EPIPE (the
-/// peer closed the channel) is reported as ENOTCONN, the driver's errno.
+/// Sends one message on a socket channel. Memory references go with the packet as
+/// SCM_RIGHTS (see [`send_memrefs`]). EPIPE (the peer closed the channel) is reported as
+/// ENOTCONN, the driver's errno.
 ///
 /// # Safety
 /// Each iovec's buffer is readable for its length.
 pub unsafe fn send(fd: c_int, iov: &[IoVec], shm: &[TrustyShm]) -> Result<usize, Errno> {
-    if !shm.is_empty() {
-        return send_memrefs(fd, iov, shm);
-    }
-    match sys::send_iov_fds(fd, iov, &[]) {
+    let fds = if shm.is_empty() { Vec::new() } else { check_memrefs(shm)? };
+    match sys::send_iov_fds(fd, iov, &fds) {
         Err(libc::EPIPE) => Err(libc::ENOTCONN),
         r => r,
     }
 }
 
-/// The seam for memory references over a socket channel (descriptors as SCM_RIGHTS with the
-/// message); not supported yet.
-fn send_memrefs(_fd: c_int, _iov: &[IoVec], _shm: &[TrustyShm]) -> Result<usize, Errno> {
-    Err(libc::EOPNOTSUPP)
+/// TRUSTY_SHARE, TRUSTY_LEND, TRUSTY_SEND_SECURE and TRUSTY_SEND_SECURE_OR_SHARE
+/// (`enum transfer_kind`).
+pub const TRUSTY_SHARE: u32 = 0;
+pub const TRUSTY_LEND: u32 = 1;
+pub const TRUSTY_SEND_SECURE: u32 = 2;
+pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
+
+/// The checks the kernel driver makes before it shares anything (`filp_send_ioctl()`,
+/// `dn_share_fd()`), made here so that `tipc_send` reports them as the driver would; the
+/// daemon shares what passes. More than 65535 references: E2BIG; more than fit one packet
+/// ([`sys::MAX_FDS_PER_PACKET`], above Trusty's 8 per message anyway): E2BIG. Per descriptor:
+/// an unknown transfer kind is EINVAL; TRUSTY_LEND is EOPNOTSUPP (the stack's sharers cannot
+/// lend: the normal world would keep its access); TRUSTY_SEND_SECURE is ENODATA (the memory
+/// owns no platform memory id, `trusty_dma_buf_get_shared_mem_id()`); TRUSTY_SHARE and
+/// TRUSTY_SEND_SECURE_OR_SHARE share; a bad fd is EBADF and a write-only one EACCES.
+pub fn check_memrefs(shm: &[TrustyShm]) -> Result<Vec<c_int>, Errno> {
+    if shm.len() > usize::from(u16::MAX) || shm.len() > sys::MAX_FDS_PER_PACKET {
+        return Err(libc::E2BIG);
+    }
+    let mut fds = Vec::with_capacity(shm.len());
+    for s in shm {
+        match s.transfer {
+            TRUSTY_SHARE | TRUSTY_SEND_SECURE_OR_SHARE => {}
+            TRUSTY_LEND => return Err(libc::EOPNOTSUPP),
+            TRUSTY_SEND_SECURE => return Err(libc::ENODATA),
+            _ => return Err(libc::EINVAL),
+        }
+        let (readable, _) = trusty_ipcd::memref::fd_access(s.fd)?;
+        if !readable {
+            return Err(libc::EACCES);
+        }
+        fds.push(s.fd);
+    }
+    Ok(fds)
 }
 
 #[cfg(test)]

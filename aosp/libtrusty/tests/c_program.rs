@@ -271,6 +271,67 @@ fn a_client_killed_mid_traffic_leaves_no_channel_open() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// AOSP's send-fd as a C client (a memfd through `tipc_send` with one `struct trusty_shm`):
+/// on `sim` and through the daemon, the receiver's writes are seen through the client's own
+/// mapping, refused kinds and modes carry the driver's errno, and afterwards no reference and
+/// no client page is left shared.
+#[test]
+fn send_fd_passes_on_sim_and_through_the_daemon() {
+    let dir = out_dir("c-send-fd");
+    let exe = compile("tipc_send_fd", &dir);
+    let daemon = Daemon::start(&dir);
+    for dev in ["sim", "sim-threaded", daemon.dev()] {
+        let out = Command::new(&exe).arg(dev).output().expect("run tipc_send_fd");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "tipc_send_fd on '{dev}' failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.lines().last(), Some("10 passed, 0 failed"), "{stdout}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.stat("live_memrefs") != 0 || daemon.stat("foreign_attached") != 0 || daemon.stat("channels") != 0 {
+        assert!(Instant::now() < deadline, "memory references left: {:?}", daemon.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(daemon.stat("memref_refused"), 0, "{:?}", daemon.status());
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Clients killed right after sending memfds (8 messages to echo each, replies unread) leave
+/// no channel, no memory reference and no client page shared: the daemon closes their
+/// channels, Trusty lets go of the messages, the references are reclaimed and the mappings
+/// dropped.
+#[test]
+fn a_client_killed_with_a_memref_in_flight_leaves_no_live_share() {
+    let dir = out_dir("c-kill-memref");
+    let exe = compile("tipc_send_fd", &dir);
+    let daemon = Daemon::start(&dir);
+    for _ in 0..4 {
+        let mut holder = Command::new(&exe).args([daemon.dev(), "hold"]).stdout(Stdio::piped()).spawn().expect("start holder");
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().expect("stdout")).read_line(&mut line).expect("read holder");
+        assert_eq!(line.trim(), "ready");
+        holder.kill().expect("SIGKILL the holder");
+        let _ = holder.wait();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = daemon.status();
+        let get = |k: &str| s.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        if get("channels") == Some(0)
+            && get("model_endpoints") == Some(0)
+            && get("live_memrefs") == Some(0)
+            && get("foreign_attached") == Some(0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "5 s after SIGKILL: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(daemon.stat("memref_refused"), 0, "every memfd was shared: {:?}", daemon.status());
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn staticlib_exports_libtrusty_symbols() {
     let lib = staticlib();

@@ -75,6 +75,9 @@ pub struct Stack {
     pub status: Box<dyn FnMut() -> String + Send>,
     /// Kept alive as long as the device (the simulated machine under it); dropped after it.
     pub keep: Box<dyn std::any::Any + Send>,
+    /// How this platform turns a client's fd into a memory reference (None: it cannot, and
+    /// messages with descriptors are refused with EOPNOTSUPP).
+    pub memref: Option<crate::memref::FdToMemRef>,
 }
 
 /// Counters of the serving loop.
@@ -164,7 +167,7 @@ struct Conn {
     to_client: VecDeque<Vec<u8>>,
     to_client_bytes: usize,
     /// A message for Trusty waiting for a free tx buffer (the client is not read meanwhile).
-    to_trusty: Option<(Vec<u8>, Vec<tipc::wire::ShmDesc>)>,
+    to_trusty: Option<(Vec<u8>, Vec<OwnedFd>)>,
     /// Trusty closed the channel: flush `to_client`, then close.
     closing: bool,
     /// The queued-bytes limit was reported for this connection.
@@ -531,36 +534,39 @@ impl Server {
                     log::warn!("client {cred} port '{}': message of {} bytes dropped: larger than the largest TIPC message ({max} bytes)", conn.port, p.len);
                     return true;
                 }
-                let shm = if p.fds.is_empty() {
-                    Vec::new()
-                } else {
-                    let Some(stack) = self.stack.as_mut() else {
-                        return false;
-                    };
-                    match self.memrefs.attach(&mut stack.dev, owner, p.fds) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            self.counters.memref_refused += 1;
-                            let port = self.conns[slot]
-                                .as_ref()
-                                .map(|c| c.port.clone())
-                                .unwrap_or_default();
-                            log::warn!("client {cred} port '{port}': message dropped: its memory references cannot be shared (errno {e})");
-                            return true;
-                        }
-                    }
-                };
                 let data = &buf[..p.len];
-                match self.dev().send(id, &[data], &shm, Timeout::NonBlocking) {
-                    Ok(_) => true,
+                match self.send_to_trusty(slot, id, owner, data, &p.fds) {
+                    Ok(()) => true,
                     Err(tipc::Error::Again) => {
                         if let Some(c) = self.conns[slot].as_mut() {
-                            c.to_trusty = Some((data.to_vec(), shm));
+                            c.to_trusty = Some((data.to_vec(), p.fds));
                         }
                         false
                     }
                     Err(e) => self.send_failed(slot, e),
                 }
+            }
+        }
+    }
+
+    /// One message to Trusty, with the client's descriptors as memory references (see
+    /// [`crate::memref`]). Descriptors that cannot be shared drop the message (logged, counted):
+    /// Ok, as the message is done with.
+    fn send_to_trusty(&mut self, slot: usize, id: ChannelId, owner: Owner, data: &[u8], fds: &[OwnedFd]) -> Result<(), tipc::Error> {
+        if fds.is_empty() {
+            return self.dev().send(id, &[data], &[], Timeout::NonBlocking).map(|_| ());
+        }
+        let Some(stack) = self.stack.as_mut() else {
+            return Err(tipc::Error::NoDevice);
+        };
+        match self.memrefs.attach(stack, owner, fds) {
+            Ok(refs) => stack.dev.send_memrefs(id, &[data], refs, Timeout::NonBlocking).map(|_| ()),
+            Err(e) => {
+                self.counters.memref_refused += 1;
+                if let Some(c) = self.conns[slot].as_ref() {
+                    log::warn!("client {} port '{}': message dropped: its memory references cannot be shared (errno {e})", c.cred, c.port);
+                }
+                Ok(())
             }
         }
     }
@@ -624,7 +630,7 @@ impl Server {
             .flatten()
             .filter(|c| c.channel().is_some())
             .count();
-        let live_memrefs = self.memrefs.live();
+        let live_memrefs = self.stack.as_ref().map_or(0, |s| self.memrefs.live(&s.dev));
         let (open, extra) = match self.stack.as_mut() {
             Some(s) => (s.dev.open_channels(), (s.status)()),
             None => (0, String::new()),
@@ -765,12 +771,13 @@ impl Server {
 
     fn service_connected(&mut self, slot: usize, id: ChannelId) {
         // A message parked for a tx buffer goes first.
-        if let Some((data, shm)) = self.conns[slot].as_mut().and_then(|c| c.to_trusty.take()) {
-            match self.dev().send(id, &[&data], &shm, Timeout::NonBlocking) {
-                Ok(_) => {}
+        if let Some((data, fds)) = self.conns[slot].as_mut().and_then(|c| c.to_trusty.take()) {
+            let owner = self.conns[slot].as_ref().map_or(0, |c| c.owner);
+            match self.send_to_trusty(slot, id, owner, &data, &fds) {
+                Ok(()) => {}
                 Err(tipc::Error::Again) => {
                     if let Some(c) = self.conns[slot].as_mut() {
-                        c.to_trusty = Some((data, shm));
+                        c.to_trusty = Some((data, fds));
                     }
                 }
                 Err(e) => {

@@ -6,7 +6,11 @@ use std::sync::Arc;
 use tipc::stack::{bring_up_platform, BringUpError, StackConfig};
 use trusty_model::host::ModelMode;
 
+use crate::memref::{map_client_fd, FdMapping};
 use crate::server::Stack;
+use tipc::ForeignMemRef;
+use trusty_model::host::{ForeignPages, GuestRam};
+use trusty_platform::mem::{Access, PAGE_SIZE};
 
 /// The profile used when none is named: no hypervisor, Trusty API 5 with FF-A.
 pub const DEFAULT_PLATFORM: &str = "native-api5";
@@ -37,17 +41,23 @@ pub fn bring_up_with(platform: &str, mode: ModelMode, cfg: StackConfig) -> Resul
             let status_sim = sim.clone();
             let status = Box::new(move || {
                 let m = status_sim.model();
+                // foreign_attached: client pages still attached to the guest RAM (shared, or
+                // kept because Trusty refused to give them back).
                 format!(
-                    "model_endpoints={} live_shares={}",
+                    "model_endpoints={} live_shares={} foreign_attached={}",
                     m.open_endpoints(),
-                    m.live_shares()
+                    m.live_shares(),
+                    status_sim.ram().foreign_attached()
                 )
             });
+            let ram = sim.ram().clone();
+            let memref: crate::memref::FdToMemRef = Box::new(move |fd| fd_memref(&ram, fd));
             Ok((
                 Stack {
                     dev,
                     status,
                     keep: Box::new(sim),
+                    memref: Some(memref),
                 },
                 sharing,
             ))
@@ -64,4 +74,30 @@ pub fn bring_up_with(platform: &str, mode: ModelMode, cfg: StackConfig) -> Resul
             Err((msg, errno))
         }
     }
+}
+
+/// What keeps a client fd's pages alive while Trusty may use them: detached from the guest
+/// RAM first (the guard), then unmapped (the mapping the guard owns).
+struct FdPages {
+    _pages: ForeignPages,
+}
+
+/// One client fd as a memory reference of the embedded machine: mapped here (as
+/// [`map_client_fd`] checks it) and attached to the simulated guest RAM at a fresh address, so
+/// that the platform's sharer shares exactly the fd's own pages and the model reaches them only
+/// through that share; the model's writes land in the client's memfd.
+pub fn fd_memref(ram: &Arc<GuestRam>, fd: std::os::fd::RawFd) -> Result<ForeignMemRef, i32> {
+    let (map, size, writable): (FdMapping, usize, bool) = map_client_fd(fd, PAGE_SIZE)?;
+    let pages = map.len() / PAGE_SIZE;
+    let ptr = map.ptr();
+    // SAFETY: `map` maps pages * PAGE_SIZE bytes at `ptr` (page-aligned, as every mmap) and is
+    // moved into the guard, which keeps it until the pages are detached.
+    let guard = unsafe { ram.attach_foreign(ptr, pages, Box::new(map)) }.ok_or(libc::ENOMEM)?;
+    Ok(ForeignMemRef {
+        ranges: vec![guard.range()],
+        size: size as u64,
+        access: if writable { Access::ReadWrite } else { Access::ReadOnly },
+        tag: 0,
+        keep: Box::new(FdPages { _pages: guard }),
+    })
 }
