@@ -220,3 +220,36 @@ pub fn fd_size(fd: RawFd) -> io::Result<usize> {
     }
     usize::try_from(st.st_size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// linux/dma-heap.h: DMA_HEAP_IOCTL_ALLOC is _IOWR('H', 0x0, struct
+    /// dma_heap_allocation_data), a 24-byte struct.
+    #[test]
+    fn dma_heap_alloc_ioctl_number() {
+        assert_eq!(std::mem::size_of::<DmaHeapAllocationData>(), 24);
+        assert_eq!(DMA_HEAP_IOCTL_ALLOC, 0xC018_4800);
+    }
+
+    #[test]
+    fn a_memfd_object_is_seen_through_a_second_mapping() {
+        let mut obj = FdObject::memfd(3 * 4096).unwrap();
+        assert_eq!((obj.len(), obj.kind()), (3 * 4096, "memfd"));
+        assert!(obj.write(4096, b"hello"));
+        assert!(!obj.write(3 * 4096 - 2, b"abc"), "past the end");
+        let other = Mapping::new(obj.fd(), 3 * 4096, false).unwrap();
+        let mut got = [0u8; 5];
+        assert!(other.read(4096, &mut got));
+        assert_eq!(&got, b"hello");
+        assert_eq!(fd_access(obj.fd()).unwrap(), (true, true));
+        assert_eq!(fd_size(obj.fd()).unwrap(), 3 * 4096);
+        // A private mapping's writes never reach the memfd.
+        let private = Mapping::new_private(obj.fd(), 4096).unwrap();
+        assert!(private.write(0, b"secret"));
+        let mut first = [0u8; 6];
+        assert!(obj.read(0, &mut first));
+        assert_eq!(first, [0; 6]);
+    }
+}
