@@ -727,25 +727,15 @@ impl Server {
                 }
             }
             State::Connecting { id, deadline } => {
-                let _ = self.dev().poll(id);
+                // As the driver's dn_wait_for_reply() / TipcDevice::finish_connect(): a service
+                // that accepted, sent and closed at once (the uuid service) counts as connected
+                // while its messages are queued.
+                let queued = self.dev().poll(id).is_ok_and(|f| f.readable);
                 match self.dev().channel_state(id) {
-                    Ok(ChannelState::Connected) => {
-                        let Some(conn) = self.conns[slot].as_mut() else {
-                            return;
-                        };
-                        conn.state = State::Connected { id };
-                        self.counters.connected += 1;
-                        let fd = conn.fd.as_raw_fd();
-                        let (cred, via, port) = (conn.cred, conn.via, conn.port.clone());
-                        match sys::send_packet(fd, &[STATUS_CONNECTED]) {
-                            Ok(_) => log::info!("client {cred} ({via}) port '{port}': connected"),
-                            Err(e) => self.end(
-                                slot,
-                                End::ClientClosed,
-                                &format!("client gone before the status byte (errno {e})"),
-                            ),
-                        }
+                    Ok(ChannelState::Connected) | Ok(ChannelState::Disconnected) if queued => {
+                        self.become_connected(slot, id);
                     }
+                    Ok(ChannelState::Connected) => self.become_connected(slot, id),
                     Ok(ChannelState::Connecting) if Instant::now() < deadline => {}
                     Ok(ChannelState::Connecting) => {
                         self.counters.timed_out += 1;
@@ -760,6 +750,19 @@ impl Server {
                 }
             }
             State::Connected { id } => self.service_connected(slot, id),
+        }
+    }
+
+    /// Trusty accepted: the status byte goes to the client.
+    fn become_connected(&mut self, slot: usize, id: ChannelId) {
+        let Some(conn) = self.conns[slot].as_mut() else { return };
+        conn.state = State::Connected { id };
+        self.counters.connected += 1;
+        let fd = conn.fd.as_raw_fd();
+        let (cred, via, port) = (conn.cred, conn.via, conn.port.clone());
+        match sys::send_packet(fd, &[STATUS_CONNECTED]) {
+            Ok(_) => log::info!("client {cred} ({via}) port '{port}': connected"),
+            Err(e) => self.end(slot, End::ClientClosed, &format!("client gone before the status byte (errno {e})")),
         }
     }
 
