@@ -515,7 +515,7 @@ mod tests {
 
     #[test]
     fn handles_it_did_not_open_are_ebadf() {
-        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new() };
+        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new(), connector: None };
         // fd 1 is open (stdout), but not a channel of this backend: it must not be touched.
         assert_eq!(b.write(1, b"x"), Err(Errno(libc::EBADF)));
         assert_eq!(b.read(1, &mut [0; 4], Some(Duration::ZERO)), Err(Errno(libc::EBADF)));
@@ -535,7 +535,7 @@ mod tests {
     #[test]
     fn data_path_over_a_message_socket() {
         let (near, far) = UnixDatagram::pair().unwrap();
-        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new() };
+        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new(), connector: None };
         let h = adopt(&mut b, near.into());
 
         // write and writev: one message each, the concatenation of the buffers.

@@ -511,7 +511,7 @@ impl Server {
                         &format!("port name of {} bytes is too long (limit 255)", p.len),
                     );
                 } else if name.first() == Some(&0) {
-                    self.control(slot, &name.to_vec());
+                    self.control(slot, name);
                 } else {
                     let name = String::from_utf8_lossy(name).into_owned();
                     self.start_channel(slot, name);
@@ -782,10 +782,7 @@ impl Server {
             }
         }
         let mut rx = std::mem::take(&mut self.buf);
-        loop {
-            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
-                break;
-            };
+        while let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) {
             let cred = conn.cred;
             let queued = self.queued_of(cred, slot);
             if queued >= self.limits.queued_bytes_per_client {
