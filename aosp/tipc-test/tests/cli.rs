@@ -157,3 +157,42 @@ fn a_device_that_is_not_trusty_ipc_fails_clearly() {
     assert!(err.contains("not a character device"), "{err}");
     assert!(!out.contains("PASS") && !out.contains("FAIL"), "no test may run: {out}");
 }
+
+#[test]
+fn the_default_device_is_the_model_where_no_trusty_ipc_device_exists() {
+    if std::path::Path::new("/dev/trusty-ipc-dev0").exists() {
+        return; // AOSP's default applies there, and is a real device
+    }
+    let (code, out, err) = tipc_test(&["-t", "echo"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.starts_with("sharing:"), "the model's sharing line comes first: {out}");
+}
+
+#[test]
+fn all_tests_pass_on_libtrusty_fds_in_process_and_on_a_profile_name() {
+    for dev in ["lib:sim", "lib:sim-threaded", "xen-domu-ffa-mediator"] {
+        let (code, out, err) = tipc_test(&["-D", dev, "-t", "all"]);
+        assert_eq!(code, 0, "{dev}: {out}\n{err}");
+        assert_eq!(out.lines().last(), Some("13 passed, 0 failed"), "{dev}: {out}");
+    }
+}
+
+#[test]
+fn all_tests_pass_through_trusty_ipcd_s_socket() {
+    use trusty_ipcd::{sim, sys, Limits, Server};
+    let dir = std::env::temp_dir().join(format!("tipc-test-ipcd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("ipcd.sock");
+    let (stack, _) = sim::bring_up(sim::DEFAULT_PLATFORM, false).expect("bring-up");
+    let mut server = Server::new(stack, Limits::default()).expect("server");
+    server.add_listener(sys::listen_unix(&socket, 16).expect("listen"), "unix");
+    let (handle, join) = server.spawn().expect("spawn");
+    let dev = socket.to_str().expect("UTF-8");
+    let (code, out, err) = tipc_test(&["-D", dev, "-t", "all"]);
+    handle.stop();
+    join.join().expect("serving loop");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.starts_with(&format!("libtrusty: {dev}")), "{out}");
+    assert_eq!(out.lines().last(), Some("13 passed, 0 failed"), "{out}");
+}

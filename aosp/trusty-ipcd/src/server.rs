@@ -514,7 +514,7 @@ impl Server {
                         &format!("port name of {} bytes is too long (limit 255)", p.len),
                     );
                 } else if name.first() == Some(&0) {
-                    self.control(slot, &name.to_vec());
+                    self.control(slot, name);
                 } else {
                     let name = String::from_utf8_lossy(name).into_owned();
                     self.start_channel(slot, name);
@@ -733,25 +733,15 @@ impl Server {
                 }
             }
             State::Connecting { id, deadline } => {
-                let _ = self.dev().poll(id);
+                // As the driver's dn_wait_for_reply() / TipcDevice::finish_connect(): a service
+                // that accepted, sent and closed at once (the uuid service) counts as connected
+                // while its messages are queued.
+                let queued = self.dev().poll(id).is_ok_and(|f| f.readable);
                 match self.dev().channel_state(id) {
-                    Ok(ChannelState::Connected) => {
-                        let Some(conn) = self.conns[slot].as_mut() else {
-                            return;
-                        };
-                        conn.state = State::Connected { id };
-                        self.counters.connected += 1;
-                        let fd = conn.fd.as_raw_fd();
-                        let (cred, via, port) = (conn.cred, conn.via, conn.port.clone());
-                        match sys::send_packet(fd, &[STATUS_CONNECTED]) {
-                            Ok(_) => log::info!("client {cred} ({via}) port '{port}': connected"),
-                            Err(e) => self.end(
-                                slot,
-                                End::ClientClosed,
-                                &format!("client gone before the status byte (errno {e})"),
-                            ),
-                        }
+                    Ok(ChannelState::Connected) | Ok(ChannelState::Disconnected) if queued => {
+                        self.become_connected(slot, id);
                     }
+                    Ok(ChannelState::Connected) => self.become_connected(slot, id),
                     Ok(ChannelState::Connecting) if Instant::now() < deadline => {}
                     Ok(ChannelState::Connecting) => {
                         self.counters.timed_out += 1;
@@ -766,6 +756,19 @@ impl Server {
                 }
             }
             State::Connected { id } => self.service_connected(slot, id),
+        }
+    }
+
+    /// Trusty accepted: the status byte goes to the client.
+    fn become_connected(&mut self, slot: usize, id: ChannelId) {
+        let Some(conn) = self.conns[slot].as_mut() else { return };
+        conn.state = State::Connected { id };
+        self.counters.connected += 1;
+        let fd = conn.fd.as_raw_fd();
+        let (cred, via, port) = (conn.cred, conn.via, conn.port.clone());
+        match sys::send_packet(fd, &[STATUS_CONNECTED]) {
+            Ok(_) => log::info!("client {cred} ({via}) port '{port}': connected"),
+            Err(e) => self.end(slot, End::ClientClosed, &format!("client gone before the status byte (errno {e})")),
         }
     }
 
@@ -786,10 +789,7 @@ impl Server {
             }
         }
         let mut rx = std::mem::take(&mut self.buf);
-        loop {
-            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
-                break;
-            };
+        while let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) {
             let cred = conn.cred;
             let queued = self.queued_of(cred, slot);
             if queued >= self.limits.queued_bytes_per_client {
