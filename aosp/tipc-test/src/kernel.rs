@@ -371,6 +371,16 @@ impl TipcBackend for KernelBackend {
             let o = obj.as_any().downcast_ref::<FdObject>().ok_or(Errno(libc::EBADF))?;
             list.push(TrustyShm { fd: o.fd(), transfer: *transfer as u32 });
         }
+        if self.connector.is_some() {
+            // libtrusty's tipc_send on one of its own fds (daemon socket, in-process device):
+            // the descriptors go as SCM_RIGHTS and the stack behind shares them.
+            let fd = self.fd(h)?;
+            let iovs = iovecs(iov);
+            let shm: Vec<trusty_capi::TrustyShm> =
+                list.iter().map(|s| trusty_capi::TrustyShm { fd: s.fd, transfer: s.transfer }).collect();
+            // SAFETY: each iovec covers a slice of `iov`, borrowed (and only read) for the call.
+            return unsafe { trusty_capi::send(fd, &iovs, &shm) }.map_err(Errno);
+        }
         self.send(h, iov, &list)
     }
 

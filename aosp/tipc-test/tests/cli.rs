@@ -173,7 +173,7 @@ fn all_tests_pass_on_libtrusty_fds_in_process_and_on_a_profile_name() {
     for dev in ["lib:sim", "lib:sim-threaded", "xen-domu-ffa-mediator"] {
         let (code, out, err) = tipc_test(&["-D", dev, "-t", "all"]);
         assert_eq!(code, 0, "{dev}: {out}\n{err}");
-        assert_eq!(out.lines().last(), Some("13 passed, 0 failed"), "{dev}: {out}");
+        assert_eq!(out.lines().last(), Some("15 passed, 0 failed"), "{dev}: {out}");
     }
 }
 
@@ -194,5 +194,5 @@ fn all_tests_pass_through_trusty_ipcd_s_socket() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.starts_with(&format!("libtrusty: {dev}")), "{out}");
-    assert_eq!(out.lines().last(), Some("13 passed, 0 failed"), "{out}");
+    assert_eq!(out.lines().last(), Some("15 passed, 0 failed"), "{out}");
 }

@@ -174,19 +174,26 @@ impl UnittestCtrl {
         UnittestCtrl { port: None, out: Vec::new(), runs: 0 }
     }
 
-    /// Runs the suite; returns the log lines and whether every check passed.
+    /// Runs the suite; returns the log messages (one per test: its lines together, as one
+    /// `_tlog()` call may carry several lines) and whether every check passed.
     fn run_tests(&mut self, ctx: &mut Ctx<'_>) -> (Vec<String>, bool) {
         self.runs = self.runs.wrapping_add(1);
         let mut t = Tally { lines: Vec::new(), all_ok: true, total: 0, failed: 0 };
-        port_create_negative(ctx, &mut t);
-        port_create(ctx, &mut t, self.runs);
-        accept_negative(ctx, &mut t, self.runs);
-        for skipped in ["connect_negative", "connect_close", "connect_close_by_peer", "async_connect", "connect_selfie", "echo"] {
-            t.lines.push(format!("run_{skipped}_test: SKIPPED (needs TA-to-TA channels)\n"));
+        let mut messages = Vec::new();
+        let tests: [&dyn Fn(&mut Ctx<'_>, &mut Tally, u32); 3] = [
+            &|ctx, t, _| port_create_negative(ctx, t),
+            &|ctx, t, run| port_create(ctx, t, run),
+            &|ctx, t, run| accept_negative(ctx, t, run),
+        ];
+        for test in tests {
+            test(ctx, &mut t, self.runs);
+            messages.push(t.lines.concat());
+            t.lines.clear();
         }
-        t.lines.push(format!("Conditions checked: {}\nConditions failed: {}\n", t.total, t.failed));
-        let ok = t.all_ok;
-        (t.lines, ok)
+        let mut summary = String::from("SKIPPED (need TA-to-TA channels): connect_negative, connect_close, connect_close_by_peer, async_connect, connect_selfie, echo\n");
+        summary.push_str(&format!("Conditions checked: {}\nConditions failed: {}\n", t.total, t.failed));
+        messages.push(summary);
+        (messages, t.all_ok)
     }
 
     /// Sends what is queued for `chan`; closes the channel once the status byte is out.
@@ -231,6 +238,7 @@ impl TrustedApp for UnittestCtrl {
             .map(|l| {
                 let mut m = Vec::with_capacity(l.len() + 1);
                 m.push(TEST_MESSAGE);
+                // _tlog(): at most 254 characters of text per message.
                 m.extend_from_slice(&l.as_bytes()[..l.len().min(TLOG_MAX - 2)]);
                 m
             })

@@ -852,7 +852,7 @@ fn unittest_ctrl_reports_its_suite_and_closes() {
     assert!(closed, "the runner closes the channel after the status");
     let (status, lines) = got.split_last().expect("messages");
     assert_eq!(status, &vec![TEST_PASSED], "suite failed: {lines:?}");
-    assert!(lines.len() > 3);
+    assert_eq!(lines.len(), 4, "one message per test and a summary");
     for l in lines {
         assert_eq!(l[0], TEST_MESSAGE);
         assert!(l.len() < 256, "tipc-test reads into 256 bytes");
