@@ -180,11 +180,7 @@ impl UnittestCtrl {
         self.runs = self.runs.wrapping_add(1);
         let mut t = Tally { lines: Vec::new(), all_ok: true, total: 0, failed: 0 };
         let mut messages = Vec::new();
-        let tests: [&dyn Fn(&mut Ctx<'_>, &mut Tally, u32); 3] = [
-            &|ctx, t, _| port_create_negative(ctx, t),
-            &|ctx, t, run| port_create(ctx, t, run),
-            &|ctx, t, run| accept_negative(ctx, t, run),
-        ];
+        let tests: [SuiteTest; 3] = [port_create_negative, port_create, accept_negative];
         for test in tests {
             test(ctx, &mut t, self.runs);
             messages.push(t.lines.concat());
@@ -266,6 +262,9 @@ impl TrustedApp for UnittestCtrl {
     }
 }
 
+/// One test of the suite: the app's context, the tally, and the run number.
+type SuiteTest = fn(&mut Ctx<'_>, &mut Tally, u32);
+
 /// main.c's TEST_BEGIN / EXPECT_* / TEST_END bookkeeping.
 struct Tally {
     lines: Vec<String>,
@@ -312,7 +311,7 @@ fn code<T>(r: Result<T, i32>) -> i32 {
 const SRV_PATH_BASE: &str = "com.android.ipc-unittest";
 
 /// main.c `run_port_create_negative_test`: every malformed port_create is ERR_INVALID_ARGS.
-fn port_create_negative(ctx: &mut Ctx<'_>, t: &mut Tally) {
+fn port_create_negative(ctx: &mut Ctx<'_>, t: &mut Tally, _run: u32) {
     const NAME: &str = "run_port_create_negative_test";
     let mut ok = t.begin(NAME);
     let path = format!("{SRV_PATH_BASE}.port");
