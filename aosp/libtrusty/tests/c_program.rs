@@ -323,3 +323,16 @@ fn header_is_aosps_contract() {
     // Not the kernel UAPI's guard, so both can be included.
     assert!(!ipc.contains("_UAPI_LINUX_TRUSTY_IPC_H_"));
 }
+
+#[test]
+fn the_android_build_links_neither_the_model_nor_the_profiles() {
+    let root = Path::new(MANIFEST_DIR);
+    for bp in [root.join("Android.bp"), root.join("../trusty-ipcd/Android.bp")] {
+        let text = std::fs::read_to_string(&bp).unwrap_or_else(|e| panic!("{}: {e}", bp.display()));
+        for module in ["libtrusty_model", "libplatforms"] {
+            assert!(!text.contains(module), "{} names {module}: the model is test code", bp.display());
+        }
+        // No `features: ["sim"]` either.
+        assert!(!text.contains("\"sim\""), "{} turns on the sim feature", bp.display());
+    }
+}
