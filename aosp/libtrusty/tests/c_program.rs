@@ -236,6 +236,17 @@ fn eight_processes_with_eight_channels_each_through_one_daemon() {
 }
 
 #[test]
+fn forked_processes_each_get_their_own_in_process_stack() {
+    let dir = out_dir("c-stress-sim");
+    let exe = compile("tipc_stress", &dir);
+    let out = Command::new(&exe).args(["sim", "4", "4", "20"]).output().expect("run tipc_stress");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "tipc_stress on sim failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("4 processes x 4 channels x 20 rounds: 0 failed"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_client_killed_mid_traffic_leaves_no_channel_open() {
     let dir = out_dir("c-kill");
     let exe = compile("tipc_stress", &dir);
