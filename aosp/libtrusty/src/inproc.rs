@@ -11,8 +11,9 @@ use trusty_ipcd::{sim, Limits, Server, ServerHandle};
 use crate::conn;
 use crate::Errno;
 
-/// The stacks started so far, by device name.
-static SERVERS: Mutex<Vec<(String, ServerHandle)>> = Mutex::new(Vec::new());
+/// The stacks started so far: device name, the process that started it, its loop.
+/// A child made by fork() has no copy of the serving thread, so it starts its own.
+static SERVERS: Mutex<Vec<(String, i32, ServerHandle)>> = Mutex::new(Vec::new());
 
 /// The platform profile and model mode of a device name.
 fn platform_of(dev: &str) -> (&str, bool) {
@@ -25,7 +26,10 @@ fn platform_of(dev: &str) -> (&str, bool) {
 
 fn server(dev: &str) -> Result<ServerHandle, Errno> {
     let mut servers = SERVERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((_, h)) = servers.iter().find(|(n, _)| n == dev) {
+    // SAFETY: getpid has no arguments and cannot fail.
+    let pid = unsafe { libc::getpid() };
+    servers.retain(|(_, p, _)| *p == pid);
+    if let Some((_, _, h)) = servers.iter().find(|(n, _, _)| n == dev) {
         return Ok(h.clone());
     }
     let (platform, threaded) = platform_of(dev);
@@ -37,7 +41,7 @@ fn server(dev: &str) -> Result<ServerHandle, Errno> {
     })?;
     let server = Server::new(stack, Limits::default())?;
     let (handle, _thread) = server.spawn().map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))?;
-    servers.push((dev.to_owned(), handle.clone()));
+    servers.push((dev.to_owned(), pid, handle.clone()));
     Ok(handle)
 }
 

@@ -236,6 +236,17 @@ fn eight_processes_with_eight_channels_each_through_one_daemon() {
 }
 
 #[test]
+fn forked_processes_each_get_their_own_in_process_stack() {
+    let dir = out_dir("c-stress-sim");
+    let exe = compile("tipc_stress", &dir);
+    let out = Command::new(&exe).args(["sim", "4", "4", "20"]).output().expect("run tipc_stress");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "tipc_stress on sim failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("4 processes x 4 channels x 20 rounds: 0 failed"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_client_killed_mid_traffic_leaves_no_channel_open() {
     let dir = out_dir("c-kill");
     let exe = compile("tipc_stress", &dir);
@@ -383,4 +394,17 @@ fn header_is_aosps_contract() {
     }
     // Not the kernel UAPI's guard, so both can be included.
     assert!(!ipc.contains("_UAPI_LINUX_TRUSTY_IPC_H_"));
+}
+
+#[test]
+fn the_android_build_links_neither_the_model_nor_the_profiles() {
+    let root = Path::new(MANIFEST_DIR);
+    for bp in [root.join("Android.bp"), root.join("../trusty-ipcd/Android.bp")] {
+        let text = std::fs::read_to_string(&bp).unwrap_or_else(|e| panic!("{}: {e}", bp.display()));
+        for module in ["libtrusty_model", "libplatforms"] {
+            assert!(!text.contains(module), "{} names {module}: the model is test code", bp.display());
+        }
+        // No `features: ["sim"]` either.
+        assert!(!text.contains("\"sim\""), "{} turns on the sim feature", bp.display());
+    }
 }

@@ -97,7 +97,9 @@ pub fn main_with<I: IntoIterator<Item = String>>(argv: I) -> ExitCode {
         }
     };
     logger::init("trusty-ipcd", args.verbose);
-    let listener = match android_socket() {
+    let from_init = android_socket();
+    let created_socket = from_init.is_none();
+    let listener = match from_init {
         Some(fd) => {
             log::info!("serving init's socket {ANDROID_SOCKET_ENV}");
             if let Err(e) = sys::set_nonblocking(fd.as_raw_fd()) {
@@ -202,7 +204,10 @@ pub fn main_with<I: IntoIterator<Item = String>>(argv: I) -> ExitCode {
     server.run();
     STOP.store(true, Ordering::SeqCst);
     let _ = watcher.join();
-    let _ = std::fs::remove_file(&args.socket);
+    // Only a socket file this process made; init's stays for the next start.
+    if created_socket {
+        let _ = std::fs::remove_file(&args.socket);
+    }
     ExitCode::SUCCESS
 }
 

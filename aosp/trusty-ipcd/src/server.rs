@@ -465,6 +465,12 @@ impl Server {
                 if !reading || !self.read_one(slot, hup) {
                     break;
                 }
+                // Replies go out as they come: the device queues only a few per channel
+                // (rx_queue_limit), and a burst of requests can outrun a once-per-round drain.
+                if let Some(State::Connected { id }) = self.conns.get(slot).and_then(Option::as_ref).map(|c| &c.state) {
+                    let id = *id;
+                    self.service_connected(slot, id);
+                }
             }
         } else if hup {
             self.end(slot, End::ClientClosed, "client closed the connection");

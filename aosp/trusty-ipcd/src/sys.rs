@@ -114,20 +114,50 @@ pub fn listen_vsock(port: u32, backlog: c_int) -> Result<OwnedFd, i32> {
     Ok(fd)
 }
 
+/// `SO_VM_SOCKETS_CONNECT_TIMEOUT` of linux/vm_sockets.h (the `_OLD` value, which is the
+/// name's value where `long` is 64-bit; libc does not export it).
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: c_int = 6;
+/// Connect attempts while the peer CID is not ready (ENODEV, or ESOCKTNOSUPPORT for
+/// SOCK_SEQPACKET), one second apart, and the connect timeout: as AOSP libtrusty's
+/// `tipc_vsock_connect()`.
+pub const VSOCK_CONNECT_TRIES: u32 = 10;
+pub const VSOCK_CONNECT_TIMEOUT_S: i64 = 60;
+
 /// A blocking AF_VSOCK socket of type `ty` connected to `cid:port`.
 pub fn connect_vsock(ty: c_int, cid: u32, port: u32) -> Result<OwnedFd, i32> {
     let fd = socket(libc::AF_VSOCK, ty)?;
+    let tv = libc::timeval { tv_sec: VSOCK_CONNECT_TIMEOUT_S as libc::time_t, tv_usec: 0 };
+    // SAFETY: `tv` is a timeval of the size given. A failure only leaves the default timeout
+    // (AOSP goes on as well).
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        log::debug!("vsock {cid}:{port}: connect timeout not set (errno {})", errno());
+    }
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_cid = cid;
     addr.svm_port = port;
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    let mut tries = VSOCK_CONNECT_TRIES;
     loop {
         // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
         match check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) }) {
             Ok(_) => return Ok(fd),
             Err(libc::EINTR) => continue,
+            Err(e @ (libc::ENODEV | libc::ESOCKTNOSUPPORT)) if tries > 1 => {
+                tries -= 1;
+                log::warn!("vsock {cid}:{port}: connect failed (errno {e}), {tries} retries left");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
             Err(e) => return Err(e),
         }
     }

@@ -155,3 +155,22 @@ fn a_client_that_never_reads_does_not_stall_another() {
     h.stop();
     join.join().expect("loop");
 }
+
+#[test]
+fn a_burst_of_requests_gets_every_reply_with_the_threaded_model() {
+    // A 32-share platform: the device keeps at most a dozen unread messages per channel, so
+    // the loop must pass replies on as they come, not once per round.
+    let (stack, _) = sim::bring_up("xen-domu-ffa-mediator", true).expect("bring-up");
+    let (h, join) = Server::new(stack, Limits::default()).expect("server").spawn().expect("spawn");
+    let fd = open(&h, ECHO).expect("echo");
+    for round in 0..5u8 {
+        for i in 0..32u8 {
+            send(&fd, &[round, i]);
+        }
+        for i in 0..32u8 {
+            assert_eq!(recv(&fd).expect("reply"), [round, i], "round {round}");
+        }
+    }
+    h.stop();
+    join.join().expect("loop");
+}

@@ -93,6 +93,13 @@ int main(int argc, char** argv) {
     }
     int procs = atoi(argv[2]), nch = atoi(argv[3]), rounds = atoi(argv[4]);
     if (procs <= 0 || nch <= 0 || nch > MAXCH || rounds <= 0) return 2;
+    /* The parent holds a channel across the forks (with "sim", the children must not use the
+     * parent's in-process stack, whose serving thread fork() does not copy). */
+    int parent_fd = tipc_connect(argv[1], ECHO);
+    if (parent_fd < 0) {
+        fprintf(stderr, "parent: connect failed: %d\n", parent_fd);
+        return 1;
+    }
     for (int p = 0; p < procs; p++) {
         pid_t pid = fork();
         if (pid < 0) return 1;
@@ -103,6 +110,9 @@ int main(int argc, char** argv) {
         int st = 0;
         if (wait(&st) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) failed++;
     }
+    unsigned char ping[4] = {1, 2, 3, 4}, pong[8];
+    if (write(parent_fd, ping, 4) != 4 || read(parent_fd, pong, sizeof(pong)) != 4) failed++;
+    tipc_close(parent_fd);
     printf("%d processes x %d channels x %d rounds: %d failed\n", procs, nch, rounds, failed);
     return failed ? 1 : 0;
 }
