@@ -31,8 +31,10 @@ const TRUSTY_PAGE_SIZE: usize = 4096;
 
 /// Trusty's memref-test receiver app. Its port takes 1-byte messages, one queued, from the
 /// normal world only; the tipc_srv library serves one channel at a time
-/// (`tipc_add_service(hset, &receiver_port, 1, 1, ...)`: max_chan_cnt 1, so further
-/// connections wait until that channel is closed). For every message
+/// (`tipc_add_service(hset, &receiver_port, 1, 1, ...)`: max_chan_cnt 1; lib/tipc
+/// `tipc_srv.c` masks the port's events while `server_at_max_chan_cnt()`,
+/// `set_ports_event_mask()`, so further connections wait until that channel is closed). For
+/// every message
 /// (`receiver_on_message()`):
 /// * exactly one handle, else the message is refused and the channel closed (on_message's error
 ///   makes tipc_srv close it);
