@@ -218,6 +218,16 @@ impl DeviceBackend {
         Ok(dev.send_memrefs(id, iov, refs, t)?)
     }
 
+    /// Linux `dn_share_fd()`'s first check: sharing needs a connected channel (ENOTCONN);
+    /// EBADF for a handle that names none.
+    pub fn require_connected(&mut self, h: Handle) -> Result<(), Errno> {
+        let id = self.chan(h)?;
+        match self.dev()?.channel_state(id)? {
+            tipc::ChannelState::Connected => Ok(()),
+            _ => Err(Errno(tipc::errno::ENOTCONN)),
+        }
+    }
+
     fn dev(&mut self) -> Result<&mut TipcDevice, Errno> {
         self.dev.as_mut().ok_or(Errno(ENODEV))
     }
@@ -301,9 +311,12 @@ impl TipcBackend for DeviceBackend {
             return Err(Errno(tipc::errno::E2BIG));
         }
         let mut refs = Vec::with_capacity(shm.len());
+        // Linux filp_send_ioctl(): per object, the transfer kind, then dn_share_fd() (the
+        // channel's state, then the object).
         for (obj, transfer) in shm {
-            let o = obj.as_any().downcast_ref::<PageObject>().ok_or(Errno(EBADF))?;
             transfer.check_shareable()?;
+            self.require_connected(h)?;
+            let o = obj.as_any().downcast_ref::<PageObject>().ok_or(Errno(EBADF))?;
             refs.push(ForeignMemRef {
                 ranges: Vec::from([o.inner.range]),
                 size: o.inner.len as u64,

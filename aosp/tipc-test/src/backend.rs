@@ -161,7 +161,11 @@ impl SimBackend {
             return Err(Errno(tipc::errno::E2BIG));
         }
         let mut refs = Vec::with_capacity(shm.len());
+        // Linux filp_send_ioctl(): per fd, the transfer kind, then dn_share_fd() (the
+        // channel's state, then the fd).
         for &(fd, transfer) in shm {
+            transfer.check_shareable()?;
+            self.dev.require_connected(h)?;
             refs.push(fd_memref(self.sim.ram(), fd, transfer)?);
         }
         self.dev.send_memrefs(h, iov, refs)
@@ -179,21 +183,12 @@ struct FdHold {
 /// model reaches exactly those pages, and only through the share); the mapping is what the
 /// reference keeps alive until Trusty releases it.
 ///
-/// Transfer kinds: TRUSTY_SHARE shares. TRUSTY_LEND needs FF-A MEM_LEND, which this stack's
-/// sharers do not do: EOPNOTSUPP (the driver's answer where the platform cannot transfer
-/// memory this way) rather than a share that would leave the normal world its access.
-/// TRUSTY_SEND_SECURE needs a buffer that owns a platform memory id, which a memfd never does:
-/// ENODATA, the driver's `trusty_dma_buf_get_shared_mem_id()` result for such a buffer.
-/// TRUSTY_SEND_SECURE_OR_SHARE therefore shares. Any other kind is EINVAL.
+/// Transfer kinds as [`Transfer::check_shareable`] says.
 pub fn fd_memref(ram: &Arc<GuestRam>, fd: RawFd, transfer: Transfer) -> Result<ForeignMemRef, Errno> {
+    transfer.check_shareable()?;
     let (readable, writable) = fd_access(fd).map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EBADF)))?;
     if !readable {
         return Err(Errno(libc::EACCES));
-    }
-    match transfer {
-        Transfer::Share | Transfer::SendSecureOrShare => {}
-        Transfer::Lend => return Err(Errno(tipc::errno::EOPNOTSUPP)),
-        Transfer::SendSecure => return Err(Errno(tipc::errno::ENODATA)),
     }
     let size = fd_size(fd).map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EINVAL)))?;
     if size == 0 {

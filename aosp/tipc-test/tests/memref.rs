@@ -112,3 +112,21 @@ fn the_reference_keeps_the_memory_alive_after_the_client_lets_go() {
     assert!(hello_on_every_page(&obj));
     b.close(h).unwrap();
 }
+
+/// Linux filp_send_ioctl(): the transfer kind is checked first, then dn_share_fd() checks the
+/// channel (ENOTCONN) before the fd (EACCES). A message without a handle makes the receiver
+/// close the channel ("Message had no handles").
+#[test]
+fn errors_come_in_the_driver_s_order() {
+    let mut b = SimBackend::native(ModelMode::Sync).unwrap();
+    let obj = FdObject::memfd(SIZE).unwrap();
+    let wronly = reopen(obj.fd(), libc::O_WRONLY);
+    let h = b.connect(MEMREF_RECEIVER).unwrap();
+    assert_eq!(b.write(h, &[1]), Ok(1));
+    let mut c = [0u8];
+    assert_eq!(b.read(h, &mut c, Some(Duration::from_secs(5))).map_err(|e| e.0), Err(libc::ENOTCONN));
+    assert_eq!(b.send_fds(h, &[], &[(wronly.as_raw_fd(), Transfer::Lend)]).map_err(|e| e.0), Err(tipc::errno::EOPNOTSUPP));
+    assert_eq!(b.send_fds(h, &[], &[(wronly.as_raw_fd(), Transfer::Share)]).map_err(|e| e.0), Err(libc::ENOTCONN));
+    assert_eq!(b.sim().ram().foreign_attached(), 0);
+    b.close(h).unwrap();
+}
