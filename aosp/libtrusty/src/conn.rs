@@ -165,11 +165,19 @@ pub fn connect_vsock(spec: &str, port: &str) -> Result<OwnedFd, Errno> {
 /// # Safety
 /// Each iovec's buffer is readable for its length.
 pub unsafe fn send(fd: c_int, iov: &[IoVec], shm: &[TrustyShm]) -> Result<usize, Errno> {
-    let fds = if shm.is_empty() { Vec::new() } else { check_memrefs(shm)? };
+    let fds = if shm.is_empty() { Vec::new() } else { check_memrefs(fd, shm)? };
     match sys::send_iov_fds(fd, iov, &fds) {
         Err(libc::EPIPE) => Err(libc::ENOTCONN),
         r => r,
     }
+}
+
+/// Whether the channel's socket says the other end closed (Trusty closed the channel).
+fn hung_up(fd: c_int) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd; no waiting.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
 }
 
 /// TRUSTY_SHARE, TRUSTY_LEND, TRUSTY_SEND_SECURE and TRUSTY_SEND_SECURE_OR_SHARE
@@ -186,8 +194,9 @@ pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
 /// an unknown transfer kind is EINVAL; TRUSTY_LEND is EOPNOTSUPP (the stack's sharers cannot
 /// lend: the normal world would keep its access); TRUSTY_SEND_SECURE is ENODATA (the memory
 /// owns no platform memory id, `trusty_dma_buf_get_shared_mem_id()`); TRUSTY_SHARE and
-/// TRUSTY_SEND_SECURE_OR_SHARE share; a bad fd is EBADF and a write-only one EACCES.
-pub fn check_memrefs(shm: &[TrustyShm]) -> Result<Vec<c_int>, Errno> {
+/// TRUSTY_SEND_SECURE_OR_SHARE share; then, as `dn_share_fd()`, a channel Trusty closed is
+/// ENOTCONN, a bad fd EBADF and a write-only one EACCES.
+pub fn check_memrefs(chan: c_int, shm: &[TrustyShm]) -> Result<Vec<c_int>, Errno> {
     if shm.len() > usize::from(u16::MAX) || shm.len() > sys::MAX_FDS_PER_PACKET {
         return Err(libc::E2BIG);
     }
@@ -198,6 +207,9 @@ pub fn check_memrefs(shm: &[TrustyShm]) -> Result<Vec<c_int>, Errno> {
             TRUSTY_LEND => return Err(libc::EOPNOTSUPP),
             TRUSTY_SEND_SECURE => return Err(libc::ENODATA),
             _ => return Err(libc::EINVAL),
+        }
+        if hung_up(chan) {
+            return Err(libc::ENOTCONN);
         }
         let (readable, _) = trusty_ipcd::memref::fd_access(s.fd)?;
         if !readable {

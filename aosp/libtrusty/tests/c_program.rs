@@ -295,7 +295,7 @@ fn send_fd_passes_on_sim_and_through_the_daemon() {
         let out = Command::new(&exe).arg(dev).output().expect("run tipc_send_fd");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "tipc_send_fd on '{dev}' failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout.lines().last(), Some("10 passed, 0 failed"), "{stdout}");
+        assert_eq!(stdout.lines().last(), Some("11 passed, 0 failed"), "{stdout}");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while daemon.stat("live_memrefs") != 0 || daemon.stat("foreign_attached") != 0 || daemon.stat("channels") != 0 {

@@ -102,6 +102,27 @@ static void send_fd(const char* dev) {
     close(mfd);
 }
 
+/* As the driver: a channel Trusty closed is ENOTCONN before the fd is looked at. A message
+ * without a handle makes the receiver close the channel. */
+static void closed_channel(const char* dev) {
+    int fd = tipc_connect(dev, RECEIVER);
+    int mfd = make_memfd(CHUNK * CHUNKS);
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", mfd);
+    int wronly = open(path, O_WRONLY | O_CLOEXEC);
+    char c = 0;
+    ssize_t w = write(fd, &c, 1);
+    ssize_t r = read(fd, &c, 1); /* 0 (socket) or -1/ENOTCONN (driver): the channel is closed */
+    struct trusty_shm wo = {.fd = wronly, .transfer = TRUSTY_SHARE};
+    errno = 0;
+    ssize_t rc = tipc_send(fd, NULL, 0, &wo, 1);
+    CHECK(fd >= 0 && w == 1 && r <= 0 && rc < 0 && errno == ENOTCONN,
+          "a closed channel is ENOTCONN before a write-only fd is EACCES (%zd %zd %zd)", w, r, rc);
+    close(wronly);
+    close(mfd);
+    tipc_close(fd);
+}
+
 static int hold(const char* dev) {
     int fd = tipc_connect(dev, ECHO);
     int mfd = make_memfd(CHUNK * CHUNKS);
@@ -131,6 +152,7 @@ int main(int argc, char** argv) {
     }
     if (argc > 2 && strcmp(argv[2], "hold") == 0) return hold(argv[1]);
     send_fd(argv[1]);
+    closed_channel(argv[1]);
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
