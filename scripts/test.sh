@@ -36,6 +36,19 @@ tests/baremetal/hello/run.sh
 tests/qemu/run.sh xen-trusty-vm-broken
 tests/qemu/run.sh all
 
+step "trusty-ipcd end to end: the daemon, tipc-test through its socket, the bench"
+cargo build --locked --release -p trusty-ipcd -p tipc-test
+sock=$(mktemp -u /tmp/trusty-ipcd-test.XXXXXX.sock)
+TRUSTY_IPCD_LOG=warn ./target/release/trusty-ipcd --socket "$sock" --vsock-port 0 --foreground &
+ipcd=$!
+trap 'kill $ipcd 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+./target/release/tipc-test -D "$sock" -t all -s
+kill "$ipcd"
+wait "$ipcd"
+trap - EXIT
+./target/release/ipcd-bench -n 2000
+
 step "the main job: tipc-test -t all, model inside the call and on its own thread"
 cargo build --locked --release -p tipc-test
 ./target/release/tipc-test -D sim-threaded -t all -s
@@ -43,3 +56,4 @@ cargo build --locked --release -p tipc-test
 ./target/release/tipc-test --platform xen-domu-ffa-mediator -D sim-threaded -t all -s
 ./target/release/tipc-test --platform xen-domu-trusty-vm -t all -s
 ./target/release/tipc-test -D sim -t all
+

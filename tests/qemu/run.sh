@@ -337,7 +337,7 @@ scenario_xen_trusty_vm() {
         MARKERS=("re:secure-side fault")
     else
         EXPECT_STATUS=0
-        MARKERS=("re:^sharing: xen-grant to domain 1" "count:13:^PASS " "re:^13 passed, 0 failed$")
+        MARKERS=("re:^sharing: xen-grant to domain 1" "count:15:^PASS " "re:^15 passed, 0 failed$")
     fi
 }
 
@@ -371,7 +371,7 @@ scenario_el3_native() {
         hello_expect 9 # the status hello-el3's monitor hands out by SMC
     else
         EXPECT_STATUS=0
-        MARKERS=("re:^sharing: ffa-handle" "count:13:^PASS " "re:^13 passed, 0 failed$")
+        MARKERS=("re:^sharing: ffa-handle" "count:15:^PASS " "re:^15 passed, 0 failed$")
     fi
 }
 

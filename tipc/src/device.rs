@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use trusty_platform::clock::{Clock, Deadline};
-use trusty_platform::mem::{Access, SharedBuf, SharedMemory, PAGE_SIZE};
+use trusty_platform::mem::{Access, MemoryId, SharedBuf, SharedMemory, PAGE_SIZE};
 use trusty_virtio::bus::{STATUS_AT_START, STATUS_DRIVER};
 use trusty_virtio::rsc::VIRTIO_ID_TIPC;
 use trusty_virtio::vring::{DriverQueue, Layout, RawRing, RingError};
@@ -136,6 +136,8 @@ pub struct DeviceStats {
     /// Answers (CONN_RSP, DISC_REQ) that arrived for a channel whose connect had already
     /// timed out; they are only used to address the DISC_REQ that close sends.
     pub late_answers: u64,
+    /// Memory references sent with `send_memrefs` that were released and reclaimed.
+    pub memrefs_reclaimed: u64,
 }
 
 enum RxMsg {
@@ -222,9 +224,41 @@ pub struct TipcDevice {
     shm_outstanding: BTreeMap<u64, u32>,
     /// Memory ids Trusty released (or whose message was dropped): the owner may reclaim them.
     shm_released: VecDeque<u64>,
+    /// Memory the stack shared for [`TipcDevice::send_memrefs`], by id: what keeps it alive,
+    /// held until Trusty releases the reference and the share is reclaimed.
+    foreign: BTreeMap<u64, ForeignHold>,
+    /// Foreign memory whose reclaim Trusty refused: kept alive for good (spec §3.3).
+    foreign_leaked: Vec<ForeignHold>,
     /// When the secure side last had the CPU (ns).
     last_secure_call: u64,
     stats: DeviceStats,
+}
+
+/// Pages the stack does not own (a client's memfd or dma-buf, mapped into the normal world),
+/// to be sent as one memory reference with [`TipcDevice::send_memrefs`].
+pub struct ForeignMemRef {
+    /// The pages, as the sharer takes them (guest-physical addresses).
+    pub ranges: Vec<trusty_platform::mem::PhysRange>,
+    /// Size of the object in bytes, as Trusty is told (Linux: `dma_buf->size`).
+    pub size: u64,
+    /// Read-write when the client's fd is writable, read-only otherwise (Linux `dn_share_fd()`).
+    pub access: Access,
+    /// FF-A tag (0 unless the platform provides one).
+    pub tag: u64,
+    /// What keeps the pages alive and mapped where the ranges say; dropped once the share has
+    /// been reclaimed.
+    pub keep: alloc::boxed::Box<dyn core::any::Any + Send>,
+}
+
+impl core::fmt::Debug for ForeignMemRef {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ForeignMemRef").field("ranges", &self.ranges).field("size", &self.size).field("access", &self.access).finish()
+    }
+}
+
+/// What keeps one sent foreign object alive.
+struct ForeignHold {
+    _keep: alloc::boxed::Box<dyn core::any::Any + Send>,
 }
 
 impl TipcDevice {
@@ -344,6 +378,8 @@ impl TipcDevice {
             rx_kick_pending: false,
             shm_outstanding: BTreeMap::new(),
             shm_released: VecDeque::new(),
+            foreign: BTreeMap::new(),
+            foreign_leaked: Vec::new(),
             last_secure_call: 0,
             stats: DeviceStats::default(),
         }
@@ -698,11 +734,43 @@ impl TipcDevice {
                 *count = count.saturating_sub(1);
                 if *count == 0 {
                     self.shm_outstanding.remove(&id);
-                    self.shm_released.push_back(id);
+                    if self.foreign.contains_key(&id) {
+                        self.reclaim_foreign(id);
+                    } else {
+                        self.shm_released.push_back(id);
+                    }
                 }
             }
             None => log::warn!("RELEASE of unknown memory id {id:#x}"),
         }
+    }
+
+    /// Takes back memory the stack shared for [`TipcDevice::send_memrefs`] and drops what kept
+    /// it alive (Linux `_handle_release()` -> `tipc_shared_handle_drop()`: reclaim, then
+    /// `dma_buf_put()`). A refused reclaim keeps the memory alive for good: Trusty may still map
+    /// it.
+    fn reclaim_foreign(&mut self, id: u64) {
+        let Some(hold) = self.foreign.remove(&id) else { return };
+        match self.bus.mem().sharer_mut().reclaim(MemoryId(id)) {
+            Ok(()) => {
+                self.stats.memrefs_reclaimed += 1;
+                drop(hold);
+            }
+            Err(e) => {
+                log::warn!("cannot reclaim memory reference {id:#x}: {e}; keeping it alive");
+                self.foreign_leaked.push(hold);
+            }
+        }
+    }
+
+    /// Memory references sent with [`TipcDevice::send_memrefs`] that Trusty still holds.
+    pub fn memrefs_outstanding(&self) -> usize {
+        self.foreign.len()
+    }
+
+    /// Memory references whose reclaim Trusty refused (kept alive for good).
+    pub fn memrefs_leaked(&self) -> usize {
+        self.foreign_leaked.len()
     }
 
     /// Memory ids whose messages Trusty is done with (released, or the message was dropped):
@@ -1096,6 +1164,72 @@ impl TipcDevice {
         Ok(data_len)
     }
 
+    /// Sends one message with memory references to pages the stack does not own (spec §6.9;
+    /// Linux `filp_send_ioctl()` with `dn_share_fd()`): each object is shared with the
+    /// platform's sharer (a fresh id per message, as Linux shares a fresh handle per message),
+    /// described after the data, and kept alive (its `keep`) until Trusty's RELEASE for it, or
+    /// until the message is dropped, after which it is reclaimed and `keep` dropped. Returns the
+    /// data length.
+    ///
+    /// Errors in Linux's order: more than 65535 references (TooBig); a channel not connected
+    /// (NotConnected); a share the platform refuses (its error); then as [`TipcDevice::send`].
+    /// On any error nothing stays shared.
+    pub fn send_memrefs(
+        &mut self,
+        id: ChannelId,
+        iov: &[&[u8]],
+        refs: Vec<ForeignMemRef>,
+        timeout: Timeout,
+    ) -> Result<usize, Error> {
+        if refs.len() > usize::from(u16::MAX) {
+            return Err(Error::TooBig);
+        }
+        if self.channel(id)?.state != ChannelState::Connected {
+            return Err(Error::NotConnected);
+        }
+        let mut descs: Vec<ShmDesc> = Vec::with_capacity(refs.len());
+        let mut shared: Vec<u64> = Vec::with_capacity(refs.len());
+        let mut failure = None;
+        for r in refs {
+            if r.ranges.is_empty() {
+                failure = Some(Error::InvalidArgument);
+                drop(r);
+                break;
+            }
+            match self.bus.mem().sharer_mut().share(&r.ranges, r.access) {
+                Ok(mid) if self.foreign.contains_key(&mid.0) || self.shm_outstanding.contains_key(&mid.0) => {
+                    // An id still in use cannot name a second object.
+                    let _ = self.bus.mem().sharer_mut().reclaim(mid);
+                    failure = Some(Error::Unsupported("the sharer returned a memory id that is still in use"));
+                    break;
+                }
+                Ok(mid) => {
+                    descs.push(ShmDesc { obj_id: mid.0, size: r.size, tag: r.tag });
+                    shared.push(mid.0);
+                    // Registered before the message goes out: the RELEASE may come back inside
+                    // the kick (Linux tipc_shared_handle_register() before queuing).
+                    self.foreign.insert(mid.0, ForeignHold { _keep: r.keep });
+                }
+                Err(e) => {
+                    failure = Some(e.into());
+                    break;
+                }
+            }
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.send(id, iov, &descs, timeout),
+        };
+        if result.is_err() {
+            // Never sent: take every share back (Linux `shm_share_failed` / `get_txbuf_failed`).
+            for mid in shared {
+                self.shm_outstanding.remove(&mid);
+                self.reclaim_foreign(mid);
+            }
+        }
+        result
+    }
+
     fn require_connected(state: ChannelState) -> Result<(), Error> {
         match state {
             ChannelState::Connected => Ok(()),
@@ -1231,6 +1365,13 @@ impl TipcDevice {
             }
         }
         self.by_addr.clear();
+        // After the reset Trusty holds no reference any more; what it still maps is refused and
+        // kept alive.
+        let ids: Vec<u64> = self.foreign.keys().copied().collect();
+        for id in ids {
+            self.shm_outstanding.remove(&id);
+            self.reclaim_foreign(id);
+        }
         let mut first_err = Ok(());
         for buf in bufs {
             if let Err(e) = self.bus.mem().release(buf) {

@@ -348,3 +348,113 @@ fn the_device_name_is_cut_to_31_bytes() {
     // Linux tipc_virtio_probe(): strncpy into 32 bytes, last byte forced to NUL.
     assert_eq!(h.dev.dev_name(), "n".repeat(31));
 }
+
+// ----- memory references to foreign pages (spec §6.9) ----------------------------------------
+
+/// Drops set the flag: what `send_memrefs` keeps alive until Trusty's RELEASE.
+struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn foreign(addr: u64, pages: u32) -> (crate::ForeignMemRef, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = crate::ForeignMemRef {
+        ranges: vec![trusty_platform::mem::PhysRange { addr, pages }],
+        size: u64::from(pages) * 4096,
+        access: trusty_platform::mem::Access::ReadWrite,
+        tag: 0,
+        keep: Box::new(DropFlag(dropped.clone())),
+    };
+    (r, dropped)
+}
+
+fn dropped(flag: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> bool {
+    flag.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Linux filp_send_ioctl() + _handle_release(): the object is shared before the message goes,
+/// described after the data (hdr.shm_cnt, 24-byte descriptor with the id and the object's
+/// size), kept alive while Trusty holds it, and reclaimed and let go on its RELEASE, which is
+/// not handed to `take_released` (the stack owns the share).
+#[test]
+fn a_foreign_memref_is_kept_until_its_release_then_reclaimed() {
+    let mut h = Harness::new(Config::default(), 8);
+    let (ch, _) = connect(&mut h);
+    let live_before = h.dev.bus().mem_ref().sharer().live_shares();
+    let (r, gone) = foreign(0x4000_0000_0000, 10);
+    assert_eq!(h.dev.send_memrefs(ch, &[b"data"], vec![r], Timeout::Ms(1000)), Ok(4));
+    assert_eq!(h.dev.bus().mem_ref().sharer().live_shares(), live_before + 1);
+    assert_eq!(h.dev.memrefs_outstanding(), 1);
+    let sent = h.peer().sent.last().map(|s| (s.header, s.payload.clone())).expect("a frame");
+    assert_eq!(sent.0.shm_cnt, 1);
+    assert_eq!(usize::from(sent.0.len), 4 + wire::SHM_DESC_LEN);
+    assert_eq!(&sent.1[..4], b"data");
+    let (data_len, descs) = wire::split_shm(&sent.0, &sent.1).expect("descriptors");
+    assert_eq!(data_len, 4);
+    let descs: Vec<ShmDesc> = descs.collect();
+    let desc = descs[0];
+    assert_eq!((desc.obj_id, desc.size, desc.tag), (0x4000_0000_0000, 10 * 4096, 0));
+    h.dev.pump().unwrap();
+    assert!(!dropped(&gone), "kept while Trusty holds the reference");
+    // A RELEASE for another id changes nothing.
+    h.peer().queue_ctrl(&Ctrl::Release { id: 0x1234_5000 });
+    h.dev.pump().unwrap();
+    assert!(!dropped(&gone));
+    h.peer().queue_ctrl(&Ctrl::Release { id: desc.obj_id });
+    h.dev.pump().unwrap();
+    assert!(dropped(&gone), "let go after the RELEASE");
+    assert_eq!(h.dev.bus().mem_ref().sharer().live_shares(), live_before, "reclaimed");
+    assert_eq!((h.dev.memrefs_outstanding(), h.dev.stats().memrefs_reclaimed), (0, 1));
+    assert_eq!(h.dev.take_released(), None, "the stack's own share is not handed out");
+}
+
+/// Errors leave nothing shared and let go of every object at once: a channel not connected
+/// (dn_share_fd() checks it first), an empty object, and a send that cannot get a tx buffer.
+#[test]
+fn a_failed_foreign_send_shares_nothing() {
+    let mut h = Harness::new(Config::default(), 8);
+    let (ch, _) = connect(&mut h);
+    let idle = h.dev.open().unwrap();
+    let live0 = h.dev.bus().mem_ref().sharer().live_shares();
+    let (r, gone) = foreign(0x4100_0000_0000, 1);
+    assert_eq!(h.dev.send_memrefs(idle, &[], vec![r], Timeout::NonBlocking), Err(Error::NotConnected));
+    assert!(dropped(&gone));
+    let (mut r, gone) = foreign(0x4200_0000_0000, 1);
+    r.ranges.clear();
+    assert_eq!(h.dev.send_memrefs(ch, &[], vec![r], Timeout::NonBlocking), Err(Error::InvalidArgument));
+    assert!(dropped(&gone));
+    assert_eq!(h.dev.bus().mem_ref().sharer().live_shares(), live0);
+    // No tx buffer without blocking: both objects shared, then both reclaimed.
+    h.peer().stall_from_ns = true;
+    while h.dev.send(ch, &[b"fill"], &[], Timeout::NonBlocking).is_ok() {}
+    // The tx pool grew while filling: that is the baseline now.
+    let live = h.dev.bus().mem_ref().sharer().live_shares();
+    let (r1, gone1) = foreign(0x4300_0000_0000, 1);
+    let (r2, gone2) = foreign(0x4400_0000_0000, 2);
+    assert_eq!(h.dev.send_memrefs(ch, &[b"x"], vec![r1, r2], Timeout::NonBlocking), Err(Error::Again));
+    assert!(dropped(&gone1) && dropped(&gone2));
+    assert_eq!(h.dev.bus().mem_ref().sharer().live_shares(), live);
+    assert_eq!(h.dev.memrefs_outstanding(), 0);
+    h.peer().stall_from_ns = false;
+    h.dev.pump().unwrap();
+}
+
+/// Teardown: references Trusty still held are reclaimed after the reset (or kept, if refused).
+#[test]
+fn shutdown_reclaims_outstanding_foreign_memrefs() {
+    let mut h = Harness::new(Config::default(), 8);
+    let (ch, _) = connect(&mut h);
+    let (r, gone) = foreign(0x4500_0000_0000, 3);
+    h.dev.send_memrefs(ch, &[], vec![r], Timeout::Ms(1000)).unwrap();
+    h.dev.pump().unwrap();
+    assert!(!dropped(&gone));
+    let Harness { dev, .. } = h;
+    let (bus, result) = dev.shutdown();
+    result.unwrap();
+    assert!(dropped(&gone));
+    assert_eq!(bus.mem_ref().sharer().live_shares(), 0);
+}

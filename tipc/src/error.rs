@@ -23,6 +23,10 @@ pub mod errno {
     pub const ESHUTDOWN: i32 = 108;
     pub const ETIMEDOUT: i32 = 110;
     pub const EALREADY: i32 = 114;
+    /// `trusty_dma_buf_get_shared_mem_id()`: the buffer owns no platform memory id.
+    pub const ENODATA: i32 = 61;
+    /// The platform cannot transfer memory this way (Linux `trusty_transfer_memory()`).
+    pub const EOPNOTSUPP: i32 = 95;
 }
 
 /// Every failure of the TIPC layer; each maps onto the errno AOSP's driver reports for the same

@@ -9,7 +9,7 @@ mod error;
 pub mod stack;
 pub mod wire;
 
-pub use device::{ChannelId, ChannelState, Config, DeviceState, DeviceStats, PollFlags, Timeout, TipcDevice};
+pub use device::{ChannelId, ChannelState, Config, DeviceState, DeviceStats, ForeignMemRef, PollFlags, Timeout, TipcDevice};
 pub use error::{errno, Error};
 
 #[cfg(test)]

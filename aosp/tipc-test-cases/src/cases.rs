@@ -8,7 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::time::Duration;
 
-use crate::backend::{Errno, Handle, TipcBackend};
+use crate::backend::{Errno, Handle, TipcBackend, Transfer};
 use crate::env::{elapsed_us, TestEnv};
 use tipc::errno::{ENOTCONN, ETIMEDOUT};
 
@@ -20,6 +20,13 @@ pub const NS_ONLY: &str = "com.android.ipc-unittest.srv.ns_only";
 pub const CLOSER1: &str = "com.android.ipc-unittest.srv.closer1";
 pub const CLOSER2: &str = "com.android.ipc-unittest.srv.closer2";
 pub const CLOSER3: &str = "com.android.ipc-unittest.srv.closer3";
+pub const MAIN_CTRL: &str = "com.android.ipc-unittest.ctrl";
+pub const MEMREF_RECEIVER: &str = "com.android.trusty.memref.receiver";
+
+/// Size of one chunk of send-fd's object (tipc_test.c `memref_chunk_size`).
+pub const MEMREF_CHUNK_SIZE: usize = 4096;
+/// Chunks in send-fd's object (`num_chunks`).
+pub const MEMREF_CHUNKS: usize = 10;
 
 /// The options the tests read (tipc-test's `struct tipc_test_params`).
 #[derive(Clone, Debug)]
@@ -72,13 +79,12 @@ pub const ALL: &[TestCase] = &[
     TestCase { name: "ta-access", run: ta_access },
     TestCase { name: "writev", run: writev },
     TestCase { name: "readv", run: readv },
+    TestCase { name: "ta2ta-ipc", run: ta2ta_ipc },
+    TestCase { name: "send-fd", run: send_fd },
 ];
 
-/// tipc-test's tests that need services the embedded model does not provide.
-pub const UNSUPPORTED: &[(&str, &str)] = &[
-    ("ta2ta-ipc", "needs the TA-side unittest app (com.android.ipc-unittest.ctrl)"),
-    ("send-fd", "needs dma-buf heaps and the memref receiver app"),
-];
+/// tipc-test's tests this port cannot run (none left).
+pub const UNSUPPORTED: &[(&str, &str)] = &[];
 
 pub fn find(name: &str) -> Option<&'static TestCase> {
     ALL.iter().find(|t| t.name == name)
@@ -449,4 +455,87 @@ fn readv(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, rng: &mut Rng) 
     close(b, h)?;
     say!(env, p, "readv: done");
     result
+}
+
+/// tipc_test.c `ta2ta_ipc_test()`: the TA-side unittest app (lib/unittest `unittest_main()`
+/// behind `com.android.ipc-unittest.ctrl`) runs its suite when connected, sends each log line
+/// as a TEST_MESSAGE (or TEST_TEXT) message, then TEST_PASSED or TEST_FAILED.
+fn ta2ta_ipc(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    const TEST_PASSED: u8 = 0;
+    const TEST_FAILED: u8 = 1;
+    const TEST_MESSAGE: u8 = 2;
+    const TEST_TEXT: u8 = 3;
+    /// How long the suite may take (the C test blocks in read without limit).
+    const SUITE_TIMEOUT: Duration = Duration::from_secs(60);
+    say!(env, p, "ta2ta_ipc_test:");
+    let h = connect_to(b, MAIN_CTRL)?;
+    let result = (|| {
+        let mut rx = [0u8; 256];
+        loop {
+            let n = match b.read(h, &mut rx, Some(SUITE_TIMEOUT)) {
+                Ok(n) if n > 0 && n < rx.len() => n,
+                Ok(n) => return Err(format!("ta2ta_ipc_test: Read failed: {n}")),
+                Err(e) => return Err(format!("ta2ta_ipc_test: Read failed: {e}")),
+            };
+            match rx[0] {
+                TEST_PASSED => return Ok(()),
+                TEST_FAILED => return Err("ta2ta_ipc_test: the TA-side suite reported TEST_FAILED".into()),
+                TEST_MESSAGE | TEST_TEXT => {
+                    if !p.silent {
+                        let text = String::from_utf8_lossy(&rx[1..n]);
+                        env.println(format_args!("{}", text.trim_end_matches('\n')));
+                    }
+                }
+                other => return Err(format!("ta2ta_ipc_test: Bad message header: {other}")),
+            }
+        }
+    })();
+    close(b, h)?;
+    result
+}
+
+/// tipc_test.c `send_fd_test()`: a 10-page object (a dma-buf from the system heap; a memfd
+/// where there is none) with "From NS" at its start goes to the memref receiver as the only
+/// content of a message (TRUSTY_SHARE); after its 1-byte "sync" reply every page must start
+/// with "Hello from Trusty!", read through the test's own mapping.
+fn send_fd(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
+    const EXPECTED: &[u8] = b"Hello from Trusty!\0";
+    say!(env, p, "send_fd_test:");
+    let h = b.connect(MEMREF_RECEIVER).map_err(|e| format!("Failed to connect to test support TA - is it missing? ({e})"))?;
+    let size = MEMREF_CHUNK_SIZE * MEMREF_CHUNKS;
+    let result = (|| {
+        let mut obj = b.alloc_shm(size).map_err(|e| format!("Failed to create dma-buf fd of size {size}: {e}"))?;
+        if !obj.write(0, b"From NS\0") {
+            return Err(format!("Failed to write into the {}", obj.kind()));
+        }
+        let sent = b
+            .send_shm(h, &[], &[(&*obj, Transfer::Share)])
+            .map_err(|e| format!("tipc_send failed: {e}"))?;
+        if sent != 0 {
+            return Err(format!("tipc_send returned {sent} for a message of no data"));
+        }
+        // The sync byte says the receiver is done with the pages (the C test reads it without
+        // checking; a reply that never comes is a failure here).
+        let mut c = [0u8; 1];
+        match b.read(h, &mut c, Some(REPLY_TIMEOUT)) {
+            Ok(1) => {}
+            Ok(n) => return Err(format!("send-fd: sync reply of {n} bytes")),
+            Err(e) => return Err(format!("send-fd: no sync reply: {e}")),
+        }
+        Ok(obj)
+    })();
+    close(b, h)?;
+    let obj = result?;
+    let mut bad = Vec::new();
+    for skip in 0..MEMREF_CHUNKS {
+        let mut got = [0u8; EXPECTED.len()];
+        if !obj.read(skip * MEMREF_CHUNK_SIZE, &mut got) || got != EXPECTED {
+            bad.push(skip);
+        }
+    }
+    if let Some(first) = bad.first() {
+        return Err(format!("Failed: Unexpected content at page {first} in {} ({} of {MEMREF_CHUNKS} pages)", obj.kind(), bad.len()));
+    }
+    say!(env, p, "send_fd_test: done");
+    Ok(())
 }

@@ -1,14 +1,21 @@
 //! What the tests talk to: the libtrusty-like interface of `tipc-test-cases`, implemented by
 //! the in-process stack against the embedded model.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
+
+use tipc::ForeignMemRef;
+use trusty_model::host::{ForeignPages, GuestRam};
+use trusty_platform::mem::Access;
+
+use crate::shm::{fd_access, fd_size, FdObject, Mapping};
 
 use platforms::Profile;
 use tipc::stack::{bring_up_platform, BringUp, StackConfig};
 use tipc::TipcDevice;
 use trusty_model::host::{ModelMode, Sim};
 
-pub use tipc_test_cases::backend::{Errno, Handle, TipcBackend};
+pub use tipc_test_cases::backend::{Errno, Handle, ShmObject, TipcBackend, Transfer};
 pub use tipc_test_cases::DeviceBackend;
 
 /// The in-process stack over the embedded model: a [`DeviceBackend`] whose health check asks
@@ -129,7 +136,83 @@ impl TipcBackend for SimBackend {
     fn close(&mut self, h: Handle) -> Result<(), Errno> {
         self.dev.close(h)
     }
+    fn alloc_shm(&mut self, len: usize) -> Result<Box<dyn ShmObject>, String> {
+        // The embedded machine has no dma-buf heap: a memfd, as tipc-test uses where none exists.
+        FdObject::memfd(len).map(|o| Box::new(o) as Box<dyn ShmObject>).map_err(|e| e.to_string())
+    }
+
+    fn send_shm(&mut self, h: Handle, iov: &[&[u8]], shm: &[(&dyn ShmObject, Transfer)]) -> Result<usize, Errno> {
+        let mut fds = Vec::with_capacity(shm.len());
+        for (obj, transfer) in shm {
+            let o = obj.as_any().downcast_ref::<FdObject>().ok_or(Errno(libc::EBADF))?;
+            fds.push((o.fd(), *transfer));
+        }
+        self.send_fds(h, iov, &fds)
+    }
+
     fn health(&mut self) -> Result<(), String> {
         self.dev.health()
     }
+}
+
+impl SimBackend {
+    /// libtrusty's `tipc_send` with fds on the embedded machine: each fd becomes a memory
+    /// reference ([`fd_memref`]), honouring the transfer kind as the Linux driver does.
+    pub fn send_fds(&mut self, h: Handle, iov: &[&[u8]], shm: &[(RawFd, Transfer)]) -> Result<usize, Errno> {
+        // Linux filp_send_ioctl(): more than 65535 references is E2BIG before anything else.
+        if shm.len() > usize::from(u16::MAX) {
+            return Err(Errno(tipc::errno::E2BIG));
+        }
+        let mut refs = Vec::with_capacity(shm.len());
+        // Linux filp_send_ioctl(): per fd, the transfer kind, then dn_share_fd() (the
+        // channel's state, then the fd).
+        for &(fd, transfer) in shm {
+            transfer.check_shareable()?;
+            self.dev.require_connected(h)?;
+            refs.push(fd_memref(self.sim.ram(), fd, transfer)?);
+        }
+        self.dev.send_memrefs(h, iov, refs)
+    }
+}
+
+/// What keeps a sent fd's pages alive: detached from guest RAM first, then unmapped.
+struct FdHold {
+    _pages: ForeignPages,
+}
+
+/// One fd as a memory reference of the embedded machine, as Linux `dn_share_fd()` takes it:
+/// a write-only fd is EACCES; a writable one is shared read-write, else read-only. The fd's
+/// memory is mapped here and attached to the machine's guest RAM at a fresh address (so the
+/// model reaches exactly those pages, and only through the share); the mapping is what the
+/// reference keeps alive until Trusty releases it.
+///
+/// Transfer kinds as [`Transfer::check_shareable`] says.
+pub fn fd_memref(ram: &Arc<GuestRam>, fd: RawFd, transfer: Transfer) -> Result<ForeignMemRef, Errno> {
+    transfer.check_shareable()?;
+    let (readable, writable) = fd_access(fd).map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    if !readable {
+        return Err(Errno(libc::EACCES));
+    }
+    let size = fd_size(fd).map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EINVAL)))?;
+    if size == 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let pages = size.div_ceil(trusty_platform::mem::PAGE_SIZE);
+    let len = pages * trusty_platform::mem::PAGE_SIZE;
+    // A read-only fd is mapped copy-on-write: where the platform's ids carry no permission
+    // (bare addresses) a peer writing anyway cannot reach the fd (nor fault this process).
+    let map = if writable { Mapping::new(fd, len, true) } else { Mapping::new_private(fd, len) };
+    let map = map.map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+    let ptr = map.ptr();
+    // SAFETY: `map` maps pages * PAGE_SIZE bytes of the fd at `ptr` (page-aligned, as every
+    // mmap is) and is moved into the guard, which keeps it until the pages are detached.
+    let pages_guard = unsafe { ram.attach_foreign(ptr, pages, Box::new(map)) }.ok_or(Errno(libc::ENOMEM))?;
+    let range = pages_guard.range();
+    Ok(ForeignMemRef {
+        ranges: vec![range],
+        size: size as u64,
+        access: if writable { Access::ReadWrite } else { Access::ReadOnly },
+        tag: 0,
+        keep: Box::new(FdHold { _pages: pages_guard }),
+    })
 }

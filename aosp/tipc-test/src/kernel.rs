@@ -26,7 +26,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Errno, Handle, TipcBackend};
+use crate::backend::{Errno, Handle, ShmObject, TipcBackend, Transfer};
+use crate::shm::FdObject;
 
 /// The trusty-ipc UAPI (`include/uapi/linux/trusty/ipc.h`, spec §7.1).
 pub mod uapi {
@@ -58,6 +59,11 @@ pub mod uapi {
     /// Linux's `_IOW(type, nr, T)` with `size` = `sizeof(T)`.
     pub const fn iow(ty: u8, nr: u8, size: usize) -> u32 {
         ioc(IOC_WRITE, ty, nr, size)
+    }
+
+    /// Linux's `_IOWR(type, nr, T)` with `size` = `sizeof(T)`.
+    pub const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
+        ioc(IOC_READ | IOC_WRITE, ty, nr, size)
     }
 
     pub const TIPC_IOC_MAGIC: u8 = b'r';
@@ -96,6 +102,13 @@ pub mod uapi {
     pub const TRUSTY_LEND: u32 = 1;
     /// The memory is already secure; only Trusty sees it.
     pub const TRUSTY_SEND_SECURE: u32 = 2;
+    /// The platform-assigned id if the buffer has one, else shared (newest drivers).
+    pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
+}
+
+/// The ioctl-number helpers, for other device interfaces (dma-buf heaps).
+pub mod ioctl {
+    pub use super::uapi::{ioc, iow, iowr};
 }
 
 use uapi::{TipcSendMsgReq, TrustyShm, TIPC_IOC_CONNECT, TIPC_IOC_SEND_MSG};
@@ -225,11 +238,18 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> Result<usize, Errno> {
     }
 }
 
+/// Opens one channel to a port: libtrusty's `tipc_connect` for a device name.
+pub type Connector = Box<dyn FnMut(&str) -> Result<OwnedFd, Errno>>;
+
 /// [`TipcBackend`] over a trusty-ipc character device: each handle is the fd of one channel.
+/// With a [`Connector`], the same over any libtrusty file descriptor (trusty-ipcd's socket,
+/// vsock, the in-process device names).
 pub struct KernelBackend {
     path: PathBuf,
     /// The channels this backend opened; nothing else is ever written to, read or closed.
     chans: BTreeMap<Handle, OwnedFd>,
+    /// Opens channels through libtrusty instead of open + TIPC_IOC_CONNECT.
+    connector: Option<Connector>,
 }
 
 impl KernelBackend {
@@ -246,7 +266,15 @@ impl KernelBackend {
             Err(e) => return Err(err(OpenErrorKind::Open(e))),
         }
         drop(open_rdwr(&path).map_err(|e| err(OpenErrorKind::Open(e)))?);
-        Ok(KernelBackend { path, chans: BTreeMap::new() })
+        Ok(KernelBackend { path, chans: BTreeMap::new(), connector: None })
+    }
+
+    /// Channels of libtrusty's device `name` (see `trusty_capi::connect`): file descriptors
+    /// used exactly as the driver's. A socket channel reports the remote close differently
+    /// (see `trusty/tipc.h`): a write failing with EPIPE and a read of 0 bytes on a hung-up
+    /// channel are reported as the driver's ENOTCONN.
+    pub fn with_connector(name: &str, connector: Connector) -> KernelBackend {
+        KernelBackend { path: PathBuf::from(name), chans: BTreeMap::new(), connector: Some(connector) }
     }
 
     /// The device path.
@@ -279,12 +307,90 @@ impl KernelBackend {
     }
 }
 
+impl KernelBackend {
+    fn writev_fd(&mut self, h: Handle, iov: &[&[u8]]) -> Result<usize, Errno> {
+        let fd = self.fd(h)?;
+        if let [buf] = iov {
+            // SAFETY: `fd` is a channel this backend owns; the kernel reads `buf.len()` bytes
+            // from `buf`, which is borrowed for the call.
+            return retry_eintr(|| unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) });
+        }
+        let iovs = iovecs(iov);
+        let cnt = libc::c_int::try_from(iovs.len()).map_err(|_| Errno(libc::EINVAL))?;
+        // SAFETY: `fd` is a channel this backend owns; `iovs` holds `cnt` iovecs, each over a
+        // slice of `iov` that is borrowed for the call; the kernel only reads them.
+        retry_eintr(|| unsafe { libc::writev(fd, iovs.as_ptr(), cnt) })
+    }
+
+
+    fn readv_fd(&mut self, h: Handle, bufs: &mut [&mut [u8]], timeout: Option<Duration>) -> Result<usize, Errno> {
+        let fd = self.fd(h)?;
+        if let Some(t) = timeout {
+            if !poll_in(fd, t)? {
+                return Err(Errno(libc::ETIMEDOUT));
+            }
+        }
+        let iovs: Vec<libc::iovec> =
+            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+        let cnt = libc::c_int::try_from(iovs.len()).map_err(|_| Errno(libc::EINVAL))?;
+        // SAFETY: `fd` is a channel this backend owns; `iovs` holds `cnt` iovecs, each over a
+        // distinct slice of `bufs`, which is mutably borrowed for the call, so the kernel may
+        // write up to each iovec's length into it.
+        retry_eintr(|| unsafe { libc::readv(fd, iovs.as_ptr(), cnt) })
+    }
+
+
+    /// Whether the channel's socket reports a hang-up (its peer closed).
+    fn hung_up(&self, h: Handle) -> Result<bool, Errno> {
+        let mut pfd = libc::pollfd { fd: self.fd(h)?, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid, writable pollfd; no waiting.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        Ok(rc > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0)
+    }
+}
+
 impl TipcBackend for KernelBackend {
     fn describe(&self) -> String {
-        format!("kernel: {} (trusty-ipc driver)", self.path.display())
+        if self.connector.is_some() {
+            format!("libtrusty: {} (file descriptors from tipc_connect)", self.path.display())
+        } else {
+            format!("kernel: {} (trusty-ipc driver)", self.path.display())
+        }
+    }
+
+    fn alloc_shm(&mut self, len: usize) -> Result<Box<dyn ShmObject>, String> {
+        FdObject::for_send_fd(len).map(|o| Box::new(o) as Box<dyn ShmObject>).map_err(|e| e.to_string())
+    }
+
+    /// TIPC_IOC_SEND_MSG with the objects' fds: the driver shares them (`dn_share_fd()`);
+    /// what it refuses comes back as its errno (a memfd is not a dma-buf: `dma_buf_get()`
+    /// fails).
+    fn send_shm(&mut self, h: Handle, iov: &[&[u8]], shm: &[(&dyn ShmObject, Transfer)]) -> Result<usize, Errno> {
+        let mut list = Vec::with_capacity(shm.len());
+        for (obj, transfer) in shm {
+            let o = obj.as_any().downcast_ref::<FdObject>().ok_or(Errno(libc::EBADF))?;
+            list.push(TrustyShm { fd: o.fd(), transfer: *transfer as u32 });
+        }
+        if self.connector.is_some() {
+            // libtrusty's tipc_send on one of its own fds (daemon socket, in-process device):
+            // the descriptors go as SCM_RIGHTS and the stack behind shares them.
+            let fd = self.fd(h)?;
+            let iovs = iovecs(iov);
+            let shm: Vec<trusty_capi::TrustyShm> =
+                list.iter().map(|s| trusty_capi::TrustyShm { fd: s.fd, transfer: s.transfer }).collect();
+            // SAFETY: each iovec covers a slice of `iov`, borrowed (and only read) for the call.
+            return unsafe { trusty_capi::send(fd, &iovs, &shm) }.map_err(Errno);
+        }
+        self.send(h, iov, &list)
     }
 
     fn connect(&mut self, port: &str) -> Result<Handle, Errno> {
+        if let Some(connect) = self.connector.as_mut() {
+            let fd = connect(port)?;
+            let h = fd.as_raw_fd();
+            self.chans.insert(h, fd);
+            return Ok(h);
+        }
         let name = CString::new(port).map_err(|_| Errno(libc::EINVAL))?;
         let fd = open_rdwr(&self.path).map_err(|e| errno_of(&e))?;
         // SAFETY: `fd` is open and ours; CONNECT reads the NUL-terminated string at the
@@ -301,33 +407,19 @@ impl TipcBackend for KernelBackend {
     }
 
     fn writev(&mut self, h: Handle, iov: &[&[u8]]) -> Result<usize, Errno> {
-        let fd = self.fd(h)?;
-        if let [buf] = iov {
-            // SAFETY: `fd` is a channel this backend owns; the kernel reads `buf.len()` bytes
-            // from `buf`, which is borrowed for the call.
-            return retry_eintr(|| unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) });
+        match self.writev_fd(h, iov) {
+            Err(Errno(libc::EPIPE)) if self.connector.is_some() => Err(Errno(libc::ENOTCONN)),
+            r => r,
         }
-        let iovs = iovecs(iov);
-        let cnt = libc::c_int::try_from(iovs.len()).map_err(|_| Errno(libc::EINVAL))?;
-        // SAFETY: `fd` is a channel this backend owns; `iovs` holds `cnt` iovecs, each over a
-        // slice of `iov` that is borrowed for the call; the kernel only reads them.
-        retry_eintr(|| unsafe { libc::writev(fd, iovs.as_ptr(), cnt) })
     }
 
     fn readv(&mut self, h: Handle, bufs: &mut [&mut [u8]], timeout: Option<Duration>) -> Result<usize, Errno> {
-        let fd = self.fd(h)?;
-        if let Some(t) = timeout {
-            if !poll_in(fd, t)? {
-                return Err(Errno(libc::ETIMEDOUT));
-            }
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        match self.readv_fd(h, bufs, timeout) {
+            // A socket channel's end of file: the peer closed (an empty message needs no room).
+            Ok(0) if self.connector.is_some() && want > 0 && self.hung_up(h)? => Err(Errno(libc::ENOTCONN)),
+            r => r,
         }
-        let iovs: Vec<libc::iovec> =
-            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-        let cnt = libc::c_int::try_from(iovs.len()).map_err(|_| Errno(libc::EINVAL))?;
-        // SAFETY: `fd` is a channel this backend owns; `iovs` holds `cnt` iovecs, each over a
-        // distinct slice of `bufs`, which is mutably borrowed for the call, so the kernel may
-        // write up to each iovec's length into it.
-        retry_eintr(|| unsafe { libc::readv(fd, iovs.as_ptr(), cnt) })
     }
 
     fn wait_readable(&mut self, h: Handle, timeout: Duration) -> Result<bool, Errno> {
@@ -462,7 +554,7 @@ mod tests {
 
     #[test]
     fn handles_it_did_not_open_are_ebadf() {
-        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new() };
+        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new(), connector: None };
         // fd 1 is open (stdout), but not a channel of this backend: it must not be touched.
         assert_eq!(b.write(1, b"x"), Err(Errno(libc::EBADF)));
         assert_eq!(b.read(1, &mut [0; 4], Some(Duration::ZERO)), Err(Errno(libc::EBADF)));
@@ -482,7 +574,7 @@ mod tests {
     #[test]
     fn data_path_over_a_message_socket() {
         let (near, far) = UnixDatagram::pair().unwrap();
-        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new() };
+        let mut b = KernelBackend { path: "/dev/null".into(), chans: BTreeMap::new(), connector: None };
         let h = adopt(&mut b, near.into());
 
         // write and writev: one message each, the concatenation of the buffers.

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod env;
 pub mod kernel;
 pub mod runner;
+pub mod shm;
 
 pub use env::StdEnv;
 /// The test cases, re-exported from `tipc-test-cases`.

@@ -20,9 +20,13 @@ use trusty_platform::plan::Mechanism;
 #[command(name = "tipc-test", about = "Run AOSP's TIPC tests against Trusty (by default, the embedded model)")]
 struct Args {
     /// Device: `sim` (the model runs inside each call), `sim-threaded` (the model runs on its
-    /// own thread), or the path of a Linux trusty-ipc device such as /dev/trusty-ipc-dev0
-    #[arg(short = 'D', long = "dev", default_value = "sim")]
-    dev: String,
+    /// own thread), a platform profile name (as --platform), the path of a Linux trusty-ipc
+    /// device such as /dev/trusty-ipc-dev0, the path of trusty-ipcd's socket,
+    /// `VSOCK:[STREAM:|SEQPACKET:]cid:port`, or `lib:NAME` for libtrusty's own device NAME
+    /// (e.g. `lib:sim`: file descriptors from its in-process stack). Default: like AOSP,
+    /// /dev/trusty-ipc-dev0 where it exists, else `sim`
+    #[arg(short = 'D', long = "dev")]
+    dev: Option<String>,
     /// Service name for the `connect` test
     #[arg(short = 'S', long = "srv")]
     srv: Option<String>,
@@ -100,10 +104,29 @@ fn parse_mechanism(name: &str, profile: &platforms::Profile) -> Result<Mechanism
     })
 }
 
-/// What `-D` names: the embedded model, or a trusty-ipc device.
+/// What `-D` names: the embedded model, a trusty-ipc device, or another libtrusty device.
 enum Target {
     Model(ModelMode),
     Device(String),
+    Library(String),
+}
+
+/// AOSP's tipc-test default device.
+const ANDROID_DEVICE: &str = "/dev/trusty-ipc-dev0";
+
+/// The device `-D` names, or the default: Android's device where it exists, else the model.
+fn default_dev(dev: Option<&str>) -> String {
+    match dev {
+        Some(d) => d.to_owned(),
+        None if std::path::Path::new(ANDROID_DEVICE).exists() => ANDROID_DEVICE.to_owned(),
+        None => "sim".to_owned(),
+    }
+}
+
+/// Whether `path` is a socket (trusty-ipcd's).
+fn is_socket(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// Opens the device before any test runs: a missing device fails at once.
@@ -124,12 +147,20 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    let target = match args.dev.as_str() {
+    let dev = default_dev(args.dev.as_deref());
+    let mut platform = args.platform.clone();
+    let target = match dev.as_str() {
         "sim" => Target::Model(ModelMode::Sync),
         "sim-threaded" => Target::Model(ModelMode::Threaded),
+        name if platforms::by_name(name).is_some() => {
+            platform = name.to_owned();
+            Target::Model(ModelMode::Sync)
+        }
+        name if name.starts_with("VSOCK:") || is_socket(name) => Target::Library(name.to_owned()),
+        name if name.starts_with("lib:") => Target::Library(name["lib:".len()..].to_owned()),
         path => Target::Device(path.to_string()),
     };
-    if let Target::Device(path) = &target {
+    if let Target::Device(path) | Target::Library(path) = &target {
         // A kernel driver makes its own platform and sharing decisions.
         for (opt, given) in [
             ("--platform", matches.value_source("platform") == Some(ValueSource::CommandLine)),
@@ -150,7 +181,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let mut profile = match load_platform(&args.platform) {
+    let mut profile = match load_platform(&platform) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("tipc-test: {e}");
@@ -199,6 +230,12 @@ fn main() -> ExitCode {
     };
     let mode = match target {
         Target::Model(mode) => mode,
+        Target::Library(name) => {
+            let dev = name.clone();
+            let connector: tipc_test::kernel::Connector =
+                Box::new(move |port: &str| trusty_capi::connect(&dev, port).map_err(tipc_test::backend::Errno));
+            return run(Box::new(KernelBackend::with_connector(&name, connector)), &args, &selected, &params);
+        }
         Target::Device(path) => match open_device(&path) {
             Ok(b) => return run(Box::new(b), &args, &selected, &params),
             Err(e) => {

@@ -46,11 +46,14 @@ case_tests! {
     ta_access => "ta-access",
     writev => "writev",
     readv => "readv",
+    ta2ta_ipc => "ta2ta-ipc",
+    send_fd => "send-fd",
 }
 
 #[test]
-fn all_thirteen_are_listed() {
-    assert_eq!(cases::ALL.len(), 13);
+fn all_fifteen_are_listed() {
+    assert_eq!(cases::ALL.len(), 15);
+    assert!(cases::UNSUPPORTED.is_empty());
 }
 
 #[test]

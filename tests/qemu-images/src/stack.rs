@@ -8,6 +8,7 @@ use core::fmt;
 use core::time::Duration;
 
 use tipc::stack::{bring_up_platform, BringUpError, PlatformAccess, StackConfig};
+use tipc_test_cases::device::{Mutex, SharedPageAllocator, ShmPages};
 use tipc_test_cases::{cases, runner, DeviceBackend, Params, Rng, TestEnv};
 use trusty_platform::clock::Clock;
 use trusty_platform::mem::PageAllocator;
@@ -64,10 +65,12 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
     let xen = m.xen.clone();
     let xen_for_features = xen.clone();
     let xen_for_table = xen.clone();
+    // One pool for the stack's buffers and the memory objects send-fd sends.
+    let pages: ShmPages = Arc::new(Mutex::new(m.allocator));
     let access = PlatformAccess {
         conduit: m.conduit,
         clock: m.clock.clone(),
-        allocator: m.allocator,
+        allocator: Box::new(SharedPageAllocator(pages.clone())),
         fdt: fdt.to_vec(),
         xen_features: Box::new(move || xen_for_features.as_ref().and_then(|h| hypercall::xen_features(&**h, 0).ok())),
         events: xen.map(|h| Arc::new(XenEvents(h)) as Arc<dyn trusty_platform::mailbox::EventChannel>),
@@ -94,7 +97,7 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
     };
     say(format_args!("{}", info.plan));
     say(format_args!("tipc-stack: Trusty '{}', API {}", info.version.as_deref().unwrap_or("unknown"), info.api_version));
-    let mut backend = DeviceBackend::new(dev, format!("bare metal, {}", info.plan));
+    let mut backend = DeviceBackend::new(dev, format!("bare metal, {}", info.plan)).with_shm_pages(pages);
     let params = Params { silent: true, ..Default::default() };
     let mut rng = Rng::new(m.clock.now_ns() | 1);
     let tests: alloc::vec::Vec<_> = cases::ALL.iter().collect();

@@ -6,7 +6,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::boxed::Box;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 use std::vec::Vec;
@@ -42,6 +42,34 @@ pub struct GuestRam {
     ptr: *mut u8,
     len: usize,
     pages_used: Mutex<Vec<bool>>,
+    /// Pages from outside this allocation attached at fresh guest addresses (a client's
+    /// memfd mapped by the stack): readers hold the lock while they touch them, so detaching
+    /// (under the write lock) never races an access.
+    foreign: RwLock<ForeignTable>,
+}
+
+/// Guest address of the first page attached with [`GuestRam::attach_foreign`]: far above any
+/// guest RAM this harness makes, so the two never overlap.
+pub const FOREIGN_IPA_BASE: u64 = 0x80_0000_0000;
+
+/// Under a translating stage-2, foreign pages lie at `ipa + FOREIGN_PA_SHIFT`: an IPA read as a
+/// PA misses, as for guest RAM.
+const FOREIGN_PA_SHIFT: u64 = 0x40_0000_0000;
+
+#[derive(Default)]
+struct ForeignTable {
+    regions: Vec<ForeignRegion>,
+    /// Next free guest address (addresses are never reused, with a guard page between regions).
+    next_ipa: u64,
+    next_id: u64,
+}
+
+struct ForeignRegion {
+    id: u64,
+    ipa: u64,
+    ptr: *mut u8,
+    len: usize,
+    keep: Box<dyn Send + Sync>,
 }
 
 // SAFETY: the RAM is plain memory that both worlds access with copies and volatile word
@@ -58,7 +86,86 @@ impl GuestRam {
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "out of host memory for guest RAM");
-        Arc::new(GuestRam { ipa_base, stage2, ptr, len, pages_used: Mutex::new(vec_false(pages.max(1))) })
+        Arc::new(GuestRam {
+            ipa_base,
+            stage2,
+            ptr,
+            len,
+            pages_used: Mutex::new(vec_false(pages.max(1))),
+            foreign: RwLock::new(ForeignTable { next_ipa: FOREIGN_IPA_BASE, ..ForeignTable::default() }),
+        })
+    }
+
+    /// Attaches `pages` pages of memory this RAM does not own (for example a client's memfd,
+    /// mapped by the stack) at a fresh guest address, so that the normal world can share them
+    /// with its sharer like any other guest page and the secure side reaches them only through
+    /// that share. They stay attached until the returned guard is dropped; `keep` (what keeps
+    /// the memory alive, such as the mapping) is dropped after they are detached.
+    ///
+    /// # Safety
+    /// `ptr` must point to `pages * PAGE_SIZE` bytes, page-aligned, that stay valid for reads
+    /// and writes until `keep` is dropped. Both worlds may access them concurrently (byte
+    /// copies and volatile word accesses, as for guest RAM).
+    pub unsafe fn attach_foreign(
+        self: &Arc<Self>,
+        ptr: std::ptr::NonNull<u8>,
+        pages: usize,
+        keep: Box<dyn Send + Sync>,
+    ) -> Option<ForeignPages> {
+        if pages == 0 || !(ptr.as_ptr() as usize).is_multiple_of(PAGE_SIZE) {
+            return None;
+        }
+        let len = pages.checked_mul(PAGE_SIZE)?;
+        let mut t = self.foreign.write().ok()?;
+        let ipa = t.next_ipa;
+        t.next_ipa = ipa.checked_add(len as u64 + PAGE_SIZE as u64)?;
+        let id = t.next_id;
+        t.next_id += 1;
+        t.regions.push(ForeignRegion { id, ipa, ptr: ptr.as_ptr(), len, keep });
+        Some(ForeignPages { ram: self.clone(), id, ipa, ptr, pages })
+    }
+
+    /// Regions attached with [`GuestRam::attach_foreign`] and not yet detached.
+    pub fn foreign_attached(&self) -> usize {
+        self.foreign.read().map(|t| t.regions.len()).unwrap_or(0)
+    }
+
+    fn detach_foreign(&self, id: u64) {
+        let region = match self.foreign.write() {
+            Ok(mut t) => t.regions.iter().position(|r| r.id == id).map(|i| t.regions.swap_remove(i)),
+            Err(_) => None,
+        };
+        // Dropped outside the lock: no reader can be inside the pages any more.
+        drop(region.map(|r| r.keep));
+    }
+
+    /// The physical address of a foreign guest address under this RAM's stage-2.
+    fn foreign_ipa_to_pa(&self, ipa: u64) -> u64 {
+        match self.stage2 {
+            Stage2::Identity => ipa,
+            Stage2::Translated { .. } => ipa + FOREIGN_PA_SHIFT,
+        }
+    }
+
+    /// Runs `f` on a pointer to `[pa, pa + len)`, if that is memory of this guest (its RAM or
+    /// attached foreign pages), holding what keeps foreign pages attached meanwhile.
+    fn with_pa<R>(&self, pa: u64, len: usize, f: impl FnOnce(*mut u8) -> R) -> Option<R> {
+        if let Some(off) = self.pa_offset(pa, len) {
+            // SAFETY: off + len <= self.len (checked by `pa_offset`).
+            return Some(f(unsafe { self.ptr.add(off) }));
+        }
+        let t = self.foreign.read().ok()?;
+        for r in &t.regions {
+            let start = self.foreign_ipa_to_pa(r.ipa);
+            let Some(off) = pa.checked_sub(start) else { continue };
+            let Ok(off) = usize::try_from(off) else { continue };
+            if off.checked_add(len).is_some_and(|end| end <= r.len) {
+                // SAFETY: off + len <= r.len, and the region stays attached (so its memory
+                // valid) while the read lock is held.
+                return Some(f(unsafe { r.ptr.add(off) }));
+            }
+        }
+        None
     }
 
     pub fn ipa_base(&self) -> u64 {
@@ -86,7 +193,12 @@ impl GuestRam {
 
     /// The stage-2 translation of one guest address.
     pub fn ipa_to_pa(&self, ipa: u64) -> Option<u64> {
-        let off = self.ipa_offset(ipa, 1)? as u64;
+        let Some(off) = self.ipa_offset(ipa, 1) else {
+            let t = self.foreign.read().ok()?;
+            let hit = t.regions.iter().any(|r| ipa >= r.ipa && ipa - r.ipa < r.len as u64);
+            return hit.then(|| self.foreign_ipa_to_pa(ipa));
+        };
+        let off = off as u64;
         Some(match self.stage2 {
             Stage2::Identity => ipa,
             Stage2::Translated { pa_base } => {
@@ -115,13 +227,12 @@ impl GuestRam {
         }
     }
 
-    fn word_ptr<T>(&self, pa: u64) -> Option<*mut T> {
-        let off = self.pa_offset(pa, std::mem::size_of::<T>())?;
-        if off % std::mem::align_of::<T>() != 0 {
+    /// Runs `f` on an aligned pointer to the word at `pa`.
+    fn with_word<T, R>(&self, pa: u64, f: impl FnOnce(*mut T) -> R) -> Option<R> {
+        if !pa.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return None;
         }
-        // SAFETY: off + size_of::<T>() <= len (checked by `pa_offset`).
-        Some(unsafe { self.ptr.add(off) }.cast())
+        self.with_pa(pa, std::mem::size_of::<T>(), |p| f(p.cast()))
     }
 }
 
@@ -140,53 +251,77 @@ impl Drop for GuestRam {
 macro_rules! word_access {
     ($read:ident, $write:ident, $t:ty) => {
         fn $read(&self, pa: u64) -> Option<$t> {
-            // SAFETY: in bounds and aligned (checked by `word_ptr`); volatile: the other world
-            // writes concurrently.
-            self.word_ptr::<$t>(pa).map(|p| <$t>::from_le(unsafe { p.read_volatile() }))
+            // SAFETY: in bounds and aligned (checked by `with_word`, which keeps the memory
+            // attached meanwhile); volatile: the other world writes concurrently.
+            self.with_word::<$t, _>(pa, |p| <$t>::from_le(unsafe { p.read_volatile() }))
         }
         fn $write(&self, pa: u64, v: $t) -> bool {
-            match self.word_ptr::<$t>(pa) {
-                Some(p) => {
-                    // SAFETY: in bounds and aligned (checked by `word_ptr`).
-                    unsafe { p.write_volatile(v.to_le()) };
-                    true
-                }
-                None => false,
-            }
+            // SAFETY: in bounds and aligned (checked by `with_word`).
+            self.with_word::<$t, _>(pa, |p| unsafe { p.write_volatile(v.to_le()) }).is_some()
         }
     };
 }
 
 impl PhysMem for GuestRam {
     fn contains(&self, pa: u64, len: usize) -> bool {
-        self.pa_offset(pa, len).is_some()
+        self.with_pa(pa, len, |_| ()).is_some()
     }
     fn guest_to_phys(&self, ipa: u64) -> Option<u64> {
         self.ipa_to_pa(ipa)
     }
     fn read(&self, pa: u64, out: &mut [u8]) -> bool {
-        match self.pa_offset(pa, out.len()) {
-            Some(off) => {
-                // SAFETY: off..off+len is inside the allocation; bytes are copied, not referenced.
-                unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), out.len()) };
-                true
-            }
-            None => false,
-        }
+        let n = out.len();
+        // SAFETY: `with_pa` checked that n bytes from p are this guest's memory and keeps them
+        // attached during the copy; bytes are copied, not referenced.
+        self.with_pa(pa, n, |p| unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), n) }).is_some()
     }
     fn write(&self, pa: u64, data: &[u8]) -> bool {
-        match self.pa_offset(pa, data.len()) {
-            Some(off) => {
-                // SAFETY: off..off+len is inside the allocation.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
-                true
-            }
-            None => false,
-        }
+        // SAFETY: as in `read`.
+        self.with_pa(pa, data.len(), |p| unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) })
+            .is_some()
     }
     word_access!(read_u16, write_u16, u16);
     word_access!(read_u32, write_u32, u32);
     word_access!(read_u64, write_u64, u64);
+}
+
+/// Foreign pages attached to a [`GuestRam`] at a fresh guest address; detached (and what keeps
+/// them alive dropped) when this guard is dropped.
+pub struct ForeignPages {
+    ram: Arc<GuestRam>,
+    id: u64,
+    ipa: u64,
+    ptr: std::ptr::NonNull<u8>,
+    pages: usize,
+}
+
+// SAFETY: the guard only names the region; the memory is shared by design (see attach_foreign).
+unsafe impl Send for ForeignPages {}
+// SAFETY: as above; the guard has no interior mutability.
+unsafe impl Sync for ForeignPages {}
+
+impl ForeignPages {
+    /// Guest address of the first page.
+    pub fn ipa(&self) -> u64 {
+        self.ipa
+    }
+    /// Where the normal world reaches the pages.
+    pub fn vaddr(&self) -> std::ptr::NonNull<u8> {
+        self.ptr
+    }
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+    /// The run of guest pages, as a sharer takes it.
+    pub fn range(&self) -> trusty_platform::mem::PhysRange {
+        trusty_platform::mem::PhysRange { addr: self.ipa, pages: self.pages as u32 }
+    }
+}
+
+impl Drop for ForeignPages {
+    fn drop(&mut self) {
+        self.ram.detach_foreign(self.id);
+    }
 }
 
 /// The normal world's page allocator over [`GuestRam`] (first fit).
@@ -467,6 +602,67 @@ fn model_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, rx: mpsc::Receiv
         // The work a call asked for happens after it returned, on this thread.
         if let Ok(mut m) = model.lock() {
             m.run_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages from outside guest RAM, attached at a fresh guest address: reachable by the secure
+    /// side only at their physical address under the stage-2 (an IPA read as a PA misses when
+    /// translated), writes land in the foreign memory itself, and after the guard is dropped
+    /// nothing is reachable any more and what kept the memory alive is dropped.
+    #[test]
+    fn foreign_pages_attach_translate_and_detach() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let ram = GuestRam::new(0x4000_0000, 16, stage2);
+            let layout = Layout::from_size_align(2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+            // SAFETY: non-zero size.
+            let mem = unsafe { alloc_zeroed(layout) };
+            let ptr = std::ptr::NonNull::new(mem).unwrap();
+            struct Keep(*mut u8, Layout, Arc<std::sync::atomic::AtomicBool>);
+            // SAFETY: test memory, only freed here.
+            unsafe impl Send for Keep {}
+            // SAFETY: as above.
+            unsafe impl Sync for Keep {}
+            impl Drop for Keep {
+                fn drop(&mut self) {
+                    self.2.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // SAFETY: allocated above with this layout; detached before this drop.
+                    unsafe { dealloc(self.0, self.1) };
+                }
+            }
+            let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // SAFETY: 2 pages, page-aligned, freed only by `Keep` after detaching.
+            let guard = unsafe { ram.attach_foreign(ptr, 2, Box::new(Keep(mem, layout, freed.clone()))) }.unwrap();
+            assert_eq!(guard.ipa(), FOREIGN_IPA_BASE);
+            assert_eq!(ram.foreign_attached(), 1);
+            let pa = ram.ipa_to_pa(guard.ipa() + 4096).unwrap();
+            assert_eq!(pa == guard.ipa() + 4096, stage2 == Stage2::Identity);
+            assert!(PhysMem::write(&*ram, pa, b"secure"));
+            // SAFETY: reading the test's own memory, still attached.
+            assert_eq!(unsafe { std::slice::from_raw_parts(mem.add(4096), 6) }, b"secure");
+            assert!(!PhysMem::contains(&*ram, pa, 4097), "not past the end");
+            if stage2 != Stage2::Identity {
+                assert!(!PhysMem::contains(&*ram, guard.ipa(), 1), "an IPA is not a PA");
+            }
+            assert_eq!(PhysMem::read_u32(&*ram, pa), Some(u32::from_le_bytes(*b"secu")));
+            drop(guard);
+            assert!(freed.load(std::sync::atomic::Ordering::SeqCst));
+            assert_eq!(ram.foreign_attached(), 0);
+            assert!(!PhysMem::contains(&*ram, pa, 1));
+            assert_eq!(ram.ipa_to_pa(FOREIGN_IPA_BASE), None);
+            // Addresses are not reused: a second region gets a fresh one.
+            let mem2 = {
+                // SAFETY: non-zero size.
+                let m = unsafe { alloc_zeroed(layout) };
+                std::ptr::NonNull::new(m).unwrap()
+            };
+            // SAFETY: as above.
+            let g2 = unsafe { ram.attach_foreign(mem2, 1, Box::new(Keep(mem2.as_ptr(), layout, Arc::new(Default::default())))) }.unwrap();
+            assert!(g2.ipa() > FOREIGN_IPA_BASE + 2 * PAGE_SIZE as u64);
         }
     }
 }

@@ -622,6 +622,11 @@ impl Mapping {
         self.len == 0
     }
 
+    /// Whether the mapping allows writes.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
     /// The physical address of byte `off`, if the run `[off, off + n)` stays in one range.
     fn pa(&self, off: usize, n: usize) -> Option<u64> {
         if off.checked_add(n)? > self.len {

@@ -331,6 +331,11 @@ impl Model {
         &self.ipc
     }
 
+    /// Normal-world channels the TIPC device has open (each one a TA-side channel).
+    pub fn open_endpoints(&self) -> usize {
+        self.tipc.open_endpoints()
+    }
+
     /// Live FF-A shares.
     pub fn live_shares(&self) -> usize {
         self.shares.live()

@@ -11,7 +11,7 @@ use trusty_platform::mem::PAGE_SIZE;
 use trusty_virtio::rsc::{VdevInfo, VIRTIO_ID_TIPC};
 use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
 
-use crate::ipc::{lk, ChanId, Ipc, IpcEvent};
+use crate::ipc::{lk, ChanId, Ipc, IpcEvent, MemRef};
 use crate::mem::{Mapping, ShareTable};
 
 /// Handles per message Trusty accepts (spec §6.9).
@@ -125,6 +125,11 @@ impl TipcDev {
         self.stats
     }
 
+    /// Endpoints (normal-world channels) currently open on this device.
+    pub fn open_endpoints(&self) -> usize {
+        self.endpoints.iter().flatten().count()
+    }
+
     /// Whether `vqid` names one of this device's rings (by notifyid, spec §4).
     pub fn has_vring(&self, vqid: u32) -> bool {
         self.notifyids.contains(&vqid)
@@ -170,6 +175,10 @@ impl TipcDev {
     /// rings unmapped, consumer indices forgotten (spec §5.6, with NXP's index fix).
     pub fn reset(&mut self, shares: &mut ShareTable, ipc: &mut Ipc, now: u64) {
         ipc.reset(now);
+        // References let go of before the reset are unmapped; nobody is left to tell.
+        while let Some(m) = ipc.take_released_memref() {
+            shares.unmap(m.into_mapping());
+        }
         for e in self.endpoints.iter_mut() {
             *e = None;
         }
@@ -196,6 +205,7 @@ impl TipcDev {
         for _ in 0..100_000 {
             let mut progress = self.drain_from_ns(shares, ipc, now)?;
             progress |= ipc.run(now);
+            progress |= self.collect_released(shares, ipc);
             progress |= self.flush_to_ns(shares, ipc);
             if let Some(e) = self.violation.take() {
                 return Err(e);
@@ -207,6 +217,21 @@ impl TipcDev {
         }
         self.update_notify_flags(ipc);
         Ok(any)
+    }
+
+    /// Memory references the trusted apps let go of: unmapped, and the normal world told with
+    /// RELEASE {obj_id} from the control address (Trusty `tipc_shm_release()` path of
+    /// `handle_chan_msg()`'s memrefs, spec §6.9).
+    fn collect_released(&mut self, shares: &mut ShareTable, ipc: &mut Ipc) -> bool {
+        let mut any = false;
+        while let Some(m) = ipc.take_released_memref() {
+            let id = m.obj_id();
+            shares.unmap(m.into_mapping());
+            self.stats.releases_sent += 1;
+            self.outbox.push_back(Outgoing::Ctrl(Ctrl::Release { id }));
+            any = true;
+        }
+        any
     }
 
     fn update_notify_flags(&self, ipc: &Ipc) {
@@ -345,13 +370,21 @@ impl TipcDev {
         }
         let Ok((data_len, descs)) = wire::split_shm(header, payload) else { return lk::ERR_INVALID_ARGS };
         let descs: Vec<_> = descs.collect();
-        let mut maps = Vec::new();
+        // Retrieve every referenced object before delivery; a bad id fails the whole message
+        // (Trusty `handle_chan_msg()`: ext_mem_obj retrieval per descriptor). An object is
+        // mapped writable when the normal world shared it so, read-only otherwise.
+        let mut refs = Vec::new();
         for d in &descs {
-            match shares.map(d.obj_id, d.size as usize, false, "memory reference in a message") {
-                Some(m) => maps.push(m),
+            let len = usize::try_from(d.size).unwrap_or(usize::MAX);
+            let m = match shares.try_map(d.obj_id, len, true, "memory reference in a message") {
+                Some(m) => Some(m),
+                None => shares.map(d.obj_id, len, false, "memory reference in a message"),
+            };
+            match m {
+                Some(m) => refs.push(MemRef::new(m)),
                 None => {
-                    for m in maps {
-                        shares.unmap(m);
+                    for r in refs {
+                        shares.unmap(r.into_mapping());
                     }
                     // ext_mem_get_vmm_obj()'s error; the model reports ERR_INVALID_ARGS.
                     return lk::ERR_INVALID_ARGS;
@@ -359,29 +392,32 @@ impl TipcDev {
             }
         }
         let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
-        let ep = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src);
-        let result = match ep {
-            None => Err(lk::ERR_NOT_FOUND),
-            Some(_) if self.inject.drop_messages > 0 => {
-                self.inject.drop_messages -= 1;
-                self.stats.dropped_on_purpose += 1;
-                Err(lk::ERR_NOT_ENOUGH_BUFFER)
+        let Some(ep) = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src) else {
+            for r in refs {
+                shares.unmap(r.into_mapping());
             }
-            Some(ep) => ipc.deliver(ep.chan, &payload[..data_len], now),
+            return lk::ERR_NOT_FOUND;
         };
-        // The services keep no references: each is dropped at once, and Trusty tells the normal
-        // world with RELEASE unless the message failed (spec §6.9).
-        for m in maps {
-            let id = m.id();
-            shares.unmap(m);
-            if result.is_ok() {
-                self.stats.releases_sent += 1;
-                self.outbox.push_back(Outgoing::Ctrl(Ctrl::Release { id }));
+        if self.inject.drop_messages > 0 {
+            self.inject.drop_messages -= 1;
+            self.stats.dropped_on_purpose += 1;
+            for r in refs {
+                shares.unmap(r.into_mapping());
             }
+            return lk::ERR_NOT_ENOUGH_BUFFER;
         }
-        match result {
+        // The references now belong to the message (and then to the app that takes them); each
+        // is released when its last holder lets go (tipc_ext_mem_destroy()). A failed message
+        // releases nothing: the normal world reclaims on the negative used length (spec §6.7,
+        // §6.9).
+        match ipc.deliver_with_handles(ep.chan, &payload[..data_len], refs, now) {
             Ok(n) => n as i32,
-            Err(e) => e,
+            Err((e, refs)) => {
+                for r in refs {
+                    shares.unmap(r.into_mapping());
+                }
+                e
+            }
         }
     }
 

@@ -1,35 +1,37 @@
 /*
- * libtrusty-compatible C API over the in-process normal-world Trusty IPC stack
- * (crate libtrusty-capi, library trusty_capi).
+ * AOSP libtrusty's C API (system/core trusty/libtrusty/include/trusty/tipc.h),
+ * implemented by this project's crate libtrusty-capi (library trusty_capi).
  *
- * tipc_connect, tipc_send and tipc_close have AOSP libtrusty's names and
- * signatures (system/core trusty/libtrusty/include/trusty/tipc.h; spec §7.4).
- * With the kernel driver a channel is a file descriptor, so libtrusty users
- * read, write and poll it with read(2), write(2) and poll(2).  Here a channel is
- * a handle of the in-process stack, not a kernel file descriptor, so this
- * header adds tipc_recv, tipc_write and tipc_poll for those operations, and
- * tipc_init / tipc_shutdown to start and stop the stack.
+ * tipc_connect returns a file descriptor.  On it, as on the kernel driver's
+ * (drivers/trusty/trusty-ipc.c): one write(2)/writev(2) sends one message, one
+ * read(2)/readv(2) returns one whole message, poll(2)/select(2) report POLLIN
+ * when a message is queued and POLLOUT while writes are accepted, and
+ * close(2) (or tipc_close) ends the channel.
  *
- * Conventions:
- *   - Every function that can fail returns a negative errno value (-ENOENT,
- *     -ENOTCONN, ...) and leaves errno alone.  The values are those AOSP's
- *     trusty-ipc driver reports for the same condition (spec §7.3).
- *     (libtrusty's own tipc_send passes the ioctl's -1 through and leaves the
- *     code in errno; callers that test "< 0" behave the same with either.)
- *   - Handles are small non-negative integers, the lowest free one first, like
- *     file descriptors; a handle is never given out twice while it is open.
- *   - A NULL pointer where data is required gives -EINVAL; it never crashes.
- *   - Every function may be called from any thread.  One lock guards the
- *     stack; calls that wait (tipc_recv, tipc_poll, a tipc_send waiting for a
- *     free buffer) release it at least every few milliseconds, so a thread
- *     blocked on one channel does not stop others.  tipc_connect holds it until
- *     the secure side has answered (at most the 5 s connect timeout).
- *   - No Rust panic crosses this interface: an internal failure returns -EIO.
+ * dev_name chooses the way to Trusty, as AOSP's library does:
+ *   "VSOCK:[STREAM:|SEQPACKET:]cid:port"  Trusty's vsock bridge (or trusty-ipcd's
+ *                    vsock listener): the port name goes in the first packet,
+ *                    one status byte comes back once connected;
+ *   a path to a socket   trusty-ipcd (trusty-ipcd --socket PATH), same convention
+ *                    over AF_UNIX SOCK_SEQPACKET;
+ *   any other path   the kernel driver (/dev/trusty-ipc-dev0):
+ *                    open(O_RDWR), ioctl(TIPC_IOC_CONNECT);
+ *   "sim", "sim-threaded", a platform profile name (test builds only: feature
+ *                    `sim`)  a stack on the embedded Trusty model inside this
+ *                    process, served by a thread; fds as with trusty-ipcd.
+ *
+ * Where a socket channel differs from the driver's fd: once Trusty closes the
+ * channel, poll reports POLLHUP (and POLLIN) where the driver reports POLLERR,
+ * read returns 0 after the queued messages where the driver fails with
+ * ENOTCONN, and write fails with EPIPE (tipc_send reports ENOTCONN).  So that
+ * such a write does not kill the program, the first socket channel sets
+ * SIGPIPE to SIG_IGN if the program left it at SIG_DFL.  A message larger than
+ * the largest TIPC message is dropped by the daemon (and logged) instead of
+ * failing with EMSGSIZE.
  */
 #ifndef TRUSTY_IPC_STACK_TRUSTY_TIPC_H
 #define TRUSTY_IPC_STACK_TRUSTY_TIPC_H
 
-#include <stddef.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 
@@ -39,52 +41,16 @@
 extern "C" {
 #endif
 
-/* Bits of the mask tipc_poll returns (same values as POLLIN and POLLERR). */
-#define TIPC_POLLIN 1
-#define TIPC_POLLERR 8
-
-/* Port names must be shorter than this, in bytes (spec §6.3). */
-#define TIPC_MAX_SRV_NAME_LEN 256
-
 /*
- * Starts the in-process stack on a simulated platform.  platform names a
- * platform profile ("native-api5", "native-api4", "xen-dom0",
- * "xen-domu-ffa-mediator", ...; see `tipc-test --list-platforms`); NULL means
- * the default embedded model, "native-api5" (no hypervisor, Trusty API 5 with
- * FF-A).
+ * Connects to the Trusty service srv_name through dev_name.
  *
- * Calling it is optional: the first tipc_connect brings the default platform
- * up if the stack is not running.
- *
- * Returns 0 on success (also when the same platform is already running),
- * -EBUSY if a different platform is running (call tipc_shutdown first),
- * -ENOENT for an unknown platform name, -EINVAL for a name that is not UTF-8,
- * -ENODEV if the platform offers no safe way to reach Trusty, or the errno of
- * the failed bring-up step.
- */
-int tipc_init(const char* platform);
-
-/*
- * Stops the stack: every open handle becomes invalid (-EBADF), the TIPC device
- * is torn down and the simulated machine is dropped.  Does nothing if the
- * stack is not running.  A later tipc_connect or tipc_init starts it again.
- */
-void tipc_shutdown(void);
-
-/*
- * Connects to the Trusty service srv_name through the TIPC device dev_name.
- *
- * dev_name: "sim" (the stack's TIPC device), or "/dev/trusty-ipc-NAME" where
- * NAME is the device name in the TIPC device's configuration ("dev0" on the
- * embedded model: "/dev/trusty-ipc-dev0", what Android code passes).  Any
- * other name gives -ENOENT.
- *
- * Returns a handle (>= 0), or -EINVAL (a NULL name, an empty port name or one
- * that is not UTF-8, or the device is offline: the kernel driver's open()
- * answers EINVAL then), -ENOENT (no such device), -ENAMETOOLONG (port name of
- * 256 bytes or more), -ENOTCONN (no such port, or the service refused),
- * -ETIMEDOUT (no answer within 5 s), -EIO (the device went offline before the
- * answer came), or the error of starting the stack (see tipc_init).
+ * Returns a file descriptor (>= 0), or a negative errno: -EINVAL (NULL or
+ * non-UTF-8 name, empty port name, malformed VSOCK name), -ENOENT (no such
+ * device), -ENAMETOOLONG (port name of 256 bytes or more), -ENOTCONN (no such
+ * port, or the service refused; through a socket also any other failure of
+ * the connect, which the daemon reports by closing), -ETIMEDOUT (no answer),
+ * the errno of open/ioctl on the driver, or of socket/connect on a socket
+ * (-ECONNREFUSED when no daemon listens).
  */
 int tipc_connect(const char* dev_name, const char* srv_name);
 
@@ -92,58 +58,16 @@ int tipc_connect(const char* dev_name, const char* srv_name);
  * Sends one message: the concatenation of the iovcnt buffers of iov, and the
  * shmcnt memory objects of shm.  Returns the number of data bytes sent.
  *
- * Errors: -EBADF (not an open handle), -EINVAL (iovcnt or shmcnt negative,
- * iovcnt above 1024, iov or shm NULL with a non-zero count, an iov_base NULL
- * with a non-zero iov_len, a transfer kind that is not one of enum
- * transfer_kind), -EMSGSIZE (the message does not fit one message buffer),
- * -ENOTCONN / -ESHUTDOWN (the channel is not connected / is stale),
- * -ETIMEDOUT (no free message buffer within 15 s), -ENODEV (device offline).
- * As in the kernel driver, a free message buffer is waited for first
- * (-ENODEV / -ETIMEDOUT), then the size is checked (-EMSGSIZE), then the
- * channel (-ENOTCONN / -ESHUTDOWN); with shm references, a channel that is not
- * connected is -ENOTCONN before anything else.
- *
- * Memory objects: the in-process stack cannot resolve a file descriptor into
- * memory it could share (there is no dma-buf or memfd import), so a valid
- * entry gives -EBADF, the driver's errno for a descriptor that does not name
- * shareable memory.  shmcnt == 0 (shm may then be NULL) always works.
+ * On the kernel driver this is ioctl(TIPC_IOC_SEND_MSG): failures return -1
+ * with errno set, as AOSP's tipc_send.  On a socket channel failures return a
+ * negative errno (as AOSP's vsock path does) and set errno as well; memory
+ * objects are not supported there yet (-EOPNOTSUPP).  Either way, "< 0" is a
+ * failure.  Invalid arguments (negative counts, iovcnt above 1024, NULL
+ * arrays with non-zero counts) give -EINVAL.
  */
 ssize_t tipc_send(int fd, const struct iovec* iov, int iovcnt, struct trusty_shm* shm, int shmcnt);
 
-/*
- * Sends len bytes of buf as one message (what write(2) does on a libtrusty
- * file descriptor).  Returns len, or the errors of tipc_send (buf NULL with a
- * non-zero len: -EINVAL).
- */
-ssize_t tipc_write(int fd, const void* buf, size_t len);
-
-/*
- * Receives one whole message into buf (what read(2) does on a libtrusty file
- * descriptor) and returns its length.
- *
- * timeout_ms < 0 waits without limit; 0 does not wait (-EAGAIN if no message
- * is queued); > 0 waits at most that long (-ETIMEDOUT).
- *
- * Errors: -EMSGSIZE (buf is smaller than the next message; the message stays
- * queued and a later call with a larger buffer gets it), -EBADF, -EINVAL (buf
- * NULL with a non-zero len), -ENOTCONN (the peer closed the channel and
- * nothing is queued), -ESHUTDOWN, -EAGAIN, -ETIMEDOUT, -ENODEV.
- */
-ssize_t tipc_recv(int fd, void* buf, size_t len, int timeout_ms);
-
-/*
- * Waits until the channel has a message to read (TIPC_POLLIN) or is not
- * connected (TIPC_POLLERR: refused, closed by the peer, stale), and returns
- * those bits.  Returns 0 when timeout_ms passes first (timeout_ms < 0: no
- * limit; 0: look once, do not wait), or -EBADF / -ENODEV.
- */
-int tipc_poll(int fd, int timeout_ms);
-
-/*
- * Closes a handle: queued messages are dropped and the peer is told.  The
- * handle is free again on return, even when telling the peer failed (that
- * error is returned).  Returns 0, or -EBADF if fd is not an open handle.
- */
+/* Closes the channel; returns close(2)'s result. */
 int tipc_close(int fd);
 
 #ifdef __cplusplus

@@ -20,6 +20,7 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
+pub mod apps;
 pub mod services;
 
 #[cfg(test)]
@@ -105,6 +106,69 @@ pub mod lk {
     pub const ERR_BAD_HANDLE: i32 = -42;
     /// Port does not allow this client.
     pub const ERR_ACCESS_DENIED: i32 = -43;
+}
+
+/// Most memory references one message may carry (Trusty `MAX_MSG_HANDLES`, spec §6.9).
+pub const MAX_MSG_HANDLES: usize = 8;
+
+/// A memory reference that arrived with a normal-world message (Trusty's memref handle, made
+/// in `handle_chan_msg()` from a retrieved memory object). It reaches exactly the bytes that
+/// were shared, through the model's mapping. A trusted app gives it back with
+/// [`Ctx::close_memref`]; its last drop makes the device send RELEASE (spec §6.9).
+pub struct MemRef {
+    map: crate::mem::Mapping,
+}
+
+impl core::fmt::Debug for MemRef {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MemRef").field("obj_id", &self.map.id()).field("len", &self.map.len()).finish()
+    }
+}
+
+impl MemRef {
+    /// Wraps the mapping of one retrieved memory object.
+    pub fn new(map: crate::mem::Mapping) -> Self {
+        MemRef { map }
+    }
+    /// The memory id the normal world sent (the FF-A handle / address / grant reference).
+    pub fn obj_id(&self) -> u64 {
+        self.map.id()
+    }
+    /// Size of the object in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Whether the object is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    /// Whether the object may be mapped writable (Trusty `memref_mmap()` refuses
+    /// `MMAP_FLAG_PROT_WRITE` on a read-only object: ERR_ACCESS_DENIED).
+    pub fn writable(&self) -> bool {
+        self.map.writable()
+    }
+    /// Stores `data` at `off` (ERR_INVALID_ARGS outside the object, ERR_ACCESS_DENIED if
+    /// read-only).
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<(), i32> {
+        if !self.writable() {
+            return Err(lk::ERR_ACCESS_DENIED);
+        }
+        if self.map.write(off, data) { Ok(()) } else { Err(lk::ERR_INVALID_ARGS) }
+    }
+    /// Loads `out.len()` bytes at `off`.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> Result<(), i32> {
+        if self.map.read(off, out) { Ok(()) } else { Err(lk::ERR_INVALID_ARGS) }
+    }
+    /// The mapping, for the device to give back to the share table.
+    pub fn into_mapping(self) -> crate::mem::Mapping {
+        self.map
+    }
+}
+
+/// One message from the normal world waiting in a channel's queue.
+struct InMsg {
+    data: Vec<u8>,
+    handles: Vec<MemRef>,
 }
 
 /// Opaque id of one NS<->TA channel inside the IPC core (never reused within one Ipc instance).
@@ -295,7 +359,7 @@ struct Channel {
     ta: TaSide,
     ns: NsSide,
     /// NS->TA queue; the first `gotten` entries were got by the TA but not yet put.
-    inbound: VecDeque<Vec<u8>>,
+    inbound: VecDeque<InMsg>,
     gotten: usize,
     /// Message events of this channel still waiting in the event queue (TA->NS queue fill).
     outbound: usize,
@@ -370,6 +434,8 @@ struct Core {
     sleep_until: Vec<Option<u64>>,
     stats: IpcStats,
     port_stats: BTreeMap<String, PortStats>,
+    /// Memory references whose last holder let go: the device unmaps them and sends RELEASE.
+    released: VecDeque<MemRef>,
 }
 
 impl Core {
@@ -384,6 +450,7 @@ impl Core {
             sleep_until: Vec::new(),
             stats: IpcStats::default(),
             port_stats: BTreeMap::new(),
+            released: VecDeque::new(),
         }
     }
 
@@ -443,7 +510,25 @@ impl Core {
         Ok(id)
     }
 
-    fn deliver(&mut self, id: ChanId, data: &[u8]) -> Result<usize, i32> {
+    /// On failure the references come back to the caller (Trusty's `handle_chan_msg()`: a
+    /// failed message's references are dropped without RELEASE, spec §6.9).
+    fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> Result<usize, (i32, Vec<MemRef>)> {
+        if let Err(e) = self.deliver_check(id, data) {
+            return Err((e, handles));
+        }
+        if handles.len() > MAX_MSG_HANDLES {
+            return Err((lk::ERR_INVALID_ARGS, handles));
+        }
+        let Some(chan) = self.chans.get_mut(&id) else { return Err((lk::ERR_NOT_FOUND, handles)) };
+        // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
+        // cut to the queue's item size and delivered; the length written is the result.
+        let data = &data[..data.len().min(chan.max_msg_size as usize)];
+        chan.inbound.push_back(InMsg { data: data.to_vec(), handles });
+        chan.signal = true;
+        Ok(data.len())
+    }
+
+    fn deliver_check(&mut self, id: ChanId, data: &[u8]) -> Result<(), i32> {
         let chan = self.chans.get_mut(&id).ok_or(lk::ERR_NOT_FOUND)?;
         // Spec §6.5 step 8.
         match chan.ns {
@@ -459,12 +544,7 @@ impl Core {
         if chan.inbound.len() >= chan.msg_num as usize {
             return Err(lk::ERR_NOT_ENOUGH_BUFFER);
         }
-        // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
-        // cut to the queue's item size and delivered; the length written is the result.
-        let data = &data[..data.len().min(chan.max_msg_size as usize)];
-        chan.inbound.push_back(data.to_vec());
-        chan.signal = true;
-        Ok(data.len())
+        Ok(())
     }
 
     fn ns_close(&mut self, id: ChanId) {
@@ -589,11 +669,10 @@ impl Core {
         if bytes.is_empty() || bytes.len() > MAX_PORT_NAME_LEN || bytes.contains(&0) {
             return Err(lk::ERR_INVALID_ARGS);
         }
-        if msg_num == 0 || msg_num > MAX_PORT_BUFS || msg_size == 0 {
+        // Trusty `ipc_port_create()`: zero or too many buffers, and a zero or oversized buffer
+        // (> IPC_CHAN_MAX_BUF_SIZE), are all ERR_INVALID_ARGS ("Invalid buffer sizes").
+        if msg_num == 0 || msg_num > MAX_PORT_BUFS || msg_size == 0 || msg_size > MAX_PORT_BUF_SIZE {
             return Err(lk::ERR_INVALID_ARGS);
-        }
-        if msg_size > MAX_PORT_BUF_SIZE {
-            return Err(lk::ERR_TOO_BIG);
         }
         if self.find_port(bytes).is_some() {
             return Err(lk::ERR_ALREADY_EXISTS);
@@ -658,10 +737,15 @@ impl Core {
     fn close_chan(&mut self, app: usize, id: ChanId) -> Result<(), i32> {
         let chan = self.open_chan(app, id)?;
         chan.ta = TaSide::Closed;
-        chan.inbound.clear();
+        // Unread messages go with the handle, and with them their memory references (Trusty
+        // `ipc_chan_close()` frees the message queue; each reference's last put sends RELEASE).
+        let dropped: Vec<MemRef> = chan.inbound.drain(..).flat_map(|m| m.handles).collect();
         chan.gotten = 0;
         chan.signal = false;
-        match chan.ns {
+        let ns = chan.ns;
+        self.released.extend(dropped);
+        let Some(chan) = self.chans.get_mut(&id) else { return Ok(()) };
+        match ns {
             NsSide::Open => {
                 // Queued messages go out first, then DISC_REQ (spec §6.6 step 1, §6.8).
                 chan.ns = NsSide::Closing;
@@ -678,7 +762,7 @@ impl Core {
 
     fn get_msg(&mut self, app: usize, id: ChanId) -> Result<Vec<u8>, i32> {
         let chan = self.open_chan(app, id)?;
-        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?.clone();
+        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?.data.clone();
         chan.gotten += 1;
         chan.progress += 1;
         Ok(msg)
@@ -689,10 +773,22 @@ impl Core {
         if chan.gotten == 0 {
             return Err(lk::ERR_INVALID_ARGS);
         }
-        chan.inbound.pop_front();
+        let msg = chan.inbound.pop_front();
         chan.gotten -= 1;
         chan.progress += 1;
+        // References the app did not take with the message are dropped with it (Trusty
+        // `msg_queue_put_msg()` puts the message's handles).
+        if let Some(msg) = msg {
+            self.released.extend(msg.handles);
+        }
         Ok(())
+    }
+
+    fn take_handles(&mut self, app: usize, id: ChanId) -> Result<Vec<MemRef>, i32> {
+        let chan = self.open_chan(app, id)?;
+        let last = chan.gotten.checked_sub(1).ok_or(lk::ERR_NO_MSG)?;
+        let msg = chan.inbound.get_mut(last).ok_or(lk::ERR_NO_MSG)?;
+        Ok(core::mem::take(&mut msg.handles))
     }
 
     fn send_msg(&mut self, app: usize, id: ChanId, data: &[u8]) -> Result<usize, i32> {
@@ -748,8 +844,8 @@ impl Ctx<'_> {
 
     /// Create a port (Trusty `port_create`): `msg_num` receive buffers of `msg_size` bytes per
     /// channel, access `flags` ([`IPC_PORT_ALLOW_TA_CONNECT`], [`IPC_PORT_ALLOW_NS_CONNECT`]).
-    /// Errors: ERR_INVALID_ARGS (bad name or sizes), ERR_TOO_BIG (msg_size > 4096),
-    /// ERR_ALREADY_EXISTS (name taken).
+    /// Errors: ERR_INVALID_ARGS (bad name, or sizes: zero, or msg_size > 4096, as Trusty's
+    /// `ipc_port_create()`), ERR_ALREADY_EXISTS (name taken).
     pub fn create_port(
         &mut self,
         name: &str,
@@ -782,6 +878,19 @@ impl Ctx<'_> {
     /// receive-queue slot until [`Ctx::put_msg`]. ERR_NO_MSG when there is none.
     pub fn get_msg(&mut self, chan: ChanId) -> Result<Vec<u8>, i32> {
         self.core.get_msg(self.app, chan)
+    }
+
+    /// Take the memory references of the message got last (Trusty `read_msg()` with
+    /// `num_handles`: the handles move into the app's handle table). References not taken are
+    /// dropped at [`Ctx::put_msg`]. ERR_NO_MSG when no message is got.
+    pub fn take_handles(&mut self, chan: ChanId) -> Result<Vec<MemRef>, i32> {
+        self.core.take_handles(self.app, chan)
+    }
+
+    /// Close a memory-reference handle (Trusty `close()` on a memref): the reference is dropped
+    /// and Trusty tells the normal world with RELEASE.
+    pub fn close_memref(&mut self, m: MemRef) {
+        self.core.released.push_back(m);
     }
 
     /// Retire the oldest got message, freeing its slot (Trusty `put_msg`).
@@ -849,6 +958,9 @@ impl Ipc {
         for ta in services::unittest_services() {
             ipc.add_app(ta);
         }
+        // The other test apps AOSP's tipc-test talks to (send-fd, ta2ta-ipc).
+        ipc.add_app(Box::new(apps::MemrefReceiver::new()));
+        ipc.add_app(Box::new(apps::UnittestCtrl::new()));
         ipc
     }
 
@@ -888,16 +1000,30 @@ impl Ipc {
     /// ERR_CHANNEL_CLOSED if the channel is closing/closed, ERR_NOT_FOUND for unknown chan
     /// (including one the NS already closed) (spec §6.5 step 8).
     pub fn deliver(&mut self, chan: ChanId, data: &[u8], now: u64) -> Result<usize, i32> {
+        self.deliver_with_handles(chan, data, Vec::new(), now).map_err(|(e, _)| e)
+    }
+
+    /// [`Ipc::deliver`] with memory references attached (spec §6.9): at most
+    /// [`MAX_MSG_HANDLES`] (else ERR_INVALID_ARGS). On failure the references come back
+    /// unreleased: a failed message sends no RELEASE.
+    pub fn deliver_with_handles(
+        &mut self,
+        chan: ChanId,
+        data: &[u8],
+        handles: Vec<MemRef>,
+        now: u64,
+    ) -> Result<usize, (i32, Vec<MemRef>)> {
         self.core.advance(now);
         let port_name = self.core.chans.get(&chan).map(|c| c.port_name.clone());
-        let result = self.core.deliver(chan, data);
-        match result {
+        let result = self.core.deliver(chan, data, handles);
+        let result_code = result.as_ref().map(|n| *n).map_err(|(e, _)| *e);
+        match result_code {
             Ok(_) => self.core.stats.delivered += 1,
             Err(lk::ERR_NOT_ENOUGH_BUFFER) => self.core.stats.dropped_queue_full += 1,
             Err(_) => self.core.stats.rejected += 1,
         }
         if let Some(name) = port_name {
-            match result {
+            match result_code {
                 Ok(_) => self.core.port_stats(&name).delivered += 1,
                 Err(lk::ERR_NOT_ENOUGH_BUFFER) => {
                     self.core.port_stats(&name).dropped_queue_full += 1
@@ -913,6 +1039,12 @@ impl Ipc {
     pub fn ns_close(&mut self, chan: ChanId, now: u64) {
         self.core.advance(now);
         self.core.ns_close(chan);
+    }
+
+    /// The next memory reference a trusted app let go of: the device unmaps it and, unless the
+    /// device is being reset, sends RELEASE (spec §6.9).
+    pub fn take_released_memref(&mut self) -> Option<MemRef> {
+        self.core.released.pop_front()
     }
 
     /// Close every channel (device reset / VDEV_RESET): no events produced.

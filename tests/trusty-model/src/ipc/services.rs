@@ -5,8 +5,8 @@
 //! service do not depend on timing of another). Within a service, `nanosleep` is modelled
 //! faithfully with [`Ctx::sleep`]: the service handles nothing else until it wakes.
 //!
-//! `com.android.ipc-unittest.ctrl` (the TA-to-TA suite runner) and
-//! `com.android.trusty.memref.receiver` are not modelled.
+//! `com.android.ipc-unittest.ctrl` (the TA-side suite runner) and
+//! `com.android.trusty.memref.receiver` live in [`super::apps`].
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};

@@ -70,7 +70,9 @@ fn registers_the_service_table() {
             "{name}"
         );
     }
-    assert_eq!(ipc.port_info(b"com.android.ipc-unittest.ctrl"), None);
+    // lib/unittest unittest_main(): 1 x 4096, NS and TA; memref-test receiver: 1 x 1, NS only.
+    assert_eq!(ipc.port_info(b"com.android.ipc-unittest.ctrl"), Some((1, 4096, all)));
+    assert_eq!(ipc.port_info(b"com.android.trusty.memref.receiver"), Some((1, 1, ns)));
     assert_eq!(ipc.next_deadline(), None);
     assert_eq!(ipc.pending_events(), 0);
 }
@@ -685,7 +687,7 @@ fn handle_api_edge_cases() {
             ("empty", lk::ERR_INVALID_ARGS),
             ("long", lk::ERR_INVALID_ARGS),
             ("zero", lk::ERR_INVALID_ARGS),
-            ("big", lk::ERR_TOO_BIG),
+            ("big", lk::ERR_INVALID_ARGS),
             ("foreign", lk::ERR_BAD_HANDLE),
             ("accept-none", lk::ERR_NO_MSG),
             ("close-bogus", lk::ERR_BAD_HANDLE),
@@ -826,4 +828,56 @@ fn random_operations_keep_invariants() {
             assert!(stats.channel_records <= 4 * MAX_CHANNELS);
         }
     }
+}
+
+/// tipc-test's ta2ta-ipc protocol (lib/unittest `unittest_main()`): log lines as TEST_MESSAGE,
+/// then TEST_PASSED, then the channel closes; the queue of one message drains as the normal
+/// world takes each (send_msg_wait()).
+#[test]
+fn unittest_ctrl_reports_its_suite_and_closes() {
+    use super::apps::{TEST_MESSAGE, TEST_PASSED};
+    let mut ipc = Ipc::with_unittest_services();
+    let chan = ipc.connect_ns(b"com.android.ipc-unittest.ctrl", 0).unwrap();
+    let mut got = Vec::new();
+    let mut closed = false;
+    for _ in 0..1000 {
+        ipc.run(0);
+        let Some(ev) = ipc.pop_event() else { break };
+        match ev {
+            IpcEvent::Accepted { .. } => {}
+            IpcEvent::Message { data, .. } => got.push(data),
+            IpcEvent::Closed { chan: c } => {
+                assert_eq!(c, chan);
+                closed = true;
+            }
+        }
+    }
+    assert!(closed, "the runner closes the channel after the status");
+    let (status, lines) = got.split_last().expect("messages");
+    assert_eq!(status, &vec![TEST_PASSED], "suite failed: {lines:?}");
+    assert_eq!(lines.len(), 4, "one message per test and a summary");
+    for l in lines {
+        assert_eq!(l[0], TEST_MESSAGE);
+        assert!(l.len() < 256, "tipc-test reads into 256 bytes");
+    }
+    let text: Vec<u8> = lines.iter().flat_map(|l| l[1..].to_vec()).collect();
+    let text = core::str::from_utf8(&text).unwrap();
+    assert!(text.contains("run_port_create_negative_test: PASSED"), "{text}");
+    assert!(text.contains("run_port_create_test: PASSED"), "{text}");
+    // A second client gets a second run (fresh port names, same verdict).
+    let chan2 = ipc.connect_ns(b"com.android.ipc-unittest.ctrl", 0).unwrap();
+    let mut last = None;
+    for _ in 0..1000 {
+        ipc.run(0);
+        match ipc.pop_event() {
+            Some(IpcEvent::Message { data, .. }) => last = Some(data),
+            Some(IpcEvent::Closed { chan: c }) => {
+                assert_eq!(c, chan2);
+                break;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(last, Some(vec![TEST_PASSED]));
 }
