@@ -513,7 +513,7 @@ impl Core {
     /// On failure the references come back to the caller (Trusty's `handle_chan_msg()`: a
     /// failed message's references are dropped without RELEASE, spec §6.9).
     fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> Result<usize, (i32, Vec<MemRef>)> {
-        if let Err(e) = self.deliver_check(id, data) {
+        if let Err(e) = self.deliver_check(id) {
             return Err((e, handles));
         }
         if handles.len() > MAX_MSG_HANDLES {
@@ -528,7 +528,7 @@ impl Core {
         Ok(data.len())
     }
 
-    fn deliver_check(&mut self, id: ChanId, data: &[u8]) -> Result<(), i32> {
+    fn deliver_check(&mut self, id: ChanId) -> Result<(), i32> {
         let chan = self.chans.get_mut(&id).ok_or(lk::ERR_NOT_FOUND)?;
         // Spec §6.5 step 8.
         match chan.ns {
