@@ -6,13 +6,18 @@
 //! Linux's `xen_domain()` rule in `vring_use_dma_api()` is the bug this stack exists to avoid
 //! (§0, §1). What matters is who dereferences the id and what that peer can see.
 
-use crate::plan::{AddressMap, CallTransport, DecisionError, Mechanism, PlatformFacts, SharingPlan, TrustyPath};
+use crate::plan::{
+    AddressMap, CallTransport, DecisionError, Mechanism, MediatorFacts, PlatformFacts, SharingPlan, TrustyPath,
+};
 use crate::smc::api;
 
 /// Live shares Xen's FF-A mediator allows one guest (dma-decisions §4.3, row 10).
 pub const FFA_MEDIATOR_SHARE_BUDGET: usize = 32;
-/// Pages one FFA_MEM_SHARE may cover under Xen's FF-A mediator (2 × 512 KiB, §4.3).
+/// Pages one FFA_MEM_SHARE may cover under Xen's FF-A mediator on the development branch
+/// (FF-A 1.2; `FFA_MAX_SHM_PAGE_COUNT` = 2 × 512 KiB, checked in `alloc_ffa_shm_mem()`, §4.3).
 pub const FFA_MEDIATOR_MAX_PAGES: usize = 256;
+/// The same limit in Xen 4.20 and 4.21 (FF-A 1.1): at most 255 pages (xen-ffa-mediator.md §4.3).
+pub const FFA_MEDIATOR_4_20_MAX_PAGES: usize = 255;
 /// Grant references this stack uses at most for a Trusty VM (a slice of the guest's grant
 /// table, which Xen sizes with `max_grant_frames`; §3).
 pub const GRANT_ENTRIES_BUDGET: usize = 512;
@@ -92,6 +97,7 @@ fn sized(
         share_budget,
         max_buffer_pages: None,
         fragmented_descriptors: false,
+        read_only_shares: true,
         rx_buffers: pools.rx,
         tx_buffers: pools.tx,
         rx_spare_buffers: pools.rx_spare,
@@ -139,12 +145,59 @@ mod reason {
     pub const DIRECT_MAPPED: &str = "direct-mapped Xen domain: guest addresses are physical addresses";
 }
 
+/// Under Xen's FF-A mediator, whether what it forwards is enough for Trusty's FF-A transport
+/// and FF-A sharing; `Ok` on every other path. Needs no Trusty call, so bring-up asks it before
+/// making any: a mediator without FFA_RUN is refused at once, never worked around (no other
+/// transport reaches Trusty from behind it, and none that would pass guest addresses is safe).
+pub fn check_mediator(facts: &PlatformFacts) -> Result<(), DecisionError> {
+    if facts.trusty != TrustyPath::FfaMediator {
+        return Ok(());
+    }
+    let Some(m) = facts.mediator else {
+        return Err(refuse(
+            "what Xen's FF-A mediator forwards (FFA_VERSION, then FFA_FEATURES)",
+            "Xen 4.20/4.21 and the development branch forward different calls",
+        ));
+    };
+    if !m.run {
+        return Err(refuse(
+            "FFA_RUN through Xen's FF-A mediator (forwarded by Xen 4.22 / the development branch when \
+             the SPMC lists it; Xen 4.20 and 4.21 answer NOT_SUPPORTED)",
+            "Trusty's FF-A call transport gives standard calls CPU time with FFA_RUN",
+        ));
+    }
+    if !m.direct_req {
+        return Err(refuse(
+            "FFA_MSG_SEND_DIRECT_REQ through Xen's FF-A mediator (its SPMC must list it)",
+            "every call to Trusty is an FF-A direct request here",
+        ));
+    }
+    if !(m.mem_share && m.mem_reclaim) {
+        return Err(refuse(
+            "FFA_MEM_SHARE and FFA_MEM_RECLAIM through Xen's FF-A mediator (its SPMC must list them)",
+            "buffers reach Trusty only as FF-A shares here",
+        ));
+    }
+    Ok(())
+}
+
+/// Pages one share may cover under the mediator that answered `m` (255 on Xen 4.20/4.21, which
+/// speak FF-A 1.1; 256 on the development branch, which speaks 1.2).
+pub const fn mediator_max_pages(m: &MediatorFacts) -> usize {
+    if m.minor() >= 2 {
+        FFA_MEDIATOR_MAX_PAGES
+    } else {
+        FFA_MEDIATOR_4_20_MAX_PAGES
+    }
+}
+
 /// The sharing plan for `facts`. `facts.api_version` must be the negotiated version.
 pub fn decide(facts: &PlatformFacts) -> Result<SharingPlan, DecisionError> {
     // Nothing to negotiate with: say that first, it is the cause of a missing version too.
     if facts.trusty == TrustyPath::Unreachable {
         return Err(NO_PATH);
     }
+    check_mediator(facts)?;
     let Some(api_version) = facts.api_version else {
         return Err(refuse(
             "a negotiated Trusty API version",
@@ -178,9 +231,11 @@ pub fn decide(facts: &PlatformFacts) -> Result<SharingPlan, DecisionError> {
             )
         }
 
-        // Rows 9 and 10: Xen's FF-A mediator carries FF-A calls only, MEM_SHARE with one
-        // fragment, at most 32 live shares of at most 256 pages; no MEM_LEND.
+        // Rows 9 and 10: Xen's FF-A mediator carries FF-A calls only, MEM_SHARE read-write
+        // with one fragment, at most 32 live shares of at most 255 (4.20/4.21) or 256 pages;
+        // no MEM_LEND. `check_mediator` has seen FFA_RUN and the memory calls forwarded.
         TrustyPath::FfaMediator => {
+            let max_pages = facts.mediator.as_ref().map_or(FFA_MEDIATOR_4_20_MAX_PAGES, mediator_max_pages);
             if api_version < api::MEM_OBJ {
                 return Err(refuse(
                     "Trusty API 5 (FF-A memory handles)",
@@ -193,7 +248,12 @@ pub fn decide(facts: &PlatformFacts) -> Result<SharingPlan, DecisionError> {
                 Some(FFA_MEDIATOR_SHARE_BUDGET),
                 reason::FFA_MEDIATOR,
             )?;
-            Ok(SharingPlan { max_buffer_pages: Some(FFA_MEDIATOR_MAX_PAGES), fragmented_descriptors: false, ..plan })
+            Ok(SharingPlan {
+                max_buffer_pages: Some(max_pages),
+                fragmented_descriptors: false,
+                read_only_shares: false,
+                ..plan
+            })
         }
 
         // Row 8: the NXP mediator rewrites IPAs in the legacy (address) ABI, first page only.
@@ -258,6 +318,15 @@ mod tests {
     use alloc::vec::Vec;
 
     const XEN: Hypervisor = Hypervisor::Xen { version: Some((4, 19)), domid: Some(1) };
+    /// What the development branch's mediator answers over an SPMC that lists FFA_RUN.
+    const MEDIATOR_NEWER: MediatorFacts =
+        MediatorFacts { version: 0x1_0002, run: true, direct_req: true, mem_share: true, mem_reclaim: true };
+    /// What Xen 4.20.4 answered in the QEMU boot (xen-ffa-mediator.md §6): FF-A 1.1, no FFA_RUN.
+    const MEDIATOR_4_20: MediatorFacts = MediatorFacts { version: 0x1_0001, run: false, ..MEDIATOR_NEWER };
+
+    fn under(m: MediatorFacts, api: u32) -> PlatformFacts {
+        PlatformFacts { mediator: Some(m), ..facts(XEN, AddressMap::Translated, TrustyPath::FfaMediator, api) }
+    }
 
     fn facts(hypervisor: Hypervisor, address_map: AddressMap, trusty: TrustyPath, api: u32) -> PlatformFacts {
         PlatformFacts {
@@ -267,6 +336,7 @@ mod tests {
             ffa_available: matches!(trusty, TrustyPath::FfaNative | TrustyPath::FfaMediator),
             grant_table: hypervisor != Hypervisor::None,
             api_version: Some(api),
+            mediator: (trusty == TrustyPath::FfaMediator).then_some(MEDIATOR_NEWER),
         }
     }
 
@@ -391,6 +461,63 @@ mod tests {
         assert_eq!((plan.rx_buffers, plan.tx_buffers, plan.rx_spare_buffers), (12, 11, 2));
         assert!(fits_budget(&plan));
         assert_eq!(shares_needed(&plan) + MEMREF_RESERVE, 32);
+    }
+
+    /// The development branch: FFA_RUN forwarded, FF-A 1.2, 256 pages, read-write shares only.
+    #[test]
+    fn newer_mediator_plan() {
+        let plan = decide(&under(MEDIATOR_NEWER, 5)).unwrap();
+        assert_eq!((plan.mechanism, plan.transport), (Mechanism::FfaHandle, CallTransport::FfaDirect));
+        assert_eq!(plan.max_buffer_pages, Some(256));
+        assert!(!plan.read_only_shares, "Xen refuses read-only shares with NOT_SUPPORTED");
+        assert!(!plan.fragmented_descriptors);
+        assert_eq!(plan.share_budget, Some(32));
+        assert_eq!(check_mediator(&under(MEDIATOR_NEWER, 5)), Ok(()));
+    }
+
+    /// Xen 4.20 / 4.21: no FFA_RUN, so Trusty's FF-A transport cannot run a standard call.
+    /// Refused whatever the API version (before any Trusty call), naming FFA_RUN and the Xen
+    /// versions that forward it; nothing else is tried.
+    #[test]
+    fn mediator_4_20_is_refused_for_want_of_ffa_run() {
+        for api in [None, Some(4), Some(5)] {
+            let f = PlatformFacts { api_version: api, ..under(MEDIATOR_4_20, 5) };
+            let err = decide(&f).expect_err("no FFA_RUN");
+            assert!(err.missing.contains("FFA_RUN"), "{err}");
+            assert!(err.missing.contains("4.20 and 4.21"), "{err}");
+            assert!(err.missing.contains("development branch"), "{err}");
+            assert_eq!(check_mediator(&f), Err(err));
+        }
+    }
+
+    /// A 4.20-era mediator with FFA_RUN (a patched 4.20) would get 255 pages, the 4.20 limit.
+    #[test]
+    fn mediator_1_1_page_limit_is_255() {
+        let plan = decide(&under(MediatorFacts { run: true, ..MEDIATOR_4_20 }, 5)).unwrap();
+        assert_eq!(plan.max_buffer_pages, Some(255));
+        assert!(!plan.read_only_shares);
+    }
+
+    /// Without direct requests or memory calls forwarded the mediator is refused, naming them.
+    #[test]
+    fn mediator_without_direct_requests_or_memory_calls() {
+        let err = decide(&under(MediatorFacts { direct_req: false, ..MEDIATOR_NEWER }, 5)).unwrap_err();
+        assert!(err.missing.contains("FFA_MSG_SEND_DIRECT_REQ"), "{err}");
+        let err = decide(&under(MediatorFacts { mem_share: false, ..MEDIATOR_NEWER }, 5)).unwrap_err();
+        assert!(err.missing.contains("FFA_MEM_SHARE"), "{err}");
+        let err = decide(&under(MediatorFacts { mem_reclaim: false, ..MEDIATOR_NEWER }, 5)).unwrap_err();
+        assert!(err.missing.contains("FFA_MEM_RECLAIM"), "{err}");
+        let unknown = PlatformFacts { mediator: None, ..under(MEDIATOR_NEWER, 5) };
+        assert!(decide(&unknown).unwrap_err().missing.contains("FFA_FEATURES"));
+    }
+
+    /// Other paths never need mediator facts, and only the mediator is refused read-only shares.
+    #[test]
+    fn read_only_shares_elsewhere() {
+        let plan = decide(&facts(Hypervisor::None, AddressMap::Physical, TrustyPath::FfaNative, 5)).unwrap();
+        assert!(plan.read_only_shares);
+        let plan = decide(&facts(XEN, AddressMap::Translated, VM, 5)).unwrap();
+        assert!(plan.read_only_shares);
     }
 
     #[test]
@@ -522,6 +649,7 @@ mod tests {
                                     ffa_available,
                                     grant_table,
                                     api_version,
+                                    mediator: (trusty == TrustyPath::FfaMediator).then_some(MEDIATOR_NEWER),
                                 };
                                 match decide(&f) {
                                     Ok(plan) => {

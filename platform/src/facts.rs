@@ -16,7 +16,7 @@ use core::fmt;
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
-use crate::plan::{AddressMap, Hypervisor, PlatformFacts, TrustyPath};
+use crate::plan::{AddressMap, Hypervisor, MediatorFacts, PlatformFacts, TrustyPath};
 
 /// What the device tree says (no calls made).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,8 +361,10 @@ fn walk_structure(structs: &[u8], strings: &[u8], mut visit: impl FnMut(u32, &[u
 pub trait Probes {
     /// XENVER_get_features submap 0, if the hypervisor answers.
     fn xen_features(&mut self) -> Option<u32>;
-    /// Whether FFA_VERSION answers with major version 1.
-    fn ffa_version_ok(&mut self) -> bool;
+    /// FFA_VERSION's answer when its major version is 1 (`None`: no FF-A, or another major).
+    fn ffa_version(&mut self) -> Option<u32>;
+    /// Whether FFA_FEATURES(`fid`) answers FFA_SUCCESS (asked only after FFA_VERSION answered).
+    fn ffa_feature(&mut self, fid: u32) -> bool;
     /// Whether Trusty answers its own fast call SMC_FC_GET_VERSION_STR(-1) with a length >= 0
     /// (under Xen's FF-A mediator, or with no mediator at all, it comes back NOT_SUPPORTED = -1).
     fn trusty_smc_answers(&mut self) -> bool;
@@ -394,9 +396,11 @@ pub fn xen_address_map(features: Option<u32>) -> AddressMap {
 /// 2. None at all when the device tree names a Trusty VM: Trusty is not behind the monitor
 ///    (`ffa_available` is then false: not asked, and not used by the decision).
 /// 3. `trusty_smc_answers`: Trusty's own fast call.
-/// 4. `ffa_version_ok`, except under Xen when Trusty already answered: Xen routes the Trusted-OS
+/// 4. `ffa_version`; under Xen first of all (before any Trusty SMC): Xen routes the Trusted-OS
 ///    and FF-A ranges to one mediator (dma-decisions §4.1), and its FF-A mediator refuses
-///    Trusty's own SMCs (§4.3), so FF-A cannot be there; `ffa_available` is then false.
+///    Trusty's own SMCs (§4.3). When FF-A answers under Xen, `ffa_feature` asks the mediator
+///    what it forwards ([`MediatorFacts`]); the development branch refuses any call before
+///    FFA_VERSION, which is why the version comes first.
 pub fn gather(dt: &DtFacts, probes: &mut dyn Probes) -> PlatformFacts {
     let (hypervisor, address_map) = match dt.hypervisor {
         Hypervisor::None => (Hypervisor::None, AddressMap::Physical),
@@ -405,6 +409,7 @@ pub fn gather(dt: &DtFacts, probes: &mut dyn Probes) -> PlatformFacts {
         }
     };
     let xen = hypervisor != Hypervisor::None;
+    let mut mediator = None;
 
     let (trusty, ffa_available) = if let Some((backend_domid, call_evtchn, kick_evtchn)) = dt.trusty_vm {
         (TrustyPath::XenVm { backend_domid, call_evtchn, kick_evtchn }, false)
@@ -412,7 +417,8 @@ pub fn gather(dt: &DtFacts, probes: &mut dyn Probes) -> PlatformFacts {
         // Xen routes Trusted-OS and FF-A calls to the one mediator it runs (spec dma-decisions
         // §4.1). If FF-A answers, that is the FF-A mediator, which refuses Trusty's own calls:
         // no Trusty SMC is sent to find that out (§4.3).
-        if probes.ffa_version_ok() {
+        if let Some(version) = probes.ffa_version() {
+            mediator = Some(mediator_facts(version, probes));
             (TrustyPath::FfaMediator, true)
         } else if probes.trusty_smc_answers() {
             let path = if dt.trusty_mediator { TrustyPath::TrustyMediator } else { TrustyPath::Smc };
@@ -421,17 +427,31 @@ pub fn gather(dt: &DtFacts, probes: &mut dyn Probes) -> PlatformFacts {
             (TrustyPath::Unreachable, false)
         }
     } else if probes.trusty_smc_answers() {
-        if probes.ffa_version_ok() {
+        if probes.ffa_version().is_some() {
             (TrustyPath::FfaNative, true)
         } else {
             (TrustyPath::Smc, false)
         }
     } else {
         // No hypervisor, and Trusty does not answer: FF-A alone does not reach it.
-        (TrustyPath::Unreachable, probes.ffa_version_ok())
+        (TrustyPath::Unreachable, probes.ffa_version().is_some())
     };
 
-    PlatformFacts { hypervisor, address_map, trusty, ffa_available, grant_table: dt.grant_table, api_version: None }
+    PlatformFacts { hypervisor, address_map, trusty, ffa_available, grant_table: dt.grant_table, api_version: None, mediator }
+}
+
+/// Asks Xen's FF-A mediator, after its FFA_VERSION answered `version`, which of the calls
+/// Trusty's FF-A transport and sharing need it forwards (Xen answers FFA_FEATURES itself, from
+/// `ffa_handle_features()`; 4.20 and 4.21 have no FFA_RUN there).
+fn mediator_facts(version: u32, probes: &mut dyn Probes) -> MediatorFacts {
+    use crate::ffa::func;
+    MediatorFacts {
+        version,
+        run: probes.ffa_feature(func::RUN),
+        direct_req: probes.ffa_feature(func::MSG_SEND_DIRECT_REQ),
+        mem_share: probes.ffa_feature(func::MEM_SHARE),
+        mem_reclaim: probes.ffa_feature(func::MEM_RECLAIM),
+    }
 }
 
 #[cfg(test)]
@@ -785,6 +805,10 @@ mod tests {
     struct FakeProbes {
         features: Option<u32>,
         ffa: bool,
+        /// FFA_VERSION's answer when `ffa` (0: the newer mediator's 1.2).
+        ffa_version: u32,
+        /// FFA_FEATURES answers SUCCESS for these (`None`: for everything).
+        ffa_calls: Option<&'static [u32]>,
         trusty: bool,
         asked: Vec<&'static str>,
     }
@@ -794,9 +818,16 @@ mod tests {
             self.asked.push("xen");
             self.features
         }
-        fn ffa_version_ok(&mut self) -> bool {
+        fn ffa_version(&mut self) -> Option<u32> {
             self.asked.push("ffa");
-            self.ffa
+            self.ffa.then_some(if self.ffa_version == 0 { 0x1_0002 } else { self.ffa_version })
+        }
+        fn ffa_feature(&mut self, fid: u32) -> bool {
+            self.asked.push(match fid {
+                crate::ffa::func::RUN => "features(RUN)",
+                _ => "features",
+            });
+            self.ffa_calls.is_none_or(|calls| calls.contains(&fid))
         }
         fn trusty_smc_answers(&mut self) -> bool {
             self.asked.push("trusty");
@@ -815,6 +846,8 @@ mod tests {
     const DT_XEN: DtFacts =
         DtFacts { hypervisor: Hypervisor::Xen { version: Some((4, 19)), domid: None }, grant_table: true, ..DT_NATIVE };
     const DIRECT: u32 = 1 << XENFEAT_DIRECT_MAPPED;
+    const MEDIATOR_NEWER: MediatorFacts =
+        MediatorFacts { version: 0x1_0002, run: true, direct_req: true, mem_share: true, mem_reclaim: true };
     const NOT_DIRECT: u32 = 1 << XENFEAT_NOT_DIRECT_MAPPED;
 
     #[test]
@@ -855,7 +888,37 @@ mod tests {
         assert_eq!(facts.trusty, TrustyPath::FfaMediator);
         assert!(facts.ffa_available);
         assert!(facts.grant_table);
-        assert_eq!(probes.asked, ["xen", "ffa"], "no Trusty SMC is sent once FF-A answered under Xen");
+        assert_eq!(
+            probes.asked,
+            ["xen", "ffa", "features(RUN)", "features", "features", "features"],
+            "FFA_VERSION first, then FFA_FEATURES; no Trusty SMC once FF-A answered under Xen"
+        );
+        assert_eq!(facts.mediator, Some(MEDIATOR_NEWER));
+    }
+
+    /// Xen 4.20 / 4.21: FFA_VERSION 1.1 and no FFA_RUN in its FFA_FEATURES table.
+    #[test]
+    fn xen_ffa_mediator_4_20() {
+        use crate::ffa::func;
+        const XEN_4_20: &[u32] = &[func::MSG_SEND_DIRECT_REQ, func::MEM_SHARE, func::MEM_RECLAIM];
+        let mut probes =
+            FakeProbes { features: Some(NOT_DIRECT), ffa: true, ffa_version: 0x1_0001, ffa_calls: Some(XEN_4_20), ..Default::default() };
+        let facts = gather(&DT_XEN, &mut probes);
+        assert_eq!(facts.trusty, TrustyPath::FfaMediator);
+        assert_eq!(
+            facts.mediator,
+            Some(MediatorFacts { version: 0x1_0001, run: false, direct_req: true, mem_share: true, mem_reclaim: true })
+        );
+    }
+
+    /// Without Xen nothing is asked of a mediator.
+    #[test]
+    fn no_mediator_facts_without_xen() {
+        let mut probes = FakeProbes { ffa: true, trusty: true, ..Default::default() };
+        let facts = gather(&DT_NATIVE, &mut probes);
+        assert_eq!(facts.trusty, TrustyPath::FfaNative);
+        assert_eq!(facts.mediator, None);
+        assert!(!probes.asked.iter().any(|a| a.starts_with("features")));
     }
 
     #[test]
@@ -938,6 +1001,7 @@ mod tests {
                 ffa_available: true,
                 grant_table: true,
                 api_version: None,
+                mediator: Some(MEDIATOR_NEWER),
             }
         );
     }

@@ -259,6 +259,8 @@ pub struct FfaSharer {
     live: usize,
     budget: Option<usize>,
     allow_fragments: bool,
+    /// Whether the peer takes read-only shares (see [`FfaSharer::set_read_only_shares`]).
+    read_only_shares: bool,
 }
 
 impl FfaSharer {
@@ -325,6 +327,7 @@ impl FfaSharer {
             live: 0,
             budget,
             allow_fragments,
+            read_only_shares: true,
         })
     }
 
@@ -365,6 +368,15 @@ impl FfaSharer {
     /// Allows or forbids fragmented descriptors (Xen's FF-A mediator takes one fragment only).
     pub fn set_fragments(&mut self, allow: bool) {
         self.allow_fragments = allow;
+    }
+
+    /// Allows read-only shares (the default), or makes every share read-write for a peer that
+    /// refuses read-only ones: Xen's FF-A mediator answers NOT_SUPPORTED to any access but
+    /// read-write (`ffa_handle_mem_share()` in xen/arch/arm/tee/ffa_shm.c). Read-only is what
+    /// the stack asks for its own tx buffers; Trusty never writes those, so read-write only
+    /// widens what it may do with memory that is already the stack's to give.
+    pub fn set_read_only_shares(&mut self, allow: bool) {
+        self.read_only_shares = allow;
     }
 
     /// Whether descriptors larger than the TX buffer are sent in fragments.
@@ -460,8 +472,8 @@ impl Sharer for FfaSharer {
             receiver: self.receiver,
             attributes: ATTR_NORMAL_WB_INNER_SHAREABLE,
             permissions: match access {
-                Access::ReadOnly => PERM_RO,
-                Access::ReadWrite => PERM_RW,
+                Access::ReadOnly if self.read_only_shares => PERM_RO,
+                Access::ReadOnly | Access::ReadWrite => PERM_RW,
             },
             tag: 0,
             ranges,

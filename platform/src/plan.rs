@@ -65,6 +65,36 @@ pub struct PlatformFacts {
     pub grant_table: bool,
     /// The Trusty API version negotiated over the chosen transport; `None` before negotiation.
     pub api_version: Option<u32>,
+    /// What Xen's FF-A mediator said it forwards (probed only under that mediator).
+    pub mediator: Option<MediatorFacts>,
+}
+
+/// What Xen's FF-A mediator answered a DomU, asked before any decision (spec
+/// xen-ffa-mediator.md §4.3): FFA_VERSION first (the development branch refuses every other
+/// call before it), then FFA_FEATURES for the calls Trusty's FF-A transport and sharing need.
+/// Xen answers FFA_FEATURES from its own table (`ffa_handle_features()` in
+/// xen/arch/arm/tee/ffa.c), so these are the calls it forwards, not what the SPMC has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MediatorFacts {
+    /// FFA_VERSION's answer: 1.1 from Xen 4.20 and 4.21, 1.2 from the development branch
+    /// (4.22), which is also where the share limit grew from 255 to 256 pages.
+    pub version: u32,
+    /// FFA_FEATURES(FFA_RUN) succeeded: standard calls can be given CPU time. Xen 4.20 and
+    /// 4.21 answer NOT_SUPPORTED; the development branch forwards it when the SPMC lists it.
+    pub run: bool,
+    /// FFA_FEATURES(FFA_MSG_SEND_DIRECT_REQ_32) succeeded.
+    pub direct_req: bool,
+    /// FFA_FEATURES(FFA_MEM_SHARE_32) succeeded.
+    pub mem_share: bool,
+    /// FFA_FEATURES(FFA_MEM_RECLAIM) succeeded.
+    pub mem_reclaim: bool,
+}
+
+impl MediatorFacts {
+    /// The FF-A minor version the mediator speaks.
+    pub const fn minor(&self) -> u16 {
+        self.version as u16
+    }
 }
 
 /// How each buffer's 64-bit memory id is formed (spec trusty-protocol §3.1).
@@ -132,6 +162,10 @@ pub struct SharingPlan {
     pub max_buffer_pages: Option<usize>,
     /// Whether a share descriptor may be sent in several fragments.
     pub fragmented_descriptors: bool,
+    /// Whether the peer takes read-only shares. Xen's FF-A mediator takes read-write shares
+    /// only (`ffa_handle_mem_share()`: any other access is NOT_SUPPORTED), so there what the
+    /// stack would share read-only (its tx buffers) is shared read-write.
+    pub read_only_shares: bool,
     /// Rx buffers to post, tx buffers to allocate at most, spare rx buffers: sized to fit the
     /// budget (descriptor page + 2 vrings + rx + tx + spares <= budget, with room left).
     pub rx_buffers: usize,

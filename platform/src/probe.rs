@@ -18,10 +18,18 @@ impl Probes for CallProbes<'_> {
         (self.xen_features)()
     }
 
-    fn ffa_version_ok(&mut self) -> bool {
+    fn ffa_version(&mut self) -> Option<u32> {
         let v = self.conduit.call([u64::from(ffa::func::VERSION), u64::from(ffa::VERSION_1_0), 0, 0, 0, 0, 0, 0]);
         let v = v[0] as u32;
-        v as i32 >= 0 && v >> 16 == 1
+        (v as i32 >= 0 && v >> 16 == 1).then_some(v)
+    }
+
+    /// FFA_FEATURES (FF-A v1.1 §13.3): FFA_SUCCESS means the call is there; FFA_ERROR (or
+    /// anything else) means it is not. Under Xen's mediator this is Xen's own table
+    /// (`ffa_handle_features()`), i.e. what it forwards.
+    fn ffa_feature(&mut self, fid: u32) -> bool {
+        let r = self.conduit.call([u64::from(ffa::func::FEATURES), u64::from(fid), 0, 0, 0, 0, 0, 0]);
+        matches!(r[0] as u32, ffa::func::SUCCESS | ffa::func::SUCCESS64)
     }
 
     fn trusty_smc_answers(&mut self) -> bool {

@@ -9,14 +9,14 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use trusty_platform::clock::Clock;
-use trusty_platform::decision::{api_ceiling, decide, pool_sizes};
+use trusty_platform::decision::{api_ceiling, check_mediator, decide, pool_sizes};
 use trusty_platform::facts::{gather, read_device_tree, FactsError};
 use trusty_platform::ffa::FfaSharer;
 use trusty_platform::ffa_call::{discover, FfaCallConduit};
 use trusty_platform::mailbox::{EventChannel, MailboxConduit, MAILBOX_GREF};
 use trusty_platform::mem::{Access, PageAllocator, SharedMemory, Sharer};
 use trusty_platform::phys::{AddressKind, AddressSharer};
-use trusty_platform::plan::{CallTransport, DecisionError, Mechanism, PlatformFacts, SharingPlan};
+use trusty_platform::plan::{CallTransport, DecisionError, MediatorFacts, Mechanism, PlatformFacts, SharingPlan};
 use trusty_platform::probe::CallProbes;
 use trusty_platform::smc::{api, Conduit};
 use trusty_platform::trusty::{CallPolicy, Trusty};
@@ -74,13 +74,16 @@ pub enum BringUpError {
     Stack(Error),
     /// Failed after the sharing plan was made (the plan is what was tried).
     AfterPlan { plan: Box<SharingPlan>, error: Error },
+    /// The platform lacks a call the plan needs (Xen's FF-A mediator without FFA_RUN): `plan`
+    /// is what would have been used, refused before any call to Trusty.
+    Unusable { plan: Box<SharingPlan>, error: DecisionError },
 }
 
 impl BringUpError {
     /// The plan that was being carried out, if bring-up got that far.
     pub fn plan(&self) -> Option<&SharingPlan> {
         match self {
-            BringUpError::AfterPlan { plan, .. } => Some(&**plan),
+            BringUpError::AfterPlan { plan, .. } | BringUpError::Unusable { plan, .. } => Some(&**plan),
             _ => None,
         }
     }
@@ -91,6 +94,14 @@ impl fmt::Display for BringUpError {
         match self {
             BringUpError::DeviceTree(e) => write!(f, "device tree: {e}"),
             BringUpError::NoSafeSharing(e) => write!(f, "{e}"),
+            BringUpError::Unusable { plan, error } => {
+                let transport = match plan.transport {
+                    CallTransport::FfaDirect => "FF-A direct requests, standard calls run with FFA_RUN",
+                    CallTransport::Smc => "Trusty SMCs",
+                    CallTransport::XenMailbox { .. } => "a Xen mailbox",
+                };
+                write!(f, "{error}; cannot carry out: {plan}, transport: {transport}")
+            }
             BringUpError::Stack(e) | BringUpError::AfterPlan { error: e, .. } => write!(f, "{e}"),
         }
     }
@@ -147,6 +158,19 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
         let mut probes = CallProbes { conduit: &*p.conduit, xen_features: &mut *p.xen_features };
         gather(&dt, &mut probes)
     };
+    // Under Xen's FF-A mediator, what it forwards decides before any call to Trusty is made:
+    // without FFA_RUN its FF-A transport cannot run a standard call, and nothing else is tried.
+    if let Err(error) = check_mediator(&facts) {
+        let would_use = decide(&PlatformFacts {
+            api_version: Some(api::MEM_OBJ),
+            mediator: facts.mediator.map(|m| MediatorFacts { run: true, direct_req: true, mem_share: true, mem_reclaim: true, ..m }),
+            ..facts
+        });
+        return Err(match would_use {
+            Ok(plan) => BringUpError::Unusable { plan: Box::new(plan), error },
+            Err(_) => BringUpError::NoSafeSharing(error),
+        });
+    }
     let transport = transport_for(&facts).map_err(BringUpError::NoSafeSharing)?;
 
     // The call conduit, and for the FF-A transport the FF-A endpoint it discovers through.
@@ -190,6 +214,7 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
                 share_budget: None,
                 max_buffer_pages: None,
                 fragmented_descriptors: false,
+                read_only_shares: true,
                 rx_buffers: pools.rx,
                 tx_buffers: pools.tx,
                 rx_spare_buffers: pools.rx_spare,
@@ -233,6 +258,7 @@ fn carry_out(
                 None => FfaSharer::new(p.conduit.clone(), &mut *p.allocator, plan.share_budget)?,
             };
             s.set_fragments(plan.fragmented_descriptors);
+            s.set_read_only_shares(plan.read_only_shares);
             Box::new(s)
         }
         Mechanism::XenGrant { backend_domid } => match grant_sharer.take() {
@@ -293,6 +319,7 @@ pub fn bring_up(
         ffa_available: true,
         grant_table: false,
         api_version: Some(api_version),
+        mediator: None,
     };
     let plan = decide(&facts).map_err(|_| Error::Unsupported("no plan for a native FF-A platform"))?;
     let mem = SharedMemory::new(allocator, Box::new(sharer));

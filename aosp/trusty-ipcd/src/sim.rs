@@ -69,7 +69,7 @@ pub fn bring_up_with(platform: &str, mode: ModelMode, cfg: StackConfig) -> Resul
             }
             let errno = match e {
                 BringUpError::Stack(e) | BringUpError::AfterPlan { error: e, .. } => e.errno(),
-                BringUpError::DeviceTree(_) | BringUpError::NoSafeSharing(_) => libc::ENODEV,
+                BringUpError::DeviceTree(_) | BringUpError::NoSafeSharing(_) | BringUpError::Unusable { .. } => libc::ENODEV,
             };
             Err((msg, errno))
         }

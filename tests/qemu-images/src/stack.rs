@@ -90,7 +90,7 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
             }
             say(format_args!("tipc-stack: bring-up failed: {e}"));
             return match e {
-                BringUpError::NoSafeSharing(_) => EXIT_NO_PATH,
+                BringUpError::NoSafeSharing(_) | BringUpError::Unusable { .. } => EXIT_NO_PATH,
                 _ => EXIT_BRINGUP_FAILED,
             };
         }
