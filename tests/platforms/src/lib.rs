@@ -11,6 +11,7 @@
 use tipc::stack::PlatformAccess;
 use trusty_model::host::{ModelMode, Sim, Stage2};
 use trusty_model::model::Path;
+use trusty_model::xen_ffa::XenFfa;
 use trusty_model::ModelConfig;
 use vm_fdt::FdtWriter;
 
@@ -65,6 +66,8 @@ struct Spec {
     share_cap: Option<usize>,
     xen_features: Option<u32>,
     ns_endpoint_id: u16,
+    /// Which Xen's FF-A mediator, for [`Path::XenFfaMediator`].
+    xen_ffa: XenFfa,
 }
 
 fn specs() -> Vec<Spec> {
@@ -83,6 +86,7 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: None,
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
         Spec {
             name: "native-api5",
@@ -95,6 +99,7 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: None,
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
         Spec {
             name: "xen-dom0",
@@ -107,6 +112,7 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: Some(XENFEAT_DIRECT_MAPPED),
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
         Spec {
             name: "xen-domu-direct-mapped",
@@ -119,10 +125,11 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: Some(XENFEAT_DIRECT_MAPPED),
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
         Spec {
             name: "xen-domu-ffa-mediator",
-            description: "DomU (IPA != PA) behind Xen's FF-A mediator: FF-A only, 32 shares, one fragment",
+            description: "DomU (IPA != PA) behind Xen's FF-A mediator (development branch: FF-A 1.2, FFA_RUN): 32 read-write shares, one fragment",
             view: xen_view(GUEST_DOMID),
             stage2: translated,
             path: Path::XenFfaMediator,
@@ -131,6 +138,20 @@ fn specs() -> Vec<Spec> {
             share_cap: Some(32),
             xen_features: Some(XENFEAT_NOT_DIRECT_MAPPED),
             ns_endpoint_id: GUEST_DOMID + 1,
+            xen_ffa: XenFfa::Newer,
+        },
+        Spec {
+            name: "xen-domu-ffa-mediator-4.20",
+            description: "DomU (IPA != PA) behind Xen 4.20/4.21's FF-A mediator: no FFA_RUN (refused at bring-up)",
+            view: xen_view(GUEST_DOMID),
+            stage2: translated,
+            path: Path::XenFfaMediator,
+            api: 5,
+            ffa: true,
+            share_cap: Some(32),
+            xen_features: Some(XENFEAT_NOT_DIRECT_MAPPED),
+            ns_endpoint_id: GUEST_DOMID + 1,
+            xen_ffa: XenFfa::V4_20,
         },
         Spec {
             name: "xen-domu-trusty-mediator",
@@ -143,6 +164,7 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: Some(XENFEAT_NOT_DIRECT_MAPPED),
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
         Spec {
             name: "xen-domu-trusty-vm",
@@ -155,6 +177,7 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: Some(XENFEAT_NOT_DIRECT_MAPPED),
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
         Spec {
             name: "xen-domu-no-path",
@@ -167,6 +190,7 @@ fn specs() -> Vec<Spec> {
             share_cap: None,
             xen_features: Some(XENFEAT_NOT_DIRECT_MAPPED),
             ns_endpoint_id: 0,
+            xen_ffa: XenFfa::Newer,
         },
     ]
 }
@@ -230,6 +254,7 @@ fn build(s: Spec) -> Profile {
         share_cap: s.share_cap,
         xen_features: s.xen_features,
         ns_endpoint_id: s.ns_endpoint_id,
+        xen_ffa: s.xen_ffa,
         ..Default::default()
     };
     Profile { name: s.name.into(), description: s.description, fdt, machine: Machine { stage2: s.stage2, model } }
@@ -281,6 +306,9 @@ fn write_fdt(s: &Spec) -> Result<Vec<u8>, vm_fdt::Error> {
     let sim = w.begin_node(SIM_NODE)?;
     w.property_string("profile", s.name)?;
     w.property_string("path", path_name(s.path))?;
+    if s.path == Path::XenFfaMediator {
+        w.property_string("xen-ffa", s.xen_ffa.name())?;
+    }
     if let Path::XenVm { domid } = s.path {
         w.property_u32("trusty-domid", u32::from(domid))?;
     }
@@ -330,6 +358,10 @@ pub fn from_dtb(bytes: &[u8]) -> Result<Profile, String> {
         },
         Some(other) => return Err(format!("unknown stage2 '{other}' in /{SIM_NODE}")),
     };
+    let xen_ffa = match str_prop("xen-ffa") {
+        None => XenFfa::default(),
+        Some(v) => XenFfa::from_name(&v).ok_or_else(|| format!("unknown xen-ffa '{v}' in /{SIM_NODE}"))?,
+    };
     let model = ModelConfig {
         path,
         max_api_version: u32_prop("api").unwrap_or(5),
@@ -337,6 +369,7 @@ pub fn from_dtb(bytes: &[u8]) -> Result<Profile, String> {
         share_cap: u32_prop("share-cap").map(|c| c as usize),
         xen_features: u32_prop("xen-features"),
         ns_endpoint_id: u32_prop("ns-endpoint-id").unwrap_or(0) as u16,
+        xen_ffa,
         ..Default::default()
     };
     let name = str_prop("profile").unwrap_or_else(|| "dtb".into());

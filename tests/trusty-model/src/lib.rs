@@ -20,6 +20,7 @@ pub mod mem;
 pub mod model;
 pub mod raw;
 pub mod tipc_dev;
+pub mod xen_ffa;
 
 pub use model::{Injection, Model, ModelConfig, ModelStats, Variant};
 pub use tipc_dev::Malformed;

@@ -15,15 +15,17 @@ use trusty_virtio::rsc;
 use crate::ipc::{lk, Ipc};
 use crate::mem::{Fault, IdScheme, PhysMem, ShareStats, ShareTable};
 use crate::tipc_dev::{Malformed, TipcDev, TipcDevStats};
+use crate::xen_ffa::{self, XenFfa};
 
 /// What stands between the normal world and Trusty.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
     /// Trusty's SMCs reach it (no hypervisor, or one that forwards them untouched).
     Direct,
-    /// Xen's FF-A mediator: plain Trusty SMCs are refused (NOT_SUPPORTED); FF-A calls pass,
-    /// with the guest's addresses in MEM_SHARE and RXTX_MAP translated, single-fragment
-    /// descriptors only (spec dma-decisions §4.3).
+    /// Xen's FF-A mediator ([`ModelConfig::xen_ffa`] says which Xen): plain Trusty SMCs are
+    /// refused with FFA_ERROR(NOT_SUPPORTED); the FF-A calls Xen handles pass, with the guest's
+    /// addresses in MEM_SHARE and RXTX_MAP translated, read-write single-fragment shares only
+    /// (spec dma-decisions §4.3, xen-ffa-mediator.md §4.3; the rules are in [`crate::xen_ffa`]).
     XenFfaMediator,
     /// An NXP-style Trusty mediator: Trusty's SMCs pass and the guest addresses they carry are
     /// translated, first page only (spec dma-decisions §4.4). FF-A calls are not forwarded.
@@ -105,6 +107,8 @@ pub struct ModelConfig {
     /// API version, so a bare address (attribute 0) is ERR_NOT_SUPPORTED, and
     /// `get_ns_mem_buf` (lib/trusty/smcall.c) refuses read-only or EL0 memory (ERR_INVALID_ARGS).
     pub mem_buf_attrs_required: bool,
+    /// Which Xen's FF-A mediator [`Path::XenFfaMediator`] stands for.
+    pub xen_ffa: XenFfa,
 }
 
 impl Default for ModelConfig {
@@ -124,6 +128,7 @@ impl Default for ModelConfig {
             descriptor_override: None,
             has_version_str: true,
             mem_buf_attrs_required: false,
+            xen_ffa: XenFfa::Newer,
         }
     }
 }
@@ -174,6 +179,8 @@ pub struct ModelStats {
     pub kicks: u64,
     /// Trusty SMCs the hypervisor refused before they reached Trusty.
     pub refused_smcs: u64,
+    /// FFA_MEM_SHAREs Xen's mediator refused before forwarding them (read-only, too large...).
+    pub xen_ffa_refused_shares: u64,
     /// Calls that arrived as FF-A direct requests.
     pub ffa_direct_requests: u64,
     /// Calls that arrived through the Xen mailbox.
@@ -232,6 +239,8 @@ pub struct Model {
     mailbox_seen: u32,
     /// The answer of a direct request preempted by FFA_INTERRUPT, returned by the next FFA_RUN.
     ffa_resumed: Option<[u64; 8]>,
+    /// The FF-A version the guest gave Xen's mediator in FFA_VERSION (`None`: not yet).
+    xen_ffa_guest_version: Option<u32>,
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -286,6 +295,7 @@ impl Model {
             mailbox: None,
             mailbox_seen: 0,
             ffa_resumed: None,
+            xen_ffa_guest_version: None,
             inject: Injection::default(),
             stats: ModelStats::default(),
             cfg,
@@ -398,6 +408,9 @@ impl Model {
     pub fn smc(&mut self, regs: [u64; 8]) -> [u64; 8] {
         self.stats.smcs += 1;
         let f = regs[0] as u32;
+        if self.cfg.path == Path::XenFfaMediator {
+            return self.xen_ffa_mediator(regs);
+        }
         // FF-A calls go to the SPMC stand-in, which is not Trusty (entity 4, fast).
         if ffa::is_ffa_call(f) {
             if !self.ffa_reachable() {
@@ -414,6 +427,81 @@ impl Model {
             return ret(-1);
         }
         self.trusty_call(regs)
+    }
+
+    /// Xen's FF-A mediator in front of the SPMC, as the DomU meets it (`ffa_handle_call()` in
+    /// xen/arch/arm/tee/ffa.c; version differences in [`XenFfa`]).
+    fn xen_ffa_mediator(&mut self, regs: [u64; 8]) -> [u64; 8] {
+        let xen = self.cfg.xen_ffa;
+        let f = regs[0] as u32;
+        // vsmc hands the Trusted-OS ranges to the mediator as well; what ffa_handle_call() does
+        // not handle is "unhandled fid": FFA_ERROR(NOT_SUPPORTED), x0 = 0x84000060, not -1.
+        if !ffa::is_ffa_call(f) || !xen.handles(f) {
+            self.stats.refused_smcs += 1;
+            return xen_ffa::error(ffa::err::NOT_SUPPORTED);
+        }
+        // The development branch serves nothing before the guest's FFA_VERSION.
+        if xen == XenFfa::Newer && self.xen_ffa_guest_version.is_none() && f != func::VERSION {
+            self.stats.refused_smcs += 1;
+            return xen_ffa::error(ffa::err::NOT_SUPPORTED);
+        }
+        self.stats.ffa_calls += 1;
+        match f {
+            // ffa_handle_version(): Xen answers with its own version and remembers the guest's.
+            func::VERSION => {
+                self.xen_ffa_guest_version = Some(regs[1] as u32);
+                ret(xen.version() as i32)
+            }
+            // ffa_handle_features(): Xen's own table.
+            func::FEATURES => {
+                if xen.feature(regs[1] as u32, Self::spmc_has) {
+                    ffa_success(0, 0)
+                } else {
+                    xen_ffa::error(ffa::err::NOT_SUPPORTED)
+                }
+            }
+            // handle_msg_send_direct_req(): the sender must be the guest itself.
+            func::MSG_SEND_DIRECT_REQ => {
+                if (regs[1] >> 16) as u16 != self.cfg.ns_endpoint_id || regs[1] & 0x8000 == 0 {
+                    return xen_ffa::error(ffa::err::INVALID_PARAMETERS);
+                }
+                let out = self.ffa_call(f, &regs);
+                xen.direct_answer(out)
+            }
+            func::MEM_SHARE => {
+                let mut desc = alloc::vec![0u8; (regs[2] as usize).min(trusty_platform::mem::PAGE_SIZE)];
+                if !self.shares.peek_tx(&mut desc) {
+                    return xen_ffa::error(ffa::err::DENIED);
+                }
+                match xen.check_mem_share(&regs, &desc, self.cfg.ns_endpoint_id, self.shares.live()) {
+                    Ok(()) => self.ffa_call(f, &regs),
+                    Err(code) => {
+                        self.stats.xen_ffa_refused_shares += 1;
+                        xen_ffa::error(code)
+                    }
+                }
+            }
+            _ => self.ffa_call(f, &regs),
+        }
+    }
+
+    /// The model SPMC's FFA_FEATURES table.
+    fn spmc_has(fid: u32) -> bool {
+        matches!(
+            fid,
+            func::VERSION
+                | func::FEATURES
+                | func::ID_GET
+                | func::RXTX_MAP64
+                | func::RXTX_UNMAP
+                | func::RX_RELEASE
+                | func::PARTITION_INFO_GET
+                | func::MSG_SEND_DIRECT_REQ
+                | func::RUN
+                | func::MEM_SHARE
+                | func::MEM_FRAG_TX
+                | func::MEM_RECLAIM
+        )
     }
 
     /// A Trusty VM's entry point: one call taken from the mailbox (the guest's SMC registers).
@@ -1009,12 +1097,13 @@ impl Model {
         }
         match f {
             func::VERSION => ret(ffa::VERSION_1_0 as i32),
-            func::FEATURES => match regs[1] as u32 {
-                func::MEM_SHARE | func::MEM_RECLAIM | func::RXTX_MAP64 | func::RXTX_UNMAP | func::ID_GET => {
+            func::FEATURES => {
+                if Self::spmc_has(regs[1] as u32) {
                     ffa_success(0, 0)
+                } else {
+                    ffa_error(ffa::err::NOT_SUPPORTED)
                 }
-                _ => ffa_error(ffa::err::NOT_SUPPORTED),
-            },
+            }
             func::ID_GET => ffa_success(u64::from(self.cfg.ns_endpoint_id), 0),
             func::RXTX_MAP64 => match self.shares.rxtx_map(regs[1], regs[2], regs[3]) {
                 Ok(()) => ffa_success(0, 0),
