@@ -174,3 +174,129 @@ fn an_unreadable_device_tree_is_a_clear_error_and_nothing_is_shared() {
     assert_eq!(sim.model().stats().smcs, 0, "no call before the facts are known");
     assert_eq!(sim.ram().pages_in_use(), 0);
 }
+
+// --- Xen's FF-A mediator, version by version (spec xen-ffa-mediator.md §4.3) ------------------
+
+use trusty_platform::ffa::{self, func, FfaSharer};
+use trusty_platform::mem::{Access, Sharer};
+
+/// The development branch: FFA_RUN forwarded, so the stack runs; its plan shares read-write
+/// only (Xen refuses read-only), at most 256 pages, and no share was refused by the mediator.
+#[test]
+fn newer_mediator_runs_with_read_write_shares() {
+    for mode in [ModelMode::Sync, ModelMode::Threaded] {
+        let (_, sim, r) = up("xen-domu-ffa-mediator", mode, StackConfig::default());
+        let (mut dev, info) = r.unwrap_or_else(|e| panic!("{e}"));
+        let m = info.facts.mediator.expect("the mediator was probed");
+        assert_eq!(m.version, 0x1_0002, "the development branch speaks FF-A 1.2");
+        assert!(m.run && m.direct_req && m.mem_share && m.mem_reclaim, "{m:?}");
+        assert!(!info.plan.read_only_shares);
+        assert_eq!(info.plan.max_buffer_pages, Some(256));
+        for size in [1usize, 4080] {
+            echo(&mut dev, &vec![0x33; size]);
+        }
+        let (_, result) = dev.shutdown();
+        result.expect("teardown");
+        let m = sim.model();
+        assert!(m.faults().is_empty(), "{:?}", m.faults());
+        assert_eq!(m.stats().xen_ffa_refused_shares, 0, "tx buffers reached Xen read-only");
+        assert_eq!(m.live_shares(), 0);
+    }
+}
+
+/// Xen 4.20 / 4.21: no FFA_RUN. Bring-up stops before any call to Trusty, naming FFA_RUN and the
+/// Xen versions that forward it, with the plan it could not carry out; nothing else is tried.
+#[test]
+fn mediator_4_20_is_refused_at_once_naming_ffa_run() {
+    let (_, sim, r) = up("xen-domu-ffa-mediator-4.20", ModelMode::Sync, StackConfig::default());
+    let e = r.err().expect("must fail");
+    let BringUpError::Unusable { plan, error } = &e else { panic!("wrong error: {e}") };
+    assert!(error.missing.contains("FFA_RUN") && error.missing.contains("4.20 and 4.21"), "{error}");
+    assert!(error.missing.contains("development branch"), "{error}");
+    assert_eq!((plan.mechanism, plan.transport), (Mechanism::FfaHandle, CallTransport::FfaDirect));
+    assert_eq!(plan.max_buffer_pages, Some(255), "4.20's page limit");
+    assert!(e.to_string().contains("FFA_RUN") && e.to_string().contains("sharing: ffa-handle"), "{e}");
+    let m = sim.model();
+    let s = m.stats();
+    assert_eq!((s.plain_trusty_smcs, s.ffa_direct_requests, s.refused_smcs), (0, 0, 0), "{s:?}");
+    assert!(!m.rxtx_mapped(), "not even the FF-A buffers were set up");
+    assert_eq!(sim.ram().pages_in_use(), 0);
+}
+
+fn ffa_version(conduit: &dyn trusty_platform::smc::Conduit) -> u64 {
+    conduit.call([u64::from(func::VERSION), u64::from(ffa::VERSION_1_0), 0, 0, 0, 0, 0, 0])[0]
+}
+
+/// A read-only share that reaches the mediator stand-in gets Xen's NOT_SUPPORTED
+/// (`ffa_handle_mem_share()`: access other than FFA_MEM_ACC_RW), on both versions; the same
+/// buffer shared read-write is taken.
+#[test]
+fn read_only_share_gets_xens_not_supported() {
+    for name in ["xen-domu-ffa-mediator", "xen-domu-ffa-mediator-4.20"] {
+        let profile = by_name(name).unwrap();
+        let sim = profile.boot(ModelMode::Sync);
+        let mut access = profile.access(&sim);
+        assert_ne!(ffa_version(&*access.conduit) as u32 & 0x8000_0000, 0x8000_0000);
+        let mut sharer = FfaSharer::with_fragments(access.conduit.clone(), &mut *access.allocator, None, false).unwrap();
+        let page = access.allocator.alloc_zeroed(1).unwrap();
+        let e = sharer.share(&[page.range()], Access::ReadOnly).unwrap_err();
+        assert_eq!(e, trusty_platform::Error::Ffa { call: "FFA_MEM_SHARE", code: ffa::err::NOT_SUPPORTED }, "{name}");
+        assert_eq!(sim.model().stats().xen_ffa_refused_shares, 1, "{name}: refused by Xen, not the SPMC");
+        assert_eq!(sim.model().live_shares(), 0);
+        // What the stack does under the mediator: read-only becomes read-write.
+        sharer.set_read_only_shares(false);
+        let id = sharer.share(&[page.range()], Access::ReadOnly).expect(name);
+        assert_eq!(sim.model().live_shares(), 1);
+        sharer.reclaim(id).unwrap();
+    }
+}
+
+/// Plain Trusty SMCs from behind the mediator come back as FFA_ERROR (x0 = 0x84000060,
+/// w2 = NOT_SUPPORTED), not -1; the newer branch refuses any call before FFA_VERSION.
+#[test]
+fn mediator_answers_like_xen_before_and_outside_ff_a() {
+    use trusty_platform::smc::call;
+    for name in ["xen-domu-ffa-mediator", "xen-domu-ffa-mediator-4.20"] {
+        let profile = by_name(name).unwrap();
+        let sim = profile.boot(ModelMode::Sync);
+        let c = sim.conduit();
+        let id_get = c.call([u64::from(func::ID_GET), 0, 0, 0, 0, 0, 0, 0]);
+        if name.ends_with("4.20") {
+            assert_eq!(id_get[0] as u32, func::SUCCESS, "4.20 serves calls before FFA_VERSION");
+        } else {
+            assert_eq!((id_get[0] as u32, id_get[2] as u32 as i32), (func::ERROR, ffa::err::NOT_SUPPORTED));
+        }
+        let v = ffa_version(&*c);
+        assert_eq!(v, if name.ends_with("4.20") { 0x1_0001 } else { 0x1_0002 }, "{name}");
+        let r = c.call([u64::from(call::FC_GET_VERSION_STR), u64::from(u32::MAX), 0, 0, 0, 0, 0, 0]);
+        assert_eq!((r[0], r[2] as u32 as i32), (0x8400_0060, ffa::err::NOT_SUPPORTED), "{name}");
+        let run = c.call([u64::from(func::FEATURES), u64::from(func::RUN), 0, 0, 0, 0, 0, 0]);
+        let expect_run = !name.ends_with("4.20");
+        assert_eq!(run[0] as u32 == func::SUCCESS, expect_run, "{name}: FFA_FEATURES(FFA_RUN)");
+        let run = c.call([u64::from(func::RUN), u64::from(ffa::TRUSTY_ENDPOINT_ID) << 16, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(run[0] as u32 == func::ERROR, !expect_run, "{name}: FFA_RUN");
+        assert_eq!(sim.model().stats().plain_trusty_smcs, 0);
+    }
+}
+
+/// An FFA_INTERRUPT answer to a direct request passes the newer mediator and becomes ABORTED
+/// on 4.20 (`handle_msg_send_direct_req()`).
+#[test]
+fn preempted_direct_request_is_aborted_by_4_20_only() {
+    for name in ["xen-domu-ffa-mediator", "xen-domu-ffa-mediator-4.20"] {
+        let profile = by_name(name).unwrap();
+        let sim = profile.boot(ModelMode::Sync);
+        let c = sim.conduit();
+        ffa_version(&*c);
+        sim.model().inject.ffa_interrupt = 1;
+        let own = u64::from(profile.machine.model.ns_endpoint_id);
+        let x1 = (own << 16) | u64::from(ffa::TRUSTY_ENDPOINT_ID);
+        let op = u64::from(trusty_platform::ffa_call::opcode::IS_IDLE);
+        let r = c.call([u64::from(func::MSG_SEND_DIRECT_REQ), x1, 0, op, 0, 0, 0, 0]);
+        if name.ends_with("4.20") {
+            assert_eq!((r[0] as u32, r[2] as u32 as i32), (func::ERROR, ffa::err::ABORTED), "{name}");
+        } else {
+            assert_eq!(r[0] as u32, func::INTERRUPT, "{name}");
+        }
+    }
+}
