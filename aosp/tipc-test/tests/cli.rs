@@ -99,6 +99,18 @@ fn no_path_exits_nonzero_naming_what_is_missing() {
     assert!(!out.contains("PASS") && !out.contains("FAIL"), "no test may run: {out}");
 }
 
+/// Xen 4.20 / 4.21's FF-A mediator forwards no FFA_RUN: tipc-test stops at once, printing the
+/// sharing line it could not use and an error naming FFA_RUN and the Xen versions with it.
+#[test]
+fn mediator_4_20_exits_nonzero_naming_ffa_run() {
+    let (code, out, err) = tipc_test(&["--platform", "xen-domu-ffa-mediator-4.20", "-t", "all"]);
+    assert_ne!(code, 0);
+    assert!(out.starts_with("sharing: ffa-handle ("), "{out}");
+    assert!(err.contains("missing FFA_RUN") && err.contains("Xen 4.20 and 4.21"), "{err}");
+    assert!(err.contains("transport: FF-A direct requests"), "{err}");
+    assert!(!out.contains("PASS") && !out.contains("FAIL"), "no test may run: {out}");
+}
+
 #[test]
 fn forced_wrong_sharing_reports_the_fault() {
     for (platform, mech, fault) in [
