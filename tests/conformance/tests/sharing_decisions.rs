@@ -300,3 +300,21 @@ fn preempted_direct_request_is_aborted_by_4_20_only() {
         }
     }
 }
+
+/// The EL3 image's SPMC face (tests/qemu-images el3-trusty): FFA_VERSION 1.1 (the least Xen's
+/// mediator accepts) and FFA_RUN with the direct-request and memory calls in FFA_FEATURES;
+/// the normal-world stack still runs over it natively.
+#[test]
+fn spmc_answers_ff_a_1_1_with_ffa_run() {
+    let cfg = trusty_model::ModelConfig { ffa: true, max_api_version: 5, spmc_ffa_version: 0x1_0001, ..Default::default() };
+    let sim = Sim::with_stage2(ModelMode::Sync, cfg, trusty_model::host::Stage2::Identity);
+    let c = sim.conduit();
+    assert_eq!(ffa_version(&*c), 0x1_0001);
+    for fid in [func::RUN, func::MSG_SEND_DIRECT_REQ, func::MEM_SHARE, func::MEM_RECLAIM, func::PARTITION_INFO_GET] {
+        let r = c.call([u64::from(func::FEATURES), u64::from(fid), 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r[0] as u32, func::SUCCESS, "FFA_FEATURES({fid:#x})");
+    }
+    let (mut dev, info) = tipc::stack::bring_up(sim.conduit(), sim.clock(), sim.allocator(), StackConfig::default()).expect("bring-up");
+    assert_eq!(info.plan.mechanism, Mechanism::FfaHandle);
+    echo(&mut dev, b"over an FF-A 1.1 SPMC");
+}

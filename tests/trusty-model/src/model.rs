@@ -109,6 +109,9 @@ pub struct ModelConfig {
     pub mem_buf_attrs_required: bool,
     /// Which Xen's FF-A mediator [`Path::XenFfaMediator`] stands for.
     pub xen_ffa: XenFfa,
+    /// What the SPMC stand-in answers FFA_VERSION (1.0 by default; the EL3 image answers 1.1,
+    /// the least Xen's FF-A mediator accepts from an SPMC). Its descriptors stay the 1.0 layout.
+    pub spmc_ffa_version: u32,
 }
 
 impl Default for ModelConfig {
@@ -129,6 +132,7 @@ impl Default for ModelConfig {
             has_version_str: true,
             mem_buf_attrs_required: false,
             xen_ffa: XenFfa::Newer,
+            spmc_ffa_version: ffa::VERSION_1_0,
         }
     }
 }
@@ -1096,7 +1100,7 @@ impl Model {
             return out;
         }
         match f {
-            func::VERSION => ret(ffa::VERSION_1_0 as i32),
+            func::VERSION => ret(self.cfg.spmc_ffa_version as i32),
             func::FEATURES => {
                 if Self::spmc_has(regs[1] as u32) {
                     ffa_success(0, 0)

@@ -42,6 +42,9 @@ use crate::{println, sysreg};
 pub const NOT_SUPPORTED: u64 = u64::MAX;
 /// SMCCC version 1.1, as `SMCCC_VERSION` returns it.
 pub const SMCCC_VERSION_1_1: u64 = 0x1_0001;
+/// SMCCC version 1.2 (x0-x17 for arguments and results). Xen's FF-A mediator needs at least
+/// this from the monitor or turns itself off (`ffa_probe()`: "unsupported SMCCC version").
+pub const SMCCC_VERSION_1_2: u64 = 0x1_0002;
 /// PSCI version 1.1, as `PSCI_VERSION` returns it.
 pub const PSCI_VERSION_1_1: u64 = 0x1_0001;
 /// The QEMU exit status [`standard_service`] uses for `PSCI_SYSTEM_RESET` (`SYSTEM_OFF` exits 0).
@@ -120,10 +123,16 @@ pub(crate) fn handle_lower_sync(frame: &mut ExceptionFrame) -> bool {
 /// (exit 0) and `PSCI_SYSTEM_RESET` (exit [`EXIT_SYSTEM_RESET`]). Returns false, leaving `regs`
 /// alone, for anything else.
 pub fn standard_service(regs: &mut [u64; 8]) -> bool {
+    standard_service_smccc(regs, SMCCC_VERSION_1_1)
+}
+
+/// [`standard_service`] with `SMCCC_VERSION` answering `smccc_version` ([`SMCCC_VERSION_1_2`]
+/// for a monitor that stands in for an SPMC under Xen's FF-A mediator).
+pub fn standard_service_smccc(regs: &mut [u64; 8], smccc_version: u64) -> bool {
     const SUPPORTED: [u32; 6] =
         [SMCCC_VERSION, SMCCC_ARCH_FEATURES, PSCI_VERSION, PSCI_FEATURES, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET];
     match regs[0] as u32 {
-        SMCCC_VERSION => regs[0] = SMCCC_VERSION_1_1,
+        SMCCC_VERSION => regs[0] = smccc_version,
         SMCCC_ARCH_FEATURES => {
             regs[0] = if regs[1] as u32 == SMCCC_ARCH_FEATURES { 0 } else { NOT_SUPPORTED };
         }

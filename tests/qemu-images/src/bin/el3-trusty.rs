@@ -29,12 +29,17 @@ mod image {
     /// The normal world's RAM (QEMU virt, -m 2G).
     const NS_RAM: (u64, u64) = (0x4000_0000, 2 << 30);
 
+    /// FF-A 1.1: the lowest SPMC version Xen's mediator takes.
+    const SPMC_FFA_VERSION: u32 = 0x1_0001;
+
     static MODEL: Mutex<RefCell<Option<Model>>> = Mutex::new(RefCell::new(None));
 
     /// PSCI/SMCCC queries (and power-off) are the monitor's own; everything else is Trusty's,
-    /// and the model runs inside the call, as Trusty runs on the calling CPU.
+    /// and the model runs inside the call, as Trusty runs on the calling CPU. The monitor
+    /// answers as an SPMC would, so that Xen's FF-A mediator accepts it (xen-ffa-mediator.md
+    /// §4.1, `ffa_probe()`): SMCCC 1.2, FF-A 1.1, FFA_RUN in FFA_FEATURES.
     fn smc(regs: &mut [u64; 8]) {
-        if el3::standard_service(regs) {
+        if el3::standard_service_smccc(regs, el3::SMCCC_VERSION_1_2) {
             return;
         }
         critical_section::with(|cs| match MODEL.borrow(cs).borrow_mut().as_mut() {
@@ -56,7 +61,7 @@ mod image {
         };
         // SAFETY: NS_RAM is the normal world's RAM, which the monitor may access.
         let phys = unsafe { RawPhysMem::new(alloc::vec![NS_RAM]) };
-        let cfg = ModelConfig { ffa: true, max_api_version: 5, ..Default::default() };
+        let cfg = ModelConfig { ffa: true, max_api_version: 5, spmc_ffa_version: SPMC_FFA_VERSION, ..Default::default() };
         let model = Model::new(cfg, Arc::new(phys), Arc::new(CounterClock));
         critical_section::with(|cs| MODEL.borrow(cs).replace(Some(model)));
         el3::set_smc_handler(smc);
