@@ -381,9 +381,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eight_profiles_round_trip_through_their_dtb() {
+    fn nine_profiles_round_trip_through_their_dtb() {
         let all = all();
-        assert_eq!(all.len(), 8);
+        assert_eq!(all.len(), 9);
         for p in all {
             let back = from_dtb(&p.fdt).unwrap();
             assert_eq!(back.name, p.name);
@@ -391,7 +391,10 @@ mod tests {
             assert_eq!(back.machine.model.path, p.machine.model.path);
             assert_eq!(back.machine.model.max_api_version, p.machine.model.max_api_version);
             assert_eq!(back.machine.model.share_cap, p.machine.model.share_cap);
+            assert_eq!(back.machine.model.xen_ffa, p.machine.model.xen_ffa, "{}", p.name);
         }
+        assert_eq!(by_name("xen-domu-ffa-mediator-4.20").unwrap().machine.model.xen_ffa, XenFfa::V4_20);
+        assert_eq!(by_name("xen-domu-ffa-mediator").unwrap().machine.model.xen_ffa, XenFfa::Newer);
         assert!(from_dtb(b"not a dtb").is_err());
     }
 }
