@@ -370,11 +370,11 @@ impl FfaSharer {
         self.allow_fragments = allow;
     }
 
-    /// Allows read-only shares (the default), or makes every share read-write for a peer that
-    /// refuses read-only ones: Xen's FF-A mediator answers NOT_SUPPORTED to any access but
-    /// read-write (`ffa_handle_mem_share()` in xen/arch/arm/tee/ffa_shm.c). Read-only is what
-    /// the stack asks for its own tx buffers; Trusty never writes those, so read-write only
-    /// widens what it may do with memory that is already the stack's to give.
+    /// Allows read-only shares (the default), or refuses them here, before the peer does, for
+    /// a peer that takes none: Xen's FF-A mediator answers NOT_SUPPORTED to any access but
+    /// read-write (`ffa_handle_mem_share()` in xen/arch/arm/tee/ffa_shm.c). The stack's own
+    /// buffers are then shared read-write ([`crate::mem::SharedMemory::alloc_shared`] asks
+    /// [`Sharer::takes_read_only`]).
     pub fn set_read_only_shares(&mut self, allow: bool) {
         self.read_only_shares = allow;
     }
@@ -472,8 +472,14 @@ impl Sharer for FfaSharer {
             receiver: self.receiver,
             attributes: ATTR_NORMAL_WB_INNER_SHAREABLE,
             permissions: match access {
-                Access::ReadOnly if self.read_only_shares => PERM_RO,
-                Access::ReadOnly | Access::ReadWrite => PERM_RW,
+                Access::ReadOnly if !self.read_only_shares => {
+                    return Err(Error::InvalidArgument(
+                        "this peer takes read-write shares only (Xen's FF-A mediator); a read-only \
+                         buffer cannot be shared read-only here",
+                    ))
+                }
+                Access::ReadOnly => PERM_RO,
+                Access::ReadWrite => PERM_RW,
             },
             tag: 0,
             ranges,
@@ -519,6 +525,10 @@ impl Sharer for FfaSharer {
 
     fn live_shares(&self) -> usize {
         self.live
+    }
+
+    fn takes_read_only(&self) -> bool {
+        self.read_only_shares
     }
 
     fn budget(&self) -> Option<usize> {

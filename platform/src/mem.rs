@@ -125,6 +125,14 @@ pub trait Sharer: Send {
         id
     }
 
+    /// Whether the peer takes read-only shares. Where it does not (Xen's FF-A mediator), the
+    /// stack's own buffers are shared read-write instead ([`SharedMemory::alloc_shared`]), and
+    /// a read-only share of anyone else's memory is refused by [`Sharer::share`]: widening the
+    /// access a client gave is not the stack's to do. Default: yes.
+    fn takes_read_only(&self) -> bool {
+        true
+    }
+
     /// Gives back what the mechanism itself holds (FF-A's RX/TX buffer pair: unmapped with
     /// FFA_RXTX_UNMAP, then freed into `allocator`). Called once at teardown, after every share
     /// was reclaimed; later shares fail. Pages the peer would not give back are leaked, not freed,
@@ -214,8 +222,11 @@ impl SharedMemory {
         SharedMemory { allocator, sharer, leaked: LeakStats::default() }
     }
 
-    /// Allocates `bytes` (rounded up to whole pages), zeroed, and shares them with `access`.
+    /// Allocates `bytes` (rounded up to whole pages), zeroed, and shares them with `access`
+    /// (read-write instead of read-only where the peer takes no read-only shares: the memory
+    /// is the stack's own, so only what the peer may do with it widens).
     pub fn alloc_shared(&mut self, bytes: usize, access: Access) -> Result<SharedBuf, Error> {
+        let access = if self.sharer.takes_read_only() { access } else { Access::ReadWrite };
         let pages = bytes.div_ceil(PAGE_SIZE).max(1);
         let region = self.allocator.alloc_zeroed(pages).ok_or(Error::OutOfMemory)?;
         match self.sharer.share(&[region.range()], access) {

@@ -243,11 +243,17 @@ fn read_only_share_gets_xens_not_supported() {
         assert_eq!(e, trusty_platform::Error::Ffa { call: "FFA_MEM_SHARE", code: ffa::err::NOT_SUPPORTED }, "{name}");
         assert_eq!(sim.model().stats().xen_ffa_refused_shares, 1, "{name}: refused by Xen, not the SPMC");
         assert_eq!(sim.model().live_shares(), 0);
-        // What the stack does under the mediator: read-only becomes read-write.
+        // What the stack does under the mediator: a read-only share of someone else's memory is
+        // refused before it reaches Xen; the stack's own buffers are shared read-write.
         sharer.set_read_only_shares(false);
-        let id = sharer.share(&[page.range()], Access::ReadOnly).expect(name);
+        assert!(matches!(sharer.share(&[page.range()], Access::ReadOnly), Err(trusty_platform::Error::InvalidArgument(_))));
+        assert_eq!(sim.model().stats().xen_ffa_refused_shares, 1, "{name}: nothing more reached Xen");
+        let mut mem = trusty_platform::mem::SharedMemory::new(access.allocator, Box::new(sharer));
+        let buf = mem.alloc_shared(100, Access::ReadOnly).expect(name);
+        assert_eq!(buf.access(), Access::ReadWrite);
         assert_eq!(sim.model().live_shares(), 1);
-        sharer.reclaim(id).unwrap();
+        mem.release(buf).unwrap();
+        assert_eq!(sim.model().live_shares(), 0);
     }
 }
 
