@@ -324,3 +324,25 @@ fn spmc_answers_ff_a_1_1_with_ffa_run() {
     assert_eq!(info.plan.mechanism, Mechanism::FfaHandle);
     echo(&mut dev, b"over an FF-A 1.1 SPMC");
 }
+
+/// Under the mediator a client's read-only memory reference is refused with a clear error
+/// before anything reaches Xen (widening it to read-write is not the stack's to do); the same
+/// pages read-write go through, and the channel keeps working.
+#[test]
+fn read_only_memref_under_the_mediator_is_refused_not_widened() {
+    let (_, sim, r) = up("xen-domu-ffa-mediator", ModelMode::Sync, StackConfig::default());
+    let (mut dev, _) = r.expect("bring-up");
+    let mut alloc = sim.allocator();
+    let page = alloc.alloc_zeroed(1).unwrap();
+    let memref = |access| tipc::ForeignMemRef { ranges: vec![page.range()], size: 4096, access, tag: 0, keep: Box::new(()) };
+    let ch = dev.connect(DATASINK).expect("connect");
+    let e = dev.send_memrefs(ch, &[b"ro"], vec![memref(Access::ReadOnly)], Timeout::Ms(1000)).unwrap_err();
+    assert!(e.to_string().contains("read-write shares only"), "{e}");
+    assert_eq!(sim.model().stats().xen_ffa_refused_shares, 0, "nothing reached Xen");
+    dev.send_memrefs(ch, &[b"rw"], vec![memref(Access::ReadWrite)], Timeout::Ms(1000)).expect("read-write memref");
+    dev.close(ch).expect("close");
+    echo(&mut dev, b"still working");
+    let (_, result) = dev.shutdown();
+    result.expect("teardown");
+    assert!(sim.model().faults().is_empty());
+}
