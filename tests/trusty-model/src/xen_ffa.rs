@@ -39,6 +39,7 @@ impl XenFfa {
         }
     }
 
+    /// The mediator [`XenFfa::name`] spells `name` (4.21 is 4.20's, 4.22 the newer branch's).
     pub fn from_name(name: &str) -> Option<XenFfa> {
         match name {
             "4.20" | "4.21" => Some(XenFfa::V4_20),
