@@ -827,7 +827,10 @@ mod tests {
                 crate::ffa::func::RUN => "features(RUN)",
                 _ => "features",
             });
-            self.ffa_calls.is_none_or(|calls| calls.contains(&fid))
+            match self.ffa_calls {
+                None => true,
+                Some(calls) => calls.contains(&fid),
+            }
         }
         fn trusty_smc_answers(&mut self) -> bool {
             self.asked.push("trusty");
