@@ -7,7 +7,6 @@ use core::fmt;
 use trusty_platform::mem::{Access, MemoryId, SharedBuf, SharedMemory, PAGE_SIZE};
 use trusty_platform::smc::{api, call, SmError};
 use trusty_platform::trusty::Trusty;
-use virtio_drivers::transport::DeviceStatus;
 
 use crate::rsc::{self, field, RscError, VdevInfo};
 use crate::vring::LayoutError;
@@ -15,10 +14,31 @@ use crate::vring::LayoutError;
 /// The status byte Trusty requires at START: ACKNOWLEDGE | DRIVER | DRIVER_OK, and *not*
 /// FEATURES_OK, because VERSION_1 is never negotiated (spec §5.5 step 5e, §11 subtlety 3).
 /// virtio-drivers' own init path always sets FEATURES_OK, so it cannot drive this bus.
-pub const STATUS_AT_START: u8 =
-    (DeviceStatus::ACKNOWLEDGE.bits() | DeviceStatus::DRIVER.bits() | DeviceStatus::DRIVER_OK.bits()) as u8;
+pub const STATUS_AT_START: u8 = status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK;
 /// ACKNOWLEDGE | DRIVER: the status while the driver sets the device up.
-pub const STATUS_DRIVER: u8 = (DeviceStatus::ACKNOWLEDGE.bits() | DeviceStatus::DRIVER.bits()) as u8;
+pub const STATUS_DRIVER: u8 = status::ACKNOWLEDGE | status::DRIVER;
+
+/// Device status bits, virtio 1.2 §2.1 "Device Status Field" (the same values as Linux's
+/// `VIRTIO_CONFIG_S_*` in include/uapi/linux/virtio_config.h).
+///
+/// Our own constants rather than the `virtio-drivers` crate's `DeviceStatus`: these bits are
+/// all this bus needs from it, and AOSP's `libvirtio_drivers` is a device-only no_std rlib with
+/// no host or vendor variant, so depending on it would keep this crate out of host tests and
+/// vendor code.
+pub mod status {
+    /// The guest has found the device and recognised it.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest knows how to drive the device.
+    pub const DRIVER: u8 = 2;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u8 = 4;
+    /// The driver has acknowledged the features it understands (never set on Trusty's bus).
+    pub const FEATURES_OK: u8 = 8;
+    /// The device has hit an error from which it cannot recover.
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    /// Something went wrong in the guest and it has given up on the device.
+    pub const FAILED: u8 = 128;
+}
 
 /// Failures of the bus layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,5 +293,21 @@ impl Bus {
         }
         self.mem.release(page)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values virtio 1.2 §2.1 gives, so that a typo in [`status`] cannot go unnoticed
+    /// (spec §5.5 step 5e: exactly ACKNOWLEDGE | DRIVER | DRIVER_OK at START).
+    #[test]
+    fn status_bits_are_the_virtio_spec_values() {
+        assert_eq!(STATUS_AT_START, 0x07);
+        assert_eq!(STATUS_DRIVER, 0x03);
+        assert_eq!(status::FEATURES_OK, 0x08);
+        assert_eq!(status::DEVICE_NEEDS_RESET, 0x40);
+        assert_eq!(status::FAILED, 0x80);
     }
 }
