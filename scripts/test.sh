@@ -25,6 +25,12 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 step "Android: every Android.bp through real Blueprint/Soong, with negative controls"
 scripts/soong-check.sh
 
+step "Android: AOSP's default lint set (Soong rust/config/lints.go) on every shipped crate"
+scripts/aosp-lints.sh
+
+step "Android: the shipped crates with the oldest supported AOSP release's Rust (rust-version)"
+scripts/aosp-rust.sh
+
 step "emulation: the bare-metal runtime, then the stack as a Xen DomU and at NS-EL1 under QEMU"
 tests/baremetal/hello/run.sh
 tests/qemu/run.sh xen-trusty-vm-broken

@@ -181,7 +181,7 @@ impl AddressSharer {
             return Err(Error::InvalidArgument("an address id needs a page-aligned address"));
         }
         let end = (range.pages as u64).checked_mul(PAGE_SIZE as u64).and_then(|len| range.addr.checked_add(len));
-        if end.is_none_or(|end| end > ADDR_LIMIT) {
+        if end.map_or(true, |end| end > ADDR_LIMIT) {
             return Err(Error::InvalidArgument("an address id carries only 48 address bits; the range lies above"));
         }
         if let Some(max) = self.max_pages {

@@ -993,7 +993,7 @@ impl TipcDevice {
         let was_connecting = self.channel(id)?.state == ChannelState::Connecting;
         let deadline = Deadline::after_ms(&*self.clock, self.cfg.connect_timeout_ms);
         let answered =
-            self.wait_until(Some(deadline), |d| d.peek(id).is_none_or(|c| c.state != ChannelState::Connecting))?;
+            self.wait_until(Some(deadline), |d| d.peek(id).map_or(true, |c| c.state != ChannelState::Connecting))?;
         let chan = self.channel(id)?;
         if !answered {
             chan.state = ChannelState::Stale;
@@ -1160,7 +1160,7 @@ impl TipcDevice {
     pub fn wait_any(&mut self, ids: &[ChannelId], timeout: Timeout) -> Result<Vec<PollFlags>, Error> {
         let deadline = self.deadline(timeout);
         let ready = |d: &TipcDevice| {
-            ids.iter().any(|&id| d.peek(id).is_none_or(|c| !c.queue.is_empty() || c.state != ChannelState::Connected))
+            ids.iter().any(|&id| d.peek(id).map_or(true, |c| !c.queue.is_empty() || c.state != ChannelState::Connected))
         };
         self.wait_until(deadline, ready)?;
         ids.iter().map(|&id| self.poll(id)).collect()

@@ -58,7 +58,7 @@ impl RawRing {
 
     fn ptr<T>(&self, off: usize) -> Option<*mut T> {
         let end = off.checked_add(core::mem::size_of::<T>())?;
-        if end > self.len || !off.is_multiple_of(core::mem::align_of::<T>()) {
+        if end > self.len || off % core::mem::align_of::<T>() != 0 {
             debug_assert!(false, "ring access out of layout");
             return None;
         }

@@ -425,7 +425,7 @@ impl TipcDev {
     fn flush_to_ns(&mut self, shares: &mut ShareTable, ipc: &mut Ipc) -> bool {
         let mut any = false;
         loop {
-            if self.to_ns.as_ref().is_none_or(|r| !r.queue.has_avail(&r.mem)) {
+            if self.to_ns.as_ref().map_or(true, |r| !r.queue.has_avail(&r.mem)) {
                 return any;
             }
             if let Some(out) = self.outbox.pop_front() {
