@@ -66,7 +66,9 @@ pub const IPA_REWRITING_MEDIATOR_PROP: &str = "trusty-ipc-stack,ipa-mediator";
 pub const TRUSTY_VM_COMPATIBLE: &str = "trusty-ipc-stack,trusty-vm-v1";
 /// u32 properties of the Trusty VM node.
 pub const TRUSTY_VM_BACKEND_DOMID_PROP: &str = "backend-domid";
+/// u32 property of the Trusty VM node: the event channel that signals a call.
 pub const TRUSTY_VM_CALL_EVTCHN_PROP: &str = "call-evtchn";
+/// u32 property of the Trusty VM node: the event channel that asks for a vring kick.
 pub const TRUSTY_VM_KICK_EVTCHN_PROP: &str = "kick-evtchn";
 /// Optional u32 property of `/chosen`: this domain's id.
 pub const CHOSEN_DOMID_PROP: &str = "trusty-ipc-stack,domid";

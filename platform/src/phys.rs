@@ -164,10 +164,12 @@ impl AddressSharer {
         self
     }
 
+    /// How addresses are encoded in ids.
     pub fn kind(&self) -> AddressKind {
         self.kind
     }
 
+    /// Most pages one share may hold (`None`: no limit).
     pub fn max_pages(&self) -> Option<usize> {
         self.max_pages
     }
