@@ -43,10 +43,13 @@ pub mod status {
 /// Failures of the bus layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BusError {
+    /// A call into Trusty or a memory operation failed.
     Platform(trusty_platform::Error),
+    /// The descriptor (resource table) was refused.
     Descriptor(RscError),
     /// Trusty answered GET_DESCR with a size outside 1..=the page.
     DescriptorSize(i64),
+    /// A vring's size or alignment cannot be laid out.
     Layout(LayoutError),
     /// A call was made in a state that does not allow it.
     State(&'static str),
@@ -98,19 +101,24 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// A bus over `trusty`, sharing memory through `mem`; nothing is fetched or started yet.
     pub fn new(trusty: Trusty, mem: SharedMemory) -> Self {
         Bus { trusty, mem, descr: None, descr_arg: MemoryId(0), descr_size: 0, vdevs: Vec::new(), started: false }
     }
 
+    /// The Trusty call interface.
     pub fn trusty(&mut self) -> &mut Trusty {
         &mut self.trusty
     }
+    /// The Trusty call interface, shared.
     pub fn trusty_ref(&self) -> &Trusty {
         &self.trusty
     }
+    /// The shared-memory manager.
     pub fn mem(&mut self) -> &mut SharedMemory {
         &mut self.mem
     }
+    /// The shared-memory manager, shared.
     pub fn mem_ref(&self) -> &SharedMemory {
         &self.mem
     }
@@ -196,6 +204,7 @@ impl Bus {
         Ok(())
     }
 
+    /// Writes device `h`'s status byte into the shared descriptor page (Trusty reads it at START).
     pub fn set_status(&mut self, h: VdevHandle, status: u8) -> Result<(), BusError> {
         let off = self.vdev_info(h)?.offset + field::STATUS;
         self.write_field(off, &[status])?;
@@ -205,6 +214,8 @@ impl Bus {
         Ok(())
     }
 
+    /// Writes the features the driver accepts (`gfeatures`) for device `h` into the shared
+    /// descriptor page.
     pub fn set_features(&mut self, h: VdevHandle, gfeatures: u32) -> Result<(), BusError> {
         let off = self.vdev_info(h)?.offset + field::GFEATURES;
         self.write_field(off, &gfeatures.to_le_bytes())?;
@@ -246,6 +257,7 @@ impl Bus {
         Ok(())
     }
 
+    /// VIRTIO_START succeeded and no STOP followed.
     pub fn started(&self) -> bool {
         self.started
     }
