@@ -18,12 +18,15 @@ use trusty_platform::dtb::{DeviceTree, Writer};
 pub const RAM_IPA_BASE: u64 = 0x4000_0000;
 /// Where a DomU's RAM really is in the simulated machine: not where the guest thinks.
 pub const DOMU_PA_BASE: u64 = 0x8_8000_0000;
-/// XENFEAT bits (xen/include/public/features.h).
+/// XENFEAT bits (xen/include/public/features.h): XENFEAT_not_direct_mapped.
 pub const XENFEAT_NOT_DIRECT_MAPPED: u32 = 1 << 16;
+/// XENFEAT_direct_mapped: the domain's own pages have gfn == mfn.
 pub const XENFEAT_DIRECT_MAPPED: u32 = 1 << 17;
 /// The Trusty VM's domain id and event channels in the trusty-vm profile.
 pub const TRUSTY_VM_DOMID: u16 = 1;
+/// The event channel that signals a call in the trusty-vm profile.
 pub const TRUSTY_VM_CALL_EVTCHN: u32 = 10;
+/// The event channel that asks for a vring kick in the trusty-vm profile.
 pub const TRUSTY_VM_KICK_EVTCHN: u32 = 11;
 /// The guest's own domain id in the DomU profiles.
 pub const GUEST_DOMID: u16 = 2;
@@ -31,16 +34,22 @@ pub const GUEST_DOMID: u16 = 2;
 /// What the simulated machine really is.
 #[derive(Clone, Debug)]
 pub struct Machine {
+    /// How the guest's addresses map to physical ones.
     pub stage2: Stage2,
+    /// The Trusty behind the normal world.
     pub model: ModelConfig,
 }
 
 /// A named platform: the guest's device tree and the machine behind it.
 #[derive(Clone, Debug)]
 pub struct Profile {
+    /// Its name (`--platform`).
     pub name: String,
+    /// One line on what it stands for.
     pub description: &'static str,
+    /// The flattened device tree the guest boots with.
     pub fdt: Vec<u8>,
+    /// The machine behind it.
     pub machine: Machine,
 }
 
