@@ -28,9 +28,12 @@ pub const TIPC_POLLIN: c_int = 1;
 /// `tipc_poll`: the channel is not connected (refused, closed by the peer, stale).
 pub const TIPC_POLLERR: c_int = 8;
 
-/// `enum transfer_kind` (AOSP `trusty/ipc.h`, spec §7.1).
+/// `enum transfer_kind` (AOSP `trusty/ipc.h`, spec §7.1): `TRUSTY_SHARE`, Linux and Trusty
+/// both see the memory.
 pub const TRUSTY_SHARE: u32 = 0;
+/// `TRUSTY_LEND`: only Trusty sees the memory while it has it.
 pub const TRUSTY_LEND: u32 = 1;
+/// `TRUSTY_SEND_SECURE`: the memory is already secure; only Trusty sees it.
 pub const TRUSTY_SEND_SECURE: u32 = 2;
 
 /// Most buffers one `tipc_send` takes (Linux's UIO_MAXIOV).
@@ -40,7 +43,9 @@ pub const MAX_IOV: c_int = 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct IoVec {
+    /// Start of the buffer.
     pub iov_base: *mut c_void,
+    /// Its length in bytes.
     pub iov_len: usize,
 }
 
@@ -48,6 +53,7 @@ pub struct IoVec {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrustyShm {
+    /// The dma-buf file descriptor.
     pub fd: i32,
     /// A value of `enum transfer_kind`.
     pub transfer: u32,
@@ -56,6 +62,7 @@ pub struct TrustyShm {
 /// Errno values this API returns besides those of `tipc::errno`.
 pub mod errno {
     pub use tipc::errno::*;
+    /// Device or resource busy.
     pub const EBUSY: i32 = 16;
 }
 
