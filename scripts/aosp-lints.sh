@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=lib/setup.sh
 . scripts/lib/setup.sh
 need_rust_component clippy
+need_rust_target aarch64-unknown-none
 
 # lints.go defaultRustcLints.
 rustc_lints=(-A deprecated -D missing-docs -D warnings)
