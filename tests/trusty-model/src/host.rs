@@ -29,7 +29,10 @@ pub enum Stage2 {
     Identity,
     /// A DomU's RAM: the 2 MiB blocks of guest RAM lie, in reverse order, at `pa_base`, an
     /// address range that is not guest RAM, so an IPA read as a PA misses.
-    Translated { pa_base: u64 },
+    Translated {
+        /// Where the blocks lie in physical address space.
+        pa_base: u64,
+    },
 }
 
 /// Guest RAM: one page-aligned host allocation that stands for the normal world's RAM at
@@ -168,10 +171,12 @@ impl GuestRam {
         None
     }
 
+    /// The guest address of the first page.
     pub fn ipa_base(&self) -> u64 {
         self.ipa_base
     }
 
+    /// How guest addresses map to physical ones.
     pub fn stage2(&self) -> Stage2 {
         self.stage2
     }
@@ -330,6 +335,7 @@ pub struct RamAllocator {
 }
 
 impl RamAllocator {
+    /// Allocates pages of `ram`.
     pub fn new(ram: Arc<GuestRam>) -> Self {
         RamAllocator { ram }
     }
@@ -377,6 +383,7 @@ pub struct StdClock {
 }
 
 impl StdClock {
+    /// A clock starting now.
     pub fn new() -> Arc<StdClock> {
         Arc::new(StdClock { origin: Instant::now() })
     }
@@ -509,15 +516,19 @@ impl Sim {
         }
     }
 
+    /// The conduit the stack calls through.
     pub fn conduit(&self) -> Arc<dyn Conduit> {
         self.conduit.clone()
     }
+    /// The clock.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
     }
+    /// A page allocator over the guest RAM.
     pub fn allocator(&self) -> Box<dyn PageAllocator> {
         Box::new(RamAllocator::new(self.ram.clone()))
     }
+    /// The guest RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
     }
