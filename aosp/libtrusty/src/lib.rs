@@ -35,6 +35,7 @@ pub const TRUSTY_SHARE: u32 = 0;
 pub const TRUSTY_LEND: u32 = 1;
 /// `TRUSTY_SEND_SECURE`: the memory is already secure; only Trusty sees it.
 pub const TRUSTY_SEND_SECURE: u32 = 2;
+/// `TRUSTY_SEND_SECURE_OR_SHARE`: secure memory is sent as such, other memory is shared.
 pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
 
 /// Most buffers one `tipc_send` takes (Linux's UIO_MAXIOV).

@@ -28,7 +28,9 @@ pub const CLOSER1: &str = "com.android.ipc-unittest.srv.closer1";
 pub const CLOSER2: &str = "com.android.ipc-unittest.srv.closer2";
 /// Port of the service that closes its channels once they have connected and written.
 pub const CLOSER3: &str = "com.android.ipc-unittest.srv.closer3";
+/// Port of ipc-unittest's control service (the unittest lib's `ctrl` channel).
 pub const MAIN_CTRL: &str = "com.android.ipc-unittest.ctrl";
+/// Port of the service that takes memory references and writes into them (send-fd's peer).
 pub const MEMREF_RECEIVER: &str = "com.android.trusty.memref.receiver";
 
 /// Size of one chunk of send-fd's object (tipc_test.c `memref_chunk_size`).

@@ -31,8 +31,11 @@ fn check_len(r: isize) -> Result<usize, i32> {
 /// A peer's credentials (SO_PEERCRED).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Cred {
+    /// Process id.
     pub pid: i32,
+    /// User id.
     pub uid: u32,
+    /// Group id.
     pub gid: u32,
 }
 
@@ -121,6 +124,7 @@ const SO_VM_SOCKETS_CONNECT_TIMEOUT: c_int = 6;
 /// SOCK_SEQPACKET), one second apart, and the connect timeout: as AOSP libtrusty's
 /// `tipc_vsock_connect()`.
 pub const VSOCK_CONNECT_TRIES: u32 = 10;
+/// Seconds one vsock connect may take (`SO_VM_SOCKETS_CONNECT_TIMEOUT`).
 pub const VSOCK_CONNECT_TIMEOUT_S: i64 = 60;
 
 /// A blocking AF_VSOCK socket of type `ty` connected to `cid:port`.
@@ -197,6 +201,7 @@ pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), i32> {
     Ok((a, b))
 }
 
+/// Sets `O_NONBLOCK` on `fd`.
 pub fn set_nonblocking(fd: RawFd) -> Result<(), i32> {
     // SAFETY: plain fcntl calls on a descriptor the caller owns.
     unsafe {

@@ -115,7 +115,7 @@ impl GuestRam {
         pages: usize,
         keep: Box<dyn Send + Sync>,
     ) -> Option<ForeignPages> {
-        if pages == 0 || !(ptr.as_ptr() as usize).is_multiple_of(PAGE_SIZE) {
+        if pages == 0 || (ptr.as_ptr() as usize) % PAGE_SIZE != 0 {
             return None;
         }
         let len = pages.checked_mul(PAGE_SIZE)?;
@@ -234,7 +234,7 @@ impl GuestRam {
 
     /// Runs `f` on an aligned pointer to the word at `pa`.
     fn with_word<T, R>(&self, pa: u64, f: impl FnOnce(*mut T) -> R) -> Option<R> {
-        if !pa.is_multiple_of(std::mem::align_of::<T>() as u64) {
+        if pa % std::mem::align_of::<T>() as u64 != 0 {
             return None;
         }
         self.with_pa(pa, std::mem::size_of::<T>(), |p| f(p.cast()))
@@ -314,6 +314,7 @@ impl ForeignPages {
     pub fn vaddr(&self) -> std::ptr::NonNull<u8> {
         self.ptr
     }
+    /// How many pages are attached.
     pub fn pages(&self) -> usize {
         self.pages
     }
