@@ -72,7 +72,7 @@ fn set_rcvtimeo(fd: RawFd, secs: i64) -> Result<(), Errno> {
             fd,
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
+            std::ptr::addr_of!(tv).cast(),
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
@@ -98,7 +98,7 @@ pub fn handshake(fd: OwnedFd, port: &str) -> Result<OwnedFd, Errno> {
     let mut status = 0u8;
     let n = loop {
         // SAFETY: one byte into a local.
-        let n = unsafe { libc::read(raw, (&raw mut status).cast(), 1) };
+        let n = unsafe { libc::read(raw, std::ptr::addr_of_mut!(status).cast(), 1) };
         if n < 0 && sys::errno() == libc::EINTR {
             continue;
         }
