@@ -3,7 +3,8 @@
 # AOSP_SHAPES mode (every AOSP crate we name must exist in AOSP and is stubbed with its real
 # shape: host/device variants, no_std), then proves the check bites: copies of the project with
 # a missing source file, a missing dependency, a misspelt property, and a host module depending
-# on a device-only AOSP crate must each fail it.
+# on a device-only AOSP crate must each fail it. Also that no shipped module links test code
+# (scripts/lib/shipped-deps.pl), with its own negative control.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib/setup.sh
@@ -38,6 +39,22 @@ copy() {
 }
 copy "$tmp/ok/trusty-ipc"
 "$CHECK" "$tmp/ok/trusty-ipc"
+
+# Soong cannot see Cargo features: that the shipped modules (built without `sim`) link no test
+# code (the model, the platform profiles, the test crates) is checked on the module graph.
+shipped=(libtrusty_platform libtrusty_virtio libtipc libtrusty_capi libtrusty_ipcd trusty-ipcd)
+test_code=(libtrusty_model libplatforms libtipc_test libtipc_test_cases)
+perl scripts/lib/shipped-deps.pl "$tmp/ok/trusty-ipc" "${shipped[@]}" -- "${test_code[@]}"
+echo "shipped-deps: no shipped module (${shipped[*]}) links test code (${test_code[*]})"
+proj=$tmp/shipped-model/trusty-ipc
+copy "$proj"
+FROM='"liblibc",' perl -0pi -e 's/\Q$ENV{FROM}\E/"liblibc",\n        "libtrusty_model",/' "$proj/aosp/trusty-ipcd/Android.bp"
+grep -q '"libtrusty_model"' "$proj/aosp/trusty-ipcd/Android.bp" || { echo "soong-check.sh: control not applied" >&2; exit 1; }
+if perl scripts/lib/shipped-deps.pl "$proj" "${shipped[@]}" -- "${test_code[@]}" 2>"$proj.log"; then
+    echo "soong-check.sh: shipped-deps passed a copy where trusty-ipcd links the model" >&2
+    exit 1
+fi
+echo "shipped-deps: a copy where trusty-ipcd links the model fails, as it must: $(head -1 "$proj.log")"
 
 broken() {
     local name=$1 file=$2 from=$3 to=$4 proj="$tmp/${1// /-}/trusty-ipc"
