@@ -174,6 +174,9 @@ pub const SPIN_NS: u64 = 50_000;
 /// Polls of the response word between two clock reads while spinning.
 pub const SPIN_POLLS: u32 = 64;
 
+/// Most spin steps of one wait, whatever the clock says.
+pub const MAX_SPIN_STEPS: u32 = 4096;
+
 impl MailboxConduit {
     /// Reads the answer if the response sequence word says request `seq` has been answered.
     #[inline(always)]
@@ -212,6 +215,9 @@ impl MailboxConduit {
         let start = self.clock.now_ns();
         let deadline = start.saturating_add(ms.saturating_mul(crate::clock::NS_PER_MS));
         let spin_until = start.saturating_add(SPIN_NS);
+        // Also bounded by a count, so that a clock that only moves when time is let pass
+        // (a virtual clock, a stuck counter) still reaches `relax`.
+        let mut spin_steps = 0u32;
         loop {
             if let Some(out) = self.answered(seq) {
                 return Some(out);
@@ -221,7 +227,8 @@ impl MailboxConduit {
                 // One last look: the answer may have landed while the clock was read.
                 return self.answered(seq);
             }
-            if now < spin_until {
+            if now < spin_until && spin_steps < MAX_SPIN_STEPS {
+                spin_steps += 1;
                 for _ in 0..SPIN_POLLS {
                     if let Some(out) = self.answered(seq) {
                         return Some(out);
