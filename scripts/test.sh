@@ -31,6 +31,12 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-15} scripts/fuzz.sh
 step "Android: every Android.bp through real Blueprint/Soong, with negative controls"
 scripts/soong-check.sh
 
+step "Android: AOSP's default lint set (Soong rust/config/lints.go) on every shipped crate"
+scripts/aosp-lints.sh
+
+step "Android: the shipped crates with the oldest supported AOSP release's Rust (rust-version)"
+scripts/aosp-rust.sh
+
 step "emulation: the bare-metal runtime, then the stack as a Xen DomU and at NS-EL1 under QEMU"
 tests/baremetal/hello/run.sh
 tests/qemu/run.sh xen-trusty-vm-broken

@@ -1,6 +1,6 @@
 //! The flattened device tree the guest boots with, and its command line: `read_device_tree`
-//! promises never to panic whatever the blob holds (it validates the blob before the `fdt`
-//! crate, which does panic on malformed input, sees it).
+//! promises never to panic whatever the blob holds; this fuzzes our own reader
+//! (`trusty_platform::dtb`, written because AOSP has no `fdt` crate) through it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -21,7 +21,9 @@ pub const TRUSTY_MEDIATOR_MAX_PAGES: usize = 1;
 
 /// Buffer pools without a share budget.
 pub const DEFAULT_RX_BUFFERS: usize = 32;
+/// Tx buffers to allocate at most without a share budget.
 pub const DEFAULT_TX_BUFFERS: usize = 32;
+/// Spare rx buffers without a share budget.
 pub const DEFAULT_RX_SPARE_BUFFERS: usize = 8;
 /// Shares the virtio bus itself holds: the descriptor page and two vrings (trusty-protocol §5.5).
 pub const BUS_SHARES: usize = 3;
@@ -31,8 +33,11 @@ pub const MEMREF_RESERVE: usize = 4;
 /// Rx buffers to post, tx buffers to allocate at most, spare rx buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufferPools {
+    /// Rx buffers to post.
     pub rx: usize,
+    /// Tx buffers to allocate at most.
     pub tx: usize,
+    /// Spare rx buffers kept to replace ones the peer holds.
     pub rx_spare: usize,
 }
 

@@ -11,17 +11,33 @@ pub enum Error {
     /// Trusty reported a panic earlier; every later call fails without reaching it (spec §2.5 rule 7).
     TrustyPanicked,
     /// A wait with a stated limit ran out: `what` names the wait.
-    Timeout { what: &'static str },
+    Timeout {
+        /// The wait that ran out.
+        what: &'static str,
+    },
     /// Trusty answered SMC_FC_API_VERSION with more than was asked (spec §2.4).
-    BadApiVersion { asked: u32, got: u32 },
+    BadApiVersion {
+        /// The version this stack asked for.
+        asked: u32,
+        /// The version Trusty answered.
+        got: u32,
+    },
     /// No pages left for a buffer that must be shared with the peer.
     OutOfMemory,
     /// Sharing this buffer would exceed the number of live shares the platform allows.
-    ShareBudgetExhausted { budget: usize },
+    ShareBudgetExhausted {
+        /// The number of live shares allowed.
+        budget: usize,
+    },
     /// The peer still holds the memory, so it must stay allocated (leaked), never freed (spec §3.3).
     ReclaimDenied(MemoryId),
     /// An FF-A call failed: the call's name and the FF-A error code.
-    Ffa { call: &'static str, code: i32 },
+    Ffa {
+        /// The FF-A call that failed.
+        call: &'static str,
+        /// Its FF-A error code ([`crate::ffa::err`]).
+        code: i32,
+    },
     /// A caller passed a value the operation cannot take.
     InvalidArgument(&'static str),
     /// The call transport can carry no further call (the reason); sticky, like a panic.

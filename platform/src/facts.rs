@@ -5,16 +5,12 @@
 //! dma-decisions.md §2.6 (how a guest knows it runs on Xen), §3 (what a DomU's device tree shows,
 //! `xen,enhanced`) and §4 (how Trusty is reached from a DomU).
 //!
-//! The device tree is parsed with the `fdt` crate. That crate trusts its input (it panics on
-//! many malformed blobs), so [`read_device_tree`] first walks the whole structure block with
-//! checked arithmetic and hands the crate only a blob whose grammar it is known to handle.
+//! The device tree is parsed by [`crate::dtb`], our own small reader (why not the `fdt` crate:
+//! see there), which validates the whole blob with checked arithmetic and never panics.
 
-use alloc::borrow::Cow;
-use alloc::vec::Vec;
 use core::fmt;
 
-use fdt::node::FdtNode;
-use fdt::Fdt;
+use crate::dtb::{DeviceTree, NodeId};
 
 use crate::plan::{AddressMap, Hypervisor, PlatformFacts, TrustyPath};
 
@@ -70,7 +66,9 @@ pub const IPA_REWRITING_MEDIATOR_PROP: &str = "trusty-ipc-stack,ipa-mediator";
 pub const TRUSTY_VM_COMPATIBLE: &str = "trusty-ipc-stack,trusty-vm-v1";
 /// u32 properties of the Trusty VM node.
 pub const TRUSTY_VM_BACKEND_DOMID_PROP: &str = "backend-domid";
+/// u32 property of the Trusty VM node: the event channel that signals a call.
 pub const TRUSTY_VM_CALL_EVTCHN_PROP: &str = "call-evtchn";
+/// u32 property of the Trusty VM node: the event channel that asks for a vring kick.
 pub const TRUSTY_VM_KICK_EVTCHN_PROP: &str = "kick-evtchn";
 /// Optional u32 property of `/chosen`: this domain's id.
 pub const CHOSEN_DOMID_PROP: &str = "trusty-ipc-stack,domid";
@@ -85,50 +83,49 @@ const DOMID_FIRST_RESERVED: u32 = 0x7FF0;
 
 /// Reads the facts the device tree states. Never panics, whatever `fdt` holds.
 pub fn read_device_tree(fdt: &[u8]) -> Result<DtFacts, FactsError> {
-    let blob = checked_blob(fdt)?;
-    let tree = Fdt::new(&blob).map_err(|_| FactsError::BadDeviceTree)?;
-    let root = tree.find_node("/").ok_or(FactsError::BadDeviceTree)?;
+    let tree = DeviceTree::parse(fdt).map_err(|_| FactsError::BadDeviceTree)?;
+    let root = tree.root();
 
     // Linux looks for a top-level node named exactly "hypervisor" (dma-decisions §2.6).
-    let hypervisor_node = root.children().find(|n| n.name == "hypervisor");
+    let hypervisor_node = tree.child(root, "hypervisor");
     let hypervisor = match hypervisor_node {
         None => Hypervisor::None,
         Some(node) => {
-            let compatible = node.compatible();
-            let strings = || compatible.into_iter().flat_map(|c| c.all());
-            if !strings().any(|c| c == XEN_COMPATIBLE) {
+            if !tree.is_compatible(node, XEN_COMPATIBLE) {
                 // Some other hypervisor (Gunyah publishes one too): its address map is unknown
                 // and cannot be expressed as facts, so refuse rather than look native.
                 return Err(FactsError::BadProperty(HYPERVISOR_COMPATIBLE_PROP));
             }
-            let version = strings().find_map(|c| c.strip_prefix(XEN_VERSION_PREFIX).and_then(parse_version));
+            let version = tree
+                .strings(node, "compatible")
+                .find_map(|c| c.strip_prefix(XEN_VERSION_PREFIX).and_then(parse_version));
             Hypervisor::Xen { version, domid: None }
         }
     };
 
-    let trusty = tree.all_nodes().find(|n| is_compatible(n, TRUSTY_SMC_COMPATIBLE));
-    let trusty_mediator = trusty.is_some_and(|n| n.property(IPA_REWRITING_MEDIATOR_PROP).is_some());
+    let trusty = tree.nodes().find(|&n| tree.is_compatible(n, TRUSTY_SMC_COMPATIBLE));
+    let trusty_mediator = trusty.is_some_and(|n| tree.property(n, IPA_REWRITING_MEDIATOR_PROP).is_some());
 
-    let trusty_vm = match tree.all_nodes().find(|n| is_compatible(n, TRUSTY_VM_COMPATIBLE)) {
+    let trusty_vm = match tree.nodes().find(|&n| tree.is_compatible(n, TRUSTY_VM_COMPATIBLE)) {
         None => None,
         Some(node) => {
-            let backend = required_u32(node, TRUSTY_VM_BACKEND_DOMID_PROP)?;
-            let call = required_u32(node, TRUSTY_VM_CALL_EVTCHN_PROP)?;
-            let kick = required_u32(node, TRUSTY_VM_KICK_EVTCHN_PROP)?;
+            let backend = required_u32(&tree, node, TRUSTY_VM_BACKEND_DOMID_PROP)?;
+            let call = required_u32(&tree, node, TRUSTY_VM_CALL_EVTCHN_PROP)?;
+            let kick = required_u32(&tree, node, TRUSTY_VM_KICK_EVTCHN_PROP)?;
             Some((domid_from(backend, TRUSTY_VM_BACKEND_DOMID_PROP)?, call, kick))
         }
     };
 
-    let chosen = root.children().find(|n| n.name == "chosen");
+    let chosen = tree.child(root, "chosen");
     let domid = match chosen {
-        Some(chosen) if chosen.property(CHOSEN_DOMID_PROP).is_some() => {
-            Some(domid_from(required_u32(chosen, CHOSEN_DOMID_PROP)?, CHOSEN_DOMID_PROP)?)
+        Some(chosen) if tree.property(chosen, CHOSEN_DOMID_PROP).is_some() => {
+            Some(domid_from(required_u32(&tree, chosen, CHOSEN_DOMID_PROP)?, CHOSEN_DOMID_PROP)?)
         }
         _ => None,
     };
     // A dom0less guest's device tree is written by Xen, so the Trusty VM may instead be named on
     // the kernel command line (the domain node's `bootargs`).
-    let trusty_vm = match (trusty_vm, chosen.and_then(|c| c.property("bootargs")).and_then(|p| p.as_str())) {
+    let trusty_vm = match (trusty_vm, chosen.and_then(|c| tree.property_str(c, "bootargs"))) {
         (None, Some(args)) => trusty_vm_from_bootargs(args)?,
         (vm, _) => vm,
     };
@@ -159,15 +156,9 @@ pub fn trusty_vm_from_bootargs(args: &str) -> Result<Option<(u16, u32, u32)>, Fa
     Ok(Some((domid_from(domid?, WHAT)?, call?, kick?)))
 }
 
-fn is_compatible(node: &FdtNode<'_, '_>, compatible: &str) -> bool {
-    node.compatible().is_some_and(|c| c.all().any(|s| s == compatible))
-}
-
 /// A property that must be exactly one big-endian u32.
-fn required_u32(node: FdtNode<'_, '_>, name: &'static str) -> Result<u32, FactsError> {
-    let value = node.property(name).ok_or(FactsError::BadProperty(name))?.value;
-    let bytes: [u8; 4] = value.try_into().map_err(|_| FactsError::BadProperty(name))?;
-    Ok(u32::from_be_bytes(bytes))
+fn required_u32(tree: &DeviceTree<'_>, node: NodeId, name: &'static str) -> Result<u32, FactsError> {
+    tree.property_u32(node, name).ok_or(FactsError::BadProperty(name))
 }
 
 /// A domain id: below DOMID_FIRST_RESERVED (the ids above name DOMID_SELF, DOMID_IO, ...).
@@ -182,177 +173,6 @@ fn domid_from(value: u32, name: &'static str) -> Result<u16, FactsError> {
 fn parse_version(s: &str) -> Option<(u16, u16)> {
     let (major, minor) = s.split_once('.')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
-}
-
-// --- Validation of the blob before the `fdt` crate sees it -----------------------------------
-//
-// Flattened device tree format (devicetree specification v0.4 §5): a 40-byte big-endian header,
-// a structure block of 4-byte-aligned tokens and a strings block of property names.
-
-const FDT_MAGIC: u32 = 0xd00d_feed;
-const FDT_BEGIN_NODE: u32 = 1;
-const FDT_END_NODE: u32 = 2;
-const FDT_PROP: u32 = 3;
-const FDT_NOP: u32 = 4;
-const FDT_END: u32 = 9;
-const HEADER_LEN: usize = 40;
-/// `size_dt_struct` exists from version 17 on; 17 is also the last one defined.
-const FDT_VERSION: u32 = 17;
-/// Deeper trees are refused: the crate keeps 64 parents and recurses per level.
-const MAX_DEPTH: usize = 32;
-/// `last_comp_version` written into a rebuilt blob (version 17 is compatible with 16).
-const FDT_LAST_COMP_VERSION: u32 = 16;
-/// Length of the empty memory-reservation map of a rebuilt blob (one zero entry).
-const RSVMAP_LEN: usize = 16;
-const BAD: FactsError = FactsError::BadDeviceTree;
-
-/// Header field `index` (u32 words).
-fn header_word(data: &[u8], index: usize) -> u32 {
-    read_u32(data, index * 4).unwrap_or(0)
-}
-
-fn read_u32(data: &[u8], at: usize) -> Option<u32> {
-    let bytes = data.get(at..at.checked_add(4)?)?;
-    Some(u32::from_be_bytes(bytes.try_into().ok()?))
-}
-
-fn align4(n: usize) -> Option<usize> {
-    Some(n.checked_add(3)? & !3)
-}
-
-/// A range of `data` given as (offset, size) header words, if it lies inside `total`.
-fn block(data: &[u8], offset: u32, size: u32, total: usize) -> Option<&[u8]> {
-    let start = usize::try_from(offset).ok()?;
-    let end = start.checked_add(usize::try_from(size).ok()?)?;
-    if end > total {
-        return None;
-    }
-    data.get(start..end)
-}
-
-/// The NUL-terminated UTF-8 string at the start of `bytes` (without the NUL).
-fn c_str(bytes: &[u8]) -> Option<&str> {
-    let end = bytes.iter().position(|&b| b == 0)?;
-    core::str::from_utf8(&bytes[..end]).ok()
-}
-
-/// Checks that `data` is a device tree whose every token the `fdt` crate can walk without
-/// panicking: one root node named "", balanced nodes no deeper than [`MAX_DEPTH`], properties
-/// before subnodes, every name and value inside its block, names valid UTF-8, FDT_END last.
-///
-/// The crate also mishandles NOP tokens between properties, so a blob with NOPs comes back as
-/// a rebuilt copy without them (NOPs carry no meaning).
-fn checked_blob(data: &[u8]) -> Result<Cow<'_, [u8]>, FactsError> {
-    if data.len() < HEADER_LEN || header_word(data, 0) != FDT_MAGIC {
-        return Err(BAD);
-    }
-    let total = usize::try_from(header_word(data, 1)).map_err(|_| BAD)?;
-    if total < HEADER_LEN || total > data.len() {
-        return Err(BAD);
-    }
-    if header_word(data, 5) < FDT_VERSION || header_word(data, 6) > FDT_VERSION {
-        return Err(BAD);
-    }
-    let structs = block(data, header_word(data, 2), header_word(data, 9), total).ok_or(BAD)?;
-    let strings = block(data, header_word(data, 3), header_word(data, 8), total).ok_or(BAD)?;
-
-    let mut nops = 0usize;
-    walk_structure(structs, strings, |token, _| nops += usize::from(token == FDT_NOP))?;
-    if nops == 0 {
-        return Ok(Cow::Borrowed(data));
-    }
-
-    // Rebuild: header, empty reservation map, structure block without NOPs, strings block.
-    let mut compact = Vec::with_capacity(structs.len());
-    walk_structure(structs, strings, |token, bytes| {
-        if token != FDT_NOP {
-            compact.extend_from_slice(bytes);
-        }
-    })?;
-    let word = |n: usize| u32::try_from(n).map_err(|_| BAD);
-    let struct_offset = HEADER_LEN + RSVMAP_LEN;
-    let strings_offset = struct_offset + compact.len();
-    let total = strings_offset + strings.len();
-    let header = [
-        FDT_MAGIC,
-        word(total)?,
-        word(struct_offset)?,
-        word(strings_offset)?,
-        word(HEADER_LEN)?,
-        FDT_VERSION,
-        FDT_LAST_COMP_VERSION,
-        0,
-        word(strings.len())?,
-        word(compact.len())?,
-    ];
-    let mut blob = Vec::with_capacity(total);
-    for value in header {
-        blob.extend_from_slice(&value.to_be_bytes());
-    }
-    blob.extend_from_slice(&[0; RSVMAP_LEN]);
-    blob.extend_from_slice(&compact);
-    blob.extend_from_slice(strings);
-    Ok(Cow::Owned(blob))
-}
-
-/// Walks the structure block token by token, checking the grammar [`checked_blob`] describes,
-/// and hands each token with its bytes (padding included) to `visit`, up to FDT_END.
-fn walk_structure(structs: &[u8], strings: &[u8], mut visit: impl FnMut(u32, &[u8])) -> Result<(), FactsError> {
-    let mut pos = 0usize;
-    let mut depth = 0usize;
-    let mut root_done = false;
-    // Properties are allowed right after a node begins, until its first subnode.
-    let mut props_allowed = false;
-    loop {
-        let token = read_u32(structs, pos).ok_or(BAD)?;
-        let body = pos + 4;
-        let next = match token {
-            FDT_NOP => body,
-            FDT_BEGIN_NODE => {
-                if root_done || depth == MAX_DEPTH {
-                    return Err(BAD);
-                }
-                let name = c_str(structs.get(body..).ok_or(BAD)?).ok_or(BAD)?;
-                // The crate finds "/" by an empty root name.
-                if depth == 0 && !name.is_empty() {
-                    return Err(BAD);
-                }
-                depth += 1;
-                props_allowed = true;
-                align4(body + name.len() + 1).ok_or(BAD)?
-            }
-            FDT_PROP => {
-                if !props_allowed {
-                    return Err(BAD);
-                }
-                let len = usize::try_from(read_u32(structs, body).ok_or(BAD)?).map_err(|_| BAD)?;
-                let name_offset = usize::try_from(read_u32(structs, body + 4).ok_or(BAD)?).map_err(|_| BAD)?;
-                let value_end = (body + 8).checked_add(len).ok_or(BAD)?;
-                if value_end > structs.len() {
-                    return Err(BAD);
-                }
-                c_str(strings.get(name_offset..).ok_or(BAD)?).ok_or(BAD)?;
-                align4(value_end).ok_or(BAD)?
-            }
-            FDT_END_NODE => {
-                if depth == 0 {
-                    return Err(BAD);
-                }
-                depth -= 1;
-                root_done = depth == 0;
-                props_allowed = false;
-                body
-            }
-            FDT_END if root_done => body,
-            _ => return Err(BAD),
-        };
-        // Padding past the block's end cannot be followed by another token: refuse it here.
-        visit(token, structs.get(pos..next).ok_or(BAD)?);
-        if token == FDT_END {
-            return Ok(());
-        }
-        pos = next;
-    }
 }
 
 // --- Probes and gathering ---------------------------------------------------------------------
@@ -437,9 +257,12 @@ pub fn gather(dt: &DtFacts, probes: &mut dyn Probes) -> PlatformFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::string::String;
+    use crate::dtb::{
+        align4, c_str, header_word, read_u32, Writer, FDT_BEGIN_NODE, FDT_MAGIC, FDT_NOP, FDT_PROP, HEADER_LEN,
+        RSVMAP_LEN,
+    };
     use alloc::vec;
-    use vm_fdt::FdtWriter;
+    use alloc::vec::Vec;
 
     /// A tree like the ones Xen writes for a guest, with optional extra nodes.
     struct TreeSpec {
@@ -454,109 +277,60 @@ mod tests {
         TreeSpec { xen_version: None, hypervisor_compatible: None, trusty: None, trusty_vm: None, chosen_domid: None };
 
     fn build(spec: &TreeSpec) -> Vec<u8> {
-        let mut w = FdtWriter::new().unwrap();
-        let root = w.begin_node("").unwrap();
-        w.property_u32("#address-cells", 2).unwrap();
-        w.property_u32("#size-cells", 2).unwrap();
-        w.property_string("compatible", "xen,xenvm").unwrap();
+        let mut w = Writer::new();
+        w.begin_node("");
+        w.property_u32("#address-cells", 2);
+        w.property_u32("#size-cells", 2);
+        w.property_str("compatible", "xen,xenvm");
 
-        let chosen = w.begin_node("chosen").unwrap();
-        w.property_string("bootargs", "console=hvc0").unwrap();
+        w.begin_node("chosen");
+        w.property_str("bootargs", "console=hvc0");
         if let Some(domid) = spec.chosen_domid {
-            w.property_u32(CHOSEN_DOMID_PROP, domid).unwrap();
+            w.property_u32(CHOSEN_DOMID_PROP, domid);
         }
-        w.end_node(chosen).unwrap();
+        w.end_node();
 
-        let memory = w.begin_node("memory@40000000").unwrap();
-        w.property_string("device_type", "memory").unwrap();
-        w.property_array_u64("reg", &[0x4000_0000, 0x1000_0000]).unwrap();
-        w.end_node(memory).unwrap();
+        w.begin_node("memory@40000000");
+        w.property_str("device_type", "memory");
+        w.property_u64s("reg", &[0x4000_0000, 0x1000_0000]);
+        w.end_node();
 
         if let Some(version) = spec.xen_version {
-            let hyp = w.begin_node("hypervisor").unwrap();
-            let mut compat = vec![String::from(version), String::from("xen,xen")];
-            if let Some(list) = spec.hypervisor_compatible {
-                compat = list.iter().map(|s| String::from(*s)).collect();
+            w.begin_node("hypervisor");
+            match spec.hypervisor_compatible {
+                Some(list) => w.property_strs("compatible", list),
+                None => w.property_strs("compatible", &[version, "xen,xen"]),
             }
-            w.property_string_list("compatible", compat).unwrap();
-            w.property_array_u64("reg", &[0x3800_0000, 0x100_0000]).unwrap();
-            w.property_array_u32("interrupts", &[1, 15, 0xf08]).unwrap();
-            w.end_node(hyp).unwrap();
+            w.property_u64s("reg", &[0x3800_0000, 0x100_0000]);
+            w.property_u32s("interrupts", &[1, 15, 0xf08]);
+            w.end_node();
         }
 
         if let Some(mediator) = spec.trusty {
-            let trusty = w.begin_node("trusty").unwrap();
-            w.property_string("compatible", TRUSTY_SMC_COMPATIBLE).unwrap();
+            w.begin_node("trusty");
+            w.property_str("compatible", TRUSTY_SMC_COMPATIBLE);
             if mediator {
-                w.property_null(MEDIATOR_PLACEHOLDER).unwrap();
+                w.property_null(IPA_REWRITING_MEDIATOR_PROP);
             }
-            let virtio = w.begin_node("virtio").unwrap();
-            w.property_string("compatible", "android,trusty-virtio-v1").unwrap();
-            w.end_node(virtio).unwrap();
-            w.end_node(trusty).unwrap();
+            w.begin_node("virtio");
+            w.property_str("compatible", "android,trusty-virtio-v1");
+            w.end_node();
+            w.end_node();
         }
 
         if let Some(props) = spec.trusty_vm {
-            let soc = w.begin_node("soc").unwrap();
-            let vm = w.begin_node("trusty-vm").unwrap();
-            w.property_string("compatible", TRUSTY_VM_COMPATIBLE).unwrap();
+            w.begin_node("soc");
+            w.begin_node("trusty-vm");
+            w.property_str("compatible", TRUSTY_VM_COMPATIBLE);
             for (name, value) in props {
-                w.property_u32(name, *value).unwrap();
+                w.property_u32(name, *value);
             }
-            w.end_node(vm).unwrap();
-            w.end_node(soc).unwrap();
+            w.end_node();
+            w.end_node();
         }
 
-        w.end_node(root).unwrap();
-        rename_property(w.finish().unwrap(), MEDIATOR_PLACEHOLDER, IPA_REWRITING_MEDIATOR_PROP)
-    }
-
-    /// vm-fdt enforces the devicetree specification's 31-character limit on property names
-    /// (§2.2.4); [`IPA_REWRITING_MEDIATOR_PROP`] is longer (Linux, Xen and libfdt do not mind),
-    /// so the tree is written with a short stand-in that is then renamed.
-    const MEDIATOR_PLACEHOLDER: &str = "stand-in,mediator";
-
-    /// Appends `to` to the strings block (last in vm-fdt's layout) and points every property
-    /// named `from` at it.
-    fn rename_property(mut blob: Vec<u8>, from: &str, to: &str) -> Vec<u8> {
-        let word = |blob: &[u8], index: usize| header_word(blob, index) as usize;
-        let (off_struct, off_strings) = (word(&blob, 2), word(&blob, 3));
-        let (size_strings, size_struct) = (word(&blob, 8), word(&blob, 9));
-        assert_eq!(off_strings + size_strings, blob.len(), "strings block last");
-        let strings = &blob[off_strings..];
-        let Some(from_offset) = strings
-            .split(|&b| b == 0)
-            .scan(0, |at, name| {
-                let this = *at;
-                *at += name.len() + 1;
-                Some((this, name))
-            })
-            .find(|(_, name)| *name == from.as_bytes())
-            .map(|(at, _)| at)
-        else {
-            return blob;
-        };
-        let mut pos = off_struct;
-        while pos < off_struct + size_struct {
-            let next = match read_u32(&blob, pos).unwrap() {
-                FDT_BEGIN_NODE => align4(pos + 4 + c_str(&blob[pos + 4..]).unwrap().len() + 1).unwrap(),
-                FDT_PROP => {
-                    if read_u32(&blob, pos + 8).unwrap() as usize == from_offset {
-                        blob[pos + 8..pos + 12].copy_from_slice(&(size_strings as u32).to_be_bytes());
-                    }
-                    align4(pos + 12 + read_u32(&blob, pos + 4).unwrap() as usize).unwrap()
-                }
-                _ => pos + 4,
-            };
-            pos = next;
-        }
-        blob.extend_from_slice(to.as_bytes());
-        blob.push(0);
-        let new_size = (size_strings + to.len() + 1) as u32;
-        let total = blob.len() as u32;
-        blob[32..36].copy_from_slice(&new_size.to_be_bytes());
-        blob[4..8].copy_from_slice(&total.to_be_bytes());
-        blob
+        w.end_node();
+        w.finish()
     }
 
     const VM_PROPS: &[(&str, u32)] = &[("backend-domid", 7), ("call-evtchn", 11), ("kick-evtchn", 12)];

@@ -15,38 +15,67 @@ use crate::Error;
 
 /// FF-A function ids (spec §2.2, §11).
 pub mod func {
+    /// FFA_ERROR: the call failed; w2 holds an [`err`](super::err) code.
     pub const ERROR: u32 = 0x8400_0060;
+    /// FFA_SUCCESS (SMC32).
     pub const SUCCESS: u32 = 0x8400_0061;
+    /// FFA_SUCCESS (SMC64).
     pub const SUCCESS64: u32 = 0xC400_0061;
+    /// FFA_INTERRUPT: the call was interrupted.
     pub const INTERRUPT: u32 = 0x8400_0062;
+    /// FFA_VERSION.
     pub const VERSION: u32 = 0x8400_0063;
+    /// FFA_FEATURES.
     pub const FEATURES: u32 = 0x8400_0064;
+    /// FFA_RX_RELEASE: the caller is done with its RX buffer.
     pub const RX_RELEASE: u32 = 0x8400_0065;
+    /// FFA_RXTX_MAP (SMC64): registers the caller's RX/TX buffer pair.
     pub const RXTX_MAP64: u32 = 0xC400_0066;
+    /// FFA_RXTX_UNMAP.
     pub const RXTX_UNMAP: u32 = 0x8400_0067;
+    /// FFA_PARTITION_INFO_GET.
     pub const PARTITION_INFO_GET: u32 = 0x8400_0068;
+    /// FFA_ID_GET: the caller's own endpoint id.
     pub const ID_GET: u32 = 0x8400_0069;
+    /// FFA_MSG_WAIT.
     pub const MSG_WAIT: u32 = 0x8400_006B;
+    /// FFA_RUN.
     pub const RUN: u32 = 0x8400_006D;
+    /// FFA_MSG_SEND_DIRECT_REQ (SMC32).
     pub const MSG_SEND_DIRECT_REQ: u32 = 0x8400_006F;
+    /// FFA_MSG_SEND_DIRECT_RESP (SMC32).
     pub const MSG_SEND_DIRECT_RESP: u32 = 0x8400_0070;
+    /// FFA_MEM_SHARE.
     pub const MEM_SHARE: u32 = 0x8400_0073;
+    /// FFA_MEM_LEND.
     pub const MEM_LEND: u32 = 0x8400_0072;
+    /// FFA_MEM_RETRIEVE_REQ.
     pub const MEM_RETRIEVE_REQ: u32 = 0x8400_0074;
+    /// FFA_MEM_RECLAIM.
     pub const MEM_RECLAIM: u32 = 0x8400_0077;
+    /// FFA_MEM_FRAG_RX.
     pub const MEM_FRAG_RX: u32 = 0x8400_007A;
+    /// FFA_MEM_FRAG_TX.
     pub const MEM_FRAG_TX: u32 = 0x8400_007B;
 }
 
 /// FF-A error codes carried in w2 of FFA_ERROR.
 pub mod err {
+    /// The call or feature is not supported.
     pub const NOT_SUPPORTED: i32 = -1;
+    /// An argument is invalid.
     pub const INVALID_PARAMETERS: i32 = -2;
+    /// Out of memory.
     pub const NO_MEMORY: i32 = -3;
+    /// The callee is busy; try again.
     pub const BUSY: i32 = -4;
+    /// The call was interrupted.
     pub const INTERRUPTED: i32 = -5;
+    /// The request was refused.
     pub const DENIED: i32 = -6;
+    /// Retry the call.
     pub const RETRY: i32 = -7;
+    /// The operation was aborted.
     pub const ABORTED: i32 = -8;
 }
 
@@ -64,6 +93,7 @@ pub const TRUSTY_ENDPOINT_ID: u16 = 0x8000;
 pub const ATTR_NORMAL_WB_INNER_SHAREABLE: u8 = 0x2F;
 /// Access permission byte of an endpoint memory-access descriptor.
 pub const PERM_RO: u8 = 1;
+/// Access permission: read-write.
 pub const PERM_RW: u8 = 2;
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Default, Debug)]
@@ -114,11 +144,17 @@ const RANGE_LEN: usize = core::mem::size_of::<AddressRange>();
 /// A memory-transaction descriptor (FF-A v1.0, one receiver), as the sender describes a share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemTransaction<R> {
+    /// The sending endpoint's id.
     pub sender: u16,
+    /// The receiving endpoint's id (one receiver).
     pub receiver: u16,
+    /// Memory region attributes (e.g. [`ATTR_NORMAL_WB_INNER_SHAREABLE`]).
     pub attributes: u8,
+    /// The receiver's access permissions ([`PERM_RO`] or [`PERM_RW`]).
     pub permissions: u8,
+    /// The sender's tag for the transaction.
     pub tag: u64,
+    /// The address ranges described.
     pub ranges: R,
 }
 
@@ -167,10 +203,15 @@ pub fn encode_descriptor(tx: &MemTransaction<&[PhysRange]>, out: &mut [u8]) -> R
 /// Why a descriptor was refused by [`decode_descriptor`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DescriptorError {
+    /// Shorter than the header, the access descriptor and the composite descriptor.
     TooShort,
+    /// Not exactly one endpoint access descriptor (the count found).
     EndpointCount(u32),
+    /// The composite descriptor is not where this encoder puts it (the offset found).
     CompositeOffset(u32),
+    /// More ranges than the descriptor's length holds (the count found).
     RangeCount(u32),
+    /// The ranges' pages do not add up to the composite's total.
     PageCountMismatch,
 }
 

@@ -21,10 +21,15 @@ pub const TRUSTY_UUID_WORDS: [u32; 4] = [0xf025_ee40, 0x4c30_bca2, 0x73a1_4c8c, 
 
 /// Direct-request opcodes (w3) of Trusty's FF-A transport.
 pub mod opcode {
+    /// Run a fast call: w4..w7 carry the SMC's function id and arguments.
     pub const RUN_FASTCALL: u32 = 0;
+    /// Queue a standard call.
     pub const QUEUE_STDCALL: u32 = 1;
+    /// Collect the result of the queued standard call.
     pub const GET_STDCALL_RET: u32 = 2;
+    /// Run a NOP call (let Trusty do pending work).
     pub const RUN_NOPCALL: u32 = 3;
+    /// Ask whether Trusty is idle.
     pub const IS_IDLE: u32 = 4;
 }
 
@@ -36,8 +41,11 @@ pub const PARTITION_INFO_LEN: usize = 8;
 /// Trusty's partition as FFA_PARTITION_INFO_GET described it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrustyPartition {
+    /// The partition's FF-A endpoint id.
     pub id: u16,
+    /// Its number of execution contexts.
     pub exec_contexts: u16,
+    /// Its properties (bit 0: [`PARTITION_DIRECT_REQ_RECV`]).
     pub properties: u32,
 }
 

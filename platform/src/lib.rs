@@ -15,6 +15,7 @@ extern crate alloc;
 pub mod clock;
 pub mod cpu;
 pub mod decision;
+pub mod dtb;
 mod error;
 pub mod facts;
 pub mod ffa;

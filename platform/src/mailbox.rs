@@ -29,16 +29,22 @@ use crate::smc::{call, Conduit, SmError};
 pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"TIPC");
 /// The grant reference of the mailbox page: the first one after Xen's reserved entries.
 pub const MAILBOX_GREF: u32 = 8;
+/// Byte offset of the magic ([`MAILBOX_MAGIC`]) in the page.
 pub const OFF_MAGIC: usize = 0;
+/// Byte offset of the request sequence number, written by the caller.
 pub const OFF_REQ_SEQ: usize = 4;
+/// Byte offset of the response sequence number, written by the Trusty VM.
 pub const OFF_RSP_SEQ: usize = 8;
+/// Byte offset of the request words.
 pub const OFF_REQUEST: usize = 16;
+/// Byte offset of the response words.
 pub const OFF_RESPONSE: usize = 80;
 /// Bytes of the page the protocol uses.
 pub const MAILBOX_LEN: usize = 144;
 
 /// Sends an event on a channel (EVTCHNOP_send on Xen; a model on the host).
 pub trait EventChannel: Send + Sync {
+    /// Signals event channel `port`.
     fn notify(&self, port: u32);
 }
 
@@ -385,7 +391,7 @@ mod tests {
         }
         fn u32_at(&self, off: usize) -> u32 {
             let w = self.read(off / 8);
-            (if off.is_multiple_of(8) { w } else { w >> 32 }) as u32
+            (if off % 8 == 0 { w } else { w >> 32 }) as u32
         }
         /// The VM answers request `seq` with `w0`.
         fn answer(&self, seq: u32, w0: i32) {

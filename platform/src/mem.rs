@@ -25,6 +25,7 @@ impl MemoryId {
     pub const fn hi(self) -> u32 {
         (self.0 >> 32) as u32
     }
+    /// The id made of its low and high 32 bits.
     pub const fn from_parts(lo: u32, hi: u32) -> Self {
         MemoryId(((hi as u64) << 32) | lo as u64)
     }
@@ -39,7 +40,9 @@ impl fmt::Display for MemoryId {
 /// What the peer may do with a shared region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
+    /// The peer may only read.
     ReadOnly,
+    /// The peer may read and write.
     ReadWrite,
 }
 
@@ -47,7 +50,9 @@ pub enum Access {
 /// a guest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PhysRange {
+    /// Address of the first page.
     pub addr: u64,
+    /// Number of pages.
     pub pages: u32,
 }
 
@@ -69,21 +74,27 @@ impl DmaRegion {
     pub unsafe fn new(vaddr: NonNull<u8>, paddr: u64, pages: usize) -> Self {
         DmaRegion { vaddr, paddr, pages }
     }
+    /// Where the normal world reaches the pages.
     pub fn vaddr(&self) -> NonNull<u8> {
         self.vaddr
     }
+    /// The pages' physical address (the IPA in a guest).
     pub fn paddr(&self) -> u64 {
         self.paddr
     }
+    /// Number of pages.
     pub fn pages(&self) -> usize {
         self.pages
     }
+    /// Length in bytes.
     pub fn len(&self) -> usize {
         self.pages * PAGE_SIZE
     }
+    /// No pages.
     pub fn is_empty(&self) -> bool {
         self.pages == 0
     }
+    /// The pages as a [`PhysRange`].
     pub fn range(&self) -> PhysRange {
         PhysRange { addr: self.paddr, pages: self.pages as u32 }
     }
@@ -138,7 +149,9 @@ pub trait Sharer: Send {
 /// Memory that was shared and could not be taken back, so it is kept forever.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeakStats {
+    /// Regions leaked.
     pub regions: usize,
+    /// Pages leaked.
     pub pages: usize,
 }
 
@@ -153,18 +166,23 @@ pub struct SharedBuf {
 }
 
 impl SharedBuf {
+    /// The id the peer knows the buffer by.
     pub fn id(&self) -> MemoryId {
         self.id
     }
+    /// What the peer may do with it.
     pub fn access(&self) -> Access {
         self.access
     }
+    /// Length in bytes (whole pages).
     pub fn len(&self) -> usize {
         self.region.len()
     }
+    /// No bytes.
     pub fn is_empty(&self) -> bool {
         self.region.is_empty()
     }
+    /// The buffer's physical address.
     pub fn paddr(&self) -> u64 {
         self.region.paddr()
     }
@@ -210,6 +228,7 @@ pub struct SharedMemory {
 }
 
 impl SharedMemory {
+    /// Shares pages from `allocator` by `sharer`.
     pub fn new(allocator: Box<dyn PageAllocator>, sharer: Box<dyn Sharer>) -> Self {
         SharedMemory { allocator, sharer, leaked: LeakStats::default() }
     }
@@ -258,6 +277,7 @@ impl SharedMemory {
         drop(buf);
     }
 
+    /// What was leaked so far.
     pub fn leaked(&self) -> LeakStats {
         self.leaked
     }
@@ -268,10 +288,12 @@ impl SharedMemory {
         self.sharer.close(&mut *self.allocator)
     }
 
+    /// The sharer.
     pub fn sharer(&self) -> &dyn Sharer {
         &*self.sharer
     }
 
+    /// The sharer, mutably.
     pub fn sharer_mut(&mut self) -> &mut dyn Sharer {
         &mut *self.sharer
     }

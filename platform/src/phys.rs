@@ -164,10 +164,12 @@ impl AddressSharer {
         self
     }
 
+    /// How addresses are encoded in ids.
     pub fn kind(&self) -> AddressKind {
         self.kind
     }
 
+    /// Most pages one share may hold (`None`: no limit).
     pub fn max_pages(&self) -> Option<usize> {
         self.max_pages
     }
@@ -181,7 +183,7 @@ impl AddressSharer {
             return Err(Error::InvalidArgument("an address id needs a page-aligned address"));
         }
         let end = (range.pages as u64).checked_mul(PAGE_SIZE as u64).and_then(|len| range.addr.checked_add(len));
-        if end.is_none_or(|end| end > ADDR_LIMIT) {
+        if end.map_or(true, |end| end > ADDR_LIMIT) {
             return Err(Error::InvalidArgument("an address id carries only 48 address bits; the range lies above"));
         }
         if let Some(max) = self.max_pages {

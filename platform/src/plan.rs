@@ -12,6 +12,7 @@ pub enum Hypervisor {
     None,
     /// Xen, with its version when the device tree or a probe told it.
     Xen {
+        /// `(major, minor)`, when known.
         version: Option<(u16, u16)>,
         /// Domain id, when known (0 = dom0 / hardware domain).
         domid: Option<u16>,
@@ -48,7 +49,14 @@ pub enum TrustyPath {
     TrustyMediator,
     /// Trusty runs in another Xen domain: calls through a granted mailbox page and event
     /// channels, memory by grant references.
-    XenVm { backend_domid: u16, call_evtchn: u32, kick_evtchn: u32 },
+    XenVm {
+        /// Trusty's domain.
+        backend_domid: u16,
+        /// The event channel that signals a call.
+        call_evtchn: u32,
+        /// The event channel that asks for a vring kick.
+        kick_evtchn: u32,
+    },
     /// Nothing reaches Trusty.
     Unreachable,
 }
@@ -56,8 +64,11 @@ pub enum TrustyPath {
 /// Everything the sharing decision needs to know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlatformFacts {
+    /// What the guest runs under.
     pub hypervisor: Hypervisor,
+    /// How the guest's addresses relate to physical ones.
     pub address_map: AddressMap,
+    /// How Trusty is reached.
     pub trusty: TrustyPath,
     /// Whether FFA_VERSION answered with a 1.x version.
     pub ffa_available: bool,
@@ -78,7 +89,10 @@ pub enum Mechanism {
     FfaHandle,
     /// Xen grant reference of the first page, consecutive references for the rest
     /// (`1 << 63 | gref << 12`, Linux's grant-DMA encoding); the peer is `backend_domid`.
-    XenGrant { backend_domid: u16 },
+    XenGrant {
+        /// The domain the references are granted to.
+        backend_domid: u16,
+    },
     /// The guest's own address (IPA), in the encoding of the API version (bare below 4,
     /// with attributes at 4), rewritten to a physical address by a mediator.
     MediatedIpa,
@@ -118,13 +132,22 @@ pub enum CallTransport {
     /// Each call wrapped in an FF-A direct request (spec trusty-protocol §11).
     FfaDirect,
     /// A Xen mailbox page and event channels to a Trusty VM.
-    XenMailbox { backend_domid: u16, call_evtchn: u32, kick_evtchn: u32 },
+    XenMailbox {
+        /// Trusty's domain.
+        backend_domid: u16,
+        /// The event channel that signals a call.
+        call_evtchn: u32,
+        /// The event channel that asks for a vring kick.
+        kick_evtchn: u32,
+    },
 }
 
 /// The decision: mechanism, transport, limits, and the reason in words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharingPlan {
+    /// How memory is shared.
     pub mechanism: Mechanism,
+    /// How calls reach Trusty.
     pub transport: CallTransport,
     /// Live shares the platform allows at most (`None`: no limit).
     pub share_budget: Option<usize>,
@@ -135,7 +158,9 @@ pub struct SharingPlan {
     /// Rx buffers to post, tx buffers to allocate at most, spare rx buffers: sized to fit the
     /// budget (descriptor page + 2 vrings + rx + tx + spares <= budget, with room left).
     pub rx_buffers: usize,
+    /// Tx buffers to allocate at most.
     pub tx_buffers: usize,
+    /// Spare rx buffers.
     pub rx_spare_buffers: usize,
     /// One line: why this mechanism is right on this platform.
     pub reason: &'static str,

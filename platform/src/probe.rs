@@ -8,6 +8,7 @@ use crate::smc::{call, result32, Conduit};
 
 /// Probes over a conduit and a source of Xen's feature bits.
 pub struct CallProbes<'a> {
+    /// Where the SMC probes go.
     pub conduit: &'a dyn Conduit,
     /// XENVER_get_features submap 0; called only when the device tree shows Xen.
     pub xen_features: &'a mut dyn FnMut() -> Option<u32>,

@@ -47,23 +47,37 @@ pub mod fid {
             | (function & 0xffff)
     }
 
+    /// SMCCC entity of the secure monitor (Trusty's SMC_ENTITY_SECURE_MONITOR).
     pub const ENTITY_SECURE_MONITOR: u32 = 60;
+    /// SMCCC entity of the trusted OS (SMC_ENTITY_TRUSTED_OS).
     pub const ENTITY_TRUSTED_OS: u32 = 50;
+    /// SMCCC entity of Trusty's logging calls (SMC_ENTITY_LOGGING).
     pub const ENTITY_LOGGING: u32 = 51;
 }
 
 /// Trusty's call numbers (spec §2.2).
 pub mod call {
+    /// SMC_SC_RESTART_LAST: restart the interrupted standard call.
     pub const SC_RESTART_LAST: u32 = 0x3C00_0000;
+    /// SMC_SC_LOCKED_NOP: a NOP call under the call lock (API < 2).
     pub const SC_LOCKED_NOP: u32 = 0x3C00_0001;
+    /// SMC_SC_RESTART_FIQ: resume after a FIQ interrupted a call.
     pub const SC_RESTART_FIQ: u32 = 0x3C00_0002;
+    /// SMC_SC_NOP: give Trusty time for pending work.
     pub const SC_NOP: u32 = 0x3C00_0003;
+    /// SMC_FC_GET_VERSION_STR: one character of Trusty's version string per call.
     pub const FC_GET_VERSION_STR: u32 = 0xBC00_000A;
+    /// SMC_FC_API_VERSION: negotiate the API version.
     pub const FC_API_VERSION: u32 = 0xBC00_000B;
+    /// SMC_SC_VIRTIO_GET_DESCR: copy the virtio bus descriptor into a shared page.
     pub const SC_VIRTIO_GET_DESCR: u32 = 0x3200_0014;
+    /// SMC_SC_VIRTIO_START: start the virtio bus.
     pub const SC_VIRTIO_START: u32 = 0x3200_0015;
+    /// SMC_SC_VIRTIO_STOP: stop the virtio bus.
     pub const SC_VIRTIO_STOP: u32 = 0x3200_0016;
+    /// SMC_SC_VDEV_RESET: reset one virtio device.
     pub const SC_VDEV_RESET: u32 = 0x3200_0017;
+    /// SMC_SC_VDEV_KICK_VQ: kick one vring.
     pub const SC_VDEV_KICK_VQ: u32 = 0x3200_0018;
     /// Not a call: the NOP argument a0 that asks for a vring kick (spec §4).
     pub const NC_VDEV_KICK_VQ: u32 = 0x3200_0019;
@@ -71,10 +85,15 @@ pub mod call {
 
 /// API versions (spec §2.4).
 pub mod api {
+    /// TRUSTY_API_VERSION_RESTART_FIQ.
     pub const RESTART_FIQ: u32 = 1;
+    /// TRUSTY_API_VERSION_SMP: calls from several CPUs.
     pub const SMP: u32 = 2;
+    /// TRUSTY_API_VERSION_SMP_NOP: NOP calls without the lock.
     pub const SMP_NOP: u32 = 3;
+    /// TRUSTY_API_VERSION_PHYS_MEM_OBJ: memory ids with attributes.
     pub const PHYS_MEM_OBJ: u32 = 4;
+    /// TRUSTY_API_VERSION_MEM_OBJ: memory shared by FF-A handles.
     pub const MEM_OBJ: u32 = 5;
     /// The newest version this stack speaks.
     pub const CURRENT: u32 = MEM_OBJ;
@@ -83,20 +102,35 @@ pub mod api {
 /// Secure-monitor error codes: w0 as a negative 32-bit value (spec §2.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SmError {
+    /// -1 (SM_ERR_UNDEFINED_SMC): unknown call.
     UndefinedSmc,
+    /// -2 (SM_ERR_INVALID_PARAMETERS).
     InvalidParameters,
+    /// -3 (SM_ERR_INTERRUPTED): the standard call was interrupted; restart it.
     Interrupted,
+    /// -4 (SM_ERR_UNEXPECTED_RESTART): a restart with no call pending.
     UnexpectedRestart,
+    /// -5 (SM_ERR_BUSY): the secure side is busy; retry.
     Busy,
+    /// -6 (SM_ERR_INTERLEAVED_SMC): a standard call while another is pending.
     InterleavedSmc,
+    /// -7 (SM_ERR_INTERNAL_FAILURE).
     InternalFailure,
+    /// -8 (SM_ERR_NOT_SUPPORTED).
     NotSupported,
+    /// -9 (SM_ERR_NOT_ALLOWED).
     NotAllowed,
+    /// -10 (SM_ERR_END_OF_INPUT): the end of a string read call by call.
     EndOfInput,
+    /// -11 (SM_ERR_PANIC): Trusty panicked.
     Panic,
+    /// -12 (SM_ERR_FIQ_INTERRUPTED): interrupted by a FIQ; restart with SMC_SC_RESTART_FIQ.
     FiqInterrupted,
+    /// -13 (SM_ERR_CPU_IDLE): nothing to do.
     CpuIdle,
+    /// -14 (SM_ERR_NOP_INTERRUPTED): the NOP call was interrupted.
     NopInterrupted,
+    /// -15 (SM_ERR_NOP_DONE): the NOP call finished its work.
     NopDone,
     /// A negative value this stack does not know.
     Other(i32),

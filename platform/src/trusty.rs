@@ -42,11 +42,17 @@ impl Default for CallPolicy {
 pub struct CallStats {
     /// Every call instruction issued (each return is a reason to rescan the rings, spec §4).
     pub smcs: u64,
+    /// Fast calls.
     pub fast_calls: u64,
+    /// Standard calls.
     pub std_calls: u64,
+    /// NOP calls.
     pub nop_calls: u64,
+    /// Retries after SM_ERR_BUSY.
     pub busy_retries: u64,
+    /// SMC_SC_RESTART_LAST calls after an interruption.
     pub restart_last: u64,
+    /// SMC_SC_RESTART_FIQ calls after a FIQ.
     pub restart_fiq: u64,
     /// Standard calls left pending by a timeout and collected later (their result discarded).
     pub collected_late: u64,
@@ -160,14 +166,17 @@ impl Trusty {
         self.panicked
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> CallStats {
         self.stats
     }
 
+    /// The clock every wait uses.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
 
+    /// The conduit the calls go through.
     pub fn conduit(&self) -> &Arc<dyn Conduit> {
         &self.conduit
     }

@@ -85,17 +85,25 @@ pub enum Timeout {
 /// Device state (spec §6.10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceState {
+    /// Not brought up, or Trusty sent GO_OFFLINE: no channel can connect.
     Offline,
+    /// Trusty sent GO_ONLINE: channels may connect.
     Online,
+    /// Being removed (shutdown, or tear-down after a failed start).
     Dead,
 }
 
 /// Channel state (spec §6.10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChannelState {
+    /// Not connected (closed, refused, or disconnected by the peer).
     Disconnected,
+    /// CONN_REQ sent, waiting for CONN_RSP.
     Connecting,
+    /// Connected: messages flow.
     Connected,
+    /// The device went offline under the channel, or the channel was closed: nothing more
+    /// passes on it.
     Stale,
 }
 
@@ -109,8 +117,11 @@ pub struct ChannelId {
 /// What `poll` reports (spec §7.2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PollFlags {
+    /// A message is waiting.
     pub readable: bool,
+    /// A message can be sent now.
     pub writable: bool,
+    /// The channel is disconnected or the device is gone.
     pub error: bool,
 }
 
@@ -125,7 +136,9 @@ pub struct DeviceStats {
     pub ring_errors: u64,
     /// Messages Trusty reported as dropped (negative used length on vring 1, spec §6.7).
     pub dropped_by_peer: u64,
+    /// Messages sent.
     pub messages_sent: u64,
+    /// Messages received.
     pub messages_received: u64,
     /// Received messages copied out because no spare rx buffer was free.
     pub rx_copies: u64,
@@ -445,9 +458,11 @@ impl TipcDevice {
         }
     }
 
+    /// The device's state.
     pub fn state(&self) -> DeviceState {
         self.state
     }
+    /// The device's name (as in `/dev/trusty-ipc-<name>`).
     pub fn dev_name(&self) -> &str {
         &self.dev_name
     }
@@ -455,15 +470,19 @@ impl TipcDevice {
     pub fn max_message_size(&self) -> usize {
         self.buf_size - wire::HEADER_LEN
     }
+    /// The counters so far.
     pub fn stats(&self) -> DeviceStats {
         self.stats
     }
+    /// The configuration the device was made with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// The virtio bus under the device.
     pub fn bus(&self) -> &Bus {
         &self.bus
     }
+    /// The virtio bus under the device, mutably.
     pub fn bus_mut(&mut self) -> &mut Bus {
         &mut self.bus
     }
@@ -1118,7 +1137,7 @@ impl TipcDevice {
         let was_connecting = self.channel(id)?.state == ChannelState::Connecting;
         let deadline = Deadline::after_ms(&*self.clock, self.cfg.connect_timeout_ms);
         let answered =
-            self.wait_until(Some(deadline), |d| d.peek(id).is_none_or(|c| c.state != ChannelState::Connecting))?;
+            self.wait_until(Some(deadline), |d| d.peek(id).map_or(true, |c| c.state != ChannelState::Connecting))?;
         let chan = self.channel(id)?;
         if !answered {
             chan.state = ChannelState::Stale;
@@ -1152,6 +1171,7 @@ impl TipcDevice {
         }
     }
 
+    /// The state of channel `id` (`BadHandle` when it is not open).
     pub fn channel_state(&self, id: ChannelId) -> Result<ChannelState, Error> {
         self.peek(id).map(|c| c.state).ok_or(Error::BadHandle)
     }
@@ -1351,7 +1371,7 @@ impl TipcDevice {
     pub fn wait_any(&mut self, ids: &[ChannelId], timeout: Timeout) -> Result<Vec<PollFlags>, Error> {
         let deadline = self.deadline(timeout);
         let ready = |d: &TipcDevice| {
-            ids.iter().any(|&id| d.peek(id).is_none_or(|c| !c.queue.is_empty() || c.state != ChannelState::Connected))
+            ids.iter().any(|&id| d.peek(id).map_or(true, |c| !c.queue.is_empty() || c.state != ChannelState::Connected))
         };
         self.wait_until(deadline, ready)?;
         ids.iter().map(|&id| self.poll(id)).collect()

@@ -6,22 +6,39 @@ use crate::wire::FrameError;
 
 /// Linux errno values, as AOSP's trusty-ipc driver returns them (spec §7.3).
 pub mod errno {
+    /// No such file or directory (no such port).
     pub const ENOENT: i32 = 2;
+    /// I/O error.
     pub const EIO: i32 = 5;
+    /// Argument list too long.
     pub const E2BIG: i32 = 7;
+    /// Bad file descriptor (handle).
     pub const EBADF: i32 = 9;
+    /// Try again.
     pub const EAGAIN: i32 = 11;
+    /// Out of memory.
     pub const ENOMEM: i32 = 12;
+    /// Permission denied.
     pub const EACCES: i32 = 13;
+    /// No such device.
     pub const ENODEV: i32 = 19;
+    /// Invalid argument.
     pub const EINVAL: i32 = 22;
+    /// Inappropriate ioctl.
     pub const ENOTTY: i32 = 25;
+    /// Name too long.
     pub const ENAMETOOLONG: i32 = 36;
+    /// Message too long.
     pub const EMSGSIZE: i32 = 90;
+    /// Already connected.
     pub const EISCONN: i32 = 106;
+    /// Not connected.
     pub const ENOTCONN: i32 = 107;
+    /// The endpoint has shut down.
     pub const ESHUTDOWN: i32 = 108;
+    /// Timed out.
     pub const ETIMEDOUT: i32 = 110;
+    /// Already in progress.
     pub const EALREADY: i32 = 114;
     /// `trusty_dma_buf_get_shared_mem_id()`: the buffer owns no platform memory id.
     pub const ENODATA: i32 = 61;

@@ -28,7 +28,9 @@ use crate::{Config, Error, TipcDevice};
 /// Everything bring-up can be told.
 #[derive(Clone, Copy, Debug)]
 pub struct StackConfig {
+    /// The TIPC device's configuration.
     pub tipc: Config,
+    /// How calls into Trusty retry and time out.
     pub calls: CallPolicy,
     /// Use this mechanism whatever the facts say (to demonstrate a wrong decision).
     pub force_mechanism: Option<Mechanism>,
@@ -49,7 +51,9 @@ pub type GrantTableProvider = Box<dyn FnMut() -> Result<(NonNull<u8>, usize), tr
 pub struct PlatformAccess {
     /// The SMC (or HVC) conduit into the secure monitor, as the hardware offers it.
     pub conduit: Arc<dyn Conduit>,
+    /// Time, for every wait.
     pub clock: Arc<dyn Clock>,
+    /// Pages for everything shared with Trusty.
     pub allocator: Box<dyn PageAllocator>,
     /// The flattened device tree the normal world booted with.
     pub fdt: alloc::vec::Vec<u8>,
@@ -73,7 +77,12 @@ pub enum BringUpError {
     /// Everything else, from the layers below.
     Stack(Error),
     /// Failed after the sharing plan was made (the plan is what was tried).
-    AfterPlan { plan: Box<SharingPlan>, error: Error },
+    AfterPlan {
+        /// The plan that was tried.
+        plan: Box<SharingPlan>,
+        /// What failed.
+        error: Error,
+    },
 }
 
 impl BringUpError {
@@ -113,8 +122,11 @@ impl From<trusty_platform::Error> for BringUpError {
 pub struct BringUp {
     /// Trusty's version string; `None` when Trusty would not give it (the call is optional).
     pub version: Option<String>,
+    /// The API version negotiated.
     pub api_version: u32,
+    /// What the platform showed.
     pub facts: PlatformFacts,
+    /// How memory is shared and calls are made.
     pub plan: SharingPlan,
 }
 

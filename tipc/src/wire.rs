@@ -10,6 +10,7 @@ pub const CTRL_ADDR: u32 = 53;
 pub const MIN_LOCAL_ADDR: u32 = 1024;
 /// Trusty's endpoint addresses are 1000 + slot, 256 slots (spec §6.1).
 pub const TRUSTY_ADDR_BASE: u32 = 1000;
+/// Number of Trusty's endpoint slots.
 pub const TRUSTY_ADDR_SLOTS: u32 = 256;
 /// Header size.
 pub const HEADER_LEN: usize = 16;
@@ -22,15 +23,25 @@ pub const SHM_DESC_LEN: usize = 24;
 
 /// Control message types (spec §6.3).
 pub mod ctrl {
+    /// Trusty's side is up.
     pub const GO_ONLINE: u32 = 1;
+    /// Trusty's side went down.
     pub const GO_OFFLINE: u32 = 2;
+    /// Connect a channel to a port.
     pub const CONN_REQ: u32 = 3;
+    /// The answer to CONN_REQ.
     pub const CONN_RSP: u32 = 4;
+    /// Disconnect a channel.
     pub const DISC_REQ: u32 = 5;
+    /// Release shared memory.
     pub const RELEASE: u32 = 6;
+    /// Ask to reuse message buffers.
     pub const REUSE_MSGBUF_REQ: u32 = 7;
+    /// The answer to REUSE_MSGBUF_REQ.
     pub const REUSE_MSGBUF_RSP: u32 = 8;
+    /// Ask to unmap shared memory.
     pub const UNMAP_REQ: u32 = 9;
+    /// The answer to UNMAP_REQ.
     pub const UNMAP_RSP: u32 = 10;
 }
 
@@ -48,14 +59,20 @@ struct RawHeader {
 /// A message header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// Sender's address.
     pub src: u32,
+    /// Receiver's address.
     pub dst: u32,
+    /// Shared-memory descriptors at the end of the payload.
     pub shm_cnt: u16,
+    /// Payload length in bytes.
     pub len: u16,
+    /// Flags (none defined).
     pub flags: u16,
 }
 
 impl Header {
+    /// The header's 16 wire bytes (little-endian, reserved field zero).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let raw = RawHeader {
             src: self.src.into(),
@@ -70,6 +87,7 @@ impl Header {
         out
     }
 
+    /// The header at the start of `bytes`; `None` when shorter than a header.
     pub fn decode(bytes: &[u8]) -> Option<Header> {
         let (raw, _) = RawHeader::read_from_prefix(bytes).ok()?;
         Some(Header {
@@ -87,17 +105,54 @@ impl Header {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ctrl {
+    /// GO_ONLINE: Trusty's side is up.
     GoOnline,
+    /// GO_OFFLINE: Trusty's side went down.
     GoOffline,
     /// The port name without its NUL padding.
-    ConnReq { name: heapless_name::Name },
-    ConnRsp { target: u32, status: i32, remote: u32, max_msg_size: u32, max_msg_cnt: u32 },
-    DiscReq { target: u32 },
-    Release { id: u64 },
+    ConnReq {
+        /// The port to connect to.
+        name: heapless_name::Name,
+    },
+    /// CONN_RSP: the answer to a CONN_REQ.
+    ConnRsp {
+        /// The local address the request came from.
+        target: u32,
+        /// 0 or a negative error.
+        status: i32,
+        /// The remote (Trusty) address of the channel.
+        remote: u32,
+        /// Largest message the channel takes.
+        max_msg_size: u32,
+        /// Messages the channel queues.
+        max_msg_cnt: u32,
+    },
+    /// DISC_REQ: the peer closed the channel.
+    DiscReq {
+        /// The local address of the channel.
+        target: u32,
+    },
+    /// RELEASE: the peer is done with shared memory `id`.
+    Release {
+        /// The memory id.
+        id: u64,
+    },
+    /// REUSE_MSGBUF_REQ.
     ReuseMsgBufReq,
+    /// REUSE_MSGBUF_RSP.
     ReuseMsgBufRsp,
-    UnmapReq { id: u64 },
-    UnmapRsp { result: i32, id: u64 },
+    /// UNMAP_REQ: asks the peer to unmap shared memory `id`.
+    UnmapReq {
+        /// The memory id.
+        id: u64,
+    },
+    /// UNMAP_RSP: the answer to an UNMAP_REQ.
+    UnmapRsp {
+        /// 0 or a negative error.
+        result: i32,
+        /// The memory id.
+        id: u64,
+    },
 }
 
 /// A fixed-capacity port name (at most 255 bytes), so parsing allocates nothing.
@@ -116,6 +171,7 @@ pub mod heapless_name {
             bytes[..name.len()].copy_from_slice(name);
             Some(Name { len, bytes })
         }
+        /// The name's bytes.
         pub fn as_bytes(&self) -> &[u8] {
             &self.bytes[..usize::from(self.len)]
         }
@@ -131,16 +187,34 @@ pub mod heapless_name {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {
     /// Fewer than 16 bytes, or more than the buffer holds.
-    BadLength { used: u32 },
+    BadLength {
+        /// The length the ring reported.
+        used: u32,
+    },
     /// 16 + hdr.len differs from the length the ring reported.
-    LengthMismatch { used: u32, hdr_len: u16 },
+    LengthMismatch {
+        /// The length the ring reported.
+        used: u32,
+        /// The header's payload length.
+        hdr_len: u16,
+    },
     /// A control payload whose 8 + body_len differs from hdr.len, or with a body of the wrong
     /// size for its type.
-    BadControl { ctrl_type: u32, body_len: u32 },
+    BadControl {
+        /// The control type.
+        ctrl_type: u32,
+        /// The body length it states.
+        body_len: u32,
+    },
     /// A control message with shared-memory descriptors.
     ControlWithShm,
     /// More shm descriptors than the payload holds.
-    BadShmCount { shm_cnt: u16, len: u16 },
+    BadShmCount {
+        /// Descriptors the header states.
+        shm_cnt: u16,
+        /// The payload length.
+        len: u16,
+    },
     /// A CONN_REQ name without a NUL within 256 bytes.
     UnterminatedName,
 }
@@ -149,8 +223,15 @@ pub enum FrameError {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
+    /// A control message (sent to the control address).
     Control(Ctrl),
-    Data { header: Header, payload: &'a [u8] },
+    /// A data message for a channel.
+    Data {
+        /// Its header.
+        header: Header,
+        /// Its payload (shm descriptors included).
+        payload: &'a [u8],
+    },
 }
 
 /// Validates one received frame: `buf` is the buffer as copied out of shared memory and
@@ -289,8 +370,11 @@ pub fn encode_ctrl(msg: &Ctrl, src: u32, out: &mut [u8]) -> Option<usize> {
 /// A shared-memory reference carried at the end of a message (spec §6.9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShmDesc {
+    /// The memory's id ([`trusty_platform::mem::MemoryId`]).
     pub obj_id: u64,
+    /// Size in bytes.
     pub size: u64,
+    /// The sharer's tag (the FF-A tag; 0 otherwise).
     pub tag: u64,
 }
 
@@ -303,6 +387,7 @@ struct RawShm {
 }
 
 impl ShmDesc {
+    /// The descriptor's 24 wire bytes (little-endian).
     pub fn encode(&self) -> [u8; SHM_DESC_LEN] {
         let raw = RawShm { obj_id: self.obj_id.into(), size: self.size.into(), tag: self.tag.into() };
         let mut out = [0u8; SHM_DESC_LEN];

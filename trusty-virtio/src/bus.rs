@@ -7,7 +7,6 @@ use core::fmt;
 use trusty_platform::mem::{Access, MemoryId, SharedBuf, SharedMemory, PAGE_SIZE};
 use trusty_platform::smc::{api, call, SmError};
 use trusty_platform::trusty::Trusty;
-use virtio_drivers::transport::DeviceStatus;
 
 use crate::rsc::{self, field, RscError, VdevInfo};
 use crate::vring::LayoutError;
@@ -15,18 +14,42 @@ use crate::vring::LayoutError;
 /// The status byte Trusty requires at START: ACKNOWLEDGE | DRIVER | DRIVER_OK, and *not*
 /// FEATURES_OK, because VERSION_1 is never negotiated (spec §5.5 step 5e, §11 subtlety 3).
 /// virtio-drivers' own init path always sets FEATURES_OK, so it cannot drive this bus.
-pub const STATUS_AT_START: u8 =
-    (DeviceStatus::ACKNOWLEDGE.bits() | DeviceStatus::DRIVER.bits() | DeviceStatus::DRIVER_OK.bits()) as u8;
+pub const STATUS_AT_START: u8 = status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK;
 /// ACKNOWLEDGE | DRIVER: the status while the driver sets the device up.
-pub const STATUS_DRIVER: u8 = (DeviceStatus::ACKNOWLEDGE.bits() | DeviceStatus::DRIVER.bits()) as u8;
+pub const STATUS_DRIVER: u8 = status::ACKNOWLEDGE | status::DRIVER;
+
+/// Device status bits, virtio 1.2 §2.1 "Device Status Field" (the same values as Linux's
+/// `VIRTIO_CONFIG_S_*` in include/uapi/linux/virtio_config.h).
+///
+/// Our own constants rather than the `virtio-drivers` crate's `DeviceStatus`: these bits are
+/// all this bus needs from it, and AOSP's `libvirtio_drivers` is a device-only no_std rlib with
+/// no host or vendor variant, so depending on it would keep this crate out of host tests and
+/// vendor code.
+pub mod status {
+    /// The guest has found the device and recognised it.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest knows how to drive the device.
+    pub const DRIVER: u8 = 2;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u8 = 4;
+    /// The driver has acknowledged the features it understands (never set on Trusty's bus).
+    pub const FEATURES_OK: u8 = 8;
+    /// The device has hit an error from which it cannot recover.
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    /// Something went wrong in the guest and it has given up on the device.
+    pub const FAILED: u8 = 128;
+}
 
 /// Failures of the bus layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BusError {
+    /// A call into Trusty or a memory operation failed.
     Platform(trusty_platform::Error),
+    /// The descriptor (resource table) was refused.
     Descriptor(RscError),
     /// Trusty answered GET_DESCR with a size outside 1..=the page.
     DescriptorSize(i64),
+    /// A vring's size or alignment cannot be laid out.
     Layout(LayoutError),
     /// A call was made in a state that does not allow it.
     State(&'static str),
@@ -78,19 +101,24 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// A bus over `trusty`, sharing memory through `mem`; nothing is fetched or started yet.
     pub fn new(trusty: Trusty, mem: SharedMemory) -> Self {
         Bus { trusty, mem, descr: None, descr_arg: MemoryId(0), descr_size: 0, vdevs: Vec::new(), started: false }
     }
 
+    /// The Trusty call interface.
     pub fn trusty(&mut self) -> &mut Trusty {
         &mut self.trusty
     }
+    /// The Trusty call interface, shared.
     pub fn trusty_ref(&self) -> &Trusty {
         &self.trusty
     }
+    /// The shared-memory manager.
     pub fn mem(&mut self) -> &mut SharedMemory {
         &mut self.mem
     }
+    /// The shared-memory manager, shared.
     pub fn mem_ref(&self) -> &SharedMemory {
         &self.mem
     }
@@ -176,6 +204,7 @@ impl Bus {
         Ok(())
     }
 
+    /// Writes device `h`'s status byte into the shared descriptor page (Trusty reads it at START).
     pub fn set_status(&mut self, h: VdevHandle, status: u8) -> Result<(), BusError> {
         let off = self.vdev_info(h)?.offset + field::STATUS;
         self.write_field(off, &[status])?;
@@ -185,6 +214,8 @@ impl Bus {
         Ok(())
     }
 
+    /// Writes the features the driver accepts (`gfeatures`) for device `h` into the shared
+    /// descriptor page.
     pub fn set_features(&mut self, h: VdevHandle, gfeatures: u32) -> Result<(), BusError> {
         let off = self.vdev_info(h)?.offset + field::GFEATURES;
         self.write_field(off, &gfeatures.to_le_bytes())?;
@@ -226,6 +257,7 @@ impl Bus {
         Ok(())
     }
 
+    /// VIRTIO_START succeeded and no STOP followed.
     pub fn started(&self) -> bool {
         self.started
     }
@@ -281,5 +313,21 @@ impl Bus {
         }
         self.mem.release(page)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values virtio 1.2 §2.1 gives, so that a typo in [`status`] cannot go unnoticed
+    /// (spec §5.5 step 5e: exactly ACKNOWLEDGE | DRIVER | DRIVER_OK at START).
+    #[test]
+    fn status_bits_are_the_virtio_spec_values() {
+        assert_eq!(STATUS_AT_START, 0x07);
+        assert_eq!(STATUS_DRIVER, 0x03);
+        assert_eq!(status::FEATURES_OK, 0x08);
+        assert_eq!(status::DEVICE_NEEDS_RESET, 0x40);
+        assert_eq!(status::FAILED, 0x80);
     }
 }

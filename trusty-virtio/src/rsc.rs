@@ -52,7 +52,9 @@ const VRING_LEN: usize = core::mem::size_of::<FwRscVdevVring>();
 /// Byte offsets, inside a vdev entry (from the start of `fw_rsc_vdev`), of the fields the normal
 /// world writes.
 pub mod field {
+    /// The `gfeatures` field (features the driver accepted).
     pub const GFEATURES: usize = 12;
+    /// The `status` byte.
     pub const STATUS: usize = 20;
     /// Start of the vring array.
     pub const VRINGS: usize = 24;
@@ -60,6 +62,7 @@ pub mod field {
     pub const VRING_LEN: usize = 20;
     /// Offsets inside one vring entry.
     pub const VRING_DA: usize = 0;
+    /// The `pa` field (high half of the vring's memory id).
     pub const VRING_PA: usize = 16;
 }
 
@@ -67,13 +70,24 @@ pub mod field {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RscError {
     /// Fewer bytes than the header, or than the header plus its offset array.
-    TooShort { size: usize },
+    TooShort {
+        /// The table's size in bytes.
+        size: usize,
+    },
     /// The version is not 1.
     BadVersion(u32),
     /// An entry offset points outside the table, or leaves no room for the entry type.
-    BadOffset { entry: usize, offset: u32 },
+    BadOffset {
+        /// The entry's index.
+        entry: usize,
+        /// Its offset.
+        offset: u32,
+    },
     /// A virtio-device entry does not fit its vrings and config space.
-    VdevTooLarge { entry: usize },
+    VdevTooLarge {
+        /// The entry's index.
+        entry: usize,
+    },
 }
 
 impl core::fmt::Display for RscError {
@@ -94,15 +108,20 @@ impl core::fmt::Display for RscError {
 /// One vring as described by a vdev entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VringInfo {
+    /// Alignment of the used ring.
     pub align: u32,
+    /// Number of descriptors.
     pub num: u32,
+    /// The id kicks of this vring carry.
     pub notifyid: u32,
     /// The memory id the normal world filled in (da = low half, pa = high half).
     pub da: u32,
+    /// High half of the memory id (see `da`).
     pub pa: u32,
 }
 
 impl VringInfo {
+    /// The memory id `da` and `pa` carry together.
     pub fn memory_id(&self) -> u64 {
         (u64::from(self.pa) << 32) | u64::from(self.da)
     }
@@ -113,12 +132,19 @@ impl VringInfo {
 pub struct VdevInfo {
     /// Byte offset of the `fw_rsc_vdev` struct inside the table (after the 4-byte type).
     pub offset: usize,
+    /// Virtio device id.
     pub id: u32,
+    /// The id VDEV_RESET and kicks name the device by.
     pub notifyid: u32,
+    /// Features the device offers.
     pub dfeatures: u32,
+    /// Features the driver accepted.
     pub gfeatures: u32,
+    /// Device status byte.
     pub status: u8,
+    /// Its vrings.
     pub vrings: Vec<VringInfo>,
+    /// Its config space.
     pub config: Vec<u8>,
 }
 
@@ -190,8 +216,11 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<VdevInfo>, RscError> {
 /// One vring of a vdev, as the secure side declares it.
 #[derive(Clone, Copy, Debug)]
 pub struct VringDecl {
+    /// Alignment of the used ring.
     pub align: u32,
+    /// Number of descriptors.
     pub num: u32,
+    /// The id kicks of this vring carry.
     pub notifyid: u32,
 }
 
@@ -203,6 +232,7 @@ pub struct TableBuilder {
 }
 
 impl TableBuilder {
+    /// An empty table.
     pub fn new() -> Self {
         Self::default()
     }
@@ -246,6 +276,7 @@ impl TableBuilder {
         self
     }
 
+    /// The table's bytes: header, offset array, entries.
     pub fn build(&self) -> Vec<u8> {
         let header = TableHeader { ver: RSC_TABLE_VERSION.into(), num: (self.entries.len() as u32).into(), reserved: [0.into(); 2] };
         let mut out = Vec::new();

@@ -27,15 +27,23 @@ pub const USED_F_NO_NOTIFY: u16 = 1;
 /// Volatile access to the memory of one ring. Offsets come from a validated [`Layout`], so
 /// they are always in range; an implementation still never touches memory outside `len()`.
 pub trait RingMemory {
+    /// Length of the ring's memory in bytes.
     fn len(&self) -> usize;
+    /// No memory.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Reads the little-endian u16 at byte `off`.
     fn read_u16(&self, off: usize) -> u16;
+    /// Writes `v` as a little-endian u16 at byte `off`.
     fn write_u16(&self, off: usize, v: u16);
+    /// Reads the little-endian u32 at byte `off`.
     fn read_u32(&self, off: usize) -> u32;
+    /// Writes `v` as a little-endian u32 at byte `off`.
     fn write_u32(&self, off: usize, v: u32);
+    /// Reads the little-endian u64 at byte `off`.
     fn read_u64(&self, off: usize) -> u64;
+    /// Writes `v` as a little-endian u64 at byte `off`.
     fn write_u64(&self, off: usize, v: u64);
 }
 
@@ -58,7 +66,7 @@ impl RawRing {
 
     fn ptr<T>(&self, off: usize) -> Option<*mut T> {
         let end = off.checked_add(core::mem::size_of::<T>())?;
-        if end > self.len || !off.is_multiple_of(core::mem::align_of::<T>()) {
+        if end > self.len || off % core::mem::align_of::<T>() != 0 {
             debug_assert!(false, "ring access out of layout");
             return None;
         }
@@ -103,7 +111,12 @@ pub enum LayoutError {
     /// `align` must be a power of two of at least 4.
     BadAlign(u32),
     /// The memory given is smaller than the layout.
-    TooSmall { needed: usize, have: usize },
+    TooSmall {
+        /// Bytes the layout needs.
+        needed: usize,
+        /// Bytes given.
+        have: usize,
+    },
 }
 
 /// Offsets of the parts of a legacy split ring (spec §5.3).
@@ -114,6 +127,7 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout of a ring of `num` descriptors whose used ring is aligned to `align`.
     pub fn new(num: u32, align: u32) -> Result<Self, LayoutError> {
         if num == 0 || num > 32768 || !num.is_power_of_two() {
             return Err(LayoutError::BadNum(num));
@@ -125,6 +139,7 @@ impl Layout {
         let used_off = (16 * n + 2 * (3 + n)).next_multiple_of(align as usize);
         Ok(Layout { num: num as u16, used_off })
     }
+    /// Number of descriptors.
     pub fn num(&self) -> u16 {
         self.num
     }
@@ -168,9 +183,17 @@ pub struct Used {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingError {
     /// used.idx moved by more than the ring size since we last looked.
-    UsedIndexJump { last_seen: u16, now: u16 },
+    UsedIndexJump {
+        /// The index we saw last.
+        last_seen: u16,
+        /// The index now.
+        now: u16,
+    },
     /// A used entry names a descriptor that is out of range or not in flight (consumed).
-    BadUsedId { id: u32 },
+    BadUsedId {
+        /// The descriptor id found.
+        id: u32,
+    },
     /// Every descriptor is in flight.
     Full,
 }
@@ -202,6 +225,7 @@ impl<M: RingMemory> DriverQueue<M> {
         })
     }
 
+    /// The ring's layout.
     pub fn layout(&self) -> Layout {
         self.layout
     }
@@ -286,25 +310,43 @@ impl<M: RingMemory> DriverQueue<M> {
 /// One descriptor as the device read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Desc {
+    /// Guest address of the buffer.
     pub addr: u64,
+    /// Its length in bytes.
     pub len: u32,
+    /// `VRING_DESC_F_*` flags.
     pub flags: u16,
 }
 
 /// A chain taken from the avail ring.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chain {
+    /// The head descriptor's index (returned in the used ring).
     pub head: u16,
+    /// The descriptors, in chain order.
     pub descs: Vec<Desc>,
 }
 
 /// Driver errors the device end detects (spec §5.7: the first two make Trusty panic).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceRingError {
-    AvailIndexJump { last_seen: u16, now: u16 },
-    HeadOutOfRange { head: u16 },
+    /// avail.idx moved by more than the ring size since we last looked.
+    AvailIndexJump {
+        /// The index we saw last.
+        last_seen: u16,
+        /// The index now.
+        now: u16,
+    },
+    /// An avail entry names a descriptor out of range.
+    HeadOutOfRange {
+        /// The head found.
+        head: u16,
+    },
     /// A chain link out of range, or a loop: the head is returned with an error status.
-    BadChain { head: u16 },
+    BadChain {
+        /// The chain's head.
+        head: u16,
+    },
 }
 
 /// The device (secure-side) end of one ring: consumes avail, produces used.
@@ -315,10 +357,12 @@ pub struct DeviceQueue {
 }
 
 impl DeviceQueue {
+    /// The device end of a ring laid out as `layout`, at index 0.
     pub fn new(layout: Layout) -> Self {
         DeviceQueue { layout, last_avail: 0, used_idx: 0 }
     }
 
+    /// The ring's layout.
     pub fn layout(&self) -> Layout {
         self.layout
     }

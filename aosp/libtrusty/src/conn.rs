@@ -72,7 +72,7 @@ fn set_rcvtimeo(fd: RawFd, secs: i64) -> Result<(), Errno> {
             fd,
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
+            std::ptr::addr_of!(tv).cast(),
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
@@ -98,7 +98,7 @@ pub fn handshake(fd: OwnedFd, port: &str) -> Result<OwnedFd, Errno> {
     let mut status = 0u8;
     let n = loop {
         // SAFETY: one byte into a local.
-        let n = unsafe { libc::read(raw, (&raw mut status).cast(), 1) };
+        let n = unsafe { libc::read(raw, std::ptr::addr_of_mut!(status).cast(), 1) };
         if n < 0 && sys::errno() == libc::EINTR {
             continue;
         }
@@ -181,11 +181,8 @@ fn hung_up(fd: c_int) -> bool {
 }
 
 /// TRUSTY_SHARE, TRUSTY_LEND, TRUSTY_SEND_SECURE and TRUSTY_SEND_SECURE_OR_SHARE
-/// (`enum transfer_kind`).
-pub const TRUSTY_SHARE: u32 = 0;
-pub const TRUSTY_LEND: u32 = 1;
-pub const TRUSTY_SEND_SECURE: u32 = 2;
-pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
+/// (`enum transfer_kind`), defined once in the crate root.
+pub use crate::{TRUSTY_LEND, TRUSTY_SEND_SECURE, TRUSTY_SEND_SECURE_OR_SHARE, TRUSTY_SHARE};
 
 /// The checks the kernel driver makes before it shares anything (`filp_send_ioctl()`,
 /// `dn_share_fd()`), made here so that `tipc_send` reports them as the driver would; the

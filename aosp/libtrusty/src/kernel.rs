@@ -22,9 +22,13 @@ const fn iow(nr: u32, size: usize) -> u32 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TipcSendMsgReq {
+    /// Address of the `struct iovec` array.
     pub iov: u64,
+    /// Address of the `struct trusty_shm` array.
     pub shm: u64,
+    /// Number of iovecs.
     pub iov_cnt: u64,
+    /// Number of memory references.
     pub shm_cnt: u64,
 }
 

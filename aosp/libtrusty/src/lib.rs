@@ -28,10 +28,14 @@ pub mod conn;
 pub mod inproc;
 pub mod kernel;
 
-/// `enum transfer_kind` (AOSP `trusty/ipc.h`, spec §7.1).
+/// `enum transfer_kind` (AOSP `trusty/ipc.h`, spec §7.1): `TRUSTY_SHARE`, Linux and Trusty
+/// both see the memory.
 pub const TRUSTY_SHARE: u32 = 0;
+/// `TRUSTY_LEND`: only Trusty sees the memory while it has it.
 pub const TRUSTY_LEND: u32 = 1;
+/// `TRUSTY_SEND_SECURE`: the memory is already secure; only Trusty sees it.
 pub const TRUSTY_SEND_SECURE: u32 = 2;
+/// `TRUSTY_SEND_SECURE_OR_SHARE`: secure memory is sent as such, other memory is shared.
 pub const TRUSTY_SEND_SECURE_OR_SHARE: u32 = 3;
 
 /// Most buffers one `tipc_send` takes (Linux's UIO_MAXIOV).
@@ -44,6 +48,7 @@ pub type IoVec = libc::iovec;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrustyShm {
+    /// The dma-buf file descriptor.
     pub fd: i32,
     /// A value of `enum transfer_kind`.
     pub transfer: u32,

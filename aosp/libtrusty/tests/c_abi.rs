@@ -91,7 +91,7 @@ fn a_blocked_reader_does_not_stall_another_channel() {
     let start = Instant::now();
     for i in 0..20u8 {
         // SAFETY: one byte from a local.
-        assert_eq!(unsafe { libc::write(fd, (&raw const i).cast(), 1) }, 1);
+        assert_eq!(unsafe { libc::write(fd, std::ptr::addr_of!(i).cast(), 1) }, 1);
         let mut rx = [0u8; 4];
         assert_eq!(read(fd, &mut rx), 1);
         assert_eq!(rx[0], i);

@@ -104,18 +104,23 @@ pub trait ShmObject: Any {
 pub trait TipcBackend {
     /// A one-line description of what is under test.
     fn describe(&self) -> String;
+    /// Connects to `port`; the new channel's handle (libtrusty's `tipc_connect`).
     fn connect(&mut self, port: &str) -> Result<Handle, Errno>;
+    /// Sends the concatenation of `iov` as one message; the bytes sent.
     fn writev(&mut self, h: Handle, iov: &[&[u8]]) -> Result<usize, Errno>;
+    /// Sends `data` as one message; the bytes sent.
     fn write(&mut self, h: Handle, data: &[u8]) -> Result<usize, Errno> {
         self.writev(h, &[data])
     }
     /// Reads one message, waiting at most `timeout` (`None`: without limit).
     fn readv(&mut self, h: Handle, bufs: &mut [&mut [u8]], timeout: Option<Duration>) -> Result<usize, Errno>;
+    /// Reads one message into `buf`, waiting at most `timeout` (`None`: without limit).
     fn read(&mut self, h: Handle, buf: &mut [u8], timeout: Option<Duration>) -> Result<usize, Errno> {
         self.readv(h, &mut [buf], timeout)
     }
     /// Waits until the handle is readable (or in error); false on timeout (what select does).
     fn wait_readable(&mut self, h: Handle, timeout: Duration) -> Result<bool, Errno>;
+    /// Closes the channel (libtrusty's `tipc_close`).
     fn close(&mut self, h: Handle) -> Result<(), Errno>;
     /// A memory object of `len` bytes that [`TipcBackend::send_shm`] can send (tipc-test's
     /// dma-buf heap allocation). Err says why this backend has none.

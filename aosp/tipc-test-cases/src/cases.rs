@@ -12,15 +12,25 @@ use crate::backend::{Errno, Handle, TipcBackend, Transfer};
 use crate::env::{elapsed_us, TestEnv};
 use tipc::errno::{ENOTCONN, ETIMEDOUT};
 
+/// Port of the unittest app's echo service.
 pub const ECHO: &str = "com.android.ipc-unittest.srv.echo";
+/// Port of the service that consumes whatever it is sent.
 pub const DATASINK: &str = "com.android.ipc-unittest.srv.datasink";
+/// Port of the service that answers with the caller's UUID.
 pub const UUID: &str = "com.android.ipc-unittest.srv.uuid";
+/// Port only other trusted apps may connect to.
 pub const TA_ONLY: &str = "com.android.ipc-unittest.srv.ta_only";
+/// Port only the normal world may connect to.
 pub const NS_ONLY: &str = "com.android.ipc-unittest.srv.ns_only";
+/// Port of the service that accepts a channel and then closes it.
 pub const CLOSER1: &str = "com.android.ipc-unittest.srv.closer1";
+/// Port of the service that closes a channel without accepting it.
 pub const CLOSER2: &str = "com.android.ipc-unittest.srv.closer2";
+/// Port of the service that closes its channels once they have connected and written.
 pub const CLOSER3: &str = "com.android.ipc-unittest.srv.closer3";
+/// Port of ipc-unittest's control service (the unittest lib's `ctrl` channel).
 pub const MAIN_CTRL: &str = "com.android.ipc-unittest.ctrl";
+/// Port of the service that takes memory references and writes into them (send-fd's peer).
 pub const MEMREF_RECEIVER: &str = "com.android.trusty.memref.receiver";
 
 /// Size of one chunk of send-fd's object (tipc_test.c `memref_chunk_size`).
@@ -31,11 +41,17 @@ pub const MEMREF_CHUNKS: usize = 10;
 /// The options the tests read (tipc-test's `struct tipc_test_params`).
 #[derive(Clone, Debug)]
 pub struct Params {
+    /// Times to repeat a test (`-r`).
     pub repeat: u32,
+    /// Message size in bytes (`-m`).
     pub msgsize: usize,
+    /// Messages per burst (`-b`).
     pub burst: u32,
+    /// Vary message sizes below `msgsize` (`-v`).
     pub variable: bool,
+    /// Print less (`-s`).
     pub silent: bool,
+    /// A port to use instead of the test's own (`-S`).
     pub srv: Option<String>,
     /// How long blocked_read waits for a message that never comes.
     pub blocked_read_timeout: Duration,
@@ -60,7 +76,9 @@ pub type Outcome = Result<(), String>;
 
 /// A test: its name and body.
 pub struct TestCase {
+    /// Its name (`-t`).
     pub name: &'static str,
+    /// Its body.
     pub run: fn(&mut dyn TipcBackend, &dyn TestEnv, &Params, &mut Rng) -> Outcome,
 }
 
@@ -86,6 +104,7 @@ pub const ALL: &[TestCase] = &[
 /// tipc-test's tests this port cannot run (none left).
 pub const UNSUPPORTED: &[(&str, &str)] = &[];
 
+/// The test called `name`.
 pub fn find(name: &str) -> Option<&'static TestCase> {
     ALL.iter().find(|t| t.name == name)
 }
@@ -94,9 +113,11 @@ pub fn find(name: &str) -> Option<&'static TestCase> {
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator seeded with `seed` (forced odd, never zero).
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
+    /// The next number below `n` (0 when `n` is 0).
     pub fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;

@@ -10,7 +10,9 @@ use crate::env::{elapsed_us, TestEnv};
 /// Counts of one run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Tests that passed.
     pub passed: u32,
+    /// Tests that failed.
     pub failed: u32,
 }
 
@@ -45,9 +47,13 @@ pub fn run_tests(b: &mut dyn TipcBackend, env: &dyn TestEnv, tests: &[&TestCase]
 /// Timings of a benchmark, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchResult {
+    /// Fastest warm run.
     pub min: u64,
+    /// Slowest warm run.
     pub max: u64,
+    /// Average of the warm runs.
     pub avg: u64,
+    /// The first (cold) run.
     pub cold: u64,
 }
 

@@ -32,6 +32,7 @@ pub struct SimBackend {
 pub struct BringUpFailure {
     /// The sharing line of the plan that was tried, if bring-up got that far.
     pub sharing: Option<String>,
+    /// What failed.
     pub error: String,
     /// Faults the model recorded (memory it was never given).
     pub faults: Vec<String>,
@@ -99,10 +100,12 @@ impl SimBackend {
         &self.info
     }
 
+    /// The simulated machine (the model and its guest RAM).
     pub fn sim(&self) -> &Sim {
         &self.sim
     }
 
+    /// The TIPC device (present until shutdown).
     pub fn device(&mut self) -> &mut TipcDevice {
         self.dev.device().expect("device present until shutdown")
     }

@@ -12,6 +12,7 @@ pub struct StdEnv {
 }
 
 impl StdEnv {
+    /// An environment whose clock starts now.
     pub fn new() -> StdEnv {
         StdEnv { origin: Instant::now() }
     }

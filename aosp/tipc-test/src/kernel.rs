@@ -35,17 +35,26 @@ pub mod uapi {
 
     /// Widths and positions of the fields of an ioctl request number (asm-generic `ioctl.h`).
     pub const IOC_NRBITS: u32 = 8;
+    /// Width of the type field.
     pub const IOC_TYPEBITS: u32 = 8;
+    /// Width of the size field.
     pub const IOC_SIZEBITS: u32 = 14;
+    /// Width of the direction field.
     pub const IOC_DIRBITS: u32 = 2;
+    /// Position of the number field.
     pub const IOC_NRSHIFT: u32 = 0;
+    /// Position of the type field.
     pub const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
+    /// Position of the size field.
     pub const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
+    /// Position of the direction field.
     pub const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
 
     /// Directions, as seen from user space: `WRITE` means the kernel reads the argument.
     pub const IOC_NONE: u32 = 0;
+    /// `_IOC_WRITE`: user space writes the argument.
     pub const IOC_WRITE: u32 = 1;
+    /// `_IOC_READ`: user space reads the argument.
     pub const IOC_READ: u32 = 2;
 
     /// Linux's `_IOC(dir, type, nr, size)`. Panics (at compile time in a constant) when `dir`
@@ -66,6 +75,7 @@ pub mod uapi {
         ioc(IOC_READ | IOC_WRITE, ty, nr, size)
     }
 
+    /// The ioctl type of the trusty-ipc requests.
     pub const TIPC_IOC_MAGIC: u8 = b'r';
     /// `_IOW('r', 0x80, char *)`: the argument is a pointer to the NUL-terminated port name.
     pub const TIPC_IOC_CONNECT: u32 = iow(TIPC_IOC_MAGIC, 0x80, size_of::<*const core::ffi::c_char>());
@@ -83,7 +93,9 @@ pub mod uapi {
         pub iov: u64,
         /// Address of an array of [`TrustyShm`] (memory to transfer).
         pub shm: u64,
+        /// Number of iovecs.
         pub iov_cnt: u64,
+        /// Number of memory transfers.
         pub shm_cnt: u64,
     }
 
@@ -91,6 +103,7 @@ pub mod uapi {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct TrustyShm {
+        /// The dma-buf file descriptor.
         pub fd: i32,
         /// One of [`TRUSTY_SHARE`], [`TRUSTY_LEND`], [`TRUSTY_SEND_SECURE`].
         pub transfer: u32,
@@ -127,7 +140,9 @@ pub enum OpenErrorKind {
 /// A device path that cannot serve as a trusty-ipc device, and why.
 #[derive(Debug)]
 pub struct OpenError {
+    /// The path tried.
     pub path: PathBuf,
+    /// Why it cannot serve.
     pub kind: OpenErrorKind,
 }
 

@@ -61,14 +61,17 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
+    /// Start of the mapping.
     pub fn ptr(&self) -> NonNull<u8> {
         self.ptr
     }
 
+    /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it maps nothing.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -173,6 +176,7 @@ impl FdObject {
         }
     }
 
+    /// The object's file descriptor (still owned by the object).
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

@@ -60,7 +60,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     if fd >= 0 {
         let b = 1u8;
         // SAFETY: write(2) is async-signal-safe; one byte from a local.
-        let _ = unsafe { libc::write(fd, (&raw const b).cast(), 1) };
+        let _ = unsafe { libc::write(fd, std::ptr::addr_of!(b).cast(), 1) };
     }
 }
 

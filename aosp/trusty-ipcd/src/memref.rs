@@ -37,6 +37,7 @@ pub struct MemRefs {
 }
 
 impl MemRefs {
+    /// No references held yet.
     pub fn new() -> MemRefs {
         MemRefs::default()
     }
@@ -123,14 +124,17 @@ impl FdMapping {
         Ok(FdMapping { ptr, len })
     }
 
+    /// Start of the mapping.
     pub fn ptr(&self) -> NonNull<u8> {
         self.ptr
     }
 
+    /// Its length in bytes (whole pages).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it maps nothing.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -70,6 +70,7 @@ impl Default for Limits {
 
 /// A running stack for the server: the device and whatever it runs on.
 pub struct Stack {
+    /// The TIPC device the server drives (brought up).
     pub dev: TipcDevice,
     /// Extra `key=value` words for status answers (e.g. the model's open endpoints).
     pub status: Box<dyn FnMut() -> String + Send>,
@@ -83,15 +84,25 @@ pub struct Stack {
 /// Counters of the serving loop.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {
+    /// Client connections accepted on a listening socket.
     pub accepted: u64,
+    /// Channels Trusty accepted.
     pub connected: u64,
+    /// Channels Trusty refused (or that failed to connect).
     pub refused: u64,
+    /// Connects that ran out of time waiting for Trusty.
     pub timed_out: u64,
+    /// Limits hit: connections, channels per client, bytes queued towards a client.
     pub over_limit: u64,
+    /// Messages from a client larger than a TIPC buffer, dropped and logged.
     pub oversize_dropped: u64,
+    /// Messages with memory references that could not be sent (refused by the platform).
     pub memref_refused: u64,
+    /// Sends to Trusty that failed for good.
     pub send_failed: u64,
+    /// Connections ended by the client (closed or died).
     pub closed_by_client: u64,
+    /// Connections ended because Trusty closed the channel.
     pub closed_by_trusty: u64,
 }
 
@@ -194,6 +205,7 @@ enum End {
     Control,
 }
 
+/// The serving loop: one thread owns the device and serves every client connection with poll.
 pub struct Server {
     stack: Option<Stack>,
     listeners: Vec<(OwnedFd, &'static str)>,
@@ -211,6 +223,7 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server for `stack` with `limits`; fails with the errno of its wake-up pipe.
     pub fn new(stack: Stack, limits: Limits) -> Result<Server, i32> {
         let (wake_rd, wake_wr) = sys::wake_pipe()?;
         let (tx, cmds) = mpsc::channel();
@@ -237,6 +250,7 @@ impl Server {
         })
     }
 
+    /// A handle other threads use to hand it connections or stop it.
     pub fn handle(&self) -> ServerHandle {
         self.handle.clone()
     }

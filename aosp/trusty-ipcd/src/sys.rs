@@ -31,8 +31,11 @@ fn check_len(r: isize) -> Result<usize, i32> {
 /// A peer's credentials (SO_PEERCRED).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Cred {
+    /// Process id.
     pub pid: i32,
+    /// User id.
     pub uid: u32,
+    /// Group id.
     pub gid: u32,
 }
 
@@ -78,7 +81,7 @@ pub fn listen_unix(path: &Path, backlog: c_int) -> Result<OwnedFd, i32> {
         let _ = std::fs::remove_file(path);
     }
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) })?;
+    check(unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) })?;
     // SAFETY: plain system call on our socket.
     check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     Ok(fd)
@@ -90,7 +93,7 @@ pub fn connect_unix(path: &Path) -> Result<OwnedFd, i32> {
     let fd = socket(libc::AF_UNIX, libc::SOCK_SEQPACKET)?;
     loop {
         // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-        match check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) }) {
+        match check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) }) {
             Ok(_) => return Ok(fd),
             Err(libc::EINTR) => continue,
             Err(e) => return Err(e),
@@ -108,7 +111,7 @@ pub fn listen_vsock(port: u32, backlog: c_int) -> Result<OwnedFd, i32> {
     addr.svm_port = port;
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
-    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) })?;
+    check(unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) })?;
     // SAFETY: plain system call on our socket.
     check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     Ok(fd)
@@ -121,6 +124,7 @@ const SO_VM_SOCKETS_CONNECT_TIMEOUT: c_int = 6;
 /// SOCK_SEQPACKET), one second apart, and the connect timeout: as AOSP libtrusty's
 /// `tipc_vsock_connect()`.
 pub const VSOCK_CONNECT_TRIES: u32 = 10;
+/// Seconds one vsock connect may take (`SO_VM_SOCKETS_CONNECT_TIMEOUT`).
 pub const VSOCK_CONNECT_TIMEOUT_S: i64 = 60;
 
 /// A blocking AF_VSOCK socket of type `ty` connected to `cid:port`.
@@ -134,7 +138,7 @@ pub fn connect_vsock(ty: c_int, cid: u32, port: u32) -> Result<OwnedFd, i32> {
             fd.as_raw_fd(),
             libc::AF_VSOCK,
             SO_VM_SOCKETS_CONNECT_TIMEOUT,
-            (&raw const tv).cast(),
+            std::ptr::addr_of!(tv).cast(),
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
@@ -150,7 +154,7 @@ pub fn connect_vsock(ty: c_int, cid: u32, port: u32) -> Result<OwnedFd, i32> {
     let mut tries = VSOCK_CONNECT_TRIES;
     loop {
         // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
-        match check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) }) {
+        match check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) }) {
             Ok(_) => return Ok(fd),
             Err(libc::EINTR) => continue,
             Err(e @ (libc::ENODEV | libc::ESOCKTNOSUPPORT)) if tries > 1 => {
@@ -197,6 +201,7 @@ pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), i32> {
     Ok((a, b))
 }
 
+/// Sets `O_NONBLOCK` on `fd`.
 pub fn set_nonblocking(fd: RawFd) -> Result<(), i32> {
     // SAFETY: plain fcntl calls on a descriptor the caller owns.
     unsafe {
@@ -220,7 +225,7 @@ pub fn peer_cred(fd: RawFd) -> Cred {
             fd,
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
-            (&raw mut c).cast(),
+            std::ptr::addr_of_mut!(c).cast(),
             &mut len,
         )
     };
@@ -245,7 +250,7 @@ pub fn socket_type(fd: RawFd) -> Result<c_int, i32> {
             fd,
             libc::SOL_SOCKET,
             libc::SO_TYPE,
-            (&raw mut ty).cast(),
+            std::ptr::addr_of_mut!(ty).cast(),
             &mut len,
         )
     })?;
@@ -378,7 +383,7 @@ pub fn wake_pipe() -> Result<(OwnedFd, OwnedFd), i32> {
 pub fn wake(fd: RawFd) {
     let b = 1u8;
     // SAFETY: one byte from a valid local.
-    let _ = unsafe { libc::write(fd, (&raw const b).cast(), 1) };
+    let _ = unsafe { libc::write(fd, std::ptr::addr_of!(b).cast(), 1) };
 }
 
 /// Empties a wake pipe.
@@ -402,7 +407,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: c_int) -> Result<usize, i32> {
 pub fn send_ready(w: OwnedFd) -> Result<(), i32> {
     let b = 1u8;
     // SAFETY: one byte from a local.
-    let r = unsafe { libc::write(w.as_raw_fd(), (&raw const b).cast(), 1) };
+    let r = unsafe { libc::write(w.as_raw_fd(), std::ptr::addr_of!(b).cast(), 1) };
     if r == 1 {
         Ok(())
     } else {

@@ -83,7 +83,12 @@ pub enum GrantError {
     /// One of the first [`GNTTAB_NR_RESERVED_ENTRIES`] references.
     Reserved(u32),
     /// The entry is not free (granting) or still mapped by the grantee (ending).
-    InUse { gref: u32, flags: u16 },
+    InUse {
+        /// The reference.
+        gref: u32,
+        /// The entry's flags as found.
+        flags: u16,
+    },
 }
 
 /// The grant table: entries in memory that Xen reads (on real Xen the grant-table frames mapped
@@ -220,10 +225,12 @@ impl GrantSharer {
         GrantSharer { table, backend: backend_domid, runs: BTreeMap::new(), used: 0 }
     }
 
+    /// The domain the references are granted to.
     pub fn backend_domid(&self) -> u16 {
         self.backend
     }
 
+    /// The grant table.
     pub fn table(&self) -> &GrantTable {
         &self.table
     }

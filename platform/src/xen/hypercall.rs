@@ -27,6 +27,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// Xen does with a pointer argument depends on the op. Callers outside this module should use
 /// the typed wrappers, which pass only pointers to live structs of the layout the op expects.
 pub trait Hypercall: Send + Sync {
+    /// Issues hypercall `op` with `args`; Xen's result.
     fn hypercall(&self, op: u64, args: [u64; 5]) -> i64;
 }
 
@@ -65,11 +66,17 @@ impl Hypercall for HvcHypercall {
 
 /// Hypercall numbers (xen.h).
 pub mod op {
+    /// `__HYPERVISOR_memory_op`.
     pub const MEMORY_OP: u64 = 12;
+    /// `__HYPERVISOR_xen_version`.
     pub const XEN_VERSION: u64 = 17;
+    /// `__HYPERVISOR_console_io`.
     pub const CONSOLE_IO: u64 = 18;
+    /// `__HYPERVISOR_grant_table_op`.
     pub const GRANT_TABLE_OP: u64 = 20;
+    /// `__HYPERVISOR_sched_op`.
     pub const SCHED_OP: u64 = 29;
+    /// `__HYPERVISOR_event_channel_op`.
     pub const EVENT_CHANNEL_OP: u64 = 32;
 }
 
@@ -83,6 +90,7 @@ pub mod xenver {
 
 /// `XENFEAT_*` bit numbers in submap 0 (features.h).
 pub mod xenfeat {
+    /// The guest's physmap is translated by Xen.
     pub const AUTO_TRANSLATED_PHYSMAP: u32 = 2;
     /// The domain's own pages have gfn != mfn (set by Xen >= 4.15 on ARM).
     pub const NOT_DIRECT_MAPPED: u32 = 16;
@@ -102,46 +110,70 @@ pub const EVTCHNOP_SEND: u64 = 4;
 pub const XENMEM_ADD_TO_PHYSMAP: u64 = 7;
 /// `XENMAPSPACE_*` (memory.h).
 pub const XENMAPSPACE_SHARED_INFO: u32 = 0;
+/// XENMAPSPACE_grant_table: grant-table frames.
 pub const XENMAPSPACE_GRANT_TABLE: u32 = 1;
 /// "Oneself" wherever a domid is asked for (xen.h).
 pub const DOMID_SELF: u16 = 0x7FF0;
 
 /// `GNTTABOP_*` (grant_table.h): args cmd, pointer to an array of op structs, count.
 pub mod gnttabop {
+    /// GNTTABOP_map_grant_ref.
     pub const MAP_GRANT_REF: u64 = 0;
+    /// GNTTABOP_unmap_grant_ref.
     pub const UNMAP_GRANT_REF: u64 = 1;
+    /// GNTTABOP_setup_table.
     pub const SETUP_TABLE: u64 = 2;
+    /// GNTTABOP_copy.
     pub const COPY: u64 = 5;
+    /// GNTTABOP_query_size.
     pub const QUERY_SIZE: u64 = 6;
 }
 
 /// `GNTMAP_*` flags of `struct gnttab_map_grant_ref` (grant_table.h).
 pub mod gntmap {
+    /// Map for device (bus) access.
     pub const DEVICE_MAP: u32 = 1 << 0;
+    /// Map into the caller's address space.
     pub const HOST_MAP: u32 = 1 << 1;
+    /// Map read-only.
     pub const READONLY: u32 = 1 << 2;
 }
 
 /// `GNTCOPY_*` flags of `struct gnttab_copy` (grant_table.h).
 pub mod gntcopy {
+    /// The source is a grant reference.
     pub const SOURCE_GREF: u16 = 1 << 0;
+    /// The destination is a grant reference.
     pub const DEST_GREF: u16 = 1 << 1;
 }
 
 /// `GNTST_*` status codes (grant_table.h).
 pub mod gntst {
+    /// Success.
     pub const OKAY: i16 = 0;
+    /// Unspecified error.
     pub const GENERAL_ERROR: i16 = -1;
+    /// Unrecognised domain id.
     pub const BAD_DOMAIN: i16 = -2;
+    /// Unrecognised or inappropriate grant reference.
     pub const BAD_GNTREF: i16 = -3;
+    /// Unrecognised or inappropriate handle.
     pub const BAD_HANDLE: i16 = -4;
+    /// Inappropriate virtual address to map.
     pub const BAD_VIRT_ADDR: i16 = -5;
+    /// Inappropriate device address to unmap.
     pub const BAD_DEV_ADDR: i16 = -6;
+    /// Out of space in the I/O MMU.
     pub const NO_DEVICE_SPACE: i16 = -7;
+    /// Not enough privilege for the operation.
     pub const PERMISSION_DENIED: i16 = -8;
+    /// The specified page was invalid.
     pub const BAD_PAGE: i16 = -9;
+    /// The copy arguments cross a page boundary.
     pub const BAD_COPY_ARG: i16 = -10;
+    /// The page address is too big.
     pub const ADDRESS_TOO_BIG: i16 = -11;
+    /// The operation is not done yet; try again.
     pub const EAGAIN: i16 = -12;
 }
 
@@ -149,11 +181,24 @@ pub mod gntst {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XenError {
     /// The hypercall returned a negative errno value (Xen's public errno.h).
-    Errno { op: &'static str, errno: i64 },
+    Errno {
+        /// The operation.
+        op: &'static str,
+        /// The negative errno value.
+        errno: i64,
+    },
     /// A grant-table operation's per-op status (`GNTST_*`).
-    GrantStatus { op: &'static str, status: i16 },
+    GrantStatus {
+        /// The operation.
+        op: &'static str,
+        /// Its `GNTST_*` status.
+        status: i16,
+    },
     /// The request cannot be expressed in the hypercall (e.g. a count above `u32::MAX`).
-    TooLarge { op: &'static str },
+    TooLarge {
+        /// The operation.
+        op: &'static str,
+    },
 }
 
 impl fmt::Display for XenError {
@@ -180,6 +225,7 @@ pub struct XenFeatureInfo {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct SchedShutdown {
+    /// A `SHUTDOWN_*` reason.
     pub reason: u32,
 }
 
@@ -188,9 +234,13 @@ pub struct SchedShutdown {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct SchedPoll {
+    /// Guest handle to the array of ports.
     pub ports: u64,
+    /// Number of ports.
     pub nr_ports: u32,
+    /// Padding.
     pub _pad: u32,
+    /// Absolute timeout in Xen system time (0: none).
     pub timeout: u64,
 }
 
@@ -198,6 +248,7 @@ pub struct SchedPoll {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct EvtchnSend {
+    /// The port to signal.
     pub port: u32,
 }
 
@@ -205,6 +256,7 @@ pub struct EvtchnSend {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct XenAddToPhysmap {
+    /// The domain whose physmap changes ([`DOMID_SELF`]).
     pub domid: u16,
     /// Pages for `XENMAPSPACE_gmfn_range`; 0 otherwise.
     pub size: u16,
@@ -220,15 +272,19 @@ pub struct XenAddToPhysmap {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GnttabMapGrantRef {
+    /// Where to map the page (with `GNTMAP_host_map`).
     pub host_addr: u64,
     /// `GNTMAP_*`.
     pub flags: u32,
+    /// The grant reference.
     pub ref_: u32,
+    /// The granting domain.
     pub dom: u16,
     /// OUT: `GNTST_*`.
     pub status: i16,
     /// OUT: tracking handle for the unmap.
     pub handle: u32,
+    /// OUT: the bus address (with `GNTMAP_device_map`).
     pub dev_bus_addr: u64,
 }
 
@@ -236,11 +292,15 @@ pub struct GnttabMapGrantRef {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GnttabUnmapGrantRef {
+    /// The address it was mapped at.
     pub host_addr: u64,
+    /// The bus address it was mapped at.
     pub dev_bus_addr: u64,
+    /// The handle the map returned.
     pub handle: u32,
     /// OUT: `GNTST_*`.
     pub status: i16,
+    /// Padding.
     pub _pad: u16,
 }
 
@@ -248,13 +308,19 @@ pub struct GnttabUnmapGrantRef {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GnttabSetupTable {
+    /// The domain whose table is set up ([`DOMID_SELF`]).
     pub dom: u16,
+    /// Padding.
     pub _pad0: u16,
+    /// Frames asked for.
     pub nr_frames: u32,
     /// OUT: `GNTST_*`.
     pub status: i16,
+    /// Padding.
     pub _pad1: u16,
+    /// Padding.
     pub _pad2: u32,
+    /// Guest handle to the frame list (OUT).
     pub frame_list: u64,
 }
 
@@ -263,9 +329,13 @@ pub struct GnttabSetupTable {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GnttabCopyPtr {
+    /// A grant reference or a frame number (see the flags).
     pub u: u64,
+    /// The domain.
     pub domid: u16,
+    /// Byte offset in the page.
     pub offset: u16,
+    /// Padding.
     pub _pad: u32,
 }
 
@@ -284,13 +354,17 @@ impl GnttabCopyPtr {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GnttabCopy {
+    /// Where to copy from.
     pub source: GnttabCopyPtr,
+    /// Where to copy to.
     pub dest: GnttabCopyPtr,
+    /// Bytes to copy.
     pub len: u16,
     /// `GNTCOPY_*`.
     pub flags: u16,
     /// OUT: `GNTST_*`.
     pub status: i16,
+    /// Padding.
     pub _pad: u16,
 }
 
@@ -298,7 +372,9 @@ pub struct GnttabCopy {
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct GnttabQuerySize {
+    /// The domain whose table is asked about ([`DOMID_SELF`]).
     pub dom: u16,
+    /// Padding.
     pub _pad0: u16,
     /// OUT.
     pub nr_frames: u32,
@@ -306,6 +382,7 @@ pub struct GnttabQuerySize {
     pub max_nr_frames: u32,
     /// OUT: `GNTST_*`.
     pub status: i16,
+    /// Padding.
     pub _pad1: u16,
 }
 
@@ -337,8 +414,11 @@ const _: () = {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum ShutdownReason {
+    /// SHUTDOWN_poweroff.
     Poweroff = 0,
+    /// SHUTDOWN_reboot.
     Reboot = 1,
+    /// SHUTDOWN_crash.
     Crash = 3,
 }
 

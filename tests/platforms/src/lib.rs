@@ -12,18 +12,21 @@ use tipc::stack::PlatformAccess;
 use trusty_model::host::{ModelMode, Sim, Stage2};
 use trusty_model::model::Path;
 use trusty_model::ModelConfig;
-use vm_fdt::FdtWriter;
+use trusty_platform::dtb::{DeviceTree, Writer};
 
 /// Guest RAM base of a Xen DomU (GUEST_RAM0_BASE) and of QEMU's `virt` machine.
 pub const RAM_IPA_BASE: u64 = 0x4000_0000;
 /// Where a DomU's RAM really is in the simulated machine: not where the guest thinks.
 pub const DOMU_PA_BASE: u64 = 0x8_8000_0000;
-/// XENFEAT bits (xen/include/public/features.h).
+/// XENFEAT bits (xen/include/public/features.h): XENFEAT_not_direct_mapped.
 pub const XENFEAT_NOT_DIRECT_MAPPED: u32 = 1 << 16;
+/// XENFEAT_direct_mapped: the domain's own pages have gfn == mfn.
 pub const XENFEAT_DIRECT_MAPPED: u32 = 1 << 17;
 /// The Trusty VM's domain id and event channels in the trusty-vm profile.
 pub const TRUSTY_VM_DOMID: u16 = 1;
+/// The event channel that signals a call in the trusty-vm profile.
 pub const TRUSTY_VM_CALL_EVTCHN: u32 = 10;
+/// The event channel that asks for a vring kick in the trusty-vm profile.
 pub const TRUSTY_VM_KICK_EVTCHN: u32 = 11;
 /// The guest's own domain id in the DomU profiles.
 pub const GUEST_DOMID: u16 = 2;
@@ -31,16 +34,22 @@ pub const GUEST_DOMID: u16 = 2;
 /// What the simulated machine really is.
 #[derive(Clone, Debug)]
 pub struct Machine {
+    /// How the guest's addresses map to physical ones.
     pub stage2: Stage2,
+    /// The Trusty behind the normal world.
     pub model: ModelConfig,
 }
 
 /// A named platform: the guest's device tree and the machine behind it.
 #[derive(Clone, Debug)]
 pub struct Profile {
+    /// Its name (`--platform`).
     pub name: String,
+    /// One line on what it stands for.
     pub description: &'static str,
+    /// The flattened device tree the guest boots with.
     pub fdt: Vec<u8>,
+    /// The machine behind it.
     pub machine: Machine,
 }
 
@@ -222,7 +231,7 @@ fn path_name(p: Path) -> &'static str {
 }
 
 fn build(s: Spec) -> Profile {
-    let fdt = write_fdt(&s).expect("profile device tree");
+    let fdt = write_fdt(&s);
     let model = ModelConfig {
         path: s.path,
         max_api_version: s.api,
@@ -235,86 +244,86 @@ fn build(s: Spec) -> Profile {
     Profile { name: s.name.into(), description: s.description, fdt, machine: Machine { stage2: s.stage2, model } }
 }
 
-fn write_fdt(s: &Spec) -> Result<Vec<u8>, vm_fdt::Error> {
-    let mut w = FdtWriter::new()?;
-    let root = w.begin_node("")?;
-    w.property_string("compatible", "linux,dummy-virt")?;
-    w.property_u32("#address-cells", 2)?;
-    w.property_u32("#size-cells", 2)?;
-    let chosen = w.begin_node("chosen")?;
+fn write_fdt(s: &Spec) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.begin_node("");
+    w.property_str("compatible", "linux,dummy-virt");
+    w.property_u32("#address-cells", 2);
+    w.property_u32("#size-cells", 2);
+    w.begin_node("chosen");
     if let Some(domid) = s.view.domid {
-        w.property_u32("trusty-ipc-stack,domid", u32::from(domid))?;
+        w.property_u32("trusty-ipc-stack,domid", u32::from(domid));
     }
-    w.end_node(chosen)?;
-    let mem = w.begin_node(&format!("memory@{RAM_IPA_BASE:x}"))?;
-    w.property_string("device_type", "memory")?;
-    w.property_array_u64("reg", &[RAM_IPA_BASE, RAM_SIZE])?;
-    w.end_node(mem)?;
+    w.end_node();
+    w.begin_node(&format!("memory@{RAM_IPA_BASE:x}"));
+    w.property_str("device_type", "memory");
+    w.property_u64s("reg", &[RAM_IPA_BASE, RAM_SIZE]);
+    w.end_node();
     if s.view.xen {
         // As Xen describes itself to a guest with PV interfaces (xen,enhanced): grant-table
         // area, event-channel PPI.
-        let hyp = w.begin_node("hypervisor")?;
-        w.property_string_list("compatible", vec!["xen,xen-4.17".into(), "xen,xen".into()])?;
-        w.property_array_u64("reg", &[0x3800_0000, 0x0100_0000])?;
-        w.property_array_u32("interrupts", &[1, 15, 0xf08])?;
-        w.end_node(hyp)?;
+        w.begin_node("hypervisor");
+        w.property_strs("compatible", &["xen,xen-4.17", "xen,xen"]);
+        w.property_u64s("reg", &[0x3800_0000, 0x0100_0000]);
+        w.property_u32s("interrupts", &[1, 15, 0xf08]);
+        w.end_node();
     }
     if s.view.trusty_node {
-        let t = w.begin_node("trusty")?;
-        w.property_string("compatible", "android,trusty-smc-v1")?;
+        w.begin_node("trusty");
+        w.property_str("compatible", "android,trusty-smc-v1");
         if s.view.trusty_mediator {
-            w.property_null(trusty_platform::facts::IPA_REWRITING_MEDIATOR_PROP)?;
+            w.property_null(trusty_platform::facts::IPA_REWRITING_MEDIATOR_PROP);
         }
-        let v = w.begin_node("virtio")?;
-        w.property_string("compatible", "android,trusty-virtio-v1")?;
-        w.end_node(v)?;
-        w.end_node(t)?;
+        w.begin_node("virtio");
+        w.property_str("compatible", "android,trusty-virtio-v1");
+        w.end_node();
+        w.end_node();
     }
     if s.view.trusty_vm {
-        let t = w.begin_node("trusty-vm")?;
-        w.property_string("compatible", "trusty-ipc-stack,trusty-vm-v1")?;
-        w.property_u32("backend-domid", u32::from(TRUSTY_VM_DOMID))?;
-        w.property_u32("call-evtchn", TRUSTY_VM_CALL_EVTCHN)?;
-        w.property_u32("kick-evtchn", TRUSTY_VM_KICK_EVTCHN)?;
-        w.end_node(t)?;
+        w.begin_node("trusty-vm");
+        w.property_str("compatible", "trusty-ipc-stack,trusty-vm-v1");
+        w.property_u32("backend-domid", u32::from(TRUSTY_VM_DOMID));
+        w.property_u32("call-evtchn", TRUSTY_VM_CALL_EVTCHN);
+        w.property_u32("kick-evtchn", TRUSTY_VM_KICK_EVTCHN);
+        w.end_node();
     }
-    let sim = w.begin_node(SIM_NODE)?;
-    w.property_string("profile", s.name)?;
-    w.property_string("path", path_name(s.path))?;
+    w.begin_node(SIM_NODE);
+    w.property_str("profile", s.name);
+    w.property_str("path", path_name(s.path));
     if let Path::XenVm { domid } = s.path {
-        w.property_u32("trusty-domid", u32::from(domid))?;
+        w.property_u32("trusty-domid", u32::from(domid));
     }
     match s.stage2 {
-        Stage2::Identity => w.property_string("stage2", "identity")?,
+        Stage2::Identity => w.property_str("stage2", "identity"),
         Stage2::Translated { pa_base } => {
-            w.property_string("stage2", "translated")?;
-            w.property_u64("pa-base", pa_base)?;
+            w.property_str("stage2", "translated");
+            w.property_u64("pa-base", pa_base);
         }
     }
-    w.property_u32("api", s.api)?;
+    w.property_u32("api", s.api);
     if s.ffa {
-        w.property_null("ffa")?;
+        w.property_null("ffa");
     }
     if let Some(cap) = s.share_cap {
-        w.property_u32("share-cap", cap as u32)?;
+        w.property_u32("share-cap", cap as u32);
     }
     if let Some(f) = s.xen_features {
-        w.property_u32("xen-features", f)?;
+        w.property_u32("xen-features", f);
     }
-    w.property_u32("ns-endpoint-id", u32::from(s.ns_endpoint_id))?;
-    w.end_node(sim)?;
-    w.end_node(root)?;
+    w.property_u32("ns-endpoint-id", u32::from(s.ns_endpoint_id));
+    w.end_node();
+    w.end_node();
     w.finish()
 }
 
 /// A profile from a DTB file: the machine comes from its `/trusty-ipc-stack-sim` node.
 pub fn from_dtb(bytes: &[u8]) -> Result<Profile, String> {
-    let fdt = fdt::Fdt::new(bytes).map_err(|e| format!("not a device tree: {e:?}"))?;
-    let sim = fdt
-        .find_node(&format!("/{SIM_NODE}"))
+    let tree = DeviceTree::parse(bytes).map_err(|_| "not a device tree".to_string())?;
+    let sim = tree
+        .find(&format!("/{SIM_NODE}"))
         .ok_or_else(|| format!("the device tree has no /{SIM_NODE} node describing the simulated machine"))?;
-    let str_prop = |n: &str| sim.property(n).and_then(|p| p.as_str()).map(str::to_owned);
-    let u32_prop = |n: &str| sim.property(n).and_then(|p| p.as_usize()).map(|v| v as u32);
+    let str_prop = |n: &str| tree.property_str(sim, n).map(str::to_owned);
+    let u32_prop = |n: &str| tree.property_u64(sim, n).map(|v| v as u32);
     let path = match str_prop("path").as_deref() {
         Some("direct") => Path::Direct,
         Some("xen-ffa-mediator") => Path::XenFfaMediator,
@@ -326,14 +335,14 @@ pub fn from_dtb(bytes: &[u8]) -> Result<Profile, String> {
     let stage2 = match str_prop("stage2").as_deref() {
         Some("identity") | None => Stage2::Identity,
         Some("translated") => Stage2::Translated {
-            pa_base: sim.property("pa-base").and_then(|p| p.as_usize()).map_or(DOMU_PA_BASE, |v| v as u64),
+            pa_base: tree.property_u64(sim, "pa-base").unwrap_or(DOMU_PA_BASE),
         },
         Some(other) => return Err(format!("unknown stage2 '{other}' in /{SIM_NODE}")),
     };
     let model = ModelConfig {
         path,
         max_api_version: u32_prop("api").unwrap_or(5),
-        ffa: sim.property("ffa").is_some(),
+        ffa: tree.property(sim, "ffa").is_some(),
         share_cap: u32_prop("share-cap").map(|c| c as usize),
         xen_features: u32_prop("xen-features"),
         ns_endpoint_id: u32_prop("ns-endpoint-id").unwrap_or(0) as u16,

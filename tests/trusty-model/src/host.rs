@@ -30,7 +30,10 @@ pub enum Stage2 {
     Identity,
     /// A DomU's RAM: the 2 MiB blocks of guest RAM lie, in reverse order, at `pa_base`, an
     /// address range that is not guest RAM, so an IPA read as a PA misses.
-    Translated { pa_base: u64 },
+    Translated {
+        /// Where the blocks lie in physical address space.
+        pa_base: u64,
+    },
 }
 
 /// Guest RAM: one page-aligned host allocation that stands for the normal world's RAM at
@@ -113,7 +116,7 @@ impl GuestRam {
         pages: usize,
         keep: Box<dyn Send + Sync>,
     ) -> Option<ForeignPages> {
-        if pages == 0 || !(ptr.as_ptr() as usize).is_multiple_of(PAGE_SIZE) {
+        if pages == 0 || (ptr.as_ptr() as usize) % PAGE_SIZE != 0 {
             return None;
         }
         let len = pages.checked_mul(PAGE_SIZE)?;
@@ -169,10 +172,12 @@ impl GuestRam {
         None
     }
 
+    /// The guest address of the first page.
     pub fn ipa_base(&self) -> u64 {
         self.ipa_base
     }
 
+    /// How guest addresses map to physical ones.
     pub fn stage2(&self) -> Stage2 {
         self.stage2
     }
@@ -230,7 +235,7 @@ impl GuestRam {
 
     /// Runs `f` on an aligned pointer to the word at `pa`.
     fn with_word<T, R>(&self, pa: u64, f: impl FnOnce(*mut T) -> R) -> Option<R> {
-        if !pa.is_multiple_of(std::mem::align_of::<T>() as u64) {
+        if pa % std::mem::align_of::<T>() as u64 != 0 {
             return None;
         }
         self.with_pa(pa, std::mem::size_of::<T>(), |p| f(p.cast()))
@@ -310,6 +315,7 @@ impl ForeignPages {
     pub fn vaddr(&self) -> std::ptr::NonNull<u8> {
         self.ptr
     }
+    /// How many pages are attached.
     pub fn pages(&self) -> usize {
         self.pages
     }
@@ -331,6 +337,7 @@ pub struct RamAllocator {
 }
 
 impl RamAllocator {
+    /// Allocates pages of `ram`.
     pub fn new(ram: Arc<GuestRam>) -> Self {
         RamAllocator { ram }
     }
@@ -378,6 +385,7 @@ pub struct StdClock {
 }
 
 impl StdClock {
+    /// A clock starting now.
     pub fn new() -> Arc<StdClock> {
         Arc::new(StdClock { origin: Instant::now() })
     }
@@ -520,15 +528,19 @@ impl Sim {
         }
     }
 
+    /// The conduit the stack calls through.
     pub fn conduit(&self) -> Arc<dyn Conduit> {
         self.conduit.clone()
     }
+    /// The clock.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
     }
+    /// A page allocator over the guest RAM.
     pub fn allocator(&self) -> Box<dyn PageAllocator> {
         Box::new(RamAllocator::new(self.ram.clone()))
     }
+    /// The guest RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
     }

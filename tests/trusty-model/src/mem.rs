@@ -26,11 +26,17 @@ pub trait PhysMem: Send + Sync {
     fn read(&self, pa: u64, out: &mut [u8]) -> bool;
     /// Copies in; `false` if the range is not RAM.
     fn write(&self, pa: u64, data: &[u8]) -> bool;
+    /// Reads a little-endian u16; `None` if not RAM.
     fn read_u16(&self, pa: u64) -> Option<u16>;
+    /// Writes a little-endian u16; `false` if not RAM.
     fn write_u16(&self, pa: u64, v: u16) -> bool;
+    /// Reads a little-endian u32; `None` if not RAM.
     fn read_u32(&self, pa: u64) -> Option<u32>;
+    /// Writes a little-endian u32; `false` if not RAM.
     fn write_u32(&self, pa: u64, v: u32) -> bool;
+    /// Reads a little-endian u64; `None` if not RAM.
     fn read_u64(&self, pa: u64) -> Option<u64>;
+    /// Writes a little-endian u64; `false` if not RAM.
     fn write_u64(&self, pa: u64, v: u64) -> bool;
 }
 
@@ -42,6 +48,7 @@ pub struct Fault {
     pub mechanism: &'static str,
     /// The id or address the normal world handed over.
     pub addr: u64,
+    /// What went wrong.
     pub what: String,
 }
 
@@ -63,10 +70,15 @@ struct Share {
 /// Counters about shares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShareStats {
+    /// Shares live now.
     pub live: usize,
+    /// Most shares live at once.
     pub max_live: usize,
+    /// Shares made.
     pub shared_total: u64,
+    /// Shares reclaimed.
     pub reclaimed: u64,
+    /// Reclaims refused.
     pub denied_reclaims: u64,
     /// MEM_SHARE refused because the share cap was reached.
     pub over_cap: u64,
@@ -85,7 +97,10 @@ pub enum IdScheme {
     /// API 5: an FF-A handle.
     FfaHandle,
     /// Trusty is Xen domain `domid`: ids are grant references of the guest `guest_domid`.
-    Grant { domid: u16 },
+    Grant {
+        /// The domain the secure side is (grants must name it).
+        domid: u16,
+    },
 }
 
 impl IdScheme {
@@ -106,6 +121,7 @@ pub trait GrantMapper: Send {
     /// Maps reference `gref`, read-only unless `write`. Returns the page's address as
     /// [`PhysMem`] reaches it and a handle for `unmap`, or why not.
     fn map(&mut self, gref: u32, write: bool) -> Result<(u64, u32), GrantMapError>;
+    /// Unmaps what `map` returned.
     fn unmap(&mut self, addr: u64, handle: u32);
 }
 
@@ -154,6 +170,7 @@ pub struct ShareTable {
 pub type FfaErr = i32;
 
 impl ShareTable {
+    /// A table over `phys`, refusing shares beyond `cap` live ones (`None`: no cap).
     pub fn new(phys: Arc<dyn PhysMem>, cap: Option<usize>) -> Self {
         ShareTable {
             phys,
@@ -180,6 +197,7 @@ impl ShareTable {
         self.scheme = scheme;
     }
 
+    /// How ids are read.
     pub fn scheme(&self) -> IdScheme {
         self.scheme
     }
@@ -224,14 +242,17 @@ impl ShareTable {
         }
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> ShareStats {
         self.stats
     }
 
+    /// Every fault recorded.
     pub fn faults(&self) -> &[Fault] {
         &self.faults
     }
 
+    /// Records a fault (unless faults are being ignored).
     pub fn fault(&mut self, mechanism: &'static str, addr: u64, what: String) {
         if self.quiet {
             return;
@@ -561,6 +582,7 @@ pub struct HostGrantTable {
 }
 
 impl HostGrantTable {
+    /// The grant table of `entries` entries at guest address `table_ipa`, for domain `domid`.
     pub fn new(phys: Arc<dyn PhysMem>, table_ipa: u64, entries: u32, domid: u16) -> Self {
         HostGrantTable { phys, table: (table_ipa, entries), domid }
     }
@@ -610,14 +632,17 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// The id the share was mapped by.
     pub fn id(&self) -> u64 {
         self.id
     }
 
+    /// Bytes mapped.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// No bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -30,7 +30,10 @@ pub enum Path {
     TrustyMediator,
     /// Trusty is Xen domain `domid`, reached through a mailbox and event channels; it maps only
     /// what the guest grants it. SMCs from the guest go nowhere.
-    XenVm { domid: u16 },
+    XenVm {
+        /// Trusty's domain.
+        domid: u16,
+    },
     /// Xen without a mediator: every Trusty and FF-A call is refused.
     XenNoPath,
 }
@@ -59,6 +62,7 @@ impl Variant {
         }
     }
 
+    /// `upstream` or `nxp`.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Upstream => "upstream",
@@ -77,6 +81,7 @@ pub struct ModelConfig {
     pub path: Path,
     /// Highest API version it speaks (spec §2.4).
     pub max_api_version: u32,
+    /// The version string it reports.
     pub version: String,
     /// Whether an FF-A SPMC answers FF-A calls (memory sharing by handle).
     pub ffa: bool,
@@ -151,6 +156,7 @@ pub struct Injection {
     /// `mailbox_slow_std_calls` standard calls taken from the mailbox are executed at once but
     /// answered `mailbox_delay_ms` later. Not a Trusty behaviour: a test of the transport.
     pub mailbox_slow_std_calls: u32,
+    /// How late those calls are answered.
     pub mailbox_delay_ms: u64,
     /// A hung Trusty VM: requests are seen (and counted) but never executed or answered.
     pub mailbox_silent: bool,
@@ -164,13 +170,19 @@ pub struct Injection {
 /// Counters of the whole model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ModelStats {
+    /// Every call that reached the model.
     pub smcs: u64,
     /// Calls with Trusty's own function ids (not FF-A).
     pub plain_trusty_smcs: u64,
+    /// FF-A calls.
     pub ffa_calls: u64,
+    /// Fast calls.
     pub fast_calls: u64,
+    /// Standard calls.
     pub std_calls: u64,
+    /// NOP calls.
     pub nops: u64,
+    /// Vring kicks.
     pub kicks: u64,
     /// Trusty SMCs the hypervisor refused before they reached Trusty.
     pub refused_smcs: u64,
@@ -180,7 +192,9 @@ pub struct ModelStats {
     pub mailbox_calls: u64,
     /// Mailbox requests a hung VM (`Injection::mailbox_silent`) saw and never answered.
     pub mailbox_unanswered: u64,
+    /// Share counters.
     pub shares: ShareStats,
+    /// TIPC device counters.
     pub tipc: TipcDevStats,
 }
 
@@ -232,6 +246,7 @@ pub struct Model {
     mailbox_seen: u32,
     /// The answer of a direct request preempted by FFA_INTERRUPT, returned by the next FFA_RUN.
     ffa_resumed: Option<[u64; 8]>,
+    /// Misbehaviour to inject.
     pub inject: Injection,
     stats: ModelStats,
 }
@@ -306,10 +321,12 @@ impl Model {
             .build()
     }
 
+    /// What kind of Trusty it is.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> ModelStats {
         let mut s = self.stats;
         s.shares = self.shares.stats();
@@ -322,6 +339,7 @@ impl Model {
         self.shares.faults()
     }
 
+    /// Trusty has panicked.
     pub fn panicked(&self) -> bool {
         self.panicked
     }

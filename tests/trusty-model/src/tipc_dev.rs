@@ -72,10 +72,15 @@ pub struct TipcInjection {
 /// Counters of the device side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TipcDevStats {
+    /// Frames the normal world sent.
     pub frames_from_ns: u64,
+    /// Frames sent to the normal world.
     pub frames_to_ns: u64,
+    /// Frames from the normal world answered with an error status.
     pub refused_from_ns: u64,
+    /// Messages dropped by injection.
     pub dropped_on_purpose: u64,
+    /// RELEASE messages sent.
     pub releases_sent: u64,
     /// Messages lost because the normal world posted an unusable rx buffer.
     pub lost_to_bad_buffers: u64,
@@ -90,6 +95,7 @@ pub struct TipcDev {
     to_ns: Option<Ring>,
     endpoints: Vec<Option<Endpoint>>,
     outbox: VecDeque<Outgoing>,
+    /// Misbehaviour to inject.
     pub inject: TipcInjection,
     stats: TipcDevStats,
     /// The device's virtio notifyids of its rings (1 and 2 for the default device).
@@ -99,6 +105,7 @@ pub struct TipcDev {
 }
 
 impl TipcDev {
+    /// Device `devid`, reset.
     pub fn new(devid: u32) -> Self {
         TipcDev {
             devid,
@@ -113,14 +120,17 @@ impl TipcDev {
         }
     }
 
+    /// The device id.
     pub fn devid(&self) -> u32 {
         self.devid
     }
 
+    /// The rings are set up.
     pub fn active(&self) -> bool {
         self.from_ns.is_some()
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> TipcDevStats {
         self.stats
     }
@@ -192,6 +202,7 @@ impl TipcDev {
     pub fn queue_ctrl(&mut self, msg: Ctrl) {
         self.outbox.push_back(Outgoing::Ctrl(msg));
     }
+    /// Queues a malformed frame to send.
     pub fn queue_malformed(&mut self, kind: Malformed) {
         self.outbox.push_back(Outgoing::Bad(kind));
     }
@@ -461,7 +472,7 @@ impl TipcDev {
     fn flush_to_ns(&mut self, shares: &mut ShareTable, ipc: &mut Ipc) -> bool {
         let mut any = false;
         loop {
-            if self.to_ns.as_ref().is_none_or(|r| !r.queue.has_avail(&r.mem)) {
+            if self.to_ns.as_ref().map_or(true, |r| !r.queue.has_avail(&r.mem)) {
                 return any;
             }
             if let Some(out) = self.outbox.pop_front() {

@@ -109,7 +109,7 @@ fn handshake(fd: OwnedFd) -> Result<OwnedFd, String> {
     sys::send_iov_fds(fd.as_raw_fd(), &iov, &[]).map_err(|e| format!("send port name: errno {e}"))?;
     let mut st = 0u8;
     // SAFETY: one byte into a local.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut st).cast(), 1) };
+    let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(st).cast(), 1) };
     if n != 1 {
         return Err("no status byte: connect failed".into());
     }

@@ -51,6 +51,7 @@ pub struct MemrefReceiver {
 }
 
 impl MemrefReceiver {
+    /// The service before its port is published.
     pub fn new() -> Self {
         MemrefReceiver { port: None, chan: None, leaked: Vec::new() }
     }
@@ -147,7 +148,9 @@ pub const UNITTEST_CTRL_PORT: &str = "com.android.ipc-unittest.ctrl";
 /// First byte of every message on the control channel (lib/unittest `enum
 /// test_message_header`).
 pub const TEST_PASSED: u8 = 0;
+/// The test failed.
 pub const TEST_FAILED: u8 = 1;
+/// Text for the test log follows.
 pub const TEST_MESSAGE: u8 = 2;
 
 /// Longest message `_tlog()` sends: a 256-byte buffer, header included.
@@ -172,6 +175,7 @@ pub struct UnittestCtrl {
 }
 
 impl UnittestCtrl {
+    /// The control service before its port is published.
     pub fn new() -> Self {
         UnittestCtrl { port: None, out: Vec::new(), runs: 0 }
     }

@@ -584,7 +584,7 @@ fn channel_ids_are_never_reused() {
     let mut last = None;
     for _ in 0..10 {
         let chan = ipc.connect_ns(&srv("uuid"), 0).unwrap();
-        assert!(last.is_none_or(|l| chan > l));
+        assert!(last.map_or(true, |l| chan > l));
         last = Some(chan);
         ipc.run(0);
         drain(&mut ipc);
