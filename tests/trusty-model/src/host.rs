@@ -756,7 +756,10 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
     let page = page.ptr();
     // SAFETY (for the accesses below): `page` is the 4 KiB page this thread holds alive; every
     // offset is a protocol constant inside it and aligned for its word size.
-    let word32 = |off: usize| -> u32 { u32::from_le(unsafe { page.add(off).cast::<u32>().read_volatile() }) };
+    let word32 = |off: usize| -> u32 {
+        // SAFETY: see above.
+        u32::from_le(unsafe { page.add(off).cast::<u32>().read_volatile() })
+    };
     let mut served = 0u32;
     let mut idle_since: Option<u64> = None;
     let mut polls = 0u32;
