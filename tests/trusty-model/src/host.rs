@@ -485,7 +485,7 @@ pub struct Sim {
     model: Arc<Mutex<Model>>,
     conduit: Arc<dyn Conduit>,
     thread: Option<(mpsc::Sender<Request>, thread::JoinHandle<()>)>,
-    cores: Option<CoresThread>,
+    cores: Option<Box<CoresThread>>,
 }
 
 /// Physical address of simulated guest RAM (as in QEMU's `virt` machine).
@@ -512,7 +512,7 @@ impl Sim {
             }
             ModelMode::Cores => {
                 let (conduit, cores) = CoresThread::spawn(model.clone(), clock.clone());
-                Sim { ram, clock, model, conduit, thread: None, cores: Some(cores) }
+                Sim { ram, clock, model, conduit, thread: None, cores: Some(Box::new(cores)) }
             }
             ModelMode::Threaded => {
                 let (tx, rx) = mpsc::channel();
