@@ -61,5 +61,15 @@ cargo build --locked --release -p tipc-test
 ./target/release/tipc-test -t echo -r 1000 -m 4000 -s
 ./target/release/tipc-test --platform xen-domu-ffa-mediator -D sim-threaded -t all -s
 ./target/release/tipc-test --platform xen-domu-trusty-vm -t all -s
+./target/release/tipc-test -D sim-cores -t all -s
+./target/release/tipc-test --platform xen-domu-trusty-vm -D sim-cores -t all -s
+
+step "bench smoke run (checks that it runs and its JSON keys, not timings)"
+cargo build --locked --release -p tipc-bench
+bench_json=$(./target/release/tipc-bench --quick --json)
+for key in reference.cacheline_rtt_ns reference.memcpy_ns.4000 echo.sim.16.p50_ns echo.cores.4000.p99_ns \
+    stream.cores.4000.mb_s calls_per_echo allocs_per_message; do
+    grep -q "\"$key\"" <<<"$bench_json" || { echo "tipc-bench --json lacks $key" >&2; exit 1; }
+done
 ./target/release/tipc-test -D sim -t all
 

@@ -34,6 +34,12 @@ impl Deadline {
         clock.now_ns() >= self.0
     }
 
+    /// Whether the deadline has passed at time `now_ns` (read by the caller from the same
+    /// clock), so that a loop can use one clock read for several decisions.
+    pub fn passed_at(&self, now_ns: u64) -> bool {
+        now_ns >= self.0
+    }
+
     /// Nanoseconds left until the deadline (0 once it has passed).
     pub fn remaining_ns(&self, clock: &dyn Clock) -> u64 {
         self.0.saturating_sub(clock.now_ns())

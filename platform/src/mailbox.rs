@@ -22,7 +22,7 @@ use core::ptr::NonNull;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 
-use crate::clock::{Clock, Deadline};
+use crate::clock::Clock;
 use crate::smc::{call, Conduit, SmError};
 
 /// "TIPC" in little-endian ASCII.
@@ -172,28 +172,78 @@ fn ret(code: SmError) -> [u64; 8] {
 /// merely descheduled for a moment.
 pub const FAST_CALL_MIN_WAIT_MS: u64 = 1000;
 
+/// How long a call spins on the response word before it relaxes between polls: long enough
+/// for a peer polling on another core (well under a microsecond) and for a short model step,
+/// short enough that a peer that sleeps costs little CPU.
+pub const SPIN_NS: u64 = 50_000;
+
+/// Polls of the response word between two clock reads while spinning.
+pub const SPIN_POLLS: u32 = 64;
+
+/// Most spin steps of one wait, whatever the clock says.
+pub const MAX_SPIN_STEPS: u32 = 4096;
+
 impl MailboxConduit {
+    /// Reads the answer if the response sequence word says request `seq` has been answered.
+    #[inline(always)]
+    fn answered(&self, seq: u32) -> Option<[u64; 8]> {
+        if self.read_u32(OFF_RSP_SEQ) != seq {
+            return None;
+        }
+        // Acquire pairs with the peer's Release before it stores the response sequence word
+        // (the model's `serve_mailbox`, the Trusty VM's answer): the response registers it
+        // wrote before that store are visible to the reads below.
+        fence(Ordering::Acquire);
+        let mut out = [0u64; 8];
+        for (i, r) in out.iter_mut().enumerate() {
+            *r = self.read_u64(OFF_RESPONSE + 8 * i);
+        }
+        Some(out)
+    }
+
     /// Waits for the answer to request `seq`: up to the timeout, or for a fast call at least
-    /// [`FAST_CALL_MIN_WAIT_MS`].
+    /// [`FAST_CALL_MIN_WAIT_MS`]. A peer polling on another core answers in well under a
+    /// microsecond, so the wait first spins for [`SPIN_NS`] (no sleep, no system call), then
+    /// falls back to [`Clock::relax`] between polls, so an idle wait burns no core. Each wait
+    /// step (one batch of [`SPIN_POLLS`] polls, or one relax) reads the clock once.
     fn wait_answer(&self, seq: u32, kind: Kind) -> Option<[u64; 8]> {
         let ms = match kind {
             Kind::Fast => self.timeout_ms.max(FAST_CALL_MIN_WAIT_MS),
             Kind::Nop | Kind::Std => self.timeout_ms,
         };
-        let deadline = Deadline::after_ms(&*self.clock, ms);
-        loop {
-            if self.read_u32(OFF_RSP_SEQ) == seq {
-                fence(Ordering::Acquire);
-                let mut out = [0u64; 8];
-                for (i, r) in out.iter_mut().enumerate() {
-                    *r = self.read_u64(OFF_RESPONSE + 8 * i);
-                }
+        // Polls before the first clock read: the common cross-core answer never reads the clock.
+        for _ in 0..SPIN_POLLS {
+            if let Some(out) = self.answered(seq) {
                 return Some(out);
             }
-            if deadline.expired(&*self.clock) {
-                return None;
+            core::hint::spin_loop();
+        }
+        let start = self.clock.now_ns();
+        let deadline = start.saturating_add(ms.saturating_mul(crate::clock::NS_PER_MS));
+        let spin_until = start.saturating_add(SPIN_NS);
+        // Also bounded by a count, so that a clock that only moves when time is let pass
+        // (a virtual clock, a stuck counter) still reaches `relax`.
+        let mut spin_steps = 0u32;
+        loop {
+            if let Some(out) = self.answered(seq) {
+                return Some(out);
             }
-            self.clock.relax();
+            let now = self.clock.now_ns();
+            if now >= deadline {
+                // One last look: the answer may have landed while the clock was read.
+                return self.answered(seq);
+            }
+            if now < spin_until && spin_steps < MAX_SPIN_STEPS {
+                spin_steps += 1;
+                for _ in 0..SPIN_POLLS {
+                    if let Some(out) = self.answered(seq) {
+                        return Some(out);
+                    }
+                    core::hint::spin_loop();
+                }
+            } else {
+                self.clock.relax();
+            }
         }
     }
 
@@ -202,9 +252,13 @@ impl MailboxConduit {
         for (i, r) in regs.iter().enumerate() {
             self.write_u64(OFF_REQUEST + 8 * i, *r);
         }
-        // The registers must be visible before the sequence number that publishes them.
+        // Release pairs with the peer's Acquire after it reads the request sequence word (the
+        // model's `serve_mailbox`): the registers must be visible before the sequence number
+        // that publishes them.
         fence(Ordering::Release);
         self.write_u32(OFF_REQ_SEQ, seq);
+        // The sequence word must be visible before the event (a peer woken by it must see the
+        // request); on Xen the hypercall is itself a barrier, on the host a wake-up is.
         fence(Ordering::SeqCst);
         self.events.notify(self.call_port);
     }

@@ -200,6 +200,15 @@ impl Ring {
 }
 
 
+/// How long after the last progress a wait keeps polling the rings between secure calls
+/// instead of pausing ([`Clock::relax`]): a peer on another core answers within microseconds;
+/// an idle wait then stops burning the core.
+pub const SPIN_NS: u64 = 50_000;
+/// Ring scans between two secure calls while polling.
+pub const SPIN_SCANS: u32 = 32;
+/// Most polling rounds between two pauses, whatever the clock says.
+pub const MAX_SPIN_ROUNDS: u32 = 256;
+
 /// One TIPC virtio device, brought up on a [`Bus`].
 pub struct TipcDevice {
     bus: Bus,
@@ -244,6 +253,11 @@ pub struct TipcDevice {
     foreign_leaked: Vec<ForeignHold>,
     /// When the secure side last had the CPU (ns).
     last_secure_call: u64,
+    /// When a scan last found something (clock ns): a wait polls the rings without pausing
+    /// while this is within [`SPIN_NS`].
+    last_progress: u64,
+    /// Polling rounds since the last progress or pause.
+    spin_rounds: u32,
     stats: DeviceStats,
 }
 
@@ -394,6 +408,8 @@ impl TipcDevice {
             foreign: BTreeMap::new(),
             foreign_leaked: Vec::new(),
             last_secure_call: 0,
+            last_progress: 0,
+            spin_rounds: 0,
             stats: DeviceStats::default(),
         }
     }
@@ -821,6 +837,9 @@ impl TipcDevice {
         self.last_secure_call = self.clock.now_ns();
         let found = self.scan();
         r?;
+        if found {
+            self.last_progress = self.last_secure_call;
+        }
         Ok(found)
     }
 
@@ -835,34 +854,72 @@ impl TipcDevice {
         Ok(())
     }
 
+    /// After a NOP that found nothing: a Trusty running on another core (a Trusty VM, a model
+    /// thread) finishes the work the NOP started after it returned, so poll the rings a while
+    /// (no secure call, no clock read) while the last progress is recent, then pause.
+    /// Returns whether a scan found something.
+    fn idle_after_pump(&mut self, now_ns: u64) -> bool {
+        // A clock that does not move by itself (a test's) ends the spinning too.
+        if now_ns.saturating_sub(self.last_progress) < SPIN_NS && self.spin_rounds < MAX_SPIN_ROUNDS {
+            self.spin_rounds += 1;
+            for _ in 0..SPIN_SCANS {
+                if self.scan() {
+                    self.last_progress = now_ns;
+                    self.spin_rounds = 0;
+                    return true;
+                }
+                core::hint::spin_loop();
+            }
+            false
+        } else {
+            self.spin_rounds = 0;
+            self.clock.relax();
+            false
+        }
+    }
+
     /// Runs NOP+scan rounds until `done` holds or `deadline` passes (`None`: no deadline).
-    /// Returns whether `done` held.
+    /// Returns whether `done` held. One clock read per round (the NOP's).
     fn wait_until(&mut self, deadline: Option<Deadline>, done: impl Fn(&TipcDevice) -> bool) -> Result<bool, Error> {
+        if done(self) {
+            return Ok(true);
+        }
+        if deadline.is_some_and(|d| d.expired(&*self.clock)) {
+            return Ok(false);
+        }
         loop {
+            let found = self.pump()?;
             if done(self) {
                 return Ok(true);
             }
-            if deadline.is_some_and(|d| d.expired(&*self.clock)) {
+            let now = self.last_secure_call;
+            if deadline.is_some_and(|d| d.passed_at(now)) {
                 return Ok(false);
             }
-            if !self.pump()? && !done(self) {
-                self.clock.relax();
+            if !found {
+                self.idle_after_pump(now);
+                if done(self) {
+                    return Ok(true);
+                }
             }
         }
     }
 
     /// One round of a blocking wait: fail at once without blocking, or when the deadline has
-    /// passed; otherwise donate a NOP and scan, and pause if nothing happened.
+    /// passed; otherwise donate a NOP and scan, and if nothing happened poll a while or pause.
+    /// Reads the clock once (when the NOP returns).
     fn wait_step(&mut self, timeout: Timeout, deadline: Option<Deadline>) -> Result<(), Error> {
         if timeout == Timeout::NonBlocking {
             return Err(Error::Again);
         }
-        if deadline.is_some_and(|d| d.expired(&*self.clock)) {
+        if self.pump()? {
+            return Ok(());
+        }
+        let now = self.last_secure_call;
+        if deadline.is_some_and(|d| d.passed_at(now)) {
             return Err(Error::TimedOut);
         }
-        if !self.pump()? {
-            self.clock.relax();
-        }
+        self.idle_after_pump(now);
         Ok(())
     }
 

@@ -69,6 +69,7 @@ impl SimBackend {
                 let mode = match mode {
                     ModelMode::Sync => "sim",
                     ModelMode::Threaded => "sim-threaded",
+                    ModelMode::Cores => "sim-cores",
                 };
                 let describe = format!(
                     "{mode}: platform {}, embedded Trusty model '{}' ({} variant), API {}",

@@ -20,7 +20,8 @@ use trusty_platform::plan::Mechanism;
 #[command(name = "tipc-test", about = "Run AOSP's TIPC tests against Trusty (by default, the embedded model)")]
 struct Args {
     /// Device: `sim` (the model runs inside each call), `sim-threaded` (the model runs on its
-    /// own thread), a platform profile name (as --platform), the path of a Linux trusty-ipc
+    /// own thread), `sim-cores` (the model polls a mailbox on another core, as a Trusty VM
+    /// does), a platform profile name (as --platform), the path of a Linux trusty-ipc
     /// device such as /dev/trusty-ipc-dev0, the path of trusty-ipcd's socket,
     /// `VSOCK:[STREAM:|SEQPACKET:]cid:port`, or `lib:NAME` for libtrusty's own device NAME
     /// (e.g. `lib:sim`: file descriptors from its in-process stack). Default: like AOSP,
@@ -134,7 +135,7 @@ fn open_device(path: &str) -> Result<KernelBackend, String> {
     KernelBackend::open(path).map_err(|e| {
         // A bare word that names nothing was most likely meant as a model name.
         if e.is_not_found() && !path.contains('/') {
-            format!("unknown device '{path}' (not sim or sim-threaded): {e}")
+            format!("unknown device '{path}' (not sim, sim-threaded or sim-cores): {e}")
         } else {
             e.to_string()
         }
@@ -152,6 +153,7 @@ fn main() -> ExitCode {
     let target = match dev.as_str() {
         "sim" => Target::Model(ModelMode::Sync),
         "sim-threaded" => Target::Model(ModelMode::Threaded),
+        "sim-cores" => Target::Model(ModelMode::Cores),
         name if platforms::by_name(name).is_some() => {
             platform = name.to_owned();
             Target::Model(ModelMode::Sync)
@@ -169,7 +171,7 @@ fn main() -> ExitCode {
         ] {
             if given {
                 eprintln!(
-                    "tipc-test: {opt} applies only to the embedded model (-D sim or sim-threaded), not to the device {path}: its driver decides for itself"
+                    "tipc-test: {opt} applies only to the embedded model (-D sim, sim-threaded or sim-cores), not to the device {path}: its driver decides for itself"
                 );
                 return ExitCode::FAILURE;
             }

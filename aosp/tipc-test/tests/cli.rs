@@ -9,7 +9,7 @@ fn tipc_test(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn all_tests_pass_and_end_with_the_summary_line() {
-    for dev in ["sim", "sim-threaded"] {
+    for dev in ["sim", "sim-threaded", "sim-cores"] {
         let (code, out, err) = tipc_test(&["-D", dev, "-t", "all", "-s"]);
         assert_eq!(code, 0, "{out}\n{err}");
         assert_eq!(out.lines().last(), Some("15 passed, 0 failed"), "{out}");
@@ -21,7 +21,7 @@ fn all_tests_pass_and_end_with_the_summary_line() {
 #[test]
 fn send_fd_and_ta2ta_run_on_the_model() {
     for test in ["send-fd", "ta2ta-ipc"] {
-        for dev in ["sim", "sim-threaded"] {
+        for dev in ["sim", "sim-threaded", "sim-cores"] {
             let (code, out, err) = tipc_test(&["-D", dev, "-t", test]);
             assert_eq!(code, 0, "{test} on {dev}: {out}\n{err}");
             assert!(out.contains(&format!("PASS {test}")), "{out}");

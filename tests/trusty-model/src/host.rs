@@ -6,6 +6,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::boxed::Box;
 use std::sync::mpsc;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -470,6 +471,11 @@ pub enum ModelMode {
     Sync,
     /// On its own thread (`-D sim-threaded`).
     Threaded,
+    /// On its own thread pinned to another core, polling a mailbox page (`-D sim-cores`): the
+    /// cross-core case of a Trusty VM on another CPU. Calls travel through
+    /// [`trusty_platform::mailbox::MailboxConduit`], the Xen Trusty VM's transport, with no
+    /// lock, channel or allocation on their path.
+    Cores,
 }
 
 /// A simulated machine: guest RAM, the model, a clock and a conduit into the model.
@@ -479,6 +485,7 @@ pub struct Sim {
     model: Arc<Mutex<Model>>,
     conduit: Arc<dyn Conduit>,
     thread: Option<(mpsc::Sender<Request>, thread::JoinHandle<()>)>,
+    cores: Option<Box<CoresThread>>,
 }
 
 /// Physical address of simulated guest RAM (as in QEMU's `virt` machine).
@@ -496,12 +503,16 @@ impl Sim {
     pub fn with_stage2(mode: ModelMode, mut cfg: ModelConfig, stage2: Stage2) -> Sim {
         let ram = GuestRam::new(RAM_BASE, RAM_PAGES, stage2);
         let clock = StdClock::new();
-        cfg.deferred = mode == ModelMode::Threaded;
+        cfg.deferred = mode != ModelMode::Sync;
         let model = Arc::new(Mutex::new(Model::new(cfg, ram.clone(), clock.clone())));
         match mode {
             ModelMode::Sync => {
                 let conduit = Arc::new(SyncConduit { model: model.clone() });
-                Sim { ram, clock, model, conduit, thread: None }
+                Sim { ram, clock, model, conduit, thread: None, cores: None }
+            }
+            ModelMode::Cores => {
+                let (conduit, cores) = CoresThread::spawn(model.clone(), clock.clone());
+                Sim { ram, clock, model, conduit, thread: None, cores: Some(Box::new(cores)) }
             }
             ModelMode::Threaded => {
                 let (tx, rx) = mpsc::channel();
@@ -512,7 +523,7 @@ impl Sim {
                     .spawn(move || model_thread(m, c, rx))
                     .expect("spawn the model thread");
                 let conduit = Arc::new(ThreadedConduit { requests: tx.clone() });
-                Sim { ram, clock, model, conduit, thread: Some((tx, handle)) }
+                Sim { ram, clock, model, conduit, thread: Some((tx, handle)), cores: None }
             }
         }
     }
@@ -535,6 +546,9 @@ impl Sim {
     }
     /// Event channels to the model (when it plays a Trusty VM).
     pub fn events(&self) -> Arc<dyn EventChannel> {
+        if let Some(c) = &self.cores {
+            return Arc::new(WakeModel(c.handle.thread().clone()));
+        }
         Arc::new(HostEvents { model: self.model.clone(), thread: self.thread.as_ref().map(|(tx, _)| tx.clone()) })
     }
     /// What the simulated hypervisor answers to XENVER_get_features (None: there is no Xen).
@@ -573,6 +587,11 @@ impl Sim {
 
 impl Drop for Sim {
     fn drop(&mut self) {
+        if let Some(c) = self.cores.take() {
+            c.stop.store(true, Ordering::Release);
+            c.handle.thread().unpark();
+            let _ = c.handle.join();
+        }
         if let Some((tx, handle)) = self.thread.take() {
             let _ = tx.send(Request::Stop);
             let _ = handle.join();
@@ -614,6 +633,201 @@ fn model_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, rx: mpsc::Receiv
         // The work a call asked for happens after it returned, on this thread.
         if let Ok(mut m) = model.lock() {
             m.run_background();
+        }
+    }
+}
+
+/// A page-aligned page of host memory: the mailbox of the `Cores` mode's SMC path.
+#[repr(C, align(4096))]
+struct MailboxPage(std::cell::UnsafeCell<[u8; PAGE_SIZE]>);
+
+// SAFETY: the page is shared between exactly two threads (the conduit's caller and the model
+// thread), which access it only with volatile word accesses ordered by fences (the mailbox
+// protocol), as two CPUs share memory.
+unsafe impl Send for MailboxPage {}
+// SAFETY: as above.
+unsafe impl Sync for MailboxPage {}
+
+impl MailboxPage {
+    fn ptr(&self) -> *mut u8 {
+        self.0.get().cast()
+    }
+}
+
+/// The host mailbox conduit, holding the page it points into so the page outlives every user.
+struct CoresConduit {
+    inner: trusty_platform::mailbox::MailboxConduit,
+    _page: Arc<MailboxPage>,
+}
+
+impl Conduit for CoresConduit {
+    fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+        self.inner.call(regs)
+    }
+}
+
+/// The model's thread in [`ModelMode::Cores`].
+struct CoresThread {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<()>,
+}
+
+/// An event to the model thread: unparks it if it went to sleep after spinning idle (an atomic
+/// store when it is spinning, a futex wake only when it sleeps).
+struct WakeModel(thread::Thread);
+
+impl EventChannel for WakeModel {
+    fn notify(&self, _port: u32) {
+        self.0.unpark();
+    }
+}
+
+/// How long the model thread spins without work before it sleeps until an event or a timer.
+const MODEL_SPIN_NS: u64 = 200_000;
+/// Longest sleep of an idle model thread (it also wakes on every event).
+const MODEL_PARK_NS: u64 = 10_000_000;
+/// Timeout of the host mailbox's calls: generous (the model is local), and a fast call waits
+/// at least `FAST_CALL_MIN_WAIT_MS` anyway.
+const CORES_MAILBOX_TIMEOUT_MS: u64 = 5_000;
+
+/// Pins the calling thread to CPU `cpu` (Linux `sched_setaffinity`); false if that failed or
+/// is not supported here. Performance only: nothing depends on it.
+pub fn pin_to_cpu(cpu: usize) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn sched_setaffinity(pid: i32, size: usize, mask: *const u64) -> i32;
+        }
+        let mut mask = [0u64; 16];
+        if cpu >= mask.len() * 64 {
+            return false;
+        }
+        mask[cpu / 64] |= 1 << (cpu % 64);
+        // SAFETY: pid 0 is the calling thread; the mask is 1024 bits (the size of glibc's
+        // cpu_set_t), valid for the call, which only reads it.
+        unsafe { sched_setaffinity(0, std::mem::size_of_val(&mask), mask.as_ptr()) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = cpu;
+        false
+    }
+}
+
+/// Cores on this machine (1 if unknown).
+pub fn cpu_count() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl CoresThread {
+    fn spawn(model: Arc<Mutex<Model>>, clock: Arc<StdClock>) -> (Arc<dyn Conduit>, CoresThread) {
+        let page = Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE])));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let c = clock.clone();
+        let p = page.clone();
+        let handle = thread::Builder::new()
+            .name("trusty-model-core".into())
+            .spawn(move || {
+                // The last core: a benchmark pins its own thread to core 0.
+                let cpus = cpu_count();
+                if cpus > 1 {
+                    pin_to_cpu(cpus - 1);
+                }
+                cores_thread(model, c, &p, &s)
+            })
+            .expect("spawn the model thread");
+        let events: Arc<dyn EventChannel> = Arc::new(WakeModel(handle.thread().clone()));
+        let page_ptr = std::ptr::NonNull::new(page.ptr()).expect("an allocated page");
+        // SAFETY: the page is page-aligned and 4 KiB, kept alive by the conduit (and the model
+        // thread) for as long as either uses it, and nothing but these two touch it.
+        let inner = unsafe {
+            trusty_platform::mailbox::MailboxConduit::new(page_ptr, events, clock, 0, CORES_MAILBOX_TIMEOUT_MS)
+        };
+        (Arc::new(CoresConduit { inner, _page: page }), CoresThread { stop, handle })
+    }
+}
+
+/// The model thread of [`ModelMode::Cores`]: spins on the host mailbox (SMC calls) and, for a
+/// Trusty VM profile, the guest's mailbox page; runs the work calls left; sleeps after
+/// [`MODEL_SPIN_NS`] idle until an event unparks it or a service timer is due.
+fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPage, stop: &AtomicBool) {
+    use trusty_platform::mailbox as mb;
+    let page = page.ptr();
+    // SAFETY (for the accesses below): `page` is the 4 KiB page this thread holds alive; every
+    // offset is a protocol constant inside it and aligned for its word size.
+    let word32 = |off: usize| -> u32 {
+        // SAFETY: see above.
+        u32::from_le(unsafe { page.add(off).cast::<u32>().read_volatile() })
+    };
+    let mut served = 0u32;
+    let mut idle_since: Option<u64> = None;
+    let mut polls = 0u32;
+    while !stop.load(Ordering::Acquire) {
+        let mut worked = false;
+        let req = word32(mb::OFF_REQ_SEQ);
+        if word32(mb::OFF_MAGIC) == mb::MAILBOX_MAGIC && req != served {
+            // Acquire pairs with the conduit's Release before it stores the request sequence
+            // word (`MailboxConduit::publish`): the request registers are visible now.
+            fence(Ordering::Acquire);
+            let mut regs = [0u64; 8];
+            for (i, r) in regs.iter_mut().enumerate() {
+                // SAFETY: see above.
+                *r = u64::from_le(unsafe { page.add(mb::OFF_REQUEST + 8 * i).cast::<u64>().read_volatile() });
+            }
+            let out = match model.lock() {
+                Ok(mut m) => m.smc(regs),
+                Err(_) => return,
+            };
+            for (i, r) in out.iter().enumerate() {
+                // SAFETY: see above.
+                unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>().write_volatile(r.to_le()) };
+            }
+            // Release pairs with the conduit's Acquire after it sees the response sequence
+            // word (`MailboxConduit::answered`): the answer registers are visible first.
+            fence(Ordering::Release);
+            // SAFETY: see above.
+            unsafe { page.add(mb::OFF_RSP_SEQ).cast::<u32>().write_volatile(req.to_le()) };
+            served = req;
+            worked = true;
+        }
+        {
+            let Ok(mut m) = model.lock() else { return };
+            // A Trusty VM profile: the guest's own mailbox (granted page), the same protocol.
+            worked |= m.serve_mailbox();
+            if m.has_pending_work() {
+                m.run_background();
+                worked = true;
+            }
+        }
+        if worked {
+            idle_since = None;
+            polls = 0;
+            continue;
+        }
+        std::hint::spin_loop();
+        polls += 1;
+        if polls < 64 {
+            continue;
+        }
+        polls = 0;
+        // Idle: one clock read per 64 polls.
+        let now = clock.now_ns();
+        let Ok(mut m) = model.lock() else { return };
+        let next = m.next_deadline();
+        if next.is_some_and(|d| d <= now) {
+            m.run_background();
+            idle_since = None;
+            continue;
+        }
+        drop(m);
+        let since = *idle_since.get_or_insert(now);
+        if now - since >= MODEL_SPIN_NS {
+            let sleep = next.map_or(MODEL_PARK_NS, |d| d.saturating_sub(now)).min(MODEL_PARK_NS);
+            // Woken early by an event (`WakeModel`); a token from an unpark before this park
+            // makes it return at once, so no request is missed.
+            thread::park_timeout(Duration::from_nanos(sleep));
+            idle_since = None;
         }
     }
 }

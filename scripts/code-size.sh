@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Code size of the stack crates (trusty-platform, trusty-virtio, tipc) as linked into the stack
+# DomU image (tests/qemu-images, bin stack-domu, release, aarch64-unknown-none): the sizes of
+# their text symbols (`aarch64-linux-gnu-nm --size-sort`), summed by crate.
+# Usage: scripts/code-size.sh [ELF]   (default: builds and measures the stack DomU image)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=lib/setup.sh
+source "$ROOT/scripts/lib/setup.sh"
+need_debs aarch64-linux-gnu-nm:binutils-aarch64-linux-gnu
+TARGET=aarch64-unknown-none
+ELF=${1:-}
+if [[ -z $ELF ]]; then
+    need_rust_target "$TARGET"
+    (cd "$ROOT" && cargo build --release --locked --target "$TARGET" -p qemu-images --bin stack-domu) >&2
+    ELF=${CARGO_TARGET_DIR:-$ROOT/target}/$TARGET/release/stack-domu
+fi
+[[ -f $ELF ]] || setup_die "no such image: $ELF"
+# Demangled names start with the crate path; generic code instantiated elsewhere still carries
+# the crate of its definition. t/T/w/W: text symbols.
+aarch64-linux-gnu-nm --size-sort --demangle --print-size "$ELF" |
+    awk '
+    function hex(s,    i, n) {
+        n = 0; s = tolower(s)
+        for (i = 1; i <= length(s); i++) n = n * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
+        return n
+    }
+    $3 ~ /^[tTwW]$/ {
+        size = hex($2)
+        name = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ /, "", name)
+        sub(/^</, "", name); sub(/^&/, "", name)
+        crate = "other"
+        if (name ~ /trusty_platform::/) crate = "trusty-platform"
+        else if (name ~ /trusty_virtio::/) crate = "trusty-virtio"
+        else if (name ~ /^tipc::|[<&( ]tipc::/) crate = "tipc"
+        total[crate] += size; all += size
+    }
+    END {
+        stack = total["trusty-platform"] + total["trusty-virtio"] + total["tipc"]
+        printf "%-16s %9s\n", "crate", "text B"
+        for (c in total) printf "%-16s %9d\n", c, total[c]
+        printf "%-16s %9d (%.1f KiB)\n", "stack total", stack, stack / 1024
+        printf "%-16s %9d\n", "image total", all
+    }'
