@@ -56,6 +56,14 @@ pub const IPC_PORT_ALLOW_NS_CONNECT: u32 = 0x2;
 /// Both access flags.
 pub const IPC_PORT_ALLOW_ALL: u32 = IPC_PORT_ALLOW_TA_CONNECT | IPC_PORT_ALLOW_NS_CONNECT;
 
+/// Connect flag: return at once with the channel; READY (or HUP) reports the outcome (Trusty
+/// `IPC_CONNECT_ASYNC`). This model supports only asynchronous TA-to-TA connects.
+pub const IPC_CONNECT_ASYNC: u32 = 0x2;
+
+/// Connect flag: wait for the port to be created instead of failing with ERR_NOT_FOUND (Trusty
+/// `IPC_CONNECT_WAIT_FOR_PORT`).
+pub const IPC_CONNECT_WAIT_FOR_PORT: u32 = 0x1;
+
 /// Upper bound on channel records (open, waiting for the TA to close, or waiting for the NS to
 /// see DISC_REQ), so that a normal world that never drains events cannot grow memory forever.
 const MAX_CHANNEL_RECORDS: usize = 4 * MAX_CHANNELS;
@@ -169,6 +177,15 @@ impl MemRef {
 struct InMsg {
     data: Vec<u8>,
     handles: Vec<MemRef>,
+}
+
+/// The peer UUID `accept` reports for a TA client: the model gives app number `app` the UUID
+/// whose last four bytes are `app + 1` (big-endian) and the rest zero; the NS is all zero.
+pub fn ta_uuid(app: usize) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    let n = u32::try_from(app).unwrap_or(u32::MAX - 1).saturating_add(1);
+    u[12..].copy_from_slice(&n.to_be_bytes());
+    u
 }
 
 /// Opaque id of one NS<->TA channel inside the IPC core (never reused within one Ipc instance).
@@ -373,6 +390,13 @@ struct Channel {
     signal: bool,
     /// Count of successful get/put calls: evidence that a handler made progress.
     progress: u64,
+    /// TA-to-TA channel: the other end's record (None for an NS channel). A missing record means
+    /// the peer end is gone.
+    ta_peer: Option<ChanId>,
+    /// TA-to-TA client end: READY (connection accepted) not reported yet.
+    ready: bool,
+    /// TA-to-TA client end still waiting for its port to be created (IPC_CONNECT_WAIT_FOR_PORT).
+    waiting_for: Option<String>,
 }
 
 impl Channel {
@@ -393,6 +417,9 @@ impl Channel {
             unblocked: false,
             signal: false,
             progress: 0,
+            ta_peer: None,
+            ready: false,
+            waiting_for: None,
         }
     }
 
@@ -414,6 +441,9 @@ impl Channel {
             unblocked: false,
             signal: false,
             progress: 0,
+            ta_peer: None,
+            ready: false,
+            waiting_for: None,
         }
     }
 
@@ -508,6 +538,153 @@ impl Core {
         self.chans.insert(id, chan);
         self.port_stats(&port_name).connects += 1;
         Ok(id)
+    }
+
+    /// A TA connects to a port (Trusty lib/trusty/ipc.c `ipc_port_connect_async()`): the name is
+    /// checked (ERR_INVALID_ARGS), then looked up: missing is ERR_NOT_FOUND unless
+    /// IPC_CONNECT_WAIT_FOR_PORT (the connection then waits for the port's creation); a port
+    /// without IPC_PORT_ALLOW_TA_CONNECT is ERR_ACCESS_DENIED. Two records are made: the
+    /// client's end (its handle, returned) and the server's end, pending on the port until
+    /// `accept`. Only IPC_CONNECT_ASYNC is modelled: a blocking connect would need this
+    /// handler to wait while other apps run, so it is ERR_NOT_SUPPORTED once the port lookup
+    /// has passed.
+    fn connect_ta(&mut self, app: usize, name: &str, flags: u32) -> Result<ChanId, i32> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_PORT_NAME_LEN || bytes.contains(&0) {
+            return Err(lk::ERR_INVALID_ARGS);
+        }
+        let port_id = self.find_port(bytes);
+        if port_id.is_none() && flags & IPC_CONNECT_WAIT_FOR_PORT == 0 {
+            return Err(lk::ERR_NOT_FOUND);
+        }
+        if let Some(p) = port_id.and_then(|id| self.ports.get(&id)) {
+            if p.flags & IPC_PORT_ALLOW_TA_CONNECT == 0 {
+                return Err(lk::ERR_ACCESS_DENIED);
+            }
+        }
+        if flags & IPC_CONNECT_ASYNC == 0 {
+            return Err(lk::ERR_NOT_SUPPORTED);
+        }
+        if self.chans.len().saturating_add(2) > MAX_CHANNEL_RECORDS {
+            return Err(lk::ERR_NO_RESOURCES);
+        }
+        let client_id = ChanId(self.next_chan);
+        self.next_chan = self.next_chan.checked_add(1).ok_or(lk::ERR_NO_RESOURCES)?;
+        let blank = Port {
+            name: String::from(name),
+            msg_num: 1,
+            msg_size: 1,
+            flags: 0,
+            owner: app,
+            pending: VecDeque::new(),
+            signal: false,
+        };
+        let mut client = Channel::new(app, &blank);
+        client.ta = TaSide::Open;
+        client.ns = NsSide::Gone;
+        match port_id {
+            Some(pid) => {
+                let server_id = ChanId(self.next_chan);
+                self.next_chan = self.next_chan.checked_add(1).ok_or(lk::ERR_NO_RESOURCES)?;
+                let port = self.ports.get_mut(&pid).ok_or(lk::ERR_NOT_FOUND)?;
+                let mut server = Channel::new(port.owner, port);
+                server.ns = NsSide::Gone;
+                server.ta_peer = Some(client_id);
+                // Both directions get the port's queue geometry (Trusty `ipc_port_accept()`
+                // and `ipc_port_connect_async()` size both ends' message queues from the port).
+                client.max_msg_size = port.msg_size;
+                client.msg_num = port.msg_num;
+                client.port_name = port.name.clone();
+                client.ta_peer = Some(server_id);
+                port.pending.push_back(server_id);
+                port.signal = true;
+                self.chans.insert(server_id, server);
+            }
+            None => client.waiting_for = Some(String::from(name)),
+        }
+        self.chans.insert(client_id, client);
+        Ok(client_id)
+    }
+
+    /// A port was created: connections waiting for its name become pending on it (Trusty
+    /// `ipc_port_publish()` walks the waiting-for-port list and attaches them).
+    fn attach_waiting(&mut self, pid: PortId) {
+        let Some(port) = self.ports.get(&pid) else { return };
+        let name = port.name.clone();
+        let allowed = port.flags & IPC_PORT_ALLOW_TA_CONNECT != 0;
+        let waiting: Vec<ChanId> = self
+            .chans
+            .iter()
+            .filter(|(_, c)| c.waiting_for.as_deref() == Some(name.as_str()))
+            .map(|(id, _)| *id)
+            .collect();
+        for client_id in waiting {
+            let Some(client) = self.chans.get_mut(&client_id) else { continue };
+            client.waiting_for = None;
+            if !allowed {
+                // Not allowed to connect: the client sees HUP.
+                client.hup = true;
+                client.signal = true;
+                continue;
+            }
+            let server_id = ChanId(self.next_chan);
+            let Some(next) = self.next_chan.checked_add(1) else {
+                client.hup = true;
+                client.signal = true;
+                continue;
+            };
+            self.next_chan = next;
+            let Some(port) = self.ports.get_mut(&pid) else { return };
+            let mut server = Channel::new(port.owner, port);
+            server.ns = NsSide::Gone;
+            server.ta_peer = Some(client_id);
+            port.pending.push_back(server_id);
+            port.signal = true;
+            let (size, num, pname) = (port.msg_size, port.msg_num, port.name.clone());
+            if let Some(client) = self.chans.get_mut(&client_id) {
+                client.max_msg_size = size;
+                client.msg_num = num;
+                client.port_name = pname;
+                client.ta_peer = Some(server_id);
+            }
+            self.chans.insert(server_id, server);
+        }
+    }
+
+    /// The peer of TA-to-TA end `id` lost its end: report HUP to it (Trusty `ipc_chan_close()`
+    /// -> the peer's `chan_shutdown()` sets IPC_HANDLE_POLL_HUP).
+    fn hup_ta_peer(&mut self, peer: Option<ChanId>) {
+        if let Some(c) = peer.and_then(|p| self.chans.get_mut(&p)) {
+            c.ta_peer = None;
+            if c.ta == TaSide::Open {
+                c.hup = true;
+                c.signal = true;
+            }
+        }
+    }
+
+    /// A TA-to-TA end's own pending events, taken (the model's `wait()` on one channel handle
+    /// with nothing else running: READY once accepted, HUP once the peer is gone, MSG while
+    /// unread messages wait).
+    fn poll_chan(&mut self, app: usize, id: ChanId) -> Result<Events, i32> {
+        let chan = self.open_chan(app, id)?;
+        let mut ev = Events::NONE;
+        if chan.ready {
+            chan.ready = false;
+            ev = ev.union(Events::READY);
+        }
+        if chan.hup && !chan.hup_reported {
+            chan.hup_reported = true;
+            ev = ev.union(Events::HUP);
+        }
+        if chan.unread() > 0 {
+            ev = ev.union(Events::MSG);
+        }
+        if chan.unblocked {
+            chan.unblocked = false;
+            ev = ev.union(Events::SEND_UNBLOCKED);
+        }
+        Ok(ev)
     }
 
     /// On failure the references come back to the caller (Trusty's `handle_chan_msg()`: a
@@ -692,6 +869,7 @@ impl Core {
             },
         );
         self.port_stats(name);
+        self.attach_waiting(id);
         Ok(id)
     }
 
@@ -704,7 +882,11 @@ impl Core {
         for chan_id in port.pending {
             if let Some(chan) = self.chans.get_mut(&chan_id) {
                 chan.ta = TaSide::Closed;
-                if chan.ns == NsSide::Open {
+                if let Some(peer) = chan.ta_peer {
+                    // TA-to-TA connection never accepted: the client sees HUP.
+                    self.chans.remove(&chan_id);
+                    self.hup_ta_peer(Some(peer));
+                } else if chan.ns == NsSide::Open {
                     chan.ns = NsSide::Closing;
                     self.events.push_back(IpcEvent::Closed { chan: chan_id });
                     self.stats.closed_by_ta += 1;
@@ -721,6 +903,30 @@ impl Core {
         let chan_id = port.pending.pop_front().ok_or(lk::ERR_NO_MSG)?;
         let port_name = port.name.clone();
         let chan = self.chans.get_mut(&chan_id).ok_or(lk::ERR_CHANNEL_CLOSED)?;
+        if let Some(peer) = chan.ta_peer {
+            // TA-to-TA (Trusty `ipc_port_accept()`): a connection whose client already closed
+            // its end is dropped with ERR_CHANNEL_CLOSED; otherwise the client gets READY.
+            let client_open = matches!(self.chans.get(&peer), Some(c) if c.ta == TaSide::Open && c.ta_peer == Some(chan_id));
+            if !client_open {
+                self.chans.remove(&chan_id);
+                return Err(lk::ERR_CHANNEL_CLOSED);
+            }
+            if let Some(server) = self.chans.get_mut(&chan_id) {
+                server.ta = TaSide::Open;
+                server.owner = app;
+            }
+            let client_app = match self.chans.get_mut(&peer) {
+                Some(client) => {
+                    client.ready = true;
+                    client.signal = true;
+                    client.owner
+                }
+                None => return Err(lk::ERR_CHANNEL_CLOSED),
+            };
+            self.stats.accepted += 1;
+            self.port_stats(&port_name).accepted += 1;
+            return Ok((chan_id, ta_uuid(client_app)));
+        }
         chan.ta = TaSide::Open;
         chan.owner = app;
         // The device answers with Trusty's fixed CONN_RSP limits (spec §6.3, §6.4 step 7).
@@ -743,7 +949,25 @@ impl Core {
         chan.gotten = 0;
         chan.signal = false;
         let ns = chan.ns;
+        let ta_peer = chan.ta_peer.take();
+        let was_waiting = chan.waiting_for.take().is_some();
         self.released.extend(dropped);
+        if ta_peer.is_some() || was_waiting {
+            // TA-to-TA end (Trusty `ipc_chan_close()` -> peer shutdown): the record goes; an
+            // accepted peer sees HUP; a server end still pending stays on the port so that
+            // `accept` reports ERR_CHANNEL_CLOSED for it.
+            self.chans.remove(&id);
+            if let Some(p) = ta_peer {
+                if let Some(c) = self.chans.get_mut(&p) {
+                    if c.ta == TaSide::Pending {
+                        c.ta_peer = Some(id);
+                        return Ok(());
+                    }
+                }
+            }
+            self.hup_ta_peer(ta_peer);
+            return Ok(());
+        }
         let Some(chan) = self.chans.get_mut(&id) else { return Ok(()) };
         match ns {
             NsSide::Open => {
@@ -778,8 +1002,17 @@ impl Core {
         chan.progress += 1;
         // References the app did not take with the message are dropped with it (Trusty
         // `msg_queue_put_msg()` puts the message's handles).
+        let peer = chan.ta_peer;
         if let Some(msg) = msg {
             self.released.extend(msg.handles);
+        }
+        // A TA-to-TA sender blocked on this queue may go on (IPC_HANDLE_POLL_SEND_UNBLOCKED).
+        if let Some(p) = peer.and_then(|p| self.chans.get_mut(&p)) {
+            if p.send_blocked {
+                p.send_blocked = false;
+                p.unblocked = true;
+                p.signal = true;
+            }
         }
         Ok(())
     }
@@ -793,6 +1026,10 @@ impl Core {
 
     fn send_msg(&mut self, app: usize, id: ChanId, data: &[u8]) -> Result<usize, i32> {
         let chan = self.open_chan(app, id)?;
+        // TA-to-TA ends have no NS side (an NS channel after HUP answers the same way there).
+        if (chan.ta_peer.is_some() || chan.waiting_for.is_some() || chan.hup) && chan.ns == NsSide::Gone {
+            return self.send_ta(id, data);
+        }
         if chan.ns != NsSide::Open {
             return Err(lk::ERR_CHANNEL_CLOSED);
         }
@@ -812,6 +1049,40 @@ impl Core {
         });
         self.stats.sent_to_ns += 1;
         self.port_stats(&port_name).sent += 1;
+        Ok(data.len())
+    }
+
+    /// TA-to-TA send (Trusty `ipc_send_msg()`): ERR_NOT_READY before the server accepted,
+    /// ERR_CHANNEL_CLOSED once the peer is gone, ERR_NOT_ENOUGH_BUFFER when the peer's queue is
+    /// full (SEND_UNBLOCKED follows when the peer puts a message). Cut to the item size, as the
+    /// NS path.
+    fn send_ta(&mut self, id: ChanId, data: &[u8]) -> Result<usize, i32> {
+        let chan = self.chans.get_mut(&id).ok_or(lk::ERR_BAD_HANDLE)?;
+        if chan.hup {
+            return Err(lk::ERR_CHANNEL_CLOSED);
+        }
+        if chan.waiting_for.is_some() {
+            return Err(lk::ERR_NOT_READY);
+        }
+        let peer_id = chan.ta_peer.ok_or(lk::ERR_CHANNEL_CLOSED)?;
+        let peer = self.chans.get(&peer_id).ok_or(lk::ERR_CHANNEL_CLOSED)?;
+        // A client end may send only once the server accepted.
+        if peer.ta == TaSide::Pending {
+            return Err(lk::ERR_NOT_READY);
+        }
+        if peer.ta != TaSide::Open {
+            return Err(lk::ERR_CHANNEL_CLOSED);
+        }
+        if peer.inbound.len() >= peer.msg_num as usize {
+            if let Some(c) = self.chans.get_mut(&id) {
+                c.send_blocked = true;
+            }
+            return Err(lk::ERR_NOT_ENOUGH_BUFFER);
+        }
+        let peer = self.chans.get_mut(&peer_id).ok_or(lk::ERR_CHANNEL_CLOSED)?;
+        let data = &data[..data.len().min(peer.max_msg_size as usize)];
+        peer.inbound.push_back(InMsg { data: data.to_vec(), handles: Vec::new() });
+        peer.signal = true;
         Ok(data.len())
     }
 
@@ -903,6 +1174,31 @@ impl Ctx<'_> {
     /// A message above the port's message size is cut to it (Trusty `user_msg_write_locked`).
     pub fn send_msg(&mut self, chan: ChanId, data: &[u8]) -> Result<usize, i32> {
         self.core.send_msg(self.app, chan, data)
+    }
+
+    /// Connect to another app's port, or to one of this app's own (Trusty `connect()`, lib/trusty
+    /// ipc.c `ipc_port_connect_async()`). `flags` must hold [`IPC_CONNECT_ASYNC`]: the channel
+    /// comes back at once, READY follows when the server accepts, HUP when it closes or refuses.
+    /// With [`IPC_CONNECT_WAIT_FOR_PORT`] a missing port is waited for. Errors:
+    /// ERR_INVALID_ARGS (name empty, over 63 bytes, or with NUL), ERR_NOT_FOUND (no such port),
+    /// ERR_ACCESS_DENIED (port without [`IPC_PORT_ALLOW_TA_CONNECT`]), ERR_NOT_SUPPORTED (a
+    /// blocking connect, not modelled), ERR_NO_RESOURCES.
+    pub fn connect(&mut self, name: &str, flags: u32) -> Result<ChanId, i32> {
+        self.core.connect_ta(self.app, name, flags)
+    }
+
+    /// Take the pending events of one of this app's channels without waiting (the model's
+    /// `wait(chan, 0)`: other apps do not run inside a handler, so an empty set is what a
+    /// timed-out wait would see when only this app could act). ERR_BAD_HANDLE for a handle
+    /// this app does not hold.
+    pub fn poll(&mut self, chan: ChanId) -> Result<Events, i32> {
+        self.core.poll_chan(self.app, chan)
+    }
+
+    /// Whether a connection is pending on one of this app's ports (the model's `wait(port, 0)`
+    /// reporting READY). ERR_BAD_HANDLE for a port this app does not own.
+    pub fn port_ready(&mut self, port: PortId) -> Result<bool, i32> {
+        self.core.owned_port(self.app, port).map(|p| !p.pending.is_empty())
     }
 
     /// Sleep (Trusty `nanosleep`): the app gets no events until `duration_ns` has passed, then
@@ -1139,6 +1435,10 @@ impl Ipc {
                 continue;
             }
             let mut events = Events::NONE;
+            if chan.ready {
+                chan.ready = false;
+                events = events.union(Events::READY);
+            }
             if chan.unread() > 0 {
                 events = events.union(Events::MSG);
             }

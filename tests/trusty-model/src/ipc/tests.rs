@@ -3,6 +3,8 @@
 extern crate std;
 
 use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use std::sync::{Arc, Mutex};
@@ -855,7 +857,7 @@ fn unittest_ctrl_reports_its_suite_and_closes() {
     assert!(closed, "the runner closes the channel after the status");
     let (status, lines) = got.split_last().expect("messages");
     assert_eq!(status, &vec![TEST_PASSED], "suite failed: {lines:?}");
-    assert_eq!(lines.len(), 4, "one message per test and a summary");
+    assert_eq!(lines.len(), 7, "one message per test and a summary");
     for l in lines {
         assert_eq!(l[0], TEST_MESSAGE);
         assert!(l.len() < 256, "tipc-test reads into 256 bytes");
@@ -864,6 +866,10 @@ fn unittest_ctrl_reports_its_suite_and_closes() {
     let text = core::str::from_utf8(&text).unwrap();
     assert!(text.contains("run_port_create_negative_test: PASSED"), "{text}");
     assert!(text.contains("run_port_create_test: PASSED"), "{text}");
+    for t in ["run_connect_negative_test", "run_async_connect_test", "run_connect_selfie_test"] {
+        assert!(text.contains(&format!("{t}: PASSED")), "{text}");
+    }
+    assert!(!text.contains("FAILED"), "{text}");
     // A second client gets a second run (fresh port names, same verdict).
     let chan2 = ipc.connect_ns(b"com.android.ipc-unittest.ctrl", 0).unwrap();
     let mut last = None;
@@ -880,4 +886,121 @@ fn unittest_ctrl_reports_its_suite_and_closes() {
         }
     }
     assert_eq!(last, Some(vec![TEST_PASSED]));
+}
+
+/// A TA-to-TA echo server for the tests below: accepts every connection on `port`, echoes
+/// each message, closes a channel on HUP; logs what it saw.
+struct TaEcho {
+    log: Arc<Mutex<Vec<String>>>,
+    port_flags: u32,
+}
+
+impl TrustedApp for TaEcho {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.create_port("test.ta.echo", 2, 64, self.port_flags).unwrap();
+    }
+    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, _events: Events) {
+        let r = ctx.accept(port);
+        self.log.lock().unwrap().push(format!("accept {:?}", r.map(|(_, u)| u)));
+    }
+    fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
+        if events.intersects(Events::MSG) {
+            let m = ctx.get_msg(chan).unwrap();
+            ctx.put_msg(chan).unwrap();
+            ctx.send_msg(chan, &m).unwrap();
+        }
+        if events.intersects(Events::HUP) {
+            self.log.lock().unwrap().push(String::from("server hup"));
+            ctx.close(chan).unwrap();
+        }
+    }
+}
+
+/// The client: connects in `start`, sends "ping" on READY, closes after the echo.
+struct TaClient {
+    log: Arc<Mutex<Vec<String>>>,
+    chan: Option<ChanId>,
+}
+
+impl TrustedApp for TaClient {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        let r = ctx.connect("test.ta.echo", IPC_CONNECT_ASYNC);
+        self.log.lock().unwrap().push(format!("connect {}", r.is_ok()));
+        self.chan = r.ok();
+        if let Some(c) = self.chan {
+            // Not accepted yet: nothing may be sent.
+            let r = ctx.send_msg(c, b"early");
+            self.log.lock().unwrap().push(format!("early {r:?}"));
+        }
+    }
+    fn on_port_event(&mut self, _ctx: &mut Ctx<'_>, _port: PortId, _events: Events) {}
+    fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
+        self.log.lock().unwrap().push(format!("client events {:#x}", events.0));
+        if events.intersects(Events::READY) {
+            ctx.send_msg(chan, b"ping").unwrap();
+        }
+        if events.intersects(Events::MSG) {
+            let m = ctx.get_msg(chan).unwrap();
+            ctx.put_msg(chan).unwrap();
+            self.log.lock().unwrap().push(format!("reply {}", String::from_utf8_lossy(&m)));
+            ctx.close(chan).unwrap();
+        }
+    }
+}
+
+/// TA-to-TA (Trusty `ipc_port_connect_async()` / `ipc_port_accept()`): the client's connect is
+/// pending until the server accepts (send is ERR_NOT_READY), then READY reaches the client, a
+/// message goes both ways, the client's close is HUP at the server, and no record is left.
+#[test]
+fn ta_to_ta_connect_accept_echo_close() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut ipc = Ipc::new();
+    ipc.add_app(Box::new(TaEcho { log: log.clone(), port_flags: IPC_PORT_ALLOW_TA_CONNECT }));
+    ipc.add_app(Box::new(TaClient { log: log.clone(), chan: None }));
+    ipc.run(0);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            String::from("connect true"),
+            format!("early Err({})", lk::ERR_NOT_READY),
+            format!("accept Ok({:?})", ta_uuid(1)),
+            format!("client events {:#x}", Events::READY.0),
+            format!("client events {:#x}", Events::MSG.0),
+            String::from("reply ping"),
+            String::from("server hup"),
+        ]
+    );
+    assert_eq!(ipc.stats().channel_records, 0);
+    assert_eq!(ipc.pending_events(), 0, "nothing goes to the normal world");
+}
+
+/// A port open only to the normal world refuses a TA (ERR_ACCESS_DENIED); a missing port is
+/// ERR_NOT_FOUND; a connect whose client closed before the accept is ERR_CHANNEL_CLOSED at the
+/// server; closing a port with a pending TA connection is HUP at the client.
+#[test]
+fn ta_to_ta_connect_failures() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut ipc = Ipc::new();
+    ipc.add_app(Box::new(TaEcho { log: log.clone(), port_flags: IPC_PORT_ALLOW_NS_CONNECT }));
+    ipc.add_app(Box::new(TaClient { log: log.clone(), chan: None }));
+    assert_eq!(log.lock().unwrap().first().cloned(), Some(String::from("connect false")));
+    let mut ctx = Ctx { core: &mut ipc.core, app: 1 };
+    assert_eq!(ctx.connect("test.ta.echo", IPC_CONNECT_ASYNC), Err(lk::ERR_ACCESS_DENIED));
+    assert_eq!(ctx.connect("test.ta.none", IPC_CONNECT_ASYNC), Err(lk::ERR_NOT_FOUND));
+    assert_eq!(ctx.connect("test.ta.echo", 0), Err(lk::ERR_ACCESS_DENIED));
+    let port = ctx.create_port("test.ta.own", 1, 16, IPC_PORT_ALLOW_TA_CONNECT).unwrap();
+    assert_eq!(ctx.connect("test.ta.own", 0), Err(lk::ERR_NOT_SUPPORTED), "blocking connect");
+    let c = ctx.connect("test.ta.own", IPC_CONNECT_ASYNC).unwrap();
+    ctx.close(c).unwrap();
+    assert_eq!(ctx.port_ready(port), Ok(true));
+    assert_eq!(ctx.accept(port).map(|_| ()), Err(lk::ERR_CHANNEL_CLOSED));
+    assert_eq!(ctx.accept(port).map(|_| ()), Err(lk::ERR_NO_MSG));
+    let c = ctx.connect("test.ta.own", IPC_CONNECT_ASYNC).unwrap();
+    assert_eq!(ctx.send_msg(c, b"x"), Err(lk::ERR_NOT_READY));
+    ctx.close_port(port).unwrap();
+    assert_eq!(ctx.poll(c), Ok(Events::HUP));
+    assert_eq!(ctx.send_msg(c, b"x"), Err(lk::ERR_CHANNEL_CLOSED));
+    ctx.close(c).unwrap();
+    assert_eq!(ipc.stats().channel_records, 0);
 }
