@@ -55,13 +55,7 @@ impl Rig {
 
     /// One echo round trip; panics unless the reply matches.
     pub fn echo_once(&mut self, payload: &[u8]) {
-        let dev = self.dev();
-        let ch = dev.connect(ECHO).expect("connect to echo");
-        assert_eq!(dev.send(ch, &[payload], &[], Timeout::Ms(1000)), Ok(payload.len()));
-        let mut buf = vec![0u8; 4096];
-        let n = dev.recv(ch, &mut [&mut buf], Timeout::Ms(2000)).expect("echo reply");
-        assert_eq!(&buf[..n], payload);
-        dev.close(ch).expect("close");
+        echo(self.dev(), payload);
     }
 
     /// Tears the stack down and checks that nothing stayed shared or allocated.
@@ -84,4 +78,15 @@ impl Rig {
 /// The default model, following `variant`.
 pub fn model(variant: Variant) -> ModelConfig {
     ModelConfig { variant, ..ModelConfig::default() }
+}
+
+/// One echo round trip on `dev` (connect, send, receive, close); panics unless the reply
+/// matches.
+pub fn echo(dev: &mut TipcDevice, payload: &[u8]) {
+    let ch = dev.connect(ECHO).expect("connect to echo");
+    assert_eq!(dev.send(ch, &[payload], &[], Timeout::Ms(1000)), Ok(payload.len()));
+    let mut buf = vec![0u8; 4096];
+    let n = dev.recv(ch, &mut [&mut buf], Timeout::Ms(2000)).expect("echo reply");
+    assert_eq!(&buf[..n], payload);
+    dev.close(ch).expect("close");
 }

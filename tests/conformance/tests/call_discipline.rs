@@ -3,26 +3,17 @@
 //! ids below API 4, a Trusty VM slower than the mailbox timeout, FF-A interrupts, and a call
 //! left pending by a timeout that is collected before any fresh call.
 
+use conformance::echo;
 use std::time::{Duration, Instant};
 
 use conformance::Rig;
 use platforms::by_name;
 use tipc::stack::{bring_up_platform, StackConfig};
-use tipc::Timeout;
 use trusty_model::host::ModelMode;
 use trusty_model::ModelConfig;
 use trusty_platform::plan::Mechanism;
 
 const ECHO: &str = "com.android.ipc-unittest.srv.echo";
-
-fn echo(dev: &mut tipc::TipcDevice, payload: &[u8]) {
-    let ch = dev.connect(ECHO).expect("connect");
-    dev.send(ch, &[payload], &[], Timeout::Ms(1000)).expect("send");
-    let mut buf = vec![0u8; 4096];
-    let n = dev.recv(ch, &mut [&mut buf], Timeout::Ms(2000)).expect("reply");
-    assert_eq!(&buf[..n], payload);
-    dev.close(ch).expect("close");
-}
 
 /// Linux trusty_init_version only logs a failed SMC_FC_GET_VERSION_STR; bring-up goes on.
 #[test]

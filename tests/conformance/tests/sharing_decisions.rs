@@ -1,13 +1,13 @@
 //! The sharing decision on every platform profile, proven against a secure side that can only
 //! touch what it was given (spec dma-decisions.md §6, §7).
 
+use conformance::echo;
 use platforms::{by_name, Profile};
 use tipc::stack::{bring_up_platform, BringUp, BringUpError, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
 use trusty_platform::plan::{CallTransport, Mechanism};
 
-const ECHO: &str = "com.android.ipc-unittest.srv.echo";
 const DATASINK: &str = "com.android.ipc-unittest.srv.datasink";
 
 fn up(name: &str, mode: ModelMode, cfg: StackConfig) -> (Profile, Sim, Result<(TipcDevice, BringUp), BringUpError>) {
@@ -15,15 +15,6 @@ fn up(name: &str, mode: ModelMode, cfg: StackConfig) -> (Profile, Sim, Result<(T
     let sim = profile.boot(mode);
     let r = bring_up_platform(profile.access(&sim), cfg);
     (profile, sim, r)
-}
-
-fn echo(dev: &mut TipcDevice, payload: &[u8]) {
-    let ch = dev.connect(ECHO).expect("connect");
-    dev.send(ch, &[payload], &[], Timeout::Ms(1000)).expect("send");
-    let mut buf = vec![0u8; 4096];
-    let n = dev.recv(ch, &mut [&mut buf], Timeout::Ms(2000)).expect("reply");
-    assert_eq!(&buf[..n], payload);
-    dev.close(ch).expect("close");
 }
 
 #[test]
