@@ -79,7 +79,7 @@ pub const HYPERVISOR_COMPATIBLE_PROP: &str = "/hypervisor compatible (xen,xen)";
 const XEN_COMPATIBLE: &str = "xen,xen";
 const XEN_VERSION_PREFIX: &str = "xen,xen-";
 /// Domain ids from here on are reserved (DOMID_FIRST_RESERVED, xen/include/public/xen.h).
-const DOMID_FIRST_RESERVED: u32 = 0x7FF0;
+pub const DOMID_FIRST_RESERVED: u32 = 0x7FF0;
 
 /// Reads the facts the device tree states. Never panics, whatever `fdt` holds.
 pub fn read_device_tree(fdt: &[u8]) -> Result<DtFacts, FactsError> {

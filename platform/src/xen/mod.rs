@@ -1,5 +1,6 @@
 //! Xen primitives for a DomU on ARM64: the hypercall ABI and its argument structs
-//! ([`hypercall`]), and grant table v1 with the "xen-grant" sharing mechanism ([`grant`]).
+//! ([`hypercall`]), grant table v1 with the "xen-grant" sharing mechanism ([`grant`]), and the
+//! rendezvous page a guest without xenstore meets a Trusty VM through ([`rendezvous`]).
 //!
 //! Encoders, decoders and the grant-table logic run on the host against fakes; only the `hvc`
 //! instruction (`hypercall::HvcHypercall`) is compiled for AArch64 alone. Numbers and layouts
@@ -7,3 +8,4 @@
 
 pub mod grant;
 pub mod hypercall;
+pub mod rendezvous;
