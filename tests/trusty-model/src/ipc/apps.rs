@@ -6,7 +6,8 @@
 //!   (`com.android.ipc-unittest.ctrl`), run by lib/unittest's `unittest_main()`, the peer of
 //!   tipc-test's `ta2ta-ipc` case.
 
-use alloc::collections::VecDeque;
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -16,6 +17,10 @@ use super::{
     IPC_PORT_ALLOW_ALL, IPC_PORT_ALLOW_NS_CONNECT, IPC_PORT_ALLOW_TA_CONNECT, MAX_PORT_BUF_SIZE,
     MAX_PORT_NAME_LEN,
 };
+
+mod waiting;
+
+use waiting::{Op, Resumed, WaitingTest};
 
 /// Port of the memref receiver (memref-test `receiver.c`).
 pub const MEMREF_RECEIVER_PORT: &str = "com.android.trusty.memref.receiver";
@@ -159,75 +164,344 @@ const TLOG_MAX: usize = 256;
 
 /// The ipc-unittest `main` app as lib/unittest's `unittest_main()` runs it: a port
 /// (1 buffer of 4096 bytes, NS and TA may connect); for every connection accepted, the tests
-/// run, every log line goes to the client as a TEST_MESSAGE, then one byte TEST_PASSED or
-/// TEST_FAILED, and the channel is closed. `send_msg_wait()` waits for SEND_UNBLOCKED when the
-/// client's queue is full; here the queued lines go out as the queue drains.
+/// run, every log line goes to the client as a TEST_MESSAGE, then one byte TEST_PASSED
+/// or TEST_FAILED, and the channel is closed. `send_msg_wait()` waits for SEND_UNBLOCKED when
+/// the client's queue is full; here the queued lines go out as the queue drains.
 ///
-/// The tests are the part of ipc-unittest `main.c` that runs on this app's own handles:
-/// `run_port_create_negative_test`, `run_port_create_test`, `run_connect_negative_test`,
-/// `run_async_connect_test`, `run_connect_selfie_test` (TA-to-TA connects to this app's own
-/// ports) and `accept` with nothing pending. The tests that connect to the srv app's services
-/// must wait while that app runs, which a handler in this model cannot do; they are not run
-/// (each is named in the log as skipped).
+/// The tests, in main.c's `run_all_tests()` order, are those that run on this app's own
+/// handles (`run_port_create_test`, `run_async_connect_test`, `run_connect_selfie_test`,
+/// `run_port_create_negative_test`, `run_connect_negative_test`, `accept` with nothing
+/// pending) and those that wait while the srv app acts: `run_connect_close_test`,
+/// `run_end_to_end_msg_test` (echo) and `run_connect_close_by_peer_test` for closer1, closer2
+/// and closer3 (see [`waiting`]). While one of those waits, this app's handler returns; the
+/// IPC scheduler runs the other apps and resumes the test with the event (or with the timeout,
+/// through [`Ctx::set_timer`]). A client that connects during a run is accepted once the run
+/// is over (main.c's loop is busy in `run_all_tests()` meanwhile).
 pub struct UnittestCtrl {
     port: Option<PortId>,
-    /// Per connection: lines still to send (the last is the status byte).
-    out: Vec<(ChanId, VecDeque<Vec<u8>>)>,
+    /// Per client channel: lines still to send, and whether the status byte is among them.
+    out: Vec<Outbox>,
     /// Runs so far (port names of the tests are made unique per run).
     runs: u32,
+    /// The run in progress.
+    run: Option<Run>,
 }
+
+/// What is still to go to one client.
+struct Outbox {
+    chan: ChanId,
+    queue: VecDeque<Vec<u8>>,
+    /// The status byte is queued: close the channel once the queue is empty.
+    finished: bool,
+}
+
+/// One entry of the suite.
+#[derive(Clone, Copy)]
+enum SuiteEntry {
+    /// Runs to its end inside one handler call.
+    Now(SuiteTest),
+    /// Waits for other apps (made fresh for every run).
+    Waits(fn() -> Box<dyn WaitingTest>),
+}
+
+/// The suite, in main.c `run_all_tests()` order.
+const SUITE: [SuiteEntry; 11] = [
+    SuiteEntry::Now(port_create),
+    SuiteEntry::Now(async_connect),
+    SuiteEntry::Waits(|| Box::new(waiting::ConnectClose::new())),
+    SuiteEntry::Waits(|| Box::new(waiting::EchoEndToEnd::new())),
+    SuiteEntry::Waits(|| Box::new(waiting::ConnectCloseByPeer::new("closer1"))),
+    SuiteEntry::Waits(|| Box::new(waiting::ConnectCloseByPeer::new("closer2"))),
+    SuiteEntry::Waits(|| Box::new(waiting::ConnectCloseByPeer::new("closer3"))),
+    SuiteEntry::Now(connect_selfie),
+    SuiteEntry::Now(port_create_negative),
+    SuiteEntry::Now(connect_negative),
+    SuiteEntry::Now(accept_negative),
+];
+
+/// What the test in progress is blocked on.
+enum Pending {
+    /// `sync_connect()`'s wait on its new channel.
+    Connect(ChanId),
+    /// `wait(chan)`.
+    Wait(ChanId),
+    /// `wait_any()` over these channels.
+    WaitAny(Vec<ChanId>),
+    /// `nanosleep()`.
+    Sleep,
+}
+
+/// After a test's step: go on with this outcome, wait, or take the next test.
+enum Step {
+    Now(Resumed),
+    Blocked,
+    Done,
+}
+
+/// One run of the suite for one client.
+struct Run {
+    /// The client's channel (None once the client hung up: the tests still run to their end,
+    /// so that every channel they opened is closed).
+    ns: Option<ChanId>,
+    /// Next entry of [`SUITE`].
+    next: usize,
+    current: Option<Box<dyn WaitingTest>>,
+    pending: Option<Pending>,
+    tally: Tally,
+    /// Events delivered for the tests' channels and not yet taken by a wait. As Trusty's
+    /// `chan_poll()`: HUP stays while the peer is gone (IPC_CHAN_STATE_DISCONNECTING) until the
+    /// channel is closed, READY and SEND_UNBLOCKED are taken by the wait that reports them,
+    /// MSG is reported while a message is unread (asked of the core at each wait).
+    seen: BTreeMap<ChanId, Events>,
+}
+
+impl Run {
+    /// This channel's events for a wait: what was delivered before, what the core holds now.
+    fn events_of(&mut self, ctx: &mut Ctx<'_>, chan: ChanId) -> Events {
+        match ctx.poll(chan) {
+            Ok(ev) => {
+                let kept = self.seen.entry(chan).or_default();
+                *kept = kept.union(Events(ev.0 & !Events::MSG.0));
+                kept.union(Events(ev.0 & Events::MSG.0))
+            }
+            Err(_) => {
+                self.seen.remove(&chan);
+                Events::NONE
+            }
+        }
+    }
+
+    /// A wait reported `chan`'s events: READY and SEND_UNBLOCKED are taken.
+    fn taken(&mut self, chan: ChanId) {
+        if let Some(ev) = self.seen.get_mut(&chan) {
+            ev.0 &= Events::HUP.0;
+            if ev.is_empty() {
+                self.seen.remove(&chan);
+            }
+        }
+    }
+
+    /// The pending wait's outcome if one of its handles has an event.
+    fn check(&mut self, ctx: &mut Ctx<'_>) -> Option<Resumed> {
+        let chans = match self.pending.as_ref()? {
+            Pending::Connect(c) | Pending::Wait(c) => Vec::from([*c]),
+            Pending::WaitAny(v) => v.clone(),
+            Pending::Sleep => return None,
+        };
+        for chan in chans {
+            let ev = self.events_of(ctx, chan);
+            if ev.is_empty() {
+                continue;
+            }
+            self.taken(chan);
+            ctx.set_timer(None);
+            return match self.pending.take() {
+                // main.c sync_connect(): READY is the channel; otherwise it is closed.
+                Some(Pending::Connect(_)) if ev.intersects(Events::READY) => Some(Resumed::Connected(Ok(chan))),
+                Some(Pending::Connect(_)) => {
+                    let _ = ctx.close(chan);
+                    self.seen.remove(&chan);
+                    let rc = if ev.intersects(Events::HUP) { lk::ERR_CHANNEL_CLOSED } else { lk::ERR_BAD_STATE };
+                    Some(Resumed::Connected(Err(rc)))
+                }
+                _ => Some(Resumed::Event(chan, ev)),
+            };
+        }
+        None
+    }
+
+    /// The pending wait's timeout expired (ERR_TIMED_OUT; sync_connect() closes its channel).
+    fn time_out(&mut self, ctx: &mut Ctx<'_>) -> Option<Resumed> {
+        ctx.set_timer(None);
+        Some(match self.pending.take()? {
+            Pending::Connect(chan) => {
+                let _ = ctx.close(chan);
+                self.seen.remove(&chan);
+                Resumed::Connected(Err(lk::ERR_TIMED_OUT))
+            }
+            Pending::Sleep => Resumed::Slept,
+            Pending::Wait(_) | Pending::WaitAny(_) => Resumed::TimedOut,
+        })
+    }
+
+    /// Start what `op` asks for; every wait has the timeout the test gave (`set_timer`).
+    fn start(&mut self, ctx: &mut Ctx<'_>, op: Op) -> Step {
+        let (pending, timeout_ms) = match op {
+            Op::Done => return Step::Done,
+            Op::Sleep { ns } => {
+                self.pending = Some(Pending::Sleep);
+                ctx.set_timer(Some(ctx.now().saturating_add(ns)));
+                return Step::Blocked;
+            }
+            Op::SyncConnect { path, timeout_ms } => {
+                match ctx.connect(&path, IPC_CONNECT_ASYNC | IPC_CONNECT_WAIT_FOR_PORT) {
+                    Ok(chan) => (Pending::Connect(chan), timeout_ms),
+                    Err(e) => return Step::Now(Resumed::Connected(Err(e))),
+                }
+            }
+            Op::Wait { chan, timeout_ms } => (Pending::Wait(chan), timeout_ms),
+            Op::WaitAny { chans, timeout_ms } => (Pending::WaitAny(chans), timeout_ms),
+        };
+        self.pending = Some(pending);
+        if let Some(r) = self.check(ctx) {
+            return Step::Now(r);
+        }
+        if timeout_ms == 0 {
+            return match self.time_out(ctx) {
+                Some(r) => Step::Now(r),
+                None => Step::Blocked,
+            };
+        }
+        ctx.set_timer(Some(ctx.now().saturating_add(timeout_ms.saturating_mul(MS))));
+        Step::Blocked
+    }
+}
+
+/// One millisecond in nanoseconds.
+const MS: u64 = 1_000_000;
 
 impl UnittestCtrl {
     /// The control service before its port is published.
     pub fn new() -> Self {
-        UnittestCtrl { port: None, out: Vec::new(), runs: 0 }
+        UnittestCtrl { port: None, out: Vec::new(), runs: 0, run: None }
     }
 
-    /// Runs the suite; returns the log messages (one per test: its lines together, as one
-    /// `_tlog()` call may carry several lines) and whether every check passed.
-    fn run_tests(&mut self, ctx: &mut Ctx<'_>) -> (Vec<String>, bool) {
-        self.runs = self.runs.wrapping_add(1);
-        let mut t = Tally { lines: Vec::new(), all_ok: true, total: 0, failed: 0 };
-        let mut messages = Vec::new();
-        let tests: [SuiteTest; 6] = [
-            port_create_negative,
-            port_create,
-            connect_negative,
-            async_connect,
-            connect_selfie,
-            accept_negative,
-        ];
-        for test in tests {
-            test(ctx, &mut t, self.runs);
-            messages.push(t.lines.concat());
-            t.lines.clear();
+    /// Queue log lines for the client, each as its own TEST_MESSAGE (one `_tlog()` call each,
+    /// at most 254 characters of text).
+    fn emit(&mut self, ctx: &mut Ctx<'_>, lines: &[String]) {
+        let Some(chan) = self.run.as_ref().and_then(|r| r.ns) else { return };
+        let Some(o) = self.out.iter_mut().find(|o| o.chan == chan) else { return };
+        for text in lines {
+            let mut m = Vec::with_capacity(text.len().min(TLOG_MAX) + 1);
+            m.push(TEST_MESSAGE);
+            m.extend_from_slice(&text.as_bytes()[..text.len().min(TLOG_MAX - 2)]);
+            o.queue.push_back(m);
         }
-        // These connect to the srv app's services and wait for them to answer; a handler here
-        // cannot wait while other apps run, so they stay out.
-        let mut summary = String::from(
-            "SKIPPED (need to wait while the srv app runs): connect_close, connect_close_by_peer, echo\n",
-        );
-        summary.push_str(&format!("Conditions checked: {}\nConditions failed: {}\n", t.total, t.failed));
-        messages.push(summary);
-        (messages, t.all_ok)
+        self.flush(ctx, chan);
+    }
+
+    /// The lines of the test just ended go out.
+    fn emit_test(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(run) = self.run.as_mut() else { return };
+        let lines = core::mem::take(&mut run.tally.lines);
+        self.emit(ctx, &lines);
+    }
+
+    /// Accept a waiting client and start its run; false when none is waiting.
+    fn start_run(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let Some(port) = self.port else { return false };
+        let Ok((chan, _uuid)) = ctx.accept(port) else { return false };
+        self.runs = self.runs.wrapping_add(1);
+        self.out.push(Outbox { chan, queue: VecDeque::new(), finished: false });
+        self.run = Some(Run {
+            ns: Some(chan),
+            next: 0,
+            current: None,
+            pending: None,
+            tally: Tally { lines: Vec::new(), all_ok: true, total: 0, failed: 0 },
+            seen: BTreeMap::new(),
+        });
+        self.advance(ctx, Resumed::Start);
+        true
+    }
+
+    /// Run the suite from where it stopped until a test waits or the suite is over.
+    fn advance(&mut self, ctx: &mut Ctx<'_>, mut how: Resumed) {
+        loop {
+            let runs = self.runs;
+            let Some(run) = self.run.as_mut() else { return };
+            let step = match run.current.as_mut() {
+                Some(test) => {
+                    let op = test.resume(ctx, &mut run.tally, how);
+                    run.start(ctx, op)
+                }
+                None => match SUITE.get(run.next).copied() {
+                    Some(SuiteEntry::Now(test)) => {
+                        run.next += 1;
+                        test(ctx, &mut run.tally, runs);
+                        Step::Done
+                    }
+                    Some(SuiteEntry::Waits(make)) => {
+                        run.next += 1;
+                        run.current = Some(make());
+                        Step::Now(Resumed::Start)
+                    }
+                    None => {
+                        self.finish_run(ctx);
+                        return;
+                    }
+                },
+            };
+            match step {
+                Step::Now(r) => how = r,
+                Step::Blocked => return,
+                Step::Done => {
+                    run.current = None;
+                    run.seen.clear();
+                    how = Resumed::Start;
+                    self.emit_test(ctx);
+                }
+            }
+        }
+    }
+
+    /// The summary and the status byte; the channel closes once they are out.
+    fn finish_run(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(run) = self.run.as_ref() else { return };
+        let t = &run.tally;
+        // run_all_tests()'s closing lines.
+        let summary = [
+            format!("Conditions checked: {}\n", t.total),
+            format!("Conditions failed: {}\n", t.failed),
+            String::from(if t.failed == 0 { "All tests PASSED\n" } else { "Some tests FAILED\n" }),
+        ];
+        let status = if t.all_ok { TEST_PASSED } else { TEST_FAILED };
+        self.emit(ctx, &summary);
+        if let Some(chan) = self.run.take().and_then(|r| r.ns) {
+            if let Some(o) = self.out.iter_mut().find(|o| o.chan == chan) {
+                o.queue.push_back(Vec::from([status]));
+                o.finished = true;
+            }
+            self.flush(ctx, chan);
+        }
+    }
+
+    /// Go on with the run (with `how`, if a wait ended), then serve clients that connected
+    /// meanwhile.
+    fn pump(&mut self, ctx: &mut Ctx<'_>, how: Option<Resumed>) {
+        if let Some(how) = how {
+            self.advance(ctx, how);
+        }
+        while self.run.is_none() && self.start_run(ctx) {}
     }
 
     /// Sends what is queued for `chan`; closes the channel once the status byte is out.
     fn flush(&mut self, ctx: &mut Ctx<'_>, chan: ChanId) {
-        let Some(pos) = self.out.iter().position(|(c, _)| *c == chan) else { return };
-        let queue = &mut self.out[pos].1;
-        while let Some(msg) = queue.front() {
+        let Some(pos) = self.out.iter().position(|o| o.chan == chan) else { return };
+        let o = &mut self.out[pos];
+        while let Some(msg) = o.queue.front() {
             match ctx.send_msg(chan, msg) {
                 Ok(_) => {
-                    queue.pop_front();
+                    o.queue.pop_front();
                 }
                 // Waits for SEND_UNBLOCKED (send_msg_wait()).
                 Err(lk::ERR_NOT_ENOUGH_BUFFER) => return,
-                Err(_) => break,
+                Err(_) => {
+                    o.queue.clear();
+                    o.finished = true;
+                    break;
+                }
             }
         }
-        self.out.remove(pos);
-        let _ = ctx.close(chan);
+        if o.finished {
+            self.out.remove(pos);
+            let _ = ctx.close(chan);
+            if let Some(run) = self.run.as_mut() {
+                if run.ns == Some(chan) {
+                    run.ns = None;
+                }
+            }
+        }
     }
 }
 
@@ -243,41 +517,51 @@ impl TrustedApp for UnittestCtrl {
         self.port = ctx.create_port(UNITTEST_CTRL_PORT, 1, MAX_PORT_BUF_SIZE, IPC_PORT_ALLOW_ALL).ok();
     }
 
-    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, events: Events) {
-        if !events.intersects(Events::READY) {
-            return;
+    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, _port: PortId, events: Events) {
+        if events.intersects(Events::READY) {
+            self.pump(ctx, None);
         }
-        let Ok((chan, _uuid)) = ctx.accept(port) else { return };
-        let (lines, ok) = self.run_tests(ctx);
-        let mut queue: VecDeque<Vec<u8>> = lines
-            .into_iter()
-            .map(|l| {
-                let mut m = Vec::with_capacity(l.len() + 1);
-                m.push(TEST_MESSAGE);
-                // _tlog(): at most 254 characters of text per message.
-                m.extend_from_slice(&l.as_bytes()[..l.len().min(TLOG_MAX - 2)]);
-                m
-            })
-            .collect();
-        queue.push_back(Vec::from([if ok { TEST_PASSED } else { TEST_FAILED }]));
-        self.out.push((chan, queue));
-        self.flush(ctx, chan);
     }
 
     fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
-        if events.intersects(Events::HUP.union(Events::ERROR)) {
-            self.out.retain(|(c, _)| *c != chan);
-            let _ = ctx.close(chan);
+        if self.out.iter().any(|o| o.chan == chan) {
+            // A client channel.
+            if events.intersects(Events::HUP.union(Events::ERROR)) {
+                self.out.retain(|o| o.chan != chan);
+                let _ = ctx.close(chan);
+                if let Some(run) = self.run.as_mut() {
+                    if run.ns == Some(chan) {
+                        run.ns = None;
+                    }
+                }
+                return;
+            }
+            if events.intersects(Events::SEND_UNBLOCKED) {
+                self.flush(ctx, chan);
+            }
+            if events.intersects(Events::MSG) {
+                // The client is not expected to send; messages are discarded.
+                while ctx.get_msg(chan).is_ok() {
+                    let _ = ctx.put_msg(chan);
+                }
+            }
             return;
         }
-        if events.intersects(Events::SEND_UNBLOCKED) {
-            self.flush(ctx, chan);
+        // A channel of the test in progress: remember the events; end its wait if they are
+        // what it waits for.
+        let Some(run) = self.run.as_mut() else { return };
+        let kept = run.seen.entry(chan).or_default();
+        *kept = kept.union(Events(events.0 & !Events::MSG.0));
+        let resumed = run.check(ctx);
+        if resumed.is_some() {
+            self.pump(ctx, resumed);
         }
-        if events.intersects(Events::MSG) {
-            // The client is not expected to send; messages are discarded.
-            while ctx.get_msg(chan).is_ok() {
-                let _ = ctx.put_msg(chan);
-            }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>) {
+        let resumed = self.run.as_mut().and_then(|run| run.time_out(ctx));
+        if resumed.is_some() {
+            self.pump(ctx, resumed);
         }
     }
 }
@@ -311,6 +595,14 @@ impl Tally {
             *test_ok = false;
             self.all_ok = false;
         }
+    }
+    /// A failed condition with its own message.
+    fn fail(&mut self, test_ok: &mut bool, msg: &str) {
+        self.total += 1;
+        self.lines.push(format!("{msg}\n"));
+        self.failed += 1;
+        *test_ok = false;
+        self.all_ok = false;
     }
     fn begin(&mut self, name: &str) -> bool {
         self.lines.push(format!("{name}:\n"));

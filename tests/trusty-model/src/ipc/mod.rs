@@ -331,6 +331,9 @@ pub trait TrustedApp: Send {
     fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events);
     /// The sleep requested with [`Ctx::sleep`] is over.
     fn on_wake(&mut self, _ctx: &mut Ctx<'_>) {}
+    /// The timer armed with [`Ctx::set_timer`] expired with no event for the app before it
+    /// (the timeout of a Trusty `wait()` / `wait_any()`).
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_>) {}
 }
 
 /// TA side of a channel.
@@ -462,6 +465,8 @@ struct Core {
     events: VecDeque<IpcEvent>,
     /// Per app: sleeping until this time.
     sleep_until: Vec<Option<u64>>,
+    /// Per app: a timed wait ends at this time unless an event comes first ([`Ctx::set_timer`]).
+    timer_at: Vec<Option<u64>>,
     stats: IpcStats,
     port_stats: BTreeMap<String, PortStats>,
     /// Memory references whose last holder let go: the device unmaps them and sends RELEASE.
@@ -478,6 +483,7 @@ impl Core {
             next_chan: 0,
             events: VecDeque::new(),
             sleep_until: Vec::new(),
+            timer_at: Vec::new(),
             stats: IpcStats::default(),
             port_stats: BTreeMap::new(),
             released: VecDeque::new(),
@@ -1201,6 +1207,18 @@ impl Ctx<'_> {
         self.core.owned_port(self.app, port).map(|p| !p.pending.is_empty())
     }
 
+    /// Arm (Some) or cancel (None) the app's timer: unlike [`Ctx::sleep`], events keep coming;
+    /// [`TrustedApp::on_timer`] runs once `deadline_ns` has passed if no event for the app was
+    /// delivered first in that `run`. This is how an app waits with a timeout (Trusty
+    /// `wait(handle, &ev, timeout)`: the event, or ERR_TIMED_OUT). A deadline not after the
+    /// current time fires at the next later time, so a timer never keeps [`Ipc::run`] busy.
+    pub fn set_timer(&mut self, deadline_ns: Option<u64>) {
+        let now = self.core.now;
+        if let Some(slot) = self.core.timer_at.get_mut(self.app) {
+            *slot = deadline_ns.map(|d| d.max(now.saturating_add(1)));
+        }
+    }
+
     /// Sleep (Trusty `nanosleep`): the app gets no events until `duration_ns` has passed, then
     /// [`TrustedApp::on_wake`] runs. A zero duration still yields until the next time step.
     pub fn sleep(&mut self, duration_ns: u64) {
@@ -1264,6 +1282,7 @@ impl Ipc {
     pub fn add_app(&mut self, ta: Box<dyn TrustedApp>) {
         let app = self.apps.len();
         self.core.sleep_until.push(None);
+        self.core.timer_at.push(None);
         self.apps.push(App { ta });
         if let Some(slot) = self.apps.get_mut(app) {
             let mut ctx = Ctx {
@@ -1425,7 +1444,17 @@ impl Ipc {
             }
 
             let Some(chan_id) = core.signalled_chan(app) else {
-                return false;
+                // No event: a due timer (Ctx::set_timer) ends the app's timed wait.
+                match core.timer_at.get(app).copied().flatten() {
+                    Some(at) if at <= core.now => {
+                        if let Some(t) = core.timer_at.get_mut(app) {
+                            *t = None;
+                        }
+                        slot.ta.on_timer(&mut Ctx { core, app });
+                        return true;
+                    }
+                    _ => return false,
+                }
             };
             let Some(chan) = core.chans.get_mut(&chan_id) else {
                 return false; // unreachable: the id came from the map
@@ -1494,9 +1523,11 @@ impl Ipc {
         self.core.events.len()
     }
 
-    /// Earliest time at which a timer (a sleeping app's wake-up) fires (None when none is armed).
+    /// Earliest time at which a timer (a sleeping app's wake-up, a timed wait's end) fires
+    /// (None when none is armed).
     pub fn next_deadline(&self) -> Option<u64> {
-        self.core.sleep_until.iter().flatten().copied().min()
+        let sleeps = self.core.sleep_until.iter().flatten();
+        sleeps.chain(self.core.timer_at.iter().flatten()).copied().min()
     }
 
     /// The latest time seen by the core.

@@ -832,60 +832,320 @@ fn random_operations_keep_invariants() {
     }
 }
 
+/// What one client of the ctrl app saw.
+struct CtrlRun {
+    /// Every message, in order (the last is the status byte).
+    got: Vec<Vec<u8>>,
+    /// The channel was closed after the status.
+    closed: bool,
+    /// Model time the run took.
+    elapsed: u64,
+}
+
+impl CtrlRun {
+    fn status(&self) -> Option<u8> {
+        self.got.last().and_then(|m| (m.len() == 1).then_some(m[0]))
+    }
+    /// The text of every TEST_MESSAGE.
+    fn text(&self) -> String {
+        use super::apps::TEST_MESSAGE;
+        let mut s = String::new();
+        for m in &self.got {
+            if m.first() == Some(&TEST_MESSAGE) {
+                s.push_str(core::str::from_utf8(&m[1..]).unwrap());
+            }
+        }
+        s
+    }
+}
+
+/// Connects to the ctrl port at `start` and drives the model as the device does: the apps run,
+/// every event is taken, and when nothing more happens at the current time, time moves to the
+/// next deadline (a sleep's end or a wait's timeout). At most 120 s of model time.
+fn run_ctrl(ipc: &mut Ipc, start: u64) -> CtrlRun {
+    let chan = ipc.connect_ns(b"com.android.ipc-unittest.ctrl", start).unwrap();
+    let mut now = start;
+    let mut got = Vec::new();
+    let mut closed = false;
+    while !closed && now - start < 120_000 * MS {
+        ipc.run(now);
+        let mut any = false;
+        while let Some(ev) = ipc.pop_event() {
+            any = true;
+            match ev {
+                IpcEvent::Accepted { .. } => {}
+                IpcEvent::Message { data, .. } => got.push(data),
+                IpcEvent::Closed { chan: c } => {
+                    assert_eq!(c, chan);
+                    closed = true;
+                }
+            }
+        }
+        if !any {
+            match ipc.next_deadline() {
+                Some(d) => now = now.max(d),
+                None => break,
+            }
+        }
+    }
+    CtrlRun { got, closed, elapsed: now - start }
+}
+
+/// Every test of the ctrl app's suite, as the model runs it.
+const CTRL_TESTS: [&str; 11] = [
+    "run_port_create_test",
+    "run_async_connect_test",
+    "run_connect_close_test",
+    "run_end_to_end_msg_test",
+    "run_connect_close_by_peer_test(closer1)",
+    "run_connect_close_by_peer_test(closer2)",
+    "run_connect_close_by_peer_test(closer3)",
+    "run_connect_selfie_test",
+    "run_port_create_negative_test",
+    "run_connect_negative_test",
+    "run_accept_negative_test",
+];
+
 /// tipc-test's ta2ta-ipc protocol (lib/unittest `unittest_main()`): log lines as TEST_MESSAGE,
 /// then TEST_PASSED, then the channel closes; the queue of one message drains as the normal
-/// world takes each (send_msg_wait()).
+/// world takes each (send_msg_wait()). The tests that wait for the srv app run for real: the
+/// closers' 100 ms sleeps pass in model time while the ctrl app waits, each of the 992
+/// connect/close connections is accepted by datasink, 20000 messages go through echo.
 #[test]
 fn unittest_ctrl_reports_its_suite_and_closes() {
     use super::apps::{TEST_MESSAGE, TEST_PASSED};
     let mut ipc = Ipc::with_unittest_services();
-    let chan = ipc.connect_ns(b"com.android.ipc-unittest.ctrl", 0).unwrap();
-    let mut got = Vec::new();
-    let mut closed = false;
-    for _ in 0..1000 {
-        ipc.run(0);
-        let Some(ev) = ipc.pop_event() else { break };
-        match ev {
-            IpcEvent::Accepted { .. } => {}
-            IpcEvent::Message { data, .. } => got.push(data),
-            IpcEvent::Closed { chan: c } => {
-                assert_eq!(c, chan);
-                closed = true;
-            }
-        }
-    }
-    assert!(closed, "the runner closes the channel after the status");
-    let (status, lines) = got.split_last().expect("messages");
-    assert_eq!(status, &vec![TEST_PASSED], "suite failed: {lines:?}");
-    assert_eq!(lines.len(), 7, "one message per test and a summary");
+    let run = run_ctrl(&mut ipc, 0);
+    assert!(run.closed, "the runner closes the channel after the status");
+    let text = run.text();
+    assert_eq!(run.status(), Some(TEST_PASSED), "suite failed: {text}");
+    let lines = &run.got[..run.got.len() - 1];
+    // TEST_BEGIN and TEST_END of each test, three summary lines: one message per line.
+    assert_eq!(lines.len(), 2 * CTRL_TESTS.len() + 3, "{text}");
     for l in lines {
         assert_eq!(l[0], TEST_MESSAGE);
         assert!(l.len() < 256, "tipc-test reads into 256 bytes");
+        assert_eq!(l.iter().filter(|b| **b == b'\n').count(), 1, "one line");
     }
-    let text: Vec<u8> = lines.iter().flat_map(|l| l[1..].to_vec()).collect();
-    let text = core::str::from_utf8(&text).unwrap();
-    assert!(text.contains("run_port_create_negative_test: PASSED"), "{text}");
-    assert!(text.contains("run_port_create_test: PASSED"), "{text}");
-    for t in ["run_connect_negative_test", "run_async_connect_test", "run_connect_selfie_test"] {
-        assert!(text.contains(&format!("{t}: PASSED")), "{text}");
+    for t in CTRL_TESTS {
+        assert!(text.contains(&format!("{t}: PASSED")), "{t}: {text}");
     }
     assert!(!text.contains("FAILED"), "{text}");
-    // A second client gets a second run (fresh port names, same verdict).
-    let chan2 = ipc.connect_ns(b"com.android.ipc-unittest.ctrl", 0).unwrap();
-    let mut last = None;
-    for _ in 0..1000 {
-        ipc.run(0);
-        match ipc.pop_event() {
-            Some(IpcEvent::Message { data, .. }) => last = Some(data),
-            Some(IpcEvent::Closed { chan: c }) => {
-                assert_eq!(c, chan2);
-                break;
-            }
-            Some(_) => {}
-            None => break,
+    assert!(!text.contains("SKIPPED"), "{text}");
+    assert!(text.contains("All tests PASSED"), "{text}");
+    // closer1 sleeps on 8 of its 16 connections, closer2 on 8 requests, closer3 once per 4:
+    // 2 s at least, all of it spent while the ctrl app waited.
+    assert!(run.elapsed >= 20 * CLOSER_SLEEP_NS, "elapsed {} ns", run.elapsed);
+    let stats = ipc.stats();
+    let accepted = |name: &str| {
+        let name = srv_port_name(name);
+        stats.ports.iter().find(|p| p.name == name).map_or(0, |p| p.accepted)
+    };
+    assert!(accepted("datasink") >= 62 * 16, "every connect/close connection was accepted");
+    assert_eq!(accepted("closer1"), 16);
+    assert_eq!(accepted("closer2"), 0, "closer2 never accepts");
+    assert_eq!(accepted("closer3"), 16);
+    assert_eq!(accepted("echo"), 1);
+    // Only the channels of the normal world's closed ctrl connection may be left, and none
+    // of the tests' channels.
+    assert_eq!(ipc.stats().channel_records, 0, "every test channel was closed");
+    // A second client gets a second run (fresh port names, same verdict; the closers'
+    // connection counters go on from where they were).
+    let run2 = run_ctrl(&mut ipc, run.elapsed + 1);
+    assert!(run2.closed);
+    assert_eq!(run2.status(), Some(TEST_PASSED), "{}", run2.text());
+}
+
+/// The apps of [`Ipc::with_unittest_services`] with the srv services named in `replace`
+/// left out, plus `fakes` in their place.
+fn services_with(replace: &[&str], fakes: Vec<Box<dyn TrustedApp>>) -> Ipc {
+    use super::services::{Closer1, Closer2, Closer3, Connect, DataSink, Echo, Uuid};
+    let all: Vec<(&str, Box<dyn TrustedApp>)> = vec![
+        ("closer1", Box::new(Closer1::new())),
+        ("closer2", Box::new(Closer2::new())),
+        ("closer3", Box::new(Closer3::new())),
+        ("connect", Box::new(Connect::new())),
+        ("datasink", Box::new(DataSink::new())),
+        ("ns_only", Box::new(DataSink::ns_only())),
+        ("ta_only", Box::new(DataSink::ta_only())),
+        ("echo", Box::new(Echo::new())),
+        ("uuid", Box::new(Uuid::new())),
+    ];
+    let mut ipc = Ipc::new();
+    for (name, app) in all {
+        if !replace.contains(&name) {
+            ipc.add_app(app);
         }
     }
-    assert_eq!(last, Some(vec![TEST_PASSED]));
+    for app in fakes {
+        ipc.add_app(app);
+    }
+    ipc.add_app(Box::new(super::apps::UnittestCtrl::new()));
+    ipc
+}
+
+/// A stand-in srv service on `srv.<name>` (2 x 64, or 8 x 4096 for echo): accepts every
+/// connection (unless `accept` is false) and then does what `on_msg` says with each message;
+/// never closes a channel itself.
+struct FakeSrv {
+    name: &'static str,
+    accept: bool,
+    /// Reply to a message (None: no reply).
+    on_msg: fn(&[u8]) -> Option<Vec<u8>>,
+}
+
+impl TrustedApp for FakeSrv {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        let (num, size) = if self.name == "echo" { (8, 4096) } else { (2, 64) };
+        ctx.create_port(&srv_port_name(self.name), num, size, IPC_PORT_ALLOW_ALL).unwrap();
+    }
+    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, _events: Events) {
+        if self.accept {
+            let _ = ctx.accept(port);
+        }
+    }
+    fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
+        if events.intersects(Events::MSG) {
+            while let Ok(m) = ctx.get_msg(chan) {
+                ctx.put_msg(chan).unwrap();
+                if let Some(reply) = (self.on_msg)(&m) {
+                    let _ = ctx.send_msg(chan, &reply);
+                }
+            }
+        }
+        if events.intersects(Events::HUP) {
+            let _ = ctx.close(chan);
+        }
+    }
+}
+
+/// Runs the ctrl suite against `ipc` and checks that exactly `failed` among its tests failed.
+fn suite_fails_only(ipc: &mut Ipc, failed: &str) -> CtrlRun {
+    use super::apps::TEST_FAILED;
+    let run = run_ctrl(ipc, 0);
+    let text = run.text();
+    assert!(run.closed, "{text}");
+    assert_eq!(run.status(), Some(TEST_FAILED), "{text}");
+    assert!(text.contains(&format!("{failed}: FAILED")), "{text}");
+    for t in CTRL_TESTS.iter().filter(|t| **t != failed) {
+        assert!(text.contains(&format!("{t}: PASSED")), "{t}: {text}");
+    }
+    assert!(text.contains("Some tests FAILED"), "{text}");
+    run
+}
+
+/// A closer1 that accepts but never closes: connect_close_by_peer(closer1) waits 10 s for the
+/// HUPs that never come and fails; the other tests pass.
+#[test]
+fn a_closer_that_never_closes_fails_connect_close_by_peer() {
+    let fake = FakeSrv { name: "closer1", accept: true, on_msg: |_| None };
+    let mut ipc = services_with(&["closer1"], vec![Box::new(fake)]);
+    let run = suite_fails_only(&mut ipc, "run_connect_close_by_peer_test(closer1)");
+    assert!(run.elapsed >= 10_000 * MS, "the last wait_any(10000) timed out");
+    assert_eq!(ipc.stats().channel_records, 0, "the test closed what it held");
+}
+
+/// A closer3 whose connections are refused at once (a port that does not accept, closed
+/// instead: every connection is ERR_CHANNEL_CLOSED) is still a pass: main.c accepts either
+/// outcome. A port that neither accepts nor closes fails (each sync_connect times out).
+#[test]
+fn a_closer_that_never_answers_fails_connect_close_by_peer() {
+    let fake = FakeSrv { name: "closer3", accept: false, on_msg: |_| None };
+    let mut ipc = services_with(&["closer3"], vec![Box::new(fake)]);
+    suite_fails_only(&mut ipc, "run_connect_close_by_peer_test(closer3)");
+}
+
+/// An echo service that changes one byte of every reply fails the echo test (the model
+/// compares the bytes; main.c the length), and only it.
+#[test]
+fn an_echo_that_corrupts_data_fails_end_to_end() {
+    let fake = FakeSrv {
+        name: "echo",
+        accept: true,
+        on_msg: |m| {
+            let mut r = m.to_vec();
+            if let Some(b) = r.last_mut() {
+                *b ^= 1;
+            }
+            Some(r)
+        },
+    };
+    let mut ipc = services_with(&["echo"], vec![Box::new(fake)]);
+    let run = suite_fails_only(&mut ipc, "run_end_to_end_msg_test");
+    assert!(run.text().contains("echo reply data"), "{}", run.text());
+}
+
+/// An echo service that answers with a shorter message fails on the length, as main.c does;
+/// one that never answers fails after one 1 s timeout (the model stops at the first).
+#[test]
+fn an_echo_that_truncates_or_stays_silent_fails_end_to_end() {
+    let short = FakeSrv { name: "echo", accept: true, on_msg: |m| Some(m[..m.len() / 2].to_vec()) };
+    let mut ipc = services_with(&["echo"], vec![Box::new(short)]);
+    let run = suite_fails_only(&mut ipc, "run_end_to_end_msg_test");
+    assert!(run.text().contains("reading echo msg: expected 64 actual 32"), "{}", run.text());
+    let silent = FakeSrv { name: "echo", accept: true, on_msg: |_| None };
+    let mut ipc = services_with(&["echo"], vec![Box::new(silent)]);
+    let run = suite_fails_only(&mut ipc, "run_end_to_end_msg_test");
+    assert!(run.text().contains("waiting on echo response: expected 0 actual -13"), "{}", run.text());
+}
+
+/// A datasink that never accepts: connect/close fails after one sync_connect timeout.
+#[test]
+fn a_datasink_that_never_accepts_fails_connect_close() {
+    let fake = FakeSrv { name: "datasink", accept: false, on_msg: |_| None };
+    let mut ipc = services_with(&["datasink"], vec![Box::new(fake)]);
+    let run = suite_fails_only(&mut ipc, "run_connect_close_test");
+    assert!(run.text().contains("connect/close: expected >= 0 actual (-13)"), "{}", run.text());
+}
+
+/// `Ctx::set_timer`: events keep coming while the timer is armed (and come first), the timer
+/// counts in `next_deadline`, fires once when no event came, and can be cancelled.
+#[test]
+fn a_timer_ends_a_wait_unless_an_event_comes_first() {
+    struct Waiter {
+        log: Arc<Mutex<Vec<String>>>,
+    }
+    impl TrustedApp for Waiter {
+        fn start(&mut self, ctx: &mut Ctx<'_>) {
+            ctx.create_port("test.waiter", 1, 16, IPC_PORT_ALLOW_NS_CONNECT).unwrap();
+            ctx.set_timer(Some(100 * MS));
+        }
+        fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, _events: Events) {
+            self.log.lock().unwrap().push(format!("ready at {}", ctx.now() / MS));
+            ctx.accept(port).unwrap();
+        }
+        fn on_chan_event(&mut self, _ctx: &mut Ctx<'_>, _chan: ChanId, _events: Events) {}
+        fn on_timer(&mut self, ctx: &mut Ctx<'_>) {
+            self.log.lock().unwrap().push(format!("timer at {}", ctx.now() / MS));
+            if ctx.now() < 200 * MS {
+                // Re-armed, then cancelled by the next run's event below.
+                ctx.set_timer(Some(ctx.now() + 50 * MS));
+            }
+        }
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut ipc = Ipc::new();
+    ipc.add_app(Box::new(Waiter { log: log.clone() }));
+    assert_eq!(ipc.next_deadline(), Some(100 * MS));
+    ipc.connect_ns(b"test.waiter", 10 * MS).unwrap();
+    assert!(ipc.run(10 * MS));
+    assert!(!ipc.run(99 * MS), "not due yet");
+    assert!(ipc.run(100 * MS));
+    assert!(!ipc.run(100 * MS), "fires once");
+    assert_eq!(ipc.next_deadline(), Some(150 * MS));
+    assert!(ipc.run(150 * MS));
+    assert_eq!(ipc.next_deadline(), Some(200 * MS));
+    assert!(ipc.run(300 * MS));
+    assert_eq!(ipc.next_deadline(), None, "not re-armed at 300 ms");
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        vec![
+            String::from("ready at 10"),
+            String::from("timer at 100"),
+            String::from("timer at 150"),
+            String::from("timer at 300"),
+        ]
+    );
 }
 
 /// A TA-to-TA echo server for the tests below: accepts every connection on `port`, echoes
