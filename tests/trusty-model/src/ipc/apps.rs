@@ -164,7 +164,7 @@ const TLOG_MAX: usize = 256;
 
 /// The ipc-unittest `main` app as lib/unittest's `unittest_main()` runs it: a port
 /// (1 buffer of 4096 bytes, NS and TA may connect); for every connection accepted, the tests
-/// run, every log line goes to the client as a TEST_MESSAGE, then one byte TEST_PASSED
+/// run, every test's log lines go to the client as a TEST_MESSAGE, then one byte TEST_PASSED
 /// or TEST_FAILED, and the channel is closed. `send_msg_wait()` waits for SEND_UNBLOCKED when
 /// the client's queue is full; here the queued lines go out as the queue drains.
 ///
@@ -366,17 +366,19 @@ impl UnittestCtrl {
         UnittestCtrl { port: None, out: Vec::new(), runs: 0, run: None }
     }
 
-    /// Queue log lines for the client, each as its own TEST_MESSAGE (one `_tlog()` call each,
-    /// at most 254 characters of text).
+    /// Queue one message of log lines for the client: a TEST_MESSAGE of at most 254
+    /// characters of text, as one `_tlog()` call sends. The lines of one test go together (one
+    /// message per line would outrun a small rx pool on the normal-world side, whose channel
+    /// queue is bounded by it); when they do not fit, middle lines give way to "...", so the
+    /// first (TEST_BEGIN) and the last (the verdict) are always there.
     fn emit(&mut self, ctx: &mut Ctx<'_>, lines: &[String]) {
         let Some(chan) = self.run.as_ref().and_then(|r| r.ns) else { return };
         let Some(o) = self.out.iter_mut().find(|o| o.chan == chan) else { return };
-        for text in lines {
-            let mut m = Vec::with_capacity(text.len().min(TLOG_MAX) + 1);
-            m.push(TEST_MESSAGE);
-            m.extend_from_slice(&text.as_bytes()[..text.len().min(TLOG_MAX - 2)]);
-            o.queue.push_back(m);
-        }
+        let text = join_within(lines, TLOG_MAX - 2);
+        let mut m = Vec::with_capacity(text.len() + 1);
+        m.push(TEST_MESSAGE);
+        m.extend_from_slice(text.as_bytes());
+        o.queue.push_back(m);
         self.flush(ctx, chan);
     }
 
@@ -564,6 +566,31 @@ impl TrustedApp for UnittestCtrl {
             self.pump(ctx, resumed);
         }
     }
+}
+
+/// `lines` joined into at most `max` bytes (ASCII): if they are longer, the last line is kept
+/// and as many of the first ones as fit, with "...\n" where the others were.
+fn join_within(lines: &[String], max: usize) -> String {
+    let mut all = lines.concat();
+    if all.len() > max {
+        const GAP: &str = "...\n";
+        let last = lines.last().map_or("", String::as_str);
+        all.clear();
+        for l in &lines[..lines.len().saturating_sub(1)] {
+            if all.len() + l.len() + GAP.len() + last.len() > max {
+                break;
+            }
+            all.push_str(l);
+        }
+        all.push_str(GAP);
+        all.push_str(last);
+    }
+    let mut end = all.len().min(max);
+    while !all.is_char_boundary(end) {
+        end -= 1;
+    }
+    all.truncate(end);
+    all
 }
 
 /// One test of the suite: the app's context, the tally, and the run number.

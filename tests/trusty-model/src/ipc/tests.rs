@@ -920,12 +920,10 @@ fn unittest_ctrl_reports_its_suite_and_closes() {
     let text = run.text();
     assert_eq!(run.status(), Some(TEST_PASSED), "suite failed: {text}");
     let lines = &run.got[..run.got.len() - 1];
-    // TEST_BEGIN and TEST_END of each test, three summary lines: one message per line.
-    assert_eq!(lines.len(), 2 * CTRL_TESTS.len() + 3, "{text}");
+    assert_eq!(lines.len(), CTRL_TESTS.len() + 1, "one message per test and a summary: {text}");
     for l in lines {
         assert_eq!(l[0], TEST_MESSAGE);
         assert!(l.len() < 256, "tipc-test reads into 256 bytes");
-        assert_eq!(l.iter().filter(|b| **b == b'\n').count(), 1, "one line");
     }
     for t in CTRL_TESTS {
         assert!(text.contains(&format!("{t}: PASSED")), "{t}: {text}");
@@ -1045,14 +1043,16 @@ fn a_closer_that_never_closes_fails_connect_close_by_peer() {
     assert_eq!(ipc.stats().channel_records, 0, "the test closed what it held");
 }
 
-/// A closer3 whose connections are refused at once (a port that does not accept, closed
-/// instead: every connection is ERR_CHANNEL_CLOSED) is still a pass: main.c accepts either
-/// outcome. A port that neither accepts nor closes fails (each sync_connect times out).
+/// A closer3 whose port neither accepts nor closes: each of the 16 sync_connect(2000) times out
+/// (32 s of model time, as main.c), the test fails, and its verdict reaches the client even
+/// though its 16 failure lines do not fit in one message.
 #[test]
 fn a_closer_that_never_answers_fails_connect_close_by_peer() {
     let fake = FakeSrv { name: "closer3", accept: false, on_msg: |_| None };
     let mut ipc = services_with(&["closer3"], vec![Box::new(fake)]);
-    suite_fails_only(&mut ipc, "run_connect_close_by_peer_test(closer3)");
+    let run = suite_fails_only(&mut ipc, "run_connect_close_by_peer_test(closer3)");
+    assert!(run.elapsed >= 16 * 2000 * MS, "elapsed {}", run.elapsed);
+    assert!(run.text().contains("...\n"), "{}", run.text());
 }
 
 /// An echo service that changes one byte of every reply fails the echo test (the model
