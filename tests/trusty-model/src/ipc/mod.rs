@@ -1208,8 +1208,9 @@ impl Ctx<'_> {
     }
 
     /// Arm (Some) or cancel (None) the app's timer: unlike [`Ctx::sleep`], events keep coming;
-    /// [`TrustedApp::on_timer`] runs once `deadline_ns` has passed if no event for the app was
-    /// delivered first in that `run`. This is how an app waits with a timeout (Trusty
+    /// [`TrustedApp::on_timer`] runs once `deadline_ns` has passed and the app has no event
+    /// waiting (events come first; an app whose wait an event ended cancels its timer). This
+    /// is how an app waits with a timeout (Trusty
     /// `wait(handle, &ev, timeout)`: the event, or ERR_TIMED_OUT). A deadline not after the
     /// current time fires at the next later time, so a timer never keeps [`Ipc::run`] busy.
     pub fn set_timer(&mut self, deadline_ns: Option<u64>) {
