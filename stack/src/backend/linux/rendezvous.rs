@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trusty_platform::facts::PORTS_FROM_RENDEZVOUS;
+use trusty_platform::mailbox::{MAILBOX_MAGIC, OFF_MAGIC as MAILBOX_OFF_MAGIC};
 use trusty_platform::mem::{Access, PageAllocator, Sharer};
 use trusty_platform::xen::grant::decode_grant_id;
 use trusty_platform::xen::rendezvous::{
@@ -102,6 +103,13 @@ impl RendezvousLink {
         let mut sharer = GntallocSharer(self.pool.clone());
         let id = sharer.share(&[mailbox.range()], Access::ReadWrite).map_err(|e| format!("granting the mailbox: {e}"))?;
         let gref = decode_grant_id(id.0).ok_or("granting the mailbox gave no grant id")?;
+        // The mailbox carries its magic before the Trusty VM may map it (the conduit writes it
+        // again when it takes the page over).
+        // SAFETY: the page is ours, mapped and 4 KiB; offset 0 is 4-aligned.
+        unsafe {
+            mailbox.vaddr().as_ptr().add(MAILBOX_OFF_MAGIC).cast::<u32>().write_volatile(MAILBOX_MAGIC.to_le());
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         page.answer(gref);
         self.dev.notify(port).map_err(|e| format!("notifying domain {domid}: {e}"))?;
         // 5. The status.

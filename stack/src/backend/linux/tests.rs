@@ -297,6 +297,9 @@ fn the_rendezvous_meets_a_trusty_vm_and_calls_wake_on_its_event() {
     // The guest answered with the grant of its mailbox page (the first gntalloc grant).
     assert_eq!(x.vm_view().read_answer(), Some(8));
     assert_eq!(x.vm_map(8), Some(link.mailbox.as_ptr() as usize));
+    // SAFETY: the mailbox page is allocated in the pool for the rest of the test.
+    let magic = unsafe { word(link.mailbox.as_ptr() as usize, mailbox::OFF_MAGIC).read_volatile() };
+    assert_eq!(magic, mailbox::MAILBOX_MAGIC, "the mailbox is marked before the VM maps it");
     assert_eq!(link.sharer.live_shares(), 1, "the mailbox is a live share");
     assert_eq!(pool.allocations(), 1);
     // Calls through the mailbox: the VM answers and signals; the conduit blocks in poll, not
