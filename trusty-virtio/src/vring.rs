@@ -367,8 +367,9 @@ impl DeviceQueue {
         self.layout
     }
 
-    /// Takes the next available chain (at most `num` links).
-    pub fn pop_avail(&mut self, mem: &dyn RingMemory) -> Result<Option<Chain>, DeviceRingError> {
+    /// The head of the next available chain, taken off the avail ring (checked as Trusty's
+    /// `vqueue_get_avail_buf()` does: an index jump or a head out of range is fatal there).
+    fn pop_avail_head(&mut self, mem: &dyn RingMemory) -> Result<Option<u16>, DeviceRingError> {
         let now = mem.read_u16(self.layout.avail_idx());
         if now == self.last_avail {
             return Ok(None);
@@ -382,16 +383,39 @@ impl DeviceQueue {
             return Err(DeviceRingError::HeadOutOfRange { head });
         }
         self.last_avail = self.last_avail.wrapping_add(1);
+        Ok(Some(head))
+    }
+
+    fn read_desc(&self, mem: &dyn RingMemory, i: u16) -> Desc {
+        let d = self.layout.desc(i);
+        Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) }
+    }
+
+    /// Takes the next available buffer when it is a single descriptor, which is all TIPC puts
+    /// on its rings (spec §5.7), without allocating: for a device end on a data path. A longer
+    /// chain is taken too but reported as [`DeviceRingError::BadChain`], so that its head can
+    /// be returned with an error status.
+    pub fn pop_avail_one(&mut self, mem: &dyn RingMemory) -> Result<Option<(u16, Desc)>, DeviceRingError> {
+        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
+        let desc = self.read_desc(mem, head);
+        if desc.flags & DESC_F_NEXT != 0 {
+            return Err(DeviceRingError::BadChain { head });
+        }
+        Ok(Some((head, desc)))
+    }
+
+    /// Takes the next available chain (at most `num` links).
+    pub fn pop_avail(&mut self, mem: &dyn RingMemory) -> Result<Option<Chain>, DeviceRingError> {
+        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         let mut descs = Vec::new();
         let mut i = head;
         loop {
-            let d = self.layout.desc(i);
-            let desc = Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) };
+            let desc = self.read_desc(mem, i);
             descs.push(desc);
             if desc.flags & DESC_F_NEXT == 0 {
                 break;
             }
-            i = mem.read_u16(d + 14);
+            i = mem.read_u16(self.layout.desc(i) + 14);
             if i >= self.layout.num() || descs.len() >= usize::from(self.layout.num()) {
                 return Err(DeviceRingError::BadChain { head });
             }
@@ -486,6 +510,26 @@ mod tests {
             assert_eq!(drv.pop_used().unwrap(), None);
         }
         assert_eq!(drv.free_count(), 4);
+    }
+
+    #[test]
+    fn pop_avail_one_takes_single_descriptors_and_refuses_chains() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let ring = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        assert_eq!(dev.pop_avail_one(&ring), Ok(None));
+        let a = drv.add(0x7000, 64, true).unwrap();
+        assert_eq!(dev.pop_avail_one(&ring), Ok(Some((a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE }))));
+        // A chain (the driver end never makes one: written by hand) is taken and refused.
+        let b = drv.add(0x8000, 32, false).unwrap();
+        ring.write_u16(l.desc(b) + 12, DESC_F_NEXT);
+        assert_eq!(dev.pop_avail_one(&ring), Err(DeviceRingError::BadChain { head: b }));
+        assert_eq!(dev.pop_avail_one(&ring), Ok(None));
+        // An index jump is reported as pop_avail reports it.
+        ring.write_u16(l.avail_idx(), 100);
+        assert!(matches!(dev.pop_avail_one(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `tipc-bench`: the machine reference (a cache line bounced between two cores, memcpy in L1)
 //! and the stack's figures against it, measured in the same run: echo round trips (p50/p99) and
-//! one-way streaming for `-D sim` (the model inside each call) and `-D sim-cores` (the model
-//! polling a mailbox on the other core), secure calls per echo and heap allocations per message
-//! on the caller's thread.
+//! one-way streaming for `-D sim` (the model inside each call), `-D sim-cores` (the model
+//! polling a mailbox on the other core) and `stack` (the normal-world stack alone, against the
+//! minimal echo peer of [`tipc_bench::stack_peer`] run inside each call), secure calls per echo
+//! and heap allocations per message on the caller's thread.
 //!
 //! `--json` prints the same figures as one JSON object; `--quick` runs few iterations (a smoke
 //! run: it checks that everything runs, not how fast).
@@ -17,7 +18,8 @@ use std::time::Instant;
 
 use tipc::stack::{bring_up_platform, StackConfig};
 use tipc::{Timeout, TipcDevice};
-use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode, Sim};
+use tipc_bench::stack_peer;
+use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
 
 /// Counts heap allocations made on the thread that asks (the model's own thread in `cores`
 /// mode is not the stack's cost and is not counted).
@@ -59,14 +61,17 @@ fn allocs_here() -> u64 {
 }
 
 const SIZES: [usize; 4] = [16, 256, 1024, 4000];
-const ECHO_PORT: &str = "com.android.ipc-unittest.srv.echo";
-const SINK_PORT: &str = "com.android.ipc-unittest.srv.datasink";
+const MODES: [(&str, Mode); 3] = [("sim", Mode::Sim), ("cores", Mode::Cores), ("stack", Mode::Stack)];
+const ECHO_PORT: &str = stack_peer::ECHO_PORT;
+const SINK_PORT: &str = stack_peer::SINK_PORT;
 /// Every wait in the bench is bounded: a stuck peer fails the run instead of hanging it.
 const WAIT: Timeout = Timeout::Ms(5_000);
 
 struct Opts {
     json: bool,
     quick: bool,
+    /// Modes to measure; empty: all.
+    modes: Vec<String>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -138,16 +143,37 @@ fn memcpy_ns(size: usize, iters: u64) -> f64 {
     median(&mut batches)
 }
 
+/// A stack brought up against one peer, and how to count the calls it made into that peer.
 struct Up {
-    sim: Sim,
     dev: TipcDevice,
+    calls: Box<dyn Fn() -> u64>,
 }
 
-fn bring_up(mode: ModelMode) -> Result<Up, String> {
+/// The peer a mode measures against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The model on the caller's thread (`-D sim`).
+    Sim,
+    /// The model on the other core (`-D sim-cores`).
+    Cores,
+    /// The minimal echo peer on the caller's thread: the stack alone.
+    Stack,
+}
+
+fn bring_up(mode: Mode) -> Result<Up, String> {
+    let model_mode = match mode {
+        Mode::Sim => ModelMode::Sync,
+        Mode::Cores => ModelMode::Cores,
+        Mode::Stack => {
+            let rig = stack_peer::bring_up(StackConfig::default().tipc)?;
+            let peer = rig.peer;
+            return Ok(Up { dev: rig.dev, calls: Box::new(move || peer.stats().calls) });
+        }
+    };
     let profile = platforms::by_name("native-api5").ok_or("built-in profile native-api5 missing")?;
-    let sim = profile.boot(mode);
+    let sim = profile.boot(model_mode);
     let (dev, _) = bring_up_platform(profile.access(&sim), StackConfig::default()).map_err(|e| e.to_string())?;
-    Ok(Up { sim, dev })
+    Ok(Up { dev, calls: Box::new(move || sim.model().stats().smcs) })
 }
 
 struct EchoFigures {
@@ -173,7 +199,7 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
         one(&mut up.dev)?;
     }
     let mut times = Vec::with_capacity(iters);
-    let smcs0 = up.sim.model().stats().smcs;
+    let smcs0 = (up.calls)();
     let allocs0 = allocs_here();
     for _ in 0..iters {
         let t = Instant::now();
@@ -181,7 +207,7 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
         times.push(t.elapsed().as_nanos() as f64);
     }
     let allocs = allocs_here() - allocs0;
-    let smcs = up.sim.model().stats().smcs - smcs0;
+    let smcs = (up.calls)() - smcs0;
     up.dev.close(ch).map_err(|e| format!("close: {e}"))?;
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(EchoFigures {
@@ -224,17 +250,22 @@ fn run(o: &Opts) -> Result<(), String> {
     }
     let mut calls = Vec::new();
     let mut allocs = Vec::new();
-    for (name, mode) in [("sim", ModelMode::Sync), ("cores", ModelMode::Cores)] {
+    for (name, mode) in MODES {
+        if !o.modes.is_empty() && !o.modes.iter().any(|m| m == name) {
+            continue;
+        }
         let mut up = bring_up(mode)?;
         for s in SIZES {
             let e = echo(&mut up, s, echo_iters)?;
             out.insert(format!("echo.{name}.{s}.p50_ns"), e.p50_ns);
             out.insert(format!("echo.{name}.{s}.p99_ns"), e.p99_ns);
             calls.push(e.calls_per_echo);
+            out.insert(format!("calls_per_echo.{name}.{s}"), e.calls_per_echo);
             out.insert(format!("allocs_per_message.{name}.{s}"), e.allocs_per_message);
-            // In `cores` mode the caller's thread runs only the stack: its allocations are the
+            // In `cores` mode the caller's thread runs only the stack, in `stack` mode the stack
+            // and the echo peer (which allocates nothing per message): their allocations are the
             // data path's. In `sim` mode the model runs on the same thread and is counted too.
-            if mode == ModelMode::Cores {
+            if mode != Mode::Sim {
                 allocs.push(e.allocs_per_message);
             }
             let (msgs, mb) = stream(&mut up, s, stream_iters)?;
@@ -277,16 +308,22 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
     }
     println!();
     println!("echo round trip            p50        p99   p50/cache-line RTT");
-    for name in ["sim", "cores"] {
+    for (name, _) in MODES {
         for s in SIZES {
             let p50 = g(&format!("echo.{name}.{s}.p50_ns"));
             let p99 = g(&format!("echo.{name}.{s}.p99_ns"));
             println!("  {name:<6} {s:>5} B  {:>8.2} us {:>8.2} us  {:>8.1}x", p50 / 1e3, p99 / 1e3, p50 / rtt);
         }
     }
+    println!("stack alone, p50 minus two L1 copies of the payload (target: under 150 ns):");
+    for s in SIZES {
+        let p50 = g(&format!("echo.stack.{s}.p50_ns"));
+        let m = g(&format!("reference.memcpy_ns.{s}"));
+        println!("  stack  {s:>5} B  {:>8.0} ns", p50 - 2.0 * m);
+    }
     println!();
     println!("one-way streaming          msgs/s       MB/s   of L1 memcpy bandwidth");
-    for name in ["sim", "cores"] {
+    for (name, _) in MODES {
         for s in SIZES {
             let msgs = g(&format!("stream.{name}.{s}.msgs_s"));
             let mb = g(&format!("stream.{name}.{s}.mb_s"));
@@ -296,7 +333,7 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
     }
     println!();
     println!("secure calls per echo: {:.2}", g("calls_per_echo"));
-    println!("heap allocations per message, the stack alone (cores mode, caller's thread): {:.2}", g("allocs_per_message"));
+    println!("heap allocations per message, the stack alone (cores and stack modes, caller's thread): {:.2}", g("allocs_per_message"));
     println!(
         "heap allocations per message with the model on the same thread (sim, 16 B): {:.2}",
         g("allocs_per_message.sim.16")
@@ -304,17 +341,25 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
 }
 
 fn main() {
-    let mut o = Opts { json: false, quick: false };
-    for a in std::env::args().skip(1) {
+    let mut o = Opts { json: false, quick: false, modes: Vec::new() };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
         match a.as_str() {
             "--json" => o.json = true,
             "--quick" => o.quick = true,
+            "--mode" => match args.next() {
+                Some(m) if MODES.iter().any(|(n, _)| *n == m) => o.modes.push(m),
+                m => {
+                    eprintln!("tipc-bench: --mode takes one of sim, cores, stack (got {m:?})");
+                    std::process::exit(2);
+                }
+            },
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick]");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]...");
                 return;
             }
             other => {
-                eprintln!("tipc-bench: unknown argument '{other}' (expected --json, --quick)");
+                eprintln!("tipc-bench: unknown argument '{other}' (expected --json, --quick, --mode)");
                 std::process::exit(2);
             }
         }
