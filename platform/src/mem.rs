@@ -200,6 +200,7 @@ impl SharedBuf {
     }
 
     /// Copies `data` into the buffer at `offset`.
+    #[inline]
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), Error> {
         let end = offset.checked_add(data.len()).ok_or(Error::InvalidArgument("offset overflow"))?;
         if end > self.len() {
@@ -214,6 +215,7 @@ impl SharedBuf {
     }
 
     /// Copies bytes from the buffer at `offset` into `out`.
+    #[inline]
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
         let end = offset.checked_add(out.len()).ok_or(Error::InvalidArgument("offset overflow"))?;
         if end > self.len() {

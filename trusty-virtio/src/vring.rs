@@ -64,6 +64,7 @@ impl RawRing {
         RawRing { base, len }
     }
 
+    #[inline]
     fn ptr<T>(&self, off: usize) -> Option<*mut T> {
         let end = off.checked_add(core::mem::size_of::<T>())?;
         if end > self.len || off % core::mem::align_of::<T>() != 0 {
@@ -77,6 +78,7 @@ impl RawRing {
 
 macro_rules! raw_access {
     ($read:ident, $write:ident, $t:ty) => {
+        #[inline]
         fn $read(&self, off: usize) -> $t {
             match self.ptr::<$t>(off) {
                 // SAFETY: in bounds and aligned (checked by `ptr`); volatile because the peer
@@ -85,6 +87,7 @@ macro_rules! raw_access {
                 None => 0,
             }
         }
+        #[inline]
         fn $write(&self, off: usize, v: $t) {
             if let Some(p) = self.ptr::<$t>(off) {
                 // SAFETY: in bounds and aligned (checked by `ptr`).
@@ -95,6 +98,7 @@ macro_rules! raw_access {
 }
 
 impl RingMemory for RawRing {
+    #[inline]
     fn len(&self) -> usize {
         self.len
     }
@@ -140,33 +144,43 @@ impl Layout {
         Ok(Layout { num: num as u16, used_off })
     }
     /// Number of descriptors.
+    #[inline]
     pub fn num(&self) -> u16 {
         self.num
     }
     /// Bytes the ring occupies.
+    #[inline]
     pub fn size(&self) -> usize {
         self.used_off + 6 + 8 * usize::from(self.num)
     }
+    #[inline]
     fn desc(&self, i: u16) -> usize {
         16 * usize::from(i)
     }
+    #[inline]
     fn avail_flags(&self) -> usize {
         16 * usize::from(self.num)
     }
+    #[inline]
     fn avail_idx(&self) -> usize {
         self.avail_flags() + 2
     }
+    #[inline]
     fn avail_ring(&self, slot: u16) -> usize {
-        self.avail_flags() + 4 + 2 * usize::from(slot % self.num)
+        // `num` is a power of two (checked by `new`): the mask is `slot % num`.
+        self.avail_flags() + 4 + 2 * usize::from(slot & (self.num - 1))
     }
+    #[inline]
     fn used_flags(&self) -> usize {
         self.used_off
     }
+    #[inline]
     fn used_idx(&self) -> usize {
         self.used_off + 2
     }
+    #[inline]
     fn used_ring(&self, slot: u16) -> usize {
-        self.used_off + 4 + 8 * usize::from(slot % self.num)
+        self.used_off + 4 + 8 * usize::from(slot & (self.num - 1))
     }
 }
 
