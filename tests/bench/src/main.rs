@@ -147,6 +147,8 @@ fn memcpy_ns(size: usize, iters: u64) -> f64 {
 struct Up {
     dev: TipcDevice,
     calls: Box<dyn Fn() -> u64>,
+    /// The stack's clock reads, where the peer counts them (stack mode).
+    clock_reads: Option<Box<dyn Fn() -> u64>>,
 }
 
 /// The peer a mode measures against.
@@ -166,14 +168,18 @@ fn bring_up(mode: Mode) -> Result<Up, String> {
         Mode::Cores => ModelMode::Cores,
         Mode::Stack => {
             let rig = stack_peer::bring_up(StackConfig::default().tipc)?;
-            let peer = rig.peer;
-            return Ok(Up { dev: rig.dev, calls: Box::new(move || peer.stats().calls) });
+            let (peer, peer2) = (rig.peer.clone(), rig.peer);
+            return Ok(Up {
+                dev: rig.dev,
+                calls: Box::new(move || peer.stats().calls),
+                clock_reads: Some(Box::new(move || peer2.clock_reads())),
+            });
         }
     };
     let profile = platforms::by_name("native-api5").ok_or("built-in profile native-api5 missing")?;
     let sim = profile.boot(model_mode);
     let (dev, _) = bring_up_platform(profile.access(&sim), StackConfig::default()).map_err(|e| e.to_string())?;
-    Ok(Up { dev, calls: Box::new(move || sim.model().stats().smcs) })
+    Ok(Up { dev, calls: Box::new(move || sim.model().stats().smcs), clock_reads: None })
 }
 
 struct EchoFigures {
@@ -181,6 +187,7 @@ struct EchoFigures {
     p99_ns: f64,
     calls_per_echo: f64,
     allocs_per_message: f64,
+    clock_reads_per_echo: Option<f64>,
 }
 
 fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
@@ -200,6 +207,7 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
     }
     let mut times = Vec::with_capacity(iters);
     let smcs0 = (up.calls)();
+    let reads0 = up.clock_reads.as_ref().map(|f| f());
     let allocs0 = allocs_here();
     for _ in 0..iters {
         let t = Instant::now();
@@ -208,6 +216,7 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
     }
     let allocs = allocs_here() - allocs0;
     let smcs = (up.calls)() - smcs0;
+    let reads = up.clock_reads.as_ref().zip(reads0).map(|(f, r0)| f() - r0);
     up.dev.close(ch).map_err(|e| format!("close: {e}"))?;
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(EchoFigures {
@@ -216,6 +225,7 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
         calls_per_echo: smcs as f64 / iters as f64,
         // Two messages per echo (there and back).
         allocs_per_message: allocs as f64 / (2 * iters) as f64,
+        clock_reads_per_echo: reads.map(|r| r as f64 / iters as f64),
     })
 }
 
@@ -261,6 +271,9 @@ fn run(o: &Opts) -> Result<(), String> {
             out.insert(format!("echo.{name}.{s}.p99_ns"), e.p99_ns);
             calls.push(e.calls_per_echo);
             out.insert(format!("calls_per_echo.{name}.{s}"), e.calls_per_echo);
+            if let Some(r) = e.clock_reads_per_echo {
+                out.insert(format!("clock_reads_per_echo.{name}.{s}"), r);
+            }
             out.insert(format!("allocs_per_message.{name}.{s}"), e.allocs_per_message);
             // In `cores` mode the caller's thread runs only the stack, in `stack` mode the stack
             // and the echo peer (which allocates nothing per message): their allocations are the
@@ -333,6 +346,7 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
     }
     println!();
     println!("secure calls per echo: {:.2}", g("calls_per_echo"));
+    println!("clock reads per echo, the stack alone (stack, 16 B): {:.2}", g("clock_reads_per_echo.stack.16"));
     println!("heap allocations per message, the stack alone (cores and stack modes, caller's thread): {:.2}", g("allocs_per_message"));
     println!(
         "heap allocations per message with the model on the same thread (sim, 16 B): {:.2}",

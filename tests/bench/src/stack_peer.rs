@@ -156,12 +156,16 @@ impl Sharer for PeerSharer {
     }
 }
 
-/// Wall-clock time for the stack's deadlines; `relax` yields.
-struct HostClock(Instant);
+/// Wall-clock time for the stack's deadlines, counting its reads; `relax` yields.
+struct HostClock {
+    origin: Instant,
+    reads: Arc<AtomicU64>,
+}
 
 impl Clock for HostClock {
     fn now_ns(&self) -> u64 {
-        self.0.elapsed().as_nanos() as u64
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.origin.elapsed().as_nanos() as u64
     }
     fn sleep_ns(&self, ns: u64) {
         std::thread::sleep(std::time::Duration::from_nanos(ns));
@@ -660,12 +664,17 @@ impl Conduit for PeerConduit {
 pub struct PeerHandle {
     peer: Arc<Mutex<Peer>>,
     shares: Arc<ShareTable>,
+    clock_reads: Arc<AtomicU64>,
 }
 
 impl PeerHandle {
     /// What the peer counted so far.
     pub fn stats(&self) -> PeerStats {
         lock(&self.peer).stats
+    }
+    /// How often the stack read its clock.
+    pub fn clock_reads(&self) -> u64 {
+        self.clock_reads.load(Ordering::Relaxed)
     }
     /// Shares the stack holds now.
     pub fn live_shares(&self) -> usize {
@@ -697,11 +706,12 @@ pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
         panicked: false,
         stats: PeerStats::default(),
     }));
-    let clock: Arc<dyn Clock> = Arc::new(HostClock(Instant::now()));
+    let clock_reads = Arc::new(AtomicU64::new(0));
+    let clock: Arc<dyn Clock> = Arc::new(HostClock { origin: Instant::now(), reads: clock_reads.clone() });
     let mut trusty = Trusty::new(Arc::new(PeerConduit { peer: peer.clone() }), clock, CallPolicy::default());
     trusty.version_string_or_log().map_err(|e| format!("version string: {e}"))?;
     trusty.negotiate_api(api::CURRENT).map_err(|e| format!("API version: {e}"))?;
     let mem = SharedMemory::new(Box::new(HeapPages), Box::new(PeerSharer { table: shares.clone() }));
     let dev = TipcDevice::probe(Bus::new(trusty, mem), cfg).map_err(|e| format!("bring-up on the stack peer: {e}"))?;
-    Ok(StackRig { dev, peer: PeerHandle { peer, shares } })
+    Ok(StackRig { dev, peer: PeerHandle { peer, shares, clock_reads } })
 }
