@@ -363,7 +363,9 @@ pub enum DeviceRingError {
     },
 }
 
-/// The device (secure-side) end of one ring: consumes avail, produces used.
+/// The device (secure-side) end of one ring: consumes avail, produces used. Its methods take
+/// the ring's memory as any [`RingMemory`], `dyn` included (generic so that a data path over
+/// a concrete memory type inlines the accesses).
 pub struct DeviceQueue {
     layout: Layout,
     last_avail: u16,
@@ -383,7 +385,7 @@ impl DeviceQueue {
 
     /// The head of the next available chain, taken off the avail ring (checked as Trusty's
     /// `vqueue_get_avail_buf()` does: an index jump or a head out of range is fatal there).
-    fn pop_avail_head(&mut self, mem: &dyn RingMemory) -> Result<Option<u16>, DeviceRingError> {
+    fn pop_avail_head<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<u16>, DeviceRingError> {
         let now = mem.read_u16(self.layout.avail_idx());
         if now == self.last_avail {
             return Ok(None);
@@ -400,7 +402,7 @@ impl DeviceQueue {
         Ok(Some(head))
     }
 
-    fn read_desc(&self, mem: &dyn RingMemory, i: u16) -> Desc {
+    fn read_desc<M: RingMemory + ?Sized>(&self, mem: &M, i: u16) -> Desc {
         let d = self.layout.desc(i);
         Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) }
     }
@@ -409,7 +411,7 @@ impl DeviceQueue {
     /// on its rings (spec §5.7), without allocating: for a device end on a data path. A longer
     /// chain is taken too but reported as [`DeviceRingError::BadChain`], so that its head can
     /// be returned with an error status.
-    pub fn pop_avail_one(&mut self, mem: &dyn RingMemory) -> Result<Option<(u16, Desc)>, DeviceRingError> {
+    pub fn pop_avail_one<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<(u16, Desc)>, DeviceRingError> {
         let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         let desc = self.read_desc(mem, head);
         if desc.flags & DESC_F_NEXT != 0 {
@@ -419,7 +421,7 @@ impl DeviceQueue {
     }
 
     /// Takes the next available chain (at most `num` links).
-    pub fn pop_avail(&mut self, mem: &dyn RingMemory) -> Result<Option<Chain>, DeviceRingError> {
+    pub fn pop_avail<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<Chain>, DeviceRingError> {
         let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         let mut descs = Vec::new();
         let mut i = head;
@@ -438,7 +440,7 @@ impl DeviceQueue {
     }
 
     /// Returns a chain with the 32-bit `len` word.
-    pub fn push_used(&mut self, mem: &dyn RingMemory, head: u16, len: u32) {
+    pub fn push_used<M: RingMemory + ?Sized>(&mut self, mem: &M, head: u16, len: u32) {
         let e = self.layout.used_ring(self.used_idx);
         mem.write_u32(e, u32::from(head));
         mem.write_u32(e + 4, len);
@@ -448,13 +450,13 @@ impl DeviceQueue {
     }
 
     /// Sets or clears VRING_USED_F_NO_NOTIFY.
-    pub fn set_no_notify(&self, mem: &dyn RingMemory, no_notify: bool) {
+    pub fn set_no_notify<M: RingMemory + ?Sized>(&self, mem: &M, no_notify: bool) {
         mem.write_u16(self.layout.used_flags(), if no_notify { USED_F_NO_NOTIFY } else { 0 });
         fence(Ordering::SeqCst);
     }
 
     /// Whether the driver has published chains not yet taken.
-    pub fn has_avail(&self, mem: &dyn RingMemory) -> bool {
+    pub fn has_avail<M: RingMemory + ?Sized>(&self, mem: &M) -> bool {
         mem.read_u16(self.layout.avail_idx()) != self.last_avail
     }
 }

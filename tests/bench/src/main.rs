@@ -72,6 +72,8 @@ struct Opts {
     quick: bool,
     /// Modes to measure; empty: all.
     modes: Vec<String>,
+    /// `--stack-loop SIZE ROUNDS`: only echo round trips of the stack alone, for a profiler.
+    stack_loop: Option<(usize, u64)>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -245,6 +247,26 @@ fn stream(up: &mut Up, size: usize, iters: usize) -> Result<(f64, f64), String> 
     Ok((iters as f64 / s, (iters * size) as f64 / s / 1e6))
 }
 
+/// Echo round trips of the stack alone in a loop and nothing else (for `perf record` or
+/// `perf stat -e task-clock`): prints the mean wall time per echo.
+fn stack_loop(size: usize, rounds: u64) -> Result<(), String> {
+    let mut up = bring_up(Mode::Stack)?;
+    let ch = up.dev.connect(ECHO_PORT).map_err(|e| format!("connect {ECHO_PORT}: {e}"))?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        up.dev.send(ch, &[&msg], &[], WAIT).map_err(|e| format!("echo send: {e}"))?;
+        let n = up.dev.recv(ch, &mut [&mut back], WAIT).map_err(|e| format!("echo recv: {e}"))?;
+        if n != size {
+            return Err(format!("echo returned {n} bytes, sent {size}"));
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / rounds.max(1) as f64;
+    println!("{size} B: {ns:.0} ns per echo (wall, mean of {rounds})");
+    Ok(())
+}
+
 fn run(o: &Opts) -> Result<(), String> {
     let cpus = cpu_count();
     if cpus > 1 {
@@ -355,7 +377,7 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
 }
 
 fn main() {
-    let mut o = Opts { json: false, quick: false, modes: Vec::new() };
+    let mut o = Opts { json: false, quick: false, modes: Vec::new(), stack_loop: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -368,8 +390,17 @@ fn main() {
                     std::process::exit(2);
                 }
             },
+            "--stack-loop" => {
+                let size = args.next().and_then(|a| a.parse().ok()).filter(|&s: &usize| (1..=4000).contains(&s));
+                let rounds = args.next().and_then(|a| a.parse().ok());
+                let (Some(size), Some(rounds)) = (size, rounds) else {
+                    eprintln!("tipc-bench: --stack-loop takes SIZE (1..4000) and ROUNDS");
+                    std::process::exit(2);
+                };
+                o.stack_loop = Some((size, rounds));
+            }
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]...");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]... | --stack-loop SIZE ROUNDS");
                 return;
             }
             other => {
@@ -378,7 +409,11 @@ fn main() {
             }
         }
     }
-    if let Err(e) = run(&o) {
+    let r = match o.stack_loop {
+        Some((size, rounds)) => stack_loop(size, rounds),
+        None => run(&o),
+    };
+    if let Err(e) = r {
         eprintln!("tipc-bench: {e}");
         std::process::exit(1);
     }

@@ -265,6 +265,8 @@ struct Peer {
     from_ns: Option<PeerRing>,
     endpoints: [Option<Endpoint>; ENDPOINTS],
     outbox: Outbox,
+    /// The used flags last written on (from_ns, to_ns): VRING_USED_F_NO_NOTIFY.
+    no_notify: Option<(bool, bool)>,
     /// A ring error Trusty panics on (lib/trusty vqueue): every later call answers PANIC.
     panicked: bool,
     stats: PeerStats,
@@ -392,6 +394,7 @@ impl Peer {
         let mut rings = rings.into_iter();
         self.to_ns = rings.next();
         self.from_ns = rings.next();
+        self.no_notify = None;
         self.queue_ctrl(&Ctrl::GoOnline);
         self.flush();
         self.update_notify_flags();
@@ -410,13 +413,20 @@ impl Peer {
     /// vqueue_get_avail_buf() clears VRING_USED_F_NO_NOTIFY only while a thread waits for a
     /// buffer: the rx thread always does between calls (its ring is drained), the tx side only
     /// while frames wait for an rx buffer (spec §4).
-    fn update_notify_flags(&self) {
+    /// Only the device writes the used flags, so they are written (with their full fence)
+    /// only when they change.
+    fn update_notify_flags(&mut self) {
+        let want = (false, self.outbox.count == 0);
+        if self.no_notify == Some(want) {
+            return;
+        }
         if let Some(r) = &self.from_ns {
-            r.queue.set_no_notify(&r.mem, false);
+            r.queue.set_no_notify(&r.mem, want.0);
         }
         if let Some(r) = &self.to_ns {
-            r.queue.set_no_notify(&r.mem, self.outbox.count == 0);
+            r.queue.set_no_notify(&r.mem, want.1);
         }
+        self.no_notify = Some(want);
     }
 
     /// tipc_rx_thread_func(): take each available buffer, handle it, return it with the status.
@@ -703,6 +713,7 @@ pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
         from_ns: None,
         endpoints: [None; ENDPOINTS],
         outbox: Outbox::new(),
+        no_notify: None,
         panicked: false,
         stats: PeerStats::default(),
     }));
