@@ -851,16 +851,22 @@ impl TipcDevice {
         Ok(found)
     }
 
-    /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
-    fn catch_up(&mut self) -> Result<(), Error> {
+    /// Gives Trusty a NOP (and scans) if it has not run for `idle_pump_ms`; otherwise only
+    /// scans when `scan` says so.
+    fn catch_up_then(&mut self, scan: bool) -> Result<(), Error> {
         self.clock_seen = self.clock.now_ns();
         let idle_ns = self.clock_seen.saturating_sub(self.last_secure_call);
         if idle_ns >= self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS) {
             self.pump()?;
-        } else {
+        } else if scan {
             self.scan();
         }
         Ok(())
+    }
+
+    /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
+    fn catch_up(&mut self) -> Result<(), Error> {
+        self.catch_up_then(true)
     }
 
     /// After a NOP that found nothing: a Trusty running on another core (a Trusty VM, a model
@@ -950,9 +956,13 @@ impl TipcDevice {
         // Read from the clock only when a wait is needed: a free buffer costs no clock read.
         let mut deadline = None;
         loop {
-            self.scan_tx();
             if self.state != DeviceState::Online {
                 return Err(Error::NoDevice);
+            }
+            // Only when none is free: buffers Trusty returned since the last scan (every secure
+            // call is followed by a full scan, so usually none).
+            if self.tx_free.is_empty() {
+                self.scan_tx();
             }
             if let Some(buf) = self.tx_free.pop() {
                 return Ok(buf);
@@ -1205,7 +1215,9 @@ impl TipcDevice {
         let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
         let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
         self.channel(id)?;
-        self.catch_up()?;
+        // No scan here: every secure call was followed by one, the tx ring is scanned when no
+        // buffer is free, and the kick below scans everything Trusty returns.
+        self.catch_up_then(false)?;
         let buf = self.get_tx_buffer(timeout)?;
         let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
         else {
