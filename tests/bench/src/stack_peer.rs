@@ -16,7 +16,7 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout as AllocLayout};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -75,7 +75,9 @@ impl PageAllocator for HeapPages {
         Some(unsafe { DmaRegion::new(p, p.as_ptr() as u64, pages) })
     }
     unsafe fn free(&mut self, region: DmaRegion) {
-        let Ok(layout) = AllocLayout::from_size_align(region.len(), PAGE_SIZE) else { return };
+        let Ok(layout) = AllocLayout::from_size_align(region.len(), PAGE_SIZE) else {
+            return;
+        };
         // SAFETY: the region came from `alloc_zeroed` with this layout (the caller's contract).
         unsafe { dealloc(region.vaddr().as_ptr(), layout) };
     }
@@ -122,8 +124,11 @@ impl Sharer for PeerSharer {
         let [r] = ranges else {
             return Err(trusty_platform::Error::InvalidArgument("the stack peer takes one contiguous range per share"));
         };
-        let len = (r.pages as usize).checked_mul(PAGE_SIZE).ok_or(trusty_platform::Error::InvalidArgument("share too large"))?;
-        let addr = usize::try_from(r.addr).map_err(|_| trusty_platform::Error::InvalidArgument("address out of range"))?;
+        let len = (r.pages as usize)
+            .checked_mul(PAGE_SIZE)
+            .ok_or(trusty_platform::Error::InvalidArgument("share too large"))?;
+        let addr =
+            usize::try_from(r.addr).map_err(|_| trusty_platform::Error::InvalidArgument("address out of range"))?;
         let mut slots = self.table.slots();
         let slot = match slots.iter().position(Option::is_none) {
             Some(s) => s,
@@ -301,7 +306,9 @@ impl Peer {
     fn check_rings(&mut self) {
         for which in [0, 1] {
             let ring = if which == 0 { &self.to_ns } else { &self.from_ns };
-            let Some((id, size)) = ring.as_ref().map(|r| (r.id, r.queue.layout().size())) else { continue };
+            let Some((id, size)) = ring.as_ref().map(|r| (r.id, r.queue.layout().size())) else {
+                continue;
+            };
             if self.map(id, size, true).is_none() {
                 if which == 0 {
                     self.to_ns = None;
@@ -357,7 +364,9 @@ impl Peer {
         if size < n {
             return i64::from(lk::ERR_NOT_ENOUGH_BUFFER);
         }
-        let Some(m) = self.map(id, n, true) else { return i64::from(lk::ERR_INVALID_ARGS) };
+        let Some(m) = self.map(id, n, true) else {
+            return i64::from(lk::ERR_INVALID_ARGS);
+        };
         // SAFETY: `m` grants `n` writable bytes of a live share (checked by `map`); the stack
         // keeps it allocated while shared and reads it only after this call returns.
         unsafe { std::ptr::copy_nonoverlapping(self.table.as_ptr(), m.ptr, m.len.min(n)) };
@@ -371,17 +380,29 @@ impl Peer {
         if size < n {
             return i64::from(lk::ERR_INVALID_ARGS);
         }
-        let Some(m) = self.map(id, n, false) else { return i64::from(lk::ERR_INVALID_ARGS) };
+        let Some(m) = self.map(id, n, false) else {
+            return i64::from(lk::ERR_INVALID_ARGS);
+        };
         let mut copy = vec![0u8; n];
         // SAFETY: `m` grants `n` readable bytes of a live share.
         unsafe { std::ptr::copy_nonoverlapping(m.ptr, copy.as_mut_ptr(), n) };
-        let Ok(vdevs) = rsc::parse(&copy) else { return i64::from(lk::ERR_INVALID_ARGS) };
-        let Some(v) = vdevs.iter().find(|v| v.id == rsc::VIRTIO_ID_TIPC) else { return i64::from(lk::ERR_INVALID_ARGS) };
+        let Ok(vdevs) = rsc::parse(&copy) else {
+            return i64::from(lk::ERR_INVALID_ARGS);
+        };
+        let Some(v) = vdevs.iter().find(|v| v.id == rsc::VIRTIO_ID_TIPC) else {
+            return i64::from(lk::ERR_INVALID_ARGS);
+        };
         let mut rings = Vec::new();
         for r in v.vrings.iter().take(2) {
-            let Ok(layout) = Layout::new(r.num, r.align) else { return i64::from(lk::ERR_INVALID_ARGS) };
-            let Some(m) = self.map(r.memory_id(), layout.size(), true) else { return i64::from(lk::ERR_INVALID_ARGS) };
-            let Some(base) = NonNull::new(m.ptr) else { return i64::from(lk::ERR_INVALID_ARGS) };
+            let Ok(layout) = Layout::new(r.num, r.align) else {
+                return i64::from(lk::ERR_INVALID_ARGS);
+            };
+            let Some(m) = self.map(r.memory_id(), layout.size(), true) else {
+                return i64::from(lk::ERR_INVALID_ARGS);
+            };
+            let Some(base) = NonNull::new(m.ptr) else {
+                return i64::from(lk::ERR_INVALID_ARGS);
+            };
             // SAFETY: the ring's pages are a live read-write share of at least `layout.size()`
             // bytes, page-aligned; the view is dropped at STOP/VDEV_RESET or as soon as the
             // share is gone (`check_rings`, before every use).
@@ -432,7 +453,9 @@ impl Peer {
     /// tipc_rx_thread_func(): take each available buffer, handle it, return it with the status.
     fn drain_from_ns(&mut self) {
         loop {
-            let Some(ring) = self.from_ns.as_mut() else { return };
+            let Some(ring) = self.from_ns.as_mut() else {
+                return;
+            };
             let (head, desc) = match ring.queue.pop_avail_one(&ring.mem) {
                 Ok(Some(d)) => d,
                 Ok(None) => return,
@@ -461,11 +484,15 @@ impl Peer {
             self.stats.malformed += 1;
             return lk::ERR_INVALID_ARGS;
         }
-        let Some(m) = self.map(id, len, false) else { return lk::ERR_INVALID_ARGS };
+        let Some(m) = self.map(id, len, false) else {
+            return lk::ERR_INVALID_ARGS;
+        };
         let mut raw = [0u8; wire::HEADER_LEN];
         // SAFETY: `m` grants `len` >= HEADER_LEN readable bytes.
         unsafe { std::ptr::copy_nonoverlapping(m.ptr, raw.as_mut_ptr(), wire::HEADER_LEN) };
-        let Some(h) = Header::decode(&raw) else { return lk::ERR_INVALID_ARGS };
+        let Some(h) = Header::decode(&raw) else {
+            return lk::ERR_INVALID_ARGS;
+        };
         let data_len = usize::from(h.len);
         if data_len + wire::HEADER_LEN != len {
             self.stats.malformed += 1;
@@ -527,16 +554,23 @@ impl Peer {
                     max_msg_cnt: 1,
                 }
             }
-            _ => Ctrl::ConnRsp { target: remote, status: lk::ERR_NO_RESOURCES, remote: 0, max_msg_size: 0, max_msg_cnt: 0 },
+            _ => Ctrl::ConnRsp {
+                target: remote,
+                status: lk::ERR_NO_RESOURCES,
+                remote: 0,
+                max_msg_size: 0,
+                max_msg_cnt: 0,
+            },
         };
         self.queue_ctrl(&rsp);
     }
 
     /// handle_disc_req(): frees the endpoint (by target, else by remote); no answer.
     fn handle_disc_req(&mut self, remote: u32, target: u32) {
-        let by_target = target.checked_sub(wire::TRUSTY_ADDR_BASE).map(|s| s as usize).filter(|&s| {
-            self.endpoints.get(s).copied().flatten().is_some_and(|e| e.remote == remote)
-        });
+        let by_target = target
+            .checked_sub(wire::TRUSTY_ADDR_BASE)
+            .map(|s| s as usize)
+            .filter(|&s| self.endpoints.get(s).copied().flatten().is_some_and(|e| e.remote == remote));
         let slot = by_target.or_else(|| self.endpoints.iter().position(|e| e.is_some_and(|e| e.remote == remote)));
         if let Some(s) = slot {
             self.endpoints[s] = None;
@@ -550,7 +584,9 @@ impl Peer {
             .checked_sub(wire::TRUSTY_ADDR_BASE)
             .and_then(|s| self.endpoints.get(s as usize).copied().flatten())
             .filter(|e| e.remote == remote);
-        let Some(ep) = ep else { return lk::ERR_NOT_FOUND };
+        let Some(ep) = ep else {
+            return lk::ERR_NOT_FOUND;
+        };
         match ep.kind {
             PortKind::Sink => {
                 self.stats.sunk += 1;
@@ -572,7 +608,9 @@ impl Peer {
 
     fn queue_ctrl(&mut self, msg: &Ctrl) {
         let mut frame = [0u8; wire::HEADER_LEN + wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
-        let Some(n) = wire::encode_ctrl(msg, wire::CTRL_ADDR, &mut frame) else { return };
+        let Some(n) = wire::encode_ctrl(msg, wire::CTRL_ADDR, &mut frame) else {
+            return;
+        };
         let (h, body) = frame[..n].split_at(wire::HEADER_LEN);
         if !self.send_frame(h, body) {
             self.stats.lost += 1;
@@ -586,7 +624,9 @@ impl Peer {
             return true;
         }
         let n = header.len() + payload.len();
-        let Some(slot) = self.outbox.slot().filter(|s| s.len() >= n) else { return false };
+        let Some(slot) = self.outbox.slot().filter(|s| s.len() >= n) else {
+            return false;
+        };
         slot[..header.len()].copy_from_slice(header);
         slot[header.len()..n].copy_from_slice(payload);
         self.outbox.commit(n);
@@ -598,7 +638,9 @@ impl Peer {
     /// lost (counted).
     fn put_rx(&mut self, header: &[u8], payload: &[u8]) -> bool {
         let n = header.len() + payload.len();
-        let Some(ring) = self.to_ns.as_mut() else { return false };
+        let Some(ring) = self.to_ns.as_mut() else {
+            return false;
+        };
         let (head, desc) = match ring.queue.pop_avail_one(&ring.mem) {
             Ok(Some(d)) => d,
             Ok(None) => return false,
@@ -639,7 +681,9 @@ impl Peer {
     /// Moves outbox frames into rx buffers while both last.
     fn flush(&mut self) {
         while self.outbox.count > 0 {
-            let Some(frame) = self.outbox.front() else { return };
+            let Some(frame) = self.outbox.front() else {
+                return;
+            };
             // The frame is copied out of the outbox slot first so `put_rx` may borrow `self`;
             // only in the slow path (no rx buffer was posted when it was made).
             let mut tmp = [0u8; MSG_BUF_SIZE];
@@ -656,6 +700,15 @@ impl Peer {
 
 struct PeerConduit {
     peer: Arc<Mutex<Peer>>,
+    timing: Arc<PeerTiming>,
+}
+
+/// Time spent inside the peer's calls, measured only while switched on (it costs two clock
+/// reads per call, which [`PeerHandle::peer_ns`] users subtract).
+#[derive(Default)]
+struct PeerTiming {
+    on: AtomicBool,
+    ns: AtomicU64,
 }
 
 fn lock(p: &Mutex<Peer>) -> MutexGuard<'_, Peer> {
@@ -664,7 +717,11 @@ fn lock(p: &Mutex<Peer>) -> MutexGuard<'_, Peer> {
 
 impl Conduit for PeerConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+        let start = self.timing.on.load(Ordering::Relaxed).then(Instant::now);
         let r = lock(&self.peer).call(regs);
+        if let Some(t) = start {
+            self.timing.ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
         [r as u64 & 0xffff_ffff, 0, 0, 0, 0, 0, 0, 0]
     }
 }
@@ -675,12 +732,21 @@ pub struct PeerHandle {
     peer: Arc<Mutex<Peer>>,
     shares: Arc<ShareTable>,
     clock_reads: Arc<AtomicU64>,
+    timing: Arc<PeerTiming>,
 }
 
 impl PeerHandle {
     /// What the peer counted so far.
     pub fn stats(&self) -> PeerStats {
         lock(&self.peer).stats
+    }
+    /// Switches the timing of the peer's calls on or off (off at bring-up).
+    pub fn time_calls(&self, on: bool) {
+        self.timing.on.store(on, Ordering::Relaxed);
+    }
+    /// Nanoseconds spent inside the peer's calls while timing was on, timer cost included.
+    pub fn peer_ns(&self) -> u64 {
+        self.timing.ns.load(Ordering::Relaxed)
     }
     /// How often the stack read its clock.
     pub fn clock_reads(&self) -> u64 {
@@ -719,10 +785,12 @@ pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
     }));
     let clock_reads = Arc::new(AtomicU64::new(0));
     let clock: Arc<dyn Clock> = Arc::new(HostClock { origin: Instant::now(), reads: clock_reads.clone() });
-    let mut trusty = Trusty::new(Arc::new(PeerConduit { peer: peer.clone() }), clock, CallPolicy::default());
+    let timing: Arc<PeerTiming> = Arc::default();
+    let conduit = PeerConduit { peer: peer.clone(), timing: timing.clone() };
+    let mut trusty = Trusty::new(Arc::new(conduit), clock, CallPolicy::default());
     trusty.version_string_or_log().map_err(|e| format!("version string: {e}"))?;
     trusty.negotiate_api(api::CURRENT).map_err(|e| format!("API version: {e}"))?;
     let mem = SharedMemory::new(Box::new(HeapPages), Box::new(PeerSharer { table: shares.clone() }));
     let dev = TipcDevice::probe(Bus::new(trusty, mem), cfg).map_err(|e| format!("bring-up on the stack peer: {e}"))?;
-    Ok(StackRig { dev, peer: PeerHandle { peer, shares, clock_reads } })
+    Ok(StackRig { dev, peer: PeerHandle { peer, shares, clock_reads, timing } })
 }
