@@ -480,7 +480,7 @@ impl Peer {
 
     /// handle_rx_msg(): map the buffer read-only, check the header, route by dst.
     fn handle_rx_msg(&mut self, id: u64, len: usize) -> i32 {
-        if len < wire::HEADER_LEN || len > MSG_BUF_SIZE {
+        if !(wire::HEADER_LEN..=MSG_BUF_SIZE).contains(&len) {
             self.stats.malformed += 1;
             return lk::ERR_INVALID_ARGS;
         }
