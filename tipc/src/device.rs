@@ -645,7 +645,9 @@ impl TipcDevice {
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
         let limit = self.rx_queue_limit();
-        let queued = match self.channel_by_addr(header.dst) {
+        // One address lookup per message: the slot is kept for the push below.
+        let slot = self.by_addr.get(&header.dst).map(|&s| s as usize);
+        let queued = match slot.and_then(|s| self.channels.get(s)).and_then(Option::as_ref) {
             Some(c) if c.state == ChannelState::Connected => c.queue.len(),
             _ => {
                 self.stats.undeliverable_frames += 1;
@@ -667,7 +669,7 @@ impl TipcDevice {
                 (RxMsg::Copied(data), buf)
             }
         };
-        if let Some(chan) = self.channel_by_addr(header.dst) {
+        if let Some(chan) = slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
             chan.queue.push_back(msg);
         }
         repost
