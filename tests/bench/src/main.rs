@@ -426,10 +426,12 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
         "heap allocations per message, the stack alone (cores and stack modes, caller's thread): {:.2}",
         g("allocs_per_message")
     );
-    println!(
-        "heap allocations per message with the model on the same thread (sim, 16 B): {:.2}",
-        g("allocs_per_message.sim.16")
-    );
+    if measured("sim") {
+        println!(
+            "heap allocations per message with the model on the same thread (sim, 16 B): {:.2}",
+            g("allocs_per_message.sim.16")
+        );
+    }
 }
 
 fn main() {

@@ -263,6 +263,8 @@ struct Peer {
     /// A copy of the share table, valid while `cache_gen` is the table's generation.
     cache: Vec<Option<Share>>,
     cache_gen: u64,
+    /// The share-table generation the ring views were last checked against.
+    rings_checked_gen: u64,
     table: Vec<u8>,
     /// Trusty's tx ring (vring 0): secure to normal world.
     to_ns: Option<PeerRing>,
@@ -302,8 +304,14 @@ impl Peer {
         }
     }
 
-    /// Drops ring views whose shares are gone (the stack reclaimed them).
+    /// Drops ring views whose shares are gone (the stack reclaimed them). Only after the share
+    /// table changed: otherwise the views were checked against it already.
     fn check_rings(&mut self) {
+        let generation = self.shares.generation.load(Ordering::Acquire);
+        if generation == self.rings_checked_gen {
+            return;
+        }
+        self.rings_checked_gen = generation;
         for which in [0, 1] {
             let ring = if which == 0 { &self.to_ns } else { &self.from_ns };
             let Some((id, size)) = ring.as_ref().map(|r| (r.id, r.queue.layout().size())) else {
@@ -335,10 +343,13 @@ impl Peer {
             },
             call::SC_VIRTIO_GET_DESCR => self.get_descr(id, a3 as usize),
             call::SC_VIRTIO_START => self.start(id, a3 as usize),
+            // tipc_dev_reset(): rings, endpoints and queued frames go.
             call::SC_VIRTIO_STOP | call::SC_VDEV_RESET => {
                 self.to_ns = None;
                 self.from_ns = None;
                 self.endpoints = [None; ENDPOINTS];
+                self.outbox.head = 0;
+                self.outbox.count = 0;
                 0
             }
             call::SC_NOP | call::SC_LOCKED_NOP => {
@@ -416,6 +427,7 @@ impl Peer {
         self.to_ns = rings.next();
         self.from_ns = rings.next();
         self.no_notify = None;
+        self.rings_checked_gen = u64::MAX;
         self.queue_ctrl(&Ctrl::GoOnline);
         self.flush();
         self.update_notify_flags();
@@ -774,6 +786,7 @@ pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
         shares: shares.clone(),
         cache: Vec::new(),
         cache_gen: u64::MAX,
+        rings_checked_gen: u64::MAX,
         table: rsc::default_tipc_table("dev0"),
         to_ns: None,
         from_ns: None,
