@@ -200,11 +200,14 @@ impl SharedBuf {
     }
 
     /// Copies `data` into the buffer at `offset`.
+    #[inline]
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), Error> {
         let end = offset.checked_add(data.len()).ok_or(Error::InvalidArgument("offset overflow"))?;
         if end > self.len() {
             return Err(Error::InvalidArgument("write past the end of a shared buffer"));
         }
+        #[cfg(feature = "copy-count")]
+        copy_count::count(&copy_count::WRITES, data.len());
         // SAFETY: offset..end lies inside the region, which this buffer owns; the peer may read
         // it concurrently, which is what shared memory is for (byte copies, no references).
         unsafe {
@@ -214,16 +217,51 @@ impl SharedBuf {
     }
 
     /// Copies bytes from the buffer at `offset` into `out`.
+    #[inline]
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
         let end = offset.checked_add(out.len()).ok_or(Error::InvalidArgument("offset overflow"))?;
         if end > self.len() {
             return Err(Error::InvalidArgument("read past the end of a shared buffer"));
         }
+        #[cfg(feature = "copy-count")]
+        copy_count::count(&copy_count::READS, out.len());
         // SAFETY: as in `write`; the bytes are copied out, never referenced in place.
         unsafe {
             core::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
         };
         Ok(())
+    }
+}
+
+/// Counts of the copies into and out of shared buffers ([`SharedBuf::write`] and
+/// [`SharedBuf::read`], the only ways the stack moves bytes through them), for tests that prove
+/// the data path's copy count. Only with the `copy-count` feature, which shipped builds leave
+/// off; the counters are global, so a test reads them with nothing else running in its process.
+#[cfg(feature = "copy-count")]
+pub mod copy_count {
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    /// Copies and bytes in one direction.
+    pub struct Counter {
+        copies: AtomicU64,
+        bytes: AtomicU64,
+    }
+
+    /// Copies into shared buffers.
+    pub static WRITES: Counter = Counter { copies: AtomicU64::new(0), bytes: AtomicU64::new(0) };
+    /// Copies out of shared buffers.
+    pub static READS: Counter = Counter { copies: AtomicU64::new(0), bytes: AtomicU64::new(0) };
+
+    pub(crate) fn count(c: &Counter, bytes: usize) {
+        c.copies.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    impl Counter {
+        /// (copies, bytes) so far.
+        pub fn get(&self) -> (u64, u64) {
+            (self.copies.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+        }
     }
 }
 

@@ -9,6 +9,28 @@ use crate::clock::{Clock, Deadline, NS_PER_MS};
 use crate::smc::{api, call, result32, Conduit, SmError};
 use crate::Error;
 
+/// The limit of one call's loops. `After(ms)` reads the clock only when a loop first has to
+/// check it, so a NOP that Trusty finishes at once costs no clock read; the limit then counts
+/// from that first check, later than the call's start by at most one call.
+#[derive(Clone, Copy)]
+enum Limit {
+    At(Deadline),
+    After(u64),
+}
+
+impl Limit {
+    fn deadline(&mut self, clock: &dyn Clock) -> Deadline {
+        match *self {
+            Limit::At(d) => d,
+            Limit::After(ms) => {
+                let d = Deadline::after_ms(clock, ms);
+                *self = Limit::At(d);
+                d
+            }
+        }
+    }
+}
+
 /// Limits on how long the discipline keeps retrying. Trusty's own driver retries BUSY forever;
 /// this stack states a limit instead, so that a wedged secure side becomes an error.
 #[derive(Clone, Copy, Debug)]
@@ -251,10 +273,10 @@ impl Trusty {
     pub fn std_call(&mut self, fid: u32, a0: u32, a1: u32, a2: u32) -> Result<u32, Error> {
         self.check_alive()?;
         let deadline = Deadline::after_ms(&*self.clock, self.policy.std_call_timeout_ms);
-        self.settle_nop_fiq(&deadline)?;
+        self.settle_nop_fiq(&mut Limit::At(deadline))?;
         // A call whose FIQ restart is owed is settled first: answered BUSY it was never taken
         // and is dropped (never re-issued); otherwise it is left for RESTART_LAST below.
-        self.settle_std_fiq(&deadline)?;
+        self.settle_std_fiq(&mut Limit::At(deadline))?;
         if let Some(old) = self.pending {
             log::warn!("collecting standard call {:#x} left pending by a timeout before issuing {fid:#x}", old.fid);
             match self.run_std(old, &deadline) {
@@ -353,6 +375,11 @@ impl Trusty {
         }
     }
 
+    fn expire_limit(&self, limit: &mut Limit, what: &'static str) -> Result<(), Error> {
+        let deadline = limit.deadline(&*self.clock);
+        self.expire_check(&deadline, what)
+    }
+
     fn expire_check(&self, deadline: &Deadline, what: &'static str) -> Result<(), Error> {
         if deadline.expired(&*self.clock) {
             log::error!("timed out waiting for {what}");
@@ -369,7 +396,7 @@ impl Trusty {
     fn wait_for_nop_progress(&mut self, deadline: &Deadline) -> Result<(), Error> {
         let idle = Deadline::after_ms(&*self.clock, self.policy.cpu_idle_timeout_ms).min(*deadline);
         loop {
-            match self.nop_inner(0, 0, 0, &idle) {
+            match self.nop_inner(0, 0, 0, &mut Limit::At(idle)) {
                 Ok(()) => return Ok(()),
                 Err(e @ (Error::Sm(SmError::Panic) | Error::TransportFailed(_))) => return Err(e),
                 Err(_) if !idle.expired(&*self.clock) => self.clock.relax(),
@@ -391,13 +418,14 @@ impl Trusty {
         if self.api_version < api::SMP {
             return self.std_call(call::SC_LOCKED_NOP, 0, 0, 0).map(|_| ());
         }
-        let deadline = Deadline::after_ms(&*self.clock, self.policy.std_call_timeout_ms);
-        self.nop_inner(a0, a1, a2, &deadline)
+        // The clock is read only if Trusty does not finish the NOP at once: the common NOP
+        // (a kick, a pump) costs no clock read.
+        self.nop_inner(a0, a1, a2, &mut Limit::After(self.policy.std_call_timeout_ms))
     }
 
     /// Issues whatever RESTART_FIQ is owed (a NOP's, or a pending standard call's) before a
     /// NOP or a standard call goes out.
-    fn settle_nop_fiq(&mut self, deadline: &Deadline) -> Result<(), Error> {
+    fn settle_nop_fiq(&mut self, deadline: &mut Limit) -> Result<(), Error> {
         while self.nop_fiq_owed {
             self.stats.restart_fiq += 1;
             let r = self.raw(call::SC_RESTART_FIQ, 0, 0, 0);
@@ -406,13 +434,13 @@ impl Trusty {
                 // The interrupted NOP's own answer: nothing waits for it.
                 self.nop_fiq_owed = false;
             } else {
-                self.expire_check(deadline, WHAT_FIQ)?;
+                self.expire_limit(deadline, WHAT_FIQ)?;
             }
         }
         Ok(())
     }
 
-    fn settle_std_fiq(&mut self, deadline: &Deadline) -> Result<(), Error> {
+    fn settle_std_fiq(&mut self, deadline: &mut Limit) -> Result<(), Error> {
         while let Some(mut c) = self.pending.filter(|c| c.fiq) {
             self.stats.restart_fiq += 1;
             let r = self.raw(call::SC_RESTART_FIQ, 0, 0, 0);
@@ -424,7 +452,7 @@ impl Trusty {
                     log::warn!("late result of standard call {:#x}: {result:?} (discarded)", c.fid);
                     self.stats.collected_late += 1;
                 }
-                Step::Again => self.expire_check(deadline, WHAT_FIQ)?,
+                Step::Again => self.expire_limit(deadline, WHAT_FIQ)?,
                 // A BUSY original call was never taken; a BUSY or CPU_IDLE restart stays pending
                 // for the next standard call to collect.
                 Step::Busy | Step::Idle => {}
@@ -433,7 +461,7 @@ impl Trusty {
         Ok(())
     }
 
-    fn nop_inner(&mut self, a0: u32, a1: u32, a2: u32, deadline: &Deadline) -> Result<(), Error> {
+    fn nop_inner(&mut self, a0: u32, a1: u32, a2: u32, deadline: &mut Limit) -> Result<(), Error> {
         self.settle_nop_fiq(deadline)?;
         self.settle_std_fiq(deadline)?;
         self.stats.nop_calls += 1;
@@ -444,7 +472,7 @@ impl Trusty {
             let mut r = SmError::from_code(r);
             while r == Some(SmError::FiqInterrupted) {
                 self.nop_fiq_owed = true;
-                self.expire_check(deadline, WHAT_FIQ)?;
+                self.expire_limit(deadline, WHAT_FIQ)?;
                 self.stats.restart_fiq += 1;
                 r = SmError::from_code(self.raw(call::SC_RESTART_FIQ, 0, 0, 0));
                 self.check_transport()?;
@@ -455,7 +483,7 @@ impl Trusty {
                 Some(SmError::NopInterrupted) => {
                     // The work item was taken; more calls only donate time (spec §2.6).
                     args = (0, 0, 0);
-                    self.expire_check(deadline, WHAT_NOP)?;
+                    self.expire_limit(deadline, WHAT_NOP)?;
                 }
                 Some(e) => return Err(Error::Sm(e)),
             }

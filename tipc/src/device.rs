@@ -251,8 +251,13 @@ pub struct TipcDevice {
     foreign: BTreeMap<u64, ForeignHold>,
     /// Foreign memory whose reclaim Trusty refused: kept alive for good (spec §3.3).
     foreign_leaked: Vec<ForeignHold>,
-    /// When the secure side last had the CPU (ns).
+    /// When the secure side last had the CPU (ns), or earlier: a call made without a clock read
+    /// of its own is stamped with the device's latest read (`clock_seen`), so the idle time
+    /// [`TipcDevice::catch_up`] computes can only be overestimated (a pump a little early),
+    /// never underestimated (a pump missed).
     last_secure_call: u64,
+    /// The latest clock value this device read (ns).
+    clock_seen: u64,
     /// When a scan last found something (clock ns): a wait polls the rings without pausing
     /// while this is within [`SPIN_NS`].
     last_progress: u64,
@@ -408,6 +413,7 @@ impl TipcDevice {
             foreign: BTreeMap::new(),
             foreign_leaked: Vec::new(),
             last_secure_call: 0,
+            clock_seen: 0,
             last_progress: 0,
             spin_rounds: 0,
             stats: DeviceStats::default(),
@@ -639,7 +645,9 @@ impl TipcDevice {
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
         let limit = self.rx_queue_limit();
-        let queued = match self.channel_by_addr(header.dst) {
+        // One address lookup per message: the slot is kept for the push below.
+        let slot = self.by_addr.get(&header.dst).map(|&s| s as usize);
+        let queued = match slot.and_then(|s| self.channels.get(s)).and_then(Option::as_ref) {
             Some(c) if c.state == ChannelState::Connected => c.queue.len(),
             _ => {
                 self.stats.undeliverable_frames += 1;
@@ -661,7 +669,7 @@ impl TipcDevice {
                 (RxMsg::Copied(data), buf)
             }
         };
-        if let Some(chan) = self.channel_by_addr(header.dst) {
+        if let Some(chan) = slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
             chan.queue.push_back(msg);
         }
         repost
@@ -819,7 +827,8 @@ impl TipcDevice {
         let notifyid = if rx { self.rx.notifyid } else { self.tx.notifyid };
         self.stats.kicks += 1;
         let r = self.bus.kick(self.vdev, notifyid);
-        self.last_secure_call = self.clock.now_ns();
+        // No clock read here: see `last_secure_call`.
+        self.last_secure_call = self.clock_seen;
         r.map_err(Error::from)
     }
 
@@ -834,7 +843,8 @@ impl TipcDevice {
     /// anything.
     pub fn pump(&mut self) -> Result<bool, Error> {
         let r = self.bus.trusty().nop(0, 0, 0);
-        self.last_secure_call = self.clock.now_ns();
+        self.clock_seen = self.clock.now_ns();
+        self.last_secure_call = self.clock_seen;
         let found = self.scan();
         r?;
         if found {
@@ -843,15 +853,22 @@ impl TipcDevice {
         Ok(found)
     }
 
-    /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
-    fn catch_up(&mut self) -> Result<(), Error> {
-        let idle_ns = self.clock.now_ns().saturating_sub(self.last_secure_call);
+    /// Gives Trusty a NOP (and scans) if it has not run for `idle_pump_ms`; otherwise only
+    /// scans when `scan` says so.
+    fn catch_up_then(&mut self, scan: bool) -> Result<(), Error> {
+        self.clock_seen = self.clock.now_ns();
+        let idle_ns = self.clock_seen.saturating_sub(self.last_secure_call);
         if idle_ns >= self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS) {
             self.pump()?;
-        } else {
+        } else if scan {
             self.scan();
         }
         Ok(())
+    }
+
+    /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
+    fn catch_up(&mut self) -> Result<(), Error> {
+        self.catch_up_then(true)
     }
 
     /// After a NOP that found nothing: a Trusty running on another core (a Trusty VM, a model
@@ -938,11 +955,16 @@ impl TipcDevice {
     /// ends the wait at once (Linux `_get_txbuf_locked()` -> ENODEV, and `_go_offline()` wakes
     /// `sendq`).
     fn get_tx_buffer(&mut self, timeout: Timeout) -> Result<SharedBuf, Error> {
-        let deadline = self.deadline(timeout);
+        // Read from the clock only when a wait is needed: a free buffer costs no clock read.
+        let mut deadline = None;
         loop {
-            self.scan_tx();
             if self.state != DeviceState::Online {
                 return Err(Error::NoDevice);
+            }
+            // Only when none is free: buffers Trusty returned since the last scan (every secure
+            // call is followed by a full scan, so usually none).
+            if self.tx_free.is_empty() {
+                self.scan_tx();
             }
             if let Some(buf) = self.tx_free.pop() {
                 return Ok(buf);
@@ -963,7 +985,8 @@ impl TipcDevice {
                     }
                 }
             }
-            self.wait_step(timeout, deadline)?;
+            let d = *deadline.get_or_insert_with(|| self.deadline(timeout));
+            self.wait_step(timeout, d)?;
         }
     }
 
@@ -1194,7 +1217,9 @@ impl TipcDevice {
         let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
         let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
         self.channel(id)?;
-        self.catch_up()?;
+        // No scan here: every secure call was followed by one, the tx ring is scanned when no
+        // buffer is free, and the kick below scans everything Trusty returns.
+        self.catch_up_then(false)?;
         let buf = self.get_tx_buffer(timeout)?;
         let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
         else {
@@ -1318,9 +1343,12 @@ impl TipcDevice {
     /// Receives one whole message into `bufs` (scattered in order), waiting up to `timeout`
     /// (spec §6.6 step 10). A message larger than the buffers stays queued: MessageSize.
     pub fn recv(&mut self, id: ChannelId, bufs: &mut [&mut [u8]], timeout: Timeout) -> Result<usize, Error> {
-        let deadline = self.deadline(timeout);
         self.channel(id)?;
-        self.catch_up()?;
+        // A message already queued (or found by the first scan) is returned without a clock
+        // read or a call, as Linux's read returns a queued message; only then does the secure
+        // side get a catch-up NOP if it was idle, and the deadline start.
+        let mut caught_up = false;
+        let mut deadline = None;
         loop {
             self.scan();
             let chan = self.channel(id)?;
@@ -1354,7 +1382,13 @@ impl TipcDevice {
                 return Ok(len);
             }
             Self::require_connected(chan.state)?;
-            self.wait_step(timeout, deadline)?;
+            if !caught_up {
+                caught_up = true;
+                self.catch_up()?;
+                continue;
+            }
+            let d = *deadline.get_or_insert_with(|| self.deadline(timeout));
+            self.wait_step(timeout, d)?;
         }
     }
 

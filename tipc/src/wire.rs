@@ -73,6 +73,7 @@ pub struct Header {
 
 impl Header {
     /// The header's 16 wire bytes (little-endian, reserved field zero).
+    #[inline]
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let raw = RawHeader {
             src: self.src.into(),
@@ -88,6 +89,7 @@ impl Header {
     }
 
     /// The header at the start of `bytes`; `None` when shorter than a header.
+    #[inline]
     pub fn decode(bytes: &[u8]) -> Option<Header> {
         let (raw, _) = RawHeader::read_from_prefix(bytes).ok()?;
         Some(Header {

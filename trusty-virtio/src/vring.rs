@@ -64,6 +64,7 @@ impl RawRing {
         RawRing { base, len }
     }
 
+    #[inline]
     fn ptr<T>(&self, off: usize) -> Option<*mut T> {
         let end = off.checked_add(core::mem::size_of::<T>())?;
         if end > self.len || off % core::mem::align_of::<T>() != 0 {
@@ -77,6 +78,7 @@ impl RawRing {
 
 macro_rules! raw_access {
     ($read:ident, $write:ident, $t:ty) => {
+        #[inline]
         fn $read(&self, off: usize) -> $t {
             match self.ptr::<$t>(off) {
                 // SAFETY: in bounds and aligned (checked by `ptr`); volatile because the peer
@@ -85,6 +87,7 @@ macro_rules! raw_access {
                 None => 0,
             }
         }
+        #[inline]
         fn $write(&self, off: usize, v: $t) {
             if let Some(p) = self.ptr::<$t>(off) {
                 // SAFETY: in bounds and aligned (checked by `ptr`).
@@ -95,6 +98,7 @@ macro_rules! raw_access {
 }
 
 impl RingMemory for RawRing {
+    #[inline]
     fn len(&self) -> usize {
         self.len
     }
@@ -140,33 +144,43 @@ impl Layout {
         Ok(Layout { num: num as u16, used_off })
     }
     /// Number of descriptors.
+    #[inline]
     pub fn num(&self) -> u16 {
         self.num
     }
     /// Bytes the ring occupies.
+    #[inline]
     pub fn size(&self) -> usize {
         self.used_off + 6 + 8 * usize::from(self.num)
     }
+    #[inline]
     fn desc(&self, i: u16) -> usize {
         16 * usize::from(i)
     }
+    #[inline]
     fn avail_flags(&self) -> usize {
         16 * usize::from(self.num)
     }
+    #[inline]
     fn avail_idx(&self) -> usize {
         self.avail_flags() + 2
     }
+    #[inline]
     fn avail_ring(&self, slot: u16) -> usize {
-        self.avail_flags() + 4 + 2 * usize::from(slot % self.num)
+        // `num` is a power of two (checked by `new`): the mask is `slot % num`.
+        self.avail_flags() + 4 + 2 * usize::from(slot & (self.num - 1))
     }
+    #[inline]
     fn used_flags(&self) -> usize {
         self.used_off
     }
+    #[inline]
     fn used_idx(&self) -> usize {
         self.used_off + 2
     }
+    #[inline]
     fn used_ring(&self, slot: u16) -> usize {
-        self.used_off + 4 + 8 * usize::from(slot % self.num)
+        self.used_off + 4 + 8 * usize::from(slot & (self.num - 1))
     }
 }
 
@@ -349,7 +363,9 @@ pub enum DeviceRingError {
     },
 }
 
-/// The device (secure-side) end of one ring: consumes avail, produces used.
+/// The device (secure-side) end of one ring: consumes avail, produces used. Its methods take
+/// the ring's memory as any [`RingMemory`], `dyn` included (generic so that a data path over
+/// a concrete memory type inlines the accesses).
 pub struct DeviceQueue {
     layout: Layout,
     last_avail: u16,
@@ -367,8 +383,9 @@ impl DeviceQueue {
         self.layout
     }
 
-    /// Takes the next available chain (at most `num` links).
-    pub fn pop_avail(&mut self, mem: &dyn RingMemory) -> Result<Option<Chain>, DeviceRingError> {
+    /// The head of the next available chain, taken off the avail ring (checked as Trusty's
+    /// `vqueue_get_avail_buf()` does: an index jump or a head out of range is fatal there).
+    fn pop_avail_head<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<u16>, DeviceRingError> {
         let now = mem.read_u16(self.layout.avail_idx());
         if now == self.last_avail {
             return Ok(None);
@@ -382,16 +399,39 @@ impl DeviceQueue {
             return Err(DeviceRingError::HeadOutOfRange { head });
         }
         self.last_avail = self.last_avail.wrapping_add(1);
+        Ok(Some(head))
+    }
+
+    fn read_desc<M: RingMemory + ?Sized>(&self, mem: &M, i: u16) -> Desc {
+        let d = self.layout.desc(i);
+        Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) }
+    }
+
+    /// Takes the next available buffer when it is a single descriptor, which is all TIPC puts
+    /// on its rings (spec §5.7), without allocating: for a device end on a data path. A longer
+    /// chain is taken too but reported as [`DeviceRingError::BadChain`], so that its head can
+    /// be returned with an error status.
+    pub fn pop_avail_one<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<(u16, Desc)>, DeviceRingError> {
+        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
+        let desc = self.read_desc(mem, head);
+        if desc.flags & DESC_F_NEXT != 0 {
+            return Err(DeviceRingError::BadChain { head });
+        }
+        Ok(Some((head, desc)))
+    }
+
+    /// Takes the next available chain (at most `num` links).
+    pub fn pop_avail<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<Chain>, DeviceRingError> {
+        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         let mut descs = Vec::new();
         let mut i = head;
         loop {
-            let d = self.layout.desc(i);
-            let desc = Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) };
+            let desc = self.read_desc(mem, i);
             descs.push(desc);
             if desc.flags & DESC_F_NEXT == 0 {
                 break;
             }
-            i = mem.read_u16(d + 14);
+            i = mem.read_u16(self.layout.desc(i) + 14);
             if i >= self.layout.num() || descs.len() >= usize::from(self.layout.num()) {
                 return Err(DeviceRingError::BadChain { head });
             }
@@ -400,7 +440,7 @@ impl DeviceQueue {
     }
 
     /// Returns a chain with the 32-bit `len` word.
-    pub fn push_used(&mut self, mem: &dyn RingMemory, head: u16, len: u32) {
+    pub fn push_used<M: RingMemory + ?Sized>(&mut self, mem: &M, head: u16, len: u32) {
         let e = self.layout.used_ring(self.used_idx);
         mem.write_u32(e, u32::from(head));
         mem.write_u32(e + 4, len);
@@ -410,13 +450,13 @@ impl DeviceQueue {
     }
 
     /// Sets or clears VRING_USED_F_NO_NOTIFY.
-    pub fn set_no_notify(&self, mem: &dyn RingMemory, no_notify: bool) {
+    pub fn set_no_notify<M: RingMemory + ?Sized>(&self, mem: &M, no_notify: bool) {
         mem.write_u16(self.layout.used_flags(), if no_notify { USED_F_NO_NOTIFY } else { 0 });
         fence(Ordering::SeqCst);
     }
 
     /// Whether the driver has published chains not yet taken.
-    pub fn has_avail(&self, mem: &dyn RingMemory) -> bool {
+    pub fn has_avail<M: RingMemory + ?Sized>(&self, mem: &M) -> bool {
         mem.read_u16(self.layout.avail_idx()) != self.last_avail
     }
 }
@@ -486,6 +526,26 @@ mod tests {
             assert_eq!(drv.pop_used().unwrap(), None);
         }
         assert_eq!(drv.free_count(), 4);
+    }
+
+    #[test]
+    fn pop_avail_one_takes_single_descriptors_and_refuses_chains() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let ring = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        assert_eq!(dev.pop_avail_one(&ring), Ok(None));
+        let a = drv.add(0x7000, 64, true).unwrap();
+        assert_eq!(dev.pop_avail_one(&ring), Ok(Some((a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE }))));
+        // A chain (the driver end never makes one: written by hand) is taken and refused.
+        let b = drv.add(0x8000, 32, false).unwrap();
+        ring.write_u16(l.desc(b) + 12, DESC_F_NEXT);
+        assert_eq!(dev.pop_avail_one(&ring), Err(DeviceRingError::BadChain { head: b }));
+        assert_eq!(dev.pop_avail_one(&ring), Ok(None));
+        // An index jump is reported as pop_avail reports it.
+        ring.write_u16(l.avail_idx(), 100);
+        assert!(matches!(dev.pop_avail_one(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
     }
 
     #[test]
