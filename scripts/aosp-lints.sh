@@ -16,7 +16,7 @@ rustc_lints=(-A deprecated -D missing-docs -D warnings)
 # lints.go defaultClippyLints ("any warning lint will be promoted to a deny" by -D warnings).
 clippy_lints=(-A clippy::type-complexity -A clippy::unnecessary-wraps -A clippy::unusual-byte-groupings
     -A clippy::upper-case-acronyms)
-shipped=(-p trusty-platform -p trusty-virtio -p tipc -p tipc-test-cases -p tipc-test -p libtrusty-capi -p trusty-ipcd)
+shipped=(-p trusty-platform -p trusty-virtio -p tipc -p trusty-stack -p tipc-test-cases -p tipc-test -p libtrusty-capi -p trusty-ipcd)
 in_android_bp=("${shipped[@]}" -p trusty-model -p platforms)
 
 echo "aosp-lints.sh: cargo clippy ${in_android_bp[*]} -- ${rustc_lints[*]} ${clippy_lints[*]}"
@@ -27,5 +27,5 @@ cargo clippy --locked "${in_android_bp[@]}" --lib --bins --tests -- "${rustc_lin
 cargo clippy --locked -p libtrusty-capi -p trusty-ipcd --no-default-features --lib --bins \
     -- "${rustc_lints[@]}" "${clippy_lints[@]}"
 # The no_std crates as the bare-metal (nostd) modules build them.
-cargo clippy --locked -p trusty-platform -p trusty-virtio -p tipc -p tipc-test-cases \
+cargo clippy --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-stack -p tipc-test-cases \
     --target aarch64-unknown-none -- "${rustc_lints[@]}" "${clippy_lints[@]}"

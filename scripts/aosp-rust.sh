@@ -15,6 +15,6 @@ need_toolchain "$msrv"
 echo "aosp-rust.sh: $(rustc "+$msrv" --version)"
 # A target directory of its own: artifacts of different compilers do not mix.
 export CARGO_TARGET_DIR=target/rust-$msrv
-cargo "+$msrv" build --locked -p trusty-platform -p trusty-virtio -p tipc -p tipc-test-cases -p tipc-test -p libtrusty-capi -p trusty-ipcd
+cargo "+$msrv" build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-stack -p tipc-test-cases -p tipc-test -p libtrusty-capi -p trusty-ipcd
 # As Android.bp builds libtrusty_capi and trusty-ipcd: without the `sim` feature.
 cargo "+$msrv" build --locked -p libtrusty-capi -p trusty-ipcd --no-default-features --lib --bins

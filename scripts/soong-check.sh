@@ -42,7 +42,7 @@ copy "$tmp/ok/trusty-ipc"
 
 # Soong cannot see Cargo features: that the shipped modules (built without `sim`) link no test
 # code (the model, the platform profiles, the test crates) is checked on the module graph.
-shipped=(libtrusty_platform libtrusty_virtio libtipc libtrusty_capi libtrusty_ipcd trusty-ipcd)
+shipped=(libtrusty_platform libtrusty_virtio libtipc libtrusty_stack libtrusty_capi libtrusty_ipcd trusty-ipcd)
 test_code=(libtrusty_model libplatforms libtipc_test libtipc_test_cases)
 perl scripts/lib/shipped-deps.pl "$tmp/ok/trusty-ipc" "${shipped[@]}" -- "${test_code[@]}"
 echo "shipped-deps: no shipped module (${shipped[*]}) links test code (${test_code[*]})"

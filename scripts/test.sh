@@ -16,7 +16,7 @@ step "unit, integration and conformance tests (host)"
 cargo test --workspace --locked
 
 step "no_std crates build for aarch64-unknown-none"
-cargo build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-model -p tipc-test-cases --target aarch64-unknown-none
+cargo build --locked -p trusty-platform -p trusty-virtio -p tipc -p trusty-stack -p trusty-model -p tipc-test-cases --target aarch64-unknown-none
 cargo clippy --locked -p baremetal -p baremetal-hello -p qemu-images --target aarch64-unknown-none -- -D warnings
 
 step "clippy, warnings are errors"

@@ -140,20 +140,38 @@ pub fn read_device_tree(fdt: &[u8]) -> Result<DtFacts, FactsError> {
     })
 }
 
-/// The boot argument naming a Trusty VM: `trusty-ipc-stack.trusty-vm=<domid>,<call>,<kick>`.
+/// The boot argument naming a Trusty VM: `trusty-ipc-stack.trusty-vm=<domid>,<call>,<kick>`
+/// (static event channels, as the bare-metal image binds them), or
+/// `trusty-ipc-stack.trusty-vm=<domid>` alone: the ports come from the Trusty VM's rendezvous
+/// page ([`crate::xen::rendezvous`]; a guest without xenstore and without static event
+/// channels, such as Linux userspace).
 pub const TRUSTY_VM_BOOTARG: &str = "trusty-ipc-stack.trusty-vm=";
 
-/// Reads [`TRUSTY_VM_BOOTARG`] from a command line, if present.
+/// The port value that stands for "offered on the rendezvous page": Xen never hands out event
+/// channel port 0 (`evtchn_init()` reserves it; xen/common/event_channel.c), so no static
+/// binding can name it.
+pub const PORTS_FROM_RENDEZVOUS: u32 = 0;
+
+/// Reads [`TRUSTY_VM_BOOTARG`] from a command line, if present: `(domid, call, kick)`, with
+/// both ports [`PORTS_FROM_RENDEZVOUS`] for the one-field form.
 pub fn trusty_vm_from_bootargs(args: &str) -> Result<Option<(u16, u32, u32)>, FactsError> {
-    const WHAT: &str = "bootargs trusty-ipc-stack.trusty-vm=<domid>,<call-evtchn>,<kick-evtchn>";
+    const WHAT: &str = "bootargs trusty-ipc-stack.trusty-vm=<domid>[,<call-evtchn>,<kick-evtchn>]";
     let Some(value) = args.split_ascii_whitespace().find_map(|w| w.strip_prefix(TRUSTY_VM_BOOTARG)) else {
         return Ok(None);
     };
     let mut parts = value.split(',').map(|p| p.parse::<u32>().map_err(|_| FactsError::BadProperty(WHAT)));
-    let (Some(domid), Some(call), Some(kick), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(FactsError::BadProperty(WHAT));
-    };
-    Ok(Some((domid_from(domid?, WHAT)?, call?, kick?)))
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(domid), None, None, None) => Ok(Some((domid_from(domid?, WHAT)?, PORTS_FROM_RENDEZVOUS, PORTS_FROM_RENDEZVOUS))),
+        (Some(domid), Some(call), Some(kick), None) => {
+            let (call, kick) = (call?, kick?);
+            // Port 0 is the rendezvous form's marker, never a static port.
+            if call == PORTS_FROM_RENDEZVOUS || kick == PORTS_FROM_RENDEZVOUS {
+                return Err(FactsError::BadProperty(WHAT));
+            }
+            Ok(Some((domid_from(domid?, WHAT)?, call, kick)))
+        }
+        _ => Err(FactsError::BadProperty(WHAT)),
+    }
 }
 
 /// A property that must be exactly one big-endian u32.
@@ -433,9 +451,26 @@ mod tests {
     fn trusty_vm_from_the_command_line() {
         assert_eq!(trusty_vm_from_bootargs("console=hvc0 trusty-ipc-stack.trusty-vm=1,10,11 quiet"), Ok(Some((1, 10, 11))));
         assert_eq!(trusty_vm_from_bootargs("console=hvc0"), Ok(None));
-        for bad in ["trusty-ipc-stack.trusty-vm=1,10", "trusty-ipc-stack.trusty-vm=1,10,11,12", "trusty-ipc-stack.trusty-vm=x,1,2", "trusty-ipc-stack.trusty-vm=70000,1,2"] {
+        for bad in [
+            "trusty-ipc-stack.trusty-vm=1,10",
+            "trusty-ipc-stack.trusty-vm=1,10,11,12",
+            "trusty-ipc-stack.trusty-vm=x,1,2",
+            "trusty-ipc-stack.trusty-vm=70000,1,2",
+            "trusty-ipc-stack.trusty-vm=1,0,11",
+            "trusty-ipc-stack.trusty-vm=",
+            "trusty-ipc-stack.trusty-vm=x",
+            "trusty-ipc-stack.trusty-vm=32752",
+        ] {
             assert!(trusty_vm_from_bootargs(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The domain id alone: the ports come from the Trusty VM's rendezvous page.
+    #[test]
+    fn trusty_vm_domid_alone_means_the_rendezvous() {
+        let r = PORTS_FROM_RENDEZVOUS;
+        assert_eq!(trusty_vm_from_bootargs("quiet trusty-ipc-stack.trusty-vm=1"), Ok(Some((1, r, r))));
+        assert_eq!(trusty_vm_from_bootargs("trusty-ipc-stack.trusty-vm=7 console=ttyAMA0"), Ok(Some((7, r, r))));
     }
 
     #[test]

@@ -6,7 +6,6 @@ extern crate alloc;
 
 pub mod device;
 mod error;
-pub mod stack;
 pub mod wire;
 
 pub use device::{ChannelId, ChannelState, Config, DeviceState, DeviceStats, ForeignMemRef, PollFlags, Timeout, TipcDevice};

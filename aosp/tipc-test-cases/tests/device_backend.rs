@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tipc::errno::{EBADF, ENODEV};
-use tipc::stack::{bring_up_platform, StackConfig};
+use trusty_stack::{bring_up_platform, StackConfig};
 use tipc_test_cases::{cases, runner, DeviceBackend, Errno, Params, Rng, TestEnv, TipcBackend};
 use tipc_test_cases::device::ShmPages;
 use trusty_model::host::{ModelMode, RamAllocator, Sim};

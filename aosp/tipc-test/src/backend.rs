@@ -11,7 +11,7 @@ use trusty_platform::mem::Access;
 use crate::shm::{fd_access, fd_size, FdObject, Mapping};
 
 use platforms::Profile;
-use tipc::stack::{bring_up_platform, BringUp, StackConfig};
+use trusty_stack::{bring_up_platform, BringUp, StackConfig};
 use tipc::TipcDevice;
 use trusty_model::host::{ModelMode, Sim};
 

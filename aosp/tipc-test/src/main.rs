@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use tipc::stack::StackConfig;
+use trusty_stack::StackConfig;
 use tipc_test::backend::{SimBackend, TipcBackend};
 use tipc_test::cases::{self, Params, Rng, TestCase};
 use tipc_test::kernel::KernelBackend;

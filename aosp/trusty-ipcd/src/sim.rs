@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tipc::stack::{bring_up_platform, BringUpError, StackConfig};
+use trusty_stack::{bring_up_platform, BringUpError, StackConfig};
 use trusty_model::host::ModelMode;
 
 use crate::memref::{map_client_fd, FdMapping};
@@ -69,7 +69,10 @@ pub fn bring_up_with(platform: &str, mode: ModelMode, cfg: StackConfig) -> Resul
             }
             let errno = match e {
                 BringUpError::Stack(e) | BringUpError::AfterPlan { error: e, .. } => e.errno(),
-                BringUpError::DeviceTree(_) | BringUpError::NoSafeSharing(_) | BringUpError::Unusable { .. } => libc::ENODEV,
+                BringUpError::DeviceTree(_)
+                | BringUpError::NoSafeSharing(_)
+                | BringUpError::Unusable { .. }
+                | BringUpError::TrustyVm(_) => libc::ENODEV,
             };
             Err((msg, errno))
         }

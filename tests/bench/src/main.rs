@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tipc::stack::{bring_up_platform, StackConfig};
+use trusty_stack::{bring_up_platform, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode, Sim};
 

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tipc::stack::{bring_up, StackConfig};
+use trusty_stack::{bring_up, StackConfig};
 use trusty_model::host::{GuestRam, ModelMode, Sim};
 use trusty_model::mem::PhysMem;
 use trusty_model::ModelConfig;

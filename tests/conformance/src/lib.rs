@@ -2,7 +2,7 @@
 
 pub mod hostile;
 
-use tipc::stack::{bring_up, StackConfig};
+use trusty_stack::{bring_up, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
 use trusty_model::{ModelConfig, Variant};

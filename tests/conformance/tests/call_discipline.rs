@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use conformance::Rig;
 use platforms::by_name;
-use tipc::stack::{bring_up_platform, StackConfig};
+use trusty_stack::{bring_up_platform, StackConfig};
 use trusty_model::host::ModelMode;
 use trusty_model::ModelConfig;
 use trusty_platform::plan::Mechanism;

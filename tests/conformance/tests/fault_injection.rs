@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use conformance::{Rig, DATASINK, ECHO};
-use tipc::stack::StackConfig;
+use trusty_stack::StackConfig;
 use tipc::{ChannelState, Config, DeviceState, Error, Timeout};
 use trusty_model::host::ModelMode;
 use trusty_model::{Malformed, ModelConfig};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use conformance::hostile::{self, within, Peer, RawDesc, Regs};
 use conformance::{Rig, DATASINK, ECHO};
-use tipc::stack::StackConfig;
+use trusty_stack::StackConfig;
 use tipc::wire::{self, Ctrl, Header, ShmDesc};
 use tipc::{Config, Error, Timeout};
 use trusty_model::host::ModelMode;

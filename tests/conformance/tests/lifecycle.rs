@@ -2,7 +2,7 @@
 
 use conformance::{Rig, DATASINK, ECHO};
 use trusty_model::Variant;
-use tipc::stack::StackConfig;
+use trusty_stack::StackConfig;
 use tipc::{ChannelState, DeviceState, Error, Timeout};
 use trusty_model::host::ModelMode;
 
@@ -123,7 +123,7 @@ fn bus_comes_up_again_after_a_normal_world_reboot() {
             rig.echo_once(b"before");
             let dev = rig.dev.take().unwrap();
             std::mem::forget(dev); // the guest "reboots": no teardown at all
-            let (mut dev, _) = tipc::stack::bring_up(rig.sim.conduit(), rig.sim.clock(), rig.sim.allocator(), StackConfig::default())
+            let (mut dev, _) = trusty_stack::bring_up(rig.sim.conduit(), rig.sim.clock(), rig.sim.allocator(), StackConfig::default())
                 .unwrap_or_else(|e| panic!("{variant:?} {mode:?}: second bring-up: {e}"));
             let ch = dev.connect(ECHO).unwrap();
             dev.send(ch, &[b"after"], &[], Timeout::Ms(100)).unwrap();
@@ -144,7 +144,7 @@ fn bus_comes_up_again_after_a_clean_shutdown() {
         let mut rig = Rig::variant(ModelMode::Sync, variant);
         rig.echo_once(b"first life");
         rig.shutdown_clean();
-        let (dev, _) = tipc::stack::bring_up(rig.sim.conduit(), rig.sim.clock(), rig.sim.allocator(), StackConfig::default())
+        let (dev, _) = trusty_stack::bring_up(rig.sim.conduit(), rig.sim.clock(), rig.sim.allocator(), StackConfig::default())
             .unwrap_or_else(|e| panic!("{variant:?}: second bring-up: {e}"));
         rig.dev = Some(dev);
         for _ in 0..40 {

@@ -1,7 +1,7 @@
 //! A secure side that writes nonsense: the stack must drop it, count it, and carry on.
 
 use conformance::Rig;
-use tipc::stack::StackConfig;
+use trusty_stack::StackConfig;
 use tipc::{DeviceState, Error};
 use trusty_model::host::ModelMode;
 use trusty_model::{Malformed, ModelConfig};

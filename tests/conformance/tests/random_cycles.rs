@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use conformance::hostile::XorShift;
 use conformance::{DATASINK, ECHO};
-use tipc::stack::{bring_up_platform, StackConfig};
+use trusty_stack::{bring_up_platform, StackConfig};
 use tipc::wire::ShmDesc;
 use tipc::{ChannelId, Config, DeviceState, Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};

@@ -3,7 +3,7 @@
 
 use conformance::echo;
 use platforms::{by_name, Profile};
-use tipc::stack::{bring_up_platform, BringUp, BringUpError, StackConfig};
+use trusty_stack::{bring_up_platform, BringUp, BringUpError, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use trusty_model::host::{ModelMode, Sim};
 use trusty_platform::plan::{CallTransport, Mechanism};
@@ -311,7 +311,7 @@ fn spmc_answers_ff_a_1_1_with_ffa_run() {
         let r = c.call([u64::from(func::FEATURES), u64::from(fid), 0, 0, 0, 0, 0, 0]);
         assert_eq!(r[0] as u32, func::SUCCESS, "FFA_FEATURES({fid:#x})");
     }
-    let (mut dev, info) = tipc::stack::bring_up(sim.conduit(), sim.clock(), sim.allocator(), StackConfig::default()).expect("bring-up");
+    let (mut dev, info) = trusty_stack::bring_up(sim.conduit(), sim.clock(), sim.allocator(), StackConfig::default()).expect("bring-up");
     assert_eq!(info.plan.mechanism, Mechanism::FfaHandle);
     echo(&mut dev, b"over an FF-A 1.1 SPMC");
 }

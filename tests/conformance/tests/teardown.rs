@@ -2,7 +2,7 @@
 //! (FFA_RXTX_UNMAP, as Linux's arm_ffa driver does in `ffa_rxtx_unmap()` at teardown).
 
 use conformance::{Rig, ECHO};
-use tipc::stack::{bring_up, StackConfig};
+use trusty_stack::{bring_up, StackConfig};
 use trusty_model::host::{ModelMode, Sim};
 use trusty_model::ModelConfig;
 use trusty_platform::ffa::{err, func};

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use conformance::{Rig, DATASINK, ECHO};
-use tipc::stack::StackConfig;
+use trusty_stack::StackConfig;
 use tipc::wire::ShmDesc;
 use tipc::{errno, ChannelState, Config, DeviceState, Error, Timeout};
 use trusty_model::host::ModelMode;

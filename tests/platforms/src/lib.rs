@@ -8,7 +8,8 @@
 //! stack never reads, so that a DTB file alone can reproduce a run (`tipc-test --platform
 //! FILE.dtb`).
 
-use tipc::stack::PlatformAccess;
+use trusty_stack::backend::host::{self, SimulatedMachine};
+use trusty_stack::PlatformAccess;
 use trusty_model::host::{ModelMode, Sim, Stage2};
 use trusty_model::model::Path;
 use trusty_model::xen_ffa::XenFfa;
@@ -213,16 +214,15 @@ impl Profile {
     /// What the simulated platform gives the stack: the conduit, clock, RAM, this profile's
     /// device tree, and the simulated hypervisor's answers.
     pub fn access(&self, sim: &Sim) -> PlatformAccess {
-        let features = sim.xen_features();
-        PlatformAccess {
+        let machine = SimulatedMachine {
             conduit: sim.conduit(),
             clock: sim.clock(),
             allocator: sim.allocator(),
-            fdt: self.fdt.clone(),
-            xen_features: Box::new(move || features),
-            events: Some(sim.events()),
+            xen_features: sim.xen_features(),
+            events: sim.events(),
             grant_table: sim.grant_table_provider(),
-        }
+        };
+        host::access(machine, self.fdt.clone())
     }
 }
 

@@ -7,17 +7,17 @@ use alloc::sync::Arc;
 use core::fmt;
 use core::time::Duration;
 
-use tipc::stack::{bring_up_platform, BringUpError, PlatformAccess, StackConfig};
+use trusty_stack::backend::bare;
+use trusty_stack::{bring_up_platform, BringUpError, StackConfig};
 use tipc_test_cases::device::{Mutex, SharedPageAllocator, ShmPages};
 use tipc_test_cases::{cases, runner, DeviceBackend, Params, Rng, TestEnv};
 use trusty_platform::clock::Clock;
 use trusty_platform::mem::PageAllocator;
 use trusty_platform::plan::Mechanism;
 use trusty_platform::smc::Conduit;
-use trusty_platform::xen::hypercall::{self, Hypercall};
+use trusty_platform::xen::hypercall::Hypercall;
 
 use crate::args;
-use crate::xen::{grant_table_frame, XenEvents, GRANT_WINDOW};
 
 /// Exit code: bring-up failed after a plan was made (a fault, a refused call, ...).
 pub const EXIT_BRINGUP_FAILED: u32 = 2;
@@ -62,24 +62,15 @@ fn forced_mechanism(bootargs: &str, facts_backend: u16) -> Option<Mechanism> {
 pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
     let say = |a: fmt::Arguments<'_>| env.println(a);
     let bootargs = args::bootargs(fdt).unwrap_or("");
-    let xen = m.xen.clone();
-    let xen_for_features = xen.clone();
-    let xen_for_table = xen.clone();
     // One pool for the stack's buffers and the memory objects send-fd sends.
     let pages: ShmPages = Arc::new(Mutex::new(m.allocator));
-    let access = PlatformAccess {
+    let machine = bare::Machine {
         conduit: m.conduit,
         clock: m.clock.clone(),
         allocator: Box::new(SharedPageAllocator(pages.clone())),
-        fdt: fdt.to_vec(),
-        xen_features: Box::new(move || xen_for_features.as_ref().and_then(|h| hypercall::xen_features(&**h, 0).ok())),
-        events: xen.map(|h| Arc::new(XenEvents(h)) as Arc<dyn trusty_platform::mailbox::EventChannel>),
-        grant_table: Box::new(move || match &xen_for_table {
-            Some(h) => grant_table_frame(&**h, GRANT_WINDOW)
-                .map_err(|_| trusty_platform::Error::InvalidArgument("could not map the grant table")),
-            None => Err(trusty_platform::Error::InvalidArgument("no hypervisor: no grant table")),
-        }),
+        xen: m.xen,
     };
+    let access = bare::access(machine, fdt.to_vec());
     let grant_backend = trusty_platform::facts::trusty_vm_from_bootargs(bootargs).ok().flatten().map_or(0, |vm| vm.0);
     let cfg = StackConfig { force_mechanism: forced_mechanism(bootargs, grant_backend), ..Default::default() };
     let (dev, info) = match bring_up_platform(access, cfg) {
@@ -91,6 +82,8 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
             say(format_args!("tipc-stack: bring-up failed: {e}"));
             return match e {
                 BringUpError::NoSafeSharing(_) | BringUpError::Unusable { .. } => EXIT_NO_PATH,
+                // Ports not named on the command line are a configuration this image cannot use.
+                BringUpError::TrustyVm(_) => EXIT_NO_PATH,
                 _ => EXIT_BRINGUP_FAILED,
             };
         }

@@ -1,6 +1,25 @@
-//! Bringing the whole normal-world stack up: facts from the device tree and probes, the call
-//! transport they imply, API negotiation (spec §2.4), the sharing plan (platform `decision`),
-//! the sharer it names, the virtio bus and the TIPC device (spec §5.5).
+//! The composition root: bringing the whole normal-world stack up. Facts from the device tree
+//! and probes, the call transport they imply, API negotiation (spec §2.4), the sharing plan
+//! (platform `decision`), the sharer it names, the virtio bus and the TIPC device (spec §5.5).
+//!
+//! It knows every mechanism and every environment, so it lives above the protocol crates
+//! (DESIGN.md, Composition). What differs between environments is what they hand to
+//! [`bring_up_platform`] in a [`PlatformAccess`]; one module of [`backend`] per environment
+//! builds it:
+//! - [`backend::bare`]: bare metal (an AArch64 DomU image, firmware): SMC conduit, Xen
+//!   hypercalls, the grant table mapped into the guest, static event channels;
+//! - [`backend::host`]: a host process over a simulated machine (the embedded Trusty model of
+//!   the tests, tipc-test and trusty-ipcd's `sim` feature);
+//! - `backend::linux` (feature `linux`): Linux userspace in a Xen DomU, next to a Trusty VM:
+//!   `/dev/xen/{gntalloc,gntdev,evtchn}`, facts from `/proc/device-tree` and `/proc/cmdline`.
+//!
+//! The crate is `no_std` (with `alloc`) except for the `linux` backend.
+#![cfg_attr(not(feature = "linux"), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+
+pub mod backend;
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -13,17 +32,16 @@ use trusty_platform::decision::{api_ceiling, check_mediator, decide, pool_sizes}
 use trusty_platform::facts::{gather, read_device_tree, FactsError};
 use trusty_platform::ffa::FfaSharer;
 use trusty_platform::ffa_call::{discover, FfaCallConduit};
-use trusty_platform::mailbox::{EventChannel, MailboxConduit, MAILBOX_GREF};
-use trusty_platform::mem::{Access, PageAllocator, SharedMemory, Sharer};
+use trusty_platform::mailbox::{EventChannel, MailboxConduit};
+use trusty_platform::mem::{PageAllocator, SharedMemory, Sharer};
 use trusty_platform::phys::{AddressKind, AddressSharer};
 use trusty_platform::plan::{CallTransport, DecisionError, MediatorFacts, Mechanism, PlatformFacts, SharingPlan};
 use trusty_platform::probe::CallProbes;
 use trusty_platform::smc::{api, Conduit};
 use trusty_platform::trusty::{CallPolicy, Trusty};
-use trusty_platform::xen::grant::{GrantSharer, GrantTable};
 use trusty_virtio::Bus;
 
-use crate::{Config, Error, TipcDevice};
+use tipc::{Config, Error, TipcDevice};
 
 /// Everything bring-up can be told.
 #[derive(Clone, Copy, Debug)]
@@ -44,27 +62,64 @@ impl Default for StackConfig {
     }
 }
 
-/// Gives the grant table's memory: where it is, and its length in bytes.
-pub type GrantTableProvider = Box<dyn FnMut() -> Result<(NonNull<u8>, usize), trusty_platform::Error> + Send>;
-
 /// What the platform provides to the stack.
 pub struct PlatformAccess {
-    /// The SMC (or HVC) conduit into the secure monitor, as the hardware offers it.
+    /// The SMC (or HVC) conduit into the secure monitor, as the hardware offers it (one that
+    /// answers every call NOT_SUPPORTED where the environment has none: Linux userspace).
     pub conduit: Arc<dyn Conduit>,
     /// Time, for every wait.
     pub clock: Arc<dyn Clock>,
     /// Pages for everything shared with Trusty.
     pub allocator: Box<dyn PageAllocator>,
-    /// The flattened device tree the normal world booted with.
+    /// The flattened device tree the normal world booted with (in Linux userspace, the one
+    /// `/proc/device-tree` shows, written back into a blob, with `/proc/cmdline` as bootargs).
     pub fdt: alloc::vec::Vec<u8>,
     /// XENVER_get_features submap 0 (asked only when the device tree shows Xen).
     pub xen_features: Box<dyn FnMut() -> Option<u32> + Send>,
-    /// Event channels to another domain (for a Trusty VM), if the platform has them.
-    pub events: Option<Arc<dyn EventChannel>>,
-    /// The grant table's memory (where it is, and its length in bytes): on Xen the table's
-    /// frames mapped with XENMEM_add_to_physmap into the grant window; on the host, RAM the
-    /// simulated hypervisor was told about. Asked for once, only when a Trusty VM is the peer.
-    pub grant_table: GrantTableProvider,
+    /// The way to a Trusty VM, if the environment has one (event channels and grants).
+    pub trusty_vm: Option<Box<dyn TrustyVmLink>>,
+}
+
+/// The Trusty VM the facts name ([`trusty_platform::plan::TrustyPath::XenVm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustyVm {
+    /// The Trusty VM's domain.
+    pub backend_domid: u16,
+    /// The event channel that signals a call, or
+    /// [`trusty_platform::facts::PORTS_FROM_RENDEZVOUS`]: the Trusty VM offers one on its
+    /// rendezvous page.
+    pub call_evtchn: u32,
+    /// The event channel that asks for a vring kick (unused today), or
+    /// [`trusty_platform::facts::PORTS_FROM_RENDEZVOUS`].
+    pub kick_evtchn: u32,
+}
+
+/// An open way to a Trusty VM: what [`MailboxConduit`] and the grant mechanism need.
+pub struct VmLink {
+    /// Shares memory with the Trusty VM by grants (ids in Linux's grant-DMA encoding).
+    pub sharer: Box<dyn Sharer>,
+    /// The mailbox page: granted to the Trusty VM, which serves it. It is never given back.
+    pub mailbox: NonNull<u8>,
+    /// Signals (and, where the environment can block, waits for) the call event channel.
+    pub events: Arc<dyn EventChannel>,
+    /// This side's port of the call event channel.
+    pub call_port: u32,
+}
+
+// SAFETY: `mailbox` is a page owned by the link for the life of the stack (see the field); the
+// rest is Send.
+unsafe impl Send for VmLink {}
+
+/// How an environment reaches a Trusty VM (event channels, grants, the mailbox page).
+pub trait TrustyVmLink: Send {
+    /// Opens the way to `vm`: grants a mailbox page (from `allocator` where the environment
+    /// grants arbitrary pages) and makes the call event channel usable. Bounded in time: a
+    /// Trusty VM that never answers is an error, not a hang.
+    fn connect(&mut self, vm: TrustyVm, allocator: &mut dyn PageAllocator) -> Result<VmLink, String>;
+
+    /// A grant sharer towards `backend_domid` without a mailbox (only to run a forced
+    /// `xen-grant` decision where no Trusty VM is the peer, to demonstrate it faults).
+    fn grant_sharer(&mut self, backend_domid: u16, allocator: &mut dyn PageAllocator) -> Result<Box<dyn Sharer>, String>;
 }
 
 /// Why bring-up failed, naming what is missing.
@@ -76,6 +131,8 @@ pub enum BringUpError {
     NoSafeSharing(DecisionError),
     /// Everything else, from the layers below.
     Stack(Error),
+    /// The way to the Trusty VM could not be opened (the environment says why).
+    TrustyVm(String),
     /// Failed after the sharing plan was made (the plan is what was tried).
     AfterPlan {
         /// The plan that was tried.
@@ -108,6 +165,7 @@ impl fmt::Display for BringUpError {
         match self {
             BringUpError::DeviceTree(e) => write!(f, "device tree: {e}"),
             BringUpError::NoSafeSharing(e) => write!(f, "{e}"),
+            BringUpError::TrustyVm(e) => write!(f, "Trusty VM: {e}"),
             BringUpError::Unusable { plan, error } => {
                 let transport = match plan.transport {
                     CallTransport::FfaDirect => "FF-A direct requests, standard calls run with FFA_RUN",
@@ -192,7 +250,7 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
 
     // The call conduit, and for the FF-A transport the FF-A endpoint it discovers through.
     let mut ffa_sharer: Option<FfaSharer> = None;
-    let mut grant_sharer: Option<GrantSharer> = None;
+    let mut grant_sharer: Option<Box<dyn Sharer>> = None;
     let calls: Arc<dyn Conduit> = match transport {
         CallTransport::Smc => p.conduit.clone(),
         CallTransport::FfaDirect => {
@@ -203,13 +261,19 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
             // FFA_INTERRUPT is followed for as long as one standard call may take.
             Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part, p.clock.clone(), cfg.calls.std_call_timeout_ms))
         }
-        CallTransport::XenMailbox { backend_domid, call_evtchn, .. } => {
-            let events = p.events.clone().ok_or(Error::Unsupported("no event channels on this platform"))?;
-            let (sharer, mailbox) = grant_mailbox(&mut p, backend_domid)?;
-            grant_sharer = Some(sharer);
+        CallTransport::XenMailbox { backend_domid, call_evtchn, kick_evtchn } => {
+            let vm = TrustyVm { backend_domid, call_evtchn, kick_evtchn };
+            let link = p.trusty_vm.as_mut().ok_or_else(|| {
+                BringUpError::TrustyVm("this environment has no event channels or grants to reach a Trusty VM".into())
+            })?;
+            let link = link.connect(vm, &mut *p.allocator).map_err(BringUpError::TrustyVm)?;
+            grant_sharer = Some(link.sharer);
             // SAFETY: the mailbox page stays allocated and granted for the life of the stack
-            // (it is never released: the Trusty VM may map it at any time).
-            Arc::new(unsafe { MailboxConduit::new(mailbox, events, p.clock.clone(), call_evtchn, cfg.mailbox_timeout_ms) })
+            // (it is never released: the Trusty VM may map it at any time), and only the
+            // conduit uses it (`VmLink::mailbox`).
+            Arc::new(unsafe {
+                MailboxConduit::new(link.mailbox, link.events, p.clock.clone(), link.call_port, cfg.mailbox_timeout_ms)
+            })
         }
     };
 
@@ -259,7 +323,7 @@ fn carry_out(
     plan: SharingPlan,
     trusty: Trusty,
     mut ffa_sharer: Option<FfaSharer>,
-    mut grant_sharer: Option<GrantSharer>,
+    mut grant_sharer: Option<Box<dyn Sharer>>,
     api_version: u32,
     cfg: StackConfig,
 ) -> Result<TipcDevice, Error> {
@@ -279,8 +343,14 @@ fn carry_out(
             Box::new(s)
         }
         Mechanism::XenGrant { backend_domid } => match grant_sharer.take() {
-            Some(s) => Box::new(s),
-            None => Box::new(grant_mailbox(&mut p, backend_domid)?.0),
+            Some(s) => s,
+            None => match p.trusty_vm.as_mut() {
+                Some(link) => link.grant_sharer(backend_domid, &mut *p.allocator).map_err(|e| {
+                    log::error!("no grant sharer: {e}");
+                    Error::Unsupported("no grant sharer for a forced xen-grant decision")
+                })?,
+                None => return Err(Error::Unsupported("no grants on this platform")),
+            },
         },
     };
     let mem = SharedMemory::new(p.allocator, sharer);
@@ -293,24 +363,6 @@ fn carry_out(
         ..cfg.tipc
     };
     TipcDevice::probe(bus, tipc)
-}
-
-/// Sets up the grant table, registers it with the hypervisor, and grants the mailbox page to
-/// the Trusty domain with [`MAILBOX_GREF`].
-fn grant_mailbox(p: &mut PlatformAccess, backend_domid: u16) -> Result<(GrantSharer, NonNull<u8>), Error> {
-    let (table_mem, table_len) = (p.grant_table)()?;
-    // SAFETY: the platform hands the table's memory to the stack for good (the hypervisor reads
-    // it as our grant table; nothing else in this program touches it).
-    let table = unsafe { GrantTable::new(table_mem, table_len) }?;
-    let mut sharer = GrantSharer::new(table, backend_domid);
-    let page = p.allocator.alloc_zeroed(1).ok_or(Error::NoMemory)?;
-    let id = sharer.share(&[page.range()], Access::ReadWrite)?;
-    if trusty_platform::xen::grant::decode_grant_id(id.0) != Some(MAILBOX_GREF) {
-        return Err(Error::Unsupported("the mailbox must be the first grant"));
-    }
-    // The mailbox page is never given back (regions have no destructor): the Trusty VM may
-    // touch it for the life of the stack.
-    Ok((sharer, page.vaddr()))
 }
 
 /// Brings the stack up over a conduit known to reach Trusty directly with FF-A memory sharing

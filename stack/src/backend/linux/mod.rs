@@ -1,0 +1,1 @@
+//! Linux userspace in a Xen DomU (in progress).
