@@ -42,11 +42,28 @@ pub const OFF_RESPONSE: usize = 80;
 /// Bytes of the page the protocol uses.
 pub const MAILBOX_LEN: usize = 144;
 
-/// Sends an event on a channel (EVTCHNOP_send on Xen; a model on the host).
+/// Sends an event on a channel (EVTCHNOP_send on Xen; a model on the host), and where the
+/// environment can block until one arrives (Linux userspace: poll(2) on `/dev/xen/evtchn`),
+/// waits for one.
 pub trait EventChannel: Send + Sync {
     /// Signals event channel `port`.
     fn notify(&self, port: u32);
+
+    /// Blocks until an event may have arrived on `port`, or for at most `timeout_ns`. Returns
+    /// `false` at once where this channel cannot block (bare metal: there the caller relaxes
+    /// between polls of shared memory, as before); `true` after a real wait, whether an event
+    /// came or the time ran out. Events wake only: the caller always rechecks the memory the
+    /// peer writes, so a spurious or merged event costs one look.
+    fn wait(&self, port: u32, timeout_ns: u64) -> bool {
+        let _ = (port, timeout_ns);
+        false
+    }
 }
+
+/// The longest single block on the event channel while a call's answer is awaited. The Trusty
+/// VM signals when it answers, so a block normally ends with that event; the slice bounds what
+/// a lost or unsent event costs (one slice per call, never the whole timeout).
+pub const EVENT_WAIT_SLICE_NS: u64 = 5_000_000;
 
 /// What kind of call a request was, for what a late answer means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,8 +221,10 @@ impl MailboxConduit {
     /// Waits for the answer to request `seq`: up to the timeout, or for a fast call at least
     /// [`FAST_CALL_MIN_WAIT_MS`]. A peer polling on another core answers in well under a
     /// microsecond, so the wait first spins for [`SPIN_NS`] (no sleep, no system call), then
-    /// falls back to [`Clock::relax`] between polls, so an idle wait burns no core. Each wait
-    /// step (one batch of [`SPIN_POLLS`] polls, or one relax) reads the clock once.
+    /// blocks on the event channel ([`EventChannel::wait`], at most [`EVENT_WAIT_SLICE_NS`] at a
+    /// time; the Trusty VM signals when it answers), or where the channel cannot block falls
+    /// back to [`Clock::relax`] between polls, so an idle wait burns no core. Each wait step
+    /// (one batch of [`SPIN_POLLS`] polls, one block or one relax) reads the clock once.
     fn wait_answer(&self, seq: u32, kind: Kind) -> Option<[u64; 8]> {
         let ms = match kind {
             Kind::Fast => self.timeout_ms.max(FAST_CALL_MIN_WAIT_MS),
@@ -241,7 +260,7 @@ impl MailboxConduit {
                     }
                     core::hint::spin_loop();
                 }
-            } else {
+            } else if !self.events.wait(self.call_port, (deadline - now).min(EVENT_WAIT_SLICE_NS)) {
                 self.clock.relax();
             }
         }
@@ -462,6 +481,44 @@ mod tests {
                 core::mem::forget(page);
             }
         }
+    }
+
+    /// An event channel that can block (Linux userspace): the Trusty VM answers request 1 and
+    /// signals; the conduit sleeps in `wait`, never in `relax`.
+    struct BlockingVm {
+        page: usize,
+        waits: AtomicU64,
+        clock: Arc<TestClock>,
+    }
+    impl EventChannel for BlockingVm {
+        fn notify(&self, _port: u32) {}
+        fn wait(&self, port: u32, timeout_ns: u64) -> bool {
+            assert_eq!(port, 7, "the wait is on the call port");
+            assert!(timeout_ns > 0 && timeout_ns <= EVENT_WAIT_SLICE_NS);
+            let n = self.waits.fetch_add(1, Ordering::SeqCst);
+            // Time passes while blocked; on the third block the VM answers (and its event ends it).
+            self.clock.0.fetch_add(timeout_ns, Ordering::SeqCst);
+            if n == 2 {
+                let page = Page(NonNull::new(self.page as *mut u64).unwrap());
+                page.answer(1, 9);
+                core::mem::forget(page);
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn waits_block_on_an_event_channel_that_can() {
+        let page = Page::new();
+        let clock = Arc::new(TestClock(AtomicU64::new(0)));
+        let vm = Arc::new(BlockingVm { page: page.0.as_ptr() as usize, waits: AtomicU64::new(0), clock: clock.clone() });
+        // SAFETY: the page outlives the conduit (both live to the end of the test), nothing else uses it.
+        let c = unsafe { MailboxConduit::new(page.ptr(), vm.clone(), clock.clone(), 7, 1000) };
+        let before = clock.now_ns();
+        assert_eq!(r(&c, call::SC_VIRTIO_START), 9);
+        assert_eq!(vm.waits.load(Ordering::SeqCst), 3, "blocked until the answer, in slices");
+        // TestClock's relax would add 100 us each time: the time spent is the three blocks alone.
+        assert_eq!(clock.now_ns() - before, 3 * EVENT_WAIT_SLICE_NS, "no relax between blocks");
     }
 
     #[test]

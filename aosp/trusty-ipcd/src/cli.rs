@@ -27,9 +27,18 @@ struct Args {
     /// and `tipc-test -D`); with init's socket in ANDROID_SOCKET_trusty_ipcd, that one is used
     #[arg(long)]
     socket: PathBuf,
-    /// Platform profile of the embedded model to run on (see `tipc-test --list-platforms`)
-    #[arg(long, default_value = "native-api5")]
+    /// `linux`: the real platform (this Linux's device tree and command line, a Trusty VM
+    /// through /dev/xen); any other name: a platform profile of the embedded model (see
+    /// `tipc-test --list-platforms`; builds with the `sim` feature)
+    #[arg(long, default_value = DEFAULT_PLATFORM)]
     platform: String,
+    /// With `--platform linux`: share memory this way whatever the facts say (phys, phys-attr,
+    /// mediated-ipa, xen-grant, ffa-handle), to show that a wrong decision fails
+    #[arg(long, value_name = "MECH")]
+    force_sharing: Option<String>,
+    /// With `--platform linux`: how long to wait for the Trusty VM's rendezvous offer (ms)
+    #[arg(long, value_name = "MS")]
+    rendezvous_timeout_ms: Option<u64>,
     /// Run the model on its own thread (as `tipc-test -D sim-threaded`)
     #[arg(long)]
     threaded_model: bool,
@@ -73,18 +82,41 @@ fn android_socket() -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The platform when none is named: the embedded model's native profile where it is built in,
+/// else the real one.
 #[cfg(feature = "sim")]
+const DEFAULT_PLATFORM: &str = "native-api5";
+#[cfg(not(feature = "sim"))]
+const DEFAULT_PLATFORM: &str = crate::linux::PLATFORM_NAME;
+
 fn bring_up(args: &Args) -> Result<crate::Stack, String> {
+    if args.platform == crate::linux::PLATFORM_NAME {
+        let la = crate::linux::LinuxArgs {
+            force_sharing: args.force_sharing.clone(),
+            rendezvous_timeout_ms: args.rendezvous_timeout_ms,
+        };
+        return crate::linux::bring_up(&la);
+    }
+    if args.force_sharing.is_some() || args.rendezvous_timeout_ms.is_some() {
+        return Err("--force-sharing and --rendezvous-timeout-ms go with --platform linux".into());
+    }
+    bring_up_model(args)
+}
+
+#[cfg(feature = "sim")]
+fn bring_up_model(args: &Args) -> Result<crate::Stack, String> {
     let (stack, sharing) = crate::sim::bring_up(&args.platform, args.threaded_model).map_err(|(msg, _)| msg)?;
     log::info!("stack up on platform {} ({sharing})", args.platform);
     Ok(stack)
 }
 
 #[cfg(not(feature = "sim"))]
-fn bring_up(_args: &Args) -> Result<crate::Stack, String> {
-    Err("this build has no platform to bring the stack up on (built without the `sim` feature, and no \
-         hardware platform for a user-space process exists yet)"
-        .into())
+fn bring_up_model(args: &Args) -> Result<crate::Stack, String> {
+    Err(format!(
+        "platform '{}': this build has no embedded model (built without the `sim` feature); use --platform {}",
+        args.platform,
+        crate::linux::PLATFORM_NAME
+    ))
 }
 
 /// Runs the daemon with command-line arguments `argv` (the first is the program name).
@@ -135,7 +167,13 @@ pub fn main_with<I: IntoIterator<Item = String>>(argv: I) -> ExitCode {
     let stack = match bring_up(&args) {
         Ok(s) => s,
         Err(msg) => {
-            log::error!("{msg}");
+            for line in msg.lines() {
+                log::error!("{line}");
+            }
+            // No stale socket file for the next start (init's own socket stays).
+            if created_socket {
+                let _ = std::fs::remove_file(&args.socket);
+            }
             return ExitCode::from(2);
         }
     };

@@ -6,6 +6,7 @@
 //! device names (`sim`, the platform profiles): a socket pair per channel and a service thread.
 
 pub mod cli;
+pub mod linux;
 pub mod logger;
 pub mod memref;
 pub mod server;

@@ -1,1 +1,151 @@
-//! Linux userspace in a Xen DomU (in progress).
+//! Linux userspace in a Xen DomU (a daemon such as trusty-ipcd), next to a Trusty VM.
+//!
+//! The same parts as every backend, from what Linux gives a process:
+//! - facts: `/proc/device-tree` written back into a blob, `/proc/cmdline` as its bootargs,
+//!   Xen's feature bits from `/sys/hypervisor` ([`facts`]); the same reader, probes and
+//!   decision as bare metal decide;
+//! - conduit: none. A process cannot make SMCs or FF-A calls (a Trusty reached that way belongs
+//!   to the kernel's trusty driver, `/dev/trusty-ipc-dev0`), so [`NoMonitor`] answers every
+//!   probe NOT_SUPPORTED and the decision names what is missing;
+//! - pages and sharer: one [`pool::GntallocPool`] (`/dev/xen/gntalloc` grants at allocation);
+//! - events: `/dev/xen/evtchn` ([`pool::EvtchnEvents`]): notify, and block in poll(2);
+//! - the way to the Trusty VM: its rendezvous page through `/dev/xen/gntdev`
+//!   ([`rendezvous::RendezvousLink`]);
+//! - clock: `std::time::Instant`.
+//!
+//! `/dev/xen` is opened only when the command line names a Trusty VM
+//! (`trusty-ipc-stack.trusty-vm=<domid>`): without one, bring-up fails at the decision, at
+//! once, naming the missing path.
+
+pub mod dev;
+pub mod facts;
+pub mod pool;
+pub mod rendezvous;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trusty_platform::clock::Clock;
+use trusty_platform::facts::read_device_tree;
+use trusty_platform::mem::{DmaRegion, PageAllocator};
+use trusty_platform::smc::{Conduit, SmError};
+
+use crate::PlatformAccess;
+use dev::{LinuxXen, XenDevices};
+use facts::LinuxRoot;
+use pool::{GntallocAllocator, GntallocPool, PageAddresses};
+use rendezvous::RendezvousLink;
+
+/// A monotonic clock from `std::time::Instant`; sleeps sleep, relax yields.
+pub struct StdClock(Instant);
+
+impl StdClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        StdClock(Instant::now())
+    }
+}
+
+impl Default for StdClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for StdClock {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+    fn sleep_ns(&self, ns: u64) {
+        std::thread::sleep(Duration::from_nanos(ns));
+    }
+    fn relax(&self) {
+        std::thread::yield_now();
+    }
+}
+
+/// The conduit of a process: there is no secure monitor to call. Every call is answered
+/// SM_ERR_UNDEFINED_SMC (-1, also FF-A's NOT_SUPPORTED), so the probes find neither Trusty's
+/// SMCs nor FF-A, as a DomU without a mediator would.
+pub struct NoMonitor;
+
+impl Conduit for NoMonitor {
+    fn call(&self, _regs: [u64; 8]) -> [u64; 8] {
+        [u64::from(SmError::UndefinedSmc.code() as u32), 0, 0, 0, 0, 0, 0, 0]
+    }
+}
+
+/// An allocator with no pages (no Trusty VM named: nothing may be shared with anyone).
+struct NoPages;
+
+impl PageAllocator for NoPages {
+    fn alloc_zeroed(&mut self, _pages: usize) -> Option<DmaRegion> {
+        None
+    }
+    unsafe fn free(&mut self, _region: DmaRegion) {}
+}
+
+/// How the Linux backend is set up.
+#[derive(Clone, Debug)]
+pub struct LinuxOptions {
+    /// Where `/proc` and `/sys` are (`/`).
+    pub root: LinuxRoot,
+    /// What the pages' addresses are ([`PageAddresses::GuestPhysical`] for a forced `phys`
+    /// decision: `/proc/self/pagemap`, root only).
+    pub addresses: PageAddresses,
+    /// Wait for the Trusty VM's offer at most this long.
+    pub offer_timeout_ms: u64,
+    /// Wait for the Trusty VM to serve the mailbox at most this long.
+    pub serve_timeout_ms: u64,
+}
+
+impl Default for LinuxOptions {
+    fn default() -> Self {
+        LinuxOptions {
+            root: LinuxRoot::default(),
+            addresses: PageAddresses::Virtual,
+            offer_timeout_ms: rendezvous::DEFAULT_OFFER_TIMEOUT_MS,
+            serve_timeout_ms: rendezvous::DEFAULT_SERVE_TIMEOUT_MS,
+        }
+    }
+}
+
+/// What this Linux gives the stack, with the real `/dev/xen` devices.
+pub fn access(opts: &LinuxOptions) -> Result<PlatformAccess, String> {
+    access_with(opts, |addresses| {
+        LinuxXen::open(addresses == PageAddresses::GuestPhysical).map(|d| Arc::new(d) as Arc<dyn XenDevices>).map_err(|e| e.to_string())
+    })
+}
+
+/// [`access`] with the devices from `open_devices` (called only when a Trusty VM is named).
+pub fn access_with(
+    opts: &LinuxOptions,
+    open_devices: impl FnOnce(PageAddresses) -> Result<Arc<dyn XenDevices>, String>,
+) -> Result<PlatformAccess, String> {
+    let fdt = opts.root.device_tree()?;
+    let features = opts.root.xen_features();
+    // The Trusty VM the facts name, if any (the decision reads the same blob again).
+    let vm = read_device_tree(&fdt).ok().and_then(|dt| dt.trusty_vm);
+    let clock: Arc<dyn Clock> = Arc::new(StdClock::new());
+    let (allocator, trusty_vm): (Box<dyn PageAllocator>, Option<Box<dyn crate::TrustyVmLink>>) = match vm {
+        None => (Box::new(NoPages), None),
+        Some((domid, _, _)) => {
+            let dev = open_devices(opts.addresses)?;
+            let pool = GntallocPool::new(dev.clone(), domid, opts.addresses);
+            let mut link = RendezvousLink::new(dev, pool.clone());
+            link.offer_timeout_ms = opts.offer_timeout_ms;
+            link.serve_timeout_ms = opts.serve_timeout_ms;
+            (Box::new(GntallocAllocator(pool)), Some(Box::new(link)))
+        }
+    };
+    Ok(PlatformAccess {
+        conduit: Arc::new(NoMonitor),
+        clock,
+        allocator,
+        fdt,
+        xen_features: Box::new(move || features),
+        trusty_vm,
+    })
+}
