@@ -654,11 +654,13 @@ EOF
             ;;
         no-path)
             EXPECT_STATUS=2
-            MARKERS=("re:^linux-domu: trusty-ipcd exited with status 2$")
+            MARKERS=("re:^linux-domu: trusty-ipcd exited with status 2$"
+                "re:^linux-domu: because: no safe way to share memory with Trusty: missing a path to Trusty")
             ;;
         forced-phys)
             EXPECT_STATUS=2
-            MARKERS=("re:^trusty-vm: secure-side fault" "re:^linux-domu: trusty-ipcd exited with status 2$")
+            MARKERS=("re:^trusty-vm: secure-side fault: .*not a grant reference" "re:^linux-domu: trusty-ipcd exited with status 2$"
+                "re:^linux-domu: because: secure side returned")
             ;;
     esac
 }
