@@ -114,20 +114,25 @@ int main(int argc, char **argv)
 	volatile void *mb = mbp;
 	*word(mb, 0) = MAILBOX_MAGIC;
 
-	/* 4. answer, notify, wait for the status */
-	*word(rv, 16) = ag.gref_ids[0];
-	__sync_synchronize();
-	*word(rv, 20) = GUEST_MAGIC;
+	/* 4. answer with a reference that grants nothing (beyond Linux's one-frame grant table):
+	 * the VM must say STATUS_MAP_FAILED (2); then answer with the mailbox's reference: the VM
+	 * switches to it and says STATUS_SERVING (1). Each time: notify, wait for the status. */
 	struct ioctl_evtchn_notify nt = { .port = lport };
-	if (ioctl(ev, IOCTL_EVTCHN_NOTIFY, &nt) < 0)
-		return fail("IOCTL_EVTCHN_NOTIFY");
-	t0 = now();
-	while (*word(rv, 24) == 0 && now() - t0 < 5)
-		wait_event(100);
-	uint32_t status = *word(rv, 24);
-	printf("rv-probe: mailbox grant %u, status %u\n", ag.gref_ids[0], status);
-	if (status != 1)
-		return fail("the Trusty VM does not serve the mailbox");
+	uint32_t answers[2] = { 4095, ag.gref_ids[0] }, want[2] = { 2, 1 };
+	for (int k = 0; k < 2; k++) {
+		*word(rv, 16) = answers[k];
+		__sync_synchronize();
+		*word(rv, 20) = GUEST_MAGIC;
+		if (ioctl(ev, IOCTL_EVTCHN_NOTIFY, &nt) < 0)
+			return fail("IOCTL_EVTCHN_NOTIFY");
+		t0 = now();
+		while (*word(rv, 24) != want[k] && now() - t0 < 5)
+			wait_event(100);
+		uint32_t status = *word(rv, 24);
+		printf("rv-probe: answered grant %u, status %u\n", answers[k], status);
+		if (status != want[k])
+			return fail(k ? "the Trusty VM does not serve the mailbox" : "the Trusty VM did not refuse a reference never granted");
+	}
 
 	/* 5. one fast call through the mailbox; the VM signals its answer */
 	volatile uint64_t *req = (volatile uint64_t *)((volatile char *)mb + 16);
