@@ -160,6 +160,8 @@ pub enum RendezvousSetupError {
     Xen(&'static str, XenError),
     /// The grant-table entry could not be written.
     Grant(GrantError),
+    /// The grant-table frame is unusable, or no page was left for the rendezvous page.
+    Memory(&'static str),
 }
 
 impl core::fmt::Display for RendezvousSetupError {
@@ -167,6 +169,7 @@ impl core::fmt::Display for RendezvousSetupError {
         match self {
             RendezvousSetupError::Xen(what, e) => write!(f, "{what}: {e}"),
             RendezvousSetupError::Grant(e) => write!(f, "granting the rendezvous page: {e:?}"),
+            RendezvousSetupError::Memory(what) => f.write_str(what),
         }
     }
 }
@@ -181,11 +184,12 @@ impl Rendezvous {
         // SAFETY: frame 0 of this domain's grant table is mapped at GRANT_WINDOW for good, and
         // nothing else in this image writes it.
         let mut table = unsafe { GrantTable::new(table, len) }
-            .map_err(|_| RendezvousSetupError::Grant(GrantError::OutOfRange(RENDEZVOUS_GREF)))?;
-        let layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).map_err(|_| RendezvousSetupError::Grant(GrantError::Reserved(0)))?;
+            .map_err(|_| RendezvousSetupError::Memory("the grant-table frame holds no usable entry"))?;
+        let layout = Layout::from_size_align(PAGE_SIZE, PAGE_SIZE)
+            .map_err(|_| RendezvousSetupError::Memory("no page layout for the rendezvous page"))?;
         // SAFETY: a non-zero size; the page is leaked (granted to the guest for the VM's life).
         let page = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })
-            .ok_or(RendezvousSetupError::Grant(GrantError::OutOfRange(RENDEZVOUS_GREF)))?;
+            .ok_or(RendezvousSetupError::Memory("out of heap for the rendezvous page"))?;
         // The MMU is off: the page's address is its guest-physical address.
         let frame = (page.as_ptr() as u64 / PAGE_SIZE as u64) as u32;
         table.grant_access(RENDEZVOUS_GREF, guest, frame, false).map_err(RendezvousSetupError::Grant)?;
