@@ -9,7 +9,7 @@
 # embedded model is linked too, so `tipc-test -D sim` and `trusty-ipcd --platform native-api5`
 # still work in the guest; `trusty-ipcd --platform linux` uses the real platform).
 #
-# Build time from scratch on two cores: about 3.5 minutes.
+# Build time from scratch on two cores: about 3 minutes; each binary is about 1.5 MB.
 #
 # Linker: rust-lld, which rustup ships with every toolchain; the musl target is
 # self-contained (its crt objects and libc.a come with the rust-std component), so no

@@ -65,7 +65,7 @@ fn no_sigpipe() {
 }
 
 fn set_rcvtimeo(fd: RawFd, secs: i64) -> Result<(), Errno> {
-    let tv = libc::timeval { tv_sec: secs as libc::time_t, tv_usec: 0 };
+    let tv = libc::timeval { tv_sec: secs as _, tv_usec: 0 };
     // SAFETY: `tv` is a timeval of the size given.
     let r = unsafe {
         libc::setsockopt(

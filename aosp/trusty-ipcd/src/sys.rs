@@ -130,7 +130,7 @@ pub const VSOCK_CONNECT_TIMEOUT_S: i64 = 60;
 /// A blocking AF_VSOCK socket of type `ty` connected to `cid:port`.
 pub fn connect_vsock(ty: c_int, cid: u32, port: u32) -> Result<OwnedFd, i32> {
     let fd = socket(libc::AF_VSOCK, ty)?;
-    let tv = libc::timeval { tv_sec: VSOCK_CONNECT_TIMEOUT_S as libc::time_t, tv_usec: 0 };
+    let tv = libc::timeval { tv_sec: VSOCK_CONNECT_TIMEOUT_S as _, tv_usec: 0 };
     // SAFETY: `tv` is a timeval of the size given. A failure only leaves the default timeout
     // (AOSP goes on as well).
     let r = unsafe {

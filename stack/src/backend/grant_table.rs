@@ -65,3 +65,75 @@ impl TrustyVmLink for GrantTableLink {
         Ok(Box::new(self.sharer(backend_domid)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use core::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    use trusty_platform::mem::{DmaRegion, PAGE_SIZE};
+    use trusty_platform::xen::grant::GrantEntryV1;
+
+    /// Page-aligned heap memory at made-up guest addresses from 0x4000_0000, never freed.
+    struct HeapPages(u64);
+    impl PageAllocator for HeapPages {
+        fn alloc_zeroed(&mut self, pages: usize) -> Option<DmaRegion> {
+            let layout = std::alloc::Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).ok()?;
+            // SAFETY: non-zero size.
+            let p = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+            let addr = 0x4000_0000 + self.0 * PAGE_SIZE as u64;
+            self.0 += pages as u64;
+            // SAFETY: `pages` fresh pages, leaked for the test.
+            Some(unsafe { DmaRegion::new(p, addr, pages) })
+        }
+        unsafe fn free(&mut self, _region: DmaRegion) {}
+    }
+
+    struct Sent(Mutex<Vec<u32>>);
+    impl EventChannel for Sent {
+        fn notify(&self, port: u32) {
+            self.0.lock().unwrap().push(port);
+        }
+    }
+
+    fn link(calls: Arc<AtomicU32>) -> (GrantTableLink, Arc<Sent>, *const GrantEntryV1) {
+        let table: &'static mut [u64] = Vec::leak(vec![0u64; 64]);
+        let base = table.as_mut_ptr();
+        let addr = base as usize;
+        let sent = Arc::new(Sent(Mutex::new(Vec::new())));
+        let provider: GrantTableProvider = Box::new(move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok((NonNull::new(addr as *mut u8).unwrap(), 64 * 8))
+        });
+        (GrantTableLink::new(sent.clone(), provider), sent, base.cast())
+    }
+
+    #[test]
+    fn a_static_trusty_vm_gets_the_mailbox_at_the_first_grant() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let (mut l, sent, table) = link(calls.clone());
+        let vm = TrustyVm { backend_domid: 1, call_evtchn: 10, kick_evtchn: 11 };
+        let link = l.connect(vm, &mut HeapPages(0)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the table is asked for once");
+        assert_eq!(link.call_port, 10);
+        // SAFETY: entry 8 of the leaked table.
+        let e = unsafe { table.add(MAILBOX_GREF as usize).read_volatile() };
+        assert_eq!((e.domid, e.frame), (1, 0x4_0000), "the mailbox page, granted to the Trusty VM");
+        link.events.notify(10);
+        assert_eq!(*sent.0.lock().unwrap(), [10]);
+    }
+
+    #[test]
+    fn the_rendezvous_form_is_refused_where_channels_are_static() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let (mut l, _, _) = link(calls.clone());
+        let vm = TrustyVm { backend_domid: 1, call_evtchn: PORTS_FROM_RENDEZVOUS, kick_evtchn: PORTS_FROM_RENDEZVOUS };
+        let e = l.connect(vm, &mut HeapPages(0)).err().expect("refused");
+        assert!(e.contains("trusty-ipc-stack.trusty-vm=<domid>,<call-evtchn>,<kick-evtchn>"), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing touched");
+    }
+}

@@ -3,7 +3,8 @@
 //! rendezvous page the Trusty VM offers at [`RENDEZVOUS_GREF`]
 //! ([`trusty_platform::xen::rendezvous`]).
 //!
-//! 1. Map the Trusty VM's page at [`RENDEZVOUS_GREF`] through `/dev/xen/gntdev`.
+//! 1. Map the Trusty VM's page at [`RENDEZVOUS_GREF`] through `/dev/xen/gntdev` (retried until
+//!    the offer's deadline: the Trusty VM may not have granted it yet).
 //! 2. Wait (bounded) for its offer: its domain id and an unbound port.
 //! 3. Bind that port (IOCTL_EVTCHN_BIND_INTERDOMAIN) and drain the one event Xen raises on
 //!    the new local port right away (linux-domu.md §7 gotcha 4).
@@ -36,6 +37,8 @@ pub const DEFAULT_SERVE_TIMEOUT_MS: u64 = 5_000;
 const DRAIN_MS: i32 = 20;
 /// Polls of the rendezvous page while no event channel is bound yet.
 const OFFER_POLL: Duration = Duration::from_millis(10);
+/// Pause between two attempts to map the rendezvous page.
+const MAP_RETRY: Duration = Duration::from_millis(50);
 /// Longest single block while waiting for the status (the Trusty VM signals when it sets it).
 const STATUS_SLICE_MS: u64 = 50;
 
@@ -60,11 +63,17 @@ impl RendezvousLink {
         }
     }
 
-    fn meet(&self, vm: TrustyVm, page: &RendezvousPage, allocator: &mut dyn PageAllocator) -> Result<VmLink, String> {
+    /// Steps 2 to 5; the offer must come before `offer_deadline` (the one the mapping had).
+    fn meet(
+        &self,
+        vm: TrustyVm,
+        page: &RendezvousPage,
+        allocator: &mut dyn PageAllocator,
+        offer_deadline: Instant,
+    ) -> Result<VmLink, String> {
         let domid = vm.backend_domid;
         // 2. The offer.
         let start = Instant::now();
-        let offer_deadline = start + Duration::from_millis(self.offer_timeout_ms);
         let offer = loop {
             match page.read_offer() {
                 Ok(o) => break o,
@@ -163,18 +172,29 @@ impl TrustyVmLink for RendezvousLink {
                 vm.backend_domid
             ));
         }
-        // 1. The rendezvous page.
-        let map = self.dev.map_foreign(vm.backend_domid, RENDEZVOUS_GREF).map_err(|e| {
-            format!(
-                "mapping domain {}'s rendezvous page (grant {RENDEZVOUS_GREF}): {e} (is that domain a Trusty VM? \
-                 grants between DomUs need xsm=dummy)",
-                vm.backend_domid
-            )
-        })?;
+        // 1. The rendezvous page. The Trusty VM may not have granted it yet (still booting):
+        // Xen refuses the mapping then, so it is retried until the offer's deadline.
+        let deadline = Instant::now() + Duration::from_millis(self.offer_timeout_ms);
+        let map = loop {
+            match self.dev.map_foreign(vm.backend_domid, RENDEZVOUS_GREF) {
+                Ok(m) => break m,
+                Err(e) if Instant::now() < deadline => {
+                    log::debug!("domain {}'s rendezvous page not mappable yet: {e}", vm.backend_domid);
+                    std::thread::sleep(MAP_RETRY);
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "mapping domain {}'s rendezvous page (grant {RENDEZVOUS_GREF}), retried for {} ms: {e} \
+                         (is that domain a Trusty VM? grants between DomUs need xsm=dummy)",
+                        vm.backend_domid, self.offer_timeout_ms
+                    ))
+                }
+            }
+        };
         // SAFETY: a mapping of one whole page, page-aligned, kept until the unmap below; the
         // Trusty VM writes it concurrently, which RendezvousPage reads and writes volatile.
         let page = unsafe { RendezvousPage::new(map.ptr) };
-        let r = self.meet(vm, &page, allocator);
+        let r = self.meet(vm, &page, allocator, deadline);
         // The page is not needed once the mailbox is served (or the meeting failed).
         self.dev.unmap_foreign(map);
         r

@@ -78,6 +78,8 @@ struct FakeXen {
     events: Mutex<Events>,
     cv: Condvar,
     mapped_rendezvous: AtomicBool,
+    /// Mappings of the rendezvous page refused before one succeeds (a VM still booting).
+    refuse_maps: std::sync::atomic::AtomicI32,
 }
 
 impl FakeXen {
@@ -91,6 +93,7 @@ impl FakeXen {
             events: Mutex::new(Events::default()),
             cv: Condvar::new(),
             mapped_rendezvous: AtomicBool::new(false),
+            refuse_maps: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -153,7 +156,8 @@ impl XenDevices for FakeXen {
     }
 
     fn map_foreign(&self, domid: u16, gref: u32) -> io::Result<ForeignPage> {
-        if domid != VM || gref != RENDEZVOUS_GREF {
+        if domid != VM || gref != RENDEZVOUS_GREF || self.refuse_maps.load(Ordering::SeqCst) > 0 {
+            self.refuse_maps.fetch_sub(1, Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         self.mapped_rendezvous.store(true, Ordering::SeqCst);
@@ -314,6 +318,31 @@ fn the_rendezvous_meets_a_trusty_vm_and_calls_wake_on_its_event() {
     assert!(t.elapsed() < Duration::from_secs(2), "answers came with their events: {:?}", t.elapsed());
     stop.store(true, Ordering::SeqCst);
     vm.join().unwrap();
+}
+
+#[test]
+fn a_rendezvous_page_not_granted_yet_is_mapped_when_it_is() {
+    let x = FakeXen::new(false);
+    x.refuse_maps.store(3, Ordering::SeqCst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let vm = play(x.clone(), Vm::Serves, stop.clone());
+    let (mut l, mut alloc, _) = link(&x, PageAddresses::Virtual);
+    let link = l.connect(RDV, &mut alloc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(link.call_port, LOCAL_PORT);
+    assert!(x.refuse_maps.load(Ordering::SeqCst) <= 0, "retried past the refusals");
+    stop.store(true, Ordering::SeqCst);
+    vm.join().unwrap();
+}
+
+#[test]
+fn a_rendezvous_page_never_granted_is_an_error_in_bounded_time() {
+    let x = FakeXen::new(false);
+    x.refuse_maps.store(i32::MAX, Ordering::SeqCst);
+    let (mut l, mut alloc, _) = link(&x, PageAddresses::Virtual);
+    let t = Instant::now();
+    let e = l.connect(RDV, &mut alloc).err().expect("must fail");
+    assert!(e.contains("rendezvous page (grant 8), retried for 300 ms"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
 
 #[test]
