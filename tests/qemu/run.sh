@@ -530,7 +530,7 @@ build_linux_programs() {
 # build of libtrusty, with musl's own start files and C library from Rust's musl target.
 link_c_client() {
     local name=$1 lib=$2 out=$3 sc
-    sc=$(rustc --print sysroot)/lib/rustlib/$GUEST_RUST_TARGET/lib/self-contained
+    sc=$(cd "$ROOT" && rustc --print sysroot)/lib/rustlib/$GUEST_RUST_TARGET/lib/self-contained
     "$GUEST_CC" -std=c99 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L -O1 -Wall -Wextra -Werror \
         -static -nostdlib -nostartfiles -I "$ROOT/aosp/libtrusty/include" \
         -o "$out" "$sc/crt1.o" "$sc/crti.o" "$ROOT/aosp/libtrusty/tests/c/$name.c" "$lib" \
