@@ -37,9 +37,9 @@ scripts/aosp-lints.sh
 step "Android: the shipped crates with the oldest supported AOSP release's Rust (rust-version)"
 scripts/aosp-rust.sh
 
-step "emulation: the bare-metal runtime, then the stack as a Xen DomU and at NS-EL1 under QEMU"
+step "emulation: the bare-metal runtime, the stack as a Xen DomU and at NS-EL1, and in a Linux DomU next to the Trusty VM, under QEMU"
 tests/baremetal/hello/run.sh
-tests/qemu/run.sh xen-trusty-vm-broken
+tests/qemu/run.sh xen-trusty-vm-broken linux-domu-rendezvous
 tests/qemu/run.sh all
 
 step "trusty-ipcd end to end: the daemon, tipc-test through its socket, the bench"

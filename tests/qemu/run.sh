@@ -4,7 +4,11 @@
 # QEMU's exit status. See tests/qemu/README.md.
 #
 #   tests/qemu/run.sh SCENARIO...     SCENARIO: xen-trusty-vm | el3-native | xen-no-path |
-#                                               xen-trusty-vm-broken | all (= the first three)
+#                                               xen-trusty-vm-broken | linux-domu-trusty-vm |
+#                                               linux-domu-no-path | linux-domu-forced-phys |
+#                                               linux-domu-rendezvous | all
+#   all = xen-trusty-vm el3-native xen-no-path linux-domu-trusty-vm linux-domu-no-path
+#         linux-domu-forced-phys (the first three only with IMAGES=hello)
 #
 # Environment:
 #   IMAGES=real|hello   real (default): the qemu-images crate (stack-domu, trusty-vm, el3-trusty);
@@ -49,7 +53,7 @@ XEN_BOOTARGS_BASE="console=dtuart dtuart=/pl011@9000000 bootscrub=0 guest_loglvl
 COMMON_QEMU=(-cpu cortex-a57 -m 2G -nographic -no-reboot -semihosting -nic none)
 
 usage() {
-    sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
     exit 2
 }
 
@@ -423,6 +427,246 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
+# 4b. Linux DomU scenarios (shared/spec/linux-domu.md): Debian's arm64 kernel, its three Xen
+#     modules and busybox, downloaded and unpacked under $QDIR/linux (never installed), and a
+#     busybox initramfs with the guest programs (tests/qemu/linux/). The Trusty VM is domU1
+#     (domid 1) in rendezvous mode; Linux is the next domain.
+
+LINUX_DIR=$QDIR/linux
+LINUX_KERNEL_ADDR=0x50000000   # the Image is ~31 MiB: 32 MiB slot
+LINUX_INITRD_ADDR=0x52000000
+LINUX_INITRD_MAX=$((0x04000000))
+LINUX_TVM_ADDR=0x56000000      # the Trusty VM beside a Linux DomU
+GUEST_CC=aarch64-linux-gnu-gcc
+GUEST_RUST_TARGET=aarch64-unknown-linux-musl
+LINUX_XEN_MODULES=(xen-evtchn xen-gntalloc xen-gntdev)
+
+ensure_linux_tools() {
+    need_debs "$GUEST_CC:gcc-aarch64-linux-gnu" cpio:cpio
+    # The C library and the kernel's UAPI headers (<xen/gntalloc.h> ...) for aarch64; no
+    # command tells they are there.
+    if [[ ! -e /usr/aarch64-linux-gnu/include/stdio.h || ! -e /usr/aarch64-linux-gnu/include/xen/gntalloc.h ]]; then
+        setup_need_root "installing libc6-dev-arm64-cross linux-libc-dev-arm64-cross"
+        setup_apt_update
+        setup_log "apt-get install libc6-dev-arm64-cross linux-libc-dev-arm64-cross"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            libc6-dev-arm64-cross linux-libc-dev-arm64-cross >&2
+    fi
+    (cd "$ROOT" && need_rust_target "$GUEST_RUST_TARGET")
+}
+
+# The kernel package linux-image-arm64:arm64 points at now (e.g. linux-image-6.1.0-57-arm64).
+linux_kernel_pkg() {
+    apt-cache depends linux-image-arm64:arm64 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[0-9][^:]*\).*/\1/p' | head -n 1
+}
+
+# Kernel Image, the three Xen modules and busybox under $LINUX_DIR/x (cached).
+ensure_linux() {
+    local debs=$LINUX_DIR/deb x=$LINUX_DIR/x kdeb bdeb kpkg kv m
+    [[ -s $x/Image && -s $x/busybox && -s $x/xen-gntdev.ko ]] && return
+    bdeb=$(need_arm64_deb busybox-static "$debs") # also adds dpkg's arm64 architecture
+    kdeb=$(find "$debs" -maxdepth 1 -name 'linux-image-[0-9]*-arm64_*_arm64.deb' | sort | tail -n 1)
+    if [[ -z $kdeb ]]; then
+        kpkg=$(linux_kernel_pkg)
+        if [[ -z $kpkg ]]; then
+            setup_apt_update
+            kpkg=$(linux_kernel_pkg)
+        fi
+        [[ -n $kpkg ]] || die "apt-cache cannot tell which kernel linux-image-arm64:arm64 depends on"
+        kdeb=$(need_arm64_deb "$kpkg" "$debs")
+    fi
+    kpkg=$(basename "$kdeb")
+    kpkg=${kpkg%%_*}
+    kv=${kpkg#linux-image-}
+    rm -rf "$x.tmp"
+    mkdir -p "$x.tmp"
+    local want=("./boot/vmlinuz-$kv")
+    for m in "${LINUX_XEN_MODULES[@]}"; do want+=("./lib/modules/$kv/kernel/drivers/xen/$m.ko"); done
+    log "unpacking the kernel and its Xen modules from $(basename "$kdeb")"
+    dpkg --fsys-tarfile "$kdeb" | tar -x -C "$x.tmp" "${want[@]}" || die "$kdeb lacks one of ${want[*]}"
+    dpkg --fsys-tarfile "$bdeb" | tar -x -C "$x.tmp" ./bin/busybox || die "$bdeb has no bin/busybox"
+    # Debian's arm64 vmlinuz is already a raw Image (linux-domu.md section 1).
+    [[ $(od -An -tx4 -j56 -N4 "$x.tmp/boot/vmlinuz-$kv" | tr -d ' ') = 644d5241 ]] ||
+        die "vmlinuz-$kv is not a raw arm64 Image"
+    mv "$x.tmp/boot/vmlinuz-$kv" "$x.tmp/Image"
+    mv "$x.tmp/bin/busybox" "$x.tmp/busybox"
+    for m in "${LINUX_XEN_MODULES[@]}"; do mv "$x.tmp/lib/modules/$kv/kernel/drivers/xen/$m.ko" "$x.tmp/"; done
+    rm -rf "$x.tmp/boot" "$x.tmp/bin" "$x.tmp/lib"
+    echo "$kv" >"$x.tmp/version"
+    rm -rf "$x"
+    mv "$x.tmp" "$x"
+    log "Linux $kv for the DomU: $x"
+}
+
+# The guest programs, static for aarch64 Linux: the probe and the exit helper (C), and unless
+# $1 is 0 trusty-ipcd and tipc-test (Rust, musl) and the C test clients linked against libtrusty.
+build_linux_programs() {
+    local with_stack=$1 out=$LINUX_DIR/bin rel
+    rm -rf "$out"
+    mkdir -p "$out"
+    "$GUEST_CC" -O2 -static -Wall -Wextra -Werror -o "$out/rv-probe" "$HERE/linux/rv-probe.c"
+    "$GUEST_CC" -O2 -static -Wall -Wextra -Werror -o "$out/semihost-exit" "$HERE/linux/semihost-exit.c"
+    if ((with_stack == 0)); then
+        "${OBJCOPY%objcopy}strip" "$out"/*
+        return
+    fi
+    # trusty-ipcd and tipc-test: scripts/build-musl.sh (static, rust-lld). libtrusty for the C
+    # clients with the same target, linker and flags (so nothing is built twice).
+    "$ROOT/scripts/build-musl.sh" "$out" >&2
+    log "cargo build --release --locked --target $GUEST_RUST_TARGET -p libtrusty-capi"
+    (cd "$ROOT" && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --release --locked --target "$GUEST_RUST_TARGET" -p libtrusty-capi --lib) >&2
+    rel=$TARGET_DIR/$GUEST_RUST_TARGET/release
+    local c
+    for c in tipc_client_test tipc_stress tipc_send_fd; do
+        link_c_client "$c" "$rel/libtrusty_capi.a" "$out/$c"
+    done
+    "${OBJCOPY%objcopy}strip" "$out"/*
+}
+
+# link_c_client NAME LIBTRUSTY.a OUT: aosp/libtrusty/tests/c/NAME.c, static, against the musl
+# build of libtrusty, with musl's own start files and C library from Rust's musl target.
+link_c_client() {
+    local name=$1 lib=$2 out=$3 sc
+    sc=$(cd "$ROOT" && rustc --print sysroot)/lib/rustlib/$GUEST_RUST_TARGET/lib/self-contained
+    "$GUEST_CC" -std=c99 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L -O1 -Wall -Wextra -Werror \
+        -static -nostdlib -nostartfiles -I "$ROOT/aosp/libtrusty/include" \
+        -o "$out" "$sc/crt1.o" "$sc/crti.o" "$ROOT/aosp/libtrusty/tests/c/$name.c" "$lib" \
+        "$sc/libunwind.a" "$sc/libc.a" "$("$GUEST_CC" -print-libgcc-file-name)" "$sc/crtn.o"
+}
+
+# An uncompressed newc initramfs (Linux unpacks it faster under TCG than a gzip'd one).
+make_initramfs() {
+    local r=$LINUX_DIR/rootfs x=$LINUX_DIR/x m size
+    rm -rf "$r"
+    mkdir -p "$r/bin" "$r/proc" "$r/sys" "$r/dev" "$r/tmp" "$r/lib/modules"
+    cp "$x/busybox" "$r/bin/busybox"
+    for m in "${LINUX_XEN_MODULES[@]}"; do cp "$x/$m.ko" "$r/lib/modules/"; done
+    install -m 0755 "$HERE/linux/init" "$r/init"
+    install -m 0755 "$LINUX_DIR/bin"/* "$r/bin/"
+    (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) >"$LINUX_DIR/initrd.cpio"
+    size=$(file_size "$LINUX_DIR/initrd.cpio")
+    ((size <= LINUX_INITRD_MAX)) || die "the initramfs is $size bytes; its slot holds $LINUX_INITRD_MAX"
+}
+
+# prepare_linux WITH_STACK: everything the Linux DomU boots (the stack's programs unless 0).
+prepare_linux() {
+    [[ $IMAGES = real ]] || die "the linux-domu scenarios need IMAGES=real"
+    ensure_linux_tools
+    ensure_linux
+    build_linux_programs "$1"
+    make_initramfs
+}
+
+# reg size of a module of at most $2 bytes (the file size rounded up to 4 KiB)
+linux_module_size() {
+    local s
+    s=$(file_size "$1")
+    ((s <= $2)) || die "$1 is $s bytes; its slot holds $2"
+    printf '%#x' $(((s + 0xfff) & ~0xfff))
+}
+
+scenario_linux_domu() {
+    local sc=$1 mode with_vm=1 xsm=" xsm=dummy" linux_dom=2
+    case $sc in
+        linux-domu-trusty-vm) mode=trusty-vm ;;
+        linux-domu-rendezvous) mode=probe ;;
+        linux-domu-forced-phys) mode=forced-phys ;;
+        linux-domu-no-path) mode=no-path with_vm=0 xsm="" linux_dom=1 ;;
+    esac
+    local machine=(-machine "virt,virtualization=on,gic-version=3" -smp 2)
+    local dir=$QDIR/$sc ksize isize tsize vm_args=""
+    ksize=$(linux_module_size "$LINUX_DIR/x/Image" $((0x02000000)))
+    isize=$(linux_module_size "$LINUX_DIR/initrd.cpio" "$LINUX_INITRD_MAX")
+    tsize=$(module_size "${BIN[tvm]}")
+    ((with_vm == 0)) || vm_args=" trusty-ipc-stack.trusty-vm=1 tq_vm=1"
+    mkdir -p "$dir"
+    {
+        cat <<EOF
+
+/* ---- appended by tests/qemu/run.sh ---- */
+&{/chosen} {
+	xen,xen-bootargs = "$XEN_BOOTARGS_BASE$xsm";
+	#address-cells = <1>;
+	#size-cells = <1>;
+EOF
+        ((with_vm == 0)) || cat <<EOF
+
+	domU1 {
+		compatible = "xen,domain";
+		#address-cells = <1>;
+		#size-cells = <1>;
+		memory = <0x0 0x10000>;		/* KiB: 64 MiB */
+		cpus = <1>;
+		xen,enhanced = "no-xenstore";
+
+		module@${LINUX_TVM_ADDR#0x} {
+			compatible = "multiboot,kernel", "multiboot,module";
+			reg = <$LINUX_TVM_ADDR $tsize>;
+			bootargs = "trusty-vm.guest-domid=$linux_dom trusty-vm.rendezvous=1";
+		};
+	};
+EOF
+        cat <<EOF
+
+	domU$linux_dom {
+		compatible = "xen,domain";
+		#address-cells = <1>;
+		#size-cells = <1>;
+		memory = <0x0 0x40000>;		/* KiB: 256 MiB */
+		cpus = <1>;
+		vpl011;				/* console: ttyAMA0 (no PV console without xenstore) */
+		xen,enhanced = "no-xenstore";	/* the /hypervisor node: Linux finds Xen */
+
+		module@${LINUX_KERNEL_ADDR#0x} {
+			compatible = "multiboot,kernel", "multiboot,module";
+			reg = <$LINUX_KERNEL_ADDR $ksize>;
+			bootargs = "console=ttyAMA0 earlycon=xenboot nokaslr quiet tq_mode=$mode$vm_args";
+		};
+
+		module@${LINUX_INITRD_ADDR#0x} {
+			compatible = "multiboot,ramdisk", "multiboot,module";
+			reg = <$LINUX_INITRD_ADDR $isize>;
+		};
+	};
+};
+EOF
+    } >"$dir/fragment.dtsi"
+    make_dtb "$dir/$sc.dtb" "$dir/fragment.dtsi" "${machine[@]}"
+    QEMU_ARGS=("${machine[@]}" -cpu cortex-a57 -m 2G -nographic -no-reboot -nic none
+        -semihosting-config enable=on,userspace=on
+        -kernel "$XEN" -dtb "$dir/$sc.dtb"
+        -device "loader,file=$LINUX_DIR/x/Image,addr=$LINUX_KERNEL_ADDR,force-raw=on"
+        -device "loader,file=$LINUX_DIR/initrd.cpio,addr=$LINUX_INITRD_ADDR,force-raw=on")
+    ((with_vm == 0)) || QEMU_ARGS+=(-device "loader,file=${BIN[tvm]},addr=$LINUX_TVM_ADDR,force-raw=on")
+    case $mode in
+        probe)
+            EXPECT_STATUS=0
+            MARKERS=("re:^trusty-vm: cannot map the guest's mailbox grant reference 4095"
+                "re:^trusty-vm: serving the mailbox at the guest's grant reference" "re:^rv-probe: PASS$")
+            ;;
+        trusty-vm)
+            EXPECT_STATUS=0
+            MARKERS=("re:^trusty-ipcd: sharing: xen-grant to domain 1" "count:14:^PASS "
+                "re:^linux-domu: tipc-test: 14 passed, 0 failed" "re:^[0-9]+ passed, 0 failed$"
+                "re:^4 processes x 2 channels x 10 rounds: 0 failed$" "re:^linux-domu: done at .*, result 0$")
+            ;;
+        no-path)
+            EXPECT_STATUS=2
+            MARKERS=("re:^linux-domu: trusty-ipcd exited with status 2$"
+                "re:^linux-domu: because: no safe way to share memory with Trusty: missing a path to Trusty")
+            ;;
+        forced-phys)
+            EXPECT_STATUS=2
+            MARKERS=("re:^trusty-vm: secure-side fault: .*not a grant reference" "re:^linux-domu: trusty-ipcd exited with status 2$"
+                "re:^linux-domu: because: secure side returned")
+            ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------------------------
 # 5. Boot and check
 
 PASSED=0
@@ -434,6 +678,7 @@ run_scenario() {
         xen-trusty-vm | xen-trusty-vm-broken) scenario_xen_trusty_vm "$sc" ;;
         el3-native) scenario_el3_native "$sc" ;;
         xen-no-path) scenario_xen_no_path "$sc" ;;
+        linux-domu-*) scenario_linux_domu "$sc" ;;
     esac
     local logf=$QDIR/$sc.log status=0 t0 t1 secs
     printf '%s\n' "$QEMU ${QEMU_ARGS[*]}" >"$QDIR/$sc.cmd"
@@ -451,7 +696,7 @@ run_scenario() {
 
     # Console lines without CRs, Xen's "(dN) " guest prefix stripped.
     local console why=()
-    console=$(tr -d '\r' <"$logf" | sed -E 's/^\(d[0-9]+\) //')
+    console=$(tr -d '\r' <"$logf" | sed -E 's/^\(d[0-9]+\) //; s/^\(XEN\) DOM[0-9]+: //')
     if ((status == 124 || status == 137)); then
         why+=("timed out after ${QEMU_TIMEOUT} s")
     elif ((status != EXPECT_STATUS)); then
@@ -499,8 +744,14 @@ main() {
     local scenarios=() a
     for a in "$@"; do
         case $a in
-            all) scenarios+=(xen-trusty-vm el3-native xen-no-path) ;;
+            all)
+                scenarios+=(xen-trusty-vm el3-native xen-no-path)
+                # The Linux DomU runs the stack's own programs: nothing to check with IMAGES=hello.
+                [[ $IMAGES = hello ]] || scenarios+=(linux-domu-trusty-vm linux-domu-no-path linux-domu-forced-phys)
+                ;;
             xen-trusty-vm | el3-native | xen-no-path | xen-trusty-vm-broken) scenarios+=("$a") ;;
+            linux-domu-trusty-vm | linux-domu-no-path | linux-domu-forced-phys | linux-domu-rendezvous)
+                scenarios+=("$a") ;;
             -h | --help) usage ;;
             *) log "unknown scenario '$a'"; usage ;;
         esac
@@ -517,6 +768,12 @@ main() {
     for sc in "${scenarios[@]}"; do [[ $sc = el3-native ]] || need_xen=1; done
     ((need_xen == 0)) || ensure_xen
     build_images
+    local need_linux=0 linux_stack=0
+    for sc in "${scenarios[@]}"; do
+        [[ $sc != linux-domu-* ]] || need_linux=1
+        [[ $sc != linux-domu-* || $sc = linux-domu-rendezvous ]] || linux_stack=1
+    done
+    ((need_linux == 0)) || prepare_linux "$linux_stack"
     trap - EXIT
 
     for sc in "${scenarios[@]}"; do

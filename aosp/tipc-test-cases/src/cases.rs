@@ -328,9 +328,18 @@ fn blocked_read(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut 
 fn closer1(b: &mut dyn TipcBackend, env: &dyn TestEnv, p: &Params, _: &mut Rng) -> Outcome {
     say!(env, p, "closer1: repeat = {}", p.repeat);
     for _ in 0..p.repeat {
-        let h = connect_to(b, CLOSER1)?;
-        say!(env, p, "closer1: connected");
-        close(b, h)?;
+        match b.connect(CLOSER1) {
+            Ok(h) => {
+                say!(env, p, "closer1: connected");
+                close(b, h)?;
+            }
+            // AOSP tipc-test closer1_test() reports a failed connect and goes on: Trusty's
+            // closer1 (ipc-unittest srv.c) closes every second channel right after accepting
+            // it, so the close can come with the accept, and the driver's dn_wait_for_reply()
+            // then finds the channel disconnected with nothing queued: ENOTCONN.
+            Err(Errno(ENOTCONN)) => say!(env, p, "Failed to connect to 'closer1' service"),
+            Err(e) => return Err(format!("failed to connect to '{CLOSER1}': {e}")),
+        }
     }
     say!(env, p, "closer1: done");
     Ok(())

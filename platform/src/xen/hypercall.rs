@@ -106,6 +106,8 @@ pub const SCHEDOP_SHUTDOWN: u64 = 2;
 pub const SCHEDOP_POLL: u64 = 3;
 /// `EVTCHNOP_send` (event_channel.h): argument `struct evtchn_send`.
 pub const EVTCHNOP_SEND: u64 = 4;
+/// `EVTCHNOP_alloc_unbound` (event_channel.h): argument `struct evtchn_alloc_unbound`.
+pub const EVTCHNOP_ALLOC_UNBOUND: u64 = 6;
 /// `XENMEM_add_to_physmap` (memory.h): argument `struct xen_add_to_physmap`.
 pub const XENMEM_ADD_TO_PHYSMAP: u64 = 7;
 /// `XENMAPSPACE_*` (memory.h).
@@ -252,6 +254,18 @@ pub struct EvtchnSend {
     pub port: u32,
 }
 
+/// `struct evtchn_alloc_unbound` (event_channel.h).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct EvtchnAllocUnbound {
+    /// The domain the port is allocated in ([`DOMID_SELF`]).
+    pub dom: u16,
+    /// The domain that may bind to it.
+    pub remote_dom: u16,
+    /// OUT: the port.
+    pub port: u32,
+}
+
 /// `struct xen_add_to_physmap` (memory.h).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -392,6 +406,7 @@ const _: () = {
     assert!(size_of::<SchedShutdown>() == 4);
     assert!(size_of::<SchedPoll>() == 24);
     assert!(size_of::<EvtchnSend>() == 4);
+    assert!(size_of::<EvtchnAllocUnbound>() == 8 && offset_of!(EvtchnAllocUnbound, port) == 4);
     assert!(size_of::<XenAddToPhysmap>() == 24);
     assert!(offset_of!(XenAddToPhysmap, space) == 4 && offset_of!(XenAddToPhysmap, idx) == 8);
     assert!(size_of::<GnttabMapGrantRef>() == 32);
@@ -458,6 +473,15 @@ pub fn console_write(h: &dyn Hypercall, bytes: &[u8]) -> Result<(), XenError> {
 pub fn evtchn_send(h: &dyn Hypercall, port: u32) -> Result<(), XenError> {
     let mut send = EvtchnSend { port };
     check("EVTCHNOP_send", h.hypercall(op::EVENT_CHANNEL_OP, [EVTCHNOP_SEND, ptr(&mut send), 0, 0, 0])).map(drop)
+}
+
+/// `EVTCHNOP_alloc_unbound`: a fresh port of this domain that domain `remote_dom` may bind to
+/// (`EVTCHNOP_bind_interdomain`, Linux's `IOCTL_EVTCHN_BIND_INTERDOMAIN`). Xen's default XSM
+/// policy (SILO) refuses it between two DomUs (linux-domu.md §4).
+pub fn evtchn_alloc_unbound(h: &dyn Hypercall, remote_dom: u16) -> Result<u32, XenError> {
+    let mut arg = EvtchnAllocUnbound { dom: DOMID_SELF, remote_dom, port: 0 };
+    check("EVTCHNOP_alloc_unbound", h.hypercall(op::EVENT_CHANNEL_OP, [EVTCHNOP_ALLOC_UNBOUND, ptr(&mut arg), 0, 0, 0]))?;
+    Ok(arg.port)
 }
 
 /// `SCHEDOP_shutdown`. On success Xen stops the domain, so this returns only on failure (or, in
@@ -597,6 +621,12 @@ mod tests {
                     // SAFETY: evtchn_send passes a pointer to a live EvtchnSend.
                     seen.push(unsafe { &*(args[1] as *const EvtchnSend) }.as_bytes().to_vec());
                 }
+                (op::EVENT_CHANNEL_OP, EVTCHNOP_ALLOC_UNBOUND) => {
+                    // SAFETY: evtchn_alloc_unbound passes a pointer to a live EvtchnAllocUnbound.
+                    let a = unsafe { &mut *(args[1] as *mut EvtchnAllocUnbound) };
+                    seen.push(a.as_bytes().to_vec());
+                    a.port = 5;
+                }
                 (op::SCHED_OP, SCHEDOP_SHUTDOWN) => {
                     // SAFETY: shutdown passes a pointer to a live SchedShutdown.
                     seen.push(unsafe { &*(args[1] as *const SchedShutdown) }.as_bytes().to_vec());
@@ -663,6 +693,16 @@ mod tests {
         assert_eq!(seen[2], 3u32.to_le_bytes());
         assert_eq!(ShutdownReason::Poweroff as u32, 0);
         assert_eq!(ShutdownReason::Reboot as u32, 1);
+    }
+
+    #[test]
+    fn alloc_unbound_names_the_remote_domain_and_returns_the_port() {
+        let xen = FakeXen::default();
+        assert_eq!(evtchn_alloc_unbound(&xen, 2), Ok(5));
+        assert_eq!((xen.calls()[0].0, xen.calls()[0].1[0]), (32, 6));
+        assert_eq!(xen.seen()[0], [0xF0, 0x7F, 2, 0, 0, 0, 0, 0]); // DOMID_SELF, remote 2, port 0
+        let refused = FakeXen { ret: -1, ..Default::default() };
+        assert_eq!(evtchn_alloc_unbound(&refused, 2), Err(XenError::Errno { op: "EVTCHNOP_alloc_unbound", errno: -1 }));
     }
 
     #[test]

@@ -891,4 +891,45 @@ mod tests {
             assert!(g2.ipa() > FOREIGN_IPA_BASE + 2 * PAGE_SIZE as u64);
         }
     }
+
+    /// A Trusty VM told by a rendezvous that the guest's mailbox is at another grant
+    /// reference serves it there, and no longer looks at `MAILBOX_GREF`.
+    #[test]
+    fn a_vm_serves_the_mailbox_at_the_reference_a_rendezvous_named() {
+        use crate::mem::{GrantMapError, GrantMapper};
+        use crate::model::{Model, Path};
+        use trusty_platform::mailbox as mb;
+        /// Grants only reference 20, as the page at `pa`.
+        struct OneGrant(u64);
+        impl GrantMapper for OneGrant {
+            fn map(&mut self, gref: u32, _write: bool) -> Result<(u64, u32), GrantMapError> {
+                if gref == 20 {
+                    Ok((self.0, gref))
+                } else {
+                    Err(GrantMapError::NotGranted)
+                }
+            }
+            fn unmap(&mut self, _addr: u64, _handle: u32) {}
+        }
+        let ram = GuestRam::new(0x4000_0000, 4, Stage2::Identity);
+        let page = 0x4000_1000;
+        let cfg = crate::ModelConfig { path: Path::XenVm { domid: 1 }, ..Default::default() };
+        let mut model = Model::new(cfg, ram.clone(), StdClock::new());
+        model.set_grant_mapper(Box::new(OneGrant(page)));
+        // A request in the page: the API version fast call.
+        let mut req = [0u8; 64];
+        req[..8].copy_from_slice(&u64::from(trusty_platform::smc::call::FC_API_VERSION).to_le_bytes());
+        req[8..16].copy_from_slice(&3u64.to_le_bytes());
+        assert!(PhysMem::write(&*ram, page + mb::OFF_REQUEST as u64, &req));
+        assert!(PhysMem::write_u32(&*ram, page + mb::OFF_MAGIC as u64, mb::MAILBOX_MAGIC));
+        assert!(PhysMem::write_u32(&*ram, page + mb::OFF_REQ_SEQ as u64, 1));
+        assert!(!model.serve_mailbox(), "reference 8 was never granted");
+        assert!(model.faults().is_empty(), "not granted yet is not a fault");
+        assert!(!model.set_mailbox_gref(21), "reference 21 cannot be mapped");
+        assert!(model.set_mailbox_gref(20));
+        assert!(model.serve_mailbox());
+        assert_eq!(PhysMem::read_u32(&*ram, page + mb::OFF_RSP_SEQ as u64), Some(1));
+        assert_eq!(PhysMem::read_u64(&*ram, page + mb::OFF_RESPONSE as u64), Some(3));
+        assert!(!model.serve_mailbox(), "one request, one answer");
+    }
 }

@@ -253,6 +253,9 @@ pub struct Model {
     queued_result: Option<i32>,
     /// A Trusty VM's mapping of the guest's mailbox page.
     mailbox: Option<crate::mem::Mapping>,
+    /// The grant reference of the guest's mailbox page: `MAILBOX_GREF` unless a rendezvous
+    /// named another (`set_mailbox_gref`).
+    mailbox_gref: u32,
     /// The last request a hung VM saw (so each is counted once).
     mailbox_seen: u32,
     /// The answer of a direct request preempted by FFA_INTERRUPT, returned by the next FFA_RUN.
@@ -312,6 +315,7 @@ impl Model {
             queued_std: None,
             queued_result: None,
             mailbox: None,
+            mailbox_gref: trusty_platform::mailbox::MAILBOX_GREF,
             mailbox_seen: 0,
             ffa_resumed: None,
             xen_ffa_guest_version: None,
@@ -532,22 +536,37 @@ impl Model {
         self.trusty_call(regs)
     }
 
+    /// A Trusty VM told where the guest's mailbox is (a guest that picks its grant references
+    /// itself names it through the rendezvous page, `trusty_platform::xen::rendezvous`): from
+    /// now on the mailbox is the page granted with reference `gref`, not `MAILBOX_GREF`.
+    /// Returns whether that page can be mapped now; a mapping of the previous one is dropped.
+    pub fn set_mailbox_gref(&mut self, gref: u32) -> bool {
+        self.mailbox = None;
+        self.mailbox_gref = gref;
+        self.mailbox_seen = 0;
+        self.map_mailbox().map(|m| self.mailbox = Some(m)).is_some()
+    }
+
+    /// The guest's mailbox page, mapped read-write through its grant (quietly: a guest that
+    /// has not granted it yet is not a fault).
+    fn map_mailbox(&mut self) -> Option<crate::mem::Mapping> {
+        let id = trusty_platform::xen::grant::grant_id(self.mailbox_gref);
+        self.shares.try_map(id, trusty_platform::mem::PAGE_SIZE, true, "Trusty VM mailbox")
+    }
+
     /// A Trusty VM woken on its call event channel: takes the request from the mailbox page the
-    /// guest granted it (reference `MAILBOX_GREF`), runs it, and answers in the same page.
-    /// Returns whether a request was served.
+    /// guest granted it (reference `MAILBOX_GREF`, or the one `set_mailbox_gref` named), runs
+    /// it, and answers in the same page. Returns whether a request was served.
     pub fn serve_mailbox(&mut self) -> bool {
         use trusty_platform::mailbox as mb;
         let Path::XenVm { .. } = self.cfg.path else { return false };
         // The mailbox stays mapped once the guest has granted it (it never takes it back).
         let m = match self.mailbox.take() {
             Some(m) => m,
-            None => {
-                let id = trusty_platform::xen::grant::grant_id(mb::MAILBOX_GREF);
-                match self.shares.try_map(id, trusty_platform::mem::PAGE_SIZE, true, "Trusty VM mailbox") {
-                    Some(m) => m,
-                    None => return false,
-                }
-            }
+            None => match self.map_mailbox() {
+                Some(m) => m,
+                None => return false,
+            },
         };
         let mut word = [0u8; 4];
         let read_u32 = |m: &crate::mem::Mapping, off: usize, w: &mut [u8; 4]| -> u32 {

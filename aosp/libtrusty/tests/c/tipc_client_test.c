@@ -178,9 +178,12 @@ static void test_blocked_read(void) {
     tipc_close(fd);
 }
 
+/* closer1 closes every second channel right after accepting it (ipc-unittest srv.c), so
+ * the close may come with the accept and the connect then ends -ENOTCONN, as with the kernel
+ * driver; AOSP's tipc-test closer1_test() goes on in that case. Any other error fails. */
 static void test_closer1(void) {
     int fd = tipc_connect(dev, CLOSER1);
-    CHECK(fd >= 0, "closer1: connected (%d)", fd);
+    CHECK(fd >= 0 || fd == -ENOTCONN, "closer1: connected or closed at once (%d)", fd);
     if (fd >= 0) CHECK(tipc_close(fd) == 0, "closer1: closed");
 }
 

@@ -1,5 +1,6 @@
 //! The Trusty model as a Xen DomU: serves the guest's calls from the mailbox page it granted,
-//! and maps the guest's memory only through grants.
+//! and maps the guest's memory only through grants. With `trusty-vm.rendezvous=1` it meets a
+//! guest that picks its own grant references through a rendezvous page (`vm::Rendezvous`).
 #![cfg_attr(target_arch = "aarch64", no_std, no_main)]
 
 #[cfg(not(target_arch = "aarch64"))]
@@ -39,6 +40,24 @@ mod image {
         // SAFETY: `ram` is this domain's memory (from its device tree) and the grant window is
         // unused guest-physical space in Xen's extended regions.
         let mut model = unsafe { vm::trusty_vm(domid, guest, ram, xen.clone(), clock.clone()) };
+        if args::number(bootargs, "trusty-vm.rendezvous") == Some(1) {
+            // A guest that picks its own grant references (Linux userspace): meet it through
+            // the rendezvous page.
+            let mut rv = match vm::Rendezvous::offer(xen, domid, guest) {
+                Ok(rv) => rv,
+                Err(e) => {
+                    println!("trusty-vm: cannot offer a rendezvous to domain {guest}: {e}");
+                    baremetal::halt()
+                }
+            };
+            println!(
+                "trusty-vm: ready as domain {domid}, rendezvous for domain {guest} at grant reference {}, port {}",
+                trusty_platform::xen::rendezvous::RENDEZVOUS_GREF,
+                rv.port()
+            );
+            rv.wait_for_guest(&mut model, report);
+            rv.serve(&mut model, &*clock, report)
+        }
         let event = match args::number(bootargs, "trusty-vm.call-evtchn") {
             Some(port) => match vm::CallEvent::new(xen, port as u32) {
                 Ok(ev) => Some(ev),
