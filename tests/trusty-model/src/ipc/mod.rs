@@ -21,6 +21,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 pub mod apps;
+mod ready;
 pub mod services;
 
 #[cfg(test)]
@@ -455,10 +456,12 @@ impl Channel {
 /// Everything except the apps themselves, so that an app can be borrowed next to it.
 struct Core {
     now: u64,
-    ports: BTreeMap<PortId, Port>,
+    ports: ready::Tracked<PortId, Port>,
     next_port: u32,
-    chans: BTreeMap<ChanId, Channel>,
+    chans: ready::Tracked<ChanId, Channel>,
     next_chan: u32,
+    /// Handles that may have events, per app (the scheduler never rescans idle ones).
+    ready: ready::Ready,
     events: VecDeque<IpcEvent>,
     /// Per app: sleeping until this time.
     sleep_until: Vec<Option<u64>>,
@@ -472,10 +475,11 @@ impl Core {
     fn new() -> Self {
         Core {
             now: 0,
-            ports: BTreeMap::new(),
+            ports: ready::Tracked::new(),
             next_port: 0,
-            chans: BTreeMap::new(),
+            chans: ready::Tracked::new(),
             next_chan: 0,
+            ready: ready::Ready::default(),
             events: VecDeque::new(),
             sleep_until: Vec::new(),
             stats: IpcStats::default(),
@@ -1086,18 +1090,30 @@ impl Core {
         Ok(data.len())
     }
 
-    fn signalled_port(&self, app: usize) -> Option<PortId> {
-        self.ports
-            .iter()
-            .find(|(_, p)| p.owner == app && p.signal)
-            .map(|(id, _)| *id)
+    /// Queues the handles whose flags were raised since the last look (see [`ready`]).
+    fn collect_ready(&mut self) {
+        let apps = self.sleep_until.len();
+        self.ready.collect(
+            apps,
+            &mut self.ports,
+            &mut self.chans,
+            |p| p.signal.then_some(p.owner),
+            |c| c.signal.then_some(c.owner),
+        );
     }
 
-    fn signalled_chan(&self, app: usize) -> Option<ChanId> {
-        self.chans
-            .iter()
-            .find(|(_, c)| c.owner == app && c.signal)
-            .map(|(id, _)| *id)
+    /// The lowest-numbered port of `app` with its flag raised, from the ready queue.
+    fn signalled_port(&mut self, app: usize) -> Option<PortId> {
+        self.collect_ready();
+        let ports = &self.ports;
+        self.ready.first_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
+    }
+
+    /// The lowest-numbered channel of `app` with its flag raised, from the ready queue.
+    fn signalled_chan(&mut self, app: usize) -> Option<ChanId> {
+        self.collect_ready();
+        let chans = &self.chans;
+        self.ready.first_chan(app, |id| chans.get(&id).is_some_and(|c| c.owner == app && c.signal))
     }
 }
 
