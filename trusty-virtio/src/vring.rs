@@ -369,6 +369,15 @@ impl DeviceQueue {
 
     /// Takes the next available chain (at most `num` links).
     pub fn pop_avail(&mut self, mem: &dyn RingMemory) -> Result<Option<Chain>, DeviceRingError> {
+        let mut descs = Vec::new();
+        Ok(self.pop_avail_into(mem, &mut descs)?.map(|head| Chain { head, descs }))
+    }
+
+    /// [`DeviceQueue::pop_avail`] into a caller's vector (cleared first, its capacity reused):
+    /// returns the head, the descriptors are in `descs`. A device end that keeps one vector
+    /// takes chains without allocating.
+    pub fn pop_avail_into(&mut self, mem: &dyn RingMemory, descs: &mut Vec<Desc>) -> Result<Option<u16>, DeviceRingError> {
+        descs.clear();
         let now = mem.read_u16(self.layout.avail_idx());
         if now == self.last_avail {
             return Ok(None);
@@ -382,7 +391,6 @@ impl DeviceQueue {
             return Err(DeviceRingError::HeadOutOfRange { head });
         }
         self.last_avail = self.last_avail.wrapping_add(1);
-        let mut descs = Vec::new();
         let mut i = head;
         loop {
             let d = self.layout.desc(i);
@@ -396,7 +404,7 @@ impl DeviceQueue {
                 return Err(DeviceRingError::BadChain { head });
             }
         }
-        Ok(Some(Chain { head, descs }))
+        Ok(Some(head))
     }
 
     /// Returns a chain with the 32-bit `len` word.

@@ -289,6 +289,16 @@ impl PhysMem for GuestRam {
     word_access!(read_u16, write_u16, u16);
     word_access!(read_u32, write_u32, u32);
     word_access!(read_u64, write_u64, u64);
+    fn direct(&self, pa: u64, len: usize) -> Option<crate::mem::DirectSpan> {
+        // Guest RAM only: foreign pages can be detached while a mapping lives, so they keep
+        // going through `with_pa` (and its lock) on every access.
+        let off = self.pa_offset(pa, len)?;
+        // SAFETY: off + len <= self.len (`pa_offset`); the allocation lives, in place, until
+        // this RAM is dropped, and a mapping holds it alive through its `Arc<dyn PhysMem>`.
+        let ptr = std::ptr::NonNull::new(unsafe { self.ptr.add(off) })?;
+        // SAFETY: as above; both worlds access it with copies and volatile words only.
+        Some(unsafe { crate::mem::DirectSpan::new(ptr, len) })
+    }
 }
 
 /// Foreign pages attached to a [`GuestRam`] at a fresh guest address; detached (and what keeps

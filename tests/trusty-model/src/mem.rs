@@ -38,6 +38,31 @@ pub trait PhysMem: Send + Sync {
     fn read_u64(&self, pa: u64) -> Option<u64>;
     /// Writes a little-endian u64; `false` if not RAM.
     fn write_u64(&self, pa: u64, v: u64) -> bool;
+    /// Where `[pa, pa + len)` lies in this process's memory, if it is one run of plain RAM that
+    /// stays in place for as long as this memory lives; `None` (the default) sends every
+    /// access through the methods above. A [`Mapping`] asks once, when it is made, so its
+    /// accesses need no lookup.
+    fn direct(&self, _pa: u64, _len: usize) -> Option<DirectSpan> {
+        None
+    }
+}
+
+/// A run of process memory standing for a run of physical memory (see [`PhysMem::direct`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DirectSpan {
+    ptr: core::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl DirectSpan {
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for as long as the [`PhysMem`]
+    /// that hands this span out lives, whatever borrow it was handed out through. Both worlds
+    /// may access the bytes concurrently (byte copies and volatile, aligned word accesses, as
+    /// two CPUs share RAM).
+    pub unsafe fn new(ptr: core::ptr::NonNull<u8>, len: usize) -> Self {
+        DirectSpan { ptr, len }
+    }
 }
 
 /// An access the model made, or was asked to make, to memory it was never given. A run with a
@@ -61,7 +86,8 @@ impl core::fmt::Display for Fault {
 /// One FF-A share as the secure side recorded it.
 #[derive(Clone, Debug)]
 struct Share {
-    ranges: Vec<PhysRange>,
+    /// Shared with every mapping made of it (no copy per mapping).
+    ranges: Arc<[PhysRange]>,
     writable: bool,
     /// Mappings the secure side holds (a mapped share cannot be reclaimed).
     mapped: u32,
@@ -401,7 +427,7 @@ impl ShareTable {
         };
         let handle = self.next_handle;
         self.next_handle += 2;
-        self.shares.insert(handle, Share { ranges, writable, mapped: 0 });
+        self.shares.insert(handle, Share { ranges: Arc::from(ranges), writable, mapped: 0 });
         self.stats.shared_total += 1;
         self.stats.live = self.shares.len();
         self.stats.max_live = self.stats.max_live.max(self.stats.live);
@@ -473,7 +499,11 @@ impl ShareTable {
             return None;
         }
         share.mapped += 1;
-        Some(Mapping { id, ranges: share.ranges.clone(), len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
+        let ranges = match *share.ranges {
+            [one] => Ranges::One(one),
+            _ => Ranges::Many(share.ranges.clone()),
+        };
+        Some(Mapping::new(id, ranges, len, write, self.phys.clone(), Vec::new()))
     }
 
     /// API < 5: lib/sm/ns_mem.c ext_mem_get_vmm_obj() decodes the id with
@@ -515,7 +545,7 @@ impl ShareTable {
             self.fault(mechanism, pa, format!("{purpose}: {len} bytes at this address are not the normal world's RAM"));
             return None;
         }
-        Some(Mapping { id, ranges: alloc::vec![range], len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
+        Some(Mapping::new(id, Ranges::One(range), len, write, self.phys.clone(), Vec::new()))
     }
 
     fn map_grant(&mut self, id: u64, pages: u32, len: usize, write: bool, domid: u16, purpose: &str) -> Option<Mapping> {
@@ -549,7 +579,11 @@ impl ShareTable {
                 _ => ranges.push(PhysRange { addr, pages: 1 }),
             }
         }
-        Some(Mapping { id, ranges, len, writable: write, phys: self.phys.clone(), grants })
+        let ranges = match *ranges {
+            [one] => Ranges::One(one),
+            _ => Ranges::Many(Arc::from(ranges)),
+        };
+        Some(Mapping::new(id, ranges, len, write, self.phys.clone(), grants))
     }
 
     /// Gives a mapping back.
@@ -626,18 +660,64 @@ impl GrantMapper for HostGrantTable {
     }
 }
 
+/// The physical runs behind a mapping: one (the usual case, kept inline) or several.
+enum Ranges {
+    One(PhysRange),
+    Many(Arc<[PhysRange]>),
+}
+
+impl Ranges {
+    fn as_slice(&self) -> &[PhysRange] {
+        match self {
+            Ranges::One(r) => core::slice::from_ref(r),
+            Ranges::Many(v) => v,
+        }
+    }
+}
+
 /// A mapped share: bounded access to exactly the bytes that were shared.
+///
+/// The translation is looked up once, when the mapping is made: if the mapping's first bytes
+/// are one run of plain RAM ([`PhysMem::direct`]), accesses inside that run go straight to it,
+/// bounds-checked against the mapping; anything else goes through [`PhysMem`] each time.
+/// Nothing outlives the share: a mapping holds the share mapped (no reclaim meanwhile), and
+/// after [`ShareTable::unmap`] a new mapping must be asked for, which is checked afresh.
 pub struct Mapping {
     id: u64,
-    ranges: Vec<PhysRange>,
+    ranges: Ranges,
     len: usize,
     writable: bool,
     phys: Arc<dyn PhysMem>,
     /// Grant pages mapped for this mapping: address and unmap handle.
     grants: Vec<(u64, u32)>,
+    /// Bytes `[0, n)` of the mapping lie at `ptr` in this process (see [`PhysMem::direct`]).
+    direct: Option<DirectSpan>,
 }
 
+// SAFETY: the span points into memory that `phys` (held here, `Send + Sync`) keeps alive and
+// in place; both worlds access it only with copies and volatile word accesses, as shared RAM.
+unsafe impl Send for Mapping {}
+
 impl Mapping {
+    fn new(id: u64, ranges: Ranges, len: usize, writable: bool, phys: Arc<dyn PhysMem>, grants: Vec<(u64, u32)>) -> Self {
+        let direct = ranges.as_slice().first().and_then(|r| {
+            let run = (r.pages as usize).saturating_mul(PAGE_SIZE).min(len);
+            phys.direct(r.addr, run).filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run })
+        });
+        Mapping { id, ranges, len, writable, phys, grants, direct }
+    }
+
+    /// Where bytes `[off, off + n)` are in this process, if inside the direct run.
+    #[inline]
+    fn direct_at(&self, off: usize, n: usize) -> Option<*mut u8> {
+        let d = self.direct.as_ref()?;
+        if off.checked_add(n)? > d.len {
+            return None;
+        }
+        // SAFETY: off + n <= d.len, the run's length (checked above).
+        Some(unsafe { d.ptr.as_ptr().add(off) })
+    }
+
     /// The id the share was mapped by.
     pub fn id(&self) -> u64 {
         self.id
@@ -664,7 +744,7 @@ impl Mapping {
             return None;
         }
         let mut start = 0usize;
-        for r in &self.ranges {
+        for r in self.ranges.as_slice() {
             let size = r.pages as usize * PAGE_SIZE;
             if off >= start && off + n <= start + size {
                 return Some(r.addr + (off - start) as u64);
@@ -676,6 +756,12 @@ impl Mapping {
 
     /// Copies `out.len()` bytes from offset `off`; false if out of the mapping.
     pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
+        if let Some(p) = self.direct_at(off, out.len()) {
+            // SAFETY: `direct_at` bounded the run to the span `PhysMem::direct` vouched for,
+            // kept alive by `self.phys`; bytes are copied, not referenced.
+            unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+            return true;
+        }
         let mut done = 0;
         while done < out.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(out.len() - done);
@@ -692,6 +778,11 @@ impl Mapping {
         if !self.writable {
             return false;
         }
+        if let Some(p) = self.direct_at(off, data.len()) {
+            // SAFETY: as in `read`.
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            return true;
+        }
         let mut done = 0;
         while done < data.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(data.len() - done);
@@ -704,32 +795,48 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// An aligned word of the direct run at `off`, if there is one.
+    #[inline]
+    fn direct_word<T>(&self, off: usize) -> Option<*mut T> {
+        let p = self.direct_at(off, core::mem::size_of::<T>())?;
+        (p as usize % core::mem::align_of::<T>() == 0).then_some(p.cast())
+    }
+}
+
+macro_rules! mapping_word {
+    ($read:ident, $write:ident, $t:ty) => {
+        #[inline]
+        fn $read(&self, off: usize) -> $t {
+            if let Some(p) = self.direct_word::<$t>(off) {
+                // SAFETY: in the direct run and aligned (`direct_word`); volatile: the other
+                // world writes concurrently.
+                return <$t>::from_le(unsafe { p.read_volatile() });
+            }
+            self.pa(off, core::mem::size_of::<$t>()).and_then(|pa| self.phys.$read(pa)).unwrap_or(0)
+        }
+        #[inline]
+        fn $write(&self, off: usize, v: $t) {
+            if !self.writable {
+                return;
+            }
+            if let Some(p) = self.direct_word::<$t>(off) {
+                // SAFETY: as in the read above.
+                unsafe { p.write_volatile(v.to_le()) };
+                return;
+            }
+            if let Some(pa) = self.pa(off, core::mem::size_of::<$t>()) {
+                self.phys.$write(pa, v);
+            }
+        }
+    };
+}
+
 impl RingMemory for Mapping {
     fn len(&self) -> usize {
         self.len
     }
-    fn read_u16(&self, off: usize) -> u16 {
-        self.pa(off, 2).and_then(|pa| self.phys.read_u16(pa)).unwrap_or(0)
-    }
-    fn write_u16(&self, off: usize, v: u16) {
-        if let Some(pa) = self.pa(off, 2).filter(|_| self.writable) {
-            self.phys.write_u16(pa, v);
-        }
-    }
-    fn read_u32(&self, off: usize) -> u32 {
-        self.pa(off, 4).and_then(|pa| self.phys.read_u32(pa)).unwrap_or(0)
-    }
-    fn write_u32(&self, off: usize, v: u32) {
-        if let Some(pa) = self.pa(off, 4).filter(|_| self.writable) {
-            self.phys.write_u32(pa, v);
-        }
-    }
-    fn read_u64(&self, off: usize) -> u64 {
-        self.pa(off, 8).and_then(|pa| self.phys.read_u64(pa)).unwrap_or(0)
-    }
-    fn write_u64(&self, off: usize, v: u64) {
-        if let Some(pa) = self.pa(off, 8).filter(|_| self.writable) {
-            self.phys.write_u64(pa, v);
-        }
-    }
+    mapping_word!(read_u16, write_u16, u16);
+    mapping_word!(read_u32, write_u32, u32);
+    mapping_word!(read_u64, write_u64, u64);
 }

@@ -469,6 +469,26 @@ struct Core {
     port_stats: BTreeMap<String, PortStats>,
     /// Memory references whose last holder let go: the device unmaps them and sends RELEASE.
     released: VecDeque<MemRef>,
+    /// Message buffers to reuse, so that a message in steady state allocates nothing.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Most message buffers kept for reuse.
+const SPARE_BUFFERS: usize = 64;
+
+/// A copy of `data` in a reused buffer when one is spare.
+fn pooled(spare: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    let mut v = spare.pop().unwrap_or_default();
+    v.clear();
+    v.extend_from_slice(data);
+    v
+}
+
+/// Keeps `buf` for reuse (up to [`SPARE_BUFFERS`]).
+fn recycle(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
+    if spare.len() < SPARE_BUFFERS && buf.capacity() > 0 {
+        spare.push(buf);
+    }
 }
 
 impl Core {
@@ -485,6 +505,7 @@ impl Core {
             stats: IpcStats::default(),
             port_stats: BTreeMap::new(),
             released: VecDeque::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -704,7 +725,7 @@ impl Core {
         // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
         // cut to the queue's item size and delivered; the length written is the result.
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
-        chan.inbound.push_back(InMsg { data: data.to_vec(), handles });
+        chan.inbound.push_back(InMsg { data: pooled(&mut self.spare, data), handles });
         chan.signal = true;
         Ok(data.len())
     }
@@ -989,11 +1010,21 @@ impl Core {
     }
 
     fn get_msg(&mut self, app: usize, id: ChanId) -> Result<Vec<u8>, i32> {
+        let mut out = Vec::new();
+        self.get_msg_with(app, id, |data| out.extend_from_slice(data))?;
+        Ok(out)
+    }
+
+    /// Gets the oldest message not got yet and shows its bytes to `read` (Trusty `get_msg`,
+    /// then `read_msg` into the app's own buffer). Returns the length.
+    fn get_msg_with(&mut self, app: usize, id: ChanId, read: impl FnOnce(&[u8])) -> Result<usize, i32> {
         let chan = self.open_chan(app, id)?;
-        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?.data.clone();
+        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?;
+        read(&msg.data);
+        let len = msg.data.len();
         chan.gotten += 1;
         chan.progress += 1;
-        Ok(msg)
+        Ok(len)
     }
 
     fn put_msg(&mut self, app: usize, id: ChanId) -> Result<(), i32> {
@@ -1009,6 +1040,7 @@ impl Core {
         let peer = chan.ta_peer;
         if let Some(msg) = msg {
             self.released.extend(msg.handles);
+            recycle(&mut self.spare, msg.data);
         }
         // A TA-to-TA sender blocked on this queue may go on (IPC_HANDLE_POLL_SEND_UNBLOCKED).
         if let Some(p) = peer.and_then(|p| self.chans.get_mut(&p)) {
@@ -1046,13 +1078,15 @@ impl Core {
         // size, not refused.
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.outbound += 1;
-        let port_name = chan.port_name.clone();
         self.events.push_back(IpcEvent::Message {
             chan: id,
-            data: data.to_vec(),
+            data: pooled(&mut self.spare, data),
         });
         self.stats.sent_to_ns += 1;
-        self.port_stats(&port_name).sent += 1;
+        // The port's counters exist from its creation: no allocation here.
+        if let Some(s) = self.chans.get(&id).and_then(|c| self.port_stats.get_mut(c.port_name.as_str())) {
+            s.sent += 1;
+        }
         Ok(data.len())
     }
 
@@ -1165,6 +1199,20 @@ impl Ctx<'_> {
     /// receive-queue slot until [`Ctx::put_msg`]. ERR_NO_MSG when there is none.
     pub fn get_msg(&mut self, chan: ChanId) -> Result<Vec<u8>, i32> {
         self.core.get_msg(self.app, chan)
+    }
+
+    /// Get the oldest message not got yet and copy it into the app's own buffer `out`
+    /// (Trusty `get_msg` + `read_msg`): `out` is cleared and its capacity reused, so a steady
+    /// stream of messages allocates nothing. Returns the length. ERR_NO_MSG when there is none.
+    pub fn get_msg_into(&mut self, chan: ChanId, out: &mut Vec<u8>) -> Result<usize, i32> {
+        out.clear();
+        self.core.get_msg_with(self.app, chan, |data| out.extend_from_slice(data))
+    }
+
+    /// Get the oldest message not got yet without reading it (Trusty `get_msg` alone, which
+    /// reports the length). It keeps its slot until [`Ctx::put_msg`]. ERR_NO_MSG when none.
+    pub fn get_msg_len(&mut self, chan: ChanId) -> Result<usize, i32> {
+        self.core.get_msg_with(self.app, chan, |_| ())
     }
 
     /// Take the memory references of the message got last (Trusty `read_msg()` with
@@ -1326,7 +1374,6 @@ impl Ipc {
         now: u64,
     ) -> Result<usize, (i32, Vec<MemRef>)> {
         self.core.advance(now);
-        let port_name = self.core.chans.get(&chan).map(|c| c.port_name.clone());
         let result = self.core.deliver(chan, data, handles);
         let result_code = result.as_ref().map(|n| *n).map_err(|(e, _)| *e);
         match result_code {
@@ -1334,12 +1381,14 @@ impl Ipc {
             Err(lk::ERR_NOT_ENOUGH_BUFFER) => self.core.stats.dropped_queue_full += 1,
             Err(_) => self.core.stats.rejected += 1,
         }
-        if let Some(name) = port_name {
+        // The port's counters exist from its creation (`create_port`): looked up by the
+        // channel's port name in place, no copy of it.
+        let core = &mut self.core;
+        let stats = core.chans.get(&chan).and_then(|c| core.port_stats.get_mut(c.port_name.as_str()));
+        if let Some(s) = stats {
             match result_code {
-                Ok(_) => self.core.port_stats(&name).delivered += 1,
-                Err(lk::ERR_NOT_ENOUGH_BUFFER) => {
-                    self.core.port_stats(&name).dropped_queue_full += 1
-                }
+                Ok(_) => s.delivered += 1,
+                Err(lk::ERR_NOT_ENOUGH_BUFFER) => s.dropped_queue_full += 1,
                 Err(_) => {}
             }
         }
@@ -1497,6 +1546,12 @@ impl Ipc {
     /// in the channel's TA->NS queue (a blocked sender gets SEND_UNBLOCKED at the next `run`).
     pub fn pop_event(&mut self) -> Option<IpcEvent> {
         self.core.pop_event()
+    }
+
+    /// Gives back the buffer of a [`IpcEvent::Message`] the device has sent, for reuse (a
+    /// message in steady state then allocates nothing).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        recycle(&mut self.core.spare, buf);
     }
 
     /// Put an event just taken with [`Ipc::pop_event`] back at the front of the queue, undoing its
