@@ -1125,7 +1125,11 @@ impl Core {
     }
 
     /// Queues the handles whose flags were raised since the last look (see [`ready`]).
+    #[inline]
     fn collect_ready(&mut self) {
+        if self.ports.is_clean() && self.chans.is_clean() {
+            return;
+        }
         let apps = self.sleep_until.len();
         self.ready.collect(
             apps,
@@ -1137,15 +1141,23 @@ impl Core {
     }
 
     /// The lowest-numbered port of `app` with its flag raised, from the ready queue.
+    #[inline]
     fn signalled_port(&mut self, app: usize) -> Option<PortId> {
         self.collect_ready();
+        if self.ready.idle(app) {
+            return None;
+        }
         let ports = &self.ports;
         self.ready.first_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
     }
 
     /// The lowest-numbered channel of `app` with its flag raised, from the ready queue.
+    #[inline]
     fn signalled_chan(&mut self, app: usize) -> Option<ChanId> {
         self.collect_ready();
+        if self.ready.idle(app) {
+            return None;
+        }
         let chans = &self.chans;
         self.ready.first_chan(app, |id| chans.get(&id).is_some_and(|c| c.owner == app && c.signal))
     }
@@ -1425,9 +1437,20 @@ impl Ipc {
         self.core.advance(now);
         let mut any = false;
         loop {
+            if self.nobody_can_act() {
+                return any;
+            }
+            let timer_due = self.next_deadline().is_some_and(|d| d <= self.core.now);
             let mut pass = false;
             // Round-robin, one handler call per app per pass: deterministic and fair.
             for app in 0..self.apps.len() {
+                // Skipped only when its step would find nothing: no handle queued for it, none
+                // touched since the last look (an earlier handler may have raised one), no
+                // timer due.
+                let untouched = self.core.ports.is_clean() && self.core.chans.is_clean();
+                if !timer_due && untouched && self.core.ready.idle(app) {
+                    continue;
+                }
                 pass |= self.step_app(app);
             }
             if !pass {
@@ -1435,6 +1458,14 @@ impl Ipc {
             }
             any = true;
         }
+    }
+
+    /// Whether no app can act now: nothing is queued for any (see [`ready`]) and no timer is
+    /// due. An app acts only on a queued handle or a due timer ([`Ipc::next_deadline`]), so a
+    /// pass over the apps would do nothing.
+    fn nobody_can_act(&mut self) -> bool {
+        self.core.collect_ready();
+        self.core.ready.all_idle() && self.next_deadline().map_or(true, |d| d > self.core.now)
     }
 
     /// Give one app one handler call if it has something to do. Returns whether it did.

@@ -139,8 +139,21 @@ impl Ready {
         }
     }
 
-    /// Queues every touched handle whose flag is set, for its current owner.
+    /// Whether nothing is queued for any app.
     #[inline]
+    pub(super) fn all_idle(&self) -> bool {
+        self.lists.iter().all(Vec::is_empty)
+    }
+
+    /// Whether nothing is queued for `app`.
+    #[inline]
+    pub(super) fn idle(&self, app: usize) -> bool {
+        self.lists.get(app).map_or(true, Vec::is_empty)
+    }
+
+    /// Queues every touched handle whose flag is set, for its current owner (the caller checks
+    /// first that something was touched: [`Tracked::is_clean`]).
+    #[inline(never)]
     pub(super) fn collect<P, C>(
         &mut self,
         apps: usize,
@@ -149,9 +162,6 @@ impl Ready {
         port_signal: impl Fn(&P) -> Option<usize>,
         chan_signal: impl Fn(&C) -> Option<usize>,
     ) {
-        if ports.is_clean() && chans.is_clean() {
-            return;
-        }
         let mut scratch = core::mem::take(&mut self.ports_scratch);
         if ports.take_touched(&mut scratch) {
             for (id, p) in ports.iter() {
