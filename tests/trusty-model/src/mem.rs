@@ -840,3 +840,126 @@ impl RingMemory for Mapping {
     mapping_word!(read_u32, write_u32, u32);
     mapping_word!(read_u64, write_u64, u64);
 }
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    //! Mappings translate once, when they are made; what they reach stays exactly what was
+    //! shared, and nothing of a share survives its reclaim.
+    extern crate std;
+
+    use super::*;
+    use crate::host::{GuestRam, Stage2};
+    use trusty_platform::ffa::{encode_descriptor, MemTransaction, ATTR_NORMAL_WB_INNER_SHAREABLE, PERM_RO, PERM_RW, TRUSTY_ENDPOINT_ID};
+
+    const BASE: u64 = 0x4000_0000;
+    const TX: u64 = BASE;
+    const RX: u64 = BASE + 0x1000;
+    const SENDER: u16 = 1;
+
+    /// A share table over 16 pages of guest RAM with the normal world's RX/TX pair mapped.
+    fn table(stage2: Stage2) -> (Arc<GuestRam>, ShareTable) {
+        let ram = GuestRam::new(BASE, 16, stage2);
+        let mut t = ShareTable::new(ram.clone(), None);
+        let (tx, rx) = (ram.ipa_to_pa(TX).unwrap(), ram.ipa_to_pa(RX).unwrap());
+        t.rxtx_map(tx, rx, 1).unwrap();
+        (ram, t)
+    }
+
+    /// FFA_MEM_SHARE of `pages` pages at guest address `ipa` (as a physical address), with
+    /// `perm`.
+    fn share(ram: &GuestRam, t: &mut ShareTable, ipa: u64, pages: u32, perm: u8) -> u64 {
+        let ranges = [PhysRange { addr: ram.ipa_to_pa(ipa).unwrap(), pages }];
+        let tx = MemTransaction {
+            sender: SENDER,
+            receiver: TRUSTY_ENDPOINT_ID,
+            attributes: ATTR_NORMAL_WB_INNER_SHAREABLE,
+            permissions: perm,
+            tag: 0,
+            ranges: &ranges[..],
+        };
+        let mut d = alloc::vec![0u8; PAGE_SIZE];
+        let len = encode_descriptor(&tx, &mut d).unwrap();
+        assert!(PhysMem::write(ram, ram.ipa_to_pa(TX).unwrap(), &d[..len]));
+        t.mem_share(len as u64, len as u64, SENDER).unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_access_after_reclaim_faults_and_a_mapping_reaches_only_its_share() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let (ram, mut t) = table(stage2);
+            let page = BASE + 0x3000;
+            let h = share(&ram, &mut t, page, 1, PERM_RW);
+            let m = t.map(h, PAGE_SIZE, true, "test buffer").expect("a share maps");
+            // Bytes and words land in the shared page (through the translation made once).
+            assert!(m.write(8, b"secure"));
+            RingMemory::write_u32(&m, 16, 0xfeed_f00d);
+            let mut back = [0u8; 6];
+            assert!(PhysMem::read(&*ram, ram.ipa_to_pa(page).unwrap() + 8, &mut back));
+            assert_eq!(&back, b"secure");
+            assert_eq!(RingMemory::read_u32(&m, 16), 0xfeed_f00d);
+            // Nothing past the share: not the next page, not a word straddling the end.
+            assert!(!m.read(PAGE_SIZE - 2, &mut [0u8; 4]));
+            assert!(!m.write(PAGE_SIZE, b"x"));
+            RingMemory::write_u32(&m, PAGE_SIZE - 2, 0x1111_1111);
+            assert_eq!(RingMemory::read_u32(&m, PAGE_SIZE - 2), 0);
+            let mut next = [0u8; 4];
+            assert!(PhysMem::read(&*ram, ram.ipa_to_pa(page + 0x1000).unwrap(), &mut next));
+            assert_eq!(next, [0; 4], "the next page was never written");
+            // Mapped: the owner cannot take it back.
+            assert_eq!(t.mem_reclaim(h), Err(ffa::err::DENIED));
+            t.unmap(m);
+            assert_eq!(t.mem_reclaim(h), Ok(()));
+            assert!(t.faults().is_empty());
+            // After the reclaim the id reaches nothing, however recently it was used.
+            assert!(t.map(h, PAGE_SIZE, false, "buffer after reclaim").is_none());
+            assert_eq!(t.faults().len(), 1, "the access after reclaim is a fault");
+            assert!(t.faults()[0].what.contains("never shared"), "{:?}", t.faults());
+            // A new share of the same page is a new id; the old one still faults.
+            let h2 = share(&ram, &mut t, page, 1, PERM_RO);
+            assert_ne!(h2, h);
+            assert!(t.map(h2, PAGE_SIZE, true, "write to a read-only share").is_none(), "read-only");
+            let m2 = t.map(h2, PAGE_SIZE, false, "read-only share").expect("maps read-only");
+            assert!(!m2.write(0, b"no"), "a read-only mapping refuses writes");
+            RingMemory::write_u16(&m2, 0, 0x7777);
+            assert_eq!(RingMemory::read_u16(&m2, 0), 0, "nor word writes (byte 0 was never written)");
+            t.unmap(m2);
+            assert!(t.map(h, 1, false, "buffer after reclaim").is_none());
+            assert_eq!(t.faults().len(), 3);
+        }
+    }
+
+    /// Foreign pages (a client's memfd attached to guest RAM) may be detached while shared, so
+    /// their mappings never take the direct path: after the detach an access fails instead of
+    /// touching freed memory.
+    #[test]
+    fn a_mapping_of_foreign_pages_fails_once_they_are_detached() {
+        let (ram, mut t) = table(Stage2::Identity);
+        let layout = std::alloc::Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: non-zero size.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        struct Keep(*mut u8, std::alloc::Layout);
+        // SAFETY: test memory, freed only by this guard after the detach.
+        unsafe impl Send for Keep {}
+        // SAFETY: as above.
+        unsafe impl Sync for Keep {}
+        impl Drop for Keep {
+            fn drop(&mut self) {
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(self.0, self.1) };
+            }
+        }
+        let ptr = core::ptr::NonNull::new(mem).unwrap();
+        // SAFETY: one page, page-aligned, freed only by `Keep` after detaching.
+        let pages = unsafe { ram.attach_foreign(ptr, 1, alloc::boxed::Box::new(Keep(mem, layout))) }.unwrap();
+        let h = share(&ram, &mut t, pages.ipa(), 1, PERM_RW);
+        let m = t.map(h, PAGE_SIZE, true, "foreign page").expect("maps");
+        assert!(m.write(0, b"memfd"));
+        // SAFETY: the test's own page, still attached.
+        assert_eq!(unsafe { core::slice::from_raw_parts(mem, 5) }, b"memfd");
+        drop(pages);
+        assert!(!m.write(0, b"gone"), "detached pages are not reachable");
+        assert!(!m.read(0, &mut [0u8; 4]));
+        assert_eq!(RingMemory::read_u32(&m, 0), 0);
+        t.unmap(m);
+    }
+}

@@ -219,3 +219,63 @@ impl Ready {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct H {
+        owner: usize,
+        signal: bool,
+    }
+
+    fn signal(h: &H) -> Option<usize> {
+        h.signal.then_some(h.owner)
+    }
+
+    /// Only touched handles are looked at, they come out lowest id first (ports before
+    /// channels, as a full scan met them), stale entries are dropped, and a handle whose owner
+    /// changed is offered to the new owner only.
+    #[test]
+    fn touched_handles_come_out_in_scan_order_for_their_current_owner() {
+        let mut ports: Tracked<PortId, H> = Tracked::new();
+        let mut chans: Tracked<ChanId, H> = Tracked::new();
+        let mut r = Ready::default();
+        for i in 0..4 {
+            chans.insert(ChanId(i), H { owner: 0, signal: false });
+        }
+        ports.insert(PortId(7), H { owner: 0, signal: false });
+        r.collect(2, &mut ports, &mut chans, signal, signal);
+        assert!(r.all_idle(), "nothing raised");
+        assert!(ports.is_clean() && chans.is_clean());
+        chans.get_mut(&ChanId(3)).unwrap().signal = true;
+        chans.get_mut(&ChanId(1)).unwrap().signal = true;
+        ports.get_mut(&PortId(7)).unwrap().signal = true;
+        r.collect(2, &mut ports, &mut chans, signal, signal);
+        let valid_port = |id: PortId| ports.get(&id).is_some_and(|h| h.signal && h.owner == 0);
+        assert_eq!(r.first_port(0, valid_port), Some(PortId(7)));
+        let valid_chan = |id: ChanId| chans.get(&id).is_some_and(|h| h.signal && h.owner == 0);
+        assert_eq!(r.first_chan(0, valid_chan), Some(ChanId(1)));
+        // Channel 1 handled (flag cleared) and channel 3 handed to app 1.
+        chans.get_mut(&ChanId(1)).unwrap().signal = false;
+        chans.get_mut(&ChanId(3)).unwrap().owner = 1;
+        r.collect(2, &mut ports, &mut chans, signal, signal);
+        let valid0 = |id: ChanId| chans.get(&id).is_some_and(|h| h.signal && h.owner == 0);
+        assert_eq!(r.first_chan(0, valid0), None, "stale entries of app 0 dropped");
+        let valid1 = |id: ChanId| chans.get(&id).is_some_and(|h| h.signal && h.owner == 1);
+        assert_eq!(r.first_chan(1, valid1), Some(ChanId(3)));
+        // A burst past the remembered keys: everything is looked at once, nothing is missed.
+        for i in 0..100 {
+            chans.insert(ChanId(100 + i), H { owner: 1, signal: i == 99 });
+        }
+        chans.remove(&ChanId(3));
+        r.collect(2, &mut ports, &mut chans, signal, signal);
+        let valid1 = |id: ChanId| chans.get(&id).is_some_and(|h| h.signal && h.owner == 1);
+        assert_eq!(r.first_chan(1, valid1), Some(ChanId(199)));
+        // An app that is not (a placeholder owner) is never queued.
+        chans.insert(ChanId(500), H { owner: usize::MAX, signal: true });
+        r.collect(2, &mut ports, &mut chans, signal, signal);
+        let valid1 = |id: ChanId| chans.get(&id).is_some_and(|h| h.signal && h.owner == 1);
+        assert_eq!(r.first_chan(1, valid1), Some(ChanId(199)));
+    }
+}
