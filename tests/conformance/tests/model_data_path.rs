@@ -96,3 +96,29 @@ fn one_way_messages_to_the_data_sink_allocate_nothing() {
     dev.close(ch).expect("close");
     rig.shutdown_clean();
 }
+
+/// With the model on its own core (`-D sim-cores`), the kick that carries a message is the
+/// only secure call of an echo: the model finishes the work before it answers, so the reply is
+/// in the ring when the call returns (as the Trusty VM image does under QEMU).
+#[test]
+fn one_secure_call_per_echo_with_the_model_on_another_core() {
+    // The idle pump adds a NOP when Trusty has not run for `idle_pump_ms`: on a loaded machine
+    // a round trip can take that long, and that NOP is not what this test counts.
+    let mut cfg = tipc::stack::StackConfig::default();
+    cfg.tipc.idle_pump_ms = u64::MAX;
+    let mut rig = Rig::with(ModelMode::Cores, trusty_model::ModelConfig::default(), cfg, |_| {});
+    let dev = rig.dev();
+    let ch = dev.connect(ECHO).expect("connect to echo");
+    let mut buf = [0u8; 64];
+    dev.send(ch, &[b"warm"], &[], WAIT).unwrap();
+    dev.recv(ch, &mut [&mut buf], WAIT).unwrap();
+    let before = dev.bus().trusty_ref().stats().smcs;
+    for _ in 0..200 {
+        dev.send(ch, &[b"ping"], &[], WAIT).unwrap();
+        assert_eq!(dev.recv(ch, &mut [&mut buf], WAIT), Ok(4));
+    }
+    let calls = dev.bus().trusty_ref().stats().smcs - before;
+    assert_eq!(calls, 200, "one kick per round trip, nothing else");
+    dev.close(ch).expect("close");
+    rig.shutdown_clean();
+}

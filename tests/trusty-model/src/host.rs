@@ -513,7 +513,11 @@ impl Sim {
     pub fn with_stage2(mode: ModelMode, mut cfg: ModelConfig, stage2: Stage2) -> Sim {
         let ram = GuestRam::new(RAM_BASE, RAM_PAGES, stage2);
         let clock = StdClock::new();
-        cfg.deferred = mode != ModelMode::Sync;
+        // Only the threaded mode leaves a call's work for after the call: in `Cores` mode the
+        // model thread finishes it before it answers, as the Trusty VM image does under QEMU
+        // (its NOP answers when Trusty is idle, lib/sm's sm_wait_for_smcall()), so an echo is
+        // one call and its answer is in the ring when the call returns.
+        cfg.deferred = mode == ModelMode::Threaded;
         let model = Arc::new(Mutex::new(Model::new(cfg, ram.clone(), clock.clone())));
         match mode {
             ModelMode::Sync => {
