@@ -54,6 +54,12 @@ pub struct DirectSpan {
     len: usize,
 }
 
+// SAFETY: a span only names memory that its `PhysMem` (itself `Send + Sync`) keeps alive;
+// both worlds reach it with copies and volatile word accesses, as CPUs share RAM.
+unsafe impl Send for DirectSpan {}
+// SAFETY: as above; the span itself is never written through a shared reference.
+unsafe impl Sync for DirectSpan {}
+
 impl DirectSpan {
     /// # Safety
     /// `ptr` must be valid for reads and writes of `len` bytes for as long as the [`PhysMem`]
@@ -88,6 +94,10 @@ impl core::fmt::Display for Fault {
 struct Share {
     /// Shared with every mapping made of it (no copy per mapping).
     ranges: Arc<[PhysRange]>,
+    /// Bytes shared (the ranges' total).
+    size: usize,
+    /// The first range's place in memory ([`PhysMem::direct`]), found once at share time.
+    direct: Option<DirectSpan>,
     writable: bool,
     /// Mappings the secure side holds (a mapped share cannot be reclaimed).
     mapped: u32,
@@ -427,7 +437,9 @@ impl ShareTable {
         };
         let handle = self.next_handle;
         self.next_handle += 2;
-        self.shares.insert(handle, Share { ranges: Arc::from(ranges), writable, mapped: 0 });
+        let size = ranges.iter().map(|r| r.pages as usize * PAGE_SIZE).sum();
+        let direct = ranges.first().and_then(|r| self.phys.direct(r.addr, r.pages as usize * PAGE_SIZE));
+        self.shares.insert(handle, Share { ranges: Arc::from(ranges), size, direct, writable, mapped: 0 });
         self.stats.shared_total += 1;
         self.stats.live = self.shares.len();
         self.stats.max_live = self.stats.max_live.max(self.stats.live);
@@ -489,7 +501,7 @@ impl ShareTable {
             self.fault("ffa-handle", id, format!("{purpose}: memory id was never shared"));
             return None;
         };
-        let size: usize = share.ranges.iter().map(|r| r.pages as usize * PAGE_SIZE).sum();
+        let size = share.size;
         if len > size {
             self.fault("ffa-handle", id, format!("{purpose}: {len} bytes wanted, {size} shared"));
             return None;
@@ -503,7 +515,8 @@ impl ShareTable {
             [one] => Ranges::One(one),
             _ => Ranges::Many(share.ranges.clone()),
         };
-        Some(Mapping::new(id, ranges, len, write, self.phys.clone(), Vec::new()))
+        let direct = share.direct;
+        Some(Mapping::with_direct(id, ranges, len, write, self.phys.clone(), Vec::new(), direct))
     }
 
     /// API < 5: lib/sm/ns_mem.c ext_mem_get_vmm_obj() decodes the id with
@@ -694,16 +707,25 @@ pub struct Mapping {
     direct: Option<DirectSpan>,
 }
 
-// SAFETY: the span points into memory that `phys` (held here, `Send + Sync`) keeps alive and
-// in place; both worlds access it only with copies and volatile word accesses, as shared RAM.
-unsafe impl Send for Mapping {}
-
 impl Mapping {
     fn new(id: u64, ranges: Ranges, len: usize, writable: bool, phys: Arc<dyn PhysMem>, grants: Vec<(u64, u32)>) -> Self {
-        let direct = ranges.as_slice().first().and_then(|r| {
-            let run = (r.pages as usize).saturating_mul(PAGE_SIZE).min(len);
-            phys.direct(r.addr, run).filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run })
-        });
+        let first = ranges.as_slice().first().and_then(|r| phys.direct(r.addr, r.pages as usize * PAGE_SIZE));
+        Mapping::with_direct(id, ranges, len, writable, phys, grants, first)
+    }
+
+    /// A mapping whose first range lies at `first` (the whole range, as
+    /// [`PhysMem::direct`] gave it), found earlier; only its first `len` bytes are reachable.
+    fn with_direct(
+        id: u64,
+        ranges: Ranges,
+        len: usize,
+        writable: bool,
+        phys: Arc<dyn PhysMem>,
+        grants: Vec<(u64, u32)>,
+        first: Option<DirectSpan>,
+    ) -> Self {
+        let run = ranges.as_slice().first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
+        let direct = first.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
         Mapping { id, ranges, len, writable, phys, grants, direct }
     }
 

@@ -109,6 +109,9 @@ pub struct TipcDev {
     out_descs: Vec<Desc>,
     in_frame: Vec<u8>,
     out_frame: Vec<u8>,
+    /// VRING_USED_F_NO_NOTIFY as last written on vring 1 / vring 0 (None: not yet, since the
+    /// rings were set up): rewritten, with its fence, only when it changes.
+    no_notify: [Option<bool>; 2],
 }
 
 impl TipcDev {
@@ -128,6 +131,7 @@ impl TipcDev {
             out_descs: Vec::new(),
             in_frame: Vec::new(),
             out_frame: Vec::new(),
+            no_notify: [None; 2],
         }
     }
 
@@ -187,6 +191,7 @@ impl TipcDev {
         self.notifyids = [vdev.vrings[0].notifyid, vdev.vrings[1].notifyid];
         self.to_ns = Some(Ring { queue: DeviceQueue::new(l0), mem: m0 });
         self.from_ns = Some(Ring { queue: DeviceQueue::new(l1), mem: m1 });
+        self.no_notify = [None; 2];
         // GO_ONLINE waits for the first rx buffer (spec §5.5 step 6).
         self.outbox.push_back(Outgoing::Ctrl(Ctrl::GoOnline));
         Ok(())
@@ -256,15 +261,21 @@ impl TipcDev {
         any
     }
 
-    fn update_notify_flags(&self, ipc: &Ipc) {
+    fn update_notify_flags(&mut self, ipc: &Ipc) {
         // Trusty's rx thread sleeps on an empty ring with notifications on (spec §4).
         if let Some(r) = &self.from_ns {
-            r.queue.set_no_notify(&r.mem, false);
+            if self.no_notify[0] != Some(false) {
+                r.queue.set_no_notify(&r.mem, false);
+                self.no_notify[0] = Some(false);
+            }
         }
         // Its tx thread only wants a kick when it is blocked waiting for an rx buffer.
         if let Some(r) = &self.to_ns {
             let waiting = !self.outbox.is_empty() || ipc.pending_events() > 0;
-            r.queue.set_no_notify(&r.mem, !waiting);
+            if self.no_notify[1] != Some(!waiting) {
+                r.queue.set_no_notify(&r.mem, !waiting);
+                self.no_notify[1] = Some(!waiting);
+            }
         }
     }
 

@@ -120,6 +120,8 @@ pub(super) enum Handle {
 #[derive(Default)]
 pub(super) struct Ready {
     lists: Vec<Vec<Handle>>,
+    /// Entries in all lists together.
+    queued: usize,
     ports_scratch: Vec<PortId>,
     chans_scratch: Vec<ChanId>,
 }
@@ -136,13 +138,14 @@ impl Ready {
         let list = &mut self.lists[owner];
         if let Err(at) = list.binary_search(&h) {
             list.insert(at, h);
+            self.queued += 1;
         }
     }
 
     /// Whether nothing is queued for any app.
     #[inline]
     pub(super) fn all_idle(&self) -> bool {
-        self.lists.iter().all(Vec::is_empty)
+        self.queued == 0
     }
 
     /// Whether nothing is queued for `app`.
@@ -202,6 +205,7 @@ impl Ready {
                 return Some(id);
             }
             list.remove(0);
+            self.queued -= 1;
         }
         None
     }
@@ -215,6 +219,7 @@ impl Ready {
                 return Some(id);
             }
             list.remove(start);
+            self.queued -= 1;
         }
         None
     }
