@@ -816,6 +816,13 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
     let mut served = 0u32;
     let mut idle_since: Option<u64> = None;
     let mut polls = 0u32;
+    // A Trusty VM profile also has the guest's own mailbox to watch on every poll; otherwise
+    // the spin touches only the host mailbox words, and the model (its lock) only when a
+    // request came or every 64 polls (timers, work left by a call).
+    let vm = match model.lock() {
+        Ok(m) => matches!(m.config().path, crate::model::Path::XenVm { .. }),
+        Err(_) => return,
+    };
     while !stop.load(Ordering::Acquire) {
         let mut worked = false;
         let req = word32(mb::OFF_REQ_SEQ);
@@ -844,7 +851,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
             served = req;
             worked = true;
         }
-        {
+        if vm || worked {
             let Ok(mut m) = model.lock() else { return };
             // A Trusty VM profile: the guest's own mailbox (granted page), the same protocol.
             worked |= m.serve_mailbox();
@@ -868,7 +875,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
         let now = clock.now_ns();
         let Ok(mut m) = model.lock() else { return };
         let next = m.next_deadline();
-        if next.is_some_and(|d| d <= now) {
+        if next.is_some_and(|d| d <= now) || m.has_pending_work() {
             m.run_background();
             idle_since = None;
             continue;

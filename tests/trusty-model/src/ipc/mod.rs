@@ -1039,7 +1039,9 @@ impl Core {
         // `msg_queue_put_msg()` puts the message's handles).
         let peer = chan.ta_peer;
         if let Some(msg) = msg {
-            self.released.extend(msg.handles);
+            if !msg.handles.is_empty() {
+                self.released.extend(msg.handles);
+            }
             recycle(&mut self.spare, msg.data);
         }
         // A TA-to-TA sender blocked on this queue may go on (IPC_HANDLE_POLL_SEND_UNBLOCKED).

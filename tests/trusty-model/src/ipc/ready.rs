@@ -34,15 +34,20 @@ impl<K: Ord + Copy, V> Tracked<K, V> {
     }
 
     fn touch(&mut self, k: K) {
-        if self.all || self.touched.contains(&k) {
+        Self::record(&mut self.touched, &mut self.all, k);
+    }
+
+    #[inline]
+    fn record(touched: &mut Vec<K>, all: &mut bool, k: K) {
+        if *all || touched.contains(&k) {
             return;
         }
-        if self.touched.len() >= TOUCHED_MAX {
-            self.all = true;
-            self.touched.clear();
+        if touched.len() >= TOUCHED_MAX {
+            *all = true;
+            touched.clear();
             return;
         }
-        self.touched.push(k);
+        touched.push(k);
     }
 
     /// Nothing touched since the last look.
@@ -55,11 +60,11 @@ impl<K: Ord + Copy, V> Tracked<K, V> {
         self.map.get(k)
     }
 
+    #[inline]
     pub(super) fn get_mut(&mut self, k: &K) -> Option<&mut V> {
-        if self.map.contains_key(k) {
-            self.touch(*k);
-        }
-        self.map.get_mut(k)
+        let v = self.map.get_mut(k)?;
+        Self::record(&mut self.touched, &mut self.all, *k);
+        Some(v)
     }
 
     pub(super) fn insert(&mut self, k: K, v: V) -> Option<V> {
