@@ -104,8 +104,7 @@ fn one_way_messages_to_the_data_sink_allocate_nothing() {
 fn one_secure_call_per_echo_with_the_model_on_another_core() {
     // The idle pump adds a NOP when Trusty has not run for `idle_pump_ms`: on a loaded machine
     // a round trip can take that long, and that NOP is not what this test counts.
-    let mut cfg = tipc::stack::StackConfig::default();
-    cfg.tipc.idle_pump_ms = u64::MAX;
+    let cfg = conformance::config_without_idle_pump();
     let mut rig = Rig::with(ModelMode::Cores, trusty_model::ModelConfig::default(), cfg, |_| {});
     let dev = rig.dev();
     let ch = dev.connect(ECHO).expect("connect to echo");
