@@ -42,7 +42,7 @@ step "miri: platform raw-memory helpers (shared buffers, FF-A RX/TX, grant table
 MIRIFLAGS="$MIRIFLAGS -Zmiri-ignore-leaks" \
     cargo "+$NIGHTLY" miri test --locked -p trusty-platform --lib -- mem::tests ffa::tests xen::grant::tests
 
-step "miri: the model's raw physical memory"
-cargo "+$NIGHTLY" miri test --locked -p trusty-model --lib raw::
+step "miri: the model's raw physical memory, its direct mappings of guest RAM, its ready queue"
+cargo "+$NIGHTLY" miri test --locked -p trusty-model --features std --lib -- raw:: mem::tests ipc::ready
 
 echo "miri: no undefined behaviour found"

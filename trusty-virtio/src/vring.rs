@@ -422,8 +422,16 @@ impl DeviceQueue {
 
     /// Takes the next available chain (at most `num` links).
     pub fn pop_avail<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<Chain>, DeviceRingError> {
-        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         let mut descs = Vec::new();
+        Ok(self.pop_avail_into(mem, &mut descs)?.map(|head| Chain { head, descs }))
+    }
+
+    /// [`DeviceQueue::pop_avail`] into a caller's vector (cleared first, its capacity reused):
+    /// returns the head, the descriptors are in `descs`. A device end that keeps one vector
+    /// takes chains without allocating.
+    pub fn pop_avail_into<M: RingMemory + ?Sized>(&mut self, mem: &M, descs: &mut Vec<Desc>) -> Result<Option<u16>, DeviceRingError> {
+        descs.clear();
+        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         let mut i = head;
         loop {
             let desc = self.read_desc(mem, i);
@@ -436,7 +444,7 @@ impl DeviceQueue {
                 return Err(DeviceRingError::BadChain { head });
             }
         }
-        Ok(Some(Chain { head, descs }))
+        Ok(Some(head))
     }
 
     /// Returns a chain with the 32-bit `len` word.

@@ -90,3 +90,12 @@ pub fn echo(dev: &mut TipcDevice, payload: &[u8]) {
     assert_eq!(&buf[..n], payload);
     dev.close(ch).expect("close");
 }
+
+/// The stack's default configuration without the idle pump (one NOP when Trusty has not run
+/// for `idle_pump_ms`): for tests that count secure calls on a machine loaded enough to stall
+/// a round trip that long.
+pub fn config_without_idle_pump() -> StackConfig {
+    let mut cfg = StackConfig::default();
+    cfg.tipc.idle_pump_ms = u64::MAX;
+    cfg
+}

@@ -289,6 +289,16 @@ impl PhysMem for GuestRam {
     word_access!(read_u16, write_u16, u16);
     word_access!(read_u32, write_u32, u32);
     word_access!(read_u64, write_u64, u64);
+    fn direct(&self, pa: u64, len: usize) -> Option<crate::mem::DirectSpan> {
+        // Guest RAM only: foreign pages can be detached while a mapping lives, so they keep
+        // going through `with_pa` (and its lock) on every access.
+        let off = self.pa_offset(pa, len)?;
+        // SAFETY: off + len <= self.len (`pa_offset`); the allocation lives, in place, until
+        // this RAM is dropped, and a mapping holds it alive through its `Arc<dyn PhysMem>`.
+        let ptr = std::ptr::NonNull::new(unsafe { self.ptr.add(off) })?;
+        // SAFETY: as above; both worlds access it with copies and volatile words only.
+        Some(unsafe { crate::mem::DirectSpan::new(ptr, len) })
+    }
 }
 
 /// Foreign pages attached to a [`GuestRam`] at a fresh guest address; detached (and what keeps
@@ -503,7 +513,11 @@ impl Sim {
     pub fn with_stage2(mode: ModelMode, mut cfg: ModelConfig, stage2: Stage2) -> Sim {
         let ram = GuestRam::new(RAM_BASE, RAM_PAGES, stage2);
         let clock = StdClock::new();
-        cfg.deferred = mode != ModelMode::Sync;
+        // Only the threaded mode leaves a call's work for after the call: in `Cores` mode the
+        // model thread finishes it before it answers, as the Trusty VM image does under QEMU
+        // (its NOP answers when Trusty is idle, lib/sm's sm_wait_for_smcall()), so an echo is
+        // one call and its answer is in the ring when the call returns.
+        cfg.deferred = mode == ModelMode::Threaded;
         let model = Arc::new(Mutex::new(Model::new(cfg, ram.clone(), clock.clone())));
         match mode {
             ModelMode::Sync => {
@@ -714,8 +728,43 @@ pub fn pin_to_cpu(cpu: usize) -> bool {
     }
 }
 
-/// Cores on this machine (1 if unknown).
+/// Lets the calling thread run on every CPU (Linux `sched_setaffinity` with a full mask; the
+/// kernel keeps only the CPUs the process's cpuset allows). False if that failed.
+fn unpin() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn sched_setaffinity(pid: i32, size: usize, mask: *const u64) -> i32;
+        }
+        let mask = [u64::MAX; 16];
+        // SAFETY: as in `pin_to_cpu`: pid 0 is the calling thread, the mask is 1024 bits and
+        // only read.
+        unsafe { sched_setaffinity(0, std::mem::size_of_val(&mask), mask.as_ptr()) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// CPUs online on this machine (1 if unknown). Not the calling thread's affinity: a thread
+/// pinned to one core (as a benchmark pins itself) must still learn that there is another one,
+/// and a thread it spawns inherits that pin (`std::thread::available_parallelism` would say 1
+/// in both).
 pub fn cpu_count() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn sysconf(name: i32) -> std::os::raw::c_long;
+        }
+        // glibc and musl both number it 84 on Linux.
+        const SC_NPROCESSORS_ONLN: i32 = 84;
+        // SAFETY: sysconf only reads its integer argument.
+        let n = unsafe { sysconf(SC_NPROCESSORS_ONLN) };
+        if n > 0 {
+            return usize::try_from(n).unwrap_or(1);
+        }
+    }
     thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -729,10 +778,14 @@ impl CoresThread {
         let handle = thread::Builder::new()
             .name("trusty-model-core".into())
             .spawn(move || {
-                // The last core: a benchmark pins its own thread to core 0.
+                // The last core: a benchmark pins its own thread to core 0. This thread was
+                // born with its creator's affinity; if the last core is not ours to take, it
+                // at least must not stay pinned to the creator's core (where it would run only
+                // while the stack sleeps: every call would wait out the stack's spin and one
+                // pause, ~160 us).
                 let cpus = cpu_count();
-                if cpus > 1 {
-                    pin_to_cpu(cpus - 1);
+                if cpus > 1 && !pin_to_cpu(cpus - 1) {
+                    unpin();
                 }
                 cores_thread(model, c, &p, &s)
             })
@@ -763,6 +816,13 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
     let mut served = 0u32;
     let mut idle_since: Option<u64> = None;
     let mut polls = 0u32;
+    // A Trusty VM profile also has the guest's own mailbox to watch on every poll; otherwise
+    // the spin touches only the host mailbox words, and the model (its lock) only when a
+    // request came or every 64 polls (timers, work left by a call).
+    let vm = match model.lock() {
+        Ok(m) => matches!(m.config().path, crate::model::Path::XenVm { .. }),
+        Err(_) => return,
+    };
     while !stop.load(Ordering::Acquire) {
         let mut worked = false;
         let req = word32(mb::OFF_REQ_SEQ);
@@ -791,7 +851,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
             served = req;
             worked = true;
         }
-        {
+        if vm || worked {
             let Ok(mut m) = model.lock() else { return };
             // A Trusty VM profile: the guest's own mailbox (granted page), the same protocol.
             worked |= m.serve_mailbox();
@@ -815,7 +875,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
         let now = clock.now_ns();
         let Ok(mut m) = model.lock() else { return };
         let next = m.next_deadline();
-        if next.is_some_and(|d| d <= now) {
+        if next.is_some_and(|d| d <= now) || m.has_pending_work() {
             m.run_background();
             idle_since = None;
             continue;
@@ -835,6 +895,56 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPUs a thread of this process may run on, from /proc (Linux), e.g. "0-1".
+    #[cfg(target_os = "linux")]
+    fn allowed_cpus(tid: &str) -> std::string::String {
+        use std::string::ToString;
+        let status = std::fs::read_to_string(std::format!("/proc/self/task/{tid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    /// A caller pinned to core 0 (as tipc-bench pins itself) still learns every core, and the
+    /// `Cores` model thread it starts does not stay on core 0 with it: pinned there, the model
+    /// ran only while the stack slept, and every call waited ~160 us.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_caller_pinned_to_core_0_gets_the_model_thread_on_another_core() {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            std::eprintln!("one core only: nothing to check");
+            return;
+        }
+        thread::spawn(move || {
+            assert!(pin_to_cpu(0));
+            assert_eq!(cpu_count(), cpus, "a pinned thread still sees every core");
+            let sim = Sim::new(ModelMode::Cores, ModelConfig::default());
+            // The thread names and pins itself as it starts: give it up to 5 s.
+            let start = Instant::now();
+            let model_cpus = loop {
+                let found = std::fs::read_dir("/proc/self/task")
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|tid| {
+                        std::fs::read_to_string(std::format!("/proc/self/task/{tid}/comm"))
+                            .is_ok_and(|c| c.trim_end() == "trusty-model-co")
+                    })
+                    .map(|tid| allowed_cpus(&tid));
+                match found {
+                    Some(c) if c != "0" => break c,
+                    _ if start.elapsed() > Duration::from_secs(5) => break found.unwrap_or_default(),
+                    _ => thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            assert!(!model_cpus.is_empty(), "no model thread found");
+            assert_ne!(model_cpus, "0", "the model thread shares the caller's core");
+            drop(sim);
+        })
+        .join()
+        .unwrap();
+    }
 
     /// Pages from outside guest RAM, attached at a fresh guest address: reachable by the secure
     /// side only at their physical address under the stage-2 (an IPA read as a PA misses when

@@ -38,6 +38,37 @@ pub trait PhysMem: Send + Sync {
     fn read_u64(&self, pa: u64) -> Option<u64>;
     /// Writes a little-endian u64; `false` if not RAM.
     fn write_u64(&self, pa: u64, v: u64) -> bool;
+    /// Where `[pa, pa + len)` lies in this process's memory, if it is one run of plain RAM that
+    /// stays in place for as long as this memory lives; `None` (the default) sends every
+    /// access through the methods above. A [`Mapping`] asks once, when it is made, so its
+    /// accesses need no lookup.
+    fn direct(&self, _pa: u64, _len: usize) -> Option<DirectSpan> {
+        None
+    }
+}
+
+/// A run of process memory standing for a run of physical memory (see [`PhysMem::direct`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DirectSpan {
+    ptr: core::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a span only names memory that its `PhysMem` (itself `Send + Sync`) keeps alive;
+// both worlds reach it with copies and volatile word accesses, as CPUs share RAM.
+unsafe impl Send for DirectSpan {}
+// SAFETY: as above; the span itself is never written through a shared reference.
+unsafe impl Sync for DirectSpan {}
+
+impl DirectSpan {
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes for as long as the [`PhysMem`]
+    /// that hands this span out lives, whatever borrow it was handed out through. Both worlds
+    /// may access the bytes concurrently (byte copies and volatile, aligned word accesses, as
+    /// two CPUs share RAM).
+    pub unsafe fn new(ptr: core::ptr::NonNull<u8>, len: usize) -> Self {
+        DirectSpan { ptr, len }
+    }
 }
 
 /// An access the model made, or was asked to make, to memory it was never given. A run with a
@@ -61,7 +92,12 @@ impl core::fmt::Display for Fault {
 /// One FF-A share as the secure side recorded it.
 #[derive(Clone, Debug)]
 struct Share {
-    ranges: Vec<PhysRange>,
+    /// Shared with every mapping made of it (no copy per mapping).
+    ranges: Arc<[PhysRange]>,
+    /// Bytes shared (the ranges' total).
+    size: usize,
+    /// The first range's place in memory ([`PhysMem::direct`]), found once at share time.
+    direct: Option<DirectSpan>,
     writable: bool,
     /// Mappings the secure side holds (a mapped share cannot be reclaimed).
     mapped: u32,
@@ -401,7 +437,9 @@ impl ShareTable {
         };
         let handle = self.next_handle;
         self.next_handle += 2;
-        self.shares.insert(handle, Share { ranges, writable, mapped: 0 });
+        let size = ranges.iter().map(|r| r.pages as usize * PAGE_SIZE).sum();
+        let direct = ranges.first().and_then(|r| self.phys.direct(r.addr, r.pages as usize * PAGE_SIZE));
+        self.shares.insert(handle, Share { ranges: Arc::from(ranges), size, direct, writable, mapped: 0 });
         self.stats.shared_total += 1;
         self.stats.live = self.shares.len();
         self.stats.max_live = self.stats.max_live.max(self.stats.live);
@@ -463,7 +501,7 @@ impl ShareTable {
             self.fault("ffa-handle", id, format!("{purpose}: memory id was never shared"));
             return None;
         };
-        let size: usize = share.ranges.iter().map(|r| r.pages as usize * PAGE_SIZE).sum();
+        let size = share.size;
         if len > size {
             self.fault("ffa-handle", id, format!("{purpose}: {len} bytes wanted, {size} shared"));
             return None;
@@ -473,7 +511,12 @@ impl ShareTable {
             return None;
         }
         share.mapped += 1;
-        Some(Mapping { id, ranges: share.ranges.clone(), len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
+        let ranges = match *share.ranges {
+            [one] => Ranges::One(one),
+            _ => Ranges::Many(share.ranges.clone()),
+        };
+        let direct = share.direct;
+        Some(Mapping::with_direct(id, ranges, len, write, self.phys.clone(), Vec::new(), direct))
     }
 
     /// API < 5: lib/sm/ns_mem.c ext_mem_get_vmm_obj() decodes the id with
@@ -515,7 +558,7 @@ impl ShareTable {
             self.fault(mechanism, pa, format!("{purpose}: {len} bytes at this address are not the normal world's RAM"));
             return None;
         }
-        Some(Mapping { id, ranges: alloc::vec![range], len, writable: write, phys: self.phys.clone(), grants: Vec::new() })
+        Some(Mapping::new(id, Ranges::One(range), len, write, self.phys.clone(), Vec::new()))
     }
 
     fn map_grant(&mut self, id: u64, pages: u32, len: usize, write: bool, domid: u16, purpose: &str) -> Option<Mapping> {
@@ -549,7 +592,11 @@ impl ShareTable {
                 _ => ranges.push(PhysRange { addr, pages: 1 }),
             }
         }
-        Some(Mapping { id, ranges, len, writable: write, phys: self.phys.clone(), grants })
+        let ranges = match *ranges {
+            [one] => Ranges::One(one),
+            _ => Ranges::Many(Arc::from(ranges)),
+        };
+        Some(Mapping::new(id, ranges, len, write, self.phys.clone(), grants))
     }
 
     /// Gives a mapping back.
@@ -626,18 +673,73 @@ impl GrantMapper for HostGrantTable {
     }
 }
 
+/// The physical runs behind a mapping: one (the usual case, kept inline) or several.
+enum Ranges {
+    One(PhysRange),
+    Many(Arc<[PhysRange]>),
+}
+
+impl Ranges {
+    fn as_slice(&self) -> &[PhysRange] {
+        match self {
+            Ranges::One(r) => core::slice::from_ref(r),
+            Ranges::Many(v) => v,
+        }
+    }
+}
+
 /// A mapped share: bounded access to exactly the bytes that were shared.
+///
+/// The translation is looked up once, when the mapping is made: if the mapping's first bytes
+/// are one run of plain RAM ([`PhysMem::direct`]), accesses inside that run go straight to it,
+/// bounds-checked against the mapping; anything else goes through [`PhysMem`] each time.
+/// Nothing outlives the share: a mapping holds the share mapped (no reclaim meanwhile), and
+/// after [`ShareTable::unmap`] a new mapping must be asked for, which is checked afresh.
 pub struct Mapping {
     id: u64,
-    ranges: Vec<PhysRange>,
+    ranges: Ranges,
     len: usize,
     writable: bool,
     phys: Arc<dyn PhysMem>,
     /// Grant pages mapped for this mapping: address and unmap handle.
     grants: Vec<(u64, u32)>,
+    /// Bytes `[0, n)` of the mapping lie at `ptr` in this process (see [`PhysMem::direct`]).
+    direct: Option<DirectSpan>,
 }
 
 impl Mapping {
+    fn new(id: u64, ranges: Ranges, len: usize, writable: bool, phys: Arc<dyn PhysMem>, grants: Vec<(u64, u32)>) -> Self {
+        let first = ranges.as_slice().first().and_then(|r| phys.direct(r.addr, r.pages as usize * PAGE_SIZE));
+        Mapping::with_direct(id, ranges, len, writable, phys, grants, first)
+    }
+
+    /// A mapping whose first range lies at `first` (the whole range, as
+    /// [`PhysMem::direct`] gave it), found earlier; only its first `len` bytes are reachable.
+    fn with_direct(
+        id: u64,
+        ranges: Ranges,
+        len: usize,
+        writable: bool,
+        phys: Arc<dyn PhysMem>,
+        grants: Vec<(u64, u32)>,
+        first: Option<DirectSpan>,
+    ) -> Self {
+        let run = ranges.as_slice().first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
+        let direct = first.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
+        Mapping { id, ranges, len, writable, phys, grants, direct }
+    }
+
+    /// Where bytes `[off, off + n)` are in this process, if inside the direct run.
+    #[inline]
+    fn direct_at(&self, off: usize, n: usize) -> Option<*mut u8> {
+        let d = self.direct.as_ref()?;
+        if off.checked_add(n)? > d.len {
+            return None;
+        }
+        // SAFETY: off + n <= d.len, the run's length (checked above).
+        Some(unsafe { d.ptr.as_ptr().add(off) })
+    }
+
     /// The id the share was mapped by.
     pub fn id(&self) -> u64 {
         self.id
@@ -664,7 +766,7 @@ impl Mapping {
             return None;
         }
         let mut start = 0usize;
-        for r in &self.ranges {
+        for r in self.ranges.as_slice() {
             let size = r.pages as usize * PAGE_SIZE;
             if off >= start && off + n <= start + size {
                 return Some(r.addr + (off - start) as u64);
@@ -676,6 +778,12 @@ impl Mapping {
 
     /// Copies `out.len()` bytes from offset `off`; false if out of the mapping.
     pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
+        if let Some(p) = self.direct_at(off, out.len()) {
+            // SAFETY: `direct_at` bounded the run to the span `PhysMem::direct` vouched for,
+            // kept alive by `self.phys`; bytes are copied, not referenced.
+            unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+            return true;
+        }
         let mut done = 0;
         while done < out.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(out.len() - done);
@@ -692,6 +800,11 @@ impl Mapping {
         if !self.writable {
             return false;
         }
+        if let Some(p) = self.direct_at(off, data.len()) {
+            // SAFETY: as in `read`.
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            return true;
+        }
         let mut done = 0;
         while done < data.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(data.len() - done);
@@ -704,32 +817,171 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// An aligned word of the direct run at `off`, if there is one.
+    #[inline]
+    fn direct_word<T>(&self, off: usize) -> Option<*mut T> {
+        let p = self.direct_at(off, core::mem::size_of::<T>())?;
+        (p as usize % core::mem::align_of::<T>() == 0).then_some(p.cast())
+    }
+}
+
+macro_rules! mapping_word {
+    ($read:ident, $write:ident, $t:ty) => {
+        #[inline]
+        fn $read(&self, off: usize) -> $t {
+            if let Some(p) = self.direct_word::<$t>(off) {
+                // SAFETY: in the direct run and aligned (`direct_word`); volatile: the other
+                // world writes concurrently.
+                return <$t>::from_le(unsafe { p.read_volatile() });
+            }
+            self.pa(off, core::mem::size_of::<$t>()).and_then(|pa| self.phys.$read(pa)).unwrap_or(0)
+        }
+        #[inline]
+        fn $write(&self, off: usize, v: $t) {
+            if !self.writable {
+                return;
+            }
+            if let Some(p) = self.direct_word::<$t>(off) {
+                // SAFETY: as in the read above.
+                unsafe { p.write_volatile(v.to_le()) };
+                return;
+            }
+            if let Some(pa) = self.pa(off, core::mem::size_of::<$t>()) {
+                self.phys.$write(pa, v);
+            }
+        }
+    };
+}
+
 impl RingMemory for Mapping {
     fn len(&self) -> usize {
         self.len
     }
-    fn read_u16(&self, off: usize) -> u16 {
-        self.pa(off, 2).and_then(|pa| self.phys.read_u16(pa)).unwrap_or(0)
+    mapping_word!(read_u16, write_u16, u16);
+    mapping_word!(read_u32, write_u32, u32);
+    mapping_word!(read_u64, write_u64, u64);
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    //! Mappings translate once, when they are made; what they reach stays exactly what was
+    //! shared, and nothing of a share survives its reclaim.
+    extern crate std;
+
+    use super::*;
+    use crate::host::{GuestRam, Stage2};
+    use trusty_platform::ffa::{encode_descriptor, MemTransaction, ATTR_NORMAL_WB_INNER_SHAREABLE, PERM_RO, PERM_RW, TRUSTY_ENDPOINT_ID};
+
+    const BASE: u64 = 0x4000_0000;
+    const TX: u64 = BASE;
+    const RX: u64 = BASE + 0x1000;
+    const SENDER: u16 = 1;
+
+    /// A share table over 16 pages of guest RAM with the normal world's RX/TX pair mapped.
+    fn table(stage2: Stage2) -> (Arc<GuestRam>, ShareTable) {
+        let ram = GuestRam::new(BASE, 16, stage2);
+        let mut t = ShareTable::new(ram.clone(), None);
+        let (tx, rx) = (ram.ipa_to_pa(TX).unwrap(), ram.ipa_to_pa(RX).unwrap());
+        t.rxtx_map(tx, rx, 1).unwrap();
+        (ram, t)
     }
-    fn write_u16(&self, off: usize, v: u16) {
-        if let Some(pa) = self.pa(off, 2).filter(|_| self.writable) {
-            self.phys.write_u16(pa, v);
+
+    /// FFA_MEM_SHARE of `pages` pages at guest address `ipa` (as a physical address), with
+    /// `perm`.
+    fn share(ram: &GuestRam, t: &mut ShareTable, ipa: u64, pages: u32, perm: u8) -> u64 {
+        let ranges = [PhysRange { addr: ram.ipa_to_pa(ipa).unwrap(), pages }];
+        let tx = MemTransaction {
+            sender: SENDER,
+            receiver: TRUSTY_ENDPOINT_ID,
+            attributes: ATTR_NORMAL_WB_INNER_SHAREABLE,
+            permissions: perm,
+            tag: 0,
+            ranges: &ranges[..],
+        };
+        let mut d = alloc::vec![0u8; PAGE_SIZE];
+        let len = encode_descriptor(&tx, &mut d).unwrap();
+        assert!(PhysMem::write(ram, ram.ipa_to_pa(TX).unwrap(), &d[..len]));
+        t.mem_share(len as u64, len as u64, SENDER).unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_access_after_reclaim_faults_and_a_mapping_reaches_only_its_share() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let (ram, mut t) = table(stage2);
+            let page = BASE + 0x3000;
+            let h = share(&ram, &mut t, page, 1, PERM_RW);
+            let m = t.map(h, PAGE_SIZE, true, "test buffer").expect("a share maps");
+            // Bytes and words land in the shared page (through the translation made once).
+            assert!(m.write(8, b"secure"));
+            RingMemory::write_u32(&m, 16, 0xfeed_f00d);
+            let mut back = [0u8; 6];
+            assert!(PhysMem::read(&*ram, ram.ipa_to_pa(page).unwrap() + 8, &mut back));
+            assert_eq!(&back, b"secure");
+            assert_eq!(RingMemory::read_u32(&m, 16), 0xfeed_f00d);
+            // Nothing past the share: not the next page, not a word straddling the end.
+            assert!(!m.read(PAGE_SIZE - 2, &mut [0u8; 4]));
+            assert!(!m.write(PAGE_SIZE, b"x"));
+            RingMemory::write_u32(&m, PAGE_SIZE - 2, 0x1111_1111);
+            assert_eq!(RingMemory::read_u32(&m, PAGE_SIZE - 2), 0);
+            let mut next = [0u8; 4];
+            assert!(PhysMem::read(&*ram, ram.ipa_to_pa(page + 0x1000).unwrap(), &mut next));
+            assert_eq!(next, [0; 4], "the next page was never written");
+            // Mapped: the owner cannot take it back.
+            assert_eq!(t.mem_reclaim(h), Err(ffa::err::DENIED));
+            t.unmap(m);
+            assert_eq!(t.mem_reclaim(h), Ok(()));
+            assert!(t.faults().is_empty());
+            // After the reclaim the id reaches nothing, however recently it was used.
+            assert!(t.map(h, PAGE_SIZE, false, "buffer after reclaim").is_none());
+            assert_eq!(t.faults().len(), 1, "the access after reclaim is a fault");
+            assert!(t.faults()[0].what.contains("never shared"), "{:?}", t.faults());
+            // A new share of the same page is a new id; the old one still faults.
+            let h2 = share(&ram, &mut t, page, 1, PERM_RO);
+            assert_ne!(h2, h);
+            assert!(t.map(h2, PAGE_SIZE, true, "write to a read-only share").is_none(), "read-only");
+            let m2 = t.map(h2, PAGE_SIZE, false, "read-only share").expect("maps read-only");
+            assert!(!m2.write(0, b"no"), "a read-only mapping refuses writes");
+            RingMemory::write_u16(&m2, 0, 0x7777);
+            assert_eq!(RingMemory::read_u16(&m2, 0), 0, "nor word writes (byte 0 was never written)");
+            t.unmap(m2);
+            assert!(t.map(h, 1, false, "buffer after reclaim").is_none());
+            assert_eq!(t.faults().len(), 3);
         }
     }
-    fn read_u32(&self, off: usize) -> u32 {
-        self.pa(off, 4).and_then(|pa| self.phys.read_u32(pa)).unwrap_or(0)
-    }
-    fn write_u32(&self, off: usize, v: u32) {
-        if let Some(pa) = self.pa(off, 4).filter(|_| self.writable) {
-            self.phys.write_u32(pa, v);
+
+    /// Foreign pages (a client's memfd attached to guest RAM) may be detached while shared, so
+    /// their mappings never take the direct path: after the detach an access fails instead of
+    /// touching freed memory.
+    #[test]
+    fn a_mapping_of_foreign_pages_fails_once_they_are_detached() {
+        let (ram, mut t) = table(Stage2::Identity);
+        let layout = std::alloc::Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: non-zero size.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        struct Keep(*mut u8, std::alloc::Layout);
+        // SAFETY: test memory, freed only by this guard after the detach.
+        unsafe impl Send for Keep {}
+        // SAFETY: as above.
+        unsafe impl Sync for Keep {}
+        impl Drop for Keep {
+            fn drop(&mut self) {
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(self.0, self.1) };
+            }
         }
-    }
-    fn read_u64(&self, off: usize) -> u64 {
-        self.pa(off, 8).and_then(|pa| self.phys.read_u64(pa)).unwrap_or(0)
-    }
-    fn write_u64(&self, off: usize, v: u64) {
-        if let Some(pa) = self.pa(off, 8).filter(|_| self.writable) {
-            self.phys.write_u64(pa, v);
-        }
+        let ptr = core::ptr::NonNull::new(mem).unwrap();
+        // SAFETY: one page, page-aligned, freed only by `Keep` after detaching.
+        let pages = unsafe { ram.attach_foreign(ptr, 1, alloc::boxed::Box::new(Keep(mem, layout))) }.unwrap();
+        let h = share(&ram, &mut t, pages.ipa(), 1, PERM_RW);
+        let m = t.map(h, PAGE_SIZE, true, "foreign page").expect("maps");
+        assert!(m.write(0, b"memfd"));
+        // SAFETY: the test's own page, still attached.
+        assert_eq!(unsafe { core::slice::from_raw_parts(mem, 5) }, b"memfd");
+        drop(pages);
+        assert!(!m.write(0, b"gone"), "detached pages are not reachable");
+        assert!(!m.read(0, &mut [0u8; 4]));
+        assert_eq!(RingMemory::read_u32(&m, 0), 0);
+        t.unmap(m);
     }
 }

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use tipc::wire::{self, Ctrl, Header};
 use trusty_platform::mem::PAGE_SIZE;
 use trusty_virtio::rsc::{VdevInfo, VIRTIO_ID_TIPC};
-use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
+use trusty_virtio::vring::{Desc, DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
 
 use crate::ipc::{lk, ChanId, Ipc, IpcEvent, MemRef};
 use crate::mem::{Mapping, ShareTable};
@@ -102,6 +102,16 @@ pub struct TipcDev {
     notifyids: [u32; 2],
     /// A ring violation met while sending (Trusty panics on it): reported by `run`.
     violation: Option<DeviceRingError>,
+    /// Reused space (a message in steady state allocates nothing): the descriptors of the
+    /// chain being taken from vring 1 / vring 0, a frame read from the normal world, a frame
+    /// being written to it.
+    in_descs: Vec<Desc>,
+    out_descs: Vec<Desc>,
+    in_frame: Vec<u8>,
+    out_frame: Vec<u8>,
+    /// VRING_USED_F_NO_NOTIFY as last written on vring 1 / vring 0 (None: not yet, since the
+    /// rings were set up): rewritten, with its fence, only when it changes.
+    no_notify: [Option<bool>; 2],
 }
 
 impl TipcDev {
@@ -117,6 +127,11 @@ impl TipcDev {
             stats: TipcDevStats::default(),
             notifyids: [1, 2],
             violation: None,
+            in_descs: Vec::new(),
+            out_descs: Vec::new(),
+            in_frame: Vec::new(),
+            out_frame: Vec::new(),
+            no_notify: [None; 2],
         }
     }
 
@@ -176,6 +191,7 @@ impl TipcDev {
         self.notifyids = [vdev.vrings[0].notifyid, vdev.vrings[1].notifyid];
         self.to_ns = Some(Ring { queue: DeviceQueue::new(l0), mem: m0 });
         self.from_ns = Some(Ring { queue: DeviceQueue::new(l1), mem: m1 });
+        self.no_notify = [None; 2];
         // GO_ONLINE waits for the first rx buffer (spec §5.5 step 6).
         self.outbox.push_back(Outgoing::Ctrl(Ctrl::GoOnline));
         Ok(())
@@ -245,15 +261,21 @@ impl TipcDev {
         any
     }
 
-    fn update_notify_flags(&self, ipc: &Ipc) {
+    fn update_notify_flags(&mut self, ipc: &Ipc) {
         // Trusty's rx thread sleeps on an empty ring with notifications on (spec §4).
         if let Some(r) = &self.from_ns {
-            r.queue.set_no_notify(&r.mem, false);
+            if self.no_notify[0] != Some(false) {
+                r.queue.set_no_notify(&r.mem, false);
+                self.no_notify[0] = Some(false);
+            }
         }
         // Its tx thread only wants a kick when it is blocked waiting for an rx buffer.
         if let Some(r) = &self.to_ns {
             let waiting = !self.outbox.is_empty() || ipc.pending_events() > 0;
-            r.queue.set_no_notify(&r.mem, !waiting);
+            if self.no_notify[1] != Some(!waiting) {
+                r.queue.set_no_notify(&r.mem, !waiting);
+                self.no_notify[1] = Some(!waiting);
+            }
         }
     }
 
@@ -264,9 +286,9 @@ impl TipcDev {
         }
         loop {
             let Some(ring) = self.from_ns.as_mut() else { return Ok(any) };
-            let chain = match ring.queue.pop_avail(&ring.mem) {
+            let head = match ring.queue.pop_avail_into(&ring.mem, &mut self.in_descs) {
                 Ok(None) => return Ok(any),
-                Ok(Some(c)) => c,
+                Ok(Some(h)) => h,
                 Err(DeviceRingError::BadChain { head }) => {
                     ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_VALID as u32);
                     any = true;
@@ -280,18 +302,19 @@ impl TipcDev {
             // descriptor (MAX_RX_IOVS = 1 per list), more is ERR_TOO_BIG. tipc_virtio_dev.c
             // handle_rx_msg(): no readable descriptor is ERR_INVALID_ARGS; a writable one next to
             // it is only logged.
-            let readable: Vec<_> = chain.descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).collect();
-            let writable = chain.descs.len() - readable.len();
-            let status = match readable.as_slice() {
-                _ if readable.len() > 1 || writable > 1 => lk::ERR_TOO_BIG,
-                [d] => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
-                _ => lk::ERR_INVALID_ARGS,
+            let readable = self.in_descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).count();
+            let writable = self.in_descs.len() - readable;
+            let first_readable = self.in_descs.iter().find(|d| d.flags & DESC_F_WRITE == 0).copied();
+            let status = match first_readable {
+                _ if readable > 1 || writable > 1 => lk::ERR_TOO_BIG,
+                Some(d) => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
+                None => lk::ERR_INVALID_ARGS,
             };
             if status < 0 {
                 self.stats.refused_from_ns += 1;
             }
             if let Some(ring) = self.from_ns.as_mut() {
-                ring.queue.push_used(&ring.mem, chain.head, status as u32);
+                ring.queue.push_used(&ring.mem, head, status as u32);
             }
         }
     }
@@ -312,14 +335,22 @@ impl TipcDev {
         let Some(m) = shares.map(id, len.max(1).next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)") else {
             return lk::ERR_NOT_VALID;
         };
-        let mut frame = alloc::vec![0u8; len];
+        // The frame is copied into the device's own buffer (reused; taken out of `self`
+        // while the handlers below borrow the device).
+        let mut frame = core::mem::take(&mut self.in_frame);
+        frame.clear();
+        frame.resize(len, 0);
         let ok = m.read(0, &mut frame);
         shares.unmap(m);
-        if !ok {
-            return lk::ERR_NOT_VALID;
-        }
-        let Some(header) = Header::decode(&frame) else { return lk::ERR_INVALID_ARGS };
-        if wire::HEADER_LEN + usize::from(header.len) != len {
+        let status = if ok { self.handle_frame_copy(&frame, shares, ipc, now) } else { lk::ERR_NOT_VALID };
+        self.in_frame = frame;
+        status
+    }
+
+    /// The checks and dispatch of [`TipcDev::handle_ns_frame`] on the trusted copy of a frame.
+    fn handle_frame_copy(&mut self, frame: &[u8], shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> i32 {
+        let Some(header) = Header::decode(frame) else { return lk::ERR_INVALID_ARGS };
+        if wire::HEADER_LEN + usize::from(header.len) != frame.len() {
             return lk::ERR_INVALID_ARGS;
         }
         let payload = &frame[wire::HEADER_LEN..];
@@ -507,6 +538,7 @@ impl TipcDev {
                     if let Some(remote) = self.slot_of(chan).and_then(|s| self.endpoints[s]).map(|e| e.remote) {
                         self.send_data(remote, &data, shares);
                     }
+                    ipc.recycle(data);
                 }
             }
         }
@@ -530,10 +562,12 @@ impl TipcDev {
     /// oversize message is truncated to the buffer but keeps its full hdr.len (step 4).
     fn send_data(&mut self, ns_addr: u32, data: &[u8], shares: &mut ShareTable) {
         let header = Header { src: 0, dst: ns_addr, shm_cnt: 0, len: data.len() as u16, flags: 0 };
-        let mut frame = Vec::with_capacity(wire::HEADER_LEN + data.len());
+        let mut frame = core::mem::take(&mut self.out_frame);
+        frame.clear();
         frame.extend_from_slice(&header.encode());
         frame.extend_from_slice(data);
         self.put_frame(&frame, None, shares);
+        self.out_frame = frame;
     }
 
     fn send_malformed(&mut self, kind: Malformed, shares: &mut ShareTable) {
@@ -617,8 +651,8 @@ impl TipcDev {
     ///   (hdr.len keeps the full length), and used.len = 16 + bytes copied.
     fn put_frame(&mut self, frame: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
         let Some(ring) = self.to_ns.as_mut() else { return };
-        let chain = match ring.queue.pop_avail(&ring.mem) {
-            Ok(Some(c)) => c,
+        let head = match ring.queue.pop_avail_into(&ring.mem, &mut self.out_descs) {
+            Ok(Some(h)) => h,
             Ok(None) => return,
             Err(e) => {
                 // Index jumps and heads out of range make Trusty panic (vqueue.c), which `run`
@@ -630,23 +664,24 @@ impl TipcDev {
                 return;
             }
         };
-        let writable: Vec<_> = chain.descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).collect();
-        let readable = chain.descs.len() - writable.len();
-        if writable.len() > 1 || readable > 1 {
+        let writable = self.out_descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
+        let readable = self.out_descs.len() - writable;
+        if writable > 1 || readable > 1 {
             // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns early.
             self.stats.lost_to_bad_buffers += 1;
             return;
         }
-        let usable = writable.first().filter(|d| d.len as usize >= wire::HEADER_LEN).copied().copied();
+        let first_writable = self.out_descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied();
+        let usable = first_writable.filter(|d| d.len as usize >= wire::HEADER_LEN);
         let Some(d) = usable else {
             self.stats.lost_to_bad_buffers += 1;
-            ring.queue.push_used(&ring.mem, chain.head, lk::ERR_NOT_ENOUGH_BUFFER as u32);
+            ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_ENOUGH_BUFFER as u32);
             return;
         };
         let cap = d.len as usize;
         let Some(m) = shares.map(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)") else {
             // A mapping failure is returned as a negative length (spec §6.6 step 5).
-            ring.queue.push_used(&ring.mem, chain.head, lk::ERR_NOT_VALID as u32);
+            ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_VALID as u32);
             return;
         };
         let n = frame.len().min(cap);
@@ -662,7 +697,7 @@ impl TipcDev {
         }
         shares.unmap(m);
         self.stats.frames_to_ns += 1;
-        ring.queue.push_used(&ring.mem, chain.head, used_len.unwrap_or(n as u32));
+        ring.queue.push_used(&ring.mem, head, used_len.unwrap_or(n as u32));
     }
 }
 

@@ -21,6 +21,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 pub mod apps;
+mod ready;
 pub mod services;
 
 #[cfg(test)]
@@ -458,10 +459,12 @@ impl Channel {
 /// Everything except the apps themselves, so that an app can be borrowed next to it.
 struct Core {
     now: u64,
-    ports: BTreeMap<PortId, Port>,
+    ports: ready::Tracked<PortId, Port>,
     next_port: u32,
-    chans: BTreeMap<ChanId, Channel>,
+    chans: ready::Tracked<ChanId, Channel>,
     next_chan: u32,
+    /// Handles that may have events, per app (the scheduler never rescans idle ones).
+    ready: ready::Ready,
     events: VecDeque<IpcEvent>,
     /// Per app: sleeping until this time.
     sleep_until: Vec<Option<u64>>,
@@ -471,22 +474,44 @@ struct Core {
     port_stats: BTreeMap<String, PortStats>,
     /// Memory references whose last holder let go: the device unmaps them and sends RELEASE.
     released: VecDeque<MemRef>,
+    /// Message buffers to reuse, so that a message in steady state allocates nothing.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Most message buffers kept for reuse.
+const SPARE_BUFFERS: usize = 64;
+
+/// A copy of `data` in a reused buffer when one is spare.
+fn pooled(spare: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    let mut v = spare.pop().unwrap_or_default();
+    v.clear();
+    v.extend_from_slice(data);
+    v
+}
+
+/// Keeps `buf` for reuse (up to [`SPARE_BUFFERS`]).
+fn recycle(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
+    if spare.len() < SPARE_BUFFERS && buf.capacity() > 0 {
+        spare.push(buf);
+    }
 }
 
 impl Core {
     fn new() -> Self {
         Core {
             now: 0,
-            ports: BTreeMap::new(),
+            ports: ready::Tracked::new(),
             next_port: 0,
-            chans: BTreeMap::new(),
+            chans: ready::Tracked::new(),
             next_chan: 0,
+            ready: ready::Ready::default(),
             events: VecDeque::new(),
             sleep_until: Vec::new(),
             timer_at: Vec::new(),
             stats: IpcStats::default(),
             port_stats: BTreeMap::new(),
             released: VecDeque::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -706,7 +731,7 @@ impl Core {
         // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
         // cut to the queue's item size and delivered; the length written is the result.
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
-        chan.inbound.push_back(InMsg { data: data.to_vec(), handles });
+        chan.inbound.push_back(InMsg { data: pooled(&mut self.spare, data), handles });
         chan.signal = true;
         Ok(data.len())
     }
@@ -991,11 +1016,21 @@ impl Core {
     }
 
     fn get_msg(&mut self, app: usize, id: ChanId) -> Result<Vec<u8>, i32> {
+        let mut out = Vec::new();
+        self.get_msg_with(app, id, |data| out.extend_from_slice(data))?;
+        Ok(out)
+    }
+
+    /// Gets the oldest message not got yet and shows its bytes to `read` (Trusty `get_msg`,
+    /// then `read_msg` into the app's own buffer). Returns the length.
+    fn get_msg_with(&mut self, app: usize, id: ChanId, read: impl FnOnce(&[u8])) -> Result<usize, i32> {
         let chan = self.open_chan(app, id)?;
-        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?.data.clone();
+        let msg = chan.inbound.get(chan.gotten).ok_or(lk::ERR_NO_MSG)?;
+        read(&msg.data);
+        let len = msg.data.len();
         chan.gotten += 1;
         chan.progress += 1;
-        Ok(msg)
+        Ok(len)
     }
 
     fn put_msg(&mut self, app: usize, id: ChanId) -> Result<(), i32> {
@@ -1010,7 +1045,10 @@ impl Core {
         // `msg_queue_put_msg()` puts the message's handles).
         let peer = chan.ta_peer;
         if let Some(msg) = msg {
-            self.released.extend(msg.handles);
+            if !msg.handles.is_empty() {
+                self.released.extend(msg.handles);
+            }
+            recycle(&mut self.spare, msg.data);
         }
         // A TA-to-TA sender blocked on this queue may go on (IPC_HANDLE_POLL_SEND_UNBLOCKED).
         if let Some(p) = peer.and_then(|p| self.chans.get_mut(&p)) {
@@ -1048,13 +1086,15 @@ impl Core {
         // size, not refused.
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.outbound += 1;
-        let port_name = chan.port_name.clone();
         self.events.push_back(IpcEvent::Message {
             chan: id,
-            data: data.to_vec(),
+            data: pooled(&mut self.spare, data),
         });
         self.stats.sent_to_ns += 1;
-        self.port_stats(&port_name).sent += 1;
+        // The port's counters exist from its creation: no allocation here.
+        if let Some(s) = self.chans.get(&id).and_then(|c| self.port_stats.get_mut(c.port_name.as_str())) {
+            s.sent += 1;
+        }
         Ok(data.len())
     }
 
@@ -1092,18 +1132,42 @@ impl Core {
         Ok(data.len())
     }
 
-    fn signalled_port(&self, app: usize) -> Option<PortId> {
-        self.ports
-            .iter()
-            .find(|(_, p)| p.owner == app && p.signal)
-            .map(|(id, _)| *id)
+    /// Queues the handles whose flags were raised since the last look (see [`ready`]).
+    #[inline]
+    fn collect_ready(&mut self) {
+        if self.ports.is_clean() && self.chans.is_clean() {
+            return;
+        }
+        let apps = self.sleep_until.len();
+        self.ready.collect(
+            apps,
+            &mut self.ports,
+            &mut self.chans,
+            |p| p.signal.then_some(p.owner),
+            |c| c.signal.then_some(c.owner),
+        );
     }
 
-    fn signalled_chan(&self, app: usize) -> Option<ChanId> {
-        self.chans
-            .iter()
-            .find(|(_, c)| c.owner == app && c.signal)
-            .map(|(id, _)| *id)
+    /// The lowest-numbered port of `app` with its flag raised, from the ready queue.
+    #[inline]
+    fn signalled_port(&mut self, app: usize) -> Option<PortId> {
+        self.collect_ready();
+        if self.ready.idle(app) {
+            return None;
+        }
+        let ports = &self.ports;
+        self.ready.first_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
+    }
+
+    /// The lowest-numbered channel of `app` with its flag raised, from the ready queue.
+    #[inline]
+    fn signalled_chan(&mut self, app: usize) -> Option<ChanId> {
+        self.collect_ready();
+        if self.ready.idle(app) {
+            return None;
+        }
+        let chans = &self.chans;
+        self.ready.first_chan(app, |id| chans.get(&id).is_some_and(|c| c.owner == app && c.signal))
     }
 }
 
@@ -1155,6 +1219,20 @@ impl Ctx<'_> {
     /// receive-queue slot until [`Ctx::put_msg`]. ERR_NO_MSG when there is none.
     pub fn get_msg(&mut self, chan: ChanId) -> Result<Vec<u8>, i32> {
         self.core.get_msg(self.app, chan)
+    }
+
+    /// Get the oldest message not got yet and copy it into the app's own buffer `out`
+    /// (Trusty `get_msg` + `read_msg`): `out` is cleared and its capacity reused, so a steady
+    /// stream of messages allocates nothing. Returns the length. ERR_NO_MSG when there is none.
+    pub fn get_msg_into(&mut self, chan: ChanId, out: &mut Vec<u8>) -> Result<usize, i32> {
+        out.clear();
+        self.core.get_msg_with(self.app, chan, |data| out.extend_from_slice(data))
+    }
+
+    /// Get the oldest message not got yet without reading it (Trusty `get_msg` alone, which
+    /// reports the length). It keeps its slot until [`Ctx::put_msg`]. ERR_NO_MSG when none.
+    pub fn get_msg_len(&mut self, chan: ChanId) -> Result<usize, i32> {
+        self.core.get_msg_with(self.app, chan, |_| ())
     }
 
     /// Take the memory references of the message got last (Trusty `read_msg()` with
@@ -1330,7 +1408,6 @@ impl Ipc {
         now: u64,
     ) -> Result<usize, (i32, Vec<MemRef>)> {
         self.core.advance(now);
-        let port_name = self.core.chans.get(&chan).map(|c| c.port_name.clone());
         let result = self.core.deliver(chan, data, handles);
         let result_code = result.as_ref().map(|n| *n).map_err(|(e, _)| *e);
         match result_code {
@@ -1338,12 +1415,14 @@ impl Ipc {
             Err(lk::ERR_NOT_ENOUGH_BUFFER) => self.core.stats.dropped_queue_full += 1,
             Err(_) => self.core.stats.rejected += 1,
         }
-        if let Some(name) = port_name {
+        // The port's counters exist from its creation (`create_port`): looked up by the
+        // channel's port name in place, no copy of it.
+        let core = &mut self.core;
+        let stats = core.chans.get(&chan).and_then(|c| core.port_stats.get_mut(c.port_name.as_str()));
+        if let Some(s) = stats {
             match result_code {
-                Ok(_) => self.core.port_stats(&name).delivered += 1,
-                Err(lk::ERR_NOT_ENOUGH_BUFFER) => {
-                    self.core.port_stats(&name).dropped_queue_full += 1
-                }
+                Ok(_) => s.delivered += 1,
+                Err(lk::ERR_NOT_ENOUGH_BUFFER) => s.dropped_queue_full += 1,
                 Err(_) => {}
             }
         }
@@ -1380,9 +1459,20 @@ impl Ipc {
         self.core.advance(now);
         let mut any = false;
         loop {
+            if self.nobody_can_act() {
+                return any;
+            }
+            let timer_due = self.next_deadline().is_some_and(|d| d <= self.core.now);
             let mut pass = false;
             // Round-robin, one handler call per app per pass: deterministic and fair.
             for app in 0..self.apps.len() {
+                // Skipped only when its step would find nothing: no handle queued for it, none
+                // touched since the last look (an earlier handler may have raised one), no
+                // timer due.
+                let untouched = self.core.ports.is_clean() && self.core.chans.is_clean();
+                if !timer_due && untouched && self.core.ready.idle(app) {
+                    continue;
+                }
                 pass |= self.step_app(app);
             }
             if !pass {
@@ -1390,6 +1480,14 @@ impl Ipc {
             }
             any = true;
         }
+    }
+
+    /// Whether no app can act now: nothing is queued for any (see [`ready`]) and no timer is
+    /// due. An app acts only on a queued handle or a due timer ([`Ipc::next_deadline`]), so a
+    /// pass over the apps would do nothing.
+    fn nobody_can_act(&mut self) -> bool {
+        self.core.collect_ready();
+        self.core.ready.all_idle() && self.next_deadline().map_or(true, |d| d > self.core.now)
     }
 
     /// Give one app one handler call if it has something to do. Returns whether it did.
@@ -1511,6 +1609,12 @@ impl Ipc {
     /// in the channel's TA->NS queue (a blocked sender gets SEND_UNBLOCKED at the next `run`).
     pub fn pop_event(&mut self) -> Option<IpcEvent> {
         self.core.pop_event()
+    }
+
+    /// Gives back the buffer of a [`IpcEvent::Message`] the device has sent, for reuse (a
+    /// message in steady state then allocates nothing).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        recycle(&mut self.core.spare, buf);
     }
 
     /// Put an event just taken with [`Ipc::pop_event`] back at the front of the queue, undoing its

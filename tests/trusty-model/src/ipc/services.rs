@@ -107,7 +107,8 @@ fn datasink_chan(ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
     }
     if events.intersects(Events::MSG) {
         loop {
-            match ctx.get_msg(chan) {
+            // srv.c's datasink gets and puts without reading the bytes.
+            match ctx.get_msg_len(chan) {
                 Ok(_) => {
                     if ctx.put_msg(chan).is_err() {
                         let _ = ctx.close(chan);
@@ -431,6 +432,8 @@ pub struct Echo {
     port: ServicePort,
     /// Per channel: messages got but not yet echoed.
     chans: BTreeMap<ChanId, VecDeque<Vec<u8>>>,
+    /// Buffers of echoed messages, reused (srv.c's are static): no allocation per message.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Echo {
@@ -439,6 +442,7 @@ impl Echo {
         Echo {
             port: ServicePort::new(ServiceConfig::srv("echo", 8, 4096, IPC_PORT_ALLOW_ALL)),
             chans: BTreeMap::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -446,9 +450,13 @@ impl Echo {
         let max = self.port.config.msg_num as usize;
         let queue = self.chans.get_mut(&chan).ok_or(lk::ERR_BAD_HANDLE)?;
         while queue.len() < max {
-            match ctx.get_msg(chan) {
-                Ok(msg) => queue.push_back(msg),
-                Err(lk::ERR_NO_MSG) => break,
+            let mut buf = self.spare.pop().unwrap_or_default();
+            match ctx.get_msg_into(chan, &mut buf) {
+                Ok(_) => queue.push_back(buf),
+                Err(lk::ERR_NO_MSG) => {
+                    self.spare.push(buf);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -459,7 +467,11 @@ impl Echo {
                 Err(e) => return Err(e),
             }
             ctx.put_msg(chan)?;
-            queue.pop_front();
+            if let Some(buf) = queue.pop_front() {
+                if self.spare.len() < max {
+                    self.spare.push(buf);
+                }
+            }
         }
         Ok(())
     }
