@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Code size of the stack crates (trusty-platform, trusty-virtio, tipc) as linked into the stack
+# Code size of the stack crates (trusty-platform, trusty-virtio, tipc, trusty-stack) as linked into the stack
 # DomU image (tests/qemu-images, bin stack-domu, release, aarch64-unknown-none): the sizes of
 # their text symbols (`aarch64-linux-gnu-nm --size-sort`), summed by crate.
 # Usage: scripts/code-size.sh [ELF]   (default: builds and measures the stack DomU image)
@@ -32,11 +32,12 @@ aarch64-linux-gnu-nm --size-sort --demangle --print-size "$ELF" |
         crate = "other"
         if (name ~ /trusty_platform::/) crate = "trusty-platform"
         else if (name ~ /trusty_virtio::/) crate = "trusty-virtio"
+        else if (name ~ /trusty_stack::/) crate = "trusty-stack"
         else if (name ~ /^tipc::|[<&( ]tipc::/) crate = "tipc"
         total[crate] += size; all += size
     }
     END {
-        stack = total["trusty-platform"] + total["trusty-virtio"] + total["tipc"]
+        stack = total["trusty-platform"] + total["trusty-virtio"] + total["tipc"] + total["trusty-stack"]
         printf "%-16s %9s\n", "crate", "text B"
         for (c in total) printf "%-16s %9d\n", c, total[c]
         printf "%-16s %9d (%.1f KiB)\n", "stack total", stack, stack / 1024
