@@ -169,6 +169,8 @@ impl<'a> DeviceTree<'a> {
     }
 
     /// The raw value of `node`'s property `name`.
+    // Out of line: bring-up reads many properties, one shared copy of the search serves them.
+    #[inline(never)]
     pub fn property(&self, node: NodeId, name: &str) -> Option<&'a [u8]> {
         self.props.iter().find(|p| p.node == node.0 && p.name == name).map(|p| p.value)
     }

@@ -255,6 +255,8 @@ pub fn decode_descriptor(
     })
 }
 
+// One out-of-line copy: every FF-A call site shares it (the SMC dominates the call's cost).
+#[inline(never)]
 fn ffa_call(conduit: &dyn Conduit, regs: [u64; 8], name: &'static str) -> Result<[u64; 8], Error> {
     let out = conduit.call(regs);
     match out[0] as u32 {

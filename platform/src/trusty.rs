@@ -382,8 +382,7 @@ impl Trusty {
 
     fn expire_check(&self, deadline: &Deadline, what: &'static str) -> Result<(), Error> {
         if deadline.expired(&*self.clock) {
-            log::error!("timed out waiting for {what}");
-            Err(Error::Timeout { what })
+            Err(timed_out(what))
         } else {
             Ok(())
         }
@@ -543,6 +542,15 @@ impl Trusty {
             }
         }
     }
+}
+
+/// The error of a wait that ran out of time, logged once. Out of line and cold: the many
+/// deadline checks inline only the comparison.
+#[cold]
+#[inline(never)]
+fn timed_out(what: &'static str) -> Error {
+    log::error!("timed out waiting for {what}");
+    Error::Timeout { what }
 }
 
 #[cfg(test)]
