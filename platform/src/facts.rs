@@ -159,7 +159,12 @@ pub fn trusty_vm_from_bootargs(args: &str) -> Result<Option<(u16, u32, u32)>, Fa
     let Some(value) = args.split_ascii_whitespace().find_map(|w| w.strip_prefix(TRUSTY_VM_BOOTARG)) else {
         return Ok(None);
     };
-    let mut parts = value.split(',').map(|p| p.parse::<u32>().map_err(|_| FactsError::BadProperty(WHAT)));
+    // One out-of-line parser for the (up to three) fields rather than a copy inlined per field.
+    #[inline(never)]
+    fn field(p: &str) -> Result<u32, FactsError> {
+        p.parse::<u32>().map_err(|_| FactsError::BadProperty(WHAT))
+    }
+    let mut parts = value.split(',').map(field);
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(domid), None, None, None) => Ok(Some((domid_from(domid?, WHAT)?, PORTS_FROM_RENDEZVOUS, PORTS_FROM_RENDEZVOUS))),
         (Some(domid), Some(call), Some(kick), None) => {
