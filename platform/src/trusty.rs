@@ -375,6 +375,8 @@ impl Trusty {
         }
     }
 
+    // Out of line: checked once per call step, each of which is a world switch.
+    #[inline(never)]
     fn expire_limit(&self, limit: &mut Limit, what: &'static str) -> Result<(), Error> {
         let deadline = limit.deadline(&*self.clock);
         self.expire_check(&deadline, what)
