@@ -28,6 +28,9 @@ aarch64-linux-gnu-nm --size-sort --demangle --print-size "$ELF" |
     $3 ~ /^[tTwW]$/ {
         size = hex($2)
         name = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ /, "", name)
+        # A trait impl `<Type as Trait>::f` is code of the crate defining Type (the image'"'"'s
+        # clock or page allocator implementing a stack trait is not stack code): match Type only.
+        if (name ~ /^<.* as /) { name = substr(name, 2); sub(/ as .*/, "", name) }
         sub(/^</, "", name); sub(/^&/, "", name)
         crate = "other"
         if (name ~ /trusty_platform::/) crate = "trusty-platform"
