@@ -134,6 +134,8 @@ impl FfaCallConduit {
 
     /// FFA_RUN while the answer is FFA_INTERRUPT (Linux `ffa_run`, `ffa_msg_send_direct_req`),
     /// on the target the interrupt names. `None` when still interrupted at the limit.
+    // Out of line: shared by its callers, and the secure call it makes dwarfs a call.
+    #[inline(never)]
     fn resume(&self, mut out: [u64; 8]) -> Option<[u64; 8]> {
         let deadline = Deadline::after_ms(&*self.clock, self.interrupt_limit_ms);
         while out[0] as u32 == func::INTERRUPT {

@@ -249,6 +249,8 @@ impl Trusty {
     /// A fast call; returns the raw result word, which some calls use for values that look
     /// negative (e.g. 0xFFFFFFFF for "not supported"). Fast calls may be made while a standard
     /// call is pending or a RESTART_FIQ is owed: Trusty runs them inline (`sm_sched_nonsecure_fiq_loop`).
+    // Out of line: shared by its callers, and the secure call it makes dwarfs a call.
+    #[inline(never)]
     pub fn fast_call(&mut self, fid: u32, a0: u32, a1: u32, a2: u32) -> Result<i32, Error> {
         self.check_alive()?;
         self.stats.fast_calls += 1;
@@ -426,6 +428,8 @@ impl Trusty {
 
     /// Issues whatever RESTART_FIQ is owed (a NOP's, or a pending standard call's) before a
     /// NOP or a standard call goes out.
+    // Out of line: shared by its callers, and the secure call it makes dwarfs a call.
+    #[inline(never)]
     fn settle_nop_fiq(&mut self, deadline: &mut Limit) -> Result<(), Error> {
         while self.nop_fiq_owed {
             self.stats.restart_fiq += 1;
