@@ -20,7 +20,7 @@
 use alloc::sync::Arc;
 use core::ptr::NonNull;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::clock::Clock;
 use crate::smc::{call, Conduit, SmError};
@@ -260,7 +260,9 @@ impl MailboxConduit {
                     }
                     core::hint::spin_loop();
                 }
-            } else if !self.events.wait(self.call_port, (deadline - now).min(EVENT_WAIT_SLICE_NS)) {
+            } else if self.events.wait(self.call_port, (deadline - now).min(EVENT_WAIT_SLICE_NS)) {
+                MAILBOX_STATS.event_waits.fetch_add(1, Ordering::Relaxed);
+            } else {
                 self.clock.relax();
             }
         }
@@ -343,6 +345,64 @@ impl MailboxConduit {
     }
 }
 
+/// Process-wide counters of mailbox calls (every conduit of this program), for status
+/// reports: how many calls, how long they took (publish to answer), how many blocked on the
+/// event channel.
+#[derive(Debug, Default)]
+pub struct MailboxStats {
+    /// Calls made.
+    pub calls: AtomicU64,
+    /// Total time from publish to answer (or give-up), in ns.
+    pub total_ns: AtomicU64,
+    /// Longest call, in ns.
+    pub max_ns: AtomicU64,
+    /// Blocks on the event channel ([`EventChannel::wait`] calls).
+    pub event_waits: AtomicU64,
+    /// Calls by duration: under 1 ms, 5 ms, 20 ms, 100 ms, and longer.
+    pub histogram: [AtomicU64; 5],
+}
+
+/// Upper bounds (ns) of the first buckets of [`MailboxStats::histogram`].
+const HISTOGRAM_NS: [u64; 4] = [1_000_000, 5_000_000, 20_000_000, 100_000_000];
+
+/// The counters of every mailbox call of this program.
+pub static MAILBOX_STATS: MailboxStats = MailboxStats {
+    calls: AtomicU64::new(0),
+    total_ns: AtomicU64::new(0),
+    max_ns: AtomicU64::new(0),
+    event_waits: AtomicU64::new(0),
+    histogram: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+};
+
+impl MailboxStats {
+    /// `key=value` words for a status line.
+    pub fn summary(&self) -> alloc::string::String {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let total = self.total_ns.load(Ordering::Relaxed);
+        let h = |i: usize| self.histogram[i].load(Ordering::Relaxed);
+        alloc::format!(
+            "mailbox_calls={calls} mailbox_avg_us={} mailbox_max_us={} mailbox_event_waits={} mailbox_ms_1/5/20/100/more={}/{}/{}/{}/{}",
+            total.checked_div(calls).unwrap_or(0) / 1000,
+            self.max_ns.load(Ordering::Relaxed) / 1000,
+            self.event_waits.load(Ordering::Relaxed),
+            h(0),
+            h(1),
+            h(2),
+            h(3),
+            h(4)
+        )
+    }
+
+    /// Counts one call that took `ns`.
+    fn record(&self, ns: u64) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        let bucket = HISTOGRAM_NS.iter().position(|&b| ns < b).unwrap_or(HISTOGRAM_NS.len());
+        self.histogram[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Conduit for MailboxConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
         // One call at a time: a concurrent one was not executed, which is what BUSY says.
@@ -352,7 +412,10 @@ impl Conduit for MailboxConduit {
         // SAFETY: `busy` was false and is now ours, so no other call is between these two
         // stores of `busy`: this is the only reference to the flight state until it is released.
         let flight = unsafe { &mut *self.flight.get() };
+        let start = self.clock.now_ns();
         let out = self.call_locked(flight, regs);
+        let took = self.clock.now_ns().saturating_sub(start);
+        MAILBOX_STATS.record(took);
         self.busy.store(false, Ordering::Release);
         out
     }
@@ -362,7 +425,6 @@ impl Conduit for MailboxConduit {
 mod tests {
     extern crate std;
     use super::*;
-    use core::sync::atomic::AtomicU64;
     use std::boxed::Box;
     use std::vec;
 

@@ -89,6 +89,16 @@ impl CallEvent {
     }
 }
 
+/// What the serving loop did, reported every 256 calls.
+#[derive(Default)]
+struct ServeStats {
+    served: u64,
+    serve_ns: u64,
+    background_ns: u64,
+    sleeps: u64,
+    sleep_ns: u64,
+}
+
 /// Serves calls for ever. With service timers armed (or work pending) it keeps running; when
 /// idle it clears the call event, checks the mailbox once more, and sleeps in SCHEDOP_poll until
 /// the guest signals the next call. Faults are reported once each.
@@ -106,16 +116,32 @@ fn serve_with(
     mut each_wake: impl FnMut(&mut Model),
 ) -> ! {
     let mut reported = 0;
+    let mut st = ServeStats::default();
     loop {
         each_wake(model);
+        let t0 = clock.now_ns();
         let mut served = model.serve_mailbox();
+        let t1 = clock.now_ns();
         if served {
+            st.served += 1;
+            st.serve_ns += t1.saturating_sub(t0);
             if let Some(ev) = event {
                 ev.answered();
             }
         }
         if !served {
             model.run_background();
+            st.background_ns += clock.now_ns().saturating_sub(t1);
+        }
+        if served && st.served % 256 == 0 {
+            report(format_args!(
+                "trusty-vm: {} calls: serve {} us, background {} us, sleeps {} ({} us)",
+                st.served,
+                st.serve_ns / 1000,
+                st.background_ns / 1000,
+                st.sleeps,
+                st.sleep_ns / 1000
+            ));
         }
         let faults = model.faults();
         for f in &faults[reported..] {
@@ -132,7 +158,10 @@ fn serve_with(
                 if served {
                     ev.answered();
                 } else {
+                    let t = clock.now_ns();
                     ev.wait();
+                    st.sleeps += 1;
+                    st.sleep_ns += clock.now_ns().saturating_sub(t);
                 }
             }
             // Timers need time to pass, not events: keep running.
