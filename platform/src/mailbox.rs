@@ -20,7 +20,7 @@
 use alloc::sync::Arc;
 use core::ptr::NonNull;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::clock::Clock;
 use crate::smc::{call, Conduit, SmError};
@@ -189,16 +189,20 @@ fn ret(code: SmError) -> [u64; 8] {
 /// merely descheduled for a moment.
 pub const FAST_CALL_MIN_WAIT_MS: u64 = 1000;
 
-/// How long a call spins on the response word before it relaxes between polls: long enough
-/// for a peer polling on another core (well under a microsecond) and for a short model step,
-/// short enough that a peer that sleeps costs little CPU.
-pub const SPIN_NS: u64 = 50_000;
+/// How long a call spins on the response word before it blocks on the event channel (or
+/// relaxes between polls): long enough for a peer polling on another core (well under a
+/// microsecond), for a short model step, and for a Trusty VM that answers a call within a
+/// millisecond or two (measured in the Linux DomU under QEMU TCG, tests/qemu/README.md: a
+/// block there costs two cross-domain wake-ups, 5-100 ms on a loaded host, and a 50 us spin
+/// left most calls blocking); short enough that a peer that sleeps costs little CPU.
+pub const SPIN_NS: u64 = 2_000_000;
 
 /// Polls of the response word between two clock reads while spinning.
 pub const SPIN_POLLS: u32 = 64;
 
-/// Most spin steps of one wait, whatever the clock says.
-pub const MAX_SPIN_STEPS: u32 = 4096;
+/// Most spin steps of one wait, whatever the clock says (enough for [`SPIN_NS`] at about
+/// 0.1 us per step; a clock that does not move alone stops spinning after ~1M polls).
+pub const MAX_SPIN_STEPS: u32 = 16_384;
 
 impl MailboxConduit {
     /// Reads the answer if the response sequence word says request `seq` has been answered.
@@ -260,7 +264,9 @@ impl MailboxConduit {
                     }
                     core::hint::spin_loop();
                 }
-            } else if !self.events.wait(self.call_port, (deadline - now).min(EVENT_WAIT_SLICE_NS)) {
+            } else if self.events.wait(self.call_port, (deadline - now).min(EVENT_WAIT_SLICE_NS)) {
+                MAILBOX_STATS.event_waits.fetch_add(1, Ordering::Relaxed);
+            } else {
                 self.clock.relax();
             }
         }
@@ -343,6 +349,64 @@ impl MailboxConduit {
     }
 }
 
+/// Process-wide counters of mailbox calls (every conduit of this program), for status
+/// reports: how many calls, how long they took (publish to answer), how many blocked on the
+/// event channel.
+#[derive(Debug, Default)]
+pub struct MailboxStats {
+    /// Calls made.
+    pub calls: AtomicU64,
+    /// Total time from publish to answer (or give-up), in ns.
+    pub total_ns: AtomicU64,
+    /// Longest call, in ns.
+    pub max_ns: AtomicU64,
+    /// Blocks on the event channel ([`EventChannel::wait`] calls).
+    pub event_waits: AtomicU64,
+    /// Calls by duration: under 1 ms, 5 ms, 20 ms, 100 ms, and longer.
+    pub histogram: [AtomicU64; 5],
+}
+
+/// Upper bounds (ns) of the first buckets of [`MailboxStats::histogram`].
+const HISTOGRAM_NS: [u64; 4] = [1_000_000, 5_000_000, 20_000_000, 100_000_000];
+
+/// The counters of every mailbox call of this program.
+pub static MAILBOX_STATS: MailboxStats = MailboxStats {
+    calls: AtomicU64::new(0),
+    total_ns: AtomicU64::new(0),
+    max_ns: AtomicU64::new(0),
+    event_waits: AtomicU64::new(0),
+    histogram: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+};
+
+impl MailboxStats {
+    /// `key=value` words for a status line.
+    pub fn summary(&self) -> alloc::string::String {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let total = self.total_ns.load(Ordering::Relaxed);
+        let h = |i: usize| self.histogram[i].load(Ordering::Relaxed);
+        alloc::format!(
+            "mailbox_calls={calls} mailbox_avg_us={} mailbox_max_us={} mailbox_event_waits={} mailbox_ms_1/5/20/100/more={}/{}/{}/{}/{}",
+            total.checked_div(calls).unwrap_or(0) / 1000,
+            self.max_ns.load(Ordering::Relaxed) / 1000,
+            self.event_waits.load(Ordering::Relaxed),
+            h(0),
+            h(1),
+            h(2),
+            h(3),
+            h(4)
+        )
+    }
+
+    /// Counts one call that took `ns`.
+    fn record(&self, ns: u64) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        let bucket = HISTOGRAM_NS.iter().position(|&b| ns < b).unwrap_or(HISTOGRAM_NS.len());
+        self.histogram[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Conduit for MailboxConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
         // One call at a time: a concurrent one was not executed, which is what BUSY says.
@@ -352,7 +416,10 @@ impl Conduit for MailboxConduit {
         // SAFETY: `busy` was false and is now ours, so no other call is between these two
         // stores of `busy`: this is the only reference to the flight state until it is released.
         let flight = unsafe { &mut *self.flight.get() };
+        let start = self.clock.now_ns();
         let out = self.call_locked(flight, regs);
+        let took = self.clock.now_ns().saturating_sub(start);
+        MAILBOX_STATS.record(took);
         self.busy.store(false, Ordering::Release);
         out
     }
@@ -362,7 +429,6 @@ impl Conduit for MailboxConduit {
 mod tests {
     extern crate std;
     use super::*;
-    use core::sync::atomic::AtomicU64;
     use std::boxed::Box;
     use std::vec;
 
@@ -537,5 +603,51 @@ mod tests {
         assert_eq!(r(&c, call::FC_API_VERSION), 5, "a fast call is not lost to a short timeout");
         assert!(clock.now_ns() >= 50 * crate::clock::NS_PER_MS);
         assert_eq!(page.u32_at(OFF_REQ_SEQ), 1, "published once");
+    }
+
+    /// A clock that moves 10 us per read, and whose Trusty VM answers request 1 with `w0`
+    /// once `at_ns` has passed (a VM on another vCPU that answers while the caller spins).
+    struct TickingAnswerClock {
+        now: AtomicU64,
+        page: usize,
+        at_ns: u64,
+    }
+    impl Clock for TickingAnswerClock {
+        fn now_ns(&self) -> u64 {
+            let now = self.now.fetch_add(10_000, Ordering::SeqCst);
+            if now >= self.at_ns {
+                let page = Page(NonNull::new(self.page as *mut u64).unwrap());
+                page.answer(1, 4);
+                core::mem::forget(page);
+            }
+            now
+        }
+        fn sleep_ns(&self, ns: u64) {
+            self.now.fetch_add(ns, Ordering::SeqCst);
+        }
+        fn relax(&self) {}
+    }
+
+    /// An event channel that counts blocks (and ends each at once).
+    struct CountingVm(AtomicU64);
+    impl EventChannel for CountingVm {
+        fn notify(&self, _port: u32) {}
+        fn wait(&self, _port: u32, _timeout_ns: u64) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+    }
+
+    /// An answer within a millisecond is caught by spinning: no block on the event channel,
+    /// whose wake-up (two cross-domain wake-ups under a loaded TCG host) costs 5-100 ms.
+    #[test]
+    fn an_answer_within_a_millisecond_is_caught_without_blocking() {
+        let page = Page::new();
+        let clock = Arc::new(TickingAnswerClock { now: AtomicU64::new(0), page: page.0.as_ptr() as usize, at_ns: 1_000_000 });
+        let vm = Arc::new(CountingVm(AtomicU64::new(0)));
+        // SAFETY: the page outlives the conduit (both live to the end of the test), nothing else uses it.
+        let c = unsafe { MailboxConduit::new(page.ptr(), vm.clone(), clock.clone(), 7, 1000) };
+        assert_eq!(r(&c, call::SC_VIRTIO_START), 4);
+        assert_eq!(vm.0.load(Ordering::SeqCst), 0, "answered while spinning, never blocked");
     }
 }

@@ -17,7 +17,7 @@
 use std::ffi::c_int;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 
 use trusty_ipcd::sys;
 
@@ -83,6 +83,45 @@ fn set_rcvtimeo(fd: RawFd, secs: i64) -> Result<(), Errno> {
     }
 }
 
+/// Flag in the status byte: the daemon cannot carry memory references
+/// (`trusty_ipcd::server::STATUS_NO_MEMREFS`; AOSP's libtrusty ignores the byte's value).
+pub const STATUS_NO_MEMREFS: u8 = trusty_ipcd::server::STATUS_NO_MEMREFS;
+
+/// Channels whose daemon said it cannot carry memory references: (fd, socket inode). The
+/// inode tells a reused descriptor number from the channel that was registered.
+static NO_MEMREFS: Mutex<Vec<(c_int, u64)>> = Mutex::new(Vec::new());
+
+/// The inode of the socket behind `fd`, or None if it is not open.
+fn inode_of(fd: c_int) -> Option<u64> {
+    // SAFETY: fstat writes only into the local struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid stat buffer for the call.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino as u64)
+}
+
+/// Records what the status byte said about channel `fd` (replacing what an earlier channel
+/// on the same descriptor number said).
+fn note_status(fd: c_int, status: u8) {
+    let ino = inode_of(fd);
+    let mut list = NO_MEMREFS.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|&(f, _)| f != fd);
+    if let (true, Some(ino)) = (status & STATUS_NO_MEMREFS != 0, ino) {
+        list.push((fd, ino));
+    }
+}
+
+/// Whether channel `fd` goes through a daemon that cannot carry memory references.
+pub fn refuses_memrefs(fd: c_int) -> bool {
+    let Some(ino) = inode_of(fd) else { return false };
+    let list = NO_MEMREFS.lock().unwrap_or_else(|e| e.into_inner());
+    list.contains(&(fd, ino))
+}
+
+/// Forgets channel `fd` (it is being closed).
+pub fn forget(fd: c_int) {
+    NO_MEMREFS.lock().unwrap_or_else(|e| e.into_inner()).retain(|&(f, _)| f != fd);
+}
+
 /// The connect handshake on a fresh connection: port name out, status byte in.
 /// No status byte (the peer closed) is ENOTCONN, the driver's errno for a refused connect;
 /// none within [`HANDSHAKE_TIMEOUT_S`] is ETIMEDOUT.
@@ -107,6 +146,7 @@ pub fn handshake(fd: OwnedFd, port: &str) -> Result<OwnedFd, Errno> {
     match n {
         1 => {
             set_rcvtimeo(raw, 0)?;
+            note_status(raw, status);
             Ok(fd)
         }
         0 => Err(libc::ENOTCONN),
@@ -159,12 +199,17 @@ pub fn connect_vsock(spec: &str, port: &str) -> Result<OwnedFd, Errno> {
 }
 
 /// Sends one message on a socket channel. Memory references go with the packet as
-/// SCM_RIGHTS (see [`send_memrefs`]). EPIPE (the peer closed the channel) is reported as
-/// ENOTCONN, the driver's errno.
+/// SCM_RIGHTS (see [`check_memrefs`]); a daemon whose status byte said it cannot carry them
+/// ([`STATUS_NO_MEMREFS`]) gets none: the send fails with EOPNOTSUPP and nothing is sent,
+/// as AOSP's `tipc_vsock_send()` refuses descriptors (the channel stays usable). EPIPE (the
+/// peer closed the channel) is reported as ENOTCONN, the driver's errno.
 ///
 /// # Safety
 /// Each iovec's buffer is readable for its length.
 pub unsafe fn send(fd: c_int, iov: &[IoVec], shm: &[TrustyShm]) -> Result<usize, Errno> {
+    if !shm.is_empty() && refuses_memrefs(fd) {
+        return Err(libc::EOPNOTSUPP);
+    }
     let fds = if shm.is_empty() { Vec::new() } else { check_memrefs(fd, shm)? };
     match sys::send_iov_fds(fd, iov, &fds) {
         Err(libc::EPIPE) => Err(libc::ENOTCONN),
@@ -228,6 +273,53 @@ mod tests {
         assert_eq!(parse_vsock("SEQPACKET:1:010"), Ok((libc::SOCK_SEQPACKET, 1, 8)));
         assert_eq!(parse_vsock("SEQPACKET:1"), Err(libc::EINVAL));
         assert_eq!(parse_vsock("x:1"), Err(libc::EINVAL));
+    }
+
+    /// A daemon whose status byte says it cannot carry memory references: `send` with one
+    /// fails with EOPNOTSUPP at once and nothing reaches the daemon; plain messages go; a
+    /// channel on a daemon that can carry them sends them.
+    #[test]
+    fn a_daemon_without_memory_references_gets_none_and_the_send_says_eopnotsupp() {
+        for (status, refused) in [(STATUS_NO_MEMREFS, true), (0u8, false)] {
+            let (client, daemon) = sys::seqpacket_pair().expect("socket pair");
+            let iov = [libc::iovec { iov_base: [status].as_ptr().cast_mut().cast(), iov_len: 1 }];
+            assert_eq!(sys::send_iov_fds(daemon.as_raw_fd(), &iov, &[]), Ok(1));
+            let client = handshake(client, "port").expect("handshake");
+            let fd = client.as_raw_fd();
+            assert_eq!(refuses_memrefs(fd), refused);
+            let mut name = [0u8; 16];
+            // SAFETY: reads into a local buffer.
+            let n = unsafe { libc::read(daemon.as_raw_fd(), name.as_mut_ptr().cast(), name.len()) };
+            assert_eq!(n, 4, "the port name");
+            let (shared, _keep) = sys::seqpacket_pair().expect("a descriptor to pass");
+            let shm = [TrustyShm { fd: shared.as_raw_fd(), transfer: TRUSTY_SHARE }];
+            let data = b"x";
+            let iov = [IoVec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: 1 }];
+            // SAFETY: the iovec covers `data`.
+            let r = unsafe { send(fd, &iov, &shm) };
+            // SAFETY: as above.
+            let plain = unsafe { send(fd, &iov, &[]) };
+            assert_eq!(plain, Ok(1));
+            let mut buf = [0u8; 8];
+            let mut packets = 0;
+            loop {
+                // SAFETY: reads into a local buffer, without blocking.
+                let n = unsafe { libc::recv(daemon.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                if n < 0 {
+                    break;
+                }
+                packets += 1;
+            }
+            if refused {
+                assert_eq!(r, Err(libc::EOPNOTSUPP));
+                assert_eq!(packets, 1, "only the plain message reached the daemon");
+            } else {
+                assert_eq!(r, Ok(1));
+                assert_eq!(packets, 2);
+            }
+            drop(client);
+            forget(fd);
+        }
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub unsafe extern "C" fn tipc_send(fd: c_int, iov: *const IoVec, iovcnt: c_int, 
 /// Closes the channel `fd` (the peer is told); returns close(2)'s result.
 #[no_mangle]
 pub extern "C" fn tipc_close(fd: c_int) -> c_int {
+    conn::forget(fd);
     // SAFETY: closing a descriptor the caller owns; nothing else here uses it.
     unsafe { libc::close(fd) }
 }

@@ -21,6 +21,13 @@ use crate::server::Stack;
 /// The `--platform` value that selects the real platform.
 pub const PLATFORM_NAME: &str = "linux";
 
+/// The idle pump here. From Linux userspace Trusty is only reachable as a Trusty VM, which runs
+/// its work on its own vCPU and writes answers into the shared rings without being called: a
+/// NOP donates it no time, and each one is a mailbox round trip (two cross-domain wake-ups,
+/// 1-100 ms under TCG) that stalls the serving loop. The device scans the rings on every
+/// loop tick without a call; this slow pump is only a safety net for a lost kick.
+pub const VM_IDLE_PUMP_MS: u64 = 1000;
+
 /// How the daemon brings the stack up on the real platform.
 #[derive(Clone, Debug, Default)]
 pub struct LinuxArgs {
@@ -56,7 +63,8 @@ pub fn bring_up(args: &LinuxArgs) -> Result<Stack, String> {
         opts.offer_timeout_ms = ms;
     }
     let access = linux::access(&opts).map_err(|e| format!("platform linux: {e}"))?;
-    let cfg = StackConfig { force_mechanism: force, ..Default::default() };
+    let mut cfg = StackConfig { force_mechanism: force, ..Default::default() };
+    cfg.tipc.idle_pump_ms = VM_IDLE_PUMP_MS;
     match bring_up_platform(access, cfg) {
         Ok((dev, info)) => {
             log::info!("{}", info.plan);
@@ -66,7 +74,11 @@ pub fn bring_up(args: &LinuxArgs) -> Result<Stack, String> {
                 info.version.as_deref().unwrap_or("unknown"),
                 info.api_version
             );
-            Ok(Stack { dev, status: Box::new(|| "platform=linux".to_string()), keep: Box::new(()), memref: None })
+            Ok(Stack { dev, status: Box::new(|| format!(
+                    "platform=linux {} event_waits_empty={}",
+                    trusty_platform::mailbox::MAILBOX_STATS.summary(),
+                    trusty_stack::backend::linux::pool::EMPTY_WAITS.load(std::sync::atomic::Ordering::Relaxed)
+                )), keep: Box::new(()), memref: None })
         }
         Err(e) => {
             let mut msg = String::new();

@@ -14,7 +14,11 @@
 //! (`tipc_vsock_connect()` in libtrusty's trusty.c): one connection per channel; the first
 //! packet is the port name; the daemon answers one status byte ([`STATUS_CONNECTED`]) once
 //! Trusty accepted, or closes the connection if the connect failed; then every packet is one
-//! message in either direction. A packet whose name starts with a NUL byte is a control
+//! message in either direction. AOSP's libtrusty reads the status byte and ignores its value;
+//! ours reads [`STATUS_NO_MEMREFS`] in it: this daemon cannot carry memory references, so its
+//! `tipc_send` fails such a message with EOPNOTSUPP before it leaves the client. A client that
+//! sends descriptors anyway has its connection ended (a clear log line and a prompt end of
+//! file, never a message silently dropped while the client waits for its answer). A packet whose name starts with a NUL byte is a control
 //! request instead (port names cannot contain NUL): [`CONTROL_STATUS`] answers one packet of
 //! `key=value` counters and closes.
 
@@ -32,6 +36,10 @@ use crate::sys::{self, Cred};
 
 /// The byte the daemon sends once the channel is connected.
 pub const STATUS_CONNECTED: u8 = 0;
+/// Flag in the status byte: this daemon cannot carry memory references (its platform has no
+/// way to share a client's descriptor with Trusty, e.g. gntalloc grants only pages it
+/// allocated itself). AOSP's `tipc_vsock_connect()` reads the byte and ignores its value.
+pub const STATUS_NO_MEMREFS: u8 = 0x40;
 /// The first packet of a status query.
 pub const CONTROL_STATUS: &[u8] = b"\0status";
 /// Port names are shorter than this (spec §6.3).
@@ -96,7 +104,8 @@ pub struct Counters {
     pub over_limit: u64,
     /// Messages from a client larger than a TIPC buffer, dropped and logged.
     pub oversize_dropped: u64,
-    /// Messages with memory references that could not be sent (refused by the platform).
+    /// Messages with memory references that could not be sent (refused by the platform); on a
+    /// platform that cannot carry them at all, the connection was ended.
     pub memref_refused: u64,
     /// Sends to Trusty that failed for good.
     pub send_failed: u64,
@@ -104,6 +113,10 @@ pub struct Counters {
     pub closed_by_client: u64,
     /// Connections ended because Trusty closed the channel.
     pub closed_by_trusty: u64,
+    /// Rounds of the serving loop.
+    pub rounds: u64,
+    /// Rounds whose poll(2) ran out of time (the tick) with no socket ready.
+    pub tick_rounds: u64,
 }
 
 enum Cmd {
@@ -325,10 +338,15 @@ impl Server {
                 slots.push(i);
             }
             let tick = if busy { BUSY_TICK_MS } else { IDLE_TICK_MS };
-            if let Err(e) = sys::poll(&mut fds, tick) {
-                log::error!("poll failed: errno {e}");
-                std::thread::sleep(Duration::from_millis(IDLE_TICK_MS as u64));
-                continue;
+            self.counters.rounds += 1;
+            match sys::poll(&mut fds, tick) {
+                Ok(0) => self.counters.tick_rounds += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    log::error!("poll failed: errno {e}");
+                    std::thread::sleep(Duration::from_millis(IDLE_TICK_MS as u64));
+                    continue;
+                }
             }
             if fds[0].revents != 0 {
                 sys::drain(self.wake_rd.as_raw_fd());
@@ -356,6 +374,7 @@ impl Server {
     }
 
     fn finish(mut self) {
+        log::info!("status at stop: {}", self.status());
         for slot in 0..self.conns.len() {
             self.end(slot, End::Failed, "the daemon is stopping");
         }
@@ -571,7 +590,9 @@ impl Server {
 
     /// One message to Trusty, with the client's descriptors as memory references (see
     /// [`crate::memref`]). Descriptors that cannot be shared drop the message (logged, counted):
-    /// Ok, as the message is done with.
+    /// Ok, as the message is done with. On a platform that cannot carry memory references at
+    /// all (the status byte said so, [`STATUS_NO_MEMREFS`]) the connection is ended instead: the
+    /// client would otherwise wait for an answer to a message Trusty never got.
     fn send_to_trusty(&mut self, slot: usize, id: ChannelId, owner: Owner, data: &[u8], fds: &[OwnedFd]) -> Result<(), tipc::Error> {
         if fds.is_empty() {
             return self.dev().send(id, &[data], &[], Timeout::NonBlocking).map(|_| ());
@@ -579,8 +600,21 @@ impl Server {
         let Some(stack) = self.stack.as_mut() else {
             return Err(tipc::Error::NoDevice);
         };
+        let no_memrefs = stack.memref.is_none();
         match self.memrefs.attach(stack, owner, fds) {
             Ok(refs) => stack.dev.send_memrefs(id, &[data], refs, Timeout::NonBlocking).map(|_| ()),
+            Err(e) if no_memrefs => {
+                self.counters.memref_refused += 1;
+                self.end(
+                    slot,
+                    End::Failed,
+                    &format!(
+                        "message with {} memory reference(s) refused: this platform cannot share a client's memory with Trusty (errno {e}, EOPNOTSUPP); connection closed",
+                        fds.len()
+                    ),
+                );
+                Ok(())
+            }
             Err(e) => {
                 self.counters.memref_refused += 1;
                 if let Some(c) = self.conns[slot].as_ref() {
@@ -651,13 +685,13 @@ impl Server {
             .filter(|c| c.channel().is_some())
             .count();
         let live_memrefs = self.stack.as_ref().map_or(0, |s| self.memrefs.live(&s.dev));
-        let (open, extra) = match self.stack.as_mut() {
-            Some(s) => (s.dev.open_channels(), (s.status)()),
-            None => (0, String::new()),
+        let (open, kicks, extra) = match self.stack.as_mut() {
+            Some(s) => (s.dev.open_channels(), s.dev.stats().kicks, (s.status)()),
+            None => (0, 0, String::new()),
         };
         format!(
-            "connections={conns} channels={channels} device_channels={open} live_memrefs={live_memrefs} accepted={} connected={} refused={} timed_out={} over_limit={} oversize_dropped={} memref_refused={} send_failed={} closed_by_client={} closed_by_trusty={} {extra}",
-            c.accepted, c.connected, c.refused, c.timed_out, c.over_limit, c.oversize_dropped, c.memref_refused, c.send_failed, c.closed_by_client, c.closed_by_trusty
+            "connections={conns} channels={channels} device_channels={open} live_memrefs={live_memrefs} accepted={} connected={} refused={} timed_out={} over_limit={} oversize_dropped={} memref_refused={} send_failed={} closed_by_client={} closed_by_trusty={} rounds={} tick_rounds={} kicks={kicks} {extra}",
+            c.accepted, c.connected, c.refused, c.timed_out, c.over_limit, c.oversize_dropped, c.memref_refused, c.send_failed, c.closed_by_client, c.closed_by_trusty, c.rounds, c.tick_rounds
         )
         .trim_end()
         .to_owned()
@@ -786,7 +820,9 @@ impl Server {
         self.counters.connected += 1;
         let fd = conn.fd.as_raw_fd();
         let (cred, via, port) = (conn.cred, conn.via, conn.port.clone());
-        match sys::send_packet(fd, &[STATUS_CONNECTED]) {
+        let no_memrefs = self.stack.as_ref().is_some_and(|s| s.memref.is_none());
+        let status = if no_memrefs { STATUS_CONNECTED | STATUS_NO_MEMREFS } else { STATUS_CONNECTED };
+        match sys::send_packet(fd, &[status]) {
             Ok(_) => log::info!("client {cred} ({via}) port '{port}': connected"),
             Err(e) => self.end(slot, End::ClientClosed, &format!("client gone before the status byte (errno {e})")),
         }

@@ -174,3 +174,47 @@ fn a_burst_of_requests_gets_every_reply_with_the_threaded_model() {
     h.stop();
     join.join().expect("loop");
 }
+
+/// A platform that cannot carry memory references (the Linux grant platform: memref None)
+/// says so in the status byte, and a client that sends descriptors anyway has its connection
+/// ended at once (end of file), not its message dropped while it waits for an answer.
+#[test]
+fn without_memory_references_the_status_byte_says_so_and_a_message_with_fds_ends_the_connection() {
+    use trusty_ipcd::server::{STATUS_CONNECTED, STATUS_NO_MEMREFS};
+    let (mut stack, _) = sim::bring_up(sim::DEFAULT_PLATFORM, false).expect("bring-up");
+    stack.memref = None;
+    let (h, join) = Server::new(stack, Limits::default()).expect("server").spawn().expect("spawn");
+    let fd = h.connect_pair().expect("socket pair");
+    send(&fd, ECHO.as_bytes());
+    assert_eq!(recv(&fd).expect("status byte"), [STATUS_CONNECTED | STATUS_NO_MEMREFS]);
+    // Plain messages go on as usual.
+    send(&fd, b"plain");
+    assert_eq!(recv(&fd).expect("reply"), b"plain");
+    let (x, _y) = sys::seqpacket_pair().expect("a descriptor to pass");
+    let data = b"with fd";
+    let iov = [libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() }];
+    assert_eq!(sys::send_iov_fds(fd.as_raw_fd(), &iov, &[x.as_raw_fd()]), Ok(data.len()));
+    let start = Instant::now();
+    assert_eq!(recv(&fd), None, "the connection ends instead of the message vanishing");
+    assert!(start.elapsed() < Duration::from_secs(2), "ended promptly: {:?}", start.elapsed());
+    assert_eq!(status(&h, "memref_refused"), 1);
+    // Another client is not affected.
+    let other = h.connect_pair().expect("socket pair");
+    send(&other, ECHO.as_bytes());
+    assert_eq!(recv(&other).expect("status byte"), [STATUS_CONNECTED | STATUS_NO_MEMREFS]);
+    send(&other, b"still here");
+    assert_eq!(recv(&other).expect("reply"), b"still here");
+    h.stop();
+    join.join().expect("loop");
+}
+
+/// A platform that carries memory references sends the plain status byte.
+#[test]
+fn with_memory_references_the_status_byte_is_plain() {
+    let (h, join) = start(Limits::default());
+    let fd = h.connect_pair().expect("socket pair");
+    send(&fd, ECHO.as_bytes());
+    assert_eq!(recv(&fd).expect("status byte"), [trusty_ipcd::server::STATUS_CONNECTED]);
+    h.stop();
+    join.join().expect("loop");
+}

@@ -227,6 +227,9 @@ impl Sharer for GntallocSharer {
     }
 }
 
+/// Waits on the event channel that ended with no event (the time ran out, or a signal).
+pub static EMPTY_WAITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The call event channel through `/dev/xen/evtchn`: notify with IOCTL_EVTCHN_NOTIFY, block
 /// with poll(2) until the Trusty VM signals.
 pub struct EvtchnEvents(pub Arc<dyn XenDevices>);
@@ -242,7 +245,12 @@ impl EventChannel for EvtchnEvents {
         // poll(2) counts whole milliseconds: round up, so a short wait still blocks.
         let ms = timeout_ns.div_ceil(1_000_000).clamp(1, i32::MAX as u64) as i32;
         match self.0.wait_events(ms) {
-            Ok(_) => true,
+            Ok(ports) => {
+                if ports.is_empty() {
+                    EMPTY_WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                true
+            }
             Err(e) => {
                 log::warn!("waiting on /dev/xen/evtchn: {e}");
                 false
