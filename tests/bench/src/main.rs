@@ -8,8 +8,6 @@
 //! `--json` prints the same figures as one JSON object; `--quick` runs few iterations (a smoke
 //! run: it checks that everything runs, not how fast).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,47 +16,12 @@ use std::time::Instant;
 
 use trusty_stack::{bring_up_platform, StackConfig};
 use tipc::{Timeout, TipcDevice};
+use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
 use tipc_bench::stack_peer;
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
 
-/// Counts heap allocations made on the thread that asks (the model's own thread in `cores`
-/// mode is not the stack's cost and is not counted).
-struct CountingAlloc;
-
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter is a
-// const-initialised thread-local without a destructor, so touching it never allocates.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
-
-fn allocs_here() -> u64 {
-    ALLOCS.with(|c| c.get())
-}
 
 const SIZES: [usize; 4] = [16, 256, 1024, 4000];
 const MODES: [(&str, Mode); 3] = [("sim", Mode::Sim), ("cores", Mode::Cores), ("stack", Mode::Stack)];
@@ -230,13 +193,13 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
     let mut times = Vec::with_capacity(iters);
     let smcs0 = (up.calls)();
     let reads0 = up.clock_reads.as_ref().map(|f| f());
-    let allocs0 = allocs_here();
+    let allocs0 = allocs_on_this_thread();
     for _ in 0..iters {
         let t = Instant::now();
         one(&mut up.dev)?;
         times.push(t.elapsed().as_nanos() as f64);
     }
-    let allocs = allocs_here() - allocs0;
+    let allocs = allocs_on_this_thread() - allocs0;
     let smcs = (up.calls)() - smcs0;
     let reads = up.clock_reads.as_ref().zip(reads0).map(|(f, r0)| f() - r0);
     times.sort_by(|a, b| a.total_cmp(b));

@@ -2,53 +2,13 @@
 //! platform, nothing else on the thread): no heap allocation per message, one secure call per
 //! echo, at most one clock read per echo, and the peer reaches only what was shared.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
 use tipc::{Error, Timeout};
+use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
 use tipc_bench::stack_peer::{self, StackRig, ECHO_PORT, SINK_PORT};
-
-/// Counts allocations per thread, so tests running in parallel do not see each other's.
-struct CountingAlloc;
-
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn bump() {
-    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter is a
-// const-initialised thread-local without a destructor, so touching it never allocates.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        bump();
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        bump();
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        bump();
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
-
-fn allocs() -> u64 {
-    ALLOCS.with(|c| c.get())
-}
 
 const WAIT: Timeout = Timeout::Ms(5_000);
 const SIZES: [usize; 5] = [1, 16, 256, 1024, 4000];
@@ -73,11 +33,11 @@ fn an_echo_allocates_nothing_after_warm_up() {
         for _ in 0..100 {
             echo(&mut rig, ch, &msg, &mut back);
         }
-        let before = allocs();
+        let before = allocs_on_this_thread();
         for _ in 0..1000 {
             echo(&mut rig, ch, &msg, &mut back);
         }
-        let n = allocs() - before;
+        let n = allocs_on_this_thread() - before;
         assert_eq!(n, 0, "{n} heap allocations in 1000 echoes of {size} B (send + receive)");
         assert_eq!(back, msg, "the echo brought back other bytes");
     }
@@ -86,11 +46,11 @@ fn an_echo_allocates_nothing_after_warm_up() {
     for _ in 0..100 {
         rig.dev.send(sink, &[&msg], &[], WAIT).expect("send");
     }
-    let before = allocs();
+    let before = allocs_on_this_thread();
     for _ in 0..1000 {
         rig.dev.send(sink, &[&msg], &[], WAIT).expect("send");
     }
-    assert_eq!(allocs() - before, 0, "heap allocations while streaming to the sink");
+    assert_eq!(allocs_on_this_thread() - before, 0, "heap allocations while streaming to the sink");
     let s = rig.peer.stats();
     assert_eq!((s.refused, s.malformed, s.lost), (0, 0, 0), "{s:?}");
 }

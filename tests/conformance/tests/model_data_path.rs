@@ -3,50 +3,14 @@
 //! stack and model together, make no heap allocation once warm (issue 11: "a model fast enough
 //! not to hide the stack"). The default model: FF-A handles, identity stage-2.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
 use conformance::{Rig, DATASINK, ECHO};
+use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
 use tipc::Timeout;
 use trusty_model::host::ModelMode;
 
-/// Counts the allocations of the thread that asks (other test threads are not counted).
-struct CountingAlloc;
-
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter is a
-// const-initialised thread-local without a destructor, so touching it never allocates.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
-
-fn allocs() -> u64 {
-    ALLOCS.with(|c| c.get())
-}
 
 const WAIT: Timeout = Timeout::Ms(5_000);
 
@@ -67,11 +31,11 @@ fn an_echo_round_trip_with_the_model_in_the_call_allocates_nothing() {
         for _ in 0..64 {
             round(dev);
         }
-        let before = allocs();
+        let before = allocs_on_this_thread();
         for _ in 0..500 {
             round(dev);
         }
-        let n = allocs() - before;
+        let n = allocs_on_this_thread() - before;
         assert_eq!(n, 0, "{n} heap allocations in 500 echo round trips of {size} B (stack and model)");
     }
     dev.close(ch).expect("close");
@@ -87,11 +51,11 @@ fn one_way_messages_to_the_data_sink_allocate_nothing() {
     for _ in 0..64 {
         assert_eq!(dev.send(ch, &[&msg], &[], WAIT), Ok(msg.len()));
     }
-    let before = allocs();
+    let before = allocs_on_this_thread();
     for _ in 0..1000 {
         assert_eq!(dev.send(ch, &[&msg], &[], WAIT), Ok(msg.len()));
     }
-    let n = allocs() - before;
+    let n = allocs_on_this_thread() - before;
     assert_eq!(n, 0, "{n} heap allocations in 1000 messages to the data sink (stack and model)");
     dev.close(ch).expect("close");
     rig.shutdown_clean();

@@ -12,10 +12,7 @@ use trusty_stack::{bring_up_platform, BringUpError, StackConfig};
 use tipc_test_cases::device::{Mutex, SharedPageAllocator, ShmPages};
 use tipc_test_cases::{cases, runner, DeviceBackend, Params, Rng, TestEnv};
 use trusty_platform::clock::Clock;
-use trusty_platform::mem::PageAllocator;
 use trusty_platform::plan::Mechanism;
-use trusty_platform::smc::Conduit;
-use trusty_platform::xen::hypercall::Hypercall;
 
 use crate::args;
 
@@ -23,16 +20,6 @@ use crate::args;
 pub const EXIT_BRINGUP_FAILED: u32 = 2;
 /// Exit code: no safe way to reach Trusty or share memory on this platform.
 pub const EXIT_NO_PATH: u32 = 3;
-
-/// What the machine gives the stack.
-pub struct Machine {
-    /// `smc #0`.
-    pub conduit: Arc<dyn Conduit>,
-    pub clock: Arc<dyn Clock>,
-    pub allocator: Box<dyn PageAllocator>,
-    /// Xen's hypercalls, when the device tree shows Xen.
-    pub xen: Option<Arc<dyn Hypercall>>,
-}
 
 /// The tests' environment on bare metal: the counter clock, busy sleeps, the console.
 pub struct BareEnv {
@@ -59,17 +46,13 @@ fn forced_mechanism(bootargs: &str, facts_backend: u16) -> Option<Mechanism> {
 
 /// Brings the stack up from the device tree `fdt` and runs every tipc-test case. Returns the
 /// exit code: the number of failed tests, or [`EXIT_BRINGUP_FAILED`] / [`EXIT_NO_PATH`].
-pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
+pub fn run(fdt: &[u8], m: bare::Machine, env: &BareEnv) -> u32 {
     let say = |a: fmt::Arguments<'_>| env.println(a);
     let bootargs = args::bootargs(fdt).unwrap_or("");
     // One pool for the stack's buffers and the memory objects send-fd sends.
     let pages: ShmPages = Arc::new(Mutex::new(m.allocator));
-    let machine = bare::Machine {
-        conduit: m.conduit,
-        clock: m.clock.clone(),
-        allocator: Box::new(SharedPageAllocator(pages.clone())),
-        xen: m.xen,
-    };
+    let clock = m.clock.clone();
+    let machine = bare::Machine { allocator: Box::new(SharedPageAllocator(pages.clone())), ..m };
     let access = bare::access(machine, fdt.to_vec());
     let grant_backend = trusty_platform::facts::trusty_vm_from_bootargs(bootargs).ok().flatten().map_or(0, |vm| vm.0);
     let cfg = StackConfig { force_mechanism: forced_mechanism(bootargs, grant_backend), ..Default::default() };
@@ -92,7 +75,7 @@ pub fn run(fdt: &[u8], m: Machine, env: &BareEnv) -> u32 {
     say(format_args!("tipc-stack: Trusty '{}', API {}", info.version.as_deref().unwrap_or("unknown"), info.api_version));
     let mut backend = DeviceBackend::new(dev, format!("bare metal, {}", info.plan)).with_shm_pages(pages);
     let params = Params { silent: true, ..Default::default() };
-    let mut rng = Rng::new(m.clock.now_ns() | 1);
+    let mut rng = Rng::new(clock.now_ns() | 1);
     let tests: alloc::vec::Vec<_> = cases::ALL.iter().collect();
     let summary = runner::run_tests(&mut backend, env, &tests, &params, &mut rng);
     if let Err(e) = backend.shutdown() {

@@ -18,7 +18,8 @@ use core::ptr::NonNull;
 use trusty_platform::xen::grant::{GrantError, GrantTable};
 use trusty_platform::xen::rendezvous::{Offer, RendezvousPage, RENDEZVOUS_GREF, STATUS_MAP_FAILED, STATUS_SERVING};
 
-use crate::xen::{grant_table_frame, XenGrantMapper, GRANT_WINDOW};
+use crate::xen::XenGrantMapper;
+use trusty_stack::backend::bare::{grant_table_frame, GRANT_WINDOW};
 
 /// Where grants are mapped: inside the first extended region Xen gives a 64 MiB DomU.
 pub const GRANT_MAP_WINDOW: u64 = 0x8000_0000;

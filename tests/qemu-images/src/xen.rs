@@ -1,37 +1,12 @@
-//! Xen pieces of the images: event channels, the grant table's frames, and grant mapping for a
-//! Trusty VM.
+//! Grant mapping for the Trusty VM image (the event channels and the grant table's frames are
+//! `trusty_stack::backend::bare`'s).
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::ptr::NonNull;
 
 use trusty_model::mem::{GrantMapError, GrantMapper};
-use trusty_platform::mailbox::EventChannel;
 use trusty_platform::mem::PAGE_SIZE;
 use trusty_platform::xen::hypercall::{self, gntmap, GnttabMapGrantRef, GnttabUnmapGrantRef, Hypercall, XenError};
-
-/// The guest-physical address where Xen's dom0less DomUs find the grant-table window
-/// (`/hypervisor` reg region 0; qemu-xen.md §2).
-pub const GRANT_WINDOW: u64 = 0x3800_0000;
-
-/// EVTCHNOP_send.
-pub struct XenEvents(pub Arc<dyn Hypercall>);
-
-impl EventChannel for XenEvents {
-    fn notify(&self, port: u32) {
-        if let Err(e) = hypercall::evtchn_send(&*self.0, port) {
-            log::warn!("EVTCHNOP_send({port}) failed: {e:?}");
-        }
-    }
-}
-
-/// Maps grant-table frame 0 at `window` (XENMEM_add_to_physmap, XENMAPSPACE_grant_table) and
-/// returns it as the table's memory: 512 v1 entries.
-pub fn grant_table_frame(h: &dyn Hypercall, window: u64) -> Result<(NonNull<u8>, usize), XenError> {
-    hypercall::map_grant_table_frames(h, window / PAGE_SIZE as u64, 1)?;
-    // The window address is nonzero by construction.
-    Ok((NonNull::new(window as usize as *mut u8).unwrap_or(NonNull::dangling()), PAGE_SIZE))
-}
 
 /// GNTTABOP_map_grant_ref into page slots of an unused guest-physical window (one of the
 /// "extended regions" Xen lists in `/hypervisor` reg).

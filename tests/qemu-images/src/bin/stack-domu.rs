@@ -19,7 +19,8 @@ mod image {
     use baremetal::{console, println};
     use qemu_images::args;
     use qemu_images::pages::PoolAllocator;
-    use qemu_images::stack::{self, BareEnv, Machine};
+    use qemu_images::stack::{self, BareEnv};
+    use trusty_stack::backend::bare::Machine;
     use trusty_platform::aarch64::SmcConduit;
     use trusty_platform::xen::hypercall::HvcHypercall;
 
