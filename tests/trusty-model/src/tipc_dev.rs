@@ -337,8 +337,9 @@ impl TipcDev {
         };
         // The frame is copied into the device's own buffer (reused; taken out of `self`
         // while the handlers below borrow the device).
+        // Only bytes beyond the previous length are zeroed: a successful read below overwrites
+        // all `len` bytes, and a failed one leaves the copy unused.
         let mut frame = core::mem::take(&mut self.in_frame);
-        frame.clear();
         frame.resize(len, 0);
         let ok = m.read(0, &mut frame);
         shares.unmap(m);

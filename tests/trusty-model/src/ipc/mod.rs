@@ -368,11 +368,15 @@ struct Port {
     pending: VecDeque<ChanId>,
     /// READY must be (re-)reported to the owner.
     signal: bool,
+    /// Index of this port's counters in [`Core::port_stats`] (kept after the port closes).
+    stats_slot: usize,
 }
 
 struct Channel {
     owner: usize,
-    port_name: String,
+    /// Index of its port's counters in [`Core::port_stats`]: per-message counting without a
+    /// lookup by name.
+    stats_slot: Option<usize>,
     /// Item size of both queues (the port's msg_size).
     max_msg_size: u32,
     /// Depth of both queues (the port's msg_num).
@@ -407,7 +411,7 @@ impl Channel {
     fn new(owner: usize, port: &Port) -> Self {
         Channel {
             owner,
-            port_name: port.name.clone(),
+            stats_slot: Some(port.stats_slot),
             max_msg_size: port.msg_size,
             msg_num: port.msg_num,
             ta: TaSide::Pending,
@@ -431,7 +435,7 @@ impl Channel {
     fn closing_record(owner: usize) -> Self {
         Channel {
             owner,
-            port_name: String::new(),
+            stats_slot: None,
             max_msg_size: 0,
             msg_num: 0,
             ta: TaSide::Closed,
@@ -471,7 +475,10 @@ struct Core {
     /// Per app: a timed wait ends at this time unless an event comes first ([`Ctx::set_timer`]).
     timer_at: Vec<Option<u64>>,
     stats: IpcStats,
-    port_stats: BTreeMap<String, PortStats>,
+    /// Counters per port name, in creation order; a name keeps its slot for the model's life.
+    port_stats: Vec<PortStats>,
+    /// Slot in `port_stats` by port name (the order [`Ipc::stats`] reports them in).
+    port_stats_by_name: BTreeMap<String, usize>,
     /// Memory references whose last holder let go: the device unmaps them and sends RELEASE.
     released: VecDeque<MemRef>,
     /// Message buffers to reuse, so that a message in steady state allocates nothing.
@@ -509,7 +516,8 @@ impl Core {
             sleep_until: Vec::new(),
             timer_at: Vec::new(),
             stats: IpcStats::default(),
-            port_stats: BTreeMap::new(),
+            port_stats: Vec::new(),
+            port_stats_by_name: BTreeMap::new(),
             released: VecDeque::new(),
             spare: Vec::new(),
         }
@@ -520,13 +528,23 @@ impl Core {
         self.now = self.now.max(now);
     }
 
-    fn port_stats(&mut self, name: &str) -> &mut PortStats {
-        self.port_stats
-            .entry(String::from(name))
-            .or_insert_with(|| PortStats {
-                name: String::from(name),
-                ..PortStats::default()
-            })
+    /// The slot of the counters of port `name`, created on first use.
+    fn port_stats_slot(&mut self, name: &str) -> usize {
+        if let Some(&slot) = self.port_stats_by_name.get(name) {
+            return slot;
+        }
+        let slot = self.port_stats.len();
+        self.port_stats.push(PortStats {
+            name: String::from(name),
+            ..PortStats::default()
+        });
+        self.port_stats_by_name.insert(String::from(name), slot);
+        slot
+    }
+
+    /// The counters in `slot` (every slot handed out by [`Core::port_stats_slot`] exists).
+    fn port_stats_at(&mut self, slot: usize) -> Option<&mut PortStats> {
+        self.port_stats.get_mut(slot)
     }
 
     fn ns_channel_count(&self) -> usize {
@@ -565,9 +583,11 @@ impl Core {
         let chan = Channel::new(port.owner, port);
         port.pending.push_back(id);
         port.signal = true;
-        let port_name = port.name.clone();
+        let stats_slot = port.stats_slot;
         self.chans.insert(id, chan);
-        self.port_stats(&port_name).connects += 1;
+        if let Some(s) = self.port_stats_at(stats_slot) {
+            s.connects += 1;
+        }
         Ok(id)
     }
 
@@ -609,8 +629,11 @@ impl Core {
             owner: app,
             pending: VecDeque::new(),
             signal: false,
+            stats_slot: 0, // replaced below
         };
         let mut client = Channel::new(app, &blank);
+        // Counters of a port of that name, if one ever existed (set again once attached).
+        client.stats_slot = self.port_stats_by_name.get(name).copied();
         client.ta = TaSide::Open;
         client.ns = NsSide::Gone;
         match port_id {
@@ -625,7 +648,7 @@ impl Core {
                 // and `ipc_port_connect_async()` size both ends' message queues from the port).
                 client.max_msg_size = port.msg_size;
                 client.msg_num = port.msg_num;
-                client.port_name = port.name.clone();
+                client.stats_slot = Some(port.stats_slot);
                 client.ta_peer = Some(server_id);
                 port.pending.push_back(server_id);
                 port.signal = true;
@@ -671,11 +694,11 @@ impl Core {
             server.ta_peer = Some(client_id);
             port.pending.push_back(server_id);
             port.signal = true;
-            let (size, num, pname) = (port.msg_size, port.msg_num, port.name.clone());
+            let (size, num, slot) = (port.msg_size, port.msg_num, port.stats_slot);
             if let Some(client) = self.chans.get_mut(&client_id) {
                 client.max_msg_size = size;
                 client.msg_num = num;
-                client.port_name = pname;
+                client.stats_slot = Some(slot);
                 client.ta_peer = Some(server_id);
             }
             self.chans.insert(server_id, server);
@@ -887,6 +910,7 @@ impl Core {
         }
         let id = PortId(self.next_port);
         self.next_port = self.next_port.checked_add(1).ok_or(lk::ERR_NO_RESOURCES)?;
+        let stats_slot = self.port_stats_slot(name);
         self.ports.insert(
             id,
             Port {
@@ -897,9 +921,9 @@ impl Core {
                 owner: app,
                 pending: VecDeque::new(),
                 signal: false,
+                stats_slot,
             },
         );
-        self.port_stats(name);
         self.attach_waiting(id);
         Ok(id)
     }
@@ -932,7 +956,7 @@ impl Core {
     fn accept(&mut self, app: usize, id: PortId) -> Result<(ChanId, [u8; 16]), i32> {
         let port = self.owned_port(app, id)?;
         let chan_id = port.pending.pop_front().ok_or(lk::ERR_NO_MSG)?;
-        let port_name = port.name.clone();
+        let stats_slot = port.stats_slot;
         let chan = self.chans.get_mut(&chan_id).ok_or(lk::ERR_CHANNEL_CLOSED)?;
         if let Some(peer) = chan.ta_peer {
             // TA-to-TA (Trusty `ipc_port_accept()`): a connection whose client already closed
@@ -955,7 +979,9 @@ impl Core {
                 None => return Err(lk::ERR_CHANNEL_CLOSED),
             };
             self.stats.accepted += 1;
-            self.port_stats(&port_name).accepted += 1;
+            if let Some(s) = self.port_stats_at(stats_slot) {
+            s.accepted += 1;
+        }
             return Ok((chan_id, ta_uuid(client_app)));
         }
         chan.ta = TaSide::Open;
@@ -967,7 +993,9 @@ impl Core {
             max_msg_cnt: CONN_RSP_MAX_MSG_CNT,
         });
         self.stats.accepted += 1;
-        self.port_stats(&port_name).accepted += 1;
+        if let Some(s) = self.port_stats_at(stats_slot) {
+            s.accepted += 1;
+        }
         Ok((chan_id, NS_CLIENT_UUID))
     }
 
@@ -1092,7 +1120,7 @@ impl Core {
         });
         self.stats.sent_to_ns += 1;
         // The port's counters exist from its creation: no allocation here.
-        if let Some(s) = self.chans.get(&id).and_then(|c| self.port_stats.get_mut(c.port_name.as_str())) {
+        if let Some(s) = self.chans.get(&id).and_then(|c| c.stats_slot).and_then(|i| self.port_stats.get_mut(i)) {
             s.sent += 1;
         }
         Ok(data.len())
@@ -1415,10 +1443,10 @@ impl Ipc {
             Err(lk::ERR_NOT_ENOUGH_BUFFER) => self.core.stats.dropped_queue_full += 1,
             Err(_) => self.core.stats.rejected += 1,
         }
-        // The port's counters exist from its creation (`create_port`): looked up by the
-        // channel's port name in place, no copy of it.
+        // The port's counters exist from its creation (`create_port`): the channel keeps their
+        // slot, so no lookup by name per message.
         let core = &mut self.core;
-        let stats = core.chans.get(&chan).and_then(|c| core.port_stats.get_mut(c.port_name.as_str()));
+        let stats = core.chans.get(&chan).and_then(|c| c.stats_slot).and_then(|i| core.port_stats.get_mut(i));
         if let Some(s) = stats {
             match result_code {
                 Ok(_) => s.delivered += 1,
@@ -1459,10 +1487,14 @@ impl Ipc {
         self.core.advance(now);
         let mut any = false;
         loop {
-            if self.nobody_can_act() {
+            // Whether no app can act now: nothing is queued for any (see [`ready`]) and no timer
+            // is due. An app acts only on a queued handle or a due timer
+            // ([`Ipc::next_deadline`], computed once per pass), so a pass would do nothing.
+            self.core.collect_ready();
+            let timer_due = self.next_deadline().is_some_and(|d| d <= self.core.now);
+            if self.core.ready.all_idle() && !timer_due {
                 return any;
             }
-            let timer_due = self.next_deadline().is_some_and(|d| d <= self.core.now);
             let mut pass = false;
             // Round-robin, one handler call per app per pass: deterministic and fair.
             for app in 0..self.apps.len() {
@@ -1480,14 +1512,6 @@ impl Ipc {
             }
             any = true;
         }
-    }
-
-    /// Whether no app can act now: nothing is queued for any (see [`ready`]) and no timer is
-    /// due. An app acts only on a queued handle or a due timer ([`Ipc::next_deadline`]), so a
-    /// pass over the apps would do nothing.
-    fn nobody_can_act(&mut self) -> bool {
-        self.core.collect_ready();
-        self.core.ready.all_idle() && self.next_deadline().map_or(true, |d| d > self.core.now)
     }
 
     /// Give one app one handler call if it has something to do. Returns whether it did.
@@ -1654,7 +1678,8 @@ impl Ipc {
         let mut stats = self.core.stats.clone();
         stats.ns_channels = self.core.ns_channel_count();
         stats.channel_records = self.core.chans.len();
-        stats.ports = self.core.port_stats.values().cloned().collect();
+        let by_slot = &self.core.port_stats;
+        stats.ports = self.core.port_stats_by_name.values().filter_map(|&i| by_slot.get(i)).cloned().collect();
         stats
     }
 }
