@@ -474,6 +474,9 @@ struct Core {
     sleep_until: Vec<Option<u64>>,
     /// Per app: a timed wait ends at this time unless an event comes first ([`Ctx::set_timer`]).
     timer_at: Vec<Option<u64>>,
+    /// The earliest of `sleep_until` and `timer_at`, recomputed on every change of either
+    /// ([`Core::deadlines_changed`]) rather than on every scheduler pass.
+    next_deadline: Option<u64>,
     stats: IpcStats,
     /// Counters per port name, in creation order; a name keeps its slot for the model's life.
     port_stats: Vec<PortStats>,
@@ -515,12 +518,20 @@ impl Core {
             events: VecDeque::new(),
             sleep_until: Vec::new(),
             timer_at: Vec::new(),
+            next_deadline: None,
             stats: IpcStats::default(),
             port_stats: Vec::new(),
             port_stats_by_name: BTreeMap::new(),
             released: VecDeque::new(),
             spare: Vec::new(),
         }
+    }
+
+    /// Recomputes [`Core::next_deadline`]; called after every write to `sleep_until` or
+    /// `timer_at`.
+    fn deadlines_changed(&mut self) {
+        let sleeps = self.sleep_until.iter().flatten();
+        self.next_deadline = sleeps.chain(self.timer_at.iter().flatten()).copied().min();
     }
 
     /// Time never goes backwards, whatever the caller passes.
@@ -1324,6 +1335,7 @@ impl Ctx<'_> {
         if let Some(slot) = self.core.timer_at.get_mut(self.app) {
             *slot = deadline_ns.map(|d| d.max(now.saturating_add(1)));
         }
+        self.core.deadlines_changed();
     }
 
     /// Sleep (Trusty `nanosleep`): the app gets no events until `duration_ns` has passed, then
@@ -1333,6 +1345,7 @@ impl Ctx<'_> {
         if let Some(slot) = self.core.sleep_until.get_mut(self.app) {
             *slot = Some(deadline);
         }
+        self.core.deadlines_changed();
     }
 }
 
@@ -1503,6 +1516,10 @@ impl Ipc {
                 // timer due.
                 let untouched = self.core.ports.is_clean() && self.core.chans.is_clean();
                 if !timer_due && untouched && self.core.ready.idle(app) {
+                    if self.core.ready.all_idle() {
+                        // Every later app would be skipped the same way.
+                        break;
+                    }
                     continue;
                 }
                 pass |= self.step_app(app);
@@ -1527,6 +1544,7 @@ impl Ipc {
                 if let Some(s) = core.sleep_until.get_mut(app) {
                     *s = None;
                 }
+                core.deadlines_changed();
                 slot.ta.on_wake(&mut Ctx { core, app });
                 return true;
             }
@@ -1573,6 +1591,7 @@ impl Ipc {
                         if let Some(t) = core.timer_at.get_mut(app) {
                             *t = None;
                         }
+                        core.deadlines_changed();
                         slot.ta.on_timer(&mut Ctx { core, app });
                         return true;
                     }
@@ -1655,8 +1674,7 @@ impl Ipc {
     /// Earliest time at which a timer (a sleeping app's wake-up, a timed wait's end) fires
     /// (None when none is armed).
     pub fn next_deadline(&self) -> Option<u64> {
-        let sleeps = self.core.sleep_until.iter().flatten();
-        sleeps.chain(self.core.timer_at.iter().flatten()).copied().min()
+        self.core.next_deadline
     }
 
     /// The latest time seen by the core.
