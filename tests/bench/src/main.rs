@@ -35,8 +35,9 @@ struct Opts {
     quick: bool,
     /// Modes to measure; empty: all.
     modes: Vec<String>,
-    /// `--stack-loop SIZE ROUNDS`: only echo round trips of the stack alone, for a profiler.
-    stack_loop: Option<(usize, u64)>,
+    /// `--stack-loop SIZE ROUNDS` / `--sim-loop SIZE ROUNDS`: only echo round trips of the
+    /// stack alone, or with the model inside each call, for a profiler.
+    stack_loop: Option<(Mode, usize, u64)>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -255,8 +256,8 @@ fn stream(up: &mut Up, size: usize, iters: usize) -> Result<(f64, f64), String> 
 
 /// Echo round trips of the stack alone in a loop and nothing else (for `perf record` or
 /// `perf stat -e task-clock`): prints the mean wall time per echo.
-fn stack_loop(size: usize, rounds: u64) -> Result<(), String> {
-    let mut up = bring_up(Mode::Stack)?;
+fn stack_loop(mode: Mode, size: usize, rounds: u64) -> Result<(), String> {
+    let mut up = bring_up(mode)?;
     let ch = up.dev.connect(ECHO_PORT).map_err(|e| format!("connect {ECHO_PORT}: {e}"))?;
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
@@ -411,17 +412,18 @@ fn main() {
                     std::process::exit(2);
                 }
             },
-            "--stack-loop" => {
+            "--stack-loop" | "--sim-loop" => {
+                let mode = if a == "--sim-loop" { Mode::Sim } else { Mode::Stack };
                 let size = args.next().and_then(|a| a.parse().ok()).filter(|&s: &usize| (1..=4000).contains(&s));
                 let rounds = args.next().and_then(|a| a.parse().ok());
                 let (Some(size), Some(rounds)) = (size, rounds) else {
-                    eprintln!("tipc-bench: --stack-loop takes SIZE (1..4000) and ROUNDS");
+                    eprintln!("tipc-bench: {a} takes SIZE (1..4000) and ROUNDS");
                     std::process::exit(2);
                 };
-                o.stack_loop = Some((size, rounds));
+                o.stack_loop = Some((mode, size, rounds));
             }
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]... | --stack-loop SIZE ROUNDS");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS");
                 return;
             }
             other => {
@@ -431,7 +433,7 @@ fn main() {
         }
     }
     let r = match o.stack_loop {
-        Some((size, rounds)) => stack_loop(size, rounds),
+        Some((mode, size, rounds)) => stack_loop(mode, size, rounds),
         None => run(&o),
     };
     if let Err(e) = r {
