@@ -103,6 +103,85 @@ struct Share {
     mapped: u32,
 }
 
+/// Buckets of [`ShareMap`]'s look-up cache.
+const RECENT_BUCKETS: usize = 64;
+
+/// Live shares by handle: a slab of slots with an index by handle, and a direct-mapped cache of
+/// recent look-ups so a buffer mapped for every message costs no tree search. A cache entry is
+/// only a hint: a hit counts only when the slot still holds that very handle, so a reclaimed
+/// handle (its slot emptied or reused) always misses and is then looked up in the index, where
+/// it is not found.
+struct ShareMap {
+    slots: Vec<Option<(u64, Share)>>,
+    /// Empty slots, reused by the next share.
+    free: Vec<usize>,
+    index: BTreeMap<u64, usize>,
+    recent: [usize; RECENT_BUCKETS],
+}
+
+impl ShareMap {
+    fn new() -> Self {
+        ShareMap { slots: Vec::new(), free: Vec::new(), index: BTreeMap::new(), recent: [usize::MAX; RECENT_BUCKETS] }
+    }
+
+    fn bucket(id: u64) -> usize {
+        // Handles go up in steps of two; the low bit carries nothing.
+        (id >> 1) as usize % RECENT_BUCKETS
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn insert(&mut self, id: u64, share: Share) {
+        let slot = match self.index.get(&id) {
+            Some(&slot) => slot,
+            None => {
+                let slot = match self.free.pop() {
+                    Some(slot) => slot,
+                    None => {
+                        self.slots.push(None);
+                        self.slots.len() - 1
+                    }
+                };
+                self.index.insert(id, slot);
+                slot
+            }
+        };
+        if let Some(entry) = self.slots.get_mut(slot) {
+            *entry = Some((id, share));
+        }
+        self.recent[Self::bucket(id)] = slot;
+    }
+
+    /// The slot holding `id`: the cached one if it still holds `id`, else the index's.
+    fn slot_of(&self, id: u64) -> Option<usize> {
+        let hint = self.recent[Self::bucket(id)];
+        if matches!(self.slots.get(hint), Some(Some((held, _))) if *held == id) {
+            return Some(hint);
+        }
+        self.index.get(&id).copied()
+    }
+
+    fn get(&self, id: u64) -> Option<&Share> {
+        let slot = self.slot_of(id)?;
+        self.slots.get(slot)?.as_ref().map(|(_, share)| share)
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Share> {
+        let slot = self.slot_of(id)?;
+        self.recent[Self::bucket(id)] = slot;
+        self.slots.get_mut(slot)?.as_mut().map(|(_, share)| share)
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Share> {
+        let slot = self.index.remove(&id)?;
+        let taken = self.slots.get_mut(slot)?.take();
+        self.free.push(slot);
+        taken.map(|(_, share)| share)
+    }
+}
+
 /// Counters about shares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShareStats {
@@ -187,7 +266,7 @@ pub struct ShareTable {
     grants: Option<alloc::boxed::Box<dyn GrantMapper>>,
     /// A share being received in fragments: bytes so far, total length, sender.
     fragments: Option<(Vec<u8>, usize, u16)>,
-    shares: BTreeMap<u64, Share>,
+    shares: ShareMap,
     next_handle: u64,
     cap: Option<usize>,
     stats: ShareStats,
@@ -210,7 +289,7 @@ impl ShareTable {
     pub fn new(phys: Arc<dyn PhysMem>, cap: Option<usize>) -> Self {
         ShareTable {
             phys,
-            shares: BTreeMap::new(),
+            shares: ShareMap::new(),
             // Handles look nothing like addresses, so a confused normal world is caught.
             next_handle: 0x5EC0_0000_0001,
             cap,
@@ -455,13 +534,13 @@ impl ShareTable {
     /// relinquished. Trusty relinquishes when its last mapping goes (lib/sm/shared_mem.c
     /// sm_mem_obj_destroy() sends FFA_MEM_RELINQUISH), so "still mapped" is the model's test.
     pub fn mem_reclaim(&mut self, handle: u64) -> Result<(), FfaErr> {
-        let share = self.shares.get(&handle).ok_or(ffa::err::INVALID_PARAMETERS)?;
+        let share = self.shares.get(handle).ok_or(ffa::err::INVALID_PARAMETERS)?;
         if share.mapped > 0 || self.deny_reclaims > 0 {
             self.deny_reclaims = self.deny_reclaims.saturating_sub(1);
             self.stats.denied_reclaims += 1;
             return Err(ffa::err::DENIED);
         }
-        self.shares.remove(&handle);
+        self.shares.remove(handle);
         self.stats.reclaimed += 1;
         self.stats.live = self.shares.len();
         Ok(())
@@ -497,7 +576,7 @@ impl ShareTable {
     /// (FFA_MEM_RETRIEVE_REQ) with the caller's client id; an unknown handle, a range too short
     /// or write access to a read-only share fails the retrieve / the mapping.
     fn map_ffa(&mut self, id: u64, len: usize, write: bool, purpose: &str) -> Option<Mapping> {
-        let Some(share) = self.shares.get_mut(&id) else {
+        let Some(share) = self.shares.get_mut(id) else {
             self.fault("ffa-handle", id, format!("{purpose}: memory id was never shared"));
             return None;
         };
@@ -603,7 +682,7 @@ impl ShareTable {
     pub fn unmap(&mut self, m: Mapping) {
         match self.scheme {
             IdScheme::FfaHandle => {
-                if let Some(share) = self.shares.get_mut(&m.id) {
+                if let Some(share) = self.shares.get_mut(m.id) {
                     share.mapped = share.mapped.saturating_sub(1);
                 }
             }
@@ -948,6 +1027,39 @@ mod tests {
             assert!(t.map(h, 1, false, "buffer after reclaim").is_none());
             assert_eq!(t.faults().len(), 3);
         }
+    }
+
+    /// Handles that meet in one bucket of the look-up cache each reach their own share, and a
+    /// reclaimed one faults though its bucket points at a live share.
+    #[test]
+    fn shares_sharing_a_lookup_bucket_stay_apart() {
+        let (ram, mut t) = table(Stage2::Identity);
+        let a = share(&ram, &mut t, BASE + 0x3000, 1, PERM_RW);
+        let others: Vec<u64> = (0..RECENT_BUCKETS - 1).map(|_| share(&ram, &mut t, BASE + 0x4000, 1, PERM_RO)).collect();
+        let b = share(&ram, &mut t, BASE + 0x5000, 2, PERM_RO);
+        assert_eq!(ShareMap::bucket(a), ShareMap::bucket(b), "the test needs a collision");
+        for _ in 0..2 {
+            let m = t.map(b, 2 * PAGE_SIZE, false, "b").expect("b has two pages");
+            t.unmap(m);
+            let m = t.map(a, PAGE_SIZE, true, "a").expect("a is writable");
+            t.unmap(m);
+            assert!(t.faults().is_empty(), "{:?}", t.faults());
+            assert!(t.map(a, 2 * PAGE_SIZE, false, "a is one page").is_none());
+            assert!(t.map(b, PAGE_SIZE, true, "b is read-only").is_none());
+            assert_eq!(t.faults().len(), 2);
+            t.faults.clear();
+        }
+        assert_eq!(t.mem_reclaim(a), Ok(()));
+        let m = t.map(b, PAGE_SIZE, false, "b").expect("b still maps");
+        t.unmap(m);
+        assert!(t.map(a, PAGE_SIZE, false, "a after reclaim").is_none());
+        assert!(t.faults()[0].what.contains("never shared"), "{:?}", t.faults());
+        // The freed slot goes to the next share; `a` still reaches nothing.
+        let c = share(&ram, &mut t, BASE + 0x6000, 1, PERM_RW);
+        assert!(t.map(c, PAGE_SIZE, true, "c").is_some());
+        assert!(t.map(a, PAGE_SIZE, false, "a after reuse").is_none());
+        assert_eq!(t.faults().len(), 2);
+        assert_eq!(t.live(), others.len() + 2);
     }
 
     /// Foreign pages (a client's memfd attached to guest RAM) may be detached while shared, so
