@@ -86,8 +86,9 @@ const _: () = assert!(pool_sizes(Some(FFA_MEDIATOR_SHARE_BUDGET)).is_some());
 const _: () = assert!(pool_sizes(Some(GRANT_ENTRIES_BUDGET)).is_some());
 
 /// A plan with `share_budget` and pools sized to fit it (no buffer-size limit, whole
-/// descriptors; arms override what differs).
-fn sized(
+/// descriptors, read-only shares; callers override what differs). Bring-up uses it too, for
+/// a mechanism forced against the decision.
+pub fn sized(
     mechanism: Mechanism,
     transport: CallTransport,
     share_budget: Option<usize>,

@@ -28,7 +28,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use trusty_platform::clock::Clock;
-use trusty_platform::decision::{api_ceiling, check_mediator, decide, pool_sizes};
+use trusty_platform::decision::{api_ceiling, check_mediator, decide, sized};
 use trusty_platform::facts::{gather, read_device_tree, FactsError};
 use trusty_platform::ffa::FfaSharer;
 use trusty_platform::ffa_call::{discover, FfaCallConduit};
@@ -288,19 +288,7 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
         (Err(e), None) => return Err(BringUpError::NoSafeSharing(e)),
         // A forced mechanism is run even where the decision refuses it: that is the point.
         (Err(_), Some(_)) => {
-            let pools = pool_sizes(None).ok_or(Error::Unsupported("no buffer pools"))?;
-            SharingPlan {
-                mechanism: Mechanism::Phys,
-                transport,
-                share_budget: None,
-                max_buffer_pages: None,
-                fragmented_descriptors: false,
-                read_only_shares: true,
-                rx_buffers: pools.rx,
-                tx_buffers: pools.tx,
-                rx_spare_buffers: pools.rx_spare,
-                reason: "",
-            }
+            sized(Mechanism::Phys, transport, None, "").map_err(|_| Error::Unsupported("no buffer pools"))?
         }
     };
     if let Some(forced) = cfg.force_mechanism {

@@ -184,11 +184,12 @@ to_raw_image() {
 
 file_size() { stat -c %s "$1"; }
 
-# module reg size: the file size rounded up to 4 KiB (Xen copies exactly this many bytes)
+# module reg size: the file size rounded up to 4 KiB (Xen copies exactly this many bytes);
+# the file must fit its slot of $2 bytes (default MOD_GAP, the spacing of the images' modules)
 module_size() {
-    local s
+    local s slot=${2:-$MOD_GAP}
     s=$(file_size "$1")
-    ((s <= MOD_GAP)) || die "$1 is $s bytes; modules are $MOD_GAP bytes apart"
+    ((s <= slot)) || die "$1 is $s bytes; its slot holds $slot"
     printf '%#x' $(((s + 0xfff) & ~0xfff))
 }
 
@@ -560,14 +561,6 @@ prepare_linux() {
     make_initramfs
 }
 
-# reg size of a module of at most $2 bytes (the file size rounded up to 4 KiB)
-linux_module_size() {
-    local s
-    s=$(file_size "$1")
-    ((s <= $2)) || die "$1 is $s bytes; its slot holds $2"
-    printf '%#x' $(((s + 0xfff) & ~0xfff))
-}
-
 scenario_linux_domu() {
     local sc=$1 mode with_vm=1 xsm=" xsm=dummy" linux_dom=2
     case $sc in
@@ -578,8 +571,8 @@ scenario_linux_domu() {
     esac
     local machine=(-machine "virt,virtualization=on,gic-version=3" -smp 2)
     local dir=$QDIR/$sc ksize isize tsize vm_args=""
-    ksize=$(linux_module_size "$LINUX_DIR/x/Image" $((0x02000000)))
-    isize=$(linux_module_size "$LINUX_DIR/initrd.cpio" "$LINUX_INITRD_MAX")
+    ksize=$(module_size "$LINUX_DIR/x/Image" $((0x02000000)))
+    isize=$(module_size "$LINUX_DIR/initrd.cpio" "$LINUX_INITRD_MAX")
     tsize=$(module_size "${BIN[tvm]}")
     ((with_vm == 0)) || vm_args=" trusty-ipc-stack.trusty-vm=1 tq_vm=1"
     mkdir -p "$dir"
