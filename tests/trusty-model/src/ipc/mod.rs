@@ -16,12 +16,17 @@
 //! are still recorded and checked.
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
+use core::cell::Cell;
+
+use trusty_platform::clock::Clock;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
 pub mod apps;
 mod ready;
+use ready::Handle;
 pub mod services;
 
 #[cfg(test)]
@@ -462,10 +467,16 @@ impl Channel {
 
 /// Everything except the apps themselves, so that an app can be borrowed next to it.
 struct Core {
-    now: u64,
-    ports: ready::Tracked<PortId, Port>,
+    /// The latest time seen; read through [`Core::now`], which asks `clock` first when time
+    /// has moved on since the last read.
+    now: Cell<u64>,
+    /// The secure side's clock, when the core has one ([`Ipc::set_clock`]).
+    clock: Option<Arc<dyn Clock>>,
+    /// Time has moved on since `now` was last read from `clock` ([`Ipc::time_passed`]).
+    stale: Cell<bool>,
+    ports: BTreeMap<PortId, Port>,
     next_port: u32,
-    chans: ready::Tracked<ChanId, Channel>,
+    chans: BTreeMap<ChanId, Channel>,
     next_chan: u32,
     /// Handles that may have events, per app (the scheduler never rescans idle ones).
     ready: ready::Ready,
@@ -509,10 +520,12 @@ fn recycle(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
 impl Core {
     fn new() -> Self {
         Core {
-            now: 0,
-            ports: ready::Tracked::new(),
+            now: Cell::new(0),
+            clock: None,
+            stale: Cell::new(false),
+            ports: BTreeMap::new(),
             next_port: 0,
-            chans: ready::Tracked::new(),
+            chans: BTreeMap::new(),
             next_chan: 0,
             ready: ready::Ready::default(),
             events: VecDeque::new(),
@@ -536,7 +549,20 @@ impl Core {
 
     /// Time never goes backwards, whatever the caller passes.
     fn advance(&mut self, now: u64) {
-        self.now = self.now.max(now);
+        self.now.set(self.now.get().max(now));
+    }
+
+    /// The current time: the clock is read here, at most once per [`Ipc::time_passed`], and
+    /// only when something needs the time (a timer to check, an app asking).
+    #[inline]
+    fn now(&self) -> u64 {
+        if self.stale.get() {
+            self.stale.set(false);
+            if let Some(c) = &self.clock {
+                self.now.set(self.now.get().max(c.now_ns()));
+            }
+        }
+        self.now.get()
     }
 
     /// The slot of the counters of port `name`, created on first use.
@@ -594,6 +620,7 @@ impl Core {
         let chan = Channel::new(port.owner, port);
         port.pending.push_back(id);
         port.signal = true;
+        self.ready.raise(self.sleep_until.len(), port.owner, Handle::Port(port_id));
         let stats_slot = port.stats_slot;
         self.chans.insert(id, chan);
         if let Some(s) = self.port_stats_at(stats_slot) {
@@ -663,6 +690,7 @@ impl Core {
                 client.ta_peer = Some(server_id);
                 port.pending.push_back(server_id);
                 port.signal = true;
+                self.ready.raise(self.sleep_until.len(), port.owner, Handle::Port(pid));
                 self.chans.insert(server_id, server);
             }
             None => client.waiting_for = Some(String::from(name)),
@@ -683,6 +711,7 @@ impl Core {
             .filter(|(_, c)| c.waiting_for.as_deref() == Some(name.as_str()))
             .map(|(id, _)| *id)
             .collect();
+        let apps = self.sleep_until.len();
         for client_id in waiting {
             let Some(client) = self.chans.get_mut(&client_id) else { continue };
             client.waiting_for = None;
@@ -690,12 +719,14 @@ impl Core {
                 // Not allowed to connect: the client sees HUP.
                 client.hup = true;
                 client.signal = true;
+                self.ready.raise(apps, client.owner, Handle::Chan(client_id));
                 continue;
             }
             let server_id = ChanId(self.next_chan);
             let Some(next) = self.next_chan.checked_add(1) else {
                 client.hup = true;
                 client.signal = true;
+                self.ready.raise(apps, client.owner, Handle::Chan(client_id));
                 continue;
             };
             self.next_chan = next;
@@ -705,6 +736,7 @@ impl Core {
             server.ta_peer = Some(client_id);
             port.pending.push_back(server_id);
             port.signal = true;
+            self.ready.raise(apps, port.owner, Handle::Port(pid));
             let (size, num, slot) = (port.msg_size, port.msg_num, port.stats_slot);
             if let Some(client) = self.chans.get_mut(&client_id) {
                 client.max_msg_size = size;
@@ -719,11 +751,13 @@ impl Core {
     /// The peer of TA-to-TA end `id` lost its end: report HUP to it (Trusty `ipc_chan_close()`
     /// -> the peer's `chan_shutdown()` sets IPC_HANDLE_POLL_HUP).
     fn hup_ta_peer(&mut self, peer: Option<ChanId>) {
-        if let Some(c) = peer.and_then(|p| self.chans.get_mut(&p)) {
+        let Some(p) = peer else { return };
+        if let Some(c) = self.chans.get_mut(&p) {
             c.ta_peer = None;
             if c.ta == TaSide::Open {
                 c.hup = true;
                 c.signal = true;
+                self.ready.raise(self.sleep_until.len(), c.owner, Handle::Chan(p));
             }
         }
     }
@@ -767,6 +801,7 @@ impl Core {
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.inbound.push_back(InMsg { data: pooled(&mut self.spare, data), handles });
         chan.signal = true;
+        self.ready.raise(self.sleep_until.len(), chan.owner, Handle::Chan(id));
         Ok(data.len())
     }
 
@@ -815,6 +850,7 @@ impl Core {
                 // The TA sees HUP and is expected to close its handle (spec §6.8).
                 chan.hup = true;
                 chan.signal = true;
+                self.ready.raise(self.sleep_until.len(), chan.owner, Handle::Chan(id));
                 chan.outbound = 0;
                 chan.send_blocked = false;
             }
@@ -834,6 +870,7 @@ impl Core {
                         c.send_blocked = false;
                         c.unblocked = true;
                         c.signal = true;
+                        self.ready.raise(self.sleep_until.len(), c.owner, Handle::Chan(*chan));
                     }
                 }
             }
@@ -980,11 +1017,16 @@ impl Core {
             if let Some(server) = self.chans.get_mut(&chan_id) {
                 server.ta = TaSide::Open;
                 server.owner = app;
+                if server.signal {
+                    // Raised before the owner changed: queued for the new one.
+                    self.ready.raise(self.sleep_until.len(), app, Handle::Chan(chan_id));
+                }
             }
             let client_app = match self.chans.get_mut(&peer) {
                 Some(client) => {
                     client.ready = true;
                     client.signal = true;
+                    self.ready.raise(self.sleep_until.len(), client.owner, Handle::Chan(peer));
                     client.owner
                 }
                 None => return Err(lk::ERR_CHANNEL_CLOSED),
@@ -997,6 +1039,10 @@ impl Core {
         }
         chan.ta = TaSide::Open;
         chan.owner = app;
+        if chan.signal {
+            // Raised before the owner changed: queued for the new one.
+            self.ready.raise(self.sleep_until.len(), app, Handle::Chan(chan_id));
+        }
         // The device answers with Trusty's fixed CONN_RSP limits (spec §6.3, §6.4 step 7).
         self.events.push_back(IpcEvent::Accepted {
             chan: chan_id,
@@ -1090,11 +1136,12 @@ impl Core {
             recycle(&mut self.spare, msg.data);
         }
         // A TA-to-TA sender blocked on this queue may go on (IPC_HANDLE_POLL_SEND_UNBLOCKED).
-        if let Some(p) = peer.and_then(|p| self.chans.get_mut(&p)) {
+        if let Some((pid, p)) = peer.and_then(|p| Some(p).zip(self.chans.get_mut(&p))) {
             if p.send_blocked {
                 p.send_blocked = false;
                 p.unblocked = true;
                 p.signal = true;
+                self.ready.raise(self.sleep_until.len(), p.owner, Handle::Chan(pid));
             }
         }
         Ok(())
@@ -1168,46 +1215,43 @@ impl Core {
         let data = &data[..data.len().min(peer.max_msg_size as usize)];
         peer.inbound.push_back(InMsg { data: data.to_vec(), handles: Vec::new() });
         peer.signal = true;
+        self.ready.raise(self.sleep_until.len(), peer.owner, Handle::Chan(peer_id));
         Ok(data.len())
     }
 
-    /// Queues the handles whose flags were raised since the last look (see [`ready`]).
-    #[inline]
-    fn collect_ready(&mut self) {
-        if self.ports.is_clean() && self.chans.is_clean() {
-            return;
-        }
-        let apps = self.sleep_until.len();
-        self.ready.collect(
-            apps,
-            &mut self.ports,
-            &mut self.chans,
-            |p| p.signal.then_some(p.owner),
-            |c| c.signal.then_some(c.owner),
-        );
-    }
-
-    /// The lowest-numbered port of `app` with its flag raised, from the ready queue.
+    /// Takes the lowest-numbered port of `app` with its flag raised from the ready list.
     #[inline]
     fn signalled_port(&mut self, app: usize) -> Option<PortId> {
-        self.collect_ready();
         if self.ready.idle(app) {
             return None;
         }
         let ports = &self.ports;
-        self.ready.first_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
+        self.ready.take_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
     }
 
-    /// The lowest-numbered channel of `app` with its flag raised, from the ready queue.
+    /// Takes the lowest-numbered channel of `app` with its flag raised from the ready list.
     #[inline]
     fn signalled_chan(&mut self, app: usize) -> Option<ChanId> {
-        self.collect_ready();
         if self.ready.idle(app) {
             return None;
         }
         let chans = &self.chans;
-        self.ready.first_chan(app, |id| chans.get(&id).is_some_and(|c| c.owner == app && c.signal))
+        self.ready.take_chan(app, |id| chans.get(&id).is_some_and(|c| c.owner == app && c.signal))
     }
+
+    /// Debug builds: every raised handle of an app is on that app's ready list (a raise that
+    /// forgot to queue would leave an event unseen).
+    #[cfg(debug_assertions)]
+    fn check_ready_lists(&self) {
+        let apps = self.sleep_until.len();
+        for (id, p) in &self.ports {
+            debug_assert!(!p.signal || p.owner >= apps || self.ready.contains(p.owner, Handle::Port(*id)), "port {id:?} raised but not queued");
+        }
+        for (id, c) in &self.chans {
+            debug_assert!(!c.signal || c.owner >= apps || self.ready.contains(c.owner, Handle::Chan(*id)), "channel {id:?} raised but not queued");
+        }
+    }
+
 }
 
 /// A trusted app's view of the IPC core during one handler call.
@@ -1219,7 +1263,7 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     /// Current time in nanoseconds.
     pub fn now(&self) -> u64 {
-        self.core.now
+        self.core.now()
     }
 
     /// Create a port (Trusty `port_create`): `msg_num` receive buffers of `msg_size` bytes per
@@ -1331,7 +1375,7 @@ impl Ctx<'_> {
     /// `wait(handle, &ev, timeout)`: the event, or ERR_TIMED_OUT). A deadline not after the
     /// current time fires at the next later time, so a timer never keeps [`Ipc::run`] busy.
     pub fn set_timer(&mut self, deadline_ns: Option<u64>) {
-        let now = self.core.now;
+        let now = self.core.now();
         if let Some(slot) = self.core.timer_at.get_mut(self.app) {
             *slot = deadline_ns.map(|d| d.max(now.saturating_add(1)));
         }
@@ -1341,7 +1385,7 @@ impl Ctx<'_> {
     /// Sleep (Trusty `nanosleep`): the app gets no events until `duration_ns` has passed, then
     /// [`TrustedApp::on_wake`] runs. A zero duration still yields until the next time step.
     pub fn sleep(&mut self, duration_ns: u64) {
-        let deadline = self.core.now.saturating_add(duration_ns.max(1));
+        let deadline = self.core.now().saturating_add(duration_ns.max(1));
         if let Some(slot) = self.core.sleep_until.get_mut(self.app) {
             *slot = Some(deadline);
         }
@@ -1368,7 +1412,7 @@ impl Default for Ipc {
 impl core::fmt::Debug for Ipc {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Ipc")
-            .field("now", &self.core.now)
+            .field("now", &self.core.now.get())
             .field("apps", &self.apps.len())
             .field("ports", &self.core.ports.len())
             .field("channels", &self.core.chans.len())
@@ -1396,6 +1440,21 @@ impl Ipc {
         ipc.add_app(Box::new(apps::MemrefReceiver::new()));
         ipc.add_app(Box::new(apps::UnittestCtrl::new()));
         ipc
+    }
+
+    /// The secure side's clock: from now on the current time is read from it lazily, at most
+    /// once after each [`Ipc::time_passed`], and only when a timer or an app needs it. Times
+    /// passed to the other calls still count (time never goes backwards).
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.core.clock = Some(clock);
+        self.core.stale.set(true);
+    }
+
+    /// Time has moved on (a new call from the normal world): the next look at the current time
+    /// reads the clock ([`Ipc::set_clock`]). A pass with no timer armed and no app asking the
+    /// time reads no clock at all.
+    pub fn time_passed(&mut self) {
+        self.core.stale.set(true);
     }
 
     /// Add a trusted app and run its `start` (port creation) at the current time.
@@ -1500,22 +1559,21 @@ impl Ipc {
         self.core.advance(now);
         let mut any = false;
         loop {
-            // Whether no app can act now: nothing is queued for any (see [`ready`]) and no timer
-            // is due. An app acts only on a queued handle or a due timer
-            // ([`Ipc::next_deadline`], computed once per pass), so a pass would do nothing.
-            self.core.collect_ready();
-            let timer_due = self.next_deadline().is_some_and(|d| d <= self.core.now);
+            // An app acts only on a queued handle (every raise queues it, see [`ready`]) or a
+            // due timer; with neither, a pass would do nothing. The clock is read only when a
+            // timer is armed.
+            let timer_due = self.timer_due();
             if self.core.ready.all_idle() && !timer_due {
+                #[cfg(debug_assertions)]
+                self.core.check_ready_lists();
                 return any;
             }
             let mut pass = false;
             // Round-robin, one handler call per app per pass: deterministic and fair.
             for app in 0..self.apps.len() {
-                // Skipped only when its step would find nothing: no handle queued for it, none
-                // touched since the last look (an earlier handler may have raised one), no
-                // timer due.
-                let untouched = self.core.ports.is_clean() && self.core.chans.is_clean();
-                if !timer_due && untouched && self.core.ready.idle(app) {
+                // Skipped only when its step would find nothing: no handle queued for it (an
+                // earlier handler's raise is queued at once) and no timer due.
+                if !timer_due && self.core.ready.idle(app) {
                     if self.core.ready.all_idle() {
                         // Every later app would be skipped the same way.
                         break;
@@ -1525,10 +1583,29 @@ impl Ipc {
                 pass |= self.step_app(app);
             }
             if !pass {
+                #[cfg(debug_assertions)]
+                self.core.check_ready_lists();
                 return any;
             }
             any = true;
         }
+    }
+
+    /// Whether some app's timer (sleep or timed wait) is due now.
+    fn timer_due(&self) -> bool {
+        self.core.next_deadline.is_some_and(|d| d <= self.core.now())
+    }
+
+    /// Whether [`Ipc::run`] has anything to do: a handle queued for an app, a due timer, or a
+    /// released memory reference for the device.
+    pub fn has_work(&self) -> bool {
+        !self.core.ready.all_idle() || !self.core.released.is_empty() || self.timer_due()
+    }
+
+    /// Handles the scheduler has looked at so far (each one queued by an event): its work is
+    /// proportional to events, never to the handles that are open.
+    pub fn scheduler_visits(&self) -> u64 {
+        self.core.ready.visits()
     }
 
     /// Give one app one handler call if it has something to do. Returns whether it did.
@@ -1539,7 +1616,7 @@ impl Ipc {
         let core = &mut self.core;
         match core.sleep_until.get(app).copied() {
             None => return false,
-            Some(Some(deadline)) if deadline > core.now => return false,
+            Some(Some(deadline)) if deadline > core.now() => return false,
             Some(Some(_)) => {
                 if let Some(s) = core.sleep_until.get_mut(app) {
                     *s = None;
@@ -1579,6 +1656,7 @@ impl Ipc {
                     let remaining = port.pending.len();
                     if remaining > 0 && (remaining < before || sleeping) {
                         port.signal = true;
+                        core.ready.raise(core.sleep_until.len(), port.owner, Handle::Port(port_id));
                     }
                 }
                 return true;
@@ -1587,7 +1665,7 @@ impl Ipc {
             let Some(chan_id) = core.signalled_chan(app) else {
                 // No event: a due timer (Ctx::set_timer) ends the app's timed wait.
                 match core.timer_at.get(app).copied().flatten() {
-                    Some(at) if at <= core.now => {
+                    Some(at) if at <= core.now() => {
                         if let Some(t) = core.timer_at.get_mut(app) {
                             *t = None;
                         }
@@ -1640,6 +1718,7 @@ impl Ipc {
                     && (chan.progress != progress_before || sleeping)
                 {
                     chan.signal = true;
+                    core.ready.raise(core.sleep_until.len(), chan.owner, Handle::Chan(chan_id));
                 }
             }
             return true;
@@ -1679,7 +1758,7 @@ impl Ipc {
 
     /// The latest time seen by the core.
     pub fn now(&self) -> u64 {
-        self.core.now
+        self.core.now()
     }
 
     /// Limits of the currently open port called `name`: (msg_num, msg_size, flags).
