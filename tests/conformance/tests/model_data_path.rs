@@ -85,3 +85,23 @@ fn one_secure_call_per_echo_with_the_model_on_another_core() {
     dev.close(ch).expect("close");
     rig.shutdown_clean();
 }
+
+/// With the model inside the call, an echo is one round of the model's TIPC device (frame in,
+/// the echo app, frame out): no second round is run only to find that nothing moves.
+#[test]
+fn an_echo_is_one_round_of_the_models_device() {
+    let mut rig = Rig::new(ModelMode::Sync);
+    let ch = rig.dev().connect(ECHO).expect("connect to echo");
+    let mut buf = [0u8; 64];
+    rig.dev().send(ch, &[b"warm"], &[], WAIT).unwrap();
+    rig.dev().recv(ch, &mut [&mut buf], WAIT).unwrap();
+    let before = rig.sim.model().stats().tipc.rounds;
+    for _ in 0..100 {
+        rig.dev().send(ch, &[b"ping"], &[], WAIT).unwrap();
+        assert_eq!(rig.dev().recv(ch, &mut [&mut buf], WAIT), Ok(4));
+    }
+    let rounds = rig.sim.model().stats().tipc.rounds - before;
+    assert_eq!(rounds, 100, "one device round per echo");
+    rig.dev().close(ch).expect("close");
+    rig.shutdown_clean();
+}

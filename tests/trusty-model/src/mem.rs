@@ -700,6 +700,37 @@ impl ShareTable {
     pub fn live(&self) -> usize {
         self.shares.len()
     }
+
+    /// Maps `len` bytes of `id` as [`ShareTable::map`] does (the same checks, the same faults)
+    /// for the one access `f` makes, and gives the mapping back after it. Under FF-A handles
+    /// the share is looked up and reached in place, with no mapping to count or give back (the
+    /// table stays borrowed, so nothing can reclaim the share meanwhile; a reclaimed handle is
+    /// not found and faults, as with `map`); under the other schemes it is `map`, `f`,
+    /// `unmap`. `None` when the mapping is refused.
+    pub fn with_mapped<R>(&mut self, id: u64, len: usize, write: bool, purpose: &str, f: impl FnOnce(&Span<'_>) -> R) -> Option<R> {
+        if self.scheme != IdScheme::FfaHandle {
+            let m = self.map(id, len, write, purpose)?;
+            let r = f(&m.span());
+            self.unmap(m);
+            return Some(r);
+        }
+        // lib/sm/shared_mem.c ext_mem_get_vmm_obj(), as in `map_ffa`.
+        let refused = match self.shares.get(id) {
+            None => format!("{purpose}: memory id was never shared"),
+            Some(share) if len > share.size => format!("{purpose}: {len} bytes wanted, {} shared", share.size),
+            Some(share) if write && !share.writable => format!("{purpose}: write to a read-only share"),
+            Some(share) => {
+                let ranges: &[PhysRange] = &share.ranges;
+                let run = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
+                let direct = share.direct.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
+                let span = Span { ranges, len, writable: write, phys: &*self.phys, direct };
+                return Some(f(&span));
+            }
+        };
+        self.quiet = false;
+        self.fault("ffa-handle", id, refused);
+        None
+    }
 }
 
 /// The host harness's stand-in for Xen's grant mapping: reads the guest's grant table (whose
@@ -839,13 +870,60 @@ impl Mapping {
         self.writable
     }
 
+    /// The mapping as a borrowed [`Span`] (the accesses of both are one code).
+    #[inline]
+    fn span(&self) -> Span<'_> {
+        Span { ranges: self.ranges.as_slice(), len: self.len, writable: self.writable, phys: &*self.phys, direct: self.direct }
+    }
+
+    /// The physical address of byte `off`, if the run `[off, off + n)` stays in one range.
+    fn pa(&self, off: usize, n: usize) -> Option<u64> {
+        self.span().pa(off, n)
+    }
+
+    /// Copies `out.len()` bytes from offset `off`; false if out of the mapping.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
+        self.span().read(off, out)
+    }
+
+    /// Copies `data` to offset `off`; false if out of the mapping or read-only.
+    pub fn write(&self, off: usize, data: &[u8]) -> bool {
+        self.span().write(off, data)
+    }
+}
+
+/// A share reached for one access ([`ShareTable::with_mapped`]): the same bounded view as a
+/// [`Mapping`], borrowed from the share table for the length of a call, so it needs no
+/// reference counts and nothing to give back, and cannot outlive the share (the table, which
+/// alone can end it, is borrowed meanwhile).
+pub struct Span<'a> {
+    ranges: &'a [PhysRange],
+    len: usize,
+    writable: bool,
+    phys: &'a dyn PhysMem,
+    /// Bytes `[0, n)` lie at `ptr` in this process (see [`PhysMem::direct`]).
+    direct: Option<DirectSpan>,
+}
+
+impl Span<'_> {
+    /// Where bytes `[off, off + n)` are in this process, if inside the direct run.
+    #[inline]
+    fn direct_at(&self, off: usize, n: usize) -> Option<*mut u8> {
+        let d = self.direct.as_ref()?;
+        if off.checked_add(n)? > d.len {
+            return None;
+        }
+        // SAFETY: off + n <= d.len, the run's length (checked above).
+        Some(unsafe { d.ptr.as_ptr().add(off) })
+    }
+
     /// The physical address of byte `off`, if the run `[off, off + n)` stays in one range.
     fn pa(&self, off: usize, n: usize) -> Option<u64> {
         if off.checked_add(n)? > self.len {
             return None;
         }
         let mut start = 0usize;
-        for r in self.ranges.as_slice() {
+        for r in self.ranges {
             let size = r.pages as usize * PAGE_SIZE;
             if off >= start && off + n <= start + size {
                 return Some(r.addr + (off - start) as u64);
@@ -855,11 +933,22 @@ impl Mapping {
         None
     }
 
-    /// Copies `out.len()` bytes from offset `off`; false if out of the mapping.
+    /// Bytes reachable.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `out.len()` bytes from offset `off`; false if out of the share's mapped bytes.
+    #[inline]
     pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
         if let Some(p) = self.direct_at(off, out.len()) {
             // SAFETY: `direct_at` bounded the run to the span `PhysMem::direct` vouched for,
-            // kept alive by `self.phys`; bytes are copied, not referenced.
+            // kept alive by the `PhysMem` this view borrows; bytes are copied, not referenced.
             unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
             return true;
         }
@@ -874,7 +963,8 @@ impl Mapping {
         true
     }
 
-    /// Copies `data` to offset `off`; false if out of the mapping or read-only.
+    /// Copies `data` to offset `off`; false if out of the share's mapped bytes or read-only.
+    #[inline]
     pub fn write(&self, off: usize, data: &[u8]) -> bool {
         if !self.writable {
             return false;
@@ -1025,6 +1115,38 @@ mod tests {
             assert_eq!(RingMemory::read_u16(&m2, 0), 0, "nor word writes (byte 0 was never written)");
             t.unmap(m2);
             assert!(t.map(h, 1, false, "buffer after reclaim").is_none());
+            assert_eq!(t.faults().len(), 3);
+        }
+    }
+
+    /// A share reached in place for one access ([`ShareTable::with_mapped`], the data path's
+    /// way) is held to what was shared exactly as a mapping is: its bytes only, read-only when
+    /// shared so, and nothing at all once reclaimed, however often the handle was used before.
+    #[test]
+    fn an_access_in_place_is_bounded_and_faults_after_reclaim() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let (ram, mut t) = table(stage2);
+            let page = BASE + 0x5000;
+            let h = share(&ram, &mut t, page, 1, PERM_RW);
+            for i in 0..3u8 {
+                let ok = t.with_mapped(h, PAGE_SIZE, true, "rx buffer", |m| m.write(4, &[i; 8]) && !m.write(PAGE_SIZE - 4, &[0; 8]));
+                assert_eq!(ok, Some(true), "writes inside the share land; a write past its end is refused");
+            }
+            let mut back = [0u8; 8];
+            assert_eq!(t.with_mapped(h, 64, false, "tx buffer", |m| m.read(4, &mut back) && !m.read(60, &mut [0u8; 8])), Some(true));
+            assert_eq!(back, [2; 8]);
+            assert!(t.faults().is_empty());
+            // More than was shared is refused (and is a fault), as `map` refuses it.
+            assert!(t.with_mapped(h, 2 * PAGE_SIZE, false, "too long", |_| ()).is_none());
+            assert_eq!(t.faults().len(), 1);
+            // Nothing holds the share between accesses: the owner can take it back at once.
+            assert_eq!(t.mem_reclaim(h), Ok(()));
+            assert!(t.with_mapped(h, 16, false, "buffer after reclaim", |m| m.read(0, &mut [0u8; 16])).is_none());
+            assert_eq!(t.faults().len(), 2, "the access after reclaim is a fault");
+            assert!(t.faults()[1].what.contains("never shared"), "{:?}", t.faults());
+            // A read-only share refuses a writable access.
+            let ro = share(&ram, &mut t, page, 1, PERM_RO);
+            assert!(t.with_mapped(ro, 16, true, "write to a read-only share", |_| ()).is_none());
             assert_eq!(t.faults().len(), 3);
         }
     }

@@ -12,7 +12,7 @@ use trusty_virtio::rsc::{VdevInfo, VIRTIO_ID_TIPC};
 use trusty_virtio::vring::{Desc, DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
 
 use crate::ipc::{lk, ChanId, Ipc, IpcEvent, MemRef};
-use crate::mem::{Mapping, ShareTable};
+use crate::mem::{Mapping, ShareTable, Span};
 
 /// Handles per message Trusty accepts (spec §6.9).
 const MAX_MSG_HANDLES: usize = 8;
@@ -84,8 +84,8 @@ pub struct TipcDevStats {
     pub releases_sent: u64,
     /// Messages lost because the normal world posted an unusable rx buffer.
     pub lost_to_bad_buffers: u64,
-    /// Rounds of [`TipcDev::run`] that made progress (each round: frames in, the IPC core,
-    /// frames out).
+    /// Rounds of [`TipcDev::run`] (each: frames in, the IPC core, frames out), counting any
+    /// that found nothing to do.
     pub rounds: u64,
 }
 
@@ -106,12 +106,11 @@ pub struct TipcDev {
     /// A ring violation met while sending (Trusty panics on it): reported by `run`.
     violation: Option<DeviceRingError>,
     /// Reused space (a message in steady state allocates nothing): the descriptors of the
-    /// chain being taken from vring 1 / vring 0, a frame read from the normal world, a frame
-    /// being written to it.
+    /// chain being taken from vring 1 / vring 0, and a frame read from the normal world (frames
+    /// to it are written in place, header and payload).
     in_descs: Vec<Desc>,
     out_descs: Vec<Desc>,
     in_frame: Vec<u8>,
-    out_frame: Vec<u8>,
     /// VRING_USED_F_NO_NOTIFY as last written on vring 1 / vring 0 (None: not yet, since the
     /// rings were set up): rewritten, with its fence, only when it changes.
     no_notify: [Option<bool>; 2],
@@ -133,7 +132,6 @@ impl TipcDev {
             in_descs: Vec::new(),
             out_descs: Vec::new(),
             in_frame: Vec::new(),
-            out_frame: Vec::new(),
             no_notify: [None; 2],
         }
     }
@@ -233,6 +231,7 @@ impl TipcDev {
         let mut any = false;
         // Bounded: every round either makes progress or stops; the bound guards the model itself.
         for _ in 0..100_000 {
+            self.stats.rounds += 1;
             let mut progress = self.drain_from_ns(shares, ipc, now)?;
             progress |= ipc.run(now);
             progress |= self.collect_released(shares, ipc);
@@ -244,7 +243,6 @@ impl TipcDev {
                 break;
             }
             any = true;
-            self.stats.rounds += 1;
             // Another round only when one has something to do; a round that could only
             // confirm that nothing moves is not run.
             if !self.more_to_do(ipc) {
@@ -353,19 +351,16 @@ impl TipcDev {
         if len > wire::HEADER_LEN + usize::from(u16::MAX) {
             return lk::ERR_INVALID_ARGS;
         }
-        // Trusty maps whole pages of the buffer, read-only, for this one message.
-        let Some(m) = shares.map(id, len.max(1).next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)") else {
-            return lk::ERR_NOT_VALID;
-        };
         // The frame is copied into the device's own buffer (reused; taken out of `self`
         // while the handlers below borrow the device).
         // Only bytes beyond the previous length are zeroed: a successful read below overwrites
         // all `len` bytes, and a failed one leaves the copy unused.
         let mut frame = core::mem::take(&mut self.in_frame);
         frame.resize(len, 0);
-        let ok = m.read(0, &mut frame);
-        shares.unmap(m);
-        let status = if ok { self.handle_frame_copy(&frame, shares, ipc, now) } else { lk::ERR_NOT_VALID };
+        // Trusty maps whole pages of the buffer, read-only, for this one message (a refused
+        // mapping is its error); the mapping goes once the frame is copied.
+        let read = shares.with_mapped(id, len.max(1).next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)", |m| m.read(0, &mut frame));
+        let status = if read == Some(true) { self.handle_frame_copy(&frame, shares, ipc, now) } else { lk::ERR_NOT_VALID };
         self.in_frame = frame;
         status
     }
@@ -434,12 +429,11 @@ impl TipcDev {
             return lk::ERR_INVALID_ARGS;
         }
         let Ok((data_len, descs)) = wire::split_shm(header, payload) else { return lk::ERR_INVALID_ARGS };
-        let descs: Vec<_> = descs.collect();
         // Retrieve every referenced object before delivery; a bad id fails the whole message
         // (Trusty `handle_chan_msg()`: ext_mem_obj retrieval per descriptor). An object is
         // mapped writable when the normal world shared it so, read-only otherwise.
         let mut refs = Vec::new();
-        for d in &descs {
+        for d in descs {
             let len = usize::try_from(d.size).unwrap_or(usize::MAX);
             let m = match shares.try_map(d.obj_id, len, true, "memory reference in a message") {
                 Some(m) => Some(m),
@@ -585,12 +579,7 @@ impl TipcDev {
     /// oversize message is truncated to the buffer but keeps its full hdr.len (step 4).
     fn send_data(&mut self, ns_addr: u32, data: &[u8], shares: &mut ShareTable) {
         let header = Header { src: 0, dst: ns_addr, shm_cnt: 0, len: data.len() as u16, flags: 0 };
-        let mut frame = core::mem::take(&mut self.out_frame);
-        frame.clear();
-        frame.extend_from_slice(&header.encode());
-        frame.extend_from_slice(data);
-        self.put_frame(&frame, None, shares);
-        self.out_frame = frame;
+        self.put_frame_parts(&header.encode(), data, None, shares);
     }
 
     fn send_malformed(&mut self, kind: Malformed, shares: &mut ShareTable) {
@@ -673,8 +662,14 @@ impl TipcDev {
     ///   bytes 10..12, is left as the normal world had it), the payload is cut to the buffer
     ///   (hdr.len keeps the full length), and used.len = 16 + bytes copied.
     fn put_frame(&mut self, frame: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
+        self.put_frame_parts(frame, &[], used_len, shares);
+    }
+
+    /// [`TipcDev::put_frame`] of the frame `head` followed by `body` (a data frame's header
+    /// and payload, written to the rx buffer in place: no frame assembled first).
+    fn put_frame_parts(&mut self, head: &[u8], body: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
         let Some(ring) = self.to_ns.as_mut() else { return };
-        let head = match ring.queue.pop_avail_into(&ring.mem, &mut self.out_descs) {
+        let head_id = match ring.queue.pop_avail_into(&ring.mem, &mut self.out_descs) {
             Ok(Some(h)) => h,
             Ok(None) => return,
             Err(e) => {
@@ -698,29 +693,43 @@ impl TipcDev {
         let usable = first_writable.filter(|d| d.len as usize >= wire::HEADER_LEN);
         let Some(d) = usable else {
             self.stats.lost_to_bad_buffers += 1;
-            ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_ENOUGH_BUFFER as u32);
+            ring.queue.push_used(&ring.mem, head_id, lk::ERR_NOT_ENOUGH_BUFFER as u32);
             return;
         };
         let cap = d.len as usize;
-        let Some(m) = shares.map(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)") else {
-            // A mapping failure is returned as a negative length (spec §6.6 step 5).
-            ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_VALID as u32);
-            return;
+        let n = (head.len() + body.len()).min(cap);
+        // Bytes [from, to) of the frame `head` + `body`.
+        let write_range = |m: &Span<'_>, from: usize, to: usize| {
+            let head_end = to.min(head.len());
+            let head_ok = from >= head_end || m.write(from, &head[from..head_end]);
+            let body_ok = to <= head.len() || {
+                let b = from.max(head.len()) - head.len();
+                m.write(head.len() + b, &body[b..to - head.len()])
+            };
+            head_ok && body_ok
         };
-        let n = frame.len().min(cap);
         // Everything but shm_cnt (bytes 10..12 of the header); a frame too short for a header
         // (only the broken frames of fault injection) is written as it is.
-        let ok = if n >= wire::HEADER_LEN {
-            m.write(0, &frame[..10]) && m.write(12, &frame[12..n])
-        } else {
-            m.write(0, &frame[..n])
+        let written = shares.with_mapped(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)", |m| {
+            if n >= wire::HEADER_LEN && head.len() >= wire::HEADER_LEN {
+                // Fixed sizes: copied inline.
+                m.write(0, &head[..10]) && m.write(12, &head[12..16]) && write_range(m, 16, n)
+            } else if n >= wire::HEADER_LEN {
+                write_range(m, 0, 10) && write_range(m, 12, n)
+            } else {
+                write_range(m, 0, n)
+            }
+        });
+        let Some(ok) = written else {
+            // A mapping failure is returned as a negative length (spec §6.6 step 5).
+            ring.queue.push_used(&ring.mem, head_id, lk::ERR_NOT_VALID as u32);
+            return;
         };
         if !ok {
             shares.fault("ffa-handle", d.addr, format!("write of {n} bytes to an rx buffer failed"));
         }
-        shares.unmap(m);
         self.stats.frames_to_ns += 1;
-        ring.queue.push_used(&ring.mem, head, used_len.unwrap_or(n as u32));
+        ring.queue.push_used(&ring.mem, head_id, used_len.unwrap_or(n as u32));
     }
 }
 

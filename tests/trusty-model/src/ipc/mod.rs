@@ -25,6 +25,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 pub mod apps;
+mod idmap;
 mod ready;
 use ready::Handle;
 pub mod services;
@@ -463,6 +464,24 @@ impl Channel {
     fn unread(&self) -> usize {
         self.inbound.len().saturating_sub(self.gotten)
     }
+
+    /// Whether a message from the normal world can be queued now (spec §6.5 step 8).
+    fn accepts_from_ns(&self) -> Result<(), i32> {
+        match self.ns {
+            NsSide::Gone => return Err(lk::ERR_NOT_FOUND),
+            NsSide::Closing => return Err(lk::ERR_CHANNEL_CLOSED),
+            NsSide::Open => {}
+        }
+        match self.ta {
+            TaSide::Pending => return Err(lk::ERR_NOT_READY),
+            TaSide::Closed => return Err(lk::ERR_CHANNEL_CLOSED),
+            TaSide::Open => {}
+        }
+        if self.inbound.len() >= self.msg_num as usize {
+            return Err(lk::ERR_NOT_ENOUGH_BUFFER);
+        }
+        Ok(())
+    }
 }
 
 /// Everything except the apps themselves, so that an app can be borrowed next to it.
@@ -476,7 +495,7 @@ struct Core {
     stale: Cell<bool>,
     ports: BTreeMap<PortId, Port>,
     next_port: u32,
-    chans: BTreeMap<ChanId, Channel>,
+    chans: idmap::IdMap<Channel>,
     next_chan: u32,
     /// Handles that may have events, per app (the scheduler never rescans idle ones).
     ready: ready::Ready,
@@ -525,7 +544,7 @@ impl Core {
             stale: Cell::new(false),
             ports: BTreeMap::new(),
             next_port: 0,
-            chans: BTreeMap::new(),
+            chans: idmap::IdMap::new(),
             next_chan: 0,
             ready: ready::Ready::default(),
             events: VecDeque::new(),
@@ -787,41 +806,25 @@ impl Core {
     }
 
     /// On failure the references come back to the caller (Trusty's `handle_chan_msg()`: a
-    /// failed message's references are dropped without RELEASE, spec §6.9).
-    fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> Result<usize, (i32, Vec<MemRef>)> {
-        if let Err(e) = self.deliver_check(id) {
-            return Err((e, handles));
+    /// failed message's references are dropped without RELEASE, spec §6.9). Also returns the
+    /// channel's port-counter slot (one look-up for both).
+    fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> (Result<usize, (i32, Vec<MemRef>)>, Option<usize>) {
+        let apps = self.sleep_until.len();
+        let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
+        let slot = chan.stats_slot;
+        if let Err(e) = chan.accepts_from_ns() {
+            return (Err((e, handles)), slot);
         }
         if handles.len() > MAX_MSG_HANDLES {
-            return Err((lk::ERR_INVALID_ARGS, handles));
+            return (Err((lk::ERR_INVALID_ARGS, handles)), slot);
         }
-        let Some(chan) = self.chans.get_mut(&id) else { return Err((lk::ERR_NOT_FOUND, handles)) };
         // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
         // cut to the queue's item size and delivered; the length written is the result.
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.inbound.push_back(InMsg { data: pooled(&mut self.spare, data), handles });
         chan.signal = true;
-        self.ready.raise(self.sleep_until.len(), chan.owner, Handle::Chan(id));
-        Ok(data.len())
-    }
-
-    fn deliver_check(&mut self, id: ChanId) -> Result<(), i32> {
-        let chan = self.chans.get_mut(&id).ok_or(lk::ERR_NOT_FOUND)?;
-        // Spec §6.5 step 8.
-        match chan.ns {
-            NsSide::Gone => return Err(lk::ERR_NOT_FOUND),
-            NsSide::Closing => return Err(lk::ERR_CHANNEL_CLOSED),
-            NsSide::Open => {}
-        }
-        match chan.ta {
-            TaSide::Pending => return Err(lk::ERR_NOT_READY),
-            TaSide::Closed => return Err(lk::ERR_CHANNEL_CLOSED),
-            TaSide::Open => {}
-        }
-        if chan.inbound.len() >= chan.msg_num as usize {
-            return Err(lk::ERR_NOT_ENOUGH_BUFFER);
-        }
-        Ok(())
+        self.ready.raise(apps, chan.owner, Handle::Chan(id));
+        (Ok(data.len()), slot)
     }
 
     fn ns_close(&mut self, id: ChanId) {
@@ -1172,13 +1175,14 @@ impl Core {
         // size, not refused.
         let data = &data[..data.len().min(chan.max_msg_size as usize)];
         chan.outbound += 1;
+        let stats_slot = chan.stats_slot;
         self.events.push_back(IpcEvent::Message {
             chan: id,
             data: pooled(&mut self.spare, data),
         });
         self.stats.sent_to_ns += 1;
         // The port's counters exist from its creation: no allocation here.
-        if let Some(s) = self.chans.get(&id).and_then(|c| c.stats_slot).and_then(|i| self.port_stats.get_mut(i)) {
+        if let Some(s) = stats_slot.and_then(|i| self.port_stats.get_mut(i)) {
             s.sent += 1;
         }
         Ok(data.len())
@@ -1247,7 +1251,7 @@ impl Core {
         for (id, p) in &self.ports {
             debug_assert!(!p.signal || p.owner >= apps || self.ready.contains(p.owner, Handle::Port(*id)), "port {id:?} raised but not queued");
         }
-        for (id, c) in &self.chans {
+        for (id, c) in self.chans.iter() {
             debug_assert!(!c.signal || c.owner >= apps || self.ready.contains(c.owner, Handle::Chan(*id)), "channel {id:?} raised but not queued");
         }
     }
@@ -1508,7 +1512,7 @@ impl Ipc {
         now: u64,
     ) -> Result<usize, (i32, Vec<MemRef>)> {
         self.core.advance(now);
-        let result = self.core.deliver(chan, data, handles);
+        let (result, stats_slot) = self.core.deliver(chan, data, handles);
         let result_code = result.as_ref().map(|n| *n).map_err(|(e, _)| *e);
         match result_code {
             Ok(_) => self.core.stats.delivered += 1,
@@ -1517,9 +1521,7 @@ impl Ipc {
         }
         // The port's counters exist from its creation (`create_port`): the channel keeps their
         // slot, so no lookup by name per message.
-        let core = &mut self.core;
-        let stats = core.chans.get(&chan).and_then(|c| c.stats_slot).and_then(|i| core.port_stats.get_mut(i));
-        if let Some(s) = stats {
+        if let Some(s) = stats_slot.and_then(|i| self.core.port_stats.get_mut(i)) {
             match result_code {
                 Ok(_) => s.delivered += 1,
                 Err(lk::ERR_NOT_ENOUGH_BUFFER) => s.dropped_queue_full += 1,

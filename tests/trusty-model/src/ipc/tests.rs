@@ -1264,3 +1264,74 @@ fn ta_to_ta_connect_failures() {
     ctx.close(c).unwrap();
     assert_eq!(ipc.stats().channel_records, 0);
 }
+
+/// The scheduler looks only at handles an event queued: with many idle channels open, an echo
+/// on one of them costs the same handful of visits, and a run with nothing queued visits none.
+#[test]
+fn the_scheduler_visits_only_handles_with_events() {
+    let mut ipc = Ipc::with_unittest_services();
+    let chans: Vec<ChanId> = (0..40).map(|_| open(&mut ipc, "echo", 0)).collect();
+    let before = ipc.scheduler_visits();
+    assert!(!ipc.run(0), "nothing queued: nothing to do");
+    assert_eq!(ipc.scheduler_visits(), before, "an idle run visits nothing");
+    for round in 0..3u8 {
+        let before = ipc.scheduler_visits();
+        ipc.deliver(chans[17], &[round; 16], 0).expect("deliver");
+        assert!(ipc.run(0));
+        assert_eq!(drain(&mut ipc), vec![message(chans[17], &[round; 16])]);
+        let visits = ipc.scheduler_visits() - before;
+        assert_eq!(visits, 1, "one channel had an event; 40 are open");
+    }
+    // The events of several channels are each visited once, lowest id first.
+    let before = ipc.scheduler_visits();
+    for &c in [chans[30], chans[3], chans[12]].iter() {
+        ipc.deliver(c, b"x", 0).expect("deliver");
+    }
+    assert!(ipc.run(0));
+    let order: Vec<ChanId> = drain(&mut ipc).iter().map(IpcEvent::chan).collect();
+    assert_eq!(order, vec![chans[3], chans[12], chans[30]]);
+    assert_eq!(ipc.scheduler_visits() - before, 3);
+}
+
+/// The clock is read only when something needs the time: a run with no timer armed reads
+/// none; an app's sleep reads it once, and the due wake-up reads it again after time passed.
+#[test]
+fn the_clock_is_read_only_when_a_timer_or_an_app_needs_it() {
+    struct Counting(core::sync::atomic::AtomicU64, core::sync::atomic::AtomicU64);
+    impl Clock for Counting {
+        fn now_ns(&self) -> u64 {
+            self.1.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            self.0.load(core::sync::atomic::Ordering::Relaxed)
+        }
+        fn sleep_ns(&self, ns: u64) {
+            self.0.fetch_add(ns, core::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let clock = Arc::new(Counting(Default::default(), Default::default()));
+    let reads = || clock.1.load(core::sync::atomic::Ordering::Relaxed);
+    let mut ipc = Ipc::with_unittest_services();
+    ipc.set_clock(clock.clone());
+    let echo = open(&mut ipc, "echo", 0);
+    let start = reads();
+    for _ in 0..10 {
+        ipc.time_passed();
+        ipc.deliver(echo, b"ping", 0).expect("deliver");
+        assert!(ipc.run(0));
+        assert_eq!(drain(&mut ipc), vec![message(echo, b"ping")]);
+    }
+    assert_eq!(reads(), start, "echoes with no timer armed read no clock");
+    // closer1 sleeps on its first connection: the sleep reads the time, and from then on a
+    // run after time passed reads it (once) to see whether the wake-up is due.
+    ipc.time_passed();
+    let c = ipc.connect_ns(&srv("closer1"), 0).expect("connect");
+    ipc.run(0);
+    let armed = reads();
+    assert!(armed > start, "the sleep read the clock");
+    assert!(ipc.next_deadline().is_some());
+    clock.sleep_ns(CLOSER_SLEEP_NS);
+    ipc.time_passed();
+    ipc.run(0);
+    ipc.run(0);
+    assert_eq!(reads(), armed + 1, "one read per time step, however many looks");
+    let _ = c;
+}
