@@ -484,6 +484,10 @@ impl Channel {
     }
 }
 
+/// What a delivery from the normal world came to: the bytes queued, or the error with the
+/// references handed back.
+type Delivery = Result<usize, (i32, Vec<MemRef>)>;
+
 /// Everything except the apps themselves, so that an app can be borrowed next to it.
 struct Core {
     /// The latest time seen; read through [`Core::now`], which asks `clock` first when time
@@ -808,7 +812,7 @@ impl Core {
     /// On failure the references come back to the caller (Trusty's `handle_chan_msg()`: a
     /// failed message's references are dropped without RELEASE, spec §6.9). Also returns the
     /// channel's port-counter slot (one look-up for both).
-    fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> (Result<usize, (i32, Vec<MemRef>)>, Option<usize>) {
+    fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
         let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
         let slot = chan.stats_slot;
