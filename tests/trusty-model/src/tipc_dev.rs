@@ -351,15 +351,35 @@ impl TipcDev {
         if len > wire::HEADER_LEN + usize::from(u16::MAX) {
             return lk::ERR_INVALID_ARGS;
         }
-        // The frame is copied into the device's own buffer (reused; taken out of `self`
-        // while the handlers below borrow the device).
+        let pages = len.max(1).next_multiple_of(PAGE_SIZE);
+        // Trusty maps whole pages of the buffer, read-only, for this one message (a refused
+        // mapping is its error). A data message without memory references goes from the
+        // mapped buffer straight into the channel's queue (handle_rx_msg() -> ipc_send_msg()
+        // copies from the mapping into the receiver's message buffer), after the same checks
+        // on a trusted copy of its header.
+        let direct = shares.with_mapped(id, pages, false, "message buffer (NS to secure)", |m| {
+            let mut raw = [0u8; wire::HEADER_LEN];
+            if len < wire::HEADER_LEN || !m.read(0, &mut raw) {
+                return None;
+            }
+            let header = Header::decode(&raw)?;
+            if header.dst == wire::CTRL_ADDR || header.shm_cnt != 0 || wire::HEADER_LEN + usize::from(header.len) != len {
+                return None;
+            }
+            Some(self.deliver_in_place(&header, |buf| m.read(wire::HEADER_LEN, buf), ipc, now))
+        });
+        match direct {
+            None => return lk::ERR_NOT_VALID,
+            Some(Some(status)) => return status,
+            Some(None) => {}
+        }
+        // Anything else is copied whole into the device's own buffer (reused; taken out of
+        // `self` while the handlers below borrow the device).
         // Only bytes beyond the previous length are zeroed: a successful read below overwrites
         // all `len` bytes, and a failed one leaves the copy unused.
         let mut frame = core::mem::take(&mut self.in_frame);
         frame.resize(len, 0);
-        // Trusty maps whole pages of the buffer, read-only, for this one message (a refused
-        // mapping is its error); the mapping goes once the frame is copied.
-        let read = shares.with_mapped(id, len.max(1).next_multiple_of(PAGE_SIZE), false, "message buffer (NS to secure)", |m| m.read(0, &mut frame));
+        let read = shares.with_mapped(id, pages, false, "message buffer (NS to secure)", |m| m.read(0, &mut frame));
         let status = if read == Some(true) { self.handle_frame_copy(&frame, shares, ipc, now) } else { lk::ERR_NOT_VALID };
         self.in_frame = frame;
         status
@@ -414,6 +434,26 @@ impl TipcDev {
                 lk::NO_ERROR
             }
             _ => lk::ERR_NOT_VALID,
+        }
+    }
+
+    /// [`TipcDev::handle_chan_msg`] for a data message without references whose payload is
+    /// still in the normal world's buffer: `fill` copies it into the queue's buffer. The same
+    /// checks in the same order (the endpoint by dst must belong to hdr.src, then the TA's
+    /// queue).
+    fn deliver_in_place(&mut self, header: &Header, fill: impl FnOnce(&mut [u8]) -> bool, ipc: &mut Ipc, now: u64) -> i32 {
+        let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
+        let Some(ep) = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src) else {
+            return lk::ERR_NOT_FOUND;
+        };
+        if self.inject.drop_messages > 0 {
+            self.inject.drop_messages -= 1;
+            self.stats.dropped_on_purpose += 1;
+            return lk::ERR_NOT_ENOUGH_BUFFER;
+        }
+        match ipc.deliver_from(ep.chan, usize::from(header.len), fill, now) {
+            Ok(n) => n as i32,
+            Err(e) => e,
         }
     }
 

@@ -812,7 +812,9 @@ impl Core {
     /// On failure the references come back to the caller (Trusty's `handle_chan_msg()`: a
     /// failed message's references are dropped without RELEASE, spec §6.9). Also returns the
     /// channel's port-counter slot (one look-up for both).
-    fn deliver(&mut self, id: ChanId, data: &[u8], handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
+    /// `fill` writes the message (cut to the queue's item size) into the queue's buffer; if it
+    /// fails, nothing is queued and the answer is ERR_NOT_VALID.
+    fn deliver(&mut self, id: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
         let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
         let slot = chan.stats_slot;
@@ -824,11 +826,19 @@ impl Core {
         }
         // ipc_msg.c kern_msg_write_locked() -> iovec.c kern_iovec_to_membuf(): the message is
         // cut to the queue's item size and delivered; the length written is the result.
-        let data = &data[..data.len().min(chan.max_msg_size as usize)];
-        chan.inbound.push_back(InMsg { data: pooled(&mut self.spare, data), handles });
+        let n = len.min(chan.max_msg_size as usize);
+        let mut buf = self.spare.pop().unwrap_or_default();
+        // Every byte is written by `fill` (or the buffer goes back unused): no need to zero.
+        buf.truncate(n);
+        buf.resize(n, 0);
+        if !fill(&mut buf) {
+            recycle(&mut self.spare, buf);
+            return (Err((lk::ERR_NOT_VALID, handles)), slot);
+        }
+        chan.inbound.push_back(InMsg { data: buf, handles });
         chan.signal = true;
         self.ready.raise(apps, chan.owner, Handle::Chan(id));
-        (Ok(data.len()), slot)
+        (Ok(n), slot)
     }
 
     fn ns_close(&mut self, id: ChanId) {
@@ -1515,8 +1525,31 @@ impl Ipc {
         handles: Vec<MemRef>,
         now: u64,
     ) -> Result<usize, (i32, Vec<MemRef>)> {
+        let fill = |buf: &mut [u8]| {
+            buf.copy_from_slice(&data[..buf.len()]);
+            true
+        };
+        self.deliver_counted(chan, data.len(), fill, handles, now)
+    }
+
+    /// [`Ipc::deliver`] of a message of `len` bytes that `fill` writes into the queue's buffer
+    /// (cut to the item size: `fill` gets the slice to fill, and copies the message's first
+    /// bytes into it), so the device can copy straight from the normal world's buffer. A
+    /// `fill` that fails (returns false) queues nothing: ERR_NOT_VALID.
+    pub fn deliver_from(&mut self, chan: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, now: u64) -> Result<usize, i32> {
+        self.deliver_counted(chan, len, fill, Vec::new(), now).map_err(|(e, _)| e)
+    }
+
+    fn deliver_counted(
+        &mut self,
+        chan: ChanId,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> bool,
+        handles: Vec<MemRef>,
+        now: u64,
+    ) -> Result<usize, (i32, Vec<MemRef>)> {
         self.core.advance(now);
-        let (result, stats_slot) = self.core.deliver(chan, data, handles);
+        let (result, stats_slot) = self.core.deliver(chan, len, fill, handles);
         let result_code = result.as_ref().map(|n| *n).map_err(|(e, _)| *e);
         match result_code {
             Ok(_) => self.core.stats.delivered += 1,

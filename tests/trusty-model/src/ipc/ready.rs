@@ -22,9 +22,10 @@ pub(super) enum Handle {
     Chan(ChanId),
 }
 
-/// Per app, the handles that may have events, sorted.
+/// Per app, the handles that may have events.
 #[derive(Default)]
 pub(super) struct Ready {
+    /// Sorted highest first, so the next handle to offer is the last (taken in O(1)).
     lists: Vec<Vec<Handle>>,
     /// Entries in all lists together.
     queued: usize,
@@ -45,11 +46,11 @@ impl Ready {
             self.lists.resize_with(apps, Vec::new);
         }
         let list = &mut self.lists[owner];
-        // Most lists hold zero or one entry: appending in order needs no search.
-        if list.last().map_or(true, |last| *last < h) {
+        // Most lists hold zero or one entry: a handle lower than all needs no search.
+        if list.last().map_or(true, |last| h < *last) {
             list.push(h);
             self.queued += 1;
-        } else if let Err(at) = list.binary_search(&h) {
+        } else if let Err(at) = list.binary_search_by(|x| h.cmp(x)) {
             list.insert(at, h);
             self.queued += 1;
         }
@@ -70,7 +71,7 @@ impl Ready {
     /// Whether `h` is queued for `owner` (the debug check and the tests).
     #[cfg(any(test, debug_assertions))]
     pub(super) fn contains(&self, owner: usize, h: Handle) -> bool {
-        self.lists.get(owner).is_some_and(|l| l.binary_search(&h).is_ok())
+        self.lists.get(owner).is_some_and(|l| l.binary_search_by(|x| h.cmp(x)).is_ok())
     }
 
     /// Entries looked at so far (see the field).
@@ -82,9 +83,9 @@ impl Ready {
     /// dropped.
     pub(super) fn take_port(&mut self, app: usize, valid: impl Fn(PortId) -> bool) -> Option<PortId> {
         let list = self.lists.get_mut(app)?;
-        while let Some(&Handle::Port(id)) = list.first() {
+        while let Some(&Handle::Port(id)) = list.last() {
             self.visits += 1;
-            list.remove(0);
+            list.pop();
             self.queued -= 1;
             if valid(id) {
                 return Some(id);
@@ -97,10 +98,13 @@ impl Ready {
     /// dropped.
     pub(super) fn take_chan(&mut self, app: usize, valid: impl Fn(ChanId) -> bool) -> Option<ChanId> {
         let list = self.lists.get_mut(app)?;
-        let start = list.partition_point(|h| matches!(h, Handle::Port(_)));
-        while let Some(&Handle::Chan(id)) = list.get(start) {
+        // Channels sort above ports: the lowest channel sits just before the ports at the end
+        // (usually there are none, and it is the last entry).
+        let ports = list.iter().rev().take_while(|h| matches!(h, Handle::Port(_))).count();
+        while let Some(at) = list.len().checked_sub(ports + 1) {
+            let Handle::Chan(id) = list[at] else { break };
             self.visits += 1;
-            list.remove(start);
+            list.remove(at);
             self.queued -= 1;
             if valid(id) {
                 return Some(id);
