@@ -35,8 +35,9 @@ struct Opts {
     quick: bool,
     /// Modes to measure; empty: all.
     modes: Vec<String>,
-    /// `--stack-loop SIZE ROUNDS` / `--sim-loop SIZE ROUNDS`: only echo round trips of the
-    /// stack alone, or with the model inside each call, for a profiler.
+    /// `--stack-loop SIZE ROUNDS` / `--sim-loop SIZE ROUNDS` / `--cores-loop SIZE ROUNDS`: only
+    /// echo round trips of the stack alone, with the model inside each call, or with the model
+    /// on the other core, for a profiler.
     stack_loop: Option<(Mode, usize, u64)>,
 }
 
@@ -257,6 +258,10 @@ fn stream(up: &mut Up, size: usize, iters: usize) -> Result<(f64, f64), String> 
 /// Echo round trips of the stack alone in a loop and nothing else (for `perf record` or
 /// `perf stat -e task-clock`): prints the mean wall time per echo.
 fn stack_loop(mode: Mode, size: usize, rounds: u64) -> Result<(), String> {
+    // As the full run does: the caller on core 0, the model thread on the last core.
+    if matches!(mode, Mode::Cores) && cpu_count() > 1 {
+        pin_to_cpu(0);
+    }
     let mut up = bring_up(mode)?;
     let ch = up.dev.connect(ECHO_PORT).map_err(|e| format!("connect {ECHO_PORT}: {e}"))?;
     let msg = vec![0x5au8; size];
@@ -412,8 +417,12 @@ fn main() {
                     std::process::exit(2);
                 }
             },
-            "--stack-loop" | "--sim-loop" => {
-                let mode = if a == "--sim-loop" { Mode::Sim } else { Mode::Stack };
+            "--stack-loop" | "--sim-loop" | "--cores-loop" => {
+                let mode = match a.as_str() {
+                    "--sim-loop" => Mode::Sim,
+                    "--cores-loop" => Mode::Cores,
+                    _ => Mode::Stack,
+                };
                 let size = args.next().and_then(|a| a.parse().ok()).filter(|&s: &usize| (1..=4000).contains(&s));
                 let rounds = args.next().and_then(|a| a.parse().ok());
                 let (Some(size), Some(rounds)) = (size, rounds) else {
@@ -423,7 +432,7 @@ fn main() {
                 o.stack_loop = Some((mode, size, rounds));
             }
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS");
                 return;
             }
             other => {

@@ -825,6 +825,9 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
     };
     while !stop.load(Ordering::Acquire) {
         let mut worked = false;
+        // Work a served call left behind (seen under the call's own lock: no second lock
+        // per call when there is none, which is always outside threaded mode).
+        let mut left_work = false;
         let req = word32(mb::OFF_REQ_SEQ);
         if word32(mb::OFF_MAGIC) == mb::MAILBOX_MAGIC && req != served {
             // Acquire pairs with the conduit's Release before it stores the request sequence
@@ -836,7 +839,11 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
                 *r = u64::from_le(unsafe { page.add(mb::OFF_REQUEST + 8 * i).cast::<u64>().read_volatile() });
             }
             let out = match model.lock() {
-                Ok(mut m) => m.smc(regs),
+                Ok(mut m) => {
+                    let out = m.smc(regs);
+                    left_work = m.has_pending_work();
+                    out
+                }
                 Err(_) => return,
             };
             for (i, r) in out.iter().enumerate() {
@@ -851,7 +858,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
             served = req;
             worked = true;
         }
-        if vm || worked {
+        if vm || left_work {
             let Ok(mut m) = model.lock() else { return };
             // A Trusty VM profile: the guest's own mailbox (granted page), the same protocol.
             worked |= m.serve_mailbox();
