@@ -225,8 +225,9 @@ impl TipcDev {
     }
 
     /// Runs the device until nothing moves: normal-world messages in, the IPC core's work, and
-    /// everything pending out (as far as rx buffers allow). `Err` carries a ring violation that
-    /// makes Trusty panic (spec §5.7).
+    /// everything pending out (as far as rx buffers allow), in rounds that go on only while a
+    /// round could act ([`TipcDev::more_to_do`]). `Err` carries a ring violation that makes
+    /// Trusty panic (spec §5.7).
     pub fn run(&mut self, shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> Result<bool, DeviceRingError> {
         let mut any = false;
         // Bounded: every round either makes progress or stops; the bound guards the model itself.

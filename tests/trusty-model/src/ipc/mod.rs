@@ -1247,14 +1247,14 @@ impl Core {
         self.ready.take_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
     }
 
-    /// Takes the lowest-numbered channel of `app` with its flag raised from the ready list.
+    /// Takes the lowest-numbered channel queued for `app`; the caller checks that it is still
+    /// this app's and raised (one look-up for the check and the handling).
     #[inline]
     fn signalled_chan(&mut self, app: usize) -> Option<ChanId> {
         if self.ready.idle(app) {
             return None;
         }
-        let chans = &self.chans;
-        self.ready.take_chan(app, |id| chans.get(&id).is_some_and(|c| c.owner == app && c.signal))
+        self.ready.take_chan(app, |_| true)
     }
 
     /// Debug builds: every raised handle of an app is on that app's ready list (a raise that
@@ -1715,8 +1715,10 @@ impl Ipc {
                     _ => return false,
                 }
             };
-            let Some(chan) = core.chans.get_mut(&chan_id) else {
-                return false; // unreachable: the id came from the map
+            // A stale entry (flag cleared, channel gone or handed to another app since it was
+            // queued) is dropped.
+            let Some(chan) = core.chans.get_mut(&chan_id).filter(|c| c.owner == app && c.signal) else {
+                continue;
             };
             chan.signal = false;
             if chan.ta != TaSide::Open {
