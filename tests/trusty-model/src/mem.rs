@@ -168,6 +168,14 @@ impl ShareMap {
         self.slots.get(slot)?.as_ref().map(|(_, share)| share)
     }
 
+    /// [`ShareMap::get`] that also remembers the slot in the look-up cache (a buffer used for
+    /// every message keeps hitting it).
+    fn get_recent(&mut self, id: u64) -> Option<&Share> {
+        let slot = self.slot_of(id)?;
+        self.recent[Self::bucket(id)] = slot;
+        self.slots.get(slot)?.as_ref().map(|(_, share)| share)
+    }
+
     fn get_mut(&mut self, id: u64) -> Option<&mut Share> {
         let slot = self.slot_of(id)?;
         self.recent[Self::bucket(id)] = slot;
@@ -715,7 +723,7 @@ impl ShareTable {
             return Some(r);
         }
         // lib/sm/shared_mem.c ext_mem_get_vmm_obj(), as in `map_ffa`.
-        let refused = match self.shares.get(id) {
+        let refused = match self.shares.get_recent(id) {
             None => format!("{purpose}: memory id was never shared"),
             Some(share) if len > share.size => format!("{purpose}: {len} bytes wanted, {} shared", share.size),
             Some(share) if write && !share.writable => format!("{purpose}: write to a read-only share"),
@@ -952,6 +960,12 @@ impl Span<'_> {
             unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
             return true;
         }
+        self.read_through_phys(off, out)
+    }
+
+    /// [`Span::read`] outside the direct run: page by page through [`PhysMem`].
+    #[inline(never)]
+    fn read_through_phys(&self, off: usize, out: &mut [u8]) -> bool {
         let mut done = 0;
         while done < out.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(out.len() - done);
@@ -974,6 +988,12 @@ impl Span<'_> {
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
             return true;
         }
+        self.write_through_phys(off, data)
+    }
+
+    /// [`Span::write`] outside the direct run: page by page through [`PhysMem`].
+    #[inline(never)]
+    fn write_through_phys(&self, off: usize, data: &[u8]) -> bool {
         let mut done = 0;
         while done < data.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(data.len() - done);

@@ -752,9 +752,9 @@ impl TipcDev {
         // Everything but shm_cnt (bytes 10..12 of the header); a frame too short for a header
         // (only the broken frames of fault injection) is written as it is.
         let written = shares.with_mapped(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)", |m| {
-            if n >= wire::HEADER_LEN && head.len() >= wire::HEADER_LEN {
-                // Fixed sizes: copied inline.
-                m.write(0, &head[..10]) && m.write(12, &head[12..16]) && write_range(m, 16, n)
+            if n >= wire::HEADER_LEN && head.len() == wire::HEADER_LEN {
+                // A data frame: the header's fields (fixed sizes, copied inline), then the payload.
+                m.write(0, &head[..10]) && m.write(12, &head[12..16]) && m.write(16, &body[..n - wire::HEADER_LEN])
             } else if n >= wire::HEADER_LEN {
                 write_range(m, 0, 10) && write_range(m, 12, n)
             } else {
