@@ -5,8 +5,8 @@
 //! place that raises a flag also queues the handle for its owner ([`Ready::raise`]), and a
 //! handle whose owner changes while raised is queued for the new owner: the lists are driven
 //! by events only, nothing is scanned to find them. The scheduler takes handles from an app's
-//! list lowest id first, ports before channels (the order in which a full scan met them, as
-//! Trusty's `handle_list` wait offers the first ready handle); an entry whose flag was cleared,
+//! list lowest id first, ports before channels (the order in which the model's earlier full
+//! scan met them, so runs stay deterministic and unchanged); an entry whose flag was cleared,
 //! or whose owner changed, since it was queued is dropped when met. Debug builds check after
 //! every scheduler run that no raised handle is missing from its owner's list.
 
