@@ -114,7 +114,13 @@ pub struct TipcDev {
     /// VRING_USED_F_NO_NOTIFY as last written on vring 1 / vring 0 (None: not yet, since the
     /// rings were set up): rewritten, with its fence, only when it changes.
     no_notify: [Option<bool>; 2],
+    /// Endpoint slot by channel id (modulo [`SLOT_HINTS`]), set when the endpoint is made, so
+    /// an event finds its endpoint without a search of the table.
+    slot_hints: [u16; SLOT_HINTS],
 }
+
+/// Buckets of [`TipcDev`]'s slot hints (channel ids are handed out in sequence).
+const SLOT_HINTS: usize = 64;
 
 impl TipcDev {
     /// Device `devid`, reset.
@@ -133,6 +139,7 @@ impl TipcDev {
             out_descs: Vec::new(),
             in_frame: Vec::new(),
             no_notify: [None; 2],
+            slot_hints: [0; SLOT_HINTS],
         }
     }
 
@@ -532,7 +539,10 @@ impl TipcDev {
             return;
         };
         match ipc.connect_ns(name, now) {
-            Ok(chan) => self.endpoints[slot] = Some(Endpoint { remote: ns_addr, chan }),
+            Ok(chan) => {
+                self.endpoints[slot] = Some(Endpoint { remote: ns_addr, chan });
+                self.slot_hints[Self::hint_bucket(chan)] = slot as u16;
+            }
             Err(e) => {
                 log::debug!("connect to {:?} refused: {e}", core::str::from_utf8(name));
                 self.outbox.push_back(Outgoing::Ctrl(refuse));
@@ -552,8 +562,18 @@ impl TipcDev {
         }
     }
 
+    /// The endpoint slot of `chan`: the hinted slot when it still holds `chan` (a hint is
+    /// only a hint: checked every time), else a search of the table.
     fn slot_of(&self, chan: ChanId) -> Option<usize> {
+        let hint = usize::from(self.slot_hints[Self::hint_bucket(chan)]);
+        if self.endpoints.get(hint).copied().flatten().is_some_and(|e| e.chan == chan) {
+            return Some(hint);
+        }
         self.endpoints.iter().position(|e| e.is_some_and(|e| e.chan == chan))
+    }
+
+    fn hint_bucket(chan: ChanId) -> usize {
+        chan.0 as usize % SLOT_HINTS
     }
 
     /// Sends what is pending, oldest first, while the normal world has rx buffers (Trusty's tx
