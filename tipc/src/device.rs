@@ -259,6 +259,9 @@ pub struct TipcDevice {
     /// bound on rounds per scan). A kick that failed is not repeated: the next call into the
     /// secure side gives Trusty the CPU anyway.
     rx_kick_pending: bool,
+    /// A secure call was made that no scan has followed yet (the last kick of a scan cut short
+    /// by [`MAX_SCAN_ROUNDS`]): frames it brought may wait in the rings.
+    scan_owed: bool,
     /// Memory ids sent in messages that Trusty has not released yet.
     shm_outstanding: BTreeMap<u64, u32>,
     /// Memory ids Trusty released (or whose message was dropped): the owner may reclaim them.
@@ -428,6 +431,7 @@ impl TipcDevice {
             rx_pool: 0,
             rx_repost: Vec::new(),
             rx_kick_pending: false,
+            scan_owed: true,
             shm_outstanding: BTreeMap::new(),
             shm_released: VecDeque::new(),
             foreign: BTreeMap::new(),
@@ -539,6 +543,8 @@ impl TipcDevice {
         for _ in 0..MAX_SCAN_ROUNDS {
             let tx = self.scan_tx();
             let rx = self.scan_rx();
+            // Everything the calls so far returned is taken; a kick below owes a scan again.
+            self.scan_owed = false;
             any |= tx || rx;
             if !self.rx_kick_pending {
                 break;
@@ -904,6 +910,7 @@ impl TipcDevice {
     fn notify(&mut self, rx: bool) -> Result<(), Error> {
         let notifyid = if rx { self.rx.notifyid } else { self.tx.notifyid };
         self.stats.kicks += 1;
+        self.scan_owed = true;
         let r = self.bus.kick(self.vdev, notifyid);
         // No clock read here: see `last_secure_call`.
         self.last_secure_call = self.clock_seen;
@@ -1447,14 +1454,20 @@ impl TipcDevice {
     /// Receives one whole message into `bufs` (scattered in order), waiting up to `timeout`
     /// (spec §6.6 step 10). A message larger than the buffers stays queued: MessageSize.
     pub fn recv(&mut self, id: ChannelId, bufs: &mut [&mut [u8]], timeout: Timeout) -> Result<usize, Error> {
-        self.channel(id)?;
         // A message already queued (or found by the first scan) is returned without a clock
         // read or a call, as Linux's read returns a queued message; only then does the secure
         // side get a catch-up NOP if it was idle, and the deadline start.
         let mut caught_up = false;
         let mut deadline = None;
+        // A message already queued is returned without a scan when every secure call so far
+        // was followed by one: what a peer on another core published since is taken by the
+        // next scan, and frames are judged (a full queue discards) in the order they came.
+        let mut scan = self.channel(id)?.queue.is_empty() || self.scan_owed;
         loop {
-            self.scan();
+            if scan {
+                self.scan();
+            }
+            scan = true;
             let chan = self.channel(id)?;
             if let Some(msg) = chan.queue.front() {
                 let len = match msg {
