@@ -252,9 +252,9 @@ pub struct TipcDevice {
     next_local: u32,
     /// Rx buffers posted at start: the rx pool, and the default per-channel queue limit.
     rx_pool: usize,
-    /// Buffers waiting to go back on vring 0 until the current batch is done (kept to reuse
-    /// its allocation).
-    rx_repost: Vec<BufId>,
+    /// Buffers waiting to go back on vring 0 until the current batch is done: the first
+    /// `n` of a table of the ring's size (a batch is at most the ring size).
+    rx_repost: Box<[BufId]>,
     /// Re-posted rx buffers Trusty has not been told about yet (the kick was cut short by the
     /// bound on rounds per scan). A kick that failed is not repeated: the next call into the
     /// secure side gives Trusty the CPU anyway.
@@ -429,7 +429,7 @@ impl TipcDevice {
             route_hint: 0,
             next_local: wire::MIN_LOCAL_ADDR,
             rx_pool: 0,
-            rx_repost: Vec::new(),
+            rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
             rx_kick_pending: false,
             scan_owed: true,
             shm_outstanding: BTreeMap::new(),
@@ -631,7 +631,7 @@ impl TipcDevice {
             }
         };
         let mut processed = 0usize;
-        let mut repost = core::mem::take(&mut self.rx_repost);
+        let mut n = 0usize;
         for _ in 0..pending {
             match self.rx.queue.pop_pending() {
                 Ok(None) => break,
@@ -639,7 +639,14 @@ impl TipcDevice {
                     processed += 1;
                     let posted = self.rx_posted.get_mut(usize::from(used.desc)).map(|s| core::mem::replace(s, NO_BUF));
                     match posted.filter(|&b| b != NO_BUF) {
-                        Some(b) => repost.push(self.handle_rx(b, used.len)),
+                        Some(b) => {
+                            let back = self.handle_rx(b, used.len);
+                            // At most `pending` <= ring size entries: the table has room.
+                            if let Some(slot) = self.rx_repost.get_mut(n) {
+                                *slot = back;
+                                n += 1;
+                            }
+                        }
                         None => self.stats.ring_errors += 1,
                     }
                 }
@@ -650,10 +657,11 @@ impl TipcDevice {
         // Only now do the buffers go back: a used entry later in the batch that repeats an id
         // finds it no longer in flight (a ring error) instead of an old message in a buffer
         // that was just re-posted.
-        for b in repost.drain(..) {
-            self.post_rx(b);
+        for i in 0..n {
+            if let Some(&b) = self.rx_repost.get(i) {
+                self.post_rx(b);
+            }
         }
-        self.rx_repost = repost;
         if processed > 0 {
             self.rx_kick_pending = true;
         }
@@ -1585,7 +1593,7 @@ impl TipcDevice {
         self.rx_posted.fill(NO_BUF);
         self.tx_posted.fill(NO_BUF);
         self.rx_spare.clear();
-        self.rx_repost.clear();
+        self.rx_repost.fill(NO_BUF);
         self.tx_free.clear();
         let bufs = core::mem::take(&mut self.bufs);
         for chan in self.channels.iter_mut() {

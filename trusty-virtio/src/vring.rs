@@ -342,9 +342,10 @@ impl<M: RingMemory> DriverQueue<M> {
         // descriptors checked in flight), so `desc(idx)` is inside the layout.
         let d = self.layout.desc(idx);
         self.mem.write_u64(d, addr);
-        self.mem.write_u32(d + 8, len);
-        self.mem.write_u16(d + 12, if device_writable { DESC_F_WRITE } else { 0 });
-        self.mem.write_u16(d + 14, 0);
+        // len (bytes 8..12), flags (12..14) and next (14..16, 0: no chain) as one 8-aligned
+        // little-endian word.
+        let flags = if device_writable { DESC_F_WRITE } else { 0 };
+        self.mem.write_u64(d + 8, u64::from(len) | u64::from(flags) << 32);
         self.mem.write_u16(self.layout.avail_ring(self.avail_idx), idx);
         self.n_free = top;
         if let Some(f) = self.in_flight.get_mut(usize::from(idx)) {
@@ -534,7 +535,9 @@ impl DeviceQueue {
 
     fn read_desc<M: RingMemory + ?Sized>(&self, mem: &M, i: u16) -> Desc {
         let d = self.layout.desc(i);
-        Desc { addr: mem.read_u64(d), len: mem.read_u32(d + 8), flags: mem.read_u16(d + 12) }
+        // len, flags (and next) in one 8-aligned little-endian word.
+        let w = mem.read_u64(d + 8);
+        Desc { addr: mem.read_u64(d), len: w as u32, flags: (w >> 32) as u16 }
     }
 
     /// Takes the next available buffer when it is a single descriptor, which is all TIPC puts
