@@ -1087,11 +1087,6 @@ impl TipcDevice {
 
     /// Puts a filled tx buffer on vring 1 (with the shm ids its message carries) and kicks if
     /// Trusty wants it (spec §6.5 step 4).
-    ///
-    /// A kick is a secure call, so it also gives Trusty the CPU: no idle catch-up (and no clock
-    /// read) is needed then. Without one (Trusty set NO_NOTIFY: it will take the ring without
-    /// being told), a Trusty idle for `idle_pump_ms` first gets a NOP, or the message would wait
-    /// for whatever call comes next.
     fn queue_tx(&mut self, b: BufId, frame_len: usize, shm: &[ShmDesc]) -> Result<(), Error> {
         let added = match self.bufs.get(b as usize) {
             Some(buf) => self.tx.queue.add(buf.id().0, frame_len as u32, false).ok(),
@@ -1113,10 +1108,9 @@ impl TipcDevice {
         }
         self.stats.messages_sent += 1;
         if self.tx.queue.needs_kick() {
-            self.kick_ring(false)
-        } else {
-            self.catch_up_then(false)
+            self.kick_ring(false)?;
         }
+        Ok(())
     }
 
     fn send_ctrl(&mut self, msg: &Ctrl, src: u32) -> Result<(), Error> {
@@ -1330,9 +1324,13 @@ impl TipcDevice {
         }
         let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
         let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
-        // No catch-up or scan here: every secure call was followed by a scan, the tx ring is
-        // scanned when no buffer is free, and the kick that queuing makes (or, without one, the
-        // idle catch-up) gives Trusty the CPU and scans what it returns.
+        // A Trusty idle for `idle_pump_ms` gets a NOP first: it runs only when called, so what
+        // it would have done meanwhile (a service closing the channel, AOSP's closer3) must be
+        // seen before the send, as Linux sees it through Trusty's own interrupts. This is the
+        // echo's one clock read. No scan otherwise: every secure call was followed by one, the
+        // tx ring is scanned when no buffer is free, and the kick below scans what Trusty
+        // returns.
+        self.catch_up_then(false)?;
         let b = self.get_tx_buffer(timeout)?;
         let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
         else {

@@ -462,50 +462,6 @@ fn shutdown_reclaims_outstanding_foreign_memrefs() {
 // ----- the data path ---------------------------------------------------------------------------
 
 #[test]
-fn a_send_that_needs_no_kick_still_gives_an_idle_trusty_a_nop_after_queuing() {
-    // Trusty set NO_NOTIFY on the tx ring: a send does not kick. A polled Trusty runs only when
-    // called, so if it has been idle for `idle_pump_ms` the send donates a NOP, and that NOP
-    // must come after the message is on the ring (before it, the message would wait for
-    // whatever call comes next).
-    let mut h = Harness::new(Config { idle_pump_ms: 0, ..Config::default() }, 8);
-    let (ch, _) = connect(&mut h);
-    h.peer().set_tx_no_notify(true);
-    let (calls, kicks, sent) = {
-        let p = h.peer();
-        (p.calls, p.kicks, p.sent.len())
-    };
-    h.dev.send(ch, &[b"no kick"], &[], Timeout::Ms(1000)).unwrap();
-    let p = h.peer();
-    assert_eq!(p.kicks, kicks, "NO_NOTIFY is set: no kick");
-    assert_eq!(p.calls, calls + 1, "one NOP for an idle Trusty");
-    assert_eq!(p.sent.len(), sent + 1, "the NOP came after the message was queued: Trusty took it");
-    assert_eq!(p.sent.last().map(|s| s.payload.as_slice()), Some(&b"no kick"[..]));
-    drop(p);
-    // Not idle (a huge idle_pump_ms): the message waits on the ring, no call at all.
-    let mut h = Harness::new(Config { idle_pump_ms: u64::MAX, ..Config::default() }, 8);
-    let (ch, _) = connect(&mut h);
-    h.peer().set_tx_no_notify(true);
-    let calls = h.peer().calls;
-    h.dev.send(ch, &[b"later"], &[], Timeout::Ms(1000)).unwrap();
-    assert_eq!(h.peer().calls, calls);
-}
-
-#[test]
-fn a_kicking_send_makes_exactly_one_call() {
-    // The kick gives Trusty the CPU: no idle catch-up NOP before or after it, even when Trusty
-    // counts as idle at once (idle_pump_ms 0).
-    let mut h = Harness::new(Config { idle_pump_ms: 0, ..Config::default() }, 8);
-    let (ch, _) = connect(&mut h);
-    let (calls, kicks) = {
-        let p = h.peer();
-        (p.calls, p.kicks)
-    };
-    h.dev.send(ch, &[b"kick"], &[], Timeout::Ms(1000)).unwrap();
-    let p = h.peer();
-    assert_eq!((p.calls - calls, p.kicks - kicks), (1, 1), "one call, the kick");
-}
-
-#[test]
 fn a_reused_channel_slot_does_not_take_the_old_addresses_messages() {
     // Routing remembers the last slot it found; a slot reused by a channel with another
     // address must not receive messages for the old one.

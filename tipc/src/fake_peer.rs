@@ -235,14 +235,6 @@ impl Peer {
         Some(chain.head)
     }
 
-    /// Sets or clears VRING_USED_F_NO_NOTIFY on vring 1 (the normal world's tx ring): with it
-    /// set, the normal world queues messages without kicking.
-    pub fn set_tx_no_notify(&mut self, on: bool) {
-        if let Some(ring) = self.from_ns.as_ref() {
-            ring.queue.set_no_notify(&ring.mem, on);
-        }
-    }
-
     /// Publishes a used entry on vring 0 without taking a buffer (a lie about descriptor `head`).
     pub fn push_raw_used(&mut self, head: u16, len: u32) {
         if let Some(ring) = self.to_ns.as_mut() {
