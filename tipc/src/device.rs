@@ -700,7 +700,10 @@ impl TipcDevice {
                 .and_then(|()| wire::parse_ctrl(p, 0, false));
             match parsed {
                 Ok(msg) => self.handle_ctrl(msg),
-                Err(e) => self.malformed_frame(e),
+                Err(e) => {
+                    self.stats.malformed_frames += 1;
+                    log::warn!("dropping malformed control message: {e:?}");
+                }
             }
             return b;
         }
