@@ -483,7 +483,6 @@ impl TipcDevice {
         (self.bufs.len() - 1) as BufId
     }
 
-    #[inline]
     fn post_rx(&mut self, b: BufId) {
         let Some(buf) = self.bufs.get(b as usize) else { return };
         match self.rx.queue.add(buf.id().0, self.buf_size as u32, true) {
@@ -1354,10 +1353,22 @@ impl TipcDevice {
             }
         };
         let header = Header { src: local, dst: remote, shm_cnt: shm.len() as u16, len: payload_len as u16, flags: 0 };
-        let written = match self.bufs.get(b as usize) {
-            Some(buf) => Self::write_frame(buf, &header, iov, shm).map_err(Error::from),
-            None => Err(Error::NoMemory),
-        };
+        let written = self.bufs.get(b as usize).ok_or(Error::NoMemory).and_then(|buf| {
+            (|| {
+                buf.write(0, &header.encode())?;
+                let mut at = wire::HEADER_LEN;
+                for part in iov {
+                    buf.write(at, part)?;
+                    at += part.len();
+                }
+                for d in shm {
+                    buf.write(at, &d.encode())?;
+                    at += wire::SHM_DESC_LEN;
+                }
+                Ok::<(), trusty_platform::Error>(())
+            })()
+            .map_err(Error::from)
+        });
         if let Err(e) = written {
             self.tx_free.push(b);
             return Err(e);
@@ -1368,22 +1379,6 @@ impl TipcDevice {
         }
         self.queue_tx(b, wire::HEADER_LEN + payload_len, shm)?;
         Ok(data_len)
-    }
-
-    /// Writes a frame into a tx buffer: the header, the data in `iov`, the shm descriptors.
-    #[inline]
-    fn write_frame(buf: &SharedBuf, header: &Header, iov: &[&[u8]], shm: &[ShmDesc]) -> Result<(), trusty_platform::Error> {
-        buf.write(0, &header.encode())?;
-        let mut at = wire::HEADER_LEN;
-        for part in iov {
-            buf.write(at, part)?;
-            at += part.len();
-        }
-        for d in shm {
-            buf.write(at, &d.encode())?;
-            at += wire::SHM_DESC_LEN;
-        }
-        Ok(())
     }
 
     /// Sends one message with memory references to pages the stack does not own (spec §6.9;
