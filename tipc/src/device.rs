@@ -5,6 +5,7 @@
 //! side is followed by a scan of both rings ([`TipcDevice::scan`]), and every wait is a loop of
 //! NOP calls and scans against a deadline (spec §4, §11 subtlety 1).
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -153,9 +154,16 @@ pub struct DeviceStats {
     pub memrefs_reclaimed: u64,
 }
 
+/// A message buffer: its index in [`TipcDevice`]'s table of every buffer it shared. The
+/// rings' records, the channel queues and the free pools hold these 4-byte indices, so the
+/// data path never moves a buffer handle; no index ever comes from the peer.
+type BufId = u32;
+/// An empty slot in a table of [`BufId`]s.
+const NO_BUF: BufId = BufId::MAX;
+
 enum RxMsg {
-    /// A filled rx buffer moved off the ring (its payload starts after the header).
-    Buffer { buf: SharedBuf, len: usize },
+    /// A filled rx buffer taken off the ring (its payload starts after the header).
+    Buffer { buf: BufId, len: usize },
     Copied(Vec<u8>),
 }
 
@@ -220,28 +228,40 @@ pub struct TipcDevice {
     state: DeviceState,
     rx: Ring,
     tx: Ring,
-    /// Rx buffers on vring 0, by descriptor index (the trusted record of what we posted).
-    rx_posted: Vec<Option<SharedBuf>>,
-    rx_spare: Vec<SharedBuf>,
-    /// Tx buffers on vring 1, by descriptor index, with the shm ids the message carried.
-    tx_posted: Vec<Option<(SharedBuf, Vec<u64>)>>,
-    tx_free: Vec<SharedBuf>,
+    /// Every message buffer the device shared (posted rx buffers, spares, tx buffers), by
+    /// [`BufId`]. Buffers are only added, and all released together at teardown.
+    bufs: Vec<SharedBuf>,
+    /// Rx buffers on vring 0, by descriptor index (the trusted record of what we posted), or
+    /// [`NO_BUF`].
+    rx_posted: Box<[BufId]>,
+    rx_spare: Vec<BufId>,
+    /// Tx buffers on vring 1, by descriptor index, or [`NO_BUF`].
+    tx_posted: Box<[BufId]>,
+    /// By tx descriptor: the shm ids the message in it carried (emptied, its allocation kept,
+    /// when the buffer comes back).
+    tx_shm: Box<[Vec<u64>]>,
+    tx_free: Vec<BufId>,
     tx_allocated: usize,
     tx_limit: usize,
     channels: Vec<Option<Channel>>,
     next_generation: u32,
     by_addr: BTreeMap<u32, u32>,
+    /// The slot `by_addr` last gave: checked first (see `slot_of_addr`).
+    route_hint: u32,
     /// Where the search for the next local address starts (cyclic allocation, see `open`).
     next_local: u32,
     /// Rx buffers posted at start: the rx pool, and the default per-channel queue limit.
     rx_pool: usize,
-    /// Buffers waiting to go back on vring 0 until the current batch is done (kept to reuse
-    /// its allocation).
-    rx_repost: Vec<SharedBuf>,
+    /// Buffers waiting to go back on vring 0 until the current batch is done: the first
+    /// `n` of a table of the ring's size (a batch is at most the ring size).
+    rx_repost: Box<[BufId]>,
     /// Re-posted rx buffers Trusty has not been told about yet (the kick was cut short by the
     /// bound on rounds per scan). A kick that failed is not repeated: the next call into the
     /// secure side gives Trusty the CPU anyway.
     rx_kick_pending: bool,
+    /// A secure call was made that no scan has followed yet (the last kick of a scan cut short
+    /// by [`MAX_SCAN_ROUNDS`]): frames it brought may wait in the rings.
+    scan_owed: bool,
     /// Memory ids sent in messages that Trusty has not released yet.
     shm_outstanding: BTreeMap<u64, u32>,
     /// Memory ids Trusty released (or whose message was dropped): the owner may reclaim them.
@@ -392,9 +412,11 @@ impl TipcDevice {
             dev_name,
             buf_size,
             state: DeviceState::Offline,
-            rx_posted: (0..rx_num).map(|_| None).collect(),
+            bufs: Vec::new(),
+            rx_posted: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
             rx_spare: Vec::new(),
-            tx_posted: (0..tx_num).map(|_| None).collect(),
+            tx_posted: alloc::vec![NO_BUF; tx_num].into_boxed_slice(),
+            tx_shm: (0..tx_num).map(|_| Vec::new()).collect(),
             tx_free: Vec::new(),
             tx_allocated: 0,
             tx_limit: cfg.tx_buffers.unwrap_or(tx_num).clamp(1, tx_num),
@@ -404,10 +426,12 @@ impl TipcDevice {
             channels: Vec::new(),
             next_generation: 1,
             by_addr: BTreeMap::new(),
+            route_hint: 0,
             next_local: wire::MIN_LOCAL_ADDR,
             rx_pool: 0,
-            rx_repost: Vec::new(),
+            rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
             rx_kick_pending: false,
+            scan_owed: true,
             shm_outstanding: BTreeMap::new(),
             shm_released: VecDeque::new(),
             foreign: BTreeMap::new(),
@@ -427,12 +451,16 @@ impl TipcDevice {
         // (spec §11 subtlety 3).
         for _ in 0..posted {
             let buf = self.bus.mem().alloc_shared(self.buf_size, Access::ReadWrite)?;
-            self.post_rx(buf)?;
+            let b = self.add_buf(buf);
+            self.post_rx(b);
         }
         self.rx_pool = posted;
         for _ in 0..self.cfg.rx_spare_buffers {
             match self.bus.mem().alloc_shared(self.buf_size, Access::ReadWrite) {
-                Ok(buf) => self.rx_spare.push(buf),
+                Ok(buf) => {
+                    let b = self.add_buf(buf);
+                    self.rx_spare.push(b);
+                }
                 // Spares are an optimisation; a tight share budget simply means copying.
                 Err(_) => break,
             }
@@ -448,19 +476,23 @@ impl TipcDevice {
         Ok(())
     }
 
-    fn post_rx(&mut self, buf: SharedBuf) -> Result<(), Error> {
+    /// Takes a newly shared buffer into the device's table.
+    fn add_buf(&mut self, buf: SharedBuf) -> BufId {
+        self.bufs.push(buf);
+        // At most two rings' worth of buffers (2 x 32768) plus the spares: far below NO_BUF.
+        (self.bufs.len() - 1) as BufId
+    }
+
+    fn post_rx(&mut self, b: BufId) {
+        let Some(buf) = self.bufs.get(b as usize) else { return };
         match self.rx.queue.add(buf.id().0, self.buf_size as u32, true) {
             Ok(desc) => {
                 if let Some(slot) = self.rx_posted.get_mut(usize::from(desc)) {
-                    *slot = Some(buf);
+                    *slot = b;
                 }
-                Ok(())
             }
-            Err(_) => {
-                // Cannot happen while posted + in-queue buffers <= ring size; keep the buffer.
-                self.rx_spare.push(buf);
-                Ok(())
-            }
+            // Cannot happen while posted + in-queue buffers <= ring size; keep the buffer.
+            Err(_) => self.rx_spare.push(b),
         }
     }
 
@@ -510,6 +542,8 @@ impl TipcDevice {
         for _ in 0..MAX_SCAN_ROUNDS {
             let tx = self.scan_tx();
             let rx = self.scan_rx();
+            // Everything the calls so far returned is taken; a kick below owes a scan again.
+            self.scan_owed = false;
             any |= tx || rx;
             if !self.rx_kick_pending {
                 break;
@@ -533,11 +567,13 @@ impl TipcDevice {
         };
         let mut any = false;
         for _ in 0..pending {
-            match self.tx.queue.pop_used() {
+            match self.tx.queue.pop_pending() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
                     any = true;
-                    let Some((buf, shm)) = self.tx_posted.get_mut(usize::from(used.desc)).and_then(Option::take) else {
+                    let d = usize::from(used.desc);
+                    let Some(b) = self.tx_posted.get_mut(d).map(|s| core::mem::replace(s, NO_BUF)).filter(|&b| b != NO_BUF)
+                    else {
                         self.stats.ring_errors += 1;
                         continue;
                     };
@@ -545,13 +581,11 @@ impl TipcDevice {
                     // the references the message carried are ours to release (Linux
                     // _txvq_cb() -> handle_dropped_mb()).
                     if (used.len as i32) < 0 {
-                        self.stats.dropped_by_peer += 1;
-                        log::debug!("Trusty dropped a message: status {}", used.len as i32);
-                        for id in shm {
-                            self.release_shm(id);
-                        }
+                        self.tx_dropped(d, used.len as i32);
+                    } else if let Some(ids) = self.tx_shm.get_mut(d) {
+                        ids.clear();
                     }
-                    self.tx_free.push(buf);
+                    self.tx_free.push(b);
                 }
                 Err(e) => {
                     any = true;
@@ -560,6 +594,23 @@ impl TipcDevice {
             }
         }
         any
+    }
+
+    /// Trusty dropped the message in tx descriptor `d`: the references it carried are released.
+    #[cold]
+    #[inline(never)]
+    fn tx_dropped(&mut self, d: usize, status: i32) {
+        self.stats.dropped_by_peer += 1;
+        log::debug!("Trusty dropped a message: status {status}");
+        let Some(slot) = self.tx_shm.get_mut(d) else { return };
+        let mut ids = core::mem::take(slot);
+        for &id in &ids {
+            self.release_shm(id);
+        }
+        ids.clear();
+        if let Some(slot) = self.tx_shm.get_mut(d) {
+            *slot = ids;
+        }
     }
 
     // Cold and out of line: a broken ring is rare, and the rx/tx scans share one copy.
@@ -579,14 +630,22 @@ impl TipcDevice {
             }
         };
         let mut processed = 0usize;
-        let mut repost = core::mem::take(&mut self.rx_repost);
+        let mut n = 0usize;
         for _ in 0..pending {
-            match self.rx.queue.pop_used() {
+            match self.rx.queue.pop_pending() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
                     processed += 1;
-                    match self.rx_posted.get_mut(usize::from(used.desc)).and_then(Option::take) {
-                        Some(buf) => repost.push(self.handle_rx(buf, used.len)),
+                    let posted = self.rx_posted.get_mut(usize::from(used.desc)).map(|s| core::mem::replace(s, NO_BUF));
+                    match posted.filter(|&b| b != NO_BUF) {
+                        Some(b) => {
+                            let back = self.handle_rx(b, used.len);
+                            // At most `pending` <= ring size entries: the table has room.
+                            if let Some(slot) = self.rx_repost.get_mut(n) {
+                                *slot = back;
+                                n += 1;
+                            }
+                        }
                         None => self.stats.ring_errors += 1,
                     }
                 }
@@ -597,10 +656,11 @@ impl TipcDevice {
         // Only now do the buffers go back: a used entry later in the batch that repeats an id
         // finds it no longer in flight (a ring error) instead of an old message in a buffer
         // that was just re-posted.
-        for buf in repost.drain(..) {
-            let _ = self.post_rx(buf);
+        for i in 0..n {
+            if let Some(&b) = self.rx_repost.get(i) {
+                self.post_rx(b);
+            }
         }
-        self.rx_repost = repost;
         if processed > 0 {
             self.rx_kick_pending = true;
         }
@@ -610,13 +670,13 @@ impl TipcDevice {
     /// Validates one received frame (spec §6.6 steps 6-9) and routes it (Linux
     /// `_handle_rxbuf()`). Returns the buffer to re-post: the same one, unless it moved to a
     /// channel queue, in which case a spare takes its place.
-    fn handle_rx(&mut self, buf: SharedBuf, used: u32) -> SharedBuf {
-        let header = match self.validate_rx(&buf, used) {
+    fn handle_rx(&mut self, b: BufId, used: u32) -> BufId {
+        let Some(buf) = self.bufs.get(b as usize) else { return b };
+        let header = match Self::validate_rx(buf, used, self.buf_size) {
             Ok(h) => h,
             Err(e) => {
-                self.stats.malformed_frames += 1;
-                log::warn!("dropping malformed frame from Trusty: {e:?}");
-                return buf;
+                self.malformed_frame(e);
+                return b;
             }
         };
         let payload_len = usize::from(header.len);
@@ -644,33 +704,28 @@ impl TipcDevice {
                     log::warn!("dropping malformed control message: {e:?}");
                 }
             }
-            return buf;
+            return b;
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
         let limit = self.rx_queue_limit();
         // One address lookup per message: the slot is kept for the push below.
-        let slot = self.by_addr.get(&header.dst).map(|&s| s as usize);
+        let slot = self.slot_of_addr(header.dst);
         let queued = match slot.and_then(|s| self.channels.get(s)).and_then(Option::as_ref) {
             Some(c) if c.state == ChannelState::Connected => c.queue.len(),
             _ => {
                 self.stats.undeliverable_frames += 1;
-                return buf;
+                return b;
             }
         };
         if queued >= limit {
             self.stats.rx_queue_overflows += 1;
             log::warn!("channel {}: {queued} messages unread, discarding an incoming one", header.dst);
-            return buf;
+            return b;
         }
         self.stats.messages_received += 1;
         let (msg, repost) = match self.rx_spare.pop() {
-            Some(spare) => (RxMsg::Buffer { buf, len: payload_len }, spare),
-            None => {
-                let mut data = alloc::vec![0u8; payload_len];
-                let _ = buf.read(wire::HEADER_LEN, &mut data);
-                self.stats.rx_copies += 1;
-                (RxMsg::Copied(data), buf)
-            }
+            Some(spare) => (RxMsg::Buffer { buf: b, len: payload_len }, spare),
+            None => (RxMsg::Copied(self.copy_out(b, payload_len)), b),
         };
         if let Some(chan) = slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
             chan.queue.push_back(msg);
@@ -678,14 +733,50 @@ impl TipcDevice {
         repost
     }
 
+    /// No spare buffer was free: the payload of rx buffer `b` is copied out so the buffer can
+    /// go back on the ring at once.
+    #[cold]
+    #[inline(never)]
+    fn copy_out(&mut self, b: BufId, payload_len: usize) -> Vec<u8> {
+        let mut data = alloc::vec![0u8; payload_len];
+        if let Some(buf) = self.bufs.get(b as usize) {
+            let _ = buf.read(wire::HEADER_LEN, &mut data);
+        }
+        self.stats.rx_copies += 1;
+        data
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn malformed_frame(&mut self, e: FrameError) {
+        self.stats.malformed_frames += 1;
+        log::warn!("dropping malformed frame from Trusty: {e:?}");
+    }
+
+    /// The slot of the open channel whose local address is `addr`. The slot `by_addr` gave
+    /// last is tried first: it is the answer while the channel in it has that address, as
+    /// local addresses are unique among open channels and `by_addr` holds exactly the open
+    /// ones; so a stream of messages for one channel skips the map.
+    #[inline]
+    fn slot_of_addr(&mut self, addr: u32) -> Option<usize> {
+        let hint = self.route_hint as usize;
+        if self.channels.get(hint).and_then(Option::as_ref).is_some_and(|c| c.local == addr) {
+            return Some(hint);
+        }
+        let slot = *self.by_addr.get(&addr)?;
+        self.route_hint = slot;
+        Some(slot as usize)
+    }
+
     /// Messages one channel may hold unread.
     fn rx_queue_limit(&self) -> usize {
         self.cfg.rx_queue_limit.unwrap_or(self.rx_pool).max(1)
     }
 
-    fn validate_rx(&self, buf: &SharedBuf, used: u32) -> Result<Header, FrameError> {
+    #[inline]
+    fn validate_rx(buf: &SharedBuf, used: u32, buf_size: usize) -> Result<Header, FrameError> {
         // Also catches Trusty's negative errors, which read as huge lengths (spec §6.6 step 6).
-        if (used as usize) < wire::HEADER_LEN || used as usize > self.buf_size {
+        if (used as usize) < wire::HEADER_LEN || used as usize > buf_size {
             return Err(FrameError::BadLength { used });
         }
         let mut raw = [0u8; wire::HEADER_LEN];
@@ -829,6 +920,7 @@ impl TipcDevice {
     fn notify(&mut self, rx: bool) -> Result<(), Error> {
         let notifyid = if rx { self.rx.notifyid } else { self.tx.notifyid };
         self.stats.kicks += 1;
+        self.scan_owed = true;
         let r = self.bus.kick(self.vdev, notifyid);
         // No clock read here: see `last_secure_call`.
         self.last_secure_call = self.clock_seen;
@@ -959,7 +1051,7 @@ impl TipcDevice {
     /// (spec §6.5 step 1). The device must be online, checked on every round, so GO_OFFLINE
     /// ends the wait at once (Linux `_get_txbuf_locked()` -> ENODEV, and `_go_offline()` wakes
     /// `sendq`).
-    fn get_tx_buffer(&mut self, timeout: Timeout) -> Result<SharedBuf, Error> {
+    fn get_tx_buffer(&mut self, timeout: Timeout) -> Result<BufId, Error> {
         // Read from the clock only when a wait is needed: a free buffer costs no clock read.
         let mut deadline = None;
         loop {
@@ -979,7 +1071,7 @@ impl TipcDevice {
                 match self.bus.mem().alloc_shared(self.buf_size, Access::ReadOnly) {
                     Ok(buf) => {
                         self.tx_allocated += 1;
-                        return Ok(buf);
+                        return Ok(self.add_buf(buf));
                     }
                     Err(e) => {
                         // Out of pages or shares: wait for a buffer in flight, if there is one.
@@ -995,18 +1087,25 @@ impl TipcDevice {
         }
     }
 
-    /// Puts a filled tx buffer on vring 1 and kicks if Trusty wants it (spec §6.5 step 4).
-    fn queue_tx(&mut self, buf: SharedBuf, frame_len: usize, shm: Vec<u64>) -> Result<(), Error> {
-        match self.tx.queue.add(buf.id().0, frame_len as u32, false) {
-            Ok(desc) => {
-                if let Some(slot) = self.tx_posted.get_mut(usize::from(desc)) {
-                    *slot = Some((buf, shm));
-                }
-            }
-            Err(_) => {
-                // Unreachable while tx buffers <= ring size; never lose the buffer.
-                self.tx_free.push(buf);
-                return Err(Error::Again);
+    /// Puts a filled tx buffer on vring 1 (with the shm ids its message carries) and kicks if
+    /// Trusty wants it (spec §6.5 step 4).
+    fn queue_tx(&mut self, b: BufId, frame_len: usize, shm: &[ShmDesc]) -> Result<(), Error> {
+        let added = match self.bufs.get(b as usize) {
+            Some(buf) => self.tx.queue.add(buf.id().0, frame_len as u32, false).ok(),
+            None => None,
+        };
+        let Some(desc) = added else {
+            // Unreachable while tx buffers <= ring size; never lose the buffer.
+            self.tx_free.push(b);
+            return Err(Error::Again);
+        };
+        let d = usize::from(desc);
+        if let Some(slot) = self.tx_posted.get_mut(d) {
+            *slot = b;
+        }
+        if !shm.is_empty() {
+            if let Some(ids) = self.tx_shm.get_mut(d) {
+                ids.extend(shm.iter().map(|s| s.obj_id));
             }
         }
         self.stats.messages_sent += 1;
@@ -1017,29 +1116,33 @@ impl TipcDevice {
     }
 
     fn send_ctrl(&mut self, msg: &Ctrl, src: u32) -> Result<(), Error> {
-        let buf = self.get_tx_buffer(Timeout::Ms(self.cfg.txbuf_timeout_ms))?;
-        self.send_ctrl_with(buf, msg, src)
+        let b = self.get_tx_buffer(Timeout::Ms(self.cfg.txbuf_timeout_ms))?;
+        self.send_ctrl_with(b, msg, src)
     }
 
     /// Sends a control message in a tx buffer the caller already holds.
-    fn send_ctrl_with(&mut self, buf: SharedBuf, msg: &Ctrl, src: u32) -> Result<(), Error> {
+    fn send_ctrl_with(&mut self, b: BufId, msg: &Ctrl, src: u32) -> Result<(), Error> {
         let mut frame = [0u8; wire::HEADER_LEN + wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
         let Some(len) = wire::encode_ctrl(msg, src, &mut frame) else {
-            self.tx_free.push(buf);
+            self.tx_free.push(b);
             return Err(Error::InvalidArgument);
         };
-        if let Err(e) = buf.write(0, &frame[..len]) {
-            self.tx_free.push(buf);
-            return Err(e.into());
+        let written = match self.bufs.get(b as usize) {
+            Some(buf) => buf.write(0, &frame[..len]).map_err(Error::from),
+            None => Err(Error::NoMemory),
+        };
+        if let Err(e) = written {
+            self.tx_free.push(b);
+            return Err(e);
         }
-        self.queue_tx(buf, len, Vec::new())
+        self.queue_tx(b, len, &[])
     }
 
     // ----- channels ----------------------------------------------------------------------------
 
     fn channel_by_addr(&mut self, addr: u32) -> Option<&mut Channel> {
-        let slot = *self.by_addr.get(&addr)?;
-        self.channels.get_mut(slot as usize)?.as_mut()
+        let slot = self.slot_of_addr(addr)?;
+        self.channels.get_mut(slot)?.as_mut()
     }
 
     fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Error> {
@@ -1216,58 +1319,65 @@ impl TipcDevice {
         if shm.len() > usize::from(u16::MAX) {
             return Err(Error::TooBig);
         }
-        if !shm.is_empty() && self.channel(id)?.state != ChannelState::Connected {
+        // A closed handle is refused before anything else.
+        let state = self.channel(id)?.state;
+        if !shm.is_empty() && state != ChannelState::Connected {
             return Err(Error::NotConnected);
         }
         let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
         let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
-        self.channel(id)?;
-        // No scan here: every secure call was followed by one, the tx ring is scanned when no
-        // buffer is free, and the kick below scans everything Trusty returns.
+        // A Trusty idle for `idle_pump_ms` gets a NOP first: it runs only when called, so what
+        // it would have done meanwhile (a service closing the channel, AOSP's closer3) must be
+        // seen before the send, as Linux sees it through Trusty's own interrupts. This is the
+        // echo's one clock read. No scan otherwise: every secure call was followed by one, the
+        // tx ring is scanned when no buffer is free, and the kick below scans what Trusty
+        // returns.
         self.catch_up_then(false)?;
-        let buf = self.get_tx_buffer(timeout)?;
+        let b = self.get_tx_buffer(timeout)?;
         let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
         else {
-            self.tx_free.push(buf);
+            self.tx_free.push(b);
             return Err(Error::MessageSize);
         };
         // The wait may have let the peer close the channel or take the device offline.
-        let chan = match self.channel(id) {
-            Ok(c) if c.state == ChannelState::Connected => c,
+        let (local, remote) = match self.channel(id) {
+            Ok(c) if c.state == ChannelState::Connected => (c.local, c.remote),
             Ok(c) => {
                 let e = Self::require_connected(c.state).err().unwrap_or(Error::NotConnected);
-                self.tx_free.push(buf);
+                self.tx_free.push(b);
                 return Err(e);
             }
             Err(e) => {
-                self.tx_free.push(buf);
+                self.tx_free.push(b);
                 return Err(e);
             }
         };
-        let header = Header { src: chan.local, dst: chan.remote, shm_cnt: shm.len() as u16, len: payload_len as u16, flags: 0 };
-        let written = (|| {
-            buf.write(0, &header.encode())?;
-            let mut at = wire::HEADER_LEN;
-            for part in iov {
-                buf.write(at, part)?;
-                at += part.len();
-            }
-            for d in shm {
-                buf.write(at, &d.encode())?;
-                at += wire::SHM_DESC_LEN;
-            }
-            Ok::<(), trusty_platform::Error>(())
-        })();
+        let header = Header { src: local, dst: remote, shm_cnt: shm.len() as u16, len: payload_len as u16, flags: 0 };
+        let written = self.bufs.get(b as usize).ok_or(Error::NoMemory).and_then(|buf| {
+            (|| {
+                buf.write(0, &header.encode())?;
+                let mut at = wire::HEADER_LEN;
+                for part in iov {
+                    buf.write(at, part)?;
+                    at += part.len();
+                }
+                for d in shm {
+                    buf.write(at, &d.encode())?;
+                    at += wire::SHM_DESC_LEN;
+                }
+                Ok::<(), trusty_platform::Error>(())
+            })()
+            .map_err(Error::from)
+        });
         if let Err(e) = written {
-            self.tx_free.push(buf);
-            return Err(e.into());
+            self.tx_free.push(b);
+            return Err(e);
         }
         // Registered before queuing: the RELEASE may come back inside the kick (spec §6.9).
-        let ids: Vec<u64> = shm.iter().map(|d| d.obj_id).collect();
-        for &obj in &ids {
-            *self.shm_outstanding.entry(obj).or_insert(0) += 1;
+        for d in shm {
+            *self.shm_outstanding.entry(d.obj_id).or_insert(0) += 1;
         }
-        self.queue_tx(buf, wire::HEADER_LEN + payload_len, ids)?;
+        self.queue_tx(b, wire::HEADER_LEN + payload_len, shm)?;
         Ok(data_len)
     }
 
@@ -1348,14 +1458,20 @@ impl TipcDevice {
     /// Receives one whole message into `bufs` (scattered in order), waiting up to `timeout`
     /// (spec §6.6 step 10). A message larger than the buffers stays queued: MessageSize.
     pub fn recv(&mut self, id: ChannelId, bufs: &mut [&mut [u8]], timeout: Timeout) -> Result<usize, Error> {
-        self.channel(id)?;
         // A message already queued (or found by the first scan) is returned without a clock
         // read or a call, as Linux's read returns a queued message; only then does the secure
         // side get a catch-up NOP if it was idle, and the deadline start.
         let mut caught_up = false;
         let mut deadline = None;
+        // A message already queued is returned without a scan when every secure call so far
+        // was followed by one: what a peer on another core published since is taken by the
+        // next scan, and frames are judged (a full queue discards) in the order they came.
+        let mut scan = self.channel(id)?.queue.is_empty() || self.scan_owed;
         loop {
-            self.scan();
+            if scan {
+                self.scan();
+            }
+            scan = true;
             let chan = self.channel(id)?;
             if let Some(msg) = chan.queue.front() {
                 let len = match msg {
@@ -1375,7 +1491,9 @@ impl TipcDevice {
                     let n = out.len().min(len - at);
                     match &msg {
                         RxMsg::Buffer { buf, .. } => {
-                            let _ = buf.read(wire::HEADER_LEN + at, &mut out[..n]);
+                            if let Some(buf) = self.bufs.get(*buf as usize) {
+                                let _ = buf.read(wire::HEADER_LEN + at, &mut out[..n]);
+                            }
                         }
                         RxMsg::Copied(v) => out[..n].copy_from_slice(&v[at..at + n]),
                     }
@@ -1467,18 +1585,15 @@ impl TipcDevice {
     }
 
     fn release_all(&mut self) -> Result<(), Error> {
-        let mut bufs: Vec<SharedBuf> = Vec::new();
-        bufs.extend(self.rx_posted.iter_mut().filter_map(Option::take));
-        bufs.extend(self.tx_posted.iter_mut().filter_map(Option::take).map(|(b, _)| b));
-        bufs.append(&mut self.rx_spare);
-        bufs.append(&mut self.rx_repost);
-        bufs.append(&mut self.tx_free);
-        for chan in self.channels.iter_mut().filter_map(Option::take) {
-            for msg in chan.queue {
-                if let RxMsg::Buffer { buf, .. } = msg {
-                    bufs.push(buf);
-                }
-            }
+        // Every buffer is in the table, wherever its index is (posted, spare, free, queued).
+        self.rx_posted.fill(NO_BUF);
+        self.tx_posted.fill(NO_BUF);
+        self.rx_spare.clear();
+        self.rx_repost.fill(NO_BUF);
+        self.tx_free.clear();
+        let bufs = core::mem::take(&mut self.bufs);
+        for chan in self.channels.iter_mut() {
+            *chan = None;
         }
         self.by_addr.clear();
         // After the reset Trusty holds no reference any more; what it still maps is refused and

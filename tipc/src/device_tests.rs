@@ -458,3 +458,32 @@ fn shutdown_reclaims_outstanding_foreign_memrefs() {
     assert!(dropped(&gone));
     assert_eq!(bus.mem_ref().sharer().live_shares(), 0);
 }
+
+// ----- the data path ---------------------------------------------------------------------------
+
+#[test]
+fn a_reused_channel_slot_does_not_take_the_old_addresses_messages() {
+    // Routing remembers the last slot it found; a slot reused by a channel with another
+    // address must not receive messages for the old one.
+    let mut h = Harness::new(Config::default(), 8);
+    let (a, a_addr) = connect(&mut h);
+    let (b, b_addr) = connect(&mut h);
+    h.peer().queue_data(a_addr, b"for a");
+    h.peer().queue_data(b_addr, b"for b");
+    h.dev.pump().unwrap();
+    assert_eq!(recv_now(&mut h, a).as_deref(), Ok(&b"for a"[..]));
+    assert_eq!(recv_now(&mut h, b).as_deref(), Ok(&b"for b"[..]));
+    // The last message routed went to a's slot: now a closes and c takes its slot.
+    h.peer().queue_data(a_addr, b"a again");
+    h.dev.pump().unwrap();
+    h.dev.close(a).unwrap();
+    let (c, c_addr) = connect(&mut h);
+    assert_ne!(c_addr, a_addr);
+    let undeliverable = h.dev.stats().undeliverable_frames;
+    h.peer().queue_data(a_addr, b"stale");
+    h.peer().queue_data(c_addr, b"for c");
+    h.dev.pump().unwrap();
+    assert_eq!(recv_now(&mut h, c).as_deref(), Ok(&b"for c"[..]));
+    assert_eq!(recv_now(&mut h, c), Err(Error::Again), "c got a message for a's old address");
+    assert_eq!(h.dev.stats().undeliverable_frames, undeliverable + 1);
+}
