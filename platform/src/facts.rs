@@ -177,24 +177,24 @@ pub fn trusty_vm_from_bootargs(args: &str) -> Result<Option<(u16, u32, u32)>, Fa
         }
         start = end;
     };
-    // One or three decimal u32 fields separated by commas, each with at least one digit.
-    let (mut fields, mut n, mut digits) = ([0u32; 3], 0, 0);
-    for &b in value {
-        match b {
-            b'0'..=b'9' => {
-                let field = &mut fields[n];
-                *field = field.checked_mul(10).and_then(|v| v.checked_add(u32::from(b - b'0'))).ok_or(BAD)?;
-                digits += 1;
-            }
-            b',' if digits > 0 && n < 2 => (n, digits) = (n + 1, 0),
-            _ => return Err(BAD),
+    // One or three decimal u32 fields separated by commas.
+    let mut fields = [0u32; 3];
+    let mut n = 0;
+    let mut rest = value;
+    loop {
+        let end = rest.iter().position(|&b| b == b',').unwrap_or(rest.len());
+        *fields.get_mut(n).ok_or(BAD)? = decimal(&rest[..end]).ok_or(BAD)?;
+        n += 1;
+        match rest.get(end + 1..) {
+            Some(next) => rest = next,
+            None => break,
         }
     }
     let [domid, call, kick] = fields;
-    match (n, digits > 0) {
-        (0, true) => Ok(Some((domid_from(domid, BAD)?, PORTS_FROM_RENDEZVOUS, PORTS_FROM_RENDEZVOUS))),
+    match n {
+        1 => Ok(Some((domid_from(domid, BAD)?, PORTS_FROM_RENDEZVOUS, PORTS_FROM_RENDEZVOUS))),
         // Port 0 is the rendezvous form's marker, never a static port.
-        (2, true) if call != PORTS_FROM_RENDEZVOUS && kick != PORTS_FROM_RENDEZVOUS => {
+        3 if call != PORTS_FROM_RENDEZVOUS && kick != PORTS_FROM_RENDEZVOUS => {
             Ok(Some((domid_from(domid, BAD)?, call, kick)))
         }
         _ => Err(BAD),
@@ -217,7 +217,21 @@ fn domid_from(value: u32, error: FactsError) -> Result<u16, FactsError> {
 /// `"<maj>.<min>"` of `xen,xen-<maj>.<min>`.
 fn parse_version(s: &str) -> Option<(u16, u16)> {
     let (major, minor) = s.split_once('.')?;
-    Some((major.parse().ok()?, minor.parse().ok()?))
+    let number = |s: &str| decimal(s.as_bytes()).and_then(|n| u16::try_from(n).ok());
+    Some((number(major)?, number(minor)?))
+}
+
+/// A decimal number that fits a u32: one or more ASCII digits, nothing else (no sign). One
+/// small out-of-line parser for the few numbers the facts read from text.
+#[inline(never)]
+fn decimal(digits: &[u8]) -> Option<u32> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |n, &b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u32::from(b - b'0')),
+        _ => None,
+    })
 }
 
 // --- Probes and gathering ---------------------------------------------------------------------
@@ -502,6 +516,20 @@ mod tests {
             "trusty-ipc-stack.trusty-vm=1\u{a0},10,11",
         ] {
             assert!(trusty_vm_from_bootargs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbers_in_text_are_plain_decimal() {
+        assert_eq!(decimal(b"0"), Some(0));
+        assert_eq!(decimal(b"4294967295"), Some(u32::MAX));
+        for bad in [&b""[..], b"4294967296", b"+1", b"-1", b" 1", b"1 ", b"0x10", b"1.5"] {
+            assert_eq!(decimal(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_version("4.17"), Some((4, 17)));
+        assert_eq!(parse_version("4.70000"), None, "beyond u16");
+        for bad in ["4", "4.", ".17", "4.x", "4.17.1", "+4.17"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
         }
     }
 
