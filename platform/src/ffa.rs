@@ -527,14 +527,18 @@ impl Sharer for FfaSharer {
             tag: 0,
             ranges,
         };
-        if u32::try_from(descriptor_len(ranges.len())).is_err() {
+        let len = descriptor_len(ranges.len());
+        if u32::try_from(len).is_err() {
             return Err(Error::InvalidArgument("too many ranges for one FF-A descriptor"));
         }
-        let mut desc = alloc::vec![0u8; descriptor_len(ranges.len())];
-        let len = encode_descriptor(&tx, &mut desc)?;
-        let tx_len = self.tx_buf()?.len();
+        let tx_buf = self.tx_buf()?;
+        let tx_len = tx_buf.len();
         let handle = if len <= tx_len {
-            self.write_tx(&desc[..len])?;
+            // The descriptor is written straight into the TX buffer: no copy, no allocation.
+            // SAFETY: the TX page is owned by this sharer and `tx_len` bytes long; the producer
+            // reads it only during the FFA_MEM_SHARE below, after this borrow ends.
+            let out = unsafe { core::slice::from_raw_parts_mut(tx_buf.vaddr().as_ptr(), tx_len) };
+            encode_descriptor(&tx, out)?;
             let regs = [u64::from(func::MEM_SHARE), len as u64, len as u64, 0, 0, 0, 0, 0];
             let out = ffa_call(&*self.conduit, regs, "FFA_MEM_SHARE")?;
             MemoryId::from_parts(out[2] as u32, out[3] as u32)
@@ -544,11 +548,13 @@ impl Sharer for FfaSharer {
                  descriptors (Xen's FF-A mediator); share fewer ranges",
             ));
         } else {
+            let mut desc = alloc::vec![0u8; len];
+            encode_descriptor(&tx, &mut desc)?;
             // Fragments end on whole address ranges: the first holds the header and as many
             // ranges as fit, each later one as many ranges as fit.
             let first_len = RANGES_OFFSET + (tx_len - RANGES_OFFSET) / RANGE_LEN * RANGE_LEN;
             let next_max = tx_len / RANGE_LEN * RANGE_LEN;
-            MemoryId(self.share_fragmented(&desc[..len], first_len, next_max)?)
+            MemoryId(self.share_fragmented(&desc, first_len, next_max)?)
         };
         self.live += 1;
         Ok(handle)

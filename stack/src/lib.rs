@@ -404,13 +404,13 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
         return Err(BringUpError::Unusable { plan: Box::new(plan), error });
     }
 
-    let facts_done = facts;
-    carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg)
-        .map(|dev| {
+    match carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg) {
+        Ok(dev) => {
             log::info!("Trusty '{}', API {api_version}; {plan}", version.as_deref().unwrap_or("unknown"));
-            (dev, BringUp { version: version.clone(), api_version, facts: facts_done, plan })
-        })
-        .map_err(|error| BringUpError::AfterPlan { plan: Box::new(plan), error })
+            Ok((dev, BringUp { version, api_version, facts, plan }))
+        }
+        Err(error) => Err(BringUpError::AfterPlan { plan: Box::new(plan), error }),
+    }
 }
 
 /// Makes the plan's sharer, the bus and the device.
