@@ -14,6 +14,10 @@
 //!   `/dev/xen/{gntalloc,gntdev,evtchn}`, facts from `/proc/device-tree` and `/proc/cmdline`.
 //!
 //! The crate is `no_std` (with `alloc`) except for the `linux` backend.
+//!
+//! Each sharing mechanism and call transport is a Cargo feature (`ffa-handle`, `ffa-direct`,
+//! `xen-grant`, `phys`; all default): an image for a fixed platform leaves out what it cannot
+//! meet, and bring-up refuses a platform that needs it by name ([`Mechanisms`]).
 #![cfg_attr(not(feature = "linux"), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
