@@ -29,6 +29,13 @@ if [[ -z $ELF ]]; then
     echo "opt-level: ${OPT_LEVEL:-$(sed -n 's/^rustflags = .*"opt-level=\([^"]*\)".*/\1/p' "$ROOT/.cargo/config.toml")} ($ELF)"
 fi
 [[ -f $ELF ]] || setup_die "no such image: $ELF"
+# Which sharers and call conduits the image links (trusty-stack's per-mechanism features decide).
+syms=$(aarch64-linux-gnu-nm --demangle "$ELF")
+linked=()
+for what in "FfaSharer:ffa-handle" "FfaCallConduit:ffa-direct" "GrantSharer:xen-grant" "MailboxConduit:xen-grant mailbox" "AddressSharer:phys"; do
+    grep -q "trusty_platform::.*::${what%%:*} as " <<<"$syms" && linked+=("${what#*:} (${what%%:*})")
+done
+echo "linked: ${linked[*]:-none}"
 # Demangled names start with the crate path; generic code instantiated elsewhere still carries
 # the crate of its definition. t/T/w/W: text symbols.
 aarch64-linux-gnu-nm --size-sort --demangle --print-size "$ELF" |
