@@ -163,12 +163,15 @@ pub const fn descriptor_len(ranges: usize) -> usize {
     RANGES_OFFSET + RANGE_LEN * ranges
 }
 
-/// Writes the descriptor for `tx` into `out`; returns its length.
+/// Writes the descriptor for `tx` into `out`; returns its length. Every bound is checked once
+/// up front; nothing here can panic.
+// Out of line: `FfaSharer::share` calls it from two places (into the TX buffer, or into a
+// buffer for fragments); one copy serves both.
+#[inline(never)]
 pub fn encode_descriptor(tx: &MemTransaction<&[PhysRange]>, out: &mut [u8]) -> Result<usize, Error> {
-    let len = descriptor_len(tx.ranges.len());
-    if len > out.len() {
-        return Err(Error::InvalidArgument("FF-A descriptor does not fit the TX buffer"));
-    }
+    const TOO_SMALL: Error = Error::InvalidArgument("FF-A descriptor does not fit the TX buffer");
+    let len = RANGE_LEN.checked_mul(tx.ranges.len()).and_then(|n| n.checked_add(RANGES_OFFSET)).ok_or(TOO_SMALL)?;
+    let (head, ranges_out) = out.get_mut(..len).and_then(|d| d.split_first_chunk_mut::<RANGES_OFFSET>()).ok_or(TOO_SMALL)?;
     let total_pages = tx.ranges.iter().try_fold(0u32, |acc, r| acc.checked_add(r.pages));
     let total_pages = total_pages.ok_or(Error::InvalidArgument("too many pages"))?;
     let header = MemRegionHeader {
@@ -189,13 +192,11 @@ pub fn encode_descriptor(tx: &MemTransaction<&[PhysRange]>, out: &mut [u8]) -> R
         range_count: (tx.ranges.len() as u32).into(),
         reserved: 0.into(),
     };
-    out[..HEADER_LEN].copy_from_slice(header.as_bytes());
-    out[HEADER_LEN..COMPOSITE_OFFSET].copy_from_slice(emad.as_bytes());
-    out[COMPOSITE_OFFSET..RANGES_OFFSET].copy_from_slice(composite.as_bytes());
-    for (i, r) in tx.ranges.iter().enumerate() {
-        let range = AddressRange { address: r.addr.into(), pages: r.pages.into(), reserved: 0.into() };
-        let at = RANGES_OFFSET + i * RANGE_LEN;
-        out[at..at + RANGE_LEN].copy_from_slice(range.as_bytes());
+    head[..HEADER_LEN].copy_from_slice(header.as_bytes());
+    head[HEADER_LEN..COMPOSITE_OFFSET].copy_from_slice(emad.as_bytes());
+    head[COMPOSITE_OFFSET..].copy_from_slice(composite.as_bytes());
+    for (at, r) in ranges_out.chunks_exact_mut(RANGE_LEN).zip(tx.ranges) {
+        at.copy_from_slice(AddressRange { address: r.addr.into(), pages: r.pages.into(), reserved: 0.into() }.as_bytes());
     }
     Ok(len)
 }
