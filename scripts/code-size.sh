@@ -3,6 +3,12 @@
 # DomU image (tests/qemu-images, bin stack-domu, release, aarch64-unknown-none): the sizes of
 # their text symbols (`aarch64-linux-gnu-nm --size-sort`), summed by crate.
 # Usage: scripts/code-size.sh [ELF]   (default: builds and measures the stack DomU image)
+#
+# The bare-metal images are built for size: .cargo/config.toml gives aarch64-unknown-none
+# `-C opt-level=s` (host builds, the bench among them, keep the release profile's opt-level 3).
+# OPT_LEVEL=3 (or any level) measures the same image built at that level instead, in a target
+# directory of its own (target/code-size-opt<N>) so that the images of the scenarios stay as
+# they are. A RUSTFLAGS in the environment would replace the config's flags: refused.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/setup.sh
@@ -11,11 +17,25 @@ need_debs aarch64-linux-gnu-nm:binutils-aarch64-linux-gnu
 TARGET=aarch64-unknown-none
 ELF=${1:-}
 if [[ -z $ELF ]]; then
+    [[ -z ${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-} ]] || setup_die "RUSTFLAGS is set: it would replace .cargo/config.toml's opt-level for $TARGET"
     need_rust_target "$TARGET"
-    (cd "$ROOT" && cargo build --release --locked --target "$TARGET" -p qemu-images --bin stack-domu) >&2
-    ELF=${CARGO_TARGET_DIR:-$ROOT/target}/$TARGET/release/stack-domu
+    dir=${CARGO_TARGET_DIR:-$ROOT/target}
+    if [[ -n ${OPT_LEVEL:-} ]]; then
+        export CARGO_TARGET_AARCH64_UNKNOWN_NONE_RUSTFLAGS="-C opt-level=$OPT_LEVEL"
+        dir=$ROOT/target/code-size-opt$OPT_LEVEL
+    fi
+    (cd "$ROOT" && CARGO_TARGET_DIR=$dir cargo build --release --locked --target "$TARGET" -p qemu-images --bin stack-domu) >&2
+    ELF=$dir/$TARGET/release/stack-domu
+    echo "opt-level: ${OPT_LEVEL:-$(sed -n 's/^rustflags = .*"opt-level=\([^"]*\)".*/\1/p' "$ROOT/.cargo/config.toml")} ($ELF)"
 fi
 [[ -f $ELF ]] || setup_die "no such image: $ELF"
+# Which sharers and call conduits the image links (trusty-stack's per-mechanism features decide).
+syms=$(aarch64-linux-gnu-nm --demangle "$ELF")
+linked=()
+for what in "FfaSharer:ffa-handle" "FfaCallConduit:ffa-direct" "GrantSharer:xen-grant" "MailboxConduit:xen-grant mailbox" "AddressSharer:phys"; do
+    grep -q "trusty_platform::.*::${what%%:*} as " <<<"$syms" && linked+=("${what#*:} (${what%%:*})")
+done
+echo "linked: ${linked[*]:-none}"
 # Demangled names start with the crate path; generic code instantiated elsewhere still carries
 # the crate of its definition. t/T/w/W: text symbols.
 aarch64-linux-gnu-nm --size-sort --demangle --print-size "$ELF" |

@@ -112,14 +112,14 @@ pub fn read_device_tree(fdt: &[u8]) -> Result<DtFacts, FactsError> {
             let backend = required_u32(&tree, node, TRUSTY_VM_BACKEND_DOMID_PROP)?;
             let call = required_u32(&tree, node, TRUSTY_VM_CALL_EVTCHN_PROP)?;
             let kick = required_u32(&tree, node, TRUSTY_VM_KICK_EVTCHN_PROP)?;
-            Some((domid_from(backend, TRUSTY_VM_BACKEND_DOMID_PROP)?, call, kick))
+            Some((domid_from(backend, FactsError::BadProperty(TRUSTY_VM_BACKEND_DOMID_PROP))?, call, kick))
         }
     };
 
     let chosen = tree.child(root, "chosen");
     let domid = match chosen {
         Some(chosen) if tree.property(chosen, CHOSEN_DOMID_PROP).is_some() => {
-            Some(domid_from(required_u32(&tree, chosen, CHOSEN_DOMID_PROP)?, CHOSEN_DOMID_PROP)?)
+            Some(domid_from(required_u32(&tree, chosen, CHOSEN_DOMID_PROP)?, FactsError::BadProperty(CHOSEN_DOMID_PROP))?)
         }
         _ => None,
     };
@@ -155,27 +155,49 @@ pub const PORTS_FROM_RENDEZVOUS: u32 = 0;
 /// Reads [`TRUSTY_VM_BOOTARG`] from a command line, if present: `(domid, call, kick)`, with
 /// both ports [`PORTS_FROM_RENDEZVOUS`] for the one-field form.
 pub fn trusty_vm_from_bootargs(args: &str) -> Result<Option<(u16, u32, u32)>, FactsError> {
-    const WHAT: &str = "bootargs trusty-ipc-stack.trusty-vm=<domid>[,<call-evtchn>,<kick-evtchn>]";
-    let Some(value) = args.split_ascii_whitespace().find_map(|w| w.strip_prefix(TRUSTY_VM_BOOTARG)) else {
-        return Ok(None);
-    };
-    // One out-of-line parser for the (up to three) fields rather than a copy inlined per field.
-    #[inline(never)]
-    fn field(p: &str) -> Result<u32, FactsError> {
-        p.parse::<u32>().map_err(|_| FactsError::BadProperty(WHAT))
-    }
-    let mut parts = value.split(',').map(field);
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(domid), None, None, None) => Ok(Some((domid_from(domid?, WHAT)?, PORTS_FROM_RENDEZVOUS, PORTS_FROM_RENDEZVOUS))),
-        (Some(domid), Some(call), Some(kick), None) => {
-            let (call, kick) = (call?, kick?);
-            // Port 0 is the rendezvous form's marker, never a static port.
-            if call == PORTS_FROM_RENDEZVOUS || kick == PORTS_FROM_RENDEZVOUS {
-                return Err(FactsError::BadProperty(WHAT));
-            }
-            Ok(Some((domid_from(domid?, WHAT)?, call, kick)))
+    const BAD: FactsError =
+        FactsError::BadProperty("bootargs trusty-ipc-stack.trusty-vm=<domid>[,<call-evtchn>,<kick-evtchn>]");
+    // The first word (split at ASCII whitespace, as the kernel splits its command line) that
+    // starts with the key. Read byte by byte: one small loop instead of generic iterators.
+    let (bytes, key) = (args.as_bytes(), TRUSTY_VM_BOOTARG.as_bytes());
+    let mut start = 0;
+    let value = loop {
+        while start < bytes.len() && bytes[start].is_ascii_whitespace() {
+            start += 1;
         }
-        _ => Err(FactsError::BadProperty(WHAT)),
+        if start == bytes.len() {
+            return Ok(None);
+        }
+        let mut end = start;
+        while end < bytes.len() && !bytes[end].is_ascii_whitespace() {
+            end += 1;
+        }
+        if let Some(value) = bytes[start..end].strip_prefix(key) {
+            break value;
+        }
+        start = end;
+    };
+    // One or three decimal u32 fields separated by commas.
+    let mut fields = [0u32; 3];
+    let mut n = 0;
+    let mut rest = value;
+    loop {
+        let end = rest.iter().position(|&b| b == b',').unwrap_or(rest.len());
+        *fields.get_mut(n).ok_or(BAD)? = decimal(&rest[..end]).ok_or(BAD)?;
+        n += 1;
+        match rest.get(end + 1..) {
+            Some(next) => rest = next,
+            None => break,
+        }
+    }
+    let [domid, call, kick] = fields;
+    match n {
+        1 => Ok(Some((domid_from(domid, BAD)?, PORTS_FROM_RENDEZVOUS, PORTS_FROM_RENDEZVOUS))),
+        // Port 0 is the rendezvous form's marker, never a static port.
+        3 if call != PORTS_FROM_RENDEZVOUS && kick != PORTS_FROM_RENDEZVOUS => {
+            Ok(Some((domid_from(domid, BAD)?, call, kick)))
+        }
+        _ => Err(BAD),
     }
 }
 
@@ -185,17 +207,31 @@ fn required_u32(tree: &DeviceTree<'_>, node: NodeId, name: &'static str) -> Resu
 }
 
 /// A domain id: below DOMID_FIRST_RESERVED (the ids above name DOMID_SELF, DOMID_IO, ...).
-fn domid_from(value: u32, name: &'static str) -> Result<u16, FactsError> {
+fn domid_from(value: u32, error: FactsError) -> Result<u16, FactsError> {
     match u16::try_from(value) {
         Ok(domid) if value < DOMID_FIRST_RESERVED => Ok(domid),
-        _ => Err(FactsError::BadProperty(name)),
+        _ => Err(error),
     }
 }
 
 /// `"<maj>.<min>"` of `xen,xen-<maj>.<min>`.
 fn parse_version(s: &str) -> Option<(u16, u16)> {
     let (major, minor) = s.split_once('.')?;
-    Some((major.parse().ok()?, minor.parse().ok()?))
+    let number = |s: &str| decimal(s.as_bytes()).and_then(|n| u16::try_from(n).ok());
+    Some((number(major)?, number(minor)?))
+}
+
+/// A decimal number that fits a u32: one or more ASCII digits, nothing else (no sign). One
+/// small out-of-line parser for the few numbers the facts read from text.
+#[inline(never)]
+fn decimal(digits: &[u8]) -> Option<u32> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |n, &b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u32::from(b - b'0')),
+        _ => None,
+    })
 }
 
 // --- Probes and gathering ---------------------------------------------------------------------
@@ -456,6 +492,13 @@ mod tests {
     fn trusty_vm_from_the_command_line() {
         assert_eq!(trusty_vm_from_bootargs("console=hvc0 trusty-ipc-stack.trusty-vm=1,10,11 quiet"), Ok(Some((1, 10, 11))));
         assert_eq!(trusty_vm_from_bootargs("console=hvc0"), Ok(None));
+        assert_eq!(trusty_vm_from_bootargs(""), Ok(None));
+        assert_eq!(trusty_vm_from_bootargs(" \t\n "), Ok(None));
+        assert_eq!(trusty_vm_from_bootargs("xtrusty-ipc-stack.trusty-vm=1"), Ok(None), "a key only at a word's start");
+        assert_eq!(trusty_vm_from_bootargs("a\ttrusty-ipc-stack.trusty-vm=4294,7,8\r\nb"), Ok(Some((4294, 7, 8))));
+        // The first such word counts, as before.
+        assert_eq!(trusty_vm_from_bootargs("trusty-ipc-stack.trusty-vm=2,5,6 trusty-ipc-stack.trusty-vm=x"), Ok(Some((2, 5, 6))));
+        assert_eq!(trusty_vm_from_bootargs("trusty-ipc-stack.trusty-vm=00003,4294967295,1"), Ok(Some((3, u32::MAX, 1))));
         for bad in [
             "trusty-ipc-stack.trusty-vm=1,10",
             "trusty-ipc-stack.trusty-vm=1,10,11,12",
@@ -465,8 +508,28 @@ mod tests {
             "trusty-ipc-stack.trusty-vm=",
             "trusty-ipc-stack.trusty-vm=x",
             "trusty-ipc-stack.trusty-vm=32752",
+            "trusty-ipc-stack.trusty-vm=1,,11",
+            "trusty-ipc-stack.trusty-vm=1,10,",
+            "trusty-ipc-stack.trusty-vm=,1,10,11",
+            "trusty-ipc-stack.trusty-vm=1,4294967296,11",
+            "trusty-ipc-stack.trusty-vm=-1",
+            "trusty-ipc-stack.trusty-vm=1\u{a0},10,11",
         ] {
             assert!(trusty_vm_from_bootargs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbers_in_text_are_plain_decimal() {
+        assert_eq!(decimal(b"0"), Some(0));
+        assert_eq!(decimal(b"4294967295"), Some(u32::MAX));
+        for bad in [&b""[..], b"4294967296", b"+1", b"-1", b" 1", b"1 ", b"0x10", b"1.5"] {
+            assert_eq!(decimal(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_version("4.17"), Some((4, 17)));
+        assert_eq!(parse_version("4.70000"), None, "beyond u16");
+        for bad in ["4", "4.", ".17", "4.x", "4.17.1", "+4.17"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
         }
     }
 

@@ -163,12 +163,15 @@ pub const fn descriptor_len(ranges: usize) -> usize {
     RANGES_OFFSET + RANGE_LEN * ranges
 }
 
-/// Writes the descriptor for `tx` into `out`; returns its length.
+/// Writes the descriptor for `tx` into `out`; returns its length. Every bound is checked once
+/// up front; nothing here can panic.
+// Out of line: `FfaSharer::share` calls it from two places (into the TX buffer, or into a
+// buffer for fragments); one copy serves both.
+#[inline(never)]
 pub fn encode_descriptor(tx: &MemTransaction<&[PhysRange]>, out: &mut [u8]) -> Result<usize, Error> {
-    let len = descriptor_len(tx.ranges.len());
-    if len > out.len() {
-        return Err(Error::InvalidArgument("FF-A descriptor does not fit the TX buffer"));
-    }
+    const TOO_SMALL: Error = Error::InvalidArgument("FF-A descriptor does not fit the TX buffer");
+    let len = RANGE_LEN.checked_mul(tx.ranges.len()).and_then(|n| n.checked_add(RANGES_OFFSET)).ok_or(TOO_SMALL)?;
+    let (head, ranges_out) = out.get_mut(..len).and_then(|d| d.split_first_chunk_mut::<RANGES_OFFSET>()).ok_or(TOO_SMALL)?;
     let total_pages = tx.ranges.iter().try_fold(0u32, |acc, r| acc.checked_add(r.pages));
     let total_pages = total_pages.ok_or(Error::InvalidArgument("too many pages"))?;
     let header = MemRegionHeader {
@@ -189,13 +192,11 @@ pub fn encode_descriptor(tx: &MemTransaction<&[PhysRange]>, out: &mut [u8]) -> R
         range_count: (tx.ranges.len() as u32).into(),
         reserved: 0.into(),
     };
-    out[..HEADER_LEN].copy_from_slice(header.as_bytes());
-    out[HEADER_LEN..COMPOSITE_OFFSET].copy_from_slice(emad.as_bytes());
-    out[COMPOSITE_OFFSET..RANGES_OFFSET].copy_from_slice(composite.as_bytes());
-    for (i, r) in tx.ranges.iter().enumerate() {
-        let range = AddressRange { address: r.addr.into(), pages: r.pages.into(), reserved: 0.into() };
-        let at = RANGES_OFFSET + i * RANGE_LEN;
-        out[at..at + RANGE_LEN].copy_from_slice(range.as_bytes());
+    head[..HEADER_LEN].copy_from_slice(header.as_bytes());
+    head[HEADER_LEN..COMPOSITE_OFFSET].copy_from_slice(emad.as_bytes());
+    head[COMPOSITE_OFFSET..].copy_from_slice(composite.as_bytes());
+    for (at, r) in ranges_out.chunks_exact_mut(RANGE_LEN).zip(tx.ranges) {
+        at.copy_from_slice(AddressRange { address: r.addr.into(), pages: r.pages.into(), reserved: 0.into() }.as_bytes());
     }
     Ok(len)
 }
@@ -527,14 +528,18 @@ impl Sharer for FfaSharer {
             tag: 0,
             ranges,
         };
-        if u32::try_from(descriptor_len(ranges.len())).is_err() {
+        let len = descriptor_len(ranges.len());
+        if u32::try_from(len).is_err() {
             return Err(Error::InvalidArgument("too many ranges for one FF-A descriptor"));
         }
-        let mut desc = alloc::vec![0u8; descriptor_len(ranges.len())];
-        let len = encode_descriptor(&tx, &mut desc)?;
-        let tx_len = self.tx_buf()?.len();
+        let tx_buf = self.tx_buf()?;
+        let tx_len = tx_buf.len();
         let handle = if len <= tx_len {
-            self.write_tx(&desc[..len])?;
+            // The descriptor is written straight into the TX buffer: no copy, no allocation.
+            // SAFETY: the TX page is owned by this sharer and `tx_len` bytes long; the producer
+            // reads it only during the FFA_MEM_SHARE below, after this borrow ends.
+            let out = unsafe { core::slice::from_raw_parts_mut(tx_buf.vaddr().as_ptr(), tx_len) };
+            encode_descriptor(&tx, out)?;
             let regs = [u64::from(func::MEM_SHARE), len as u64, len as u64, 0, 0, 0, 0, 0];
             let out = ffa_call(&*self.conduit, regs, "FFA_MEM_SHARE")?;
             MemoryId::from_parts(out[2] as u32, out[3] as u32)
@@ -544,11 +549,13 @@ impl Sharer for FfaSharer {
                  descriptors (Xen's FF-A mediator); share fewer ranges",
             ));
         } else {
+            let mut desc = alloc::vec![0u8; len];
+            encode_descriptor(&tx, &mut desc)?;
             // Fragments end on whole address ranges: the first holds the header and as many
             // ranges as fit, each later one as many ranges as fit.
             let first_len = RANGES_OFFSET + (tx_len - RANGES_OFFSET) / RANGE_LEN * RANGE_LEN;
             let next_max = tx_len / RANGE_LEN * RANGE_LEN;
-            MemoryId(self.share_fragmented(&desc[..len], first_len, next_max)?)
+            MemoryId(self.share_fragmented(&desc, first_len, next_max)?)
         };
         self.live += 1;
         Ok(handle)

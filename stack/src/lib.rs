@@ -14,6 +14,10 @@
 //!   `/dev/xen/{gntalloc,gntdev,evtchn}`, facts from `/proc/device-tree` and `/proc/cmdline`.
 //!
 //! The crate is `no_std` (with `alloc`) except for the `linux` backend.
+//!
+//! Each sharing mechanism and call transport is a Cargo feature (`ffa-handle`, `ffa-direct`,
+//! `xen-grant`, `phys`; all default): an image for a fixed platform leaves out what it cannot
+//! meet, and bring-up refuses a platform that needs it by name ([`Mechanisms`]).
 #![cfg_attr(not(feature = "linux"), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -54,11 +58,20 @@ pub struct StackConfig {
     pub force_mechanism: Option<Mechanism>,
     /// How long a Trusty VM may take to answer one mailbox call.
     pub mailbox_timeout_ms: u64,
+    /// The mechanisms bring-up may use: [`Mechanisms::BUILT`] by default; a narrower set
+    /// refuses more platforms (a wider one cannot add what the build left out).
+    pub mechanisms: Mechanisms,
 }
 
 impl Default for StackConfig {
     fn default() -> Self {
-        StackConfig { tipc: Config::default(), calls: CallPolicy::default(), force_mechanism: None, mailbox_timeout_ms: 1000 }
+        StackConfig {
+            tipc: Config::default(),
+            calls: CallPolicy::default(),
+            force_mechanism: None,
+            mailbox_timeout_ms: 1000,
+            mechanisms: Mechanisms::BUILT,
+        }
     }
 }
 
@@ -141,7 +154,9 @@ pub enum BringUpError {
         error: Error,
     },
     /// The platform lacks a call the plan needs (Xen's FF-A mediator without FFA_RUN), found
-    /// before any call to Trusty.
+    /// before any call to Trusty; or this build of the stack lacks the plan's transport (found
+    /// before any call to Trusty) or mechanism (found once the API version is negotiated):
+    /// [`Mechanisms`].
     Unusable {
         /// The plan that would have been used.
         plan: Box<SharingPlan>,
@@ -204,6 +219,83 @@ pub struct BringUp {
     pub plan: SharingPlan,
 }
 
+/// The sharing mechanisms and call transports a build of the stack carries: one Cargo feature
+/// of this crate each, all on by default. An image for a fixed platform leaves out what that
+/// platform cannot have (the stack DomU image: FF-A direct requests, as no Xen it boots under
+/// has an FF-A mediator), and the linker drops that code. Bring-up checks the plan against
+/// [`Mechanisms::BUILT`] before carrying it out: a platform that needs what was left out gets
+/// an error that names the feature ([`BringUpError::Unusable`]), never another mechanism.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mechanisms {
+    /// Feature `ffa-handle`: FF-A memory handles ([`Mechanism::FfaHandle`]).
+    pub ffa_handle: bool,
+    /// Feature `ffa-direct`: FF-A direct requests ([`CallTransport::FfaDirect`]).
+    pub ffa_direct: bool,
+    /// Feature `xen-grant`: a Trusty VM ([`Mechanism::XenGrant`], [`CallTransport::XenMailbox`]).
+    pub xen_grant: bool,
+    /// Feature `phys`: addresses as ids ([`Mechanism::Phys`], [`Mechanism::PhysAttr`],
+    /// [`Mechanism::MediatedIpa`]).
+    pub phys: bool,
+}
+
+impl Mechanisms {
+    /// What this build carries.
+    pub const BUILT: Mechanisms = Mechanisms {
+        ffa_handle: cfg!(feature = "ffa-handle"),
+        ffa_direct: cfg!(feature = "ffa-direct"),
+        xen_grant: cfg!(feature = "xen-grant"),
+        phys: cfg!(feature = "phys"),
+    };
+
+    /// Everything (the default features).
+    pub const ALL: Mechanisms = Mechanisms { ffa_handle: true, ffa_direct: true, xen_grant: true, phys: true };
+
+    /// The mechanisms both sets carry.
+    pub const fn and(self, other: Mechanisms) -> Mechanisms {
+        Mechanisms {
+            ffa_handle: self.ffa_handle && other.ffa_handle,
+            ffa_direct: self.ffa_direct && other.ffa_direct,
+            xen_grant: self.xen_grant && other.xen_grant,
+            phys: self.phys && other.phys,
+        }
+    }
+
+    /// What this set lacks for `transport`, in words, if anything.
+    pub const fn lacks_transport(&self, transport: CallTransport) -> Option<&'static str> {
+        match transport {
+            CallTransport::FfaDirect if !self.ffa_direct => Some(LACKS_FFA_DIRECT),
+            CallTransport::XenMailbox { .. } if !self.xen_grant => Some(LACKS_XEN_GRANT),
+            _ => None,
+        }
+    }
+
+    /// What this set lacks for `mechanism`, in words, if anything.
+    pub const fn lacks_mechanism(&self, mechanism: Mechanism) -> Option<&'static str> {
+        match mechanism {
+            Mechanism::Phys | Mechanism::PhysAttr | Mechanism::MediatedIpa if !self.phys => Some(LACKS_PHYS),
+            Mechanism::FfaHandle if !self.ffa_handle => Some(LACKS_FFA_HANDLE),
+            Mechanism::XenGrant { .. } if !self.xen_grant => Some(LACKS_XEN_GRANT),
+            _ => None,
+        }
+    }
+
+    /// `Ok` if this set carries `plan`'s transport and mechanism; else an error that names the
+    /// missing feature, with the plan's reason for needing it.
+    pub fn check(&self, plan: &SharingPlan) -> Result<(), DecisionError> {
+        match self.lacks_transport(plan.transport).or(self.lacks_mechanism(plan.mechanism)) {
+            None => Ok(()),
+            Some(missing) => Err(DecisionError { missing, because: plan.reason }),
+        }
+    }
+}
+
+const LACKS_FFA_HANDLE: &str = "FF-A memory sharing, left out of this build (trusty-stack feature `ffa-handle`)";
+const LACKS_FFA_DIRECT: &str =
+    "Trusty calls as FF-A direct requests, left out of this build (trusty-stack feature `ffa-direct`)";
+const LACKS_XEN_GRANT: &str =
+    "grants and the mailbox to a Trusty VM, left out of this build (trusty-stack feature `xen-grant`)";
+const LACKS_PHYS: &str = "addresses as memory ids, left out of this build (trusty-stack feature `phys`)";
+
 /// The transport the facts call for, before any call is made through it.
 fn transport_for(facts: &PlatformFacts) -> Result<CallTransport, DecisionError> {
     use trusty_platform::plan::TrustyPath;
@@ -247,13 +339,26 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
         });
     }
     let transport = transport_for(&facts).map_err(BringUpError::NoSafeSharing)?;
+    // A transport this build left out is refused before any call to Trusty; a mechanism once
+    // the API version is negotiated (it may change the mechanism: addresses below API 5).
+    let built = cfg.mechanisms.and(Mechanisms::BUILT);
+    if let Some(missing) = built.lacks_transport(transport) {
+        return Err(match decide(&PlatformFacts { api_version: Some(api_ceiling(&facts)), ..facts }) {
+            Ok(plan) => {
+                let error = DecisionError { missing, because: plan.reason };
+                BringUpError::Unusable { plan: Box::new(plan), error }
+            }
+            Err(e) => BringUpError::NoSafeSharing(e),
+        });
+    }
 
     // The call conduit, and for the FF-A transport the FF-A endpoint it discovers through.
+    // (Each arm only where the build carries it: the linker then leaves the rest out.)
     let mut ffa_sharer: Option<FfaSharer> = None;
     let mut grant_sharer: Option<Box<dyn Sharer>> = None;
     let calls: Arc<dyn Conduit> = match transport {
         CallTransport::Smc => p.conduit.clone(),
-        CallTransport::FfaDirect => {
+        CallTransport::FfaDirect if Mechanisms::BUILT.ffa_direct => {
             let sharer = FfaSharer::new(p.conduit.clone(), &mut *p.allocator, None)?;
             let part = discover(&*p.conduit, |out| sharer.read_rx(out))?;
             let own = sharer.own_id();
@@ -261,7 +366,7 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
             // FFA_INTERRUPT is followed for as long as one standard call may take.
             Arc::new(FfaCallConduit::new(p.conduit.clone(), own, part, p.clock.clone(), cfg.calls.std_call_timeout_ms))
         }
-        CallTransport::XenMailbox { backend_domid, call_evtchn, kick_evtchn } => {
+        CallTransport::XenMailbox { backend_domid, call_evtchn, kick_evtchn } if Mechanisms::BUILT.xen_grant => {
             let vm = TrustyVm { backend_domid, call_evtchn, kick_evtchn };
             let link = p.trusty_vm.as_mut().ok_or_else(|| {
                 BringUpError::TrustyVm("this environment has no event channels or grants to reach a Trusty VM".into())
@@ -274,6 +379,10 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
             Arc::new(unsafe {
                 MailboxConduit::new(link.mailbox, link.events, p.clock.clone(), link.call_port, cfg.mailbox_timeout_ms)
             })
+        }
+        // Refused above.
+        CallTransport::FfaDirect | CallTransport::XenMailbox { .. } => {
+            return Err(Error::Unsupported("a call transport left out of this build").into())
         }
     };
 
@@ -295,14 +404,17 @@ pub fn bring_up_platform(mut p: PlatformAccess, cfg: StackConfig) -> Result<(Tip
         plan.mechanism = forced;
         plan.reason = "forced by --force-sharing, whatever the platform is";
     }
+    if let Err(error) = built.check(&plan) {
+        return Err(BringUpError::Unusable { plan: Box::new(plan), error });
+    }
 
-    let facts_done = facts;
-    carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg)
-        .map(|dev| {
+    match carry_out(p, plan, trusty, ffa_sharer, grant_sharer, api_version, cfg) {
+        Ok(dev) => {
             log::info!("Trusty '{}', API {api_version}; {plan}", version.as_deref().unwrap_or("unknown"));
-            (dev, BringUp { version: version.clone(), api_version, facts: facts_done, plan })
-        })
-        .map_err(|error| BringUpError::AfterPlan { plan: Box::new(plan), error })
+            Ok((dev, BringUp { version, api_version, facts, plan }))
+        }
+        Err(error) => Err(BringUpError::AfterPlan { plan: Box::new(plan), error }),
+    }
 }
 
 /// Makes the plan's sharer, the bus and the device.
@@ -315,13 +427,18 @@ fn carry_out(
     api_version: u32,
     cfg: StackConfig,
 ) -> Result<TipcDevice, Error> {
+    // Each arm only where the build carries it (`Mechanisms::check` refused the rest), so the
+    // linker leaves the other sharers out.
+    let built = Mechanisms::BUILT;
     let sharer: Box<dyn Sharer> = match plan.mechanism {
-        Mechanism::Phys => Box::new(AddressSharer::new(AddressKind::Bare).with_budget(plan.share_budget)),
-        Mechanism::PhysAttr => Box::new(AddressSharer::new(AddressKind::Compat).with_budget(plan.share_budget)),
-        Mechanism::MediatedIpa => {
+        Mechanism::Phys if built.phys => Box::new(AddressSharer::new(AddressKind::Bare).with_budget(plan.share_budget)),
+        Mechanism::PhysAttr if built.phys => {
+            Box::new(AddressSharer::new(AddressKind::Compat).with_budget(plan.share_budget))
+        }
+        Mechanism::MediatedIpa if built.phys => {
             Box::new(AddressSharer::mediated(AddressKind::for_api(api_version)).with_budget(plan.share_budget))
         }
-        Mechanism::FfaHandle => {
+        Mechanism::FfaHandle if built.ffa_handle => {
             let mut s = match ffa_sharer.take() {
                 Some(s) => s.with_budget(plan.share_budget),
                 None => FfaSharer::new(p.conduit.clone(), &mut *p.allocator, plan.share_budget)?,
@@ -330,7 +447,7 @@ fn carry_out(
             s.set_read_only_shares(plan.read_only_shares);
             Box::new(s)
         }
-        Mechanism::XenGrant { backend_domid } => match grant_sharer.take() {
+        Mechanism::XenGrant { backend_domid } if built.xen_grant => match grant_sharer.take() {
             Some(s) => s,
             None => match p.trusty_vm.as_mut() {
                 Some(link) => link.grant_sharer(backend_domid, &mut *p.allocator).map_err(|e| {
@@ -340,6 +457,7 @@ fn carry_out(
                 None => return Err(Error::Unsupported("no grants on this platform")),
             },
         },
+        _ => return Err(Error::Unsupported("a sharing mechanism left out of this build")),
     };
     let mem = SharedMemory::new(p.allocator, sharer);
     let bus = Bus::new(trusty, mem);
@@ -361,6 +479,9 @@ pub fn bring_up(
     mut allocator: Box<dyn PageAllocator>,
     cfg: StackConfig,
 ) -> Result<(TipcDevice, BringUp), Error> {
+    if cfg.mechanisms.and(Mechanisms::BUILT).lacks_mechanism(Mechanism::FfaHandle).is_some() {
+        return Err(Error::Unsupported("FF-A memory sharing is left out of this build (trusty-stack feature `ffa-handle`)"));
+    }
     let mut trusty = Trusty::new(conduit.clone(), clock, cfg.calls);
     // Optional, as in Linux's trusty_init_version: a failure is logged and bring-up goes on.
     let version = trusty.version_string_or_log()?;

@@ -57,7 +57,8 @@ pub fn grant_table_frame(h: &dyn Hypercall, window: u64) -> Result<(NonNull<u8>,
 /// What a bare-metal machine booted with `fdt` gives the stack.
 pub fn access(m: Machine, fdt: Vec<u8>) -> PlatformAccess {
     let xen_for_features = m.xen.clone();
-    let trusty_vm = m.xen.map(|h| {
+    // Without the `xen-grant` feature there is no Trusty VM to reach (and no grant code linked).
+    let trusty_vm = m.xen.filter(|_| crate::Mechanisms::BUILT.xen_grant).map(|h| {
         let events: Arc<dyn EventChannel> = Arc::new(XenEvents(h.clone()));
         let table = Box::new(move || {
             grant_table_frame(&*h, GRANT_WINDOW)

@@ -40,6 +40,11 @@ pub fn access(m: SimulatedMachine, fdt: Vec<u8>) -> PlatformAccess {
         allocator: m.allocator,
         fdt,
         xen_features: Box::new(move || features),
-        trusty_vm: Some(Box::new(GrantTableLink::new(m.events, m.grant_table))),
+        // Without the `xen-grant` feature there is no Trusty VM to reach.
+        trusty_vm: if crate::Mechanisms::BUILT.xen_grant {
+            Some(Box::new(GrantTableLink::new(m.events, m.grant_table)))
+        } else {
+            None
+        },
     }
 }

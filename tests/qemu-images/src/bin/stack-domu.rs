@@ -36,6 +36,20 @@ mod image {
         println!("{a}");
     }
 
+    /// The stack's log lines on the console. The image keeps only error-level lines (log's
+    /// `max_level_error`, set in this crate's Cargo.toml): the rest are compiled out.
+    struct ConsoleLog;
+
+    impl log::Log for ConsoleLog {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            println!("tipc-stack: {}: {}", record.level(), record.args());
+        }
+        fn flush(&self) {}
+    }
+
     fn main(dtb: usize) -> ! {
         // SAFETY: the boot protocol leaves a flattened device tree at x0; its header says how
         // long it is, and it stays untouched for the life of the image.
@@ -45,6 +59,9 @@ mod image {
         let fdt = unsafe { core::slice::from_raw_parts(dtb as *const u8, len) };
         let xen = fdt::Fdt::new(fdt).is_ok_and(|t| t.find_node("/hypervisor").is_some());
         console::set_console(if xen { &console::XEN } else { &console::PL011_QEMU_VIRT });
+        if log::set_logger(&ConsoleLog).is_ok() {
+            log::set_max_level(log::STATIC_MAX_LEVEL);
+        }
         println!("tipc-stack: up at EL{} with {} bytes of device tree, {}", baremetal::sysreg::current_el(), len, if xen { "under Xen" } else { "no hypervisor" });
         let clock = Arc::new(CounterClock);
         // SAFETY: POOL is used only here, once, and handed to the allocator for good.
