@@ -379,7 +379,7 @@ impl TipcDevice {
         // Linux tipc_virtio_probe(): strncpy into a 32-byte field, then the last byte forced to
         // NUL, so at most 31 bytes of the name survive.
         let name_field = &info.config[8..39];
-        let name_len = name_field.iter().position(|&b| b == 0).unwrap_or(name_field.len());
+        let name_len = wire::nul_at(name_field).unwrap_or(name_field.len());
         let dev_name = String::from_utf8_lossy(&name_field[..name_len]).into_owned();
         let (r0, r1) = (info.vrings[0], info.vrings[1]);
         let rx = Ring::new(bus.mem(), r0.num, r0.align, r0.notifyid).map_err(fail)?;
@@ -469,7 +469,7 @@ impl TipcDevice {
         self.bus.start()?;
         self.scan();
         let deadline = Deadline::after_ms(&*self.clock, self.cfg.online_timeout_ms);
-        if !self.wait_until(Some(deadline), |d| d.state != DeviceState::Offline)? {
+        if !self.wait_until(Some(deadline), &|d| d.state != DeviceState::Offline)? {
             log::error!("TIPC device {}: no GO_ONLINE within {} ms", self.dev_name, self.cfg.online_timeout_ms);
             return Err(Error::TimedOut);
         }
@@ -976,7 +976,9 @@ impl TipcDevice {
         // A clock that does not move by itself (a test's) ends the spinning too.
         if now_ns.saturating_sub(self.last_progress) < SPIN_NS && self.spin_rounds < MAX_SPIN_ROUNDS {
             self.spin_rounds += 1;
-            for _ in 0..SPIN_SCANS {
+            // An opaque bound: the loop is not unrolled into 32 copies of the scan call (a
+            // wait's idle path, where a few instructions per round do not matter).
+            for _ in 0..core::hint::black_box(SPIN_SCANS) {
                 if self.scan() {
                     self.last_progress = now_ns;
                     self.spin_rounds = 0;
@@ -994,7 +996,9 @@ impl TipcDevice {
 
     /// Runs NOP+scan rounds until `done` holds or `deadline` passes (`None`: no deadline).
     /// Returns whether `done` held. One clock read per round (the NOP's).
-    fn wait_until(&mut self, deadline: Option<Deadline>, done: impl Fn(&TipcDevice) -> bool) -> Result<bool, Error> {
+    // Cold (bring-up, connect, wait_any) and out of line: one copy for every condition.
+    #[inline(never)]
+    fn wait_until(&mut self, deadline: Option<Deadline>, done: &dyn Fn(&TipcDevice) -> bool) -> Result<bool, Error> {
         if done(self) {
             return Ok(true);
         }
@@ -1268,7 +1272,7 @@ impl TipcDevice {
         let was_connecting = self.channel(id)?.state == ChannelState::Connecting;
         let deadline = Deadline::after_ms(&*self.clock, self.cfg.connect_timeout_ms);
         let answered =
-            self.wait_until(Some(deadline), |d| d.peek(id).map_or(true, |c| c.state != ChannelState::Connecting))?;
+            self.wait_until(Some(deadline), &|d| d.peek(id).map_or(true, |c| c.state != ChannelState::Connecting))?;
         let chan = self.channel(id)?;
         if !answered {
             chan.state = ChannelState::Stale;
@@ -1530,7 +1534,7 @@ impl TipcDevice {
         let ready = |d: &TipcDevice| {
             ids.iter().any(|&id| d.peek(id).map_or(true, |c| !c.queue.is_empty() || c.state != ChannelState::Connected))
         };
-        self.wait_until(deadline, ready)?;
+        self.wait_until(deadline, &ready)?;
         ids.iter().map(|&id| self.poll(id)).collect()
     }
 

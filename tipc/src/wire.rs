@@ -255,6 +255,23 @@ pub fn parse_frame(buf: &[u8], used: u32) -> Result<Frame<'_>, FrameError> {
     Ok(Frame::Data { header, payload })
 }
 
+/// The little-endian word at `at` in `b`; 0 past the end (callers check lengths first).
+// Out of line, without a panic path: parse_ctrl reads a dozen words.
+#[inline(never)]
+fn le32(b: &[u8], at: usize) -> u32 {
+    match b.get(at..at.saturating_add(4)) {
+        Some(&[b0, b1, b2, b3]) => u32::from_le_bytes([b0, b1, b2, b3]),
+        _ => 0,
+    }
+}
+
+/// Where the first NUL byte of `b` is (a C string's end in a fixed-size name field).
+// One out-of-line copy of the byte search for the port name and the device name.
+#[inline(never)]
+pub(crate) fn nul_at(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == 0)
+}
+
 /// Parses a control payload. `check_shm` is for the secure side, which rejects control messages
 /// that carry shm descriptors; Trusty leaves shm_cnt unwritten in what it sends (spec §11 5), so
 /// the normal world must not look at it.
@@ -266,14 +283,13 @@ pub fn parse_ctrl(payload: &[u8], shm_cnt: u16, check_shm: bool) -> Result<Ctrl,
     if payload.len() < CTRL_HEADER_LEN {
         return Err(bad(0, 0));
     }
-    let word = |b: &[u8], at: usize| -> u32 { u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) };
-    let ctrl_type = word(payload, 0);
-    let body_len = word(payload, 4);
+    let ctrl_type = le32(payload, 0);
+    let body_len = le32(payload, 4);
     let body = &payload[CTRL_HEADER_LEN..];
     if body.len() != body_len as usize {
         return Err(bad(ctrl_type, body_len));
     }
-    let u64_at = |at: usize| -> u64 { u64::from(word(body, at)) | (u64::from(word(body, at + 4)) << 32) };
+    let u64_at = |at: usize| -> u64 { u64::from(le32(body, at)) | (u64::from(le32(body, at + 4)) << 32) };
     let exact = |n: usize| if body.len() == n { Ok(()) } else { Err(bad(ctrl_type, body_len)) };
     Ok(match ctrl_type {
         // Linux _handle_ctrl_msg() looks at no body for GO_ONLINE / GO_OFFLINE: whatever follows
@@ -282,23 +298,23 @@ pub fn parse_ctrl(payload: &[u8], shm_cnt: u16, check_shm: bool) -> Result<Ctrl,
         ctrl::GO_OFFLINE => Ctrl::GoOffline,
         ctrl::CONN_REQ => {
             exact(PORT_NAME_FIELD)?;
-            let end = body.iter().position(|&b| b == 0).ok_or(FrameError::UnterminatedName)?;
+            let end = nul_at(body).ok_or(FrameError::UnterminatedName)?;
             let name = heapless_name::Name::new(&body[..end]).ok_or(FrameError::UnterminatedName)?;
             Ctrl::ConnReq { name }
         }
         ctrl::CONN_RSP => {
             exact(20)?;
             Ctrl::ConnRsp {
-                target: word(body, 0),
-                status: word(body, 4) as i32,
-                remote: word(body, 8),
-                max_msg_size: word(body, 12),
-                max_msg_cnt: word(body, 16),
+                target: le32(body, 0),
+                status: le32(body, 4) as i32,
+                remote: le32(body, 8),
+                max_msg_size: le32(body, 12),
+                max_msg_cnt: le32(body, 16),
             }
         }
         ctrl::DISC_REQ => {
             exact(4)?;
-            Ctrl::DiscReq { target: word(body, 0) }
+            Ctrl::DiscReq { target: le32(body, 0) }
         }
         // The normal world accepts a RELEASE body of 8 or more bytes (spec §6.3; Linux
         // _handle_release() only refuses `len < sizeof(*req)`).
@@ -314,7 +330,7 @@ pub fn parse_ctrl(payload: &[u8], shm_cnt: u16, check_shm: bool) -> Result<Ctrl,
         }
         ctrl::UNMAP_RSP => {
             exact(12)?;
-            Ctrl::UnmapRsp { result: word(body, 0) as i32, id: u64_at(4) }
+            Ctrl::UnmapRsp { result: le32(body, 0) as i32, id: u64_at(4) }
         }
         _ => return Err(bad(ctrl_type, body_len)),
     })
