@@ -361,7 +361,8 @@ impl TipcDevice {
         bus.set_status(vdev, STATUS_DRIVER).map_err(|e| fail(e.into()))?;
         // TIPC offers no features and we accept none (spec §5.4).
         bus.set_features(vdev, 0).map_err(|e| fail(e.into()))?;
-        let info = bus.vdev(vdev).cloned().ok_or_else(|| fail(Error::NoDevice))?;
+        // Read in place (no copy of the vdev's config and vring tables).
+        let info = bus.vdev(vdev).ok_or_else(|| fail(Error::NoDevice))?;
         if info.vrings.len() != 2 || info.config.len() < 40 {
             return Err(fail(Error::Protocol(FrameError::BadLength { used: info.config.len() as u32 })));
         }
@@ -865,6 +866,8 @@ impl TipcDevice {
     /// per message, not per id. (Linux shares a fresh handle per message, `dn_share_fd()`, and
     /// drops it on its one RELEASE in `_handle_release()`; here the caller may send one id in
     /// several messages.)
+    // Out of line: a RELEASE and a dropped message share one copy of the map work.
+    #[inline(never)]
     fn release_shm(&mut self, id: u64) {
         match self.shm_outstanding.get_mut(&id) {
             Some(count) => {
@@ -1225,7 +1228,7 @@ impl TipcDevice {
         if name.len() >= wire::PORT_NAME_FIELD {
             return Err(Error::NameTooLong);
         }
-        if name.is_empty() || name.contains(&0) {
+        if name.is_empty() || wire::nul_at(name).is_some() {
             return Err(Error::InvalidArgument);
         }
         let name = Name::new(name).ok_or(Error::NameTooLong)?;
