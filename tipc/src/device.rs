@@ -1411,8 +1411,8 @@ impl TipcDevice {
         if self.channel(id)?.state != ChannelState::Connected {
             return Err(Error::NotConnected);
         }
+        // What is shared so far, in order: each descriptor's obj_id is the id to take back.
         let mut descs: Vec<ShmDesc> = Vec::with_capacity(refs.len());
-        let mut shared: Vec<u64> = Vec::with_capacity(refs.len());
         let mut failure = None;
         for r in refs {
             if r.ranges.is_empty() {
@@ -1429,7 +1429,6 @@ impl TipcDevice {
                 }
                 Ok(mid) => {
                     descs.push(ShmDesc { obj_id: mid.0, size: r.size, tag: r.tag });
-                    shared.push(mid.0);
                     // Registered before the message goes out: the RELEASE may come back inside
                     // the kick (Linux tipc_shared_handle_register() before queuing).
                     self.foreign.insert(mid.0, ForeignHold { _keep: r.keep });
@@ -1446,9 +1445,9 @@ impl TipcDevice {
         };
         if result.is_err() {
             // Never sent: take every share back (Linux `shm_share_failed` / `get_txbuf_failed`).
-            for mid in shared {
-                self.shm_outstanding.remove(&mid);
-                self.reclaim_foreign(mid);
+            for d in &descs {
+                self.shm_outstanding.remove(&d.obj_id);
+                self.reclaim_foreign(d.obj_id);
             }
         }
         result
