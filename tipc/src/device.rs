@@ -326,56 +326,48 @@ impl TipcDevice {
             let _ = bus.stop();
             return Err(Error::NoDevice);
         };
-        match Self::setup(&mut bus, vdev, cfg.max_buffer_pages) {
-            Ok(setup) => {
-                let mut dev = TipcDevice::from_setup(bus, vdev, cfg, clock, setup);
-                match dev.start() {
-                    Ok(()) => Ok(dev),
-                    Err(e) => {
-                        dev.into_bus();
-                        Err(e)
-                    }
-                }
-            }
-            Err((e, rings)) => {
-                for r in rings {
-                    let _ = bus.mem().release(r.mem);
-                }
+        // Once both rings exist, every failure goes through the device's one teardown.
+        let setup = match Self::setup(&mut bus, vdev, cfg.max_buffer_pages) {
+            Ok(setup) => setup,
+            Err(e) => {
                 let _ = bus.stop();
+                return Err(e);
+            }
+        };
+        let mut dev = TipcDevice::from_setup(bus, vdev, cfg, clock, setup);
+        match dev.start() {
+            Ok(()) => Ok(dev),
+            Err(e) => {
+                dev.into_bus();
                 Err(e)
             }
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn setup(
-        bus: &mut Bus,
-        vdev: VdevHandle,
-        max_buffer_pages: Option<usize>,
-    ) -> Result<(Ring, Ring, usize, String), (Error, Vec<Ring>)> {
+    /// Negotiates the vdev and makes its two rings (released again if the second fails).
+    fn setup(bus: &mut Bus, vdev: VdevHandle, max_buffer_pages: Option<usize>) -> Result<(Ring, Ring, usize, String), Error> {
         // Trusty's bus is not active yet, so it answers ERR_BAD_STATE; that is expected
         // (spec §5.5 step 5a).
         let _ = bus.reset_vdev(vdev);
-        let fail = |e: Error| (e, Vec::new());
-        bus.set_status(vdev, 1).map_err(|e| fail(e.into()))?;
-        bus.set_status(vdev, STATUS_DRIVER).map_err(|e| fail(e.into()))?;
+        bus.set_status(vdev, 1)?;
+        bus.set_status(vdev, STATUS_DRIVER)?;
         // TIPC offers no features and we accept none (spec §5.4).
-        bus.set_features(vdev, 0).map_err(|e| fail(e.into()))?;
+        bus.set_features(vdev, 0)?;
         // Read in place (no copy of the vdev's config and vring tables).
-        let info = bus.vdev(vdev).ok_or_else(|| fail(Error::NoDevice))?;
+        let info = bus.vdev(vdev).ok_or(Error::NoDevice)?;
         if info.vrings.len() != 2 || info.config.len() < 40 {
-            return Err(fail(Error::Protocol(FrameError::BadLength { used: info.config.len() as u32 })));
+            return Err(Error::Protocol(FrameError::BadLength { used: info.config.len() as u32 }));
         }
         let max_size = u32::from_le_bytes([info.config[0], info.config[1], info.config[2], info.config[3]]) as usize;
         // A message buffer is whole pages (spec §6.11); refuse sizes that cannot hold a header or
         // that would make every buffer huge.
         if !(wire::HEADER_LEN + 1..=64 * 1024).contains(&max_size) {
-            return Err(fail(Error::Protocol(FrameError::BadLength { used: max_size as u32 })));
+            return Err(Error::Protocol(FrameError::BadLength { used: max_size as u32 }));
         }
         let buf_size = max_size.next_multiple_of(PAGE_SIZE);
         if max_buffer_pages.is_some_and(|max| buf_size > max * PAGE_SIZE) {
             log::error!("message buffers of {buf_size} bytes exceed what the sharing mechanism can make visible");
-            return Err(fail(Error::Unsupported("message buffers larger than the sharing mechanism allows")));
+            return Err(Error::Unsupported("message buffers larger than the sharing mechanism allows"));
         }
         // Linux tipc_virtio_probe(): strncpy into a 32-byte field, then the last byte forced to
         // NUL, so at most 31 bytes of the name survive.
@@ -383,18 +375,14 @@ impl TipcDevice {
         let name_len = wire::nul_at(name_field).unwrap_or(name_field.len());
         let dev_name = String::from_utf8_lossy(&name_field[..name_len]).into_owned();
         let (r0, r1) = (info.vrings[0], info.vrings[1]);
-        let rx = Ring::new(bus.mem(), r0.num, r0.align, r0.notifyid).map_err(fail)?;
-        let tx = match Ring::new(bus.mem(), r1.num, r1.align, r1.notifyid) {
-            Ok(t) => t,
-            Err(e) => return Err((e, alloc::vec![rx])),
-        };
-        let ids = [rx.mem.id(), tx.mem.id()];
-        for (i, id) in ids.into_iter().enumerate() {
-            if let Err(e) = bus.set_vring_id(vdev, i, id) {
-                return Err((e.into(), alloc::vec![rx, tx]));
+        let rx = Ring::new(bus.mem(), r0.num, r0.align, r0.notifyid)?;
+        match Ring::new(bus.mem(), r1.num, r1.align, r1.notifyid) {
+            Ok(tx) => Ok((rx, tx, buf_size, dev_name)),
+            Err(e) => {
+                let _ = bus.mem().release(rx.mem);
+                Err(e)
             }
         }
-        Ok((rx, tx, buf_size, dev_name))
     }
 
     fn from_setup(
@@ -446,6 +434,10 @@ impl TipcDevice {
     }
 
     fn start(&mut self) -> Result<(), Error> {
+        let ids = [self.rx.mem.id(), self.tx.mem.id()];
+        for (i, id) in ids.into_iter().enumerate() {
+            self.bus.set_vring_id(self.vdev, i, id)?;
+        }
         let rx_num = usize::from(self.rx.queue.layout().num());
         let posted = self.cfg.rx_buffers.unwrap_or(rx_num).clamp(1, rx_num);
         // Rx buffers must be on vring 0 before START: Trusty sends GO_ONLINE inside START
