@@ -431,12 +431,14 @@ fn carry_out(
     // linker leaves the other sharers out.
     let built = Mechanisms::BUILT;
     let sharer: Box<dyn Sharer> = match plan.mechanism {
-        Mechanism::Phys if built.phys => Box::new(AddressSharer::new(AddressKind::Bare).with_budget(plan.share_budget)),
-        Mechanism::PhysAttr if built.phys => {
-            Box::new(AddressSharer::new(AddressKind::Compat).with_budget(plan.share_budget))
-        }
-        Mechanism::MediatedIpa if built.phys => {
-            Box::new(AddressSharer::mediated(AddressKind::for_api(api_version)).with_budget(plan.share_budget))
+        // The three address mechanisms differ only in how the sharer is made: one box for all.
+        Mechanism::Phys | Mechanism::PhysAttr | Mechanism::MediatedIpa if built.phys => {
+            let s = match plan.mechanism {
+                Mechanism::Phys => AddressSharer::new(AddressKind::Bare),
+                Mechanism::PhysAttr => AddressSharer::new(AddressKind::Compat),
+                _ => AddressSharer::mediated(AddressKind::for_api(api_version)),
+            };
+            Box::new(s.with_budget(plan.share_budget))
         }
         Mechanism::FfaHandle if built.ffa_handle => {
             let mut s = match ffa_sharer.take() {

@@ -1165,16 +1165,9 @@ impl TipcDevice {
             return Err(Error::InvalidArgument);
         }
         let local = self.alloc_local().ok_or(Error::InvalidArgument)?;
-        let slot = match self.channels.iter().position(Option::is_none) {
-            Some(s) => s,
-            None => {
-                self.channels.push(None);
-                self.channels.len() - 1
-            }
-        };
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        self.channels[slot] = Some(Channel {
+        let chan = Channel {
             generation,
             local,
             remote: 0,
@@ -1182,7 +1175,20 @@ impl TipcDevice {
             name: None,
             queue: VecDeque::new(),
             disc_on_close: false,
-        });
+        };
+        // Into the first free slot, or a new one: nothing is overwritten, so nothing dropped.
+        let slot = match self.channels.iter().position(Option::is_none) {
+            Some(s) => {
+                if let Some(free) = self.channels.get_mut(s) {
+                    free.get_or_insert(chan);
+                }
+                s
+            }
+            None => {
+                self.channels.push(Some(chan));
+                self.channels.len() - 1
+            }
+        };
         self.by_addr.insert(local, slot as u32);
         Ok(ChannelId { slot: slot as u32, generation })
     }
