@@ -118,6 +118,9 @@ impl From<BusError> for Error {
 }
 
 impl From<trusty_platform::Error> for Error {
+    // Out of line: only failures convert, and many `?`s share one copy.
+    #[cold]
+    #[inline(never)]
     fn from(e: trusty_platform::Error) -> Self {
         match e {
             trusty_platform::Error::OutOfMemory => Error::NoMemory,
