@@ -1139,6 +1139,8 @@ impl TipcDevice {
 
     // ----- channels ----------------------------------------------------------------------------
 
+    // Out of line: the control messages' two look-ups share one copy of the search.
+    #[inline(never)]
     fn channel_by_addr(&mut self, addr: u32) -> Option<&mut Channel> {
         let slot = self.slot_of_addr(addr)?;
         self.channels.get_mut(slot)?.as_mut()
@@ -1550,7 +1552,7 @@ impl TipcDevice {
             return Err(Error::BadHandle);
         };
         self.by_addr.remove(&chan.local);
-        for msg in chan.queue.drain(..) {
+        while let Some(msg) = chan.queue.pop_front() {
             if let RxMsg::Buffer { buf, .. } = msg {
                 self.rx_spare.push(buf);
             }
