@@ -1604,8 +1604,8 @@ impl TipcDevice {
         self.by_addr.clear();
         // After the reset Trusty holds no reference any more; what it still maps is refused and
         // kept alive.
-        let ids: Vec<u64> = self.foreign.keys().copied().collect();
-        for id in ids {
+        // reclaim_foreign takes each id out of `foreign`, whether the reclaim succeeds or not.
+        while let Some(id) = self.foreign.keys().next().copied() {
             self.shm_outstanding.remove(&id);
             self.reclaim_foreign(id);
         }
