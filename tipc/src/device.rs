@@ -1495,13 +1495,19 @@ impl TipcDevice {
                         break;
                     }
                     let n = out.len().min(len - at);
+                    // n <= out.len() and at + n <= len: the look-ups cannot fail.
+                    let Some(out) = out.get_mut(..n) else { break };
                     match &msg {
                         RxMsg::Buffer { buf, .. } => {
                             if let Some(buf) = self.bufs.get(*buf as usize) {
-                                let _ = buf.read(wire::HEADER_LEN + at, &mut out[..n]);
+                                let _ = buf.read(wire::HEADER_LEN + at, out);
                             }
                         }
-                        RxMsg::Copied(v) => out[..n].copy_from_slice(&v[at..at + n]),
+                        RxMsg::Copied(v) => {
+                            if let Some(src) = v.get(at..at + n) {
+                                out.copy_from_slice(src);
+                            }
+                        }
                     }
                     at += n;
                 }
