@@ -1421,7 +1421,7 @@ impl TipcDevice {
                 break;
             }
             match self.bus.mem().sharer_mut().share(&r.ranges, r.access) {
-                Ok(mid) if self.foreign.contains_key(&mid.0) || self.shm_outstanding.contains_key(&mid.0) => {
+                Ok(mid) if self.id_in_use(mid.0) => {
                     // An id still in use cannot name a second object.
                     let _ = self.bus.mem().sharer_mut().reclaim(mid);
                     failure = Some(Error::Unsupported("the sharer returned a memory id that is still in use"));
@@ -1451,6 +1451,13 @@ impl TipcDevice {
             }
         }
         result
+    }
+
+    /// Whether memory id `id` is still held for a message (sent by send_memrefs, or counted
+    /// outstanding by send). Out of line: two map searches, on the cold memref path.
+    #[inline(never)]
+    fn id_in_use(&self, id: u64) -> bool {
+        self.foreign.contains_key(&id) || self.shm_outstanding.contains_key(&id)
     }
 
     fn require_connected(state: ChannelState) -> Result<(), Error> {
