@@ -7,6 +7,7 @@
 //! ("mediated-ipa", spec dma-decisions §4.4). [`AddressSharer`] still tracks live shares so that
 //! budgets, per-buffer limits and the reclaim discipline work exactly as for the other sharers.
 
+use alloc::collections::btree_map::Entry;
 use alloc::collections::BTreeMap;
 use core::fmt;
 
@@ -223,12 +224,13 @@ impl Sharer for AddressSharer {
     }
 
     fn reclaim(&mut self, id: MemoryId) -> Result<(), Error> {
-        let Some(count) = self.live.get_mut(&id.0) else {
+        // One search: the entry both counts down and, at zero, goes.
+        let Entry::Occupied(mut count) = self.live.entry(id.0) else {
             return Err(Error::InvalidArgument("reclaim of an address id that is not live"));
         };
-        *count -= 1;
-        if *count == 0 {
-            self.live.remove(&id.0);
+        *count.get_mut() -= 1;
+        if *count.get() == 0 {
+            count.remove();
         }
         self.live_total -= 1;
         Ok(())

@@ -6,6 +6,7 @@
 //! NOP calls and scans against a deadline (spec §4, §11 subtlety 1).
 
 use alloc::boxed::Box;
+use alloc::collections::btree_map::Entry;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -861,11 +862,12 @@ impl TipcDevice {
     // Out of line: a RELEASE and a dropped message share one copy of the map work.
     #[inline(never)]
     fn release_shm(&mut self, id: u64) {
-        match self.shm_outstanding.get_mut(&id) {
-            Some(count) => {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    self.shm_outstanding.remove(&id);
+        // One search: the entry both counts down and, at zero, goes.
+        match self.shm_outstanding.entry(id) {
+            Entry::Occupied(mut count) => {
+                *count.get_mut() = count.get().saturating_sub(1);
+                if *count.get() == 0 {
+                    count.remove();
                     if self.foreign.contains_key(&id) {
                         self.reclaim_foreign(id);
                     } else {
@@ -873,7 +875,7 @@ impl TipcDevice {
                     }
                 }
             }
-            None => log::warn!("RELEASE of unknown memory id {id:#x}"),
+            Entry::Vacant(_) => log::warn!("RELEASE of unknown memory id {id:#x}"),
         }
     }
 

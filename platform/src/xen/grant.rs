@@ -15,6 +15,7 @@
 //! `GTF_writing`. Xen on ARM requires the table (like all shared memory) to be mapped Normal
 //! Inner-WB Inner-Shareable (arch-arm.h), which is what makes the atomic flag accesses valid.
 
+use alloc::collections::btree_map::Entry;
 use alloc::collections::BTreeMap;
 use core::mem::align_of;
 use core::ptr::{addr_of, addr_of_mut, NonNull};
@@ -325,7 +326,11 @@ impl Sharer for GrantSharer {
 
     fn reclaim(&mut self, id: MemoryId) -> Result<(), Error> {
         let first = decode_grant_id(id.0).ok_or(Error::InvalidArgument("not a xen-grant memory id"))?;
-        let n = *self.runs.get(&first).ok_or(Error::InvalidArgument("reclaim of a grant id that is not live"))?;
+        // One search: the run's entry is looked up once and removed through it at the end.
+        let Entry::Occupied(run) = self.runs.entry(first) else {
+            return Err(Error::InvalidArgument("reclaim of a grant id that is not live"));
+        };
+        let n = *run.get();
         if (first..first + n).any(|r| self.table.in_use_by_peer(r)) {
             return Err(Error::ReclaimDenied(id));
         }
@@ -338,7 +343,7 @@ impl Sharer for GrantSharer {
                 return Err(Error::ReclaimDenied(id));
             }
         }
-        self.runs.remove(&first);
+        run.remove();
         self.used -= n;
         Ok(())
     }
