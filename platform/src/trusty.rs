@@ -525,14 +525,14 @@ impl Trusty {
         const MAX_LEN: i32 = 1024;
         let len = self.fast_call(call::FC_GET_VERSION_STR, u32::MAX, 0, 0)?;
         if !(0..=MAX_LEN).contains(&len) {
-            return Err(Error::Sm(SmError::from_code(len).unwrap_or(SmError::Other(len))));
+            return Err(answer_error(len));
         }
         let mut bytes = Vec::with_capacity(len as usize);
         for i in 0..len {
             let c = self.fast_call(call::FC_GET_VERSION_STR, i as u32, 0, 0)?;
             match u8::try_from(c) {
                 Ok(b) => bytes.push(b),
-                Err(_) => return Err(Error::Sm(SmError::from_code(c).unwrap_or(SmError::Other(c)))),
+                Err(_) => return Err(answer_error(c)),
             }
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -551,6 +551,14 @@ impl Trusty {
             }
         }
     }
+}
+
+/// An answer that is not what the call returns, as the secure-monitor error it is (or an
+/// unknown one). Cold and out of line: the version string's two checks share it.
+#[cold]
+#[inline(never)]
+fn answer_error(code: i32) -> Error {
+    Error::Sm(SmError::from_code(code).unwrap_or(SmError::Other(code)))
 }
 
 /// The error of a wait that ran out of time, logged once. Out of line and cold: the many

@@ -868,9 +868,8 @@ impl TipcDevice {
                 *count.get_mut() = count.get().saturating_sub(1);
                 if *count.get() == 0 {
                     count.remove();
-                    if self.foreign.contains_key(&id) {
-                        self.reclaim_foreign(id);
-                    } else {
+                    // Ours (send_memrefs) are reclaimed; the caller's are handed back.
+                    if !self.reclaim_foreign(id) {
                         self.shm_released.push_back(id);
                     }
                 }
@@ -882,9 +881,9 @@ impl TipcDevice {
     /// Takes back memory the stack shared for [`TipcDevice::send_memrefs`] and drops what kept
     /// it alive (Linux `_handle_release()` -> `tipc_shared_handle_drop()`: reclaim, then
     /// `dma_buf_put()`). A refused reclaim keeps the memory alive for good: Trusty may still map
-    /// it.
-    fn reclaim_foreign(&mut self, id: u64) {
-        let Some(hold) = self.foreign.remove(&id) else { return };
+    /// it. Returns whether `id` was such memory.
+    fn reclaim_foreign(&mut self, id: u64) -> bool {
+        let Some(hold) = self.foreign.remove(&id) else { return false };
         match self.bus.mem().sharer_mut().reclaim(MemoryId(id)) {
             Ok(()) => {
                 self.stats.memrefs_reclaimed += 1;
@@ -895,6 +894,7 @@ impl TipcDevice {
                 self.foreign_leaked.push(hold);
             }
         }
+        true
     }
 
     /// Memory references sent with [`TipcDevice::send_memrefs`] that Trusty still holds.
