@@ -1245,7 +1245,11 @@ impl TipcDevice {
             }
         };
         let early = match chan.state {
-            ChannelState::Connecting | ChannelState::Connected if chan.name.as_ref() == Some(&name) => Some(Ok(())),
+            ChannelState::Connecting | ChannelState::Connected
+                if chan.name.as_ref().is_some_and(|n| n.as_bytes() == name.as_bytes()) =>
+            {
+                Some(Ok(()))
+            }
             ChannelState::Connecting => Some(Err(Error::Already)),
             ChannelState::Connected => Some(Err(Error::IsConnected)),
             ChannelState::Stale => Some(Err(Error::Shutdown)),

@@ -309,13 +309,21 @@ impl<M: RingMemory> DriverQueue<M> {
             return Err(LayoutError::TooSmall { needed: layout.size(), have: mem.len() });
         }
         let num = layout.num();
+        // Highest first, so `add` hands out 0, 1, 2, ... A plain loop: at opt-level 3 the
+        // collected range became a vectorised fill several times its size, for a cold path.
+        let mut free = Vec::with_capacity(usize::from(num));
+        let mut i = num;
+        while i > 0 {
+            i -= 1;
+            free.push(i);
+        }
         Ok(DriverQueue {
             mem,
             layout,
             avail_idx: 0,
             last_used: 0,
             announced: 0,
-            free: (0..num).rev().collect(),
+            free: free.into_boxed_slice(),
             n_free: num,
             in_flight: alloc::vec![false; usize::from(num)].into_boxed_slice(),
         })
