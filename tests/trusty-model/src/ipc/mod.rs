@@ -829,8 +829,10 @@ impl Core {
         let n = len.min(chan.max_msg_size as usize);
         let mut buf = self.spare.pop().unwrap_or_default();
         // Every byte is written by `fill` (or the buffer goes back unused): no need to zero.
-        buf.truncate(n);
-        buf.resize(n, 0);
+        if buf.len() != n {
+            buf.truncate(n);
+            buf.resize(n, 0);
+        }
         if !fill(&mut buf) {
             recycle(&mut self.spare, buf);
             return (Err((lk::ERR_NOT_VALID, handles)), slot);
