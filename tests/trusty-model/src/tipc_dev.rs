@@ -753,14 +753,21 @@ impl TipcDev {
                 return;
             }
         };
-        let writable = self.out_descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
-        let readable = self.out_descs.len() - writable;
-        if writable > 1 || readable > 1 {
-            // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns early.
-            self.stats.lost_to_bad_buffers += 1;
-            return;
-        }
-        let first_writable = self.out_descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied();
+        // The usual rx buffer is one writable descriptor: no counting needed.
+        let first_writable = match self.out_descs.as_slice() {
+            [d] if d.flags & DESC_F_WRITE != 0 => Some(*d),
+            descs => {
+                let writable = descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
+                let readable = descs.len() - writable;
+                if writable > 1 || readable > 1 {
+                    // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns
+                    // early.
+                    self.stats.lost_to_bad_buffers += 1;
+                    return;
+                }
+                descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied()
+            }
+        };
         let usable = first_writable.filter(|d| d.len as usize >= wire::HEADER_LEN);
         let Some(d) = usable else {
             self.stats.lost_to_bad_buffers += 1;
