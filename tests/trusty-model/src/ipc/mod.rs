@@ -1203,9 +1203,10 @@ impl Core {
             if chan.inbound.is_empty() {
                 return (echoed, None);
             }
-            // send_msg()'s conditions for a message to the NS (see there): an NS channel still
-            // open on both sides, with room in its outgoing queue. Anything else goes the long
-            // way.
+            // send_msg()'s conditions for a message to the NS (see there; ipc_msg.c
+            // msg_write_locked(): a connected peer and a free item in its queue): an NS channel
+            // still open on both sides, with room in its outgoing queue. Anything else goes the
+            // long way, which also marks the sender blocked (IPC_CHAN_AUX_STATE_PEER_SEND_BLOCKED).
             if chan.ta_peer.is_some() || chan.ns != NsSide::Open || chan.outbound >= chan.msg_num as usize {
                 return (echoed, Some(lk::ERR_NOT_ENOUGH_BUFFER));
             }
@@ -1216,7 +1217,7 @@ impl Core {
             // ipc_msg.c user_msg_write_locked(): cut to the item size (a queued message
             // already fits).
             data.truncate(chan.max_msg_size as usize);
-            // msg_queue_put_msg(): references not taken go with the message.
+            // ipc_msg.c msg_put_read_locked(): the put item's handles are let go with it.
             if handles.capacity() != 0 {
                 self.released.extend(handles);
             } else {
