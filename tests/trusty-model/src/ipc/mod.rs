@@ -1326,6 +1326,7 @@ impl Core {
     /// forgot to queue would leave an event unseen).
     #[cfg(debug_assertions)]
     fn check_ready_lists(&self) {
+        debug_assert!(self.ready.busy_matches_lists(), "the busy set lost step with the ready lists");
         let apps = self.sleep_until.len();
         for (id, p) in &self.ports {
             debug_assert!(!p.signal || p.owner >= apps || self.ready.contains(p.owner, Handle::Port(*id)), "port {id:?} raised but not queued");
@@ -1686,17 +1687,16 @@ impl Ipc {
             }
             let mut pass = false;
             // Round-robin, one handler call per app per pass: deterministic and fair.
-            for app in 0..self.apps.len() {
-                // Skipped only when its step would find nothing: no handle queued for it (an
-                // earlier handler's raise is queued at once) and no timer due.
-                if !timer_due && self.core.ready.idle(app) {
-                    if self.core.ready.all_idle() {
-                        // Every later app would be skipped the same way.
-                        break;
-                    }
-                    continue;
-                }
+            // With a timer due every app is stepped; otherwise an app is skipped only when its
+            // step would find nothing: no handle queued for it (an earlier handler's raise is
+            // queued at once, so an app after it raised during this pass is still met in it).
+            // The ready lists name those apps without a look at each idle one.
+            let mut from = 0;
+            loop {
+                let next = if timer_due { Some(from) } else { self.core.ready.next_busy(from) };
+                let Some(app) = next.filter(|&a| a < self.apps.len()) else { break };
                 pass |= self.step_app(app);
+                from = app + 1;
             }
             if !pass {
                 #[cfg(debug_assertions)]
