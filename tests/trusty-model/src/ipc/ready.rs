@@ -42,6 +42,21 @@ impl Ready {
     /// Queues `h` for `owner`, once (a handle already queued stays where it is).
     #[inline]
     pub(super) fn raise(&mut self, apps: usize, owner: usize, h: Handle) {
+        // The usual case, inline: an app with nothing queued and room in its list.
+        if owner < apps && owner < 64 {
+            if let Some(list) = self.lists.get_mut(owner).filter(|l| l.is_empty() && l.capacity() > 0) {
+                list.push(h);
+                self.queued += 1;
+                self.busy |= 1 << owner;
+                return;
+            }
+        }
+        self.raise_any(apps, owner, h);
+    }
+
+    /// [`Ready::raise`] in every case.
+    #[inline(never)]
+    fn raise_any(&mut self, apps: usize, owner: usize, h: Handle) {
         // An owner that is no app (a placeholder record) is never scheduled.
         if owner >= apps {
             return;
