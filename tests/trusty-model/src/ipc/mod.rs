@@ -1171,10 +1171,9 @@ impl Core {
     /// outgoing event. Stops before the first message for which not all four calls would
     /// succeed, leaving it untouched.
     fn echo_queued(&mut self, app: usize, id: ChanId) -> Result<usize, i32> {
-        let (echoed, stop) = self.echo_queued_inner(app, id);
+        let (echoed, stop, slot) = self.echo_queued_inner(app, id);
         if echoed > 0 {
             self.stats.sent_to_ns += echoed as u64;
-            let slot = self.chans.get(&id).and_then(|c| c.stats_slot);
             if let Some(s) = slot.and_then(|i| self.port_stats.get_mut(i)) {
                 s.sent += echoed as u64;
             }
@@ -1185,32 +1184,33 @@ impl Core {
         }
     }
 
-    /// [`Core::echo_queued`]'s work: how many went back, and why it stopped early (None: no
-    /// message left).
-    fn echo_queued_inner(&mut self, app: usize, id: ChanId) -> (usize, Option<i32>) {
+    /// [`Core::echo_queued`]'s work: how many went back, why it stopped early (None: no
+    /// message left), and the channel's port-counter slot.
+    fn echo_queued_inner(&mut self, app: usize, id: ChanId) -> (usize, Option<i32>, Option<usize>) {
         // open_chan()'s check, on the field alone (the queues below are other fields).
         let chan = match self.chans.get_mut(&id) {
             Some(c) if c.owner == app && c.ta == TaSide::Open => c,
-            _ => return (0, Some(lk::ERR_BAD_HANDLE)),
+            _ => return (0, Some(lk::ERR_BAD_HANDLE), None),
         };
+        let slot = chan.stats_slot;
         // put_msg() retires the oldest got message: with one already got it would not be
         // the one just got.
         if chan.gotten != 0 {
-            return (0, Some(lk::ERR_BAD_STATE));
+            return (0, Some(lk::ERR_BAD_STATE), slot);
         }
         let mut echoed = 0;
         loop {
             if chan.inbound.is_empty() {
-                return (echoed, None);
+                return (echoed, None, slot);
             }
             // send_msg()'s conditions for a message to the NS (see there; ipc_msg.c
             // msg_write_locked(): a connected peer and a free item in its queue): an NS channel
             // still open on both sides, with room in its outgoing queue. Anything else goes the
             // long way, which also marks the sender blocked (IPC_CHAN_AUX_STATE_PEER_SEND_BLOCKED).
             if chan.ta_peer.is_some() || chan.ns != NsSide::Open || chan.outbound >= chan.msg_num as usize {
-                return (echoed, Some(lk::ERR_NOT_ENOUGH_BUFFER));
+                return (echoed, Some(lk::ERR_NOT_ENOUGH_BUFFER), slot);
             }
-            let Some(InMsg { mut data, handles }) = chan.inbound.pop_front() else { return (echoed, None) };
+            let Some(InMsg { mut data, handles }) = chan.inbound.pop_front() else { return (echoed, None, slot) };
             // get_msg + put_msg: two calls' progress.
             chan.progress += 2;
             chan.outbound += 1;
