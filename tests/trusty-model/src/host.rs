@@ -602,7 +602,7 @@ impl Sim {
 impl Drop for Sim {
     fn drop(&mut self) {
         if let Some(c) = self.cores.take() {
-            c.stop.store(true, Ordering::Release);
+            c.stop.0.store(true, Ordering::Release);
             c.handle.thread().unpark();
             let _ = c.handle.join();
         }
@@ -680,9 +680,15 @@ impl Conduit for CoresConduit {
     }
 }
 
+/// The model thread's stop flag, alone in its cache lines (128 bytes: a line and the one
+/// fetched with it): the thread reads it on every poll, and a heap neighbour written by the
+/// stack's core would otherwise pull that line away from it each time.
+#[repr(C, align(128))]
+struct StopFlag(AtomicBool);
+
 /// The model's thread in [`ModelMode::Cores`].
 struct CoresThread {
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopFlag>,
     handle: thread::JoinHandle<()>,
 }
 
@@ -771,7 +777,7 @@ pub fn cpu_count() -> usize {
 impl CoresThread {
     fn spawn(model: Arc<Mutex<Model>>, clock: Arc<StdClock>) -> (Arc<dyn Conduit>, CoresThread) {
         let page = Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE])));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(StopFlag(AtomicBool::new(false)));
         let s = stop.clone();
         let c = clock.clone();
         let p = page.clone();
@@ -787,7 +793,7 @@ impl CoresThread {
                 if cpus > 1 && !pin_to_cpu(cpus - 1) {
                     unpin();
                 }
-                cores_thread(model, c, &p, &s)
+                cores_thread(model, c, &p, &s.0)
             })
             .expect("spawn the model thread");
         let events: Arc<dyn EventChannel> = Arc::new(WakeModel(handle.thread().clone()));

@@ -330,13 +330,19 @@ impl TipcDev {
             // descriptor (MAX_RX_IOVS = 1 per list), more is ERR_TOO_BIG. tipc_virtio_dev.c
             // handle_rx_msg(): no readable descriptor is ERR_INVALID_ARGS; a writable one next to
             // it is only logged.
-            let readable = self.in_descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).count();
-            let writable = self.in_descs.len() - readable;
-            let first_readable = self.in_descs.iter().find(|d| d.flags & DESC_F_WRITE == 0).copied();
-            let status = match first_readable {
-                _ if readable > 1 || writable > 1 => lk::ERR_TOO_BIG,
-                Some(d) => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
-                None => lk::ERR_INVALID_ARGS,
+            // The usual chain is one readable descriptor: no counting needed.
+            let status = match self.in_descs.as_slice() {
+                [d] if d.flags & DESC_F_WRITE == 0 => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
+                descs => {
+                    let readable = descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).count();
+                    let writable = descs.len() - readable;
+                    let first_readable = descs.iter().find(|d| d.flags & DESC_F_WRITE == 0).copied();
+                    match first_readable {
+                        _ if readable > 1 || writable > 1 => lk::ERR_TOO_BIG,
+                        Some(d) => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
+                        None => lk::ERR_INVALID_ARGS,
+                    }
+                }
             };
             if status < 0 {
                 self.stats.refused_from_ns += 1;
@@ -581,6 +587,10 @@ impl TipcDev {
     fn flush_to_ns(&mut self, shares: &mut ShareTable, ipc: &mut Ipc) -> bool {
         let mut any = false;
         loop {
+            // Nothing to send: done, without looking at the ring.
+            if self.outbox.is_empty() && ipc.pending_events() == 0 {
+                return any;
+            }
             if self.to_ns.as_ref().map_or(true, |r| !r.queue.has_avail(&r.mem)) {
                 return any;
             }
@@ -743,14 +753,21 @@ impl TipcDev {
                 return;
             }
         };
-        let writable = self.out_descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
-        let readable = self.out_descs.len() - writable;
-        if writable > 1 || readable > 1 {
-            // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns early.
-            self.stats.lost_to_bad_buffers += 1;
-            return;
-        }
-        let first_writable = self.out_descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied();
+        // The usual rx buffer is one writable descriptor: no counting needed.
+        let first_writable = match self.out_descs.as_slice() {
+            [d] if d.flags & DESC_F_WRITE != 0 => Some(*d),
+            descs => {
+                let writable = descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
+                let readable = descs.len() - writable;
+                if writable > 1 || readable > 1 {
+                    // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns
+                    // early.
+                    self.stats.lost_to_bad_buffers += 1;
+                    return;
+                }
+                descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied()
+            }
+        };
         let usable = first_writable.filter(|d| d.len as usize >= wire::HEADER_LEN);
         let Some(d) = usable else {
             self.stats.lost_to_bad_buffers += 1;

@@ -829,8 +829,10 @@ impl Core {
         let n = len.min(chan.max_msg_size as usize);
         let mut buf = self.spare.pop().unwrap_or_default();
         // Every byte is written by `fill` (or the buffer goes back unused): no need to zero.
-        buf.truncate(n);
-        buf.resize(n, 0);
+        if buf.len() != n {
+            buf.truncate(n);
+            buf.resize(n, 0);
+        }
         if !fill(&mut buf) {
             recycle(&mut self.spare, buf);
             return (Err((lk::ERR_NOT_VALID, handles)), slot);
@@ -1164,6 +1166,69 @@ impl Core {
         Ok(())
     }
 
+    /// The echo fast path ([`Ctx::echo_queued`]): get + read + send back + put of each
+    /// waiting message of an NS channel, all under one look-up, each buffer moved into the
+    /// outgoing event. Stops before the first message for which not all four calls would
+    /// succeed, leaving it untouched.
+    fn echo_queued(&mut self, app: usize, id: ChanId) -> Result<usize, i32> {
+        let (echoed, stop, slot) = self.echo_queued_inner(app, id);
+        if echoed > 0 {
+            self.stats.sent_to_ns += echoed as u64;
+            if let Some(s) = slot.and_then(|i| self.port_stats.get_mut(i)) {
+                s.sent += echoed as u64;
+            }
+        }
+        match stop {
+            None => Ok(echoed),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// [`Core::echo_queued`]'s work: how many went back, why it stopped early (None: no
+    /// message left), and the channel's port-counter slot.
+    fn echo_queued_inner(&mut self, app: usize, id: ChanId) -> (usize, Option<i32>, Option<usize>) {
+        // open_chan()'s check, on the field alone (the queues below are other fields).
+        let chan = match self.chans.get_mut(&id) {
+            Some(c) if c.owner == app && c.ta == TaSide::Open => c,
+            _ => return (0, Some(lk::ERR_BAD_HANDLE), None),
+        };
+        let slot = chan.stats_slot;
+        // put_msg() retires the oldest got message: with one already got it would not be
+        // the one just got.
+        if chan.gotten != 0 {
+            return (0, Some(lk::ERR_BAD_STATE), slot);
+        }
+        let mut echoed = 0;
+        loop {
+            if chan.inbound.is_empty() {
+                return (echoed, None, slot);
+            }
+            // send_msg()'s conditions for a message to the NS (see there; ipc_msg.c
+            // msg_write_locked(): a connected peer and a free item in its queue): an NS channel
+            // still open on both sides, with room in its outgoing queue. Anything else goes the
+            // long way, which also marks the sender blocked (IPC_CHAN_AUX_STATE_PEER_SEND_BLOCKED).
+            if chan.ta_peer.is_some() || chan.ns != NsSide::Open || chan.outbound >= chan.msg_num as usize {
+                return (echoed, Some(lk::ERR_NOT_ENOUGH_BUFFER), slot);
+            }
+            let Some(InMsg { mut data, handles }) = chan.inbound.pop_front() else { return (echoed, None, slot) };
+            // get_msg + put_msg: two calls' progress.
+            chan.progress += 2;
+            chan.outbound += 1;
+            // ipc_msg.c user_msg_write_locked(): cut to the item size (a queued message
+            // already fits).
+            data.truncate(chan.max_msg_size as usize);
+            // ipc_msg.c msg_put_read_locked(): the put item's handles are let go with it.
+            if handles.capacity() != 0 {
+                self.released.extend(handles);
+            } else {
+                // Nothing was ever allocated: nothing to free (skips the drop glue).
+                core::mem::forget(handles);
+            }
+            self.events.push_back(IpcEvent::Message { chan: id, data });
+            echoed += 1;
+        }
+    }
+
     fn take_handles(&mut self, app: usize, id: ChanId) -> Result<Vec<MemRef>, i32> {
         let chan = self.open_chan(app, id)?;
         let last = chan.gotten.checked_sub(1).ok_or(lk::ERR_NO_MSG)?;
@@ -1261,6 +1326,7 @@ impl Core {
     /// forgot to queue would leave an event unseen).
     #[cfg(debug_assertions)]
     fn check_ready_lists(&self) {
+        debug_assert!(self.ready.busy_matches_lists(), "the busy set lost step with the ready lists");
         let apps = self.sleep_until.len();
         for (id, p) in &self.ports {
             debug_assert!(!p.signal || p.owner >= apps || self.ready.contains(p.owner, Handle::Port(*id)), "port {id:?} raised but not queued");
@@ -1334,6 +1400,18 @@ impl Ctx<'_> {
     /// reports the length). It keeps its slot until [`Ctx::put_msg`]. ERR_NO_MSG when none.
     pub fn get_msg_len(&mut self, chan: ChanId) -> Result<usize, i32> {
         self.core.get_msg_with(self.app, chan, |_| ())
+    }
+
+    /// Echo every waiting message of an NS channel back to its sender, oldest first: for each,
+    /// Trusty `get_msg`, `read_msg`, `send_msg` of the bytes read and `put_msg`, done at once
+    /// (the message's buffer becomes the outgoing message: no copy). `Ok(n)`: all `n` waiting
+    /// messages went back. An error means the next message was left untouched (those before
+    /// it went back) and the separate calls are to be used for it, which give the precise
+    /// answer: a channel that is not this app's (ERR_BAD_HANDLE), a message already got
+    /// (ERR_BAD_STATE), or one that `send_msg` would refuse (ERR_NOT_ENOUGH_BUFFER: a full NS
+    /// queue, a closing channel or a TA-to-TA one).
+    pub fn echo_queued(&mut self, chan: ChanId) -> Result<usize, i32> {
+        self.core.echo_queued(self.app, chan)
     }
 
     /// Take the memory references of the message got last (Trusty `read_msg()` with
@@ -1609,17 +1687,16 @@ impl Ipc {
             }
             let mut pass = false;
             // Round-robin, one handler call per app per pass: deterministic and fair.
-            for app in 0..self.apps.len() {
-                // Skipped only when its step would find nothing: no handle queued for it (an
-                // earlier handler's raise is queued at once) and no timer due.
-                if !timer_due && self.core.ready.idle(app) {
-                    if self.core.ready.all_idle() {
-                        // Every later app would be skipped the same way.
-                        break;
-                    }
-                    continue;
-                }
+            // With a timer due every app is stepped; otherwise an app is skipped only when its
+            // step would find nothing: no handle queued for it (an earlier handler's raise is
+            // queued at once, so an app after it raised during this pass is still met in it).
+            // The ready lists name those apps without a look at each idle one.
+            let mut from = 0;
+            loop {
+                let next = if timer_due { Some(from) } else { self.core.ready.next_busy(from) };
+                let Some(app) = next.filter(|&a| a < self.apps.len()) else { break };
                 pass |= self.step_app(app);
+                from = app + 1;
             }
             if !pass {
                 #[cfg(debug_assertions)]

@@ -29,6 +29,10 @@ pub(super) struct Ready {
     lists: Vec<Vec<Handle>>,
     /// Entries in all lists together.
     queued: usize,
+    /// Bit `app` is set while the list of app `app` (below 64) is not empty: the scheduler
+    /// finds the next app with work without looking at idle ones. Apps from 64 on are looked
+    /// at one by one.
+    busy: u64,
     /// Entries looked at by [`Ready::take_port`] / [`Ready::take_chan`] (valid or stale): the
     /// scheduler's work, which stays proportional to events, not to open handles.
     visits: u64,
@@ -38,6 +42,21 @@ impl Ready {
     /// Queues `h` for `owner`, once (a handle already queued stays where it is).
     #[inline]
     pub(super) fn raise(&mut self, apps: usize, owner: usize, h: Handle) {
+        // The usual case, inline: an app with nothing queued and room in its list.
+        if owner < apps && owner < 64 {
+            if let Some(list) = self.lists.get_mut(owner).filter(|l| l.is_empty() && l.capacity() > 0) {
+                list.push(h);
+                self.queued += 1;
+                self.busy |= 1 << owner;
+                return;
+            }
+        }
+        self.raise_any(apps, owner, h);
+    }
+
+    /// [`Ready::raise`] in every case.
+    #[inline(never)]
+    fn raise_any(&mut self, apps: usize, owner: usize, h: Handle) {
         // An owner that is no app (a placeholder record) is never scheduled.
         if owner >= apps {
             return;
@@ -53,6 +72,29 @@ impl Ready {
         } else if let Err(at) = list.binary_search_by(|x| h.cmp(x)) {
             list.insert(at, h);
             self.queued += 1;
+        }
+        if owner < 64 {
+            self.busy |= 1 << owner;
+        }
+    }
+
+    /// The lowest app numbered `from` or above with something queued.
+    #[inline]
+    pub(super) fn next_busy(&self, from: usize) -> Option<usize> {
+        if from < 64 {
+            let bits = self.busy & (u64::MAX << from);
+            if bits != 0 {
+                return Some(bits.trailing_zeros() as usize);
+            }
+        }
+        (from.max(64)..self.lists.len()).find(|&app| !self.idle(app))
+    }
+
+    /// Keeps `busy` in step with `app`'s list after entries were taken from it.
+    #[inline]
+    fn taken(&mut self, app: usize) {
+        if app < 64 && self.lists.get(app).is_some_and(Vec::is_empty) {
+            self.busy &= !(1 << app);
         }
     }
 
@@ -74,6 +116,13 @@ impl Ready {
         self.lists.get(owner).is_some_and(|l| l.binary_search_by(|x| h.cmp(x)).is_ok())
     }
 
+    /// Whether `busy` names exactly the apps below 64 whose lists are not empty (the debug
+    /// check and the tests).
+    #[cfg(any(test, debug_assertions))]
+    pub(super) fn busy_matches_lists(&self) -> bool {
+        (0..64).all(|app| (self.busy >> app) & 1 == u64::from(!self.idle(app)))
+    }
+
     /// Entries looked at so far (see the field).
     pub(super) fn visits(&self) -> u64 {
         self.visits
@@ -83,15 +132,18 @@ impl Ready {
     /// dropped.
     pub(super) fn take_port(&mut self, app: usize, valid: impl Fn(PortId) -> bool) -> Option<PortId> {
         let list = self.lists.get_mut(app)?;
+        let mut found = None;
         while let Some(&Handle::Port(id)) = list.last() {
             self.visits += 1;
             list.pop();
             self.queued -= 1;
             if valid(id) {
-                return Some(id);
+                found = Some(id);
+                break;
             }
         }
-        None
+        self.taken(app);
+        found
     }
 
     /// Takes the first queued channel of `app` that `valid` confirms; entries it refutes are
@@ -101,16 +153,23 @@ impl Ready {
         // Channels sort above ports: the lowest channel sits just before the ports at the end
         // (usually there are none, and it is the last entry).
         let ports = list.iter().rev().take_while(|h| matches!(h, Handle::Port(_))).count();
+        let mut found = None;
         while let Some(at) = list.len().checked_sub(ports + 1) {
             let Handle::Chan(id) = list[at] else { break };
             self.visits += 1;
-            list.remove(at);
+            if ports == 0 {
+                list.pop();
+            } else {
+                list.remove(at);
+            }
             self.queued -= 1;
             if valid(id) {
-                return Some(id);
+                found = Some(id);
+                break;
             }
         }
-        None
+        self.taken(app);
+        found
     }
 }
 
@@ -141,5 +200,41 @@ mod tests {
         assert_eq!(r.take_chan(1, |_| true), Some(ChanId(9)));
         assert!(r.all_idle());
         assert_eq!(r.visits(), 4);
+        assert_eq!(r.next_busy(0), None);
+    }
+
+    /// `next_busy` names exactly the apps with something queued, lowest first from where it
+    /// is asked, below 64 (the bit set) and above; an app leaves it when its list empties.
+    #[test]
+    fn next_busy_follows_the_lists() {
+        let mut r = Ready::default();
+        let apps = 200;
+        for app in [3usize, 63, 64, 130, 199] {
+            r.raise(apps, app, Handle::Chan(ChanId(app as u32)));
+        }
+        r.raise(apps, 3, Handle::Port(PortId(1)));
+        let mut seen = Vec::new();
+        let mut from = 0;
+        while let Some(app) = r.next_busy(from) {
+            seen.push(app);
+            from = app + 1;
+        }
+        assert_eq!(seen, [3, 63, 64, 130, 199]);
+        assert_eq!(r.next_busy(4), Some(63));
+        assert_eq!(r.next_busy(65), Some(130));
+        assert_eq!(r.next_busy(200), None);
+        // App 3 holds a port and a channel: busy until both are taken.
+        assert_eq!(r.take_port(3, |_| true), Some(PortId(1)));
+        assert_eq!(r.next_busy(0), Some(3));
+        assert_eq!(r.take_chan(3, |_| true), Some(ChanId(3)));
+        assert_eq!(r.next_busy(0), Some(63));
+        // A stale entry dropped empties the list too.
+        assert_eq!(r.take_chan(63, |_| false), None);
+        assert_eq!(r.take_chan(64, |_| true), Some(ChanId(64)));
+        assert_eq!(r.next_busy(0), Some(130));
+        for app in 0..apps {
+            assert_eq!(r.next_busy(app) == Some(app), !r.idle(app), "app {app}");
+        }
+        assert!(r.busy_matches_lists());
     }
 }

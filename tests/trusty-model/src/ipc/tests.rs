@@ -1335,3 +1335,89 @@ fn the_clock_is_read_only_when_a_timer_or_an_app_needs_it() {
     assert_eq!(reads(), armed + 1, "one read per time step, however many looks");
     let _ = c;
 }
+
+/// Drives [`Ctx::echo_queued`] through its refusals: each leaves the channel as it was, so the
+/// separate calls still see every message.
+struct EchoProbe {
+    log: Arc<Mutex<Vec<(&'static str, i32)>>>,
+    calls: u32,
+}
+
+impl TrustedApp for EchoProbe {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.create_port("echoprobe", 2, 8, IPC_PORT_ALLOW_NS_CONNECT).unwrap();
+    }
+    fn on_port_event(&mut self, ctx: &mut Ctx<'_>, port: PortId, _events: Events) {
+        let _ = ctx.accept(port);
+    }
+    fn on_chan_event(&mut self, ctx: &mut Ctx<'_>, chan: ChanId, events: Events) {
+        if !events.intersects(Events::MSG) {
+            return;
+        }
+        self.calls += 1;
+        let mut log = self.log.lock().unwrap();
+        let code = |r: Result<usize, i32>| r.map_or_else(|e| e, |n| n as i32);
+        match self.calls {
+            1 => {
+                // One message got: put_msg would retire it, not the next: refused.
+                log.push(("got", code(ctx.get_msg_len(chan))));
+                log.push(("with-got", code(ctx.echo_queued(chan))));
+                log.push(("put", code(ctx.put_msg(chan).map(|()| 0))));
+                log.push(("after-put", code(ctx.echo_queued(chan))));
+                log.push(("empty", code(ctx.echo_queued(chan))));
+            }
+            2 => {
+                // The NS queue (2 deep) holds one: the first goes, the second stays untouched.
+                log.push(("room-for-one", code(ctx.echo_queued(chan))));
+                log.push(("left", code(ctx.get_msg_len(chan))));
+                log.push(("put-left", code(ctx.put_msg(chan).map(|()| 0))));
+            }
+            _ => log.push(("later", code(ctx.echo_queued(chan)))),
+        }
+    }
+}
+
+#[test]
+fn echo_queued_acts_only_when_get_send_and_put_all_would_succeed() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut ipc = Ipc::new();
+    ipc.add_app(Box::new(EchoProbe { log: log.clone(), calls: 0 }));
+    let chan = ipc.connect_ns(b"echoprobe", 0).unwrap();
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![accepted(chan)]);
+    assert_eq!(ipc.deliver(chan, b"one", 0), Ok(3));
+    assert_eq!(ipc.deliver(chan, b"two", 0), Ok(3));
+    ipc.run(0);
+    // "one" was got and put by hand (not sent); "two" went back by the fast path.
+    assert_eq!(ipc.pending_events(), 1);
+    assert_eq!(ipc.stats().sent_to_ns, 1);
+    assert_eq!(ipc.deliver(chan, b"three", 0), Ok(5));
+    assert_eq!(ipc.deliver(chan, b"four", 0), Ok(4));
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![message(chan, b"two"), message(chan, b"three")]);
+    let stats = ipc.stats();
+    assert_eq!((stats.sent_to_ns, stats.ports[0].sent), (2, 2));
+    // "four" was put by hand: its slot is free again, and no SEND_UNBLOCKED was armed by the
+    // refusal (nothing runs).
+    assert!(!ipc.run(0));
+    assert_eq!(ipc.deliver(chan, b"five", 0), Ok(4));
+    assert_eq!(ipc.deliver(chan, b"six", 0), Ok(3));
+    assert_eq!(ipc.deliver(chan, b"seven", 0), Err(lk::ERR_NOT_ENOUGH_BUFFER));
+    ipc.run(0);
+    assert_eq!(drain(&mut ipc), vec![message(chan, b"five"), message(chan, b"six")]);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            ("got", 3),
+            ("with-got", lk::ERR_BAD_STATE),
+            ("put", 0),
+            ("after-put", 1),
+            ("empty", 0),
+            ("room-for-one", lk::ERR_NOT_ENOUGH_BUFFER),
+            ("left", 4),
+            ("put-left", 0),
+            ("later", 2),
+        ]
+    );
+}
