@@ -847,17 +847,6 @@ impl Mapping {
         Mapping { id, ranges, len, writable, phys, grants, direct }
     }
 
-    /// Where bytes `[off, off + n)` are in this process, if inside the direct run.
-    #[inline]
-    fn direct_at(&self, off: usize, n: usize) -> Option<*mut u8> {
-        let d = self.direct.as_ref()?;
-        if off.checked_add(n)? > d.len {
-            return None;
-        }
-        // SAFETY: off + n <= d.len, the run's length (checked above).
-        Some(unsafe { d.ptr.as_ptr().add(off) })
-    }
-
     /// The id the share was mapped by.
     pub fn id(&self) -> u64 {
         self.id
@@ -1010,7 +999,7 @@ impl Mapping {
     /// An aligned word of the direct run at `off`, if there is one.
     #[inline]
     fn direct_word<T>(&self, off: usize) -> Option<*mut T> {
-        let p = self.direct_at(off, core::mem::size_of::<T>())?;
+        let p = self.span().direct_at(off, core::mem::size_of::<T>())?;
         (p as usize % core::mem::align_of::<T>() == 0).then_some(p.cast())
     }
 }
