@@ -949,10 +949,18 @@ impl TipcDevice {
 
     /// Gives Trusty a NOP (and scans) if it has not run for `idle_pump_ms`; otherwise only
     /// scans when `scan` says so.
+    ///
+    /// The clock read is the coarse one ([`Clock::now_coarse_ns`]): the threshold is
+    /// milliseconds, and this read is on every send. A coarse reading lags by up to `lag`, so
+    /// the idle time is counted `lag` longer: a pump comes at most `lag` early, never late. The
+    /// lag allowed is under half the threshold, so two reads one coarse tick apart (`lag` each
+    /// way) never add up to it: a steady stream of messages gets no NOPs.
     fn catch_up_then(&mut self, scan: bool) -> Result<(), Error> {
-        self.clock_seen = self.clock.now_ns();
-        let idle_ns = self.clock_seen.saturating_sub(self.last_secure_call);
-        if idle_ns >= self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS) {
+        let pump_ns = self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS);
+        let (now, lag) = self.clock.now_coarse_ns(pump_ns.saturating_sub(1) / 2);
+        self.clock_seen = now;
+        let idle_ns = now.saturating_sub(self.last_secure_call);
+        if idle_ns.saturating_add(lag) >= pump_ns {
             self.pump()?;
         } else if scan {
             self.scan();
