@@ -969,6 +969,9 @@ impl TipcDevice {
     }
 
     /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
+    // Out of line: one copy for its callers (recv's empty queue, poll, readiness); send has its
+    // own inlined `catch_up_then(false)`.
+    #[inline(never)]
     fn catch_up(&mut self) -> Result<(), Error> {
         self.catch_up_then(true)
     }

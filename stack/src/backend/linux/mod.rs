@@ -52,6 +52,7 @@ pub struct StdClock {
 
 /// Reads `clock` in nanoseconds (0 if the clock is not there, which a Linux kernel since 2.6.32
 /// never says for the monotonic clocks).
+#[inline]
 fn read_clock(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
@@ -93,6 +94,7 @@ impl Default for StdClock {
 }
 
 impl Clock for StdClock {
+    #[inline]
     fn now_ns(&self) -> u64 {
         read_clock(libc::CLOCK_MONOTONIC).saturating_sub(self.origin_ns)
     }
@@ -102,6 +104,7 @@ impl Clock for StdClock {
     fn relax(&self) {
         std::thread::yield_now();
     }
+    #[inline]
     fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
         // The coarse clock is CLOCK_MONOTONIC as of the timekeeper's last update (every tick):
         // never ahead of it, at most one tick behind it.
