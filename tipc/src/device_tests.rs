@@ -597,23 +597,28 @@ fn the_send_catch_up_reads_the_coarse_clock_and_no_precise_one() {
 }
 
 #[test]
-fn a_stale_coarse_reading_still_pumps_when_trusty_was_idle_for_the_threshold() {
-    // Trusty last ran at 1 ms (precise stamp); at 11.5 ms it has been idle 10.5 ms, but the
-    // coarse clock says 8 ms (ticks of 4 ms): 7 ms idle by the reading alone.
+fn a_stale_coarse_reading_pumps_within_its_lag_of_the_threshold() {
+    // Ticks of 4 ms, a 10 ms threshold: the NOP comes after 6 to 14 ms of idle, never outside.
     let (mut h, clock, ch) = tick_rig(4_000_000);
-    clock.set_ms_us(11, 500);
-    assert_eq!(nops_for_send(&mut h, ch), 1, "the idle Trusty gets its NOP before the message");
-    // The NOP took a precise read: 11.5 ms. At 17.4 ms (coarse 16 ms) Trusty was idle 5.9 ms,
-    // 4.5 ms by the reading, 8.5 ms with the lag added: a pump comes at most a tick early, so
-    // none here.
-    clock.set_ms_us(17, 400);
-    assert_eq!(nops_for_send(&mut h, ch), 0);
+    // Trusty last ran at 1 ms (the NOP's precise stamp). At 15 ms it has been idle 14 ms; the
+    // coarse clock says 12 ms, 11 ms of idle by the reading: the NOP comes before the message.
+    clock.set_ms_us(15, 0);
+    assert_eq!(nops_for_send(&mut h, ch), 1, "14 ms idle (threshold + lag)");
+    // 0.9 ms later: no NOP; the kick is stamped with the coarse reading, 12 ms (3.9 ms stale).
+    clock.set_ms_us(15, 900);
+    assert_eq!(nops_for_send(&mut h, ch), 0, "0.9 ms idle");
+    // 6 ms after that kick (21.9 ms, coarse 20 ms): 8 ms by the readings, under the threshold.
+    clock.set_ms_us(21, 900);
+    assert_eq!(nops_for_send(&mut h, ch), 0, "6 ms idle (threshold - lag)");
+    // 14 ms after that kick (35.9 ms, coarse 32 ms, stamp 20 ms): the NOP comes.
+    clock.set_ms_us(35, 900);
+    assert_eq!(nops_for_send(&mut h, ch), 1, "14 ms idle after a stale stamp");
 }
 
 #[test]
 fn messages_a_coarse_tick_apart_get_no_nop() {
-    // Sends across tick boundaries, each under one tick after the last: a reading late by a tick
-    // on top of a tick's step stays under 10 ms, so a steady stream makes one call per send.
+    // Sends across tick boundaries, each under one tick after the last: the readings differ by
+    // at most a tick, under the 10 ms threshold, so a steady stream gets no NOP.
     let (mut h, clock, ch) = tick_rig(4_000_000);
     for step in 1..=12u64 {
         clock.set_ms_us(1 + step * 3, 900);
