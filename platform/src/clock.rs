@@ -9,6 +9,15 @@ pub trait Clock: Send + Sync {
     fn sleep_ns(&self, ns: u64);
     /// A short pause between two polls of shared memory (yield, `wfe`, or nothing).
     fn relax(&self) {}
+    /// A cheaper reading of the same clock for a caller that tolerates `max_lag_ns` of
+    /// staleness: returns `(reading, lag)` where `reading` is never later than [`Clock::now_ns`]
+    /// would have been and at most `lag` earlier, `lag <= max_lag_ns`. A clock with a coarse
+    /// variant (Linux `CLOCK_MONOTONIC_COARSE`, which lags by up to one tick) uses it when its
+    /// resolution fits; otherwise, and by default, this is `(now_ns(), 0)`.
+    fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
+        let _ = max_lag_ns;
+        (self.now_ns(), 0)
+    }
 }
 
 /// Nanoseconds in one millisecond.

@@ -274,8 +274,8 @@ pub struct TipcDevice {
     foreign_leaked: Vec<ForeignHold>,
     /// When the secure side last had the CPU (ns), or earlier: a call made without a clock read
     /// of its own is stamped with the device's latest read (`clock_seen`), so the idle time
-    /// [`TipcDevice::catch_up`] computes can only be overestimated (a pump a little early),
-    /// never underestimated (a pump missed).
+    /// [`TipcDevice::catch_up`] computes is overestimated rather than under, beyond the lag of
+    /// a coarse reading (see `catch_up_then`).
     last_secure_call: u64,
     /// The latest clock value this device read (ns).
     clock_seen: u64,
@@ -949,10 +949,18 @@ impl TipcDevice {
 
     /// Gives Trusty a NOP (and scans) if it has not run for `idle_pump_ms`; otherwise only
     /// scans when `scan` says so.
+    ///
+    /// The clock read is the coarse one ([`Clock::now_coarse_ns`]): the threshold is
+    /// milliseconds, and this read is on every send. A coarse reading is up to `lag` behind, and
+    /// so are the stamps taken from one (`clock_seen`), so the idle time seen is within `lag` of
+    /// the true one either way: the NOP comes once Trusty has been idle between
+    /// `idle_pump_ms - lag` and `idle_pump_ms + lag`. The lag allowed is under half the
+    /// threshold; a precise clock (lag 0) decides at exactly `idle_pump_ms`.
     fn catch_up_then(&mut self, scan: bool) -> Result<(), Error> {
-        self.clock_seen = self.clock.now_ns();
-        let idle_ns = self.clock_seen.saturating_sub(self.last_secure_call);
-        if idle_ns >= self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS) {
+        let pump_ns = self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS);
+        let (now, _lag) = self.clock.now_coarse_ns(pump_ns.saturating_sub(1) / 2);
+        self.clock_seen = now;
+        if now.saturating_sub(self.last_secure_call) >= pump_ns {
             self.pump()?;
         } else if scan {
             self.scan();
@@ -961,6 +969,9 @@ impl TipcDevice {
     }
 
     /// Scans, and first gives Trusty a NOP if it has not run for `idle_pump_ms`.
+    // Out of line: one copy for its callers (recv's empty queue, poll, readiness); send has its
+    // own inlined `catch_up_then(false)`.
+    #[inline(never)]
     fn catch_up(&mut self) -> Result<(), Error> {
         self.catch_up_then(true)
     }

@@ -487,3 +487,154 @@ fn a_reused_channel_slot_does_not_take_the_old_addresses_messages() {
     assert_eq!(recv_now(&mut h, c), Err(Error::Again), "c got a message for a's old address");
     assert_eq!(h.dev.stats().undeliverable_frames, undeliverable + 1);
 }
+
+// ----- the send's idle catch-up on a coarse clock ----------------------------------------------
+
+/// A clock moved by hand whose coarse reading is the precise one rounded down to `tick` (as
+/// Linux's CLOCK_MONOTONIC_COARSE is the time of the last tick), offered when `tick` fits the
+/// caller's `max_lag_ns`. Counts both kinds of read and keeps the largest lag asked for.
+struct TickClock {
+    now: std::sync::atomic::AtomicU64,
+    tick: u64,
+    precise_reads: std::sync::atomic::AtomicU64,
+    coarse_reads: std::sync::atomic::AtomicU64,
+    max_lag_asked: std::sync::atomic::AtomicU64,
+}
+
+impl TickClock {
+    fn new(tick: u64) -> alloc::sync::Arc<TickClock> {
+        use std::sync::atomic::AtomicU64;
+        alloc::sync::Arc::new(TickClock {
+            now: AtomicU64::new(0),
+            tick,
+            precise_reads: AtomicU64::new(0),
+            coarse_reads: AtomicU64::new(0),
+            max_lag_asked: AtomicU64::new(0),
+        })
+    }
+    fn set_ms_us(&self, ms: u64, us: u64) {
+        self.now.store(ms * 1_000_000 + us * 1_000, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn reads(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.precise_reads.load(SeqCst), self.coarse_reads.load(SeqCst))
+    }
+}
+
+impl trusty_platform::clock::Clock for TickClock {
+    fn now_ns(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.precise_reads.fetch_add(1, SeqCst);
+        self.now.load(SeqCst)
+    }
+    fn sleep_ns(&self, ns: u64) {
+        self.now.fetch_add(ns, std::sync::atomic::Ordering::SeqCst);
+    }
+    // A time that moves only by hand: a wait would never end, so relax moves it 1 ms.
+    fn relax(&self) {
+        self.now.fetch_add(1_000_000, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.max_lag_asked.fetch_max(max_lag_ns, SeqCst);
+        if self.tick > max_lag_ns {
+            return (self.now_ns(), 0);
+        }
+        self.coarse_reads.fetch_add(1, SeqCst);
+        let now = self.now.load(SeqCst);
+        (now - now % self.tick, self.tick)
+    }
+}
+
+/// A connected channel on a [`TickClock`] of `tick` ns and the default 10 ms idle pump, with
+/// an echoing peer; the clock stands at 1 ms after a NOP there (Trusty last ran at 1 ms).
+fn tick_rig(tick: u64) -> (Harness, alloc::sync::Arc<TickClock>, ChannelId) {
+    let clock = TickClock::new(tick);
+    let mut h = Harness::with_clock(Config::default(), clock.clone());
+    let (ch, _) = connect(&mut h);
+    h.peer().echo = true;
+    clock.set_ms_us(1, 0);
+    h.dev.pump().unwrap();
+    (h, clock, ch)
+}
+
+/// Sends one message and returns how many NOPs it made (the fake peer counts every call, and
+/// kicks apart: the send kicks tx, and rx when it gives buffers back).
+fn nops_for_send(h: &mut Harness, ch: ChannelId) -> u64 {
+    let counts = |h: &Harness| {
+        let p = h.peer();
+        (p.calls, p.kicks)
+    };
+    let (calls, kicks) = counts(h);
+    h.dev.send(ch, &[b"ping"], &[], Timeout::NonBlocking).unwrap();
+    let (calls, kicks) = (counts(h).0 - calls, counts(h).1 - kicks);
+    assert!(kicks >= 1, "the send kicked");
+    assert_eq!(recv_now(h, ch).unwrap(), b"ping");
+    calls - kicks
+}
+
+#[test]
+fn the_send_catch_up_reads_the_coarse_clock_and_no_precise_one() {
+    // The clock reads of one send (after a NOP at the same time, so none is owed), on a clock
+    // whose tick fits the idle threshold and on one whose tick does not.
+    let send_reads = |tick: u64| {
+        let (mut h, clock, ch) = tick_rig(tick);
+        let (p0, c0) = clock.reads();
+        h.dev.send(ch, &[b"ping"], &[], Timeout::NonBlocking).unwrap();
+        let (p1, c1) = clock.reads();
+        assert_eq!(recv_now(&mut h, ch).unwrap(), b"ping");
+        // Under half the 10 ms threshold: two reads a tick apart each way never reach it.
+        let asked = clock.max_lag_asked.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(asked >= 4_000_000 && 2 * asked < 10_000_000, "lag allowed {asked} ns");
+        (p1 - p0, c1 - c0)
+    };
+    let (precise, coarse) = send_reads(4_000_000);
+    assert_eq!(coarse, 1, "the catch-up reads the coarse clock");
+    // The fake peer's kick is a standard call, which reads the precise clock for its deadline:
+    // the catch-up's read is the one that moved.
+    let (precise_without, coarse_without) = send_reads(6_000_000);
+    assert_eq!((precise_without, coarse_without), (precise + 1, 0), "the same send without a coarse clock");
+}
+
+#[test]
+fn a_stale_coarse_reading_pumps_within_its_lag_of_the_threshold() {
+    // Ticks of 4 ms, a 10 ms threshold: the NOP comes after 6 to 14 ms of idle, never outside.
+    let (mut h, clock, ch) = tick_rig(4_000_000);
+    // Trusty last ran at 1 ms (the NOP's precise stamp). At 15 ms it has been idle 14 ms; the
+    // coarse clock says 12 ms, 11 ms of idle by the reading: the NOP comes before the message.
+    clock.set_ms_us(15, 0);
+    assert_eq!(nops_for_send(&mut h, ch), 1, "14 ms idle (threshold + lag)");
+    // 0.9 ms later: no NOP; the kick is stamped with the coarse reading, 12 ms (3.9 ms stale).
+    clock.set_ms_us(15, 900);
+    assert_eq!(nops_for_send(&mut h, ch), 0, "0.9 ms idle");
+    // 6 ms after that kick (21.9 ms, coarse 20 ms): 8 ms by the readings, under the threshold.
+    clock.set_ms_us(21, 900);
+    assert_eq!(nops_for_send(&mut h, ch), 0, "6 ms idle (threshold - lag)");
+    // 14 ms after that kick (35.9 ms, coarse 32 ms, stamp 20 ms): the NOP comes.
+    clock.set_ms_us(35, 900);
+    assert_eq!(nops_for_send(&mut h, ch), 1, "14 ms idle after a stale stamp");
+}
+
+#[test]
+fn messages_a_coarse_tick_apart_get_no_nop() {
+    // Sends across tick boundaries, each under one tick after the last: the readings differ by
+    // at most a tick, under the 10 ms threshold, so a steady stream gets no NOP.
+    let (mut h, clock, ch) = tick_rig(4_000_000);
+    for step in 1..=12u64 {
+        clock.set_ms_us(1 + step * 3, 900);
+        assert_eq!(nops_for_send(&mut h, ch), 0, "send {step}");
+    }
+}
+
+#[test]
+fn a_coarse_clock_too_coarse_for_the_threshold_is_not_used() {
+    // Ticks of 6 ms cannot be allowed under a 10 ms threshold: the precise clock is read, and
+    // the pump comes exactly at 10 ms of idle.
+    let (mut h, clock, ch) = tick_rig(6_000_000);
+    let (_, c0) = clock.reads();
+    clock.set_ms_us(10, 999);
+    assert_eq!(nops_for_send(&mut h, ch), 0, "9.999 ms idle");
+    clock.set_ms_us(20, 999);
+    assert_eq!(nops_for_send(&mut h, ch), 1, "10 ms idle since the last call");
+    assert_eq!(clock.reads().1, c0, "no coarse read");
+}

@@ -392,8 +392,24 @@ impl Harness {
         Harness::with_table(cfg, table, |_| {}).unwrap_or_else(|e| panic!("bring-up on the fake peer: {e}"))
     }
 
+    /// Brings a device up on Trusty's default table with 8-entry rings, reading `clock`.
+    pub fn with_clock(cfg: Config, clock: Arc<dyn Clock>) -> Harness {
+        let rings = [rsc::VringDecl { align: 4096, num: 8, notifyid: 1 }, rsc::VringDecl { align: 4096, num: 8, notifyid: 2 }];
+        let table = rsc::TableBuilder::new().vdev(rsc::VIRTIO_ID_TIPC, 0, &rings, &rsc::tipc_config(4096, 4096, "dev0")).build();
+        Harness::with_table_clock(cfg, table, clock, |_| {}).unwrap_or_else(|e| panic!("bring-up on the fake peer: {e}"))
+    }
+
     /// Brings a device up on `table`, after `prepare` has set the peer up.
     pub fn with_table(cfg: Config, table: Vec<u8>, prepare: impl FnOnce(&mut Peer)) -> Result<Harness, crate::Error> {
+        Harness::with_table_clock(cfg, table, Arc::new(TestClock(Instant::now())), prepare)
+    }
+
+    fn with_table_clock(
+        cfg: Config,
+        table: Vec<u8>,
+        clock: Arc<dyn Clock>,
+        prepare: impl FnOnce(&mut Peer),
+    ) -> Result<Harness, crate::Error> {
         let live: Shares = Arc::default();
         let mut peer = Peer {
             live: live.clone(),
@@ -415,7 +431,6 @@ impl Harness {
         };
         prepare(&mut peer);
         let peer = Arc::new(Mutex::new(peer));
-        let clock: Arc<dyn Clock> = Arc::new(TestClock(Instant::now()));
         let trusty = Trusty::new(Arc::new(PeerConduit { peer: peer.clone() }), clock, CallPolicy::default());
         let mem = SharedMemory::new(Box::new(HeapPages), Box::new(IdSharer { live }));
         let dev = TipcDevice::probe(Bus::new(trusty, mem), cfg)?;

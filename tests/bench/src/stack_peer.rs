@@ -161,24 +161,35 @@ impl Sharer for PeerSharer {
     }
 }
 
-/// Wall-clock time for the stack's deadlines, counting its reads; `relax` yields.
+/// Wall-clock time for the stack's deadlines: the Linux backend's clock (what trusty-ipcd
+/// runs on), counting its reads, precise and coarse alike; `relax` yields.
 struct HostClock {
-    origin: Instant,
+    inner: trusty_stack::backend::linux::StdClock,
     reads: Arc<AtomicU64>,
+}
+
+impl HostClock {
+    /// Counted without a read-modify-write (a locked instruction would add to every read what
+    /// the stack's own clock does not cost): one device, on one thread, reads it.
+    fn count(&self) {
+        self.reads.store(self.reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
 }
 
 impl Clock for HostClock {
     fn now_ns(&self) -> u64 {
-        // Counted without a read-modify-write (a locked instruction would add to every read
-        // what the stack's own clock does not cost): one device, on one thread, reads it.
-        self.reads.store(self.reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        self.origin.elapsed().as_nanos() as u64
+        self.count();
+        self.inner.now_ns()
     }
     fn sleep_ns(&self, ns: u64) {
-        std::thread::sleep(std::time::Duration::from_nanos(ns));
+        self.inner.sleep_ns(ns);
     }
     fn relax(&self) {
-        std::thread::yield_now();
+        self.inner.relax();
+    }
+    fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
+        self.count();
+        self.inner.now_coarse_ns(max_lag_ns)
     }
 }
 
@@ -799,7 +810,7 @@ pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
         stats: PeerStats::default(),
     }));
     let clock_reads = Arc::new(AtomicU64::new(0));
-    let clock: Arc<dyn Clock> = Arc::new(HostClock { origin: Instant::now(), reads: clock_reads.clone() });
+    let clock: Arc<dyn Clock> = Arc::new(HostClock { inner: trusty_stack::backend::linux::StdClock::new(), reads: clock_reads.clone() });
     let timing: Arc<PeerTiming> = Arc::default();
     let conduit = PeerConduit { peer: peer.clone(), timing: timing.clone() };
     let mut trusty = Trusty::new(Arc::new(conduit), clock, CallPolicy::default());

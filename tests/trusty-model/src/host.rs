@@ -413,7 +413,20 @@ impl Clock for StdClock {
         // an idle wait from burning a core.
         thread::sleep(Duration::from_micros(50));
     }
+    fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
+        // As stale as Linux's CLOCK_MONOTONIC_COARSE at 250 Hz (the time of the last 4 ms
+        // tick), so every run on the model (AOSP's closer3 among them) has the stack's idle
+        // catch-up decide on a coarse reading as it does on Linux.
+        let now = self.now_ns();
+        if COARSE_TICK_NS > max_lag_ns {
+            return (now, 0);
+        }
+        (now - now % COARSE_TICK_NS, COARSE_TICK_NS)
+    }
 }
+
+/// The tick of [`StdClock`]'s coarse reading (Linux at `CONFIG_HZ=250`).
+const COARSE_TICK_NS: u64 = 4_000_000;
 
 /// The model runs inside each call, on the caller's thread.
 pub struct SyncConduit {

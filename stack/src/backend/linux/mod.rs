@@ -11,7 +11,8 @@
 //! - events: `/dev/xen/evtchn` ([`pool::EvtchnEvents`]): notify, and block in poll(2);
 //! - the way to the Trusty VM: its rendezvous page through `/dev/xen/gntdev`
 //!   ([`rendezvous::RendezvousLink`]);
-//! - clock: `std::time::Instant`.
+//! - clock: `CLOCK_MONOTONIC`, and `CLOCK_MONOTONIC_COARSE` for the reads that allow a tick of
+//!   staleness ([`StdClock`]).
 //!
 //! `/dev/xen` is opened only when the command line names a Trusty VM
 //! (`trusty-ipc-stack.trusty-vm=<domid>`): without one, bring-up fails at the decision, at
@@ -25,7 +26,7 @@ pub mod rendezvous;
 mod tests;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use trusty_platform::clock::Clock;
 use trusty_platform::facts::read_device_tree;
@@ -38,13 +39,51 @@ use facts::LinuxRoot;
 use pool::{GntallocAllocator, GntallocPool, PageAddresses};
 use rendezvous::RendezvousLink;
 
-/// A monotonic clock from `std::time::Instant`; sleeps sleep, relax yields.
-pub struct StdClock(Instant);
+/// A monotonic clock: `CLOCK_MONOTONIC` (what `std::time::Instant` reads) in nanoseconds from
+/// the clock's creation, and `CLOCK_MONOTONIC_COARSE` (the same clock as of the last tick: a few
+/// ns from the vDSO instead of tens) for [`Clock::now_coarse_ns`]. Sleeps sleep, relax yields.
+pub struct StdClock {
+    /// `CLOCK_MONOTONIC` at creation (ns).
+    origin_ns: u64,
+    /// How far a coarse reading may lag: `clock_getres(CLOCK_MONOTONIC_COARSE)`, the tick
+    /// (u64::MAX when the clock is not there: never used).
+    coarse_lag_ns: u64,
+}
+
+/// Reads `clock` in nanoseconds (0 if the clock is not there, which a Linux kernel since 2.6.32
+/// never says for the monotonic clocks).
+#[inline]
+fn read_clock(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    // Both fields are non-negative for the monotonic clocks; plain wrapping arithmetic (no
+    // u128 as in `Duration::as_nanos`): u64 nanoseconds last 584 years of uptime.
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
 
 impl StdClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
-        StdClock(Instant::now())
+        let mut res = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_getres writes one timespec into `res`, which lives across the call.
+        let coarse_lag_ns = if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0 {
+            u64::try_from(res.tv_sec)
+                .ok()
+                .and_then(|s| s.checked_mul(1_000_000_000))
+                .and_then(|n| n.checked_add(u64::try_from(res.tv_nsec).ok()?))
+                .unwrap_or(u64::MAX)
+        } else {
+            u64::MAX
+        };
+        StdClock { origin_ns: read_clock(libc::CLOCK_MONOTONIC), coarse_lag_ns }
+    }
+
+    /// How far [`Clock::now_coarse_ns`] may lag when it reads the coarse clock (the tick).
+    pub fn coarse_lag_ns(&self) -> u64 {
+        self.coarse_lag_ns
     }
 }
 
@@ -55,14 +94,25 @@ impl Default for StdClock {
 }
 
 impl Clock for StdClock {
+    #[inline]
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        read_clock(libc::CLOCK_MONOTONIC).saturating_sub(self.origin_ns)
     }
     fn sleep_ns(&self, ns: u64) {
         std::thread::sleep(Duration::from_nanos(ns));
     }
     fn relax(&self) {
         std::thread::yield_now();
+    }
+    #[inline]
+    fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
+        // The coarse clock is CLOCK_MONOTONIC as of the timekeeper's last update (every tick):
+        // never ahead of it, at most one tick behind it.
+        if self.coarse_lag_ns <= max_lag_ns {
+            (read_clock(libc::CLOCK_MONOTONIC_COARSE).saturating_sub(self.origin_ns), self.coarse_lag_ns)
+        } else {
+            (self.now_ns(), 0)
+        }
     }
 }
 

@@ -582,3 +582,26 @@ fn the_no_monitor_conduit_answers_not_supported() {
     assert_eq!(r[0] as u32 as i32, -1);
     let _ = Sharer::budget(&GntallocSharer(GntallocPool::new(FakeXen::new(false), VM, PageAddresses::Virtual)));
 }
+
+#[test]
+fn the_coarse_clock_is_never_ahead_and_at_most_its_lag_behind() {
+    use trusty_platform::clock::Clock;
+    let clock = super::StdClock::new();
+    let lag = clock.coarse_lag_ns();
+    // Linux ticks at 100 to 1000 Hz: the coarse clock's resolution is 1 to 10 ms.
+    assert!((1_000..=10_000_000).contains(&lag), "CLOCK_MONOTONIC_COARSE resolution {lag} ns");
+    // Allowed: a coarse reading, lagging by at most the resolution.
+    for _ in 0..1000 {
+        let before = clock.now_ns();
+        let (coarse, l) = clock.now_coarse_ns(lag);
+        let after = clock.now_ns();
+        assert_eq!(l, lag);
+        assert!(coarse <= after, "coarse {coarse} ahead of {after}");
+        assert!(coarse.saturating_add(lag) >= before, "coarse {coarse} more than {lag} ns behind {before}");
+    }
+    // Not allowed that much lag: the precise clock, no lag.
+    let before = clock.now_ns();
+    let (now, l) = clock.now_coarse_ns(lag - 1);
+    assert_eq!(l, 0);
+    assert!(now >= before && now <= clock.now_ns());
+}
