@@ -95,13 +95,20 @@ fn an_echo_is_one_round_of_the_models_device() {
     let mut buf = [0u8; 64];
     rig.dev().send(ch, &[b"warm"], &[], WAIT).unwrap();
     rig.dev().recv(ch, &mut [&mut buf], WAIT).unwrap();
-    let before = rig.sim.model().stats().tipc.rounds;
+    let before = rig.sim.model().stats();
     for _ in 0..100 {
         rig.dev().send(ch, &[b"ping"], &[], WAIT).unwrap();
         assert_eq!(rig.dev().recv(ch, &mut [&mut buf], WAIT), Ok(4));
     }
-    let rounds = rig.sim.model().stats().tipc.rounds - before;
-    assert_eq!(rounds, 100, "one device round per echo");
+    let after = rig.sim.model().stats();
+    let rounds = after.tipc.rounds - before.tipc.rounds;
+    // The send's idle catch-up NOPs when this thread was stalled past the idle threshold (a
+    // loaded machine): such a NOP may run one round of its own, and nothing else may.
+    let nops = after.nops - before.nops;
+    assert!(
+        (100..=100 + nops).contains(&rounds),
+        "one device round per echo: {rounds} rounds for 100 echoes ({nops} catch-up NOPs)"
+    );
     rig.dev().close(ch).expect("close");
     rig.shutdown_clean();
 }
