@@ -524,6 +524,7 @@ impl DeviceQueue {
 
     /// The head of the next available chain, taken off the avail ring (checked as Trusty's
     /// `vqueue_get_avail_buf()` does: an index jump or a head out of range is fatal there).
+    #[inline]
     fn pop_avail_head<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<u16>, DeviceRingError> {
         // Acquire: the slot and descriptor the index publishes are read after it.
         let now = mem.read_u16_acquire(self.layout.avail_idx());
@@ -541,6 +542,7 @@ impl DeviceQueue {
         Ok(Some(head))
     }
 
+    #[inline]
     fn read_desc<M: RingMemory + ?Sized>(&self, mem: &M, i: u16) -> Desc {
         let d = self.layout.desc(i);
         // len, flags (and next) in one 8-aligned little-endian word.
@@ -561,6 +563,38 @@ impl DeviceQueue {
         Ok(Some((head, desc)))
     }
 
+    /// Takes the next available chain's head and reads its first descriptor, without
+    /// following the chain: one look at `avail.idx` when the ring is empty, nothing allocated.
+    /// A first descriptor with `DESC_F_NEXT` set starts a longer chain, which
+    /// [`DeviceQueue::read_chain`] collects (the head is taken either way, and is to be
+    /// returned with a used entry as after [`DeviceQueue::pop_avail_into`]). The checks are
+    /// those of [`DeviceQueue::pop_avail`].
+    #[inline]
+    pub fn pop_avail_first<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<(u16, Desc)>, DeviceRingError> {
+        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
+        Ok(Some((head, self.read_desc(mem, head))))
+    }
+
+    /// The whole chain that starts at `head` with the descriptor `first` (as
+    /// [`DeviceQueue::pop_avail_first`] returned them) into `descs` (cleared first): at most
+    /// `num` links, each in range, else [`DeviceRingError::BadChain`].
+    pub fn read_chain<M: RingMemory + ?Sized>(&self, mem: &M, head: u16, first: Desc, descs: &mut Vec<Desc>) -> Result<(), DeviceRingError> {
+        descs.clear();
+        let mut i = head;
+        let mut desc = first;
+        loop {
+            descs.push(desc);
+            if desc.flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            i = mem.read_u16(self.layout.desc(i) + 14);
+            if i >= self.layout.num() || descs.len() >= usize::from(self.layout.num()) {
+                return Err(DeviceRingError::BadChain { head });
+            }
+            desc = self.read_desc(mem, i);
+        }
+    }
+
     /// Takes the next available chain (at most `num` links).
     pub fn pop_avail<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<Chain>, DeviceRingError> {
         let mut descs = Vec::new();
@@ -572,23 +606,13 @@ impl DeviceQueue {
     /// takes chains without allocating.
     pub fn pop_avail_into<M: RingMemory + ?Sized>(&mut self, mem: &M, descs: &mut Vec<Desc>) -> Result<Option<u16>, DeviceRingError> {
         descs.clear();
-        let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
-        let mut i = head;
-        loop {
-            let desc = self.read_desc(mem, i);
-            descs.push(desc);
-            if desc.flags & DESC_F_NEXT == 0 {
-                break;
-            }
-            i = mem.read_u16(self.layout.desc(i) + 14);
-            if i >= self.layout.num() || descs.len() >= usize::from(self.layout.num()) {
-                return Err(DeviceRingError::BadChain { head });
-            }
-        }
+        let Some((head, first)) = self.pop_avail_first(mem)? else { return Ok(None) };
+        self.read_chain(mem, head, first, descs)?;
         Ok(Some(head))
     }
 
     /// Returns a chain with the 32-bit `len` word.
+    #[inline]
     pub fn push_used<M: RingMemory + ?Sized>(&mut self, mem: &M, head: u16, len: u32) {
         let e = self.layout.used_ring(self.used_idx);
         mem.write_u32(e, u32::from(head));
@@ -607,6 +631,7 @@ impl DeviceQueue {
     }
 
     /// Whether the driver has published chains not yet taken.
+    #[inline]
     pub fn has_avail<M: RingMemory + ?Sized>(&self, mem: &M) -> bool {
         mem.read_u16_acquire(self.layout.avail_idx()) != self.last_avail
     }
@@ -697,6 +722,47 @@ mod tests {
         // An index jump is reported as pop_avail reports it.
         ring.write_u16(l.avail_idx(), 100);
         assert!(matches!(dev.pop_avail_one(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
+    }
+
+    #[test]
+    fn pop_avail_first_takes_one_head_and_read_chain_checks_every_link() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let ring = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        let mut descs = vec![Desc { addr: 1, len: 1, flags: 0 }];
+        assert_eq!(dev.pop_avail_first(&ring), Ok(None));
+        let a = drv.add(0x7000, 64, true).unwrap();
+        let (head, first) = dev.pop_avail_first(&ring).unwrap().unwrap();
+        assert_eq!((head, first), (a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE }));
+        dev.read_chain(&ring, head, first, &mut descs).unwrap();
+        assert_eq!(descs, [first], "a single descriptor is its own chain (the vector cleared first)");
+        assert_eq!(dev.pop_avail_first(&ring), Ok(None), "taken once");
+        // A chain b -> c (the driver end never makes one: linked by hand).
+        let b = drv.add(0x8000, 32, false).unwrap();
+        let c = drv.add(0x9000, 16, true).unwrap();
+        ring.write_u16(l.desc(b) + 12, DESC_F_NEXT);
+        ring.write_u16(l.desc(b) + 14, c);
+        let (head, first) = dev.pop_avail_first(&ring).unwrap().unwrap();
+        assert_eq!((head, first.flags), (b, DESC_F_NEXT), "only the head is read, the link is left to read_chain");
+        dev.read_chain(&ring, head, first, &mut descs).unwrap();
+        assert_eq!(descs, [first, Desc { addr: 0x9000, len: 16, flags: DESC_F_WRITE }]);
+        // c was published on its own too.
+        assert_eq!(dev.pop_avail_first(&ring).unwrap().map(|t| t.0), Some(c));
+        // A loop and a link out of range are BadChain of the head.
+        let first = Desc { addr: 0, len: 0, flags: DESC_F_NEXT };
+        ring.write_u16(l.desc(b) + 14, b);
+        assert_eq!(dev.read_chain(&ring, b, first, &mut descs), Err(DeviceRingError::BadChain { head: b }));
+        ring.write_u16(l.desc(b) + 14, 4);
+        assert_eq!(dev.read_chain(&ring, b, first, &mut descs), Err(DeviceRingError::BadChain { head: b }));
+        // The avail checks are pop_avail's: a head out of range, an index jump.
+        let before = ring.read_u16(l.avail_idx());
+        ring.write_u16(l.avail_ring(before), 4);
+        ring.write_u16(l.avail_idx(), before.wrapping_add(1));
+        assert_eq!(dev.pop_avail_first(&ring), Err(DeviceRingError::HeadOutOfRange { head: 4 }));
+        ring.write_u16(l.avail_idx(), before.wrapping_add(9));
+        assert!(matches!(dev.pop_avail_first(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
     }
 
     #[test]

@@ -1005,7 +1005,7 @@ impl Mapping {
 }
 
 macro_rules! mapping_word {
-    ($read:ident, $write:ident, $t:ty) => {
+    ($read:ident, $write:ident, $read_slow:ident, $write_slow:ident, $t:ty) => {
         #[inline]
         fn $read(&self, off: usize) -> $t {
             if let Some(p) = self.direct_word::<$t>(off) {
@@ -1013,7 +1013,7 @@ macro_rules! mapping_word {
                 // world writes concurrently.
                 return <$t>::from_le(unsafe { p.read_volatile() });
             }
-            self.pa(off, core::mem::size_of::<$t>()).and_then(|pa| self.phys.$read(pa)).unwrap_or(0)
+            self.$read_slow(off)
         }
         #[inline]
         fn $write(&self, off: usize, v: $t) {
@@ -1025,6 +1025,23 @@ macro_rules! mapping_word {
                 unsafe { p.write_volatile(v.to_le()) };
                 return;
             }
+            self.$write_slow(off, v)
+        }
+    };
+}
+
+/// The accesses of [`mapping_word`] outside the direct run, through [`PhysMem`]: out of line,
+/// so that a ring access on the direct run stays a few instructions wherever it is inlined.
+macro_rules! mapping_word_slow {
+    ($read_slow:ident, $write_slow:ident, $read:ident, $write:ident, $t:ty) => {
+        #[cold]
+        #[inline(never)]
+        fn $read_slow(&self, off: usize) -> $t {
+            self.pa(off, core::mem::size_of::<$t>()).and_then(|pa| self.phys.$read(pa)).unwrap_or(0)
+        }
+        #[cold]
+        #[inline(never)]
+        fn $write_slow(&self, off: usize, v: $t) {
             if let Some(pa) = self.pa(off, core::mem::size_of::<$t>()) {
                 self.phys.$write(pa, v);
             }
@@ -1032,13 +1049,19 @@ macro_rules! mapping_word {
     };
 }
 
+impl Mapping {
+    mapping_word_slow!(read_u16_slow, write_u16_slow, read_u16, write_u16, u16);
+    mapping_word_slow!(read_u32_slow, write_u32_slow, read_u32, write_u32, u32);
+    mapping_word_slow!(read_u64_slow, write_u64_slow, read_u64, write_u64, u64);
+}
+
 impl RingMemory for Mapping {
     fn len(&self) -> usize {
         self.len
     }
-    mapping_word!(read_u16, write_u16, u16);
-    mapping_word!(read_u32, write_u32, u32);
-    mapping_word!(read_u64, write_u64, u64);
+    mapping_word!(read_u16, write_u16, read_u16_slow, write_u16_slow, u16);
+    mapping_word!(read_u32, write_u32, read_u32_slow, write_u32_slow, u32);
+    mapping_word!(read_u64, write_u64, read_u64_slow, write_u64_slow, u64);
 }
 
 #[cfg(all(test, feature = "std"))]

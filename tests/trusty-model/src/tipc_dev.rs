@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use tipc::wire::{self, Ctrl, Header};
 use trusty_platform::mem::PAGE_SIZE;
 use trusty_virtio::rsc::{VdevInfo, VIRTIO_ID_TIPC};
-use trusty_virtio::vring::{Desc, DeviceQueue, DeviceRingError, Layout, DESC_F_WRITE};
+use trusty_virtio::vring::{Desc, DeviceQueue, DeviceRingError, Layout, DESC_F_NEXT, DESC_F_WRITE};
 
 use crate::ipc::{lk, ChanId, Ipc, IpcEvent, MemRef};
 use crate::mem::{Mapping, ShareTable, Span};
@@ -314,34 +314,32 @@ impl TipcDev {
         }
         loop {
             let Some(ring) = self.from_ns.as_mut() else { return Ok(any) };
-            let head = match ring.queue.pop_avail_into(&ring.mem, &mut self.in_descs) {
-                Ok(None) => return Ok(any),
-                Ok(Some(h)) => h,
-                Err(DeviceRingError::BadChain { head }) => {
-                    ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_VALID as u32);
-                    any = true;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            // An empty ring costs one look at avail.idx; a violation is fatal (`run`).
+            let Some((head, first)) = ring.queue.pop_avail_first(&ring.mem)? else { return Ok(any) };
             any = true;
-            self.stats.frames_from_ns += 1;
             // vqueue.c _vqueue_get_avail_buf_locked(): at most one readable and one writable
             // descriptor (MAX_RX_IOVS = 1 per list), more is ERR_TOO_BIG. tipc_virtio_dev.c
             // handle_rx_msg(): no readable descriptor is ERR_INVALID_ARGS; a writable one next to
             // it is only logged.
-            // The usual chain is one readable descriptor: no counting needed.
-            let status = match self.in_descs.as_slice() {
-                [d] if d.flags & DESC_F_WRITE == 0 => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
-                descs => {
-                    let readable = descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).count();
-                    let writable = descs.len() - readable;
-                    let first_readable = descs.iter().find(|d| d.flags & DESC_F_WRITE == 0).copied();
-                    match first_readable {
-                        _ if readable > 1 || writable > 1 => lk::ERR_TOO_BIG,
-                        Some(d) => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
-                        None => lk::ERR_INVALID_ARGS,
-                    }
+            // The usual chain is one readable descriptor: no chain to read, nothing to count.
+            let status = if first.flags & (DESC_F_NEXT | DESC_F_WRITE) == 0 {
+                self.stats.frames_from_ns += 1;
+                self.handle_ns_frame(first.addr, first.len, shares, ipc, now)
+            } else {
+                if ring.queue.read_chain(&ring.mem, head, first, &mut self.in_descs).is_err() {
+                    // A broken link or a loop: the head comes back with an error status.
+                    ring.queue.push_used(&ring.mem, head, lk::ERR_NOT_VALID as u32);
+                    continue;
+                }
+                self.stats.frames_from_ns += 1;
+                let descs = self.in_descs.as_slice();
+                let readable = descs.iter().filter(|d| d.flags & DESC_F_WRITE == 0).count();
+                let writable = descs.len() - readable;
+                let first_readable = descs.iter().find(|d| d.flags & DESC_F_WRITE == 0).copied();
+                match first_readable {
+                    _ if readable > 1 || writable > 1 => lk::ERR_TOO_BIG,
+                    Some(d) => self.handle_ns_frame(d.addr, d.len, shares, ipc, now),
+                    None => lk::ERR_INVALID_ARGS,
                 }
             };
             if status < 0 {
@@ -740,33 +738,36 @@ impl TipcDev {
     /// and payload, written to the rx buffer in place: no frame assembled first).
     fn put_frame_parts(&mut self, head: &[u8], body: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
         let Some(ring) = self.to_ns.as_mut() else { return };
-        let head_id = match ring.queue.pop_avail_into(&ring.mem, &mut self.out_descs) {
-            Ok(Some(h)) => h,
+        let (head_id, first) = match ring.queue.pop_avail_first(&ring.mem) {
+            Ok(Some(taken)) => taken,
             Ok(None) => return,
             Err(e) => {
                 // Index jumps and heads out of range make Trusty panic (vqueue.c), which `run`
-                // reports; a broken chain is given up without being returned.
+                // reports.
                 self.stats.lost_to_bad_buffers += 1;
-                if !matches!(e, DeviceRingError::BadChain { .. }) {
-                    self.violation.get_or_insert(e);
-                }
+                self.violation.get_or_insert(e);
                 return;
             }
         };
-        // The usual rx buffer is one writable descriptor: no counting needed.
-        let first_writable = match self.out_descs.as_slice() {
-            [d] if d.flags & DESC_F_WRITE != 0 => Some(*d),
-            descs => {
-                let writable = descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
-                let readable = descs.len() - writable;
-                if writable > 1 || readable > 1 {
-                    // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns
-                    // early.
-                    self.stats.lost_to_bad_buffers += 1;
-                    return;
-                }
-                descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied()
+        // The usual rx buffer is one writable descriptor: no chain to read, nothing to count.
+        let first_writable = if first.flags & (DESC_F_NEXT | DESC_F_WRITE) == DESC_F_WRITE {
+            Some(first)
+        } else {
+            if ring.queue.read_chain(&ring.mem, head_id, first, &mut self.out_descs).is_err() {
+                // A broken chain is given up without being returned.
+                self.stats.lost_to_bad_buffers += 1;
+                return;
             }
+            let descs = self.out_descs.as_slice();
+            let writable = descs.iter().filter(|d| d.flags & DESC_F_WRITE != 0).count();
+            let readable = descs.len() - writable;
+            if writable > 1 || readable > 1 {
+                // _vqueue_get_avail_buf_locked() -> ERR_TOO_BIG: tipc_send_data() returns
+                // early.
+                self.stats.lost_to_bad_buffers += 1;
+                return;
+            }
+            descs.iter().find(|d| d.flags & DESC_F_WRITE != 0).copied()
         };
         let usable = first_writable.filter(|d| d.len as usize >= wire::HEADER_LEN);
         let Some(d) = usable else {
@@ -929,6 +930,28 @@ mod tests {
         fn run(&mut self) {
             self.dev.run(&mut self.shares, &mut self.ipc, 0).expect("no ring violation");
         }
+        /// Posts a chain of descriptors `parts` (address, length, flags; linked with
+        /// DESC_F_NEXT here) at descriptor indices `first..`, with its head as the next avail
+        /// entry of vring `ring`. `next_of_last` links the last one on (a broken chain).
+        fn post_chain(&mut self, ring: usize, first: u16, parts: &[(u64, u32, u16)], next_of_last: Option<u16>) -> u16 {
+            let base = if ring == 0 { RING0 } else { RING1 };
+            for (k, &(addr, len, flags)) in parts.iter().enumerate() {
+                let i = first + k as u16;
+                let last = k + 1 == parts.len();
+                let next = if last { next_of_last } else { Some(i + 1) };
+                let d = base + 16 * u64::from(i);
+                self.ram.write_u64(d, addr);
+                self.ram.write_u32(d + 8, len);
+                self.ram.write_u16(d + 12, flags | if next.is_some() { DESC_F_NEXT } else { 0 });
+                self.ram.write_u16(d + 14, next.unwrap_or(0));
+            }
+            let slot = self.posted[ring];
+            self.ram.write_u16(base + AVAIL_RING + 2 * u64::from(slot % NUM), first);
+            self.posted[ring] = slot + 1;
+            self.ram.write_u16(base + AVAIL_IDX, slot + 1);
+            first
+        }
+
 
         /// (id, len) of used entry `slot` of vring `ring`, if the device returned that many.
         fn used(&self, ring: usize, slot: u16) -> Option<(u32, i32)> {
@@ -961,6 +984,62 @@ mod tests {
         assert_eq!(b.used(0, 1), Some((u32::from(readable), lk::ERR_NOT_ENOUGH_BUFFER)));
         assert_eq!(b.dev.stats().lost_to_bad_buffers, 2);
         assert!(b.shares.faults().is_empty());
+    }
+
+    #[test]
+    fn chains_from_the_normal_world_leave_the_single_descriptor_path_with_trustys_answers() {
+        // The one-readable-descriptor path stands aside for every other chain, which gets
+        // _vqueue_get_avail_buf_locked() / handle_rx_msg()'s answers.
+        let mut b = Bench::new();
+        b.post(0, BUFS, 4096, DESC_F_WRITE);
+        b.post(0, BUFS + 0x1000, 4096, DESC_F_WRITE);
+        b.run();
+        let req = conn_req(b"com.android.ipc-unittest.srv.echo");
+        assert!(b.ram.write(BUFS + 0x2000, &req));
+        // Readable + writable: taken (the writable one only logged), the CONN_REQ handled.
+        let ok = b.post_chain(1, 0, &[(BUFS + 0x2000, 280, 0), (BUFS + 0x3000, 64, DESC_F_WRITE)], None);
+        // Two readable: ERR_TOO_BIG.
+        let two = b.post_chain(1, 2, &[(BUFS + 0x2000, 280, 0), (BUFS + 0x2000, 280, 0)], None);
+        b.run();
+        assert_eq!(b.used(1, 0), Some((u32::from(ok), lk::NO_ERROR)));
+        assert_eq!(b.used(1, 1), Some((u32::from(two), lk::ERR_TOO_BIG)));
+        assert_eq!(b.used(0, 1).map(|u| u.1), Some(44), "the chained CONN_REQ was answered");
+        // A chain that loops back on itself: the head returned with ERR_NOT_VALID, not counted
+        // as a frame.
+        let frames = b.dev.stats().frames_from_ns;
+        let looped = b.post_chain(1, 0, &[(BUFS + 0x2000, 280, 0)], Some(0));
+        // A link out of range.
+        let wild = b.post_chain(1, 1, &[(BUFS + 0x2000, 280, 0)], Some(NUM));
+        // Writable only: ERR_INVALID_ARGS.
+        let wo = b.post_chain(1, 2, &[(BUFS + 0x3000, 64, DESC_F_WRITE)], None);
+        b.run();
+        assert_eq!(b.used(1, 2), Some((u32::from(looped), lk::ERR_NOT_VALID)));
+        assert_eq!(b.used(1, 3), Some((u32::from(wild), lk::ERR_NOT_VALID)));
+        assert_eq!(b.used(1, 4), Some((u32::from(wo), lk::ERR_INVALID_ARGS)));
+        assert_eq!(b.dev.stats().frames_from_ns, frames + 1);
+        assert!(b.shares.faults().is_empty());
+    }
+
+    #[test]
+    fn chained_rx_buffers_leave_the_single_descriptor_path_with_trustys_answers() {
+        // tipc_send_data(): a readable descriptor next to the writable one is accepted, two
+        // writable ones or a broken chain are a fetch error (the buffer is not returned).
+        let mut b = Bench::new();
+        let mixed = b.post_chain(0, 0, &[(BUFS + 0x1000, 64, 0), (BUFS, 4096, DESC_F_WRITE)], None);
+        b.run();
+        assert_eq!(b.used(0, 0), Some((u32::from(mixed), 24)), "GO_ONLINE written to the writable descriptor");
+        assert_eq!(&b.bytes(BUFS + 16, 4), &1u32.to_le_bytes());
+        b.post_chain(0, 2, &[(BUFS, 4096, DESC_F_WRITE), (BUFS + 0x1000, 4096, DESC_F_WRITE)], None);
+        b.dev.queue_ctrl(Ctrl::GoOnline);
+        b.run();
+        assert_eq!(b.used(0, 1), None, "two writable: not returned");
+        assert_eq!(b.dev.stats().lost_to_bad_buffers, 1);
+        b.post_chain(0, 0, &[(BUFS, 4096, DESC_F_WRITE)], Some(0));
+        b.dev.queue_ctrl(Ctrl::GoOnline);
+        b.run();
+        assert_eq!(b.used(0, 1), None, "a loop: not returned");
+        assert_eq!(b.dev.stats().lost_to_bad_buffers, 2);
+        assert_eq!(b.dev.stats().frames_to_ns, 1);
     }
 
     #[test]
