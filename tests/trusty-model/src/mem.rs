@@ -715,6 +715,7 @@ impl ShareTable {
     /// table stays borrowed, so nothing can reclaim the share meanwhile; a reclaimed handle is
     /// not found and faults, as with `map`); under the other schemes it is `map`, `f`,
     /// `unmap`. `None` when the mapping is refused.
+    #[inline]
     pub fn with_mapped<R>(&mut self, id: u64, len: usize, write: bool, purpose: &str, f: impl FnOnce(&Span<'_>) -> R) -> Option<R> {
         if self.scheme != IdScheme::FfaHandle {
             let m = self.map(id, len, write, purpose)?;
@@ -722,23 +723,53 @@ impl ShareTable {
             self.unmap(m);
             return Some(r);
         }
-        // lib/sm/shared_mem.c ext_mem_get_vmm_obj(), as in `map_ffa`.
-        let refused = match self.shares.get_recent(id) {
-            None => format!("{purpose}: memory id was never shared"),
-            Some(share) if len > share.size => format!("{purpose}: {len} bytes wanted, {} shared", share.size),
-            Some(share) if write && !share.writable => format!("{purpose}: write to a read-only share"),
-            Some(share) => {
-                let ranges: &[PhysRange] = &share.ranges;
-                let run = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
-                let direct = share.direct.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
-                let span = Span { ranges, len, writable: write, phys: &*self.phys, direct };
-                return Some(f(&span));
+        match self.share_span(id, len, write) {
+            Ok(span) => Some(f(&span)),
+            Err(why) => {
+                self.refuse_span(id, len, purpose, why);
+                None
             }
+        }
+    }
+
+    /// The FF-A share `id` as a [`Span`] of `len` bytes, checked as `map_ffa` checks it
+    /// (lib/sm/shared_mem.c ext_mem_get_vmm_obj(): shared, long enough, writable if written).
+    #[inline]
+    fn share_span(&mut self, id: u64, len: usize, write: bool) -> Result<Span<'_>, SpanRefused> {
+        let share = self.shares.get_recent(id).ok_or(SpanRefused::NeverShared)?;
+        if len > share.size {
+            return Err(SpanRefused::TooLong { shared: share.size });
+        }
+        if write && !share.writable {
+            return Err(SpanRefused::ReadOnly);
+        }
+        let ranges: &[PhysRange] = &share.ranges;
+        let run = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
+        let direct = share.direct.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
+        Ok(Span { ranges, len, writable: write, phys: &*self.phys, direct })
+    }
+
+    /// The fault of a refused [`ShareTable::with_mapped`] (out of line: never on a data path
+    /// that works).
+    #[cold]
+    #[inline(never)]
+    fn refuse_span(&mut self, id: u64, len: usize, purpose: &str, why: SpanRefused) {
+        let what = match why {
+            SpanRefused::NeverShared => format!("{purpose}: memory id was never shared"),
+            SpanRefused::TooLong { shared } => format!("{purpose}: {len} bytes wanted, {shared} shared"),
+            SpanRefused::ReadOnly => format!("{purpose}: write to a read-only share"),
         };
         self.quiet = false;
-        self.fault("ffa-handle", id, refused);
-        None
+        self.fault("ffa-handle", id, what);
     }
+}
+
+/// Why [`ShareTable::with_mapped`] refused an FF-A share.
+#[derive(Clone, Copy, Debug)]
+enum SpanRefused {
+    NeverShared,
+    TooLong { shared: usize },
+    ReadOnly,
 }
 
 /// The host harness's stand-in for Xen's grant mapping: reads the guest's grant table (whose

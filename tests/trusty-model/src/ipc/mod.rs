@@ -1302,26 +1302,6 @@ impl Core {
         Ok(data.len())
     }
 
-    /// Takes the lowest-numbered port of `app` with its flag raised from the ready list.
-    #[inline]
-    fn signalled_port(&mut self, app: usize) -> Option<PortId> {
-        if self.ready.idle(app) {
-            return None;
-        }
-        let ports = &self.ports;
-        self.ready.take_port(app, |id| ports.get(&id).is_some_and(|p| p.owner == app && p.signal))
-    }
-
-    /// Takes the lowest-numbered channel queued for `app`; the caller checks that it is still
-    /// this app's and raised (one look-up for the check and the handling).
-    #[inline]
-    fn signalled_chan(&mut self, app: usize) -> Option<ChanId> {
-        if self.ready.idle(app) {
-            return None;
-        }
-        self.ready.take_chan(app, |_| true)
-    }
-
     /// Debug builds: every raised handle of an app is on that app's ready list (a raise that
     /// forgot to queue would leave an event unseen).
     #[cfg(debug_assertions)]
@@ -1747,49 +1727,53 @@ impl Ipc {
         // Skip stale signals (state changed since they were raised) without counting them as
         // activity; every iteration clears one flag, so this ends.
         loop {
-            if let Some(port_id) = core.signalled_port(app) {
-                let before = match core.ports.get_mut(&port_id) {
-                    Some(port) => {
-                        port.signal = false;
-                        port.pending.len()
-                    }
-                    None => return false, // unreachable: the id came from the map
-                };
-                if before == 0 {
-                    continue;
-                }
-                slot.ta.on_port_event(
-                    &mut Ctx {
-                        core: &mut *core,
-                        app,
-                    },
-                    port_id,
-                    Events::READY,
-                );
-                // Level-triggered while the app makes progress (or sleeps, and acts after waking).
-                let sleeping = core.is_sleeping(app);
-                if let Some(port) = core.ports.get_mut(&port_id) {
-                    let remaining = port.pending.len();
-                    if remaining > 0 && (remaining < before || sleeping) {
-                        port.signal = true;
-                        core.ready.raise(core.sleep_until.len(), port.owner, Handle::Port(port_id));
-                    }
-                }
-                return true;
-            }
-
-            let Some(chan_id) = core.signalled_chan(app) else {
-                // No event: a due timer (Ctx::set_timer) ends the app's timed wait.
-                match core.timer_at.get(app).copied().flatten() {
-                    Some(at) if at <= core.now() => {
-                        if let Some(t) = core.timer_at.get_mut(app) {
-                            *t = None;
+            let chan_id = match core.ready.take_next(app) {
+                Some(Handle::Port(port_id)) => {
+                    // A stale entry (flag cleared, port closed or handed on since it was
+                    // queued) is dropped.
+                    let before = match core.ports.get_mut(&port_id) {
+                        Some(port) if port.owner == app && port.signal => {
+                            port.signal = false;
+                            port.pending.len()
                         }
-                        core.deadlines_changed();
-                        slot.ta.on_timer(&mut Ctx { core, app });
-                        return true;
+                        _ => continue,
+                    };
+                    if before == 0 {
+                        continue;
                     }
-                    _ => return false,
+                    slot.ta.on_port_event(
+                        &mut Ctx {
+                            core: &mut *core,
+                            app,
+                        },
+                        port_id,
+                        Events::READY,
+                    );
+                    // Level-triggered while the app makes progress (or sleeps, and acts after waking).
+                    let sleeping = core.is_sleeping(app);
+                    if let Some(port) = core.ports.get_mut(&port_id) {
+                        let remaining = port.pending.len();
+                        if remaining > 0 && (remaining < before || sleeping) {
+                            port.signal = true;
+                            core.ready.raise(core.sleep_until.len(), port.owner, Handle::Port(port_id));
+                        }
+                    }
+                    return true;
+                }
+                Some(Handle::Chan(chan_id)) => chan_id,
+                None => {
+                    // No event: a due timer (Ctx::set_timer) ends the app's timed wait.
+                    match core.timer_at.get(app).copied().flatten() {
+                        Some(at) if at <= core.now() => {
+                            if let Some(t) = core.timer_at.get_mut(app) {
+                                *t = None;
+                            }
+                            core.deadlines_changed();
+                            slot.ta.on_timer(&mut Ctx { core, app });
+                            return true;
+                        }
+                        _ => return false,
+                    }
                 }
             };
             // A stale entry (flag cleared, channel gone or handed to another app since it was

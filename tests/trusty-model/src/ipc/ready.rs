@@ -33,7 +33,7 @@ pub(super) struct Ready {
     /// finds the next app with work without looking at idle ones. Apps from 64 on are looked
     /// at one by one.
     busy: u64,
-    /// Entries looked at by [`Ready::take_port`] / [`Ready::take_chan`] (valid or stale): the
+    /// Entries taken by [`Ready::take_next`] (valid or stale): the
     /// scheduler's work, which stays proportional to events, not to open handles.
     visits: u64,
 }
@@ -90,14 +90,6 @@ impl Ready {
         (from.max(64)..self.lists.len()).find(|&app| !self.idle(app))
     }
 
-    /// Keeps `busy` in step with `app`'s list after entries were taken from it.
-    #[inline]
-    fn taken(&mut self, app: usize) {
-        if app < 64 && self.lists.get(app).is_some_and(Vec::is_empty) {
-            self.busy &= !(1 << app);
-        }
-    }
-
     /// Whether nothing is queued for any app.
     #[inline]
     pub(super) fn all_idle(&self) -> bool {
@@ -128,48 +120,19 @@ impl Ready {
         self.visits
     }
 
-    /// Takes the first queued port of `app` that `valid` confirms; entries it refutes are
-    /// dropped.
-    pub(super) fn take_port(&mut self, app: usize, valid: impl Fn(PortId) -> bool) -> Option<PortId> {
+    /// Takes the next handle queued for `app`: its lowest port, else its lowest channel (the
+    /// list is sorted so that this is its last entry). The caller checks that the handle is
+    /// still raised and this app's, and drops it otherwise (a stale entry).
+    #[inline]
+    pub(super) fn take_next(&mut self, app: usize) -> Option<Handle> {
         let list = self.lists.get_mut(app)?;
-        let mut found = None;
-        while let Some(&Handle::Port(id)) = list.last() {
-            self.visits += 1;
-            list.pop();
-            self.queued -= 1;
-            if valid(id) {
-                found = Some(id);
-                break;
-            }
+        let h = list.pop()?;
+        self.visits += 1;
+        self.queued -= 1;
+        if list.is_empty() && app < 64 {
+            self.busy &= !(1 << app);
         }
-        self.taken(app);
-        found
-    }
-
-    /// Takes the first queued channel of `app` that `valid` confirms; entries it refutes are
-    /// dropped.
-    pub(super) fn take_chan(&mut self, app: usize, valid: impl Fn(ChanId) -> bool) -> Option<ChanId> {
-        let list = self.lists.get_mut(app)?;
-        // Channels sort above ports: the lowest channel sits just before the ports at the end
-        // (usually there are none, and it is the last entry).
-        let ports = list.iter().rev().take_while(|h| matches!(h, Handle::Port(_))).count();
-        let mut found = None;
-        while let Some(at) = list.len().checked_sub(ports + 1) {
-            let Handle::Chan(id) = list[at] else { break };
-            self.visits += 1;
-            if ports == 0 {
-                list.pop();
-            } else {
-                list.remove(at);
-            }
-            self.queued -= 1;
-            if valid(id) {
-                found = Some(id);
-                break;
-            }
-        }
-        self.taken(app);
-        found
+        Some(h)
     }
 }
 
@@ -177,8 +140,8 @@ impl Ready {
 mod tests {
     use super::*;
 
-    /// Raised handles come out lowest id first, ports before channels, each once; stale
-    /// entries are dropped when met; an owner that is no app is never queued.
+    /// Raised handles come out lowest id first, ports before channels, each once (a stale
+    /// entry too: the scheduler drops it); an owner that is no app is never queued.
     #[test]
     fn raised_handles_come_out_in_scan_order_once() {
         let mut r = Ready::default();
@@ -191,13 +154,13 @@ mod tests {
         r.raise(2, usize::MAX, Handle::Chan(ChanId(5)));
         assert!(r.contains(0, Handle::Chan(ChanId(3))));
         assert!(!r.contains(1, Handle::Chan(ChanId(5))));
-        assert_eq!(r.take_port(0, |_| true), Some(PortId(7)));
-        assert_eq!(r.take_port(0, |_| true), None);
-        // Channel 1 went stale (its flag was cleared): dropped, channel 3 comes next.
-        assert_eq!(r.take_chan(0, |id| id != ChanId(1)), Some(ChanId(3)));
+        assert_eq!(r.take_next(0), Some(Handle::Port(PortId(7))));
+        assert_eq!(r.take_next(0), Some(Handle::Chan(ChanId(1))));
+        assert_eq!(r.take_next(0), Some(Handle::Chan(ChanId(3))));
+        assert_eq!(r.take_next(0), None);
         assert!(r.idle(0));
         assert!(!r.all_idle());
-        assert_eq!(r.take_chan(1, |_| true), Some(ChanId(9)));
+        assert_eq!(r.take_next(1), Some(Handle::Chan(ChanId(9))));
         assert!(r.all_idle());
         assert_eq!(r.visits(), 4);
         assert_eq!(r.next_busy(0), None);
@@ -224,13 +187,13 @@ mod tests {
         assert_eq!(r.next_busy(65), Some(130));
         assert_eq!(r.next_busy(200), None);
         // App 3 holds a port and a channel: busy until both are taken.
-        assert_eq!(r.take_port(3, |_| true), Some(PortId(1)));
+        assert_eq!(r.take_next(3), Some(Handle::Port(PortId(1))));
         assert_eq!(r.next_busy(0), Some(3));
-        assert_eq!(r.take_chan(3, |_| true), Some(ChanId(3)));
+        assert_eq!(r.take_next(3), Some(Handle::Chan(ChanId(3))));
         assert_eq!(r.next_busy(0), Some(63));
-        // A stale entry dropped empties the list too.
-        assert_eq!(r.take_chan(63, |_| false), None);
-        assert_eq!(r.take_chan(64, |_| true), Some(ChanId(64)));
+        // Taking the last entry empties the list, whatever the caller makes of it.
+        assert_eq!(r.take_next(63), Some(Handle::Chan(ChanId(63))));
+        assert_eq!(r.take_next(64), Some(Handle::Chan(ChanId(64))));
         assert_eq!(r.next_busy(0), Some(130));
         for app in 0..apps {
             assert_eq!(r.next_busy(app) == Some(app), !r.idle(app), "app {app}");

@@ -432,6 +432,8 @@ pub struct Echo {
     port: ServicePort,
     /// Per channel: messages got but not yet echoed.
     chans: BTreeMap<ChanId, VecDeque<Vec<u8>>>,
+    /// Messages held in all of `chans` together.
+    held: usize,
     /// Buffers of echoed messages, reused (srv.c's are static): no allocation per message.
     spare: Vec<Vec<u8>>,
 }
@@ -442,22 +444,33 @@ impl Echo {
         Echo {
             port: ServicePort::new(ServiceConfig::srv("echo", 8, 4096, IPC_PORT_ALLOW_ALL)),
             chans: BTreeMap::new(),
+            held: 0,
             spare: Vec::new(),
         }
     }
 
     fn handle_msgs(&mut self, ctx: &mut Ctx<'_>, chan: ChanId) -> Result<(), i32> {
         let max = self.port.config.msg_num as usize;
-        let queue = self.chans.get_mut(&chan).ok_or(lk::ERR_BAD_HANDLE)?;
         // Nothing held back: each message can go straight back (get, read, send, put) while
         // the NS queue has room; the first one that cannot takes the general path below.
-        if queue.is_empty() && ctx.echo_queued(chan).is_ok() {
+        // With nothing held on any channel this needs no look-up here: `echo_queued` refuses
+        // (ERR_BAD_HANDLE) a channel that is not this app's open one, and every open channel
+        // of this app is in `chans` (entered at accept, removed at close).
+        let nothing_held = self.held == 0;
+        if nothing_held && ctx.echo_queued(chan).is_ok() {
+            return Ok(());
+        }
+        let queue = self.chans.get_mut(&chan).ok_or(lk::ERR_BAD_HANDLE)?;
+        if !nothing_held && queue.is_empty() && ctx.echo_queued(chan).is_ok() {
             return Ok(());
         }
         while queue.len() < max {
             let mut buf = self.spare.pop().unwrap_or_default();
             match ctx.get_msg_into(chan, &mut buf) {
-                Ok(_) => queue.push_back(buf),
+                Ok(_) => {
+                    queue.push_back(buf);
+                    self.held += 1;
+                }
                 Err(lk::ERR_NO_MSG) => {
                     self.spare.push(buf);
                     break;
@@ -473,6 +486,7 @@ impl Echo {
             }
             ctx.put_msg(chan)?;
             if let Some(buf) = queue.pop_front() {
+                self.held -= 1;
                 if self.spare.len() < max {
                     self.spare.push(buf);
                 }
@@ -482,7 +496,9 @@ impl Echo {
     }
 
     fn close_chan(&mut self, ctx: &mut Ctx<'_>, chan: ChanId) {
-        self.chans.remove(&chan);
+        if let Some(queue) = self.chans.remove(&chan) {
+            self.held -= queue.len();
+        }
         let _ = ctx.close(chan);
     }
 }
