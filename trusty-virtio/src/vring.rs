@@ -569,7 +569,7 @@ impl DeviceQueue {
     /// [`DeviceQueue::read_chain`] collects (the head is taken either way, and is to be
     /// returned with a used entry as after [`DeviceQueue::pop_avail_into`]). The checks are
     /// those of [`DeviceQueue::pop_avail`].
-    #[inline]
+    #[inline(always)]
     pub fn pop_avail_first<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<(u16, Desc)>, DeviceRingError> {
         let Some(head) = self.pop_avail_head(mem)? else { return Ok(None) };
         Ok(Some((head, self.read_desc(mem, head))))
@@ -612,7 +612,7 @@ impl DeviceQueue {
     }
 
     /// Returns a chain with the 32-bit `len` word.
-    #[inline]
+    #[inline(always)]
     pub fn push_used<M: RingMemory + ?Sized>(&mut self, mem: &M, head: u16, len: u32) {
         let e = self.layout.used_ring(self.used_idx);
         mem.write_u32(e, u32::from(head));
