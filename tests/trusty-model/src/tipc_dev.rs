@@ -453,7 +453,7 @@ impl TipcDev {
     /// still in the normal world's buffer: `fill` copies it into the queue's buffer. The same
     /// checks in the same order (the endpoint by dst must belong to hdr.src, then the TA's
     /// queue).
-#[inline]
+    #[inline]
     fn deliver_in_place(&mut self, header: &Header, fill: impl FnOnce(&mut [u8]) -> bool, ipc: &mut Ipc, now: u64) -> i32 {
         let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
         let Some(ep) = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src) else {
@@ -647,7 +647,7 @@ impl TipcDev {
 
     /// Data frame: src 0 and shm_cnt left as the normal world had it (spec §6.6 step 3). An
     /// oversize message is truncated to the buffer but keeps its full hdr.len (step 4).
-#[inline]
+    #[inline]
     fn send_data(&mut self, ns_addr: u32, data: &[u8], shares: &mut ShareTable) {
         let header = Header { src: 0, dst: ns_addr, shm_cnt: 0, len: data.len() as u16, flags: 0 };
         self.put_frame_parts(&header.encode(), data, None, shares);

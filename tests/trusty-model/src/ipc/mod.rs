@@ -814,7 +814,7 @@ impl Core {
     /// channel's port-counter slot (one look-up for both).
     /// `fill` writes the message (cut to the queue's item size) into the queue's buffer; if it
     /// fails, nothing is queued and the answer is ERR_NOT_VALID.
-#[inline]
+    #[inline]
     fn deliver(&mut self, id: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
         let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
@@ -880,7 +880,7 @@ impl Core {
         }
     }
 
-#[inline]
+    #[inline]
     fn pop_event(&mut self) -> Option<IpcEvent> {
         let ev = self.events.pop_front()?;
         match &ev {
@@ -1172,7 +1172,7 @@ impl Core {
     /// waiting message of an NS channel, all under one look-up, each buffer moved into the
     /// outgoing event. Stops before the first message for which not all four calls would
     /// succeed, leaving it untouched.
-#[inline]
+    #[inline(always)]
     fn echo_queued(&mut self, app: usize, id: ChanId) -> Result<usize, i32> {
         let (echoed, stop, slot) = self.echo_queued_inner(app, id);
         if echoed > 0 {
@@ -1189,7 +1189,7 @@ impl Core {
 
     /// [`Core::echo_queued`]'s work: how many went back, why it stopped early (None: no
     /// message left), and the channel's port-counter slot.
-#[inline]
+    #[inline(always)]
     fn echo_queued_inner(&mut self, app: usize, id: ChanId) -> (usize, Option<i32>, Option<usize>) {
         // open_chan()'s check, on the field alone (the queues below are other fields).
         let chan = match self.chans.get_mut(&id) {
@@ -1394,7 +1394,7 @@ impl Ctx<'_> {
     /// answer: a channel that is not this app's (ERR_BAD_HANDLE), a message already got
     /// (ERR_BAD_STATE), or one that `send_msg` would refuse (ERR_NOT_ENOUGH_BUFFER: a full NS
     /// queue, a closing channel or a TA-to-TA one).
-#[inline]
+    #[inline]
     pub fn echo_queued(&mut self, chan: ChanId) -> Result<usize, i32> {
         self.core.echo_queued(self.app, chan)
     }
@@ -1599,12 +1599,12 @@ impl Ipc {
     /// (cut to the item size: `fill` gets the slice to fill, and copies the message's first
     /// bytes into it), so the device can copy straight from the normal world's buffer. A
     /// `fill` that fails (returns false) queues nothing: ERR_NOT_VALID.
-#[inline]
+    #[inline]
     pub fn deliver_from(&mut self, chan: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, now: u64) -> Result<usize, i32> {
         self.deliver_counted(chan, len, fill, Vec::new(), now).map_err(|(e, _)| e)
     }
 
-#[inline]
+    #[inline]
     fn deliver_counted(
         &mut self,
         chan: ChanId,
@@ -1838,14 +1838,14 @@ impl Ipc {
     /// an Event::Message because the NS has no free rx buffer, it calls `unpop_event` to put it back
     /// at the front (Trusty blocks its tx thread, spec §6.6 step 2). Taking a Message frees a slot
     /// in the channel's TA->NS queue (a blocked sender gets SEND_UNBLOCKED at the next `run`).
-#[inline]
+    #[inline]
     pub fn pop_event(&mut self) -> Option<IpcEvent> {
         self.core.pop_event()
     }
 
     /// Gives back the buffer of a [`IpcEvent::Message`] the device has sent, for reuse (a
     /// message in steady state then allocates nothing).
-#[inline]
+    #[inline]
     pub fn recycle(&mut self, buf: Vec<u8>) {
         recycle(&mut self.core.spare, buf);
     }

@@ -40,7 +40,7 @@ pub(super) struct Ready {
 
 impl Ready {
     /// Queues `h` for `owner`, once (a handle already queued stays where it is).
-    #[inline]
+    #[inline(always)]
     pub(super) fn raise(&mut self, apps: usize, owner: usize, h: Handle) {
         // The usual case, inline: an app with nothing queued and room in its list.
         if owner < apps && owner < 64 {
