@@ -398,6 +398,38 @@ fn echo_back_pressure_and_resume() {
 }
 
 #[test]
+fn echo_holding_messages_on_one_channel_echoes_another_and_forgets_a_closed_ones() {
+    // The echo app skips its own channel table only while it holds nothing on any channel;
+    // with messages held on one channel the other still echoes, and closing the first lets
+    // its held messages go (the count of held messages returns to zero: no underflow).
+    let mut ipc = Ipc::with_unittest_services();
+    let a = open(&mut ipc, "echo", 0);
+    let b = open(&mut ipc, "echo", 0);
+    for i in 0..8u8 {
+        assert_eq!(ipc.deliver(a, &[i], 0), Ok(1));
+    }
+    assert!(ipc.run(0));
+    // a's queue towards the normal world is full: the next two are held by the app.
+    assert_eq!(ipc.deliver(a, &[8], 0), Ok(1));
+    assert_eq!(ipc.deliver(a, &[9], 0), Ok(1));
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pending_events(), 8);
+    assert_eq!(ipc.deliver(b, b"b1", 0), Ok(2));
+    assert!(ipc.run(0));
+    assert_eq!(ipc.pending_events(), 9, "b echoed while a holds messages");
+    // The normal world closes a: its events go, the app closes it on HUP with two held.
+    ipc.ns_close(a, 0);
+    assert!(ipc.run(0));
+    assert_eq!(drain(&mut ipc), vec![message(b, b"b1")]);
+    assert_eq!(ipc.deliver(b, b"b2", 0), Ok(2));
+    assert!(ipc.run(0));
+    assert_eq!(drain(&mut ipc), vec![message(b, b"b2")]);
+    // A channel that is not the app's (closed) is refused as before.
+    assert_eq!(ipc.deliver(a, b"x", 0), Err(lk::ERR_NOT_FOUND));
+    assert_eq!(ipc.stats().ns_channels, 1);
+}
+
+#[test]
 fn unpop_event_keeps_order_and_state() {
     let mut ipc = Ipc::with_unittest_services();
     let chan = ipc.connect_ns(&srv("uuid"), 0).unwrap();
