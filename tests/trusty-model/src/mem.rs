@@ -170,6 +170,7 @@ impl ShareMap {
 
     /// [`ShareMap::get`] that also remembers the slot in the look-up cache (a buffer used for
     /// every message keeps hitting it).
+    #[inline]
     fn get_recent(&mut self, id: u64) -> Option<&Share> {
         let slot = self.slot_of(id)?;
         self.recent[Self::bucket(id)] = slot;
