@@ -765,6 +765,54 @@ mod tests {
         assert!(matches!(dev.pop_avail_first(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
     }
 
+    /// Ring memory that counts the words read through it.
+    struct Counting<'a> {
+        ring: &'a RawRing,
+        reads: core::cell::Cell<usize>,
+    }
+    impl RingMemory for Counting<'_> {
+        fn len(&self) -> usize {
+            self.ring.len()
+        }
+        fn read_u16(&self, off: usize) -> u16 {
+            self.reads.set(self.reads.get() + 1);
+            self.ring.read_u16(off)
+        }
+        fn write_u16(&self, off: usize, v: u16) {
+            self.ring.write_u16(off, v)
+        }
+        fn read_u32(&self, off: usize) -> u32 {
+            self.reads.set(self.reads.get() + 1);
+            self.ring.read_u32(off)
+        }
+        fn write_u32(&self, off: usize, v: u32) {
+            self.ring.write_u32(off, v)
+        }
+        fn read_u64(&self, off: usize) -> u64 {
+            self.reads.set(self.reads.get() + 1);
+            self.ring.read_u64(off)
+        }
+        fn write_u64(&self, off: usize, v: u64) {
+            self.ring.write_u64(off, v)
+        }
+    }
+
+    #[test]
+    fn pop_avail_first_reads_one_word_on_an_empty_ring_and_four_for_a_buffer() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let raw = m.raw();
+        let ring = Counting { ring: &raw, reads: core::cell::Cell::new(0) };
+        let mut dev = DeviceQueue::new(l);
+        assert_eq!(dev.pop_avail_first(&ring), Ok(None));
+        assert_eq!(ring.reads.get(), 1, "avail.idx only");
+        drv.add(0x7000, 64, true).unwrap();
+        ring.reads.set(0);
+        assert!(dev.pop_avail_first(&ring).unwrap().is_some());
+        assert_eq!(ring.reads.get(), 4, "avail.idx, the ring slot, the descriptor's two words");
+    }
+
     #[test]
     fn hostile_device_cannot_panic_the_driver() {
         let mut m = Mem::new(8192);
