@@ -369,7 +369,7 @@ impl TipcDev {
         // mapped buffer straight into the channel's queue (handle_rx_msg() -> ipc_send_msg()
         // copies from the mapping into the receiver's message buffer), after the same checks
         // on a trusted copy of its header.
-        let direct = shares.with_mapped(id, pages, false, "message buffer (NS to secure)", |m| {
+        let direct = shares.with_mapped(id, pages, false, "message buffer (NS to secure)", #[inline(always)] |m| {
             let mut raw = [0u8; wire::HEADER_LEN];
             if len < wire::HEADER_LEN || !m.read(0, &mut raw) {
                 return None;
@@ -378,7 +378,7 @@ impl TipcDev {
             if header.dst == wire::CTRL_ADDR || header.shm_cnt != 0 || wire::HEADER_LEN + usize::from(header.len) != len {
                 return None;
             }
-            Some(self.deliver_in_place(&header, |buf| m.read(wire::HEADER_LEN, buf), ipc, now))
+            Some(self.deliver_in_place(&header, #[inline(always)] |buf| m.read(wire::HEADER_LEN, buf), ipc, now))
         });
         match direct {
             None => return lk::ERR_NOT_VALID,
@@ -791,7 +791,7 @@ impl TipcDev {
         };
         // Everything but shm_cnt (bytes 10..12 of the header); a frame too short for a header
         // (only the broken frames of fault injection) is written as it is.
-        let written = shares.with_mapped(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)", |m| {
+        let written = shares.with_mapped(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)", #[inline(always)] |m| {
             if n >= wire::HEADER_LEN && head.len() == wire::HEADER_LEN {
                 // A data frame: the header's fields (fixed sizes, copied inline), then the payload.
                 m.write(0, &head[..10]) && m.write(12, &head[12..16]) && m.write(16, &body[..n - wire::HEADER_LEN])
