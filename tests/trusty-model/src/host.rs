@@ -859,6 +859,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
             }
             let out = match model.lock() {
                 Ok(mut m) => {
+                    m.prefetch_rings();
                     let out = m.smc(regs);
                     left_work = m.has_pending_work();
                     out
@@ -866,8 +867,16 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
                 Err(_) => return,
             };
             for (i, r) in out.iter().enumerate() {
+                // Unchanged words stay unwritten (the conduit does the same with its requests):
+                // the answers of a data path's NOPs are all alike, so only the sequence word's
+                // line goes back to the caller's core.
                 // SAFETY: see above.
-                unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>().write_volatile(r.to_le()) };
+                let word = unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>() };
+                // SAFETY: see above.
+                if unsafe { word.read_volatile() } != r.to_le() {
+                    // SAFETY: see above.
+                    unsafe { word.write_volatile(r.to_le()) };
+                }
             }
             // Release pairs with the conduit's Acquire after it sees the response sequence
             // word (`MailboxConduit::answered`): the answer registers are visible first.
