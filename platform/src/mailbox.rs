@@ -278,8 +278,15 @@ impl MailboxConduit {
 
     /// Publishes `regs` as request `seq` and signals the Trusty VM.
     fn publish(&self, seq: u32, regs: &[u64; 8]) {
+        // Only the words that differ from what the page holds are written: a repeated call
+        // (every NOP of a data path is the same eight words) then moves just the line of the
+        // sequence word to the peer's core, and the request lines stay shared in both caches.
+        // The page is compared, not a copy of ours, so the peer reads exactly `regs`.
         for (i, r) in regs.iter().enumerate() {
-            self.write_u64(OFF_REQUEST + 8 * i, *r);
+            let off = OFF_REQUEST + 8 * i;
+            if self.read_u64(off) != *r {
+                self.write_u64(off, *r);
+            }
         }
         // Release pairs with the peer's Acquire after it reads the request sequence word (the
         // model's `serve_mailbox`): the registers must be visible before the sequence number

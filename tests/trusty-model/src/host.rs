@@ -9,7 +9,9 @@ use std::sync::mpsc;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(not(target_os = "linux"))]
+use std::time::Instant;
 use std::vec::Vec;
 
 use trusty_platform::clock::Clock;
@@ -389,21 +391,63 @@ impl PageAllocator for RamAllocator {
     }
 }
 
-/// Monotonic time from `Instant`.
+/// Monotonic time: CLOCK_MONOTONIC on Linux (read directly, beside its coarse twin), `Instant`
+/// elsewhere.
 pub struct StdClock {
+    #[cfg(not(target_os = "linux"))]
     origin: Instant,
+    /// CLOCK_MONOTONIC at the start.
+    #[cfg(target_os = "linux")]
+    origin_ns: u64,
+    /// The tick of CLOCK_MONOTONIC_COARSE, if the kernel has it.
+    #[cfg(target_os = "linux")]
+    coarse_tick_ns: Option<u64>,
 }
 
 impl StdClock {
     /// A clock starting now.
     pub fn new() -> Arc<StdClock> {
-        Arc::new(StdClock { origin: Instant::now() })
+        Arc::new(StdClock {
+            #[cfg(not(target_os = "linux"))]
+            origin: Instant::now(),
+            #[cfg(target_os = "linux")]
+            origin_ns: linux_clock::read(libc::CLOCK_MONOTONIC),
+            #[cfg(target_os = "linux")]
+            coarse_tick_ns: linux_clock::coarse_tick_ns(),
+        })
+    }
+}
+
+/// Linux's clocks read directly (`Instant` offers no coarse one).
+#[cfg(target_os = "linux")]
+mod linux_clock {
+    /// Nanoseconds of `clock`, 0 if it cannot be read.
+    pub(super) fn read(clock: libc::clockid_t) -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return 0;
+        }
+        (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+    }
+
+    /// The tick of CLOCK_MONOTONIC_COARSE (its resolution), if the kernel has that clock.
+    pub(super) fn coarse_tick_ns() -> Option<u64> {
+        let mut res = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_getres writes one timespec into `res`, which lives across the call.
+        if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+            return None;
+        }
+        Some((res.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(res.tv_nsec as u64)).filter(|&t| t > 0)
     }
 }
 
 impl Clock for StdClock {
     fn now_ns(&self) -> u64 {
-        self.origin.elapsed().as_nanos() as u64
+        #[cfg(target_os = "linux")]
+        return linux_clock::read(libc::CLOCK_MONOTONIC).saturating_sub(self.origin_ns);
+        #[cfg(not(target_os = "linux"))]
+        return self.origin.elapsed().as_nanos() as u64;
     }
     fn sleep_ns(&self, ns: u64) {
         thread::sleep(Duration::from_nanos(ns));
@@ -414,9 +458,21 @@ impl Clock for StdClock {
         thread::sleep(Duration::from_micros(50));
     }
     fn now_coarse_ns(&self, max_lag_ns: u64) -> (u64, u64) {
-        // As stale as Linux's CLOCK_MONOTONIC_COARSE at 250 Hz (the time of the last 4 ms
-        // tick), so every run on the model (AOSP's closer3 among them) has the stack's idle
-        // catch-up decide on a coarse reading as it does on Linux.
+        // Stale by up to a kernel tick, so every run on the model (AOSP's closer3 among them)
+        // has the stack's idle catch-up decide on a coarse reading as it does on Linux: on a
+        // Linux host the kernel's own CLOCK_MONOTONIC_COARSE (a few ns from the vDSO, as the
+        // stack's Linux clock reads it; a precise reading costs tens of ns in a VM, which the
+        // benchmarks would count as the stack's), elsewhere a precise reading rounded down to
+        // a 4 ms tick (Linux at `CONFIG_HZ=250`).
+        // The coarse clock is CLOCK_MONOTONIC as of the last tick: never ahead of `now_ns`,
+        // at most one tick behind it.
+        #[cfg(target_os = "linux")]
+        if let Some(tick) = self.coarse_tick_ns {
+            if tick <= max_lag_ns {
+                return (linux_clock::read(libc::CLOCK_MONOTONIC_COARSE).saturating_sub(self.origin_ns), tick);
+            }
+            return (self.now_ns(), 0);
+        }
         let now = self.now_ns();
         if COARSE_TICK_NS > max_lag_ns {
             return (now, 0);
@@ -425,7 +481,7 @@ impl Clock for StdClock {
     }
 }
 
-/// The tick of [`StdClock`]'s coarse reading (Linux at `CONFIG_HZ=250`).
+/// The tick of [`StdClock`]'s coarse reading where the host has no coarse clock.
 const COARSE_TICK_NS: u64 = 4_000_000;
 
 /// The model runs inside each call, on the caller's thread.
@@ -859,6 +915,7 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
             }
             let out = match model.lock() {
                 Ok(mut m) => {
+                    m.prefetch_rings();
                     let out = m.smc(regs);
                     left_work = m.has_pending_work();
                     out
@@ -866,8 +923,16 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
                 Err(_) => return,
             };
             for (i, r) in out.iter().enumerate() {
+                // Unchanged words stay unwritten (the conduit does the same with its requests):
+                // the answers of a data path's NOPs are all alike, so only the sequence word's
+                // line goes back to the caller's core.
                 // SAFETY: see above.
-                unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>().write_volatile(r.to_le()) };
+                let word = unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>() };
+                // SAFETY: see above.
+                if unsafe { word.read_volatile() } != r.to_le() {
+                    // SAFETY: see above.
+                    unsafe { word.write_volatile(r.to_le()) };
+                }
             }
             // Release pairs with the conduit's Acquire after it sees the response sequence
             // word (`MailboxConduit::answered`): the answer registers are visible first.
@@ -921,6 +986,30 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    /// The coarse reading the stack's idle catch-up uses is stale by at most the lag it
+    /// reports and never ahead of the precise one; asked for less lag, the clock answers
+    /// precisely.
+    #[test]
+    fn the_coarse_reading_is_never_ahead_and_at_most_its_lag_behind() {
+        let clock = StdClock::new();
+        let (_, lag) = clock.now_coarse_ns(10_000_000);
+        // A kernel ticks at 100 to 1000 Hz; elsewhere the clock's own 4 ms tick.
+        assert!((1_000_000..=10_000_000).contains(&lag), "coarse lag {lag} ns");
+        for _ in 0..1000 {
+            let before = clock.now_ns();
+            let (coarse, l) = clock.now_coarse_ns(lag);
+            let after = clock.now_ns();
+            assert_eq!(l, lag);
+            assert!(coarse <= after, "coarse {coarse} ahead of {after}");
+            assert!(coarse + lag >= before, "coarse {coarse} more than {lag} ns behind {before}");
+        }
+        let before = clock.now_ns();
+        let (now, l) = clock.now_coarse_ns(lag - 1);
+        assert_eq!(l, 0);
+        assert!(now >= before && now <= clock.now_ns());
+    }
 
     /// The CPUs a thread of this process may run on, from /proc (Linux), e.g. "0-1".
     #[cfg(target_os = "linux")]

@@ -1091,6 +1091,12 @@ impl RingMemory for Mapping {
     fn len(&self) -> usize {
         self.len
     }
+    #[inline]
+    fn prefetch(&self, off: usize) {
+        if let Some(p) = self.direct_word::<u8>(off) {
+            trusty_virtio::vring::prefetch_line(p);
+        }
+    }
     mapping_word!(read_u16, write_u16, read_u16_slow, write_u16_slow, u16);
     mapping_word!(read_u32, write_u32, read_u32_slow, write_u32_slow, u32);
     mapping_word!(read_u64, write_u64, read_u64_slow, write_u64_slow, u64);

@@ -1043,6 +1043,13 @@ impl Model {
         self.run_until_idle()
     }
 
+    /// Starts fetching the ring index lines the device reads first in a round (a polling
+    /// thread calls it when a request arrives, before it takes the model's lock): the lines
+    /// the normal world wrote then come in together, not one after the other.
+    pub fn prefetch_rings(&self) {
+        self.tipc.prefetch_rings();
+    }
+
     /// Whether a kick or a control message is waiting for [`Model::run_background`].
     pub fn has_pending_work(&self) -> bool {
         self.work_pending

@@ -261,6 +261,15 @@ impl TipcDev {
         Ok(any)
     }
 
+    /// Starts fetching both rings' avail lines (see [`Model::prefetch_rings`]).
+    ///
+    /// [`Model::prefetch_rings`]: crate::model::Model::prefetch_rings
+    pub fn prefetch_rings(&self) {
+        for r in [&self.from_ns, &self.to_ns].into_iter().flatten() {
+            r.queue.prefetch_avail(&r.mem);
+        }
+    }
+
     /// Whether a round of [`TipcDev::run`] could make progress: a chain waiting on vring 1
     /// (unless the ring is stalled on purpose), work for the IPC core or a released reference
     /// ([`Ipc::has_work`]), or something to send while vring 0 has an rx buffer. A superset of
