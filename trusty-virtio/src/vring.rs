@@ -889,45 +889,12 @@ mod tests {
         assert!(matches!(dev.pop_avail_first(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
     }
 
-    /// Ring memory that counts the words read through it.
-    struct Counting<'a> {
-        ring: &'a RawRing,
-        reads: core::cell::Cell<usize>,
-    }
-    impl RingMemory for Counting<'_> {
-        fn len(&self) -> usize {
-            self.ring.len()
-        }
-        fn read_u16(&self, off: usize) -> u16 {
-            self.reads.set(self.reads.get() + 1);
-            self.ring.read_u16(off)
-        }
-        fn write_u16(&self, off: usize, v: u16) {
-            self.ring.write_u16(off, v)
-        }
-        fn read_u32(&self, off: usize) -> u32 {
-            self.reads.set(self.reads.get() + 1);
-            self.ring.read_u32(off)
-        }
-        fn write_u32(&self, off: usize, v: u32) {
-            self.ring.write_u32(off, v)
-        }
-        fn read_u64(&self, off: usize) -> u64 {
-            self.reads.set(self.reads.get() + 1);
-            self.ring.read_u64(off)
-        }
-        fn write_u64(&self, off: usize, v: u64) {
-            self.ring.write_u64(off, v)
-        }
-    }
-
     #[test]
     fn pop_avail_first_reads_one_word_on_an_empty_ring_and_four_for_a_buffer() {
         let mut m = Mem::new(8192);
         let l = Layout::new(4, 4096).unwrap();
         let mut drv = DriverQueue::new(m.raw(), l).unwrap();
-        let raw = m.raw();
-        let ring = Counting { ring: &raw, reads: core::cell::Cell::new(0) };
+        let ring = Counting::new(m.raw());
         let mut dev = DeviceQueue::new(l);
         assert_eq!(dev.pop_avail_first(&ring), Ok(None));
         assert_eq!(ring.reads.get(), 1, "avail.idx only");
@@ -1065,44 +1032,52 @@ mod tests {
         assert!(!dev.has_avail(&ring));
     }
 
-    /// Ring memory that counts the writes and fenced stores made through it.
+    /// Ring memory that counts the words read and written and the fenced stores made through it.
     struct Counting {
         inner: RawRing,
+        reads: std::cell::Cell<usize>,
         writes: std::cell::Cell<usize>,
         fenced: std::cell::Cell<usize>,
     }
     impl Counting {
         fn new(inner: RawRing) -> Self {
-            Counting { inner, writes: std::cell::Cell::new(0), fenced: std::cell::Cell::new(0) }
+            let zero = || std::cell::Cell::new(0);
+            Counting { inner, reads: zero(), writes: zero(), fenced: zero() }
+        }
+        fn count(c: &std::cell::Cell<usize>) {
+            c.set(c.get() + 1);
         }
     }
-    impl RingMemory for &Counting {
+    impl RingMemory for Counting {
         fn len(&self) -> usize {
             self.inner.len()
         }
         fn read_u16(&self, off: usize) -> u16 {
+            Self::count(&self.reads);
             self.inner.read_u16(off)
         }
         fn write_u16(&self, off: usize, v: u16) {
-            self.writes.set(self.writes.get() + 1);
+            Self::count(&self.writes);
             self.inner.write_u16(off, v)
         }
         fn read_u32(&self, off: usize) -> u32 {
+            Self::count(&self.reads);
             self.inner.read_u32(off)
         }
         fn write_u32(&self, off: usize, v: u32) {
-            self.writes.set(self.writes.get() + 1);
+            Self::count(&self.writes);
             self.inner.write_u32(off, v)
         }
         fn read_u64(&self, off: usize) -> u64 {
+            Self::count(&self.reads);
             self.inner.read_u64(off)
         }
         fn write_u64(&self, off: usize, v: u64) {
-            self.writes.set(self.writes.get() + 1);
+            Self::count(&self.writes);
             self.inner.write_u64(off, v)
         }
         fn write_u16_fenced(&self, off: usize, v: u16) {
-            self.fenced.set(self.fenced.get() + 1);
+            Self::count(&self.fenced);
             self.inner.write_u16_fenced(off, v)
         }
     }
@@ -1111,31 +1086,30 @@ mod tests {
     fn a_descriptor_that_already_says_it_is_not_written_again_and_a_tampered_one_is() {
         let mut m = Mem::new(8192);
         let l = Layout::new(4, 4096).unwrap();
-        let mem = Counting::new(m.raw());
         let ring = m.raw();
-        let mut drv = DriverQueue::new(&mem, l).unwrap();
+        let mut drv = DriverQueue::new(Counting::new(m.raw()), l).unwrap();
         let mut dev = DeviceQueue::new(l);
         // First use of descriptor 0: address and len/flags word written, then the slot and
         // the index (release store, counted as a plain write here).
         let d = drv.add(0x1000, 8, true).unwrap();
-        assert_eq!(mem.writes.get(), 4);
+        assert_eq!(drv.mem.writes.get(), 4);
         let (head, _) = dev.pop_avail_one(&ring).unwrap().unwrap();
         dev.push_used(&ring, head, 8);
         assert_eq!(drv.pop_used().unwrap().unwrap().desc, d);
         // The same buffer re-posted: the free stack hands descriptor 0 out again, and only the
         // avail slot and index are written.
-        mem.writes.set(0);
+        drv.mem.writes.set(0);
         assert_eq!(drv.add(0x1000, 8, true).unwrap(), d);
-        assert_eq!(mem.writes.get(), 2);
+        assert_eq!(drv.mem.writes.get(), 2);
         let (head, desc) = dev.pop_avail_one(&ring).unwrap().unwrap();
         assert_eq!((desc.addr, desc.len, desc.flags), (0x1000, 8, DESC_F_WRITE));
         // A device that scribbles on its descriptor gets it written again; a new length too.
         ring.write_u64(l.desc(head), 0xdead_0000);
         dev.push_used(&ring, head, 8);
         drv.pop_used().unwrap().unwrap();
-        mem.writes.set(0);
+        drv.mem.writes.set(0);
         drv.add(0x1000, 16, true).unwrap();
-        assert_eq!(mem.writes.get(), 4);
+        assert_eq!(drv.mem.writes.get(), 4);
         let (_, desc) = dev.pop_avail_one(&ring).unwrap().unwrap();
         assert_eq!((desc.addr, desc.len, desc.flags), (0x1000, 16, DESC_F_WRITE));
     }
@@ -1144,18 +1118,17 @@ mod tests {
     fn needs_kick_pays_the_barrier_only_before_skipping_a_kick() {
         let mut m = Mem::new(8192);
         let l = Layout::new(4, 4096).unwrap();
-        let mem = Counting::new(m.raw());
         let ring = m.raw();
-        let mut drv = DriverQueue::new(&mem, l).unwrap();
+        let mut drv = DriverQueue::new(Counting::new(m.raw()), l).unwrap();
         let dev = DeviceQueue::new(l);
         drv.add(0x1000, 8, false).unwrap();
         // The device asks for kicks: yes, without the store-load barrier.
         assert!(drv.needs_kick());
-        assert_eq!(mem.fenced.get(), 0);
+        assert_eq!(drv.mem.fenced.get(), 0);
         // The device says it is not sleeping: the barrier, then the flag read again.
         dev.set_no_notify(&ring, true);
         assert!(!drv.needs_kick());
-        assert_eq!(mem.fenced.get(), 1);
+        assert_eq!(drv.mem.fenced.get(), 1);
         assert_eq!(ring.read_u16(l.avail_idx()), 1, "the fenced store wrote back the same index");
     }
 
