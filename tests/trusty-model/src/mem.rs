@@ -937,7 +937,7 @@ pub struct Span<'a> {
 impl Span<'_> {
     /// Where bytes `[off, off + n)` are in this process, if inside the direct run.
     #[inline]
-    fn direct_at(&self, off: usize, n: usize) -> Option<*mut u8> {
+    pub(crate) fn direct_at(&self, off: usize, n: usize) -> Option<*mut u8> {
         let d = self.direct.as_ref()?;
         if off.checked_add(n)? > d.len {
             return None;
