@@ -253,9 +253,11 @@ pub struct TipcDevice {
     next_local: u32,
     /// Rx buffers posted at start: the rx pool, and the default per-channel queue limit.
     rx_pool: usize,
-    /// Buffers waiting to go back on vring 0 until the current batch is done: the first
-    /// `n` of a table of the ring's size (a batch is at most the ring size).
+    /// Buffers waiting to go back on vring 0: the first [`TipcDevice::rx_held`] of a table of
+    /// the ring's size (each took the place of a posted buffer, so they never outnumber the
+    /// rx pool). They go back in batches (see [`TipcDevice::repost_rx`]).
     rx_repost: Box<[BufId]>,
+    rx_held: usize,
     /// Re-posted rx buffers Trusty has not been told about yet (the kick was cut short by the
     /// bound on rounds per scan). A kick that failed is not repeated: the next call into the
     /// secure side gives Trusty the CPU anyway.
@@ -420,6 +422,7 @@ impl TipcDevice {
             next_local: wire::MIN_LOCAL_ADDR,
             rx_pool: 0,
             rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
+            rx_held: 0,
             rx_kick_pending: false,
             scan_owed: true,
             shm_outstanding: BTreeMap::new(),
@@ -640,7 +643,7 @@ impl TipcDevice {
             }
         };
         let mut processed = 0usize;
-        let mut n = 0usize;
+        let mut n = self.rx_held;
         for _ in 0..pending {
             match self.rx.queue.pop_pending() {
                 Ok(None) => break,
@@ -663,18 +666,38 @@ impl TipcDevice {
                 Err(e) => self.ring_error("rx", e),
             }
         }
+        self.rx_held = n;
         // Only now do the buffers go back: a used entry later in the batch that repeats an id
         // finds it no longer in flight (a ring error) instead of an old message in a buffer
         // that was just re-posted.
-        for i in 0..n {
+        if processed > 0 {
+            self.repost_rx();
+        }
+        processed > 0
+    }
+
+    /// Puts the held rx buffers back on vring 0 once a quarter of the pool (at least one) is
+    /// held, or at once when Trusty waits for a buffer (it cleared VRING_USED_F_NO_NOTIFY on
+    /// vring 0 because the ring ran dry, spec §4), and then owes Trusty a kick check.
+    ///
+    /// Linux's `_rxvq_cb()` re-adds each buffer as it takes it. Batching keeps three quarters
+    /// of the pool posted and saves, on most messages, the avail line's trip to this core and
+    /// back and the store-load barrier of the kick check (`needs_kick`), each a cross-core
+    /// transfer on a Trusty polling on another core. It cannot leave Trusty waiting: Trusty
+    /// can only run dry after taking every posted buffer, and the scan that takes their used
+    /// entries holds at least the batch; a flag read too early (Trusty clears it just after)
+    /// is caught the same way by the next scan, which every call and every wait step makes.
+    fn repost_rx(&mut self) {
+        let batch = (self.rx_pool / 4).max(1);
+        if self.rx_held < batch && !self.rx.queue.device_wants_kick() {
+            return;
+        }
+        for i in 0..core::mem::take(&mut self.rx_held) {
             if let Some(&b) = self.rx_repost.get(i) {
                 self.post_rx(b);
             }
         }
-        if processed > 0 {
-            self.rx_kick_pending = true;
-        }
-        processed > 0
+        self.rx_kick_pending = true;
     }
 
     /// Validates one received frame (spec §6.6 steps 6-9) and routes it (Linux
@@ -1642,6 +1665,7 @@ impl TipcDevice {
         self.tx_posted.fill(NO_BUF);
         self.rx_spare.clear();
         self.rx_repost.fill(NO_BUF);
+        self.rx_held = 0;
         self.tx_free.clear();
         let bufs = core::mem::take(&mut self.bufs);
         for chan in self.channels.iter_mut() {

@@ -152,6 +152,10 @@ pub struct Peer {
     pub filled: Vec<(u16, u32)>,
     /// Sent instead of the plain GO_ONLINE at START, if set.
     pub go_online_frame: Option<Vec<u8>>,
+    /// Behave as Trusty's tx thread with vring 0's notifications: VRING_USED_F_NO_NOTIFY set
+    /// while frames find buffers, cleared when one waits for a buffer (off: the flag stays
+    /// clear, every re-post is kicked).
+    pub rx_notify_when_waiting: bool,
 }
 
 impl Peer {
@@ -297,9 +301,20 @@ impl Peer {
 
     fn flush_to_ns(&mut self) {
         while self.rx_available() {
-            let Some((frame, used)) = self.outbox.pop_front() else { return };
+            let Some((frame, used)) = self.outbox.pop_front() else { break };
             self.put_frame(&frame, used);
         }
+        if self.rx_notify_when_waiting {
+            let waiting = !self.outbox.is_empty();
+            if let Some(r) = &self.to_ns {
+                r.queue.set_no_notify(&r.mem, !waiting);
+            }
+        }
+    }
+
+    /// Rx buffers the normal world has posted on vring 0 and the peer not yet taken.
+    pub fn rx_posted(&self) -> u16 {
+        self.to_ns.as_ref().map_or(0, |r| r.queue.avail_count(&r.mem))
     }
 
     /// Control messages the normal world sent, with their header's src.
@@ -428,6 +443,7 @@ impl Harness {
             hook: None,
             filled: Vec::new(),
             go_online_frame: None,
+            rx_notify_when_waiting: false,
         };
         prepare(&mut peer);
         let peer = Arc::new(Mutex::new(peer));

@@ -466,7 +466,7 @@ impl<M: RingMemory> DriverQueue<M> {
     /// store still on its way to the other core) is paid only before skipping one.
     #[inline]
     pub fn needs_kick(&self) -> bool {
-        if self.mem.read_u16_acquire(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0 {
+        if self.device_wants_kick() {
             return true;
         }
         self.mem.write_u16_fenced(self.layout.avail_idx(), self.avail_idx);
@@ -493,6 +493,13 @@ impl<M: RingMemory> DriverQueue<M> {
         }
         self.announced = n;
         Ok(n)
+    }
+
+    /// Whether the device asks for kicks now (VRING_USED_F_NO_NOTIFY clear), read without a
+    /// barrier: a hint for when to publish, not the kick decision ([`DriverQueue::needs_kick`]).
+    #[inline]
+    pub fn device_wants_kick(&self) -> bool {
+        self.mem.read_u16_acquire(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
     }
 
     /// Starts fetching the line of `used.idx` (and the first used entries beside it), to be
@@ -752,6 +759,17 @@ impl DeviceQueue {
     pub fn prefetch_avail<M: RingMemory + ?Sized>(&self, mem: &M) {
         mem.prefetch(self.layout.avail_idx());
         mem.prefetch(self.layout.avail_ring(self.last_avail));
+    }
+
+    /// How many chains the driver has published and this end not yet taken (0 also for an
+    /// index that jumped further than the ring, which a pop reports).
+    pub fn avail_count<M: RingMemory + ?Sized>(&self, mem: &M) -> u16 {
+        let n = mem.read_u16_acquire(self.layout.avail_idx()).wrapping_sub(self.last_avail);
+        if n > self.layout.num() {
+            0
+        } else {
+            n
+        }
     }
 
     /// Whether the driver has published chains not yet taken.
