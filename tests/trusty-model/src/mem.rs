@@ -855,6 +855,11 @@ pub struct Mapping {
     grants: Vec<(u64, u32)>,
     /// Bytes `[0, n)` of the mapping lie at `ptr` in this process (see [`PhysMem::direct`]).
     direct: Option<DirectSpan>,
+    /// The direct run as the word accesses use it, resolved once here instead of on every
+    /// access: its start (8-aligned, so a word's alignment is its offset's) and length, 0 when
+    /// there is no run or it is not 8-aligned (every word access then goes through
+    /// [`PhysMem`]). The same bounds as `direct`: never more bytes than it.
+    words: DirectSpan,
 }
 
 impl Mapping {
@@ -876,7 +881,11 @@ impl Mapping {
     ) -> Self {
         let run = ranges.as_slice().first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
         let direct = first.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
-        Mapping { id, ranges, len, writable, phys, grants, direct }
+        let words = match direct {
+            Some(d) if d.ptr.as_ptr() as usize % 8 == 0 => d,
+            _ => DirectSpan { ptr: core::ptr::NonNull::dangling(), len: 0 },
+        };
+        Mapping { id, ranges, len, writable, phys, grants, direct, words }
     }
 
     /// The id the share was mapped by.
@@ -1028,11 +1037,18 @@ impl Span<'_> {
 }
 
 impl Mapping {
-    /// An aligned word of the direct run at `off`, if there is one.
-    #[inline]
+    /// An aligned word of the direct run at `off`, if there is one: one bound and one
+    /// alignment test against the run resolved when the mapping was made (`words`).
+    #[inline(always)]
     fn direct_word<T>(&self, off: usize) -> Option<*mut T> {
-        let p = self.span().direct_at(off, core::mem::size_of::<T>())?;
-        (p as usize % core::mem::align_of::<T>() == 0).then_some(p.cast())
+        let (base, run) = (self.words.ptr.as_ptr(), self.words.len);
+        // `run >= size` first, so that `run - size` cannot wrap: `off + size <= run`.
+        if run < core::mem::size_of::<T>() || off > run - core::mem::size_of::<T>() || off % core::mem::align_of::<T>() != 0 {
+            return None;
+        }
+        // SAFETY: off + size_of::<T>() <= run, the length of the direct run at `base`
+        // (checked above; `words` is `direct`, which `PhysMem::direct` vouched for).
+        Some(unsafe { base.add(off) }.cast())
     }
 }
 
@@ -1186,6 +1202,51 @@ mod tests {
             t.unmap(m2);
             assert!(t.map(h, 1, false, "buffer after reclaim").is_none());
             assert_eq!(t.faults().len(), 3);
+        }
+    }
+
+    /// Ring words take a window resolved once when the mapping is made: it reaches exactly
+    /// the mapping's bytes (not the rest of the shared page), refuses words that straddle its
+    /// end, and leaves unaligned words to the checked path.
+    #[test]
+    fn ring_words_reach_exactly_the_mapped_bytes() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let (ram, mut t) = table(stage2);
+            let page = BASE + 0x7000;
+            let h = share(&ram, &mut t, page, 1, PERM_RW);
+            let pa = ram.ipa_to_pa(page).unwrap();
+            let m = t.map(h, 100, true, "short ring").expect("maps 100 bytes of the page");
+            RingMemory::write_u64(&m, 88, 0x0102_0304_0506_0708);
+            assert_eq!(RingMemory::read_u64(&m, 88), 0x0102_0304_0506_0708);
+            RingMemory::write_u32(&m, 96, 0xaabb_ccdd);
+            assert_eq!(RingMemory::read_u32(&m, 96), 0xaabb_ccdd, "the last word of the mapping");
+            // Past the mapping's 100 bytes, though still in the shared page: nothing.
+            for off in [97usize, 98, 99, 100, 104, PAGE_SIZE, usize::MAX - 1] {
+                RingMemory::write_u32(&m, off, 0x5555_5555);
+                assert_eq!(RingMemory::read_u32(&m, off), 0, "word at {off}");
+            }
+            RingMemory::write_u64(&m, 96, u64::MAX);
+            RingMemory::write_u16(&m, 100, 0x7777);
+            let mut tail = [0u8; 12];
+            assert!(PhysMem::read(&*ram, pa + 96, &mut tail));
+            assert_eq!(tail, [0xdd, 0xcc, 0xbb, 0xaa, 0, 0, 0, 0, 0, 0, 0, 0], "nothing written past byte 100");
+            // An unaligned word inside the mapping leaves the window for the checked path,
+            // which refuses it as guest RAM does (ring words are always aligned).
+            assert!(m.write(0, &[0x5a; 8]));
+            RingMemory::write_u32(&m, 2, 0x1122_3344);
+            assert_eq!(RingMemory::read_u32(&m, 2), 0);
+            let mut b = [0u8; 8];
+            assert!(PhysMem::read(&*ram, pa, &mut b));
+            assert_eq!(b, [0x5a; 8], "the unaligned write was refused");
+            t.unmap(m);
+            // Read-only: no word write lands, on either path.
+            let m = t.map(h, PAGE_SIZE, false, "read-only ring").expect("maps read-only");
+            RingMemory::write_u32(&m, 96, 0);
+            RingMemory::write_u16(&m, 4, 0);
+            assert_eq!(RingMemory::read_u32(&m, 96), 0xaabb_ccdd);
+            assert_eq!(RingMemory::read_u16(&m, 4), 0x5a5a);
+            t.unmap(m);
+            assert!(t.faults().is_empty(), "{:?}", t.faults());
         }
     }
 
