@@ -856,10 +856,42 @@ pub struct Mapping {
     /// Bytes `[0, n)` of the mapping lie at `ptr` in this process (see [`PhysMem::direct`]).
     direct: Option<DirectSpan>,
     /// The direct run as the word accesses use it, resolved once here instead of on every
-    /// access: its start (8-aligned, so a word's alignment is its offset's) and length, 0 when
-    /// there is no run or it is not 8-aligned (every word access then goes through
-    /// [`PhysMem`]). The same bounds as `direct`: never more bytes than it.
-    words: DirectSpan,
+    /// access: its start (8-aligned, so a word's alignment is its offset's; dangling when
+    /// there is no such run) and, per word size (1, 2, 4, 8 bytes), how many offsets a word of
+    /// that size may start at inside it: `run + 1 - size`, 0 when the run is shorter than a
+    /// word or missing (every access then goes through [`PhysMem`]). A word at `off` is in the
+    /// run exactly when `off < starts[size]`: the same bounds as `direct`, one compare.
+    words: WordWindow,
+}
+
+/// See [`Mapping`]'s `words`.
+#[derive(Clone, Copy)]
+struct WordWindow {
+    base: core::ptr::NonNull<u8>,
+    /// Offsets a word may start at, by log2 of its size; reads.
+    starts: [usize; 4],
+    /// The same for writes: all 0 when the mapping is read-only.
+    write_starts: [usize; 4],
+}
+
+// SAFETY: the window only names memory of a `DirectSpan` (see its Send/Sync), reached within
+// its bounds with volatile words.
+unsafe impl Send for WordWindow {}
+// SAFETY: as above.
+unsafe impl Sync for WordWindow {}
+
+impl WordWindow {
+    fn new(direct: Option<DirectSpan>, writable: bool) -> Self {
+        let run = match direct {
+            Some(d) if d.ptr.as_ptr() as usize % 8 == 0 => Some(d),
+            _ => None,
+        };
+        let base = run.map_or(core::ptr::NonNull::dangling(), |d| d.ptr);
+        let len = run.map_or(0, |d| d.len);
+        let starts = [1usize, 2, 4, 8].map(|size| (len + 1).saturating_sub(size));
+        let write_starts = if writable { starts } else { [0; 4] };
+        WordWindow { base, starts, write_starts }
+    }
 }
 
 impl Mapping {
@@ -881,10 +913,7 @@ impl Mapping {
     ) -> Self {
         let run = ranges.as_slice().first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
         let direct = first.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
-        let words = match direct {
-            Some(d) if d.ptr.as_ptr() as usize % 8 == 0 => d,
-            _ => DirectSpan { ptr: core::ptr::NonNull::dangling(), len: 0 },
-        };
+        let words = WordWindow::new(direct, writable);
         Mapping { id, ranges, len, writable, phys, grants, direct, words }
     }
 
@@ -1038,17 +1067,20 @@ impl Span<'_> {
 
 impl Mapping {
     /// An aligned word of the direct run at `off`, if there is one: one bound and one
-    /// alignment test against the run resolved when the mapping was made (`words`).
+    /// alignment test against the window resolved when the mapping was made (`words`).
+    /// `write`: for a write (a read-only mapping has no window for it).
     #[inline(always)]
-    fn direct_word<T>(&self, off: usize) -> Option<*mut T> {
-        let (base, run) = (self.words.ptr.as_ptr(), self.words.len);
-        // `run >= size` first, so that `run - size` cannot wrap: `off + size <= run`.
-        if run < core::mem::size_of::<T>() || off > run - core::mem::size_of::<T>() || off % core::mem::align_of::<T>() != 0 {
+    fn direct_word<T>(&self, off: usize, write: bool) -> Option<*mut T> {
+        let size = core::mem::size_of::<T>();
+        let w = &self.words;
+        let starts = if write { &w.write_starts } else { &w.starts };
+        if off >= starts[size.trailing_zeros() as usize & 3] || off % core::mem::align_of::<T>() != 0 {
             return None;
         }
-        // SAFETY: off + size_of::<T>() <= run, the length of the direct run at `base`
-        // (checked above; `words` is `direct`, which `PhysMem::direct` vouched for).
-        Some(unsafe { base.add(off) }.cast())
+        // SAFETY: off < run + 1 - size, i.e. off + size <= run, the length of the direct run
+        // at `base` (`WordWindow::new`; the run is `direct`, which `PhysMem::direct` vouched
+        // for and the mapping keeps alive).
+        Some(unsafe { w.base.as_ptr().add(off) }.cast())
     }
 }
 
@@ -1056,7 +1088,7 @@ macro_rules! mapping_word {
     ($read:ident, $write:ident, $read_slow:ident, $write_slow:ident, $t:ty) => {
         #[inline]
         fn $read(&self, off: usize) -> $t {
-            if let Some(p) = self.direct_word::<$t>(off) {
+            if let Some(p) = self.direct_word::<$t>(off, false) {
                 // SAFETY: in the direct run and aligned (`direct_word`); volatile: the other
                 // world writes concurrently.
                 return <$t>::from_le(unsafe { p.read_volatile() });
@@ -1065,15 +1097,14 @@ macro_rules! mapping_word {
         }
         #[inline]
         fn $write(&self, off: usize, v: $t) {
-            if !self.writable {
-                return;
-            }
-            if let Some(p) = self.direct_word::<$t>(off) {
-                // SAFETY: as in the read above.
+            if let Some(p) = self.direct_word::<$t>(off, true) {
+                // SAFETY: as in the read above (the write window is empty unless writable).
                 unsafe { p.write_volatile(v.to_le()) };
                 return;
             }
-            self.$write_slow(off, v)
+            if self.writable {
+                self.$write_slow(off, v)
+            }
         }
     };
 }
@@ -1109,7 +1140,7 @@ impl RingMemory for Mapping {
     }
     #[inline]
     fn prefetch(&self, off: usize) {
-        if let Some(p) = self.direct_word::<u8>(off) {
+        if let Some(p) = self.direct_word::<u8>(off, false) {
             trusty_virtio::vring::prefetch_line(p);
         }
     }
