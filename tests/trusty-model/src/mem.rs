@@ -155,6 +155,7 @@ impl ShareMap {
     }
 
     /// The slot holding `id`: the cached one if it still holds `id`, else the index's.
+    #[inline]
     fn slot_of(&self, id: u64) -> Option<usize> {
         let hint = self.recent[Self::bucket(id)];
         if matches!(self.slots.get(hint), Some(Some((held, _))) if *held == id) {
@@ -172,7 +173,17 @@ impl ShareMap {
     /// every message keeps hitting it).
     #[inline]
     fn get_recent(&mut self, id: u64) -> Option<&Share> {
-        let slot = self.slot_of(id)?;
+        let hint = self.recent[Self::bucket(id)];
+        if matches!(self.slots.get(hint), Some(Some((held, _))) if *held == id) {
+            return self.slots.get(hint)?.as_ref().map(|(_, share)| share);
+        }
+        self.get_recent_slow(id)
+    }
+
+    /// [`ShareMap::get_recent`] when the cache misses: the index, and the cache updated.
+    #[inline(never)]
+    fn get_recent_slow(&mut self, id: u64) -> Option<&Share> {
+        let slot = self.index.get(&id).copied()?;
         self.recent[Self::bucket(id)] = slot;
         self.slots.get(slot)?.as_ref().map(|(_, share)| share)
     }
@@ -747,7 +758,7 @@ impl ShareTable {
         let ranges: &[PhysRange] = &share.ranges;
         let run = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
         let direct = share.direct.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
-        Ok(Span { ranges, len, writable: write, phys: &*self.phys, direct })
+        Ok(Span { ranges, len, writable: write, phys: &self.phys, direct })
     }
 
     /// The fault of a refused [`ShareTable::with_mapped`] (out of line: never on a data path
@@ -940,7 +951,7 @@ impl Mapping {
     /// The mapping as a borrowed [`Span`] (the accesses of both are one code).
     #[inline]
     fn span(&self) -> Span<'_> {
-        Span { ranges: self.ranges.as_slice(), len: self.len, writable: self.writable, phys: &*self.phys, direct: self.direct }
+        Span { ranges: self.ranges.as_slice(), len: self.len, writable: self.writable, phys: &self.phys, direct: self.direct }
     }
 
     /// The physical address of byte `off`, if the run `[off, off + n)` stays in one range.
@@ -959,6 +970,30 @@ impl Mapping {
     }
 }
 
+/// `copy_nonoverlapping` of `n` bytes, with the short copies of a message's header and a
+/// small payload done inline (two overlapping unaligned words) instead of a call to `memcpy`.
+///
+/// # Safety
+/// As `copy_nonoverlapping`: `src` readable and `dst` writable for `n` bytes, not overlapping.
+#[inline(always)]
+unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY (every arm): the words read and written lie inside the `n` bytes at `src` and
+    // `dst` (the second word of a pair ends exactly at byte `n`), which the caller vouches for.
+    unsafe {
+        if (16..=32).contains(&n) {
+            let (a, b) = (src.cast::<u128>().read_unaligned(), src.add(n - 16).cast::<u128>().read_unaligned());
+            dst.cast::<u128>().write_unaligned(a);
+            dst.add(n - 16).cast::<u128>().write_unaligned(b);
+        } else if (8..16).contains(&n) {
+            let (a, b) = (src.cast::<u64>().read_unaligned(), src.add(n - 8).cast::<u64>().read_unaligned());
+            dst.cast::<u64>().write_unaligned(a);
+            dst.add(n - 8).cast::<u64>().write_unaligned(b);
+        } else {
+            core::ptr::copy_nonoverlapping(src, dst, n);
+        }
+    }
+}
+
 /// A share reached for one access ([`ShareTable::with_mapped`]): the same bounded view as a
 /// [`Mapping`], borrowed from the share table for the length of a call, so it needs no
 /// reference counts and nothing to give back, and cannot outlive the share (the table, which
@@ -967,7 +1002,9 @@ pub struct Span<'a> {
     ranges: &'a [PhysRange],
     len: usize,
     writable: bool,
-    phys: &'a dyn PhysMem,
+    /// Reached through the `Arc` only off the direct run (so a direct access never derives the
+    /// trait object).
+    phys: &'a Arc<dyn PhysMem>,
     /// Bytes `[0, n)` lie at `ptr` in this process (see [`PhysMem::direct`]).
     direct: Option<DirectSpan>,
 }
@@ -1011,12 +1048,12 @@ impl Span<'_> {
     }
 
     /// Copies `out.len()` bytes from offset `off`; false if out of the share's mapped bytes.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
         if let Some(p) = self.direct_at(off, out.len()) {
             // SAFETY: `direct_at` bounded the run to the span `PhysMem::direct` vouched for,
             // kept alive by the `PhysMem` this view borrows; bytes are copied, not referenced.
-            unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+            unsafe { copy_bytes(p, out.as_mut_ptr(), out.len()) };
             return true;
         }
         self.read_through_phys(off, out)
@@ -1037,14 +1074,14 @@ impl Span<'_> {
     }
 
     /// Copies `data` to offset `off`; false if out of the share's mapped bytes or read-only.
-    #[inline]
+    #[inline(always)]
     pub fn write(&self, off: usize, data: &[u8]) -> bool {
         if !self.writable {
             return false;
         }
         if let Some(p) = self.direct_at(off, data.len()) {
             // SAFETY: as in `read`.
-            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            unsafe { copy_bytes(data.as_ptr(), p, data.len()) };
             return true;
         }
         self.write_through_phys(off, data)
