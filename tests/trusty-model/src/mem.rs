@@ -1087,6 +1087,26 @@ impl Span<'_> {
         self.write_through_phys(off, data)
     }
 
+    /// [`Span::write`] of each `(offset, bytes)` part, with one bound check for all of them
+    /// when they lie in the direct run (a frame's header fields and payload written in place).
+    /// False if any part is out of the share's mapped bytes or the span is read-only; parts
+    /// are written in order, as separate writes would write them.
+    #[inline(always)]
+    pub fn write_parts<const N: usize>(&self, parts: [(usize, &[u8]); N]) -> bool {
+        if self.writable {
+            let end = parts.iter().try_fold(0usize, |end, (off, d)| Some(end.max(off.checked_add(d.len())?)));
+            if let Some(p) = end.and_then(|end| self.direct_at(0, end)) {
+                for (off, d) in parts {
+                    // SAFETY: off + d.len() <= end, and `direct_at` bounded [0, end) to the span
+                    // `PhysMem::direct` vouched for (as in `write`).
+                    unsafe { copy_bytes(d.as_ptr(), p.add(off), d.len()) };
+                }
+                return true;
+            }
+        }
+        parts.iter().all(|(off, d)| self.write(*off, d))
+    }
+
     /// [`Span::write`] outside the direct run: page by page through [`PhysMem`].
     #[inline(never)]
     fn write_through_phys(&self, off: usize, data: &[u8]) -> bool {

@@ -819,7 +819,7 @@ impl TipcDev {
         let written = shares.with_mapped(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)", #[inline(always)] |m| {
             if n >= wire::HEADER_LEN && head.len() == wire::HEADER_LEN {
                 // A data frame: the header's fields (fixed sizes, copied inline), then the payload.
-                m.write(0, &head[..10]) && m.write(12, &head[12..16]) && m.write(16, &body[..n - wire::HEADER_LEN])
+                m.write_parts([(0, &head[..10]), (12, &head[12..16]), (16, &body[..n - wire::HEADER_LEN])])
             } else if n >= wire::HEADER_LEN {
                 write_range(m, 0, 10) && write_range(m, 12, n)
             } else {
