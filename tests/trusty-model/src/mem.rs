@@ -1370,6 +1370,63 @@ mod tests {
         }
     }
 
+    /// Short copies (done inline, two overlapping words) and multi-part writes (one bound
+    /// check for all parts) land exactly the bytes asked, and refuse, writing nothing past the
+    /// share, what does not fit or a read-only span.
+    #[test]
+    fn short_copies_and_part_writes_stay_in_bounds() {
+        let (ram, mut t) = table(Stage2::Identity);
+        let page = BASE + 0x8000;
+        let h = share(&ram, &mut t, page, 1, PERM_RW);
+        let pa = ram.ipa_to_pa(page).unwrap();
+        let pattern: Vec<u8> = (1..=40u8).collect();
+        for n in 0..=40usize {
+            for off in [0usize, 3, PAGE_SIZE - n] {
+                assert!(PhysMem::write(&*ram, pa, &[0u8; PAGE_SIZE]));
+                let ok = t.with_mapped(h, PAGE_SIZE, true, "buffer", |m| m.write(off, &pattern[..n]));
+                assert_eq!(ok, Some(true), "{n} bytes at {off}");
+                let mut back = alloc::vec![0u8; PAGE_SIZE];
+                assert!(PhysMem::read(&*ram, pa, &mut back));
+                assert_eq!(&back[off..off + n], &pattern[..n], "{n} bytes at {off}");
+                assert!(back[..off].iter().chain(&back[off + n..]).all(|&b| b == 0), "only those bytes");
+                let mut out = alloc::vec![0u8; n];
+                assert_eq!(t.with_mapped(h, PAGE_SIZE, false, "buffer", |m| m.read(off, &mut out)), Some(true));
+                assert_eq!(out, &pattern[..n]);
+                // One byte more does not fit at the end of the page.
+                if off == PAGE_SIZE - n {
+                    let mut long = alloc::vec![0u8; n + 1];
+                    assert_eq!(t.with_mapped(h, PAGE_SIZE, false, "buffer", |m| m.read(off, &mut long)), Some(false));
+                }
+            }
+        }
+        // Parts: header fields around a gap, then a payload; the gap keeps its bytes.
+        assert!(PhysMem::write(&*ram, pa, &[0xee; 64]));
+        let ok = t.with_mapped(h, 64, true, "rx buffer", |m| m.write_parts([(0, &pattern[..10]), (12, &pattern[12..16]), (16, &pattern[16..32])]));
+        assert_eq!(ok, Some(true));
+        let mut back = [0u8; 34];
+        assert!(PhysMem::read(&*ram, pa, &mut back));
+        assert_eq!(&back[..10], &pattern[..10]);
+        assert_eq!(&back[10..12], &[0xee, 0xee], "the gap is left as it was");
+        assert_eq!(&back[12..32], &pattern[12..32]);
+        assert_eq!(&back[32..], &[0xee, 0xee]);
+        // A part past the mapped bytes refuses (the parts before it are written, as separate
+        // writes would be; nothing lands past the span).
+        let ok = t.with_mapped(h, 64, true, "rx buffer", |m| m.write_parts([(0, &[1u8; 4][..]), (60, &[2u8; 8][..])]));
+        assert_eq!(ok, Some(false));
+        let mut tail = [0u8; 8];
+        assert!(PhysMem::read(&*ram, pa + 60, &mut tail));
+        assert_eq!(tail, [0xee, 0xee, 0xee, 0xee, 0, 0, 0, 0], "nothing of the refused part, in or past the span");
+        let ok = t.with_mapped(h, 64, true, "rx buffer", |m| m.write_parts([(usize::MAX, &[1u8; 2][..])]));
+        assert_eq!(ok, Some(false), "an offset that overflows is refused");
+        // Read-only: nothing written.
+        let ro = share(&ram, &mut t, page, 1, PERM_RO);
+        let ok = t.with_mapped(ro, 64, false, "read-only", |m| m.write_parts([(0, &[9u8; 16][..])]));
+        assert_eq!(ok, Some(false));
+        assert!(PhysMem::read(&*ram, pa, &mut back));
+        assert_eq!(&back[..4], &[1, 1, 1, 1]);
+        assert!(t.faults().is_empty(), "{:?}", t.faults());
+    }
+
     /// Handles that meet in one bucket of the look-up cache each reach their own share, and a
     /// reclaimed one faults though its bucket points at a live share.
     #[test]
