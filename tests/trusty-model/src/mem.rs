@@ -977,7 +977,7 @@ impl Mapping {
 /// As `copy_nonoverlapping`: `src` readable and `dst` writable for `n` bytes, not overlapping.
 #[inline(always)]
 unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
-    // SAFETY (every arm): the words read and written lie inside the `n` bytes at `src` and
+    // SAFETY: in every arm the words read and written lie inside the `n` bytes at `src` and
     // `dst` (the second word of a pair ends exactly at byte `n`), which the caller vouches for.
     unsafe {
         if (16..=32).contains(&n) {
