@@ -155,6 +155,7 @@ impl ShareMap {
     }
 
     /// The slot holding `id`: the cached one if it still holds `id`, else the index's.
+    #[inline]
     fn slot_of(&self, id: u64) -> Option<usize> {
         let hint = self.recent[Self::bucket(id)];
         if matches!(self.slots.get(hint), Some(Some((held, _))) if *held == id) {
@@ -172,7 +173,17 @@ impl ShareMap {
     /// every message keeps hitting it).
     #[inline]
     fn get_recent(&mut self, id: u64) -> Option<&Share> {
-        let slot = self.slot_of(id)?;
+        let hint = self.recent[Self::bucket(id)];
+        if matches!(self.slots.get(hint), Some(Some((held, _))) if *held == id) {
+            return self.slots.get(hint)?.as_ref().map(|(_, share)| share);
+        }
+        self.get_recent_slow(id)
+    }
+
+    /// [`ShareMap::get_recent`] when the cache misses: the index, and the cache updated.
+    #[inline(never)]
+    fn get_recent_slow(&mut self, id: u64) -> Option<&Share> {
+        let slot = self.index.get(&id).copied()?;
         self.recent[Self::bucket(id)] = slot;
         self.slots.get(slot)?.as_ref().map(|(_, share)| share)
     }
@@ -747,7 +758,7 @@ impl ShareTable {
         let ranges: &[PhysRange] = &share.ranges;
         let run = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
         let direct = share.direct.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
-        Ok(Span { ranges, len, writable: write, phys: &*self.phys, direct })
+        Ok(Span { ranges, len, writable: write, phys: &self.phys, direct })
     }
 
     /// The fault of a refused [`ShareTable::with_mapped`] (out of line: never on a data path
@@ -855,6 +866,43 @@ pub struct Mapping {
     grants: Vec<(u64, u32)>,
     /// Bytes `[0, n)` of the mapping lie at `ptr` in this process (see [`PhysMem::direct`]).
     direct: Option<DirectSpan>,
+    /// The direct run as the word accesses use it, resolved once here instead of on every
+    /// access: its start (8-aligned, so a word's alignment is its offset's; dangling when
+    /// there is no such run) and, per word size (1, 2, 4, 8 bytes), how many offsets a word of
+    /// that size may start at inside it: `run + 1 - size`, 0 when the run is shorter than a
+    /// word or missing (every access then goes through [`PhysMem`]). A word at `off` is in the
+    /// run exactly when `off < starts[size]`: the same bounds as `direct`, one compare.
+    words: WordWindow,
+}
+
+/// See [`Mapping`]'s `words`.
+#[derive(Clone, Copy)]
+struct WordWindow {
+    base: core::ptr::NonNull<u8>,
+    /// Offsets a word may start at, by log2 of its size; reads.
+    starts: [usize; 4],
+    /// The same for writes: all 0 when the mapping is read-only.
+    write_starts: [usize; 4],
+}
+
+// SAFETY: the window only names memory of a `DirectSpan` (see its Send/Sync), reached within
+// its bounds with volatile words.
+unsafe impl Send for WordWindow {}
+// SAFETY: as above.
+unsafe impl Sync for WordWindow {}
+
+impl WordWindow {
+    fn new(direct: Option<DirectSpan>, writable: bool) -> Self {
+        let run = match direct {
+            Some(d) if d.ptr.as_ptr() as usize % 8 == 0 => Some(d),
+            _ => None,
+        };
+        let base = run.map_or(core::ptr::NonNull::dangling(), |d| d.ptr);
+        let len = run.map_or(0, |d| d.len);
+        let starts = [1usize, 2, 4, 8].map(|size| (len + 1).saturating_sub(size));
+        let write_starts = if writable { starts } else { [0; 4] };
+        WordWindow { base, starts, write_starts }
+    }
 }
 
 impl Mapping {
@@ -876,7 +924,8 @@ impl Mapping {
     ) -> Self {
         let run = ranges.as_slice().first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
         let direct = first.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
-        Mapping { id, ranges, len, writable, phys, grants, direct }
+        let words = WordWindow::new(direct, writable);
+        Mapping { id, ranges, len, writable, phys, grants, direct, words }
     }
 
     /// The id the share was mapped by.
@@ -902,7 +951,7 @@ impl Mapping {
     /// The mapping as a borrowed [`Span`] (the accesses of both are one code).
     #[inline]
     fn span(&self) -> Span<'_> {
-        Span { ranges: self.ranges.as_slice(), len: self.len, writable: self.writable, phys: &*self.phys, direct: self.direct }
+        Span { ranges: self.ranges.as_slice(), len: self.len, writable: self.writable, phys: &self.phys, direct: self.direct }
     }
 
     /// The physical address of byte `off`, if the run `[off, off + n)` stays in one range.
@@ -921,6 +970,30 @@ impl Mapping {
     }
 }
 
+/// `copy_nonoverlapping` of `n` bytes, with the short copies of a message's header and a
+/// small payload done inline (two overlapping unaligned words) instead of a call to `memcpy`.
+///
+/// # Safety
+/// As `copy_nonoverlapping`: `src` readable and `dst` writable for `n` bytes, not overlapping.
+#[inline(always)]
+unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY: in every arm the words read and written lie inside the `n` bytes at `src` and
+    // `dst` (the second word of a pair ends exactly at byte `n`), which the caller vouches for.
+    unsafe {
+        if (16..=32).contains(&n) {
+            let (a, b) = (src.cast::<u128>().read_unaligned(), src.add(n - 16).cast::<u128>().read_unaligned());
+            dst.cast::<u128>().write_unaligned(a);
+            dst.add(n - 16).cast::<u128>().write_unaligned(b);
+        } else if (8..16).contains(&n) {
+            let (a, b) = (src.cast::<u64>().read_unaligned(), src.add(n - 8).cast::<u64>().read_unaligned());
+            dst.cast::<u64>().write_unaligned(a);
+            dst.add(n - 8).cast::<u64>().write_unaligned(b);
+        } else {
+            core::ptr::copy_nonoverlapping(src, dst, n);
+        }
+    }
+}
+
 /// A share reached for one access ([`ShareTable::with_mapped`]): the same bounded view as a
 /// [`Mapping`], borrowed from the share table for the length of a call, so it needs no
 /// reference counts and nothing to give back, and cannot outlive the share (the table, which
@@ -929,7 +1002,9 @@ pub struct Span<'a> {
     ranges: &'a [PhysRange],
     len: usize,
     writable: bool,
-    phys: &'a dyn PhysMem,
+    /// Reached through the `Arc` only off the direct run (so a direct access never derives the
+    /// trait object).
+    phys: &'a Arc<dyn PhysMem>,
     /// Bytes `[0, n)` lie at `ptr` in this process (see [`PhysMem::direct`]).
     direct: Option<DirectSpan>,
 }
@@ -973,12 +1048,12 @@ impl Span<'_> {
     }
 
     /// Copies `out.len()` bytes from offset `off`; false if out of the share's mapped bytes.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
         if let Some(p) = self.direct_at(off, out.len()) {
             // SAFETY: `direct_at` bounded the run to the span `PhysMem::direct` vouched for,
             // kept alive by the `PhysMem` this view borrows; bytes are copied, not referenced.
-            unsafe { core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+            unsafe { copy_bytes(p, out.as_mut_ptr(), out.len()) };
             return true;
         }
         self.read_through_phys(off, out)
@@ -999,17 +1074,37 @@ impl Span<'_> {
     }
 
     /// Copies `data` to offset `off`; false if out of the share's mapped bytes or read-only.
-    #[inline]
+    #[inline(always)]
     pub fn write(&self, off: usize, data: &[u8]) -> bool {
         if !self.writable {
             return false;
         }
         if let Some(p) = self.direct_at(off, data.len()) {
             // SAFETY: as in `read`.
-            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            unsafe { copy_bytes(data.as_ptr(), p, data.len()) };
             return true;
         }
         self.write_through_phys(off, data)
+    }
+
+    /// [`Span::write`] of each `(offset, bytes)` part, with one bound check for all of them
+    /// when they lie in the direct run (a frame's header fields and payload written in place).
+    /// False if any part is out of the share's mapped bytes or the span is read-only; parts
+    /// are written in order, as separate writes would write them.
+    #[inline(always)]
+    pub fn write_parts<const N: usize>(&self, parts: [(usize, &[u8]); N]) -> bool {
+        if self.writable {
+            let end = parts.iter().try_fold(0usize, |end, (off, d)| Some(end.max(off.checked_add(d.len())?)));
+            if let Some(p) = end.and_then(|end| self.direct_at(0, end)) {
+                for (off, d) in parts {
+                    // SAFETY: off + d.len() <= end, and `direct_at` bounded [0, end) to the span
+                    // `PhysMem::direct` vouched for (as in `write`).
+                    unsafe { copy_bytes(d.as_ptr(), p.add(off), d.len()) };
+                }
+                return true;
+            }
+        }
+        parts.iter().all(|(off, d)| self.write(*off, d))
     }
 
     /// [`Span::write`] outside the direct run: page by page through [`PhysMem`].
@@ -1028,11 +1123,21 @@ impl Span<'_> {
 }
 
 impl Mapping {
-    /// An aligned word of the direct run at `off`, if there is one.
-    #[inline]
-    fn direct_word<T>(&self, off: usize) -> Option<*mut T> {
-        let p = self.span().direct_at(off, core::mem::size_of::<T>())?;
-        (p as usize % core::mem::align_of::<T>() == 0).then_some(p.cast())
+    /// An aligned word of the direct run at `off`, if there is one: one bound and one
+    /// alignment test against the window resolved when the mapping was made (`words`).
+    /// `write`: for a write (a read-only mapping has no window for it).
+    #[inline(always)]
+    fn direct_word<T>(&self, off: usize, write: bool) -> Option<*mut T> {
+        let size = core::mem::size_of::<T>();
+        let w = &self.words;
+        let starts = if write { &w.write_starts } else { &w.starts };
+        if off >= starts[size.trailing_zeros() as usize & 3] || off % core::mem::align_of::<T>() != 0 {
+            return None;
+        }
+        // SAFETY: off < run + 1 - size, i.e. off + size <= run, the length of the direct run
+        // at `base` (`WordWindow::new`; the run is `direct`, which `PhysMem::direct` vouched
+        // for and the mapping keeps alive).
+        Some(unsafe { w.base.as_ptr().add(off) }.cast())
     }
 }
 
@@ -1040,7 +1145,7 @@ macro_rules! mapping_word {
     ($read:ident, $write:ident, $read_slow:ident, $write_slow:ident, $t:ty) => {
         #[inline]
         fn $read(&self, off: usize) -> $t {
-            if let Some(p) = self.direct_word::<$t>(off) {
+            if let Some(p) = self.direct_word::<$t>(off, false) {
                 // SAFETY: in the direct run and aligned (`direct_word`); volatile: the other
                 // world writes concurrently.
                 return <$t>::from_le(unsafe { p.read_volatile() });
@@ -1049,15 +1154,14 @@ macro_rules! mapping_word {
         }
         #[inline]
         fn $write(&self, off: usize, v: $t) {
-            if !self.writable {
-                return;
-            }
-            if let Some(p) = self.direct_word::<$t>(off) {
-                // SAFETY: as in the read above.
+            if let Some(p) = self.direct_word::<$t>(off, true) {
+                // SAFETY: as in the read above (the write window is empty unless writable).
                 unsafe { p.write_volatile(v.to_le()) };
                 return;
             }
-            self.$write_slow(off, v)
+            if self.writable {
+                self.$write_slow(off, v)
+            }
         }
     };
 }
@@ -1093,7 +1197,7 @@ impl RingMemory for Mapping {
     }
     #[inline]
     fn prefetch(&self, off: usize) {
-        if let Some(p) = self.direct_word::<u8>(off) {
+        if let Some(p) = self.direct_word::<u8>(off, false) {
             trusty_virtio::vring::prefetch_line(p);
         }
     }
@@ -1189,6 +1293,51 @@ mod tests {
         }
     }
 
+    /// Ring words take a window resolved once when the mapping is made: it reaches exactly
+    /// the mapping's bytes (not the rest of the shared page), refuses words that straddle its
+    /// end, and leaves unaligned words to the checked path.
+    #[test]
+    fn ring_words_reach_exactly_the_mapped_bytes() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let (ram, mut t) = table(stage2);
+            let page = BASE + 0x7000;
+            let h = share(&ram, &mut t, page, 1, PERM_RW);
+            let pa = ram.ipa_to_pa(page).unwrap();
+            let m = t.map(h, 100, true, "short ring").expect("maps 100 bytes of the page");
+            RingMemory::write_u64(&m, 88, 0x0102_0304_0506_0708);
+            assert_eq!(RingMemory::read_u64(&m, 88), 0x0102_0304_0506_0708);
+            RingMemory::write_u32(&m, 96, 0xaabb_ccdd);
+            assert_eq!(RingMemory::read_u32(&m, 96), 0xaabb_ccdd, "the last word of the mapping");
+            // Past the mapping's 100 bytes, though still in the shared page: nothing.
+            for off in [97usize, 98, 99, 100, 104, PAGE_SIZE, usize::MAX - 1] {
+                RingMemory::write_u32(&m, off, 0x5555_5555);
+                assert_eq!(RingMemory::read_u32(&m, off), 0, "word at {off}");
+            }
+            RingMemory::write_u64(&m, 96, u64::MAX);
+            RingMemory::write_u16(&m, 100, 0x7777);
+            let mut tail = [0u8; 12];
+            assert!(PhysMem::read(&*ram, pa + 96, &mut tail));
+            assert_eq!(tail, [0xdd, 0xcc, 0xbb, 0xaa, 0, 0, 0, 0, 0, 0, 0, 0], "nothing written past byte 100");
+            // An unaligned word inside the mapping leaves the window for the checked path,
+            // which refuses it as guest RAM does (ring words are always aligned).
+            assert!(m.write(0, &[0x5a; 8]));
+            RingMemory::write_u32(&m, 2, 0x1122_3344);
+            assert_eq!(RingMemory::read_u32(&m, 2), 0);
+            let mut b = [0u8; 8];
+            assert!(PhysMem::read(&*ram, pa, &mut b));
+            assert_eq!(b, [0x5a; 8], "the unaligned write was refused");
+            t.unmap(m);
+            // Read-only: no word write lands, on either path.
+            let m = t.map(h, PAGE_SIZE, false, "read-only ring").expect("maps read-only");
+            RingMemory::write_u32(&m, 96, 0);
+            RingMemory::write_u16(&m, 4, 0);
+            assert_eq!(RingMemory::read_u32(&m, 96), 0xaabb_ccdd);
+            assert_eq!(RingMemory::read_u16(&m, 4), 0x5a5a);
+            t.unmap(m);
+            assert!(t.faults().is_empty(), "{:?}", t.faults());
+        }
+    }
+
     /// A share reached in place for one access ([`ShareTable::with_mapped`], the data path's
     /// way) is held to what was shared exactly as a mapping is: its bytes only, read-only when
     /// shared so, and nothing at all once reclaimed, however often the handle was used before.
@@ -1219,6 +1368,63 @@ mod tests {
             assert!(t.with_mapped(ro, 16, true, "write to a read-only share", |_| ()).is_none());
             assert_eq!(t.faults().len(), 3);
         }
+    }
+
+    /// Short copies (done inline, two overlapping words) and multi-part writes (one bound
+    /// check for all parts) land exactly the bytes asked, and refuse, writing nothing past the
+    /// share, what does not fit or a read-only span.
+    #[test]
+    fn short_copies_and_part_writes_stay_in_bounds() {
+        let (ram, mut t) = table(Stage2::Identity);
+        let page = BASE + 0x8000;
+        let h = share(&ram, &mut t, page, 1, PERM_RW);
+        let pa = ram.ipa_to_pa(page).unwrap();
+        let pattern: Vec<u8> = (1..=40u8).collect();
+        for n in 0..=40usize {
+            for off in [0usize, 3, PAGE_SIZE - n] {
+                assert!(PhysMem::write(&*ram, pa, &[0u8; PAGE_SIZE]));
+                let ok = t.with_mapped(h, PAGE_SIZE, true, "buffer", |m| m.write(off, &pattern[..n]));
+                assert_eq!(ok, Some(true), "{n} bytes at {off}");
+                let mut back = alloc::vec![0u8; PAGE_SIZE];
+                assert!(PhysMem::read(&*ram, pa, &mut back));
+                assert_eq!(&back[off..off + n], &pattern[..n], "{n} bytes at {off}");
+                assert!(back[..off].iter().chain(&back[off + n..]).all(|&b| b == 0), "only those bytes");
+                let mut out = alloc::vec![0u8; n];
+                assert_eq!(t.with_mapped(h, PAGE_SIZE, false, "buffer", |m| m.read(off, &mut out)), Some(true));
+                assert_eq!(out, &pattern[..n]);
+                // One byte more does not fit at the end of the page.
+                if off == PAGE_SIZE - n {
+                    let mut long = alloc::vec![0u8; n + 1];
+                    assert_eq!(t.with_mapped(h, PAGE_SIZE, false, "buffer", |m| m.read(off, &mut long)), Some(false));
+                }
+            }
+        }
+        // Parts: header fields around a gap, then a payload; the gap keeps its bytes.
+        assert!(PhysMem::write(&*ram, pa, &[0xee; 64]));
+        let ok = t.with_mapped(h, 64, true, "rx buffer", |m| m.write_parts([(0, &pattern[..10]), (12, &pattern[12..16]), (16, &pattern[16..32])]));
+        assert_eq!(ok, Some(true));
+        let mut back = [0u8; 34];
+        assert!(PhysMem::read(&*ram, pa, &mut back));
+        assert_eq!(&back[..10], &pattern[..10]);
+        assert_eq!(&back[10..12], &[0xee, 0xee], "the gap is left as it was");
+        assert_eq!(&back[12..32], &pattern[12..32]);
+        assert_eq!(&back[32..], &[0xee, 0xee]);
+        // A part past the mapped bytes refuses (the parts before it are written, as separate
+        // writes would be; nothing lands past the span).
+        let ok = t.with_mapped(h, 64, true, "rx buffer", |m| m.write_parts([(0, &[1u8; 4][..]), (60, &[2u8; 8][..])]));
+        assert_eq!(ok, Some(false));
+        let mut tail = [0u8; 8];
+        assert!(PhysMem::read(&*ram, pa + 60, &mut tail));
+        assert_eq!(tail, [0xee, 0xee, 0xee, 0xee, 0, 0, 0, 0], "nothing of the refused part, in or past the span");
+        let ok = t.with_mapped(h, 64, true, "rx buffer", |m| m.write_parts([(usize::MAX, &[1u8; 2][..])]));
+        assert_eq!(ok, Some(false), "an offset that overflows is refused");
+        // Read-only: nothing written.
+        let ro = share(&ram, &mut t, page, 1, PERM_RO);
+        let ok = t.with_mapped(ro, 64, false, "read-only", |m| m.write_parts([(0, &[9u8; 16][..])]));
+        assert_eq!(ok, Some(false));
+        assert!(PhysMem::read(&*ram, pa, &mut back));
+        assert_eq!(&back[..4], &[1, 1, 1, 1]);
+        assert!(t.faults().is_empty(), "{:?}", t.faults());
     }
 
     /// Handles that meet in one bucket of the look-up cache each reach their own share, and a

@@ -51,9 +51,20 @@ impl<V> IdMap<V> {
         self.slots.get(slot)?.as_ref().map(|(_, v)| v)
     }
 
+    /// The record of `id`: on a cache hit without touching the cache or the index.
     #[inline]
     pub(super) fn get_mut(&mut self, id: &ChanId) -> Option<&mut V> {
-        let slot = self.slot_of(*id)?;
+        let hint = self.recent[Self::bucket(*id)] as usize;
+        if matches!(self.slots.get(hint), Some(Some((held, _))) if held == id) {
+            return self.slots.get_mut(hint)?.as_mut().map(|(_, v)| v);
+        }
+        self.get_mut_slow(id)
+    }
+
+    /// [`IdMap::get_mut`] on a cache miss: the index, and the cache updated.
+    #[inline(never)]
+    fn get_mut_slow(&mut self, id: &ChanId) -> Option<&mut V> {
+        let slot = self.index.get(id).copied()?;
         self.recent[Self::bucket(*id)] = slot as u32;
         self.slots.get_mut(slot)?.as_mut().map(|(_, v)| v)
     }

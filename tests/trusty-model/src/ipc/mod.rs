@@ -25,7 +25,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 pub mod apps;
+mod fifo;
 mod idmap;
+use fifo::Fifo;
 mod ready;
 use ready::Handle;
 pub mod services;
@@ -390,7 +392,7 @@ struct Channel {
     ta: TaSide,
     ns: NsSide,
     /// NS->TA queue; the first `gotten` entries were got by the TA but not yet put.
-    inbound: VecDeque<InMsg>,
+    inbound: Fifo<InMsg>,
     gotten: usize,
     /// Message events of this channel still waiting in the event queue (TA->NS queue fill).
     outbound: usize,
@@ -422,7 +424,7 @@ impl Channel {
             msg_num: port.msg_num,
             ta: TaSide::Pending,
             ns: NsSide::Open,
-            inbound: VecDeque::new(),
+            inbound: Fifo::new(),
             gotten: 0,
             outbound: 0,
             send_blocked: false,
@@ -446,7 +448,7 @@ impl Channel {
             msg_num: 0,
             ta: TaSide::Closed,
             ns: NsSide::Closing,
-            inbound: VecDeque::new(),
+            inbound: Fifo::new(),
             gotten: 0,
             outbound: 0,
             send_blocked: false,
@@ -503,7 +505,7 @@ struct Core {
     next_chan: u32,
     /// Handles that may have events, per app (the scheduler never rescans idle ones).
     ready: ready::Ready,
-    events: VecDeque<IpcEvent>,
+    events: Fifo<IpcEvent>,
     /// Per app: sleeping until this time.
     sleep_until: Vec<Option<u64>>,
     /// Per app: a timed wait ends at this time unless an event comes first ([`Ctx::set_timer`]).
@@ -551,7 +553,7 @@ impl Core {
             chans: idmap::IdMap::new(),
             next_chan: 0,
             ready: ready::Ready::default(),
-            events: VecDeque::new(),
+            events: Fifo::new(),
             sleep_until: Vec::new(),
             timer_at: Vec::new(),
             next_deadline: None,
@@ -1082,7 +1084,7 @@ impl Core {
         chan.ta = TaSide::Closed;
         // Unread messages go with the handle, and with them their memory references (Trusty
         // `ipc_chan_close()` frees the message queue; each reference's last put sends RELEASE).
-        let dropped: Vec<MemRef> = chan.inbound.drain(..).flat_map(|m| m.handles).collect();
+        let dropped: Vec<MemRef> = chan.inbound.drain().flat_map(|m| m.handles).collect();
         chan.gotten = 0;
         chan.signal = false;
         let ns = chan.ns;
