@@ -555,10 +555,10 @@ impl TipcDevice {
         any
     }
 
-    /// Starts fetching together the lines the other side of a call wrote or read and this
-    /// scan is about to touch, so that they cross from the other core in parallel instead of
-    /// one after the other: both used lines, the rx buffer Trusty fills next (it returns rx
-    /// buffers in the order it took them), and the rx avail line the re-post writes.
+    /// Starts fetching together the lines the other side of a call wrote and this scan is
+    /// about to read, so that they cross from the other core in parallel instead of one after
+    /// the other: both used lines and the rx buffer Trusty fills next (it returns rx buffers
+    /// in the order it took them).
     #[inline]
     fn prefetch_returns(&self) {
         self.tx.queue.prefetch_used();
@@ -567,7 +567,6 @@ impl TipcDevice {
         if let Some(buf) = next.and_then(|&b| self.bufs.get(b as usize)) {
             trusty_virtio::vring::prefetch_line(buf.as_ptr());
         }
-        self.rx.queue.prefetch_avail_for_write();
     }
 
     fn scan_tx(&mut self) -> bool {

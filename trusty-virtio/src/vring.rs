@@ -75,13 +75,6 @@ pub trait RingMemory {
         let _ = off;
     }
 
-    /// [`RingMemory::prefetch`] for a word about to be written: the line is fetched with the
-    /// right to write it where the CPU can. The default does nothing.
-    #[inline]
-    fn prefetch_for_write(&self, off: usize) {
-        let _ = off;
-    }
-
     /// [`RingMemory::write_u16_release`] that is also a store-load barrier: the store is
     /// ordered before every later [`RingMemory::read_u16_acquire`] of this side. That is the
     /// full barrier (Linux `virtio_mb()`) each end of a ring needs between publishing its own
@@ -178,24 +171,6 @@ pub fn prefetch_line(p: *const u8) {
     let _ = p;
 }
 
-/// [`prefetch_line`] for a line about to be written: `prfm pstl1keep` on AArch64, `prefetchw`
-/// on x86-64 built with that instruction (`prfchw`), a read hint otherwise.
-#[inline(always)]
-pub fn prefetch_line_for_write(p: *const u8) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "prfchw"))]
-    // SAFETY: a prefetch only hints the cache; it neither faults nor writes memory.
-    unsafe {
-        core::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, readonly, preserves_flags))
-    };
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: as above: `prfm` is a hint that never faults and writes nothing.
-    unsafe {
-        core::arch::asm!("prfm pstl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags))
-    };
-    #[cfg(not(any(all(target_arch = "x86_64", target_feature = "prfchw"), target_arch = "aarch64")))]
-    prefetch_line(p);
-}
-
 impl RingMemory for RawRing {
     #[inline]
     fn len(&self) -> usize {
@@ -205,12 +180,6 @@ impl RingMemory for RawRing {
     fn prefetch(&self, off: usize) {
         if let Some(p) = self.ptr::<u8>(off) {
             prefetch_line(p);
-        }
-    }
-    #[inline]
-    fn prefetch_for_write(&self, off: usize) {
-        if let Some(p) = self.ptr::<u8>(off) {
-            prefetch_line_for_write(p);
         }
     }
     raw_access!(read_u16, write_u16, u16);
@@ -519,12 +488,6 @@ impl<M: RingMemory> DriverQueue<M> {
             return None;
         }
         self.avail_shadow.get(usize::from(self.last_used & (self.layout.num() - 1))).copied()
-    }
-
-    /// Starts fetching, for writing, the avail line the next [`DriverQueue::add`] writes.
-    #[inline]
-    pub fn prefetch_avail_for_write(&self) {
-        self.mem.prefetch_for_write(self.layout.avail_idx());
     }
 
     /// Takes the next used entry, if any, validating everything the device wrote.
