@@ -676,8 +676,11 @@ impl TipcDevice {
     }
 
     /// Puts the held rx buffers back on vring 0 once a quarter of the pool (at least one) is
-    /// held, or at once when Trusty waits for a buffer (it cleared VRING_USED_F_NO_NOTIFY on
-    /// vring 0 because the ring ran dry, spec §4), and then owes Trusty a kick check.
+    /// held, or at once when Trusty waits for a buffer, and then owes Trusty a kick check.
+    /// Trusty's vqueue sets VRING_USED_F_NO_NOTIFY while it drains a ring and clears it (full
+    /// barrier, re-check) just before it sleeps on an empty one (spec §4 "Kick suppression";
+    /// its tx thread waiting in `vqueue_get_avail_buf()` for an rx buffer): a clear flag on
+    /// vring 0 means it waits.
     ///
     /// Linux's `_rxvq_cb()` re-adds each buffer as it takes it. Batching keeps three quarters
     /// of the pool posted and saves, on most messages, the avail line's trip to this core and
