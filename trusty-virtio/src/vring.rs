@@ -967,6 +967,32 @@ mod tests {
         assert_eq!(Layout::new(32, 3), Err(LayoutError::BadAlign(3)));
     }
 
+    /// What the driver's unchecked accesses rely on: for every ring size and alignment, each
+    /// offset `Offsets` gives (any slot index, wrapped) is the layout's, inside `size()` and
+    /// aligned for the word read there.
+    #[test]
+    fn every_offset_the_driver_uses_is_inside_the_layout_and_aligned() {
+        let mut num = 1u32;
+        while num <= 32768 {
+            for align in [4u32, 8, 16, 64, 4096] {
+                let l = Layout::new(num, align).unwrap();
+                let at = Offsets::of(&l);
+                let size = l.size();
+                let fits = |off: usize, n: usize| off % n == 0 && off + n <= size;
+                assert!(fits(at.avail_idx, 2) && fits(at.used_flags, 2) && fits(at.used_idx, 2));
+                assert_eq!((at.avail_idx, at.used_flags, at.used_idx), (l.avail_idx(), l.used_flags(), l.used_idx()));
+                for i in [0u16, 1, (num - 1) as u16, num as u16, u16::MAX] {
+                    assert!(fits(at.desc(i), 8) && fits(at.desc(i) + 8, 8), "desc {i} of {num}");
+                    assert!(fits(at.avail_slot(i), 2), "avail slot {i} of {num}");
+                    assert!(fits(at.used_entry(i), 4) && fits(at.used_entry(i) + 4, 4), "used entry {i} of {num}");
+                    assert_eq!(at.avail_slot(i), l.avail_ring(i));
+                    assert_eq!(at.used_entry(i), l.used_ring(i));
+                }
+            }
+            num *= 2;
+        }
+    }
+
     #[test]
     fn driver_and_device_round_trip() {
         let mut m = Mem::new(8192);
