@@ -466,6 +466,10 @@ impl Trusty {
         Ok(())
     }
 
+    /// The NOP itself: whatever RESTART_FIQ is owed first, then SMC_SC_NOP. Inline: on the
+    /// common path (nothing owed, Trusty done at once) it is one call of `raw` and two checks;
+    /// every other answer goes on in [`Trusty::nop_rest`].
+    #[inline]
     fn nop_inner(&mut self, a0: u32, a1: u32, a2: u32, deadline: &mut Limit) -> Result<(), Error> {
         // Checked inline: nothing is owed on the common path (a kick, a pump).
         if self.nop_fiq_owed || self.pending.is_some_and(|c| c.fiq) {
@@ -473,11 +477,22 @@ impl Trusty {
             self.settle_std_fiq(deadline)?;
         }
         self.stats.nop_calls += 1;
-        let mut args = (a0, a1, a2);
+        let r = self.raw(call::SC_NOP, a0, a1, a2);
+        self.check_transport()?;
+        match SmError::from_code(r) {
+            None | Some(SmError::NopDone) => Ok(()),
+            _ => self.nop_rest(r, deadline),
+        }
+    }
+
+    /// A NOP answered `r`, which did not end it: FIQ_INTERRUPTED is followed by RESTART_FIQ
+    /// (until another answer), NOP_INTERRUPTED by further NOPs without the work item (spec
+    /// §2.6), each retry bounded by `deadline`; any other error ends it.
+    // Out of line: the rare answers of a NOP, shared by both of its callers.
+    #[inline(never)]
+    fn nop_rest(&mut self, r: i32, deadline: &mut Limit) -> Result<(), Error> {
+        let mut r = SmError::from_code(r);
         loop {
-            let r = self.raw(call::SC_NOP, args.0, args.1, args.2);
-            self.check_transport()?;
-            let mut r = SmError::from_code(r);
             while r == Some(SmError::FiqInterrupted) {
                 self.nop_fiq_owed = true;
                 self.expire_limit(deadline, WHAT_FIQ)?;
@@ -490,8 +505,9 @@ impl Trusty {
                 None | Some(SmError::NopDone) => return Ok(()),
                 Some(SmError::NopInterrupted) => {
                     // The work item was taken; more calls only donate time (spec §2.6).
-                    args = (0, 0, 0);
                     self.expire_limit(deadline, WHAT_NOP)?;
+                    r = SmError::from_code(self.raw(call::SC_NOP, 0, 0, 0));
+                    self.check_transport()?;
                 }
                 Some(e) => return Err(Error::Sm(e)),
             }
