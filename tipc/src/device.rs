@@ -1105,7 +1105,21 @@ impl TipcDevice {
     /// (spec §6.5 step 1). The device must be online, checked on every round, so GO_OFFLINE
     /// ends the wait at once (Linux `_get_txbuf_locked()` -> ENODEV, and `_go_offline()` wakes
     /// `sendq`).
+    #[inline]
     fn get_tx_buffer(&mut self, timeout: Timeout) -> Result<BufId, Error> {
+        // The common case inline: online, with a buffer free (the first round below).
+        if self.state == DeviceState::Online {
+            if let Some(buf) = self.tx_free.pop() {
+                return Ok(buf);
+            }
+        }
+        self.wait_tx_buffer(timeout)
+    }
+
+    /// [`TipcDevice::get_tx_buffer`] when none is free at once (or the device is not online).
+    // Out of line: shared by the senders, and it scans, shares or waits.
+    #[inline(never)]
+    fn wait_tx_buffer(&mut self, timeout: Timeout) -> Result<BufId, Error> {
         // Read from the clock only when a wait is needed: a free buffer costs no clock read.
         let mut deadline = None;
         loop {
@@ -1537,13 +1551,17 @@ impl TipcDevice {
         let mut deadline = None;
         // A message already queued is returned without a scan when every secure call so far
         // was followed by one: what a peer on another core published since is taken by the
-        // next scan, and frames are judged (a full queue discards) in the order they came.
-        let mut scan = self.channel(id)?.queue.is_empty() || self.scan_owed;
+        // next scan, and frames are judged (a full queue discards) in the order they came. An
+        // empty queue is scanned before it is judged empty.
+        let mut scan = self.scan_owed;
+        if scan {
+            // A closed handle is refused before anything else.
+            self.channel(id)?;
+        }
         loop {
             if scan {
                 self.scan();
             }
-            scan = true;
             let chan = self.channel(id)?;
             if let Some(msg) = chan.queue.front() {
                 let len = match msg {
@@ -1581,6 +1599,10 @@ impl TipcDevice {
                     self.rx_spare.push(buf);
                 }
                 return Ok(len);
+            }
+            if !scan {
+                scan = true;
+                continue;
             }
             Self::require_connected(chan.state)?;
             if !caught_up {
