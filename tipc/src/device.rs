@@ -251,10 +251,12 @@ pub struct TipcDevice {
     route_hint: u32,
     /// Where the search for the next local address starts (cyclic allocation, see `open`).
     next_local: u32,
-    /// Rx buffers posted at start: the rx pool, and the default per-channel queue limit.
-    rx_pool: usize,
-    /// Messages one channel may hold unread (`rx_queue_limit`, or the rx pool), set with it.
+    /// Messages one channel may hold unread: `rx_queue_limit`, or the rx pool (the rx buffers
+    /// posted at start). Set at start.
     rx_limit: usize,
+    /// Held rx buffers that go back on the ring together: a quarter of the rx pool, at least
+    /// one (see `repost_rx`). Set at start.
+    rx_batch: usize,
     /// `idle_pump_ms` in ns (see `catch_up_then`).
     pump_ns: u64,
     /// Buffers waiting to go back on vring 0: the first [`TipcDevice::rx_held`] of a table of
@@ -424,8 +426,8 @@ impl TipcDevice {
             by_addr: BTreeMap::new(),
             route_hint: 0,
             next_local: wire::MIN_LOCAL_ADDR,
-            rx_pool: 0,
             rx_limit: 1,
+            rx_batch: 1,
             pump_ns: cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS),
             rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
             rx_held: 0,
@@ -457,8 +459,8 @@ impl TipcDevice {
             let b = self.add_buf(buf);
             self.post_rx(b);
         }
-        self.rx_pool = posted;
         self.rx_limit = self.cfg.rx_queue_limit.unwrap_or(posted).max(1);
+        self.rx_batch = (posted / 4).max(1);
         for _ in 0..self.cfg.rx_spare_buffers {
             match self.bus.mem().alloc_shared(self.buf_size, Access::ReadWrite) {
                 Ok(buf) => {
@@ -577,15 +579,14 @@ impl TipcDevice {
     }
 
     fn scan_tx(&mut self) -> bool {
-        let pending = match self.tx.queue.used_pending() {
-            Ok(n) => n,
-            Err(e) => {
-                self.ring_error("tx", e);
-                return true;
-            }
-        };
+        // The batch `used_pending` announces (at most the ring size) is what `pop_pending`
+        // hands out, one entry per call, good or bad, then `None`.
+        if let Err(e) = self.tx.queue.used_pending() {
+            self.ring_error("tx", e);
+            return true;
+        }
         let mut any = false;
-        for _ in 0..pending {
+        loop {
             match self.tx.queue.pop_pending() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
@@ -641,16 +642,14 @@ impl TipcDevice {
     }
 
     fn scan_rx(&mut self) -> bool {
-        let pending = match self.rx.queue.used_pending() {
-            Ok(n) => n,
-            Err(e) => {
-                self.ring_error("rx", e);
-                return false;
-            }
-        };
+        // As in `scan_tx`: `pop_pending` hands out exactly the announced batch.
+        if let Err(e) = self.rx.queue.used_pending() {
+            self.ring_error("rx", e);
+            return false;
+        }
         let mut processed = 0usize;
         let mut n = self.rx_held;
-        for _ in 0..pending {
+        loop {
             match self.rx.queue.pop_pending() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
@@ -697,8 +696,7 @@ impl TipcDevice {
     /// entries holds at least the batch; a flag read too early (Trusty clears it just after)
     /// is caught the same way by the next scan, which every call and every wait step makes.
     fn repost_rx(&mut self) {
-        let batch = (self.rx_pool / 4).max(1);
-        if self.rx_held < batch && !self.rx.queue.device_wants_kick() {
+        if self.rx_held < self.rx_batch && !self.rx.queue.device_wants_kick() {
             return;
         }
         for i in 0..core::mem::take(&mut self.rx_held) {
