@@ -416,6 +416,7 @@ impl Trusty {
     /// (spec §2.6). Repeats while Trusty reports NOP_INTERRUPTED, and follows FIQ_INTERRUPTED
     /// with RESTART_FIQ as Linux's `trusty_std_call_inner` does for every standard call (NOPs
     /// included). Before API 2 it is the serialised SMC_SC_LOCKED_NOP.
+    #[inline]
     pub fn nop(&mut self, a0: u32, a1: u32, a2: u32) -> Result<(), Error> {
         self.check_alive()?;
         if self.api_version < api::SMP {
