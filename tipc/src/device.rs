@@ -579,14 +579,15 @@ impl TipcDevice {
     }
 
     fn scan_tx(&mut self) -> bool {
-        // The batch `used_pending` announces (at most the ring size) is what `pop_pending`
-        // hands out, one entry per call, good or bad, then `None`.
-        if let Err(e) = self.tx.queue.used_pending() {
-            self.ring_error("tx", e);
-            return true;
-        }
+        let pending = match self.tx.queue.used_pending() {
+            Ok(n) => n,
+            Err(e) => {
+                self.ring_error("tx", e);
+                return true;
+            }
+        };
         let mut any = false;
-        loop {
+        for _ in 0..pending {
             match self.tx.queue.pop_pending() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
@@ -642,7 +643,8 @@ impl TipcDevice {
     }
 
     fn scan_rx(&mut self) -> bool {
-        // As in `scan_tx`: `pop_pending` hands out exactly the announced batch.
+        // The batch `used_pending` announces (at most the ring size) is what `pop_pending`
+        // hands out, one entry per call, good or bad, then `None`.
         if let Err(e) = self.rx.queue.used_pending() {
             self.ring_error("rx", e);
             return false;
