@@ -886,6 +886,44 @@ mod tests {
         assert_eq!(p.calls(), vec![NOP, RF]);
     }
 
+    /// A conduit that answers from a script and records every call's registers x0..x3.
+    struct ArgsScripted {
+        answers: Mutex<Vec<i32>>,
+        calls: Mutex<Vec<[u32; 4]>>,
+    }
+    impl Conduit for ArgsScripted {
+        fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+            self.calls.lock().unwrap().push([regs[0] as u32, regs[1] as u32, regs[2] as u32, regs[3] as u32]);
+            let r = self.answers.lock().unwrap().pop().unwrap_or(-7);
+            [r as u32 as u64, 0, 0, 0, 0, 0, 0, 0]
+        }
+    }
+
+    #[test]
+    fn an_interrupted_nop_is_retried_without_its_work_item_and_a_fiq_restarted_first() {
+        // NOP(work) -> NOP_INTERRUPTED; NOP(0) -> FIQ_INTERRUPTED; RESTART_FIQ -> NOP_INTERRUPTED;
+        // NOP(0) -> NOP_DONE. Then a second NOP goes straight out: nothing is owed.
+        let mut answers = vec![-14, -12, -14, -15, 0];
+        answers.reverse();
+        let c = Arc::new(ArgsScripted { answers: Mutex::new(answers), calls: Mutex::new(Vec::new()) });
+        let mut t = Trusty::new(c.clone(), Arc::new(FakeClock(AtomicU64::new(0))), CallPolicy::default());
+        t.api_version = 5;
+        assert_eq!(t.nop(7, 8, 9), Ok(()));
+        assert_eq!(t.nop(1, 2, 3), Ok(()));
+        assert_eq!(
+            *c.calls.lock().unwrap(),
+            vec![[NOP, 7, 8, 9], [NOP, 0, 0, 0], [RF, 0, 0, 0], [NOP, 0, 0, 0], [NOP, 1, 2, 3]]
+        );
+        let stats = t.stats();
+        assert_eq!((stats.nop_calls, stats.restart_fiq, stats.smcs), (2, 1, 5));
+        // Any other error ends the NOP at once.
+        let c = Arc::new(ArgsScripted { answers: Mutex::new(vec![-2, -14]), calls: Mutex::new(Vec::new()) });
+        let mut t = Trusty::new(c.clone(), Arc::new(FakeClock(AtomicU64::new(0))), CallPolicy::default());
+        t.api_version = 5;
+        assert_eq!(t.nop(0, 0, 0), Err(Error::Sm(SmError::InvalidParameters)));
+        assert_eq!(c.calls.lock().unwrap().len(), 2);
+    }
+
     #[test]
     fn nop_before_a_pending_calls_fiq_restart_is_not_interleaved() {
         let (p, _, mut t) = with_peer(|_| -12);
