@@ -416,6 +416,7 @@ impl Trusty {
     /// (spec §2.6). Repeats while Trusty reports NOP_INTERRUPTED, and follows FIQ_INTERRUPTED
     /// with RESTART_FIQ as Linux's `trusty_std_call_inner` does for every standard call (NOPs
     /// included). Before API 2 it is the serialised SMC_SC_LOCKED_NOP.
+    #[inline]
     pub fn nop(&mut self, a0: u32, a1: u32, a2: u32) -> Result<(), Error> {
         self.check_alive()?;
         if self.api_version < api::SMP {
@@ -466,6 +467,10 @@ impl Trusty {
         Ok(())
     }
 
+    /// The NOP itself: whatever RESTART_FIQ is owed first, then SMC_SC_NOP. Inline: on the
+    /// common path (nothing owed, Trusty done at once) it is one call of `raw` and two checks;
+    /// every other answer goes on in [`Trusty::nop_rest`].
+    #[inline]
     fn nop_inner(&mut self, a0: u32, a1: u32, a2: u32, deadline: &mut Limit) -> Result<(), Error> {
         // Checked inline: nothing is owed on the common path (a kick, a pump).
         if self.nop_fiq_owed || self.pending.is_some_and(|c| c.fiq) {
@@ -473,11 +478,22 @@ impl Trusty {
             self.settle_std_fiq(deadline)?;
         }
         self.stats.nop_calls += 1;
-        let mut args = (a0, a1, a2);
+        let r = self.raw(call::SC_NOP, a0, a1, a2);
+        self.check_transport()?;
+        match SmError::from_code(r) {
+            None | Some(SmError::NopDone) => Ok(()),
+            _ => self.nop_rest(r, deadline),
+        }
+    }
+
+    /// A NOP answered `r`, which did not end it: FIQ_INTERRUPTED is followed by RESTART_FIQ
+    /// (until another answer), NOP_INTERRUPTED by further NOPs without the work item (spec
+    /// §2.6), each retry bounded by `deadline`; any other error ends it.
+    // Out of line: the rare answers of a NOP, shared by both of its callers.
+    #[inline(never)]
+    fn nop_rest(&mut self, r: i32, deadline: &mut Limit) -> Result<(), Error> {
+        let mut r = SmError::from_code(r);
         loop {
-            let r = self.raw(call::SC_NOP, args.0, args.1, args.2);
-            self.check_transport()?;
-            let mut r = SmError::from_code(r);
             while r == Some(SmError::FiqInterrupted) {
                 self.nop_fiq_owed = true;
                 self.expire_limit(deadline, WHAT_FIQ)?;
@@ -490,8 +506,9 @@ impl Trusty {
                 None | Some(SmError::NopDone) => return Ok(()),
                 Some(SmError::NopInterrupted) => {
                     // The work item was taken; more calls only donate time (spec §2.6).
-                    args = (0, 0, 0);
                     self.expire_limit(deadline, WHAT_NOP)?;
+                    r = SmError::from_code(self.raw(call::SC_NOP, 0, 0, 0));
+                    self.check_transport()?;
                 }
                 Some(e) => return Err(Error::Sm(e)),
             }
@@ -867,6 +884,44 @@ mod tests {
         });
         assert_eq!(t.nop(0, 0, 0), Ok(()));
         assert_eq!(p.calls(), vec![NOP, RF]);
+    }
+
+    /// A conduit that answers from a script and records every call's registers x0..x3.
+    struct ArgsScripted {
+        answers: Mutex<Vec<i32>>,
+        calls: Mutex<Vec<[u32; 4]>>,
+    }
+    impl Conduit for ArgsScripted {
+        fn call(&self, regs: [u64; 8]) -> [u64; 8] {
+            self.calls.lock().unwrap().push([regs[0] as u32, regs[1] as u32, regs[2] as u32, regs[3] as u32]);
+            let r = self.answers.lock().unwrap().pop().unwrap_or(-7);
+            [r as u32 as u64, 0, 0, 0, 0, 0, 0, 0]
+        }
+    }
+
+    #[test]
+    fn an_interrupted_nop_is_retried_without_its_work_item_and_a_fiq_restarted_first() {
+        // NOP(work) -> NOP_INTERRUPTED; NOP(0) -> FIQ_INTERRUPTED; RESTART_FIQ -> NOP_INTERRUPTED;
+        // NOP(0) -> NOP_DONE. Then a second NOP goes straight out: nothing is owed.
+        let mut answers = vec![-14, -12, -14, -15, 0];
+        answers.reverse();
+        let c = Arc::new(ArgsScripted { answers: Mutex::new(answers), calls: Mutex::new(Vec::new()) });
+        let mut t = Trusty::new(c.clone(), Arc::new(FakeClock(AtomicU64::new(0))), CallPolicy::default());
+        t.api_version = 5;
+        assert_eq!(t.nop(7, 8, 9), Ok(()));
+        assert_eq!(t.nop(1, 2, 3), Ok(()));
+        assert_eq!(
+            *c.calls.lock().unwrap(),
+            vec![[NOP, 7, 8, 9], [NOP, 0, 0, 0], [RF, 0, 0, 0], [NOP, 0, 0, 0], [NOP, 1, 2, 3]]
+        );
+        let stats = t.stats();
+        assert_eq!((stats.nop_calls, stats.restart_fiq, stats.smcs), (2, 1, 5));
+        // Any other error ends the NOP at once.
+        let c = Arc::new(ArgsScripted { answers: Mutex::new(vec![-2, -14]), calls: Mutex::new(Vec::new()) });
+        let mut t = Trusty::new(c.clone(), Arc::new(FakeClock(AtomicU64::new(0))), CallPolicy::default());
+        t.api_version = 5;
+        assert_eq!(t.nop(0, 0, 0), Err(Error::Sm(SmError::InvalidParameters)));
+        assert_eq!(c.calls.lock().unwrap().len(), 2);
     }
 
     #[test]

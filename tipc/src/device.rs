@@ -251,8 +251,14 @@ pub struct TipcDevice {
     route_hint: u32,
     /// Where the search for the next local address starts (cyclic allocation, see `open`).
     next_local: u32,
-    /// Rx buffers posted at start: the rx pool, and the default per-channel queue limit.
-    rx_pool: usize,
+    /// Messages one channel may hold unread: `rx_queue_limit`, or the rx pool (the rx buffers
+    /// posted at start). Set at start.
+    rx_limit: usize,
+    /// Held rx buffers that go back on the ring together: a quarter of the rx pool, at least
+    /// one (see `repost_rx`). Set at start.
+    rx_batch: usize,
+    /// `idle_pump_ms` in ns (see `catch_up_then`).
+    pump_ns: u64,
     /// Buffers waiting to go back on vring 0: the first [`TipcDevice::rx_held`] of a table of
     /// the ring's size (each took the place of a posted buffer, so they never outnumber the
     /// rx pool). They go back in batches (see [`TipcDevice::repost_rx`]).
@@ -420,7 +426,9 @@ impl TipcDevice {
             by_addr: BTreeMap::new(),
             route_hint: 0,
             next_local: wire::MIN_LOCAL_ADDR,
-            rx_pool: 0,
+            rx_limit: 1,
+            rx_batch: 1,
+            pump_ns: cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS),
             rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
             rx_held: 0,
             rx_kick_pending: false,
@@ -451,7 +459,8 @@ impl TipcDevice {
             let b = self.add_buf(buf);
             self.post_rx(b);
         }
-        self.rx_pool = posted;
+        self.rx_limit = self.cfg.rx_queue_limit.unwrap_or(posted).max(1);
+        self.rx_batch = (posted / 4).max(1);
         for _ in 0..self.cfg.rx_spare_buffers {
             match self.bus.mem().alloc_shared(self.buf_size, Access::ReadWrite) {
                 Ok(buf) => {
@@ -634,16 +643,15 @@ impl TipcDevice {
     }
 
     fn scan_rx(&mut self) -> bool {
-        let pending = match self.rx.queue.used_pending() {
-            Ok(n) => n,
-            Err(e) => {
-                self.ring_error("rx", e);
-                return false;
-            }
-        };
+        // The batch `used_pending` announces (at most the ring size) is what `pop_pending`
+        // hands out, one entry per call, good or bad, then `None`.
+        if let Err(e) = self.rx.queue.used_pending() {
+            self.ring_error("rx", e);
+            return false;
+        }
         let mut processed = 0usize;
         let mut n = self.rx_held;
-        for _ in 0..pending {
+        loop {
             match self.rx.queue.pop_pending() {
                 Ok(None) => break,
                 Ok(Some(used)) => {
@@ -690,8 +698,7 @@ impl TipcDevice {
     /// entries holds at least the batch; a flag read too early (Trusty clears it just after)
     /// is caught the same way by the next scan, which every call and every wait step makes.
     fn repost_rx(&mut self) {
-        let batch = (self.rx_pool / 4).max(1);
-        if self.rx_held < batch && !self.rx.queue.device_wants_kick() {
+        if self.rx_held < self.rx_batch && !self.rx.queue.device_wants_kick() {
             return;
         }
         for i in 0..core::mem::take(&mut self.rx_held) {
@@ -742,16 +749,17 @@ impl TipcDevice {
             return b;
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
-        let limit = self.rx_queue_limit();
-        // One address lookup per message: the slot is kept for the push below.
+        let limit = self.rx_limit;
+        // One address lookup and one slot look-up per message.
         let slot = self.slot_of_addr(header.dst);
-        let queued = match slot.and_then(|s| self.channels.get(s)).and_then(Option::as_ref) {
-            Some(c) if c.state == ChannelState::Connected => c.queue.len(),
+        let chan = match slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
+            Some(c) if c.state == ChannelState::Connected => c,
             _ => {
                 self.stats.undeliverable_frames += 1;
                 return b;
             }
         };
+        let queued = chan.queue.len();
         if queued >= limit {
             self.stats.rx_queue_overflows += 1;
             log::warn!("channel {}: {queued} messages unread, discarding an incoming one", header.dst);
@@ -760,11 +768,9 @@ impl TipcDevice {
         self.stats.messages_received += 1;
         let (msg, repost) = match self.rx_spare.pop() {
             Some(spare) => (RxMsg::Buffer { buf: b, len: payload_len }, spare),
-            None => (RxMsg::Copied(self.copy_out(b, payload_len)), b),
+            None => (RxMsg::Copied(Self::copy_out(&self.bufs, &mut self.stats, b, payload_len)), b),
         };
-        if let Some(chan) = slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
-            chan.queue.push_back(msg);
-        }
+        chan.queue.push_back(msg);
         repost
     }
 
@@ -772,12 +778,12 @@ impl TipcDevice {
     /// go back on the ring at once.
     #[cold]
     #[inline(never)]
-    fn copy_out(&mut self, b: BufId, payload_len: usize) -> Vec<u8> {
+    fn copy_out(bufs: &[SharedBuf], stats: &mut DeviceStats, b: BufId, payload_len: usize) -> Vec<u8> {
         let mut data = alloc::vec![0u8; payload_len];
-        if let Some(buf) = self.bufs.get(b as usize) {
+        if let Some(buf) = bufs.get(b as usize) {
             let _ = buf.read(wire::HEADER_LEN, &mut data);
         }
-        self.stats.rx_copies += 1;
+        stats.rx_copies += 1;
         data
     }
 
@@ -801,11 +807,6 @@ impl TipcDevice {
         let slot = *self.by_addr.get(&addr)?;
         self.route_hint = slot;
         Some(slot as usize)
-    }
-
-    /// Messages one channel may hold unread.
-    fn rx_queue_limit(&self) -> usize {
-        self.cfg.rx_queue_limit.unwrap_or(self.rx_pool).max(1)
     }
 
     #[inline]
@@ -998,7 +999,7 @@ impl TipcDevice {
     /// `idle_pump_ms - lag` and `idle_pump_ms + lag`. The lag allowed is under half the
     /// threshold; a precise clock (lag 0) decides at exactly `idle_pump_ms`.
     fn catch_up_then(&mut self, scan: bool) -> Result<(), Error> {
-        let pump_ns = self.cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS);
+        let pump_ns = self.pump_ns;
         let (now, _lag) = self.clock.now_coarse_ns(pump_ns.saturating_sub(1) / 2);
         self.clock_seen = now;
         if now.saturating_sub(self.last_secure_call) >= pump_ns {
@@ -1104,7 +1105,21 @@ impl TipcDevice {
     /// (spec §6.5 step 1). The device must be online, checked on every round, so GO_OFFLINE
     /// ends the wait at once (Linux `_get_txbuf_locked()` -> ENODEV, and `_go_offline()` wakes
     /// `sendq`).
+    #[inline]
     fn get_tx_buffer(&mut self, timeout: Timeout) -> Result<BufId, Error> {
+        // The common case inline: online, with a buffer free (the first round below).
+        if self.state == DeviceState::Online {
+            if let Some(buf) = self.tx_free.pop() {
+                return Ok(buf);
+            }
+        }
+        self.wait_tx_buffer(timeout)
+    }
+
+    /// [`TipcDevice::get_tx_buffer`] when none is free at once (or the device is not online).
+    // Out of line: shared by the senders, and it scans, shares or waits.
+    #[inline(never)]
+    fn wait_tx_buffer(&mut self, timeout: Timeout) -> Result<BufId, Error> {
         // Read from the clock only when a wait is needed: a free buffer costs no clock read.
         let mut deadline = None;
         loop {
@@ -1536,13 +1551,17 @@ impl TipcDevice {
         let mut deadline = None;
         // A message already queued is returned without a scan when every secure call so far
         // was followed by one: what a peer on another core published since is taken by the
-        // next scan, and frames are judged (a full queue discards) in the order they came.
-        let mut scan = self.channel(id)?.queue.is_empty() || self.scan_owed;
+        // next scan, and frames are judged (a full queue discards) in the order they came. An
+        // empty queue is scanned before it is judged empty.
+        let mut scan = self.scan_owed;
+        if scan {
+            // A closed handle is refused before anything else.
+            self.channel(id)?;
+        }
         loop {
             if scan {
                 self.scan();
             }
-            scan = true;
             let chan = self.channel(id)?;
             if let Some(msg) = chan.queue.front() {
                 let len = match msg {
@@ -1580,6 +1599,10 @@ impl TipcDevice {
                     self.rx_spare.push(buf);
                 }
                 return Ok(len);
+            }
+            if !scan {
+                scan = true;
+                continue;
             }
             Self::require_connected(chan.state)?;
             if !caught_up {

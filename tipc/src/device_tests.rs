@@ -488,6 +488,30 @@ fn a_reused_channel_slot_does_not_take_the_old_addresses_messages() {
     assert_eq!(h.dev.stats().undeliverable_frames, undeliverable + 1);
 }
 
+#[test]
+fn recv_returns_a_queued_message_without_a_scan_and_scans_an_empty_queue_first() {
+    let mut h = Harness::new(Config::default(), 8);
+    let (ch, addr) = connect(&mut h);
+    h.peer().queue_data(addr, b"one");
+    h.dev.pump().unwrap();
+    // A peer on another core publishes a second message without a call: nothing scans it yet.
+    h.peer().put_frame(&data_frame(addr, b"two"), None).expect("an rx buffer");
+    let received = h.dev.stats().messages_received;
+    assert_eq!(recv_now(&mut h, ch).as_deref(), Ok(&b"one"[..]));
+    assert_eq!(h.dev.stats().messages_received, received, "a queued message was returned after a scan");
+    // The queue is empty now: it is scanned before it is judged empty.
+    assert_eq!(recv_now(&mut h, ch).as_deref(), Ok(&b"two"[..]));
+    assert_eq!(recv_now(&mut h, ch), Err(Error::Again));
+    // A closed handle is refused before anything else: no scan takes what the peer published.
+    h.dev.close(ch).unwrap();
+    h.peer().put_frame(&data_frame(addr, b"late"), None).expect("an rx buffer");
+    let before = h.dev.stats();
+    assert_eq!(recv_now(&mut h, ch), Err(Error::BadHandle));
+    assert_eq!(h.dev.stats(), before);
+    h.dev.pump().unwrap();
+    assert_eq!(h.dev.stats().undeliverable_frames, before.undeliverable_frames + 1);
+}
+
 // ----- the send's idle catch-up on a coarse clock ----------------------------------------------
 
 /// A clock moved by hand whose coarse reading is the precise one rounded down to `tick` (as

@@ -264,6 +264,7 @@ impl Bus {
 
     /// Tells Trusty that vring `vring_notifyid` of a vdev has new buffers (spec §4): a NOP with
     /// arguments from API 3, a standard call before.
+    #[inline]
     pub fn kick(&mut self, h: VdevHandle, vring_notifyid: u32) -> Result<(), BusError> {
         let notifyid = self.vdev_info(h)?.notifyid;
         if self.trusty.api_version() >= api::SMP_NOP {

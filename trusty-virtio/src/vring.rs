@@ -86,6 +86,67 @@ pub trait RingMemory {
         self.write_u16(off, v);
         fence(Ordering::SeqCst);
     }
+
+    // The same accesses at offsets the caller has checked once and for all ([`DriverQueue`]
+    // checks its memory against its validated [`Layout`] when it is made). An implementation
+    // may leave out its own bounds and alignment check; the defaults keep it.
+
+    /// [`RingMemory::read_u16`] at a checked offset.
+    /// # Safety
+    /// `off + 2 <= self.len()` and `off` is even.
+    #[inline]
+    unsafe fn read_u16_unchecked(&self, off: usize) -> u16 {
+        self.read_u16(off)
+    }
+    /// [`RingMemory::write_u16`] at a checked offset.
+    /// # Safety
+    /// As [`RingMemory::read_u16_unchecked`].
+    #[inline]
+    unsafe fn write_u16_unchecked(&self, off: usize, v: u16) {
+        self.write_u16(off, v)
+    }
+    /// [`RingMemory::read_u32`] at a checked offset.
+    /// # Safety
+    /// `off + 4 <= self.len()` and `off` is a multiple of 4.
+    #[inline]
+    unsafe fn read_u32_unchecked(&self, off: usize) -> u32 {
+        self.read_u32(off)
+    }
+    /// [`RingMemory::read_u64`] at a checked offset.
+    /// # Safety
+    /// `off + 8 <= self.len()` and `off` is a multiple of 8.
+    #[inline]
+    unsafe fn read_u64_unchecked(&self, off: usize) -> u64 {
+        self.read_u64(off)
+    }
+    /// [`RingMemory::write_u64`] at a checked offset.
+    /// # Safety
+    /// As [`RingMemory::read_u64_unchecked`].
+    #[inline]
+    unsafe fn write_u64_unchecked(&self, off: usize, v: u64) {
+        self.write_u64(off, v)
+    }
+    /// [`RingMemory::read_u16_acquire`] at a checked offset.
+    /// # Safety
+    /// As [`RingMemory::read_u16_unchecked`].
+    #[inline]
+    unsafe fn read_u16_acquire_unchecked(&self, off: usize) -> u16 {
+        self.read_u16_acquire(off)
+    }
+    /// [`RingMemory::write_u16_release`] at a checked offset.
+    /// # Safety
+    /// As [`RingMemory::read_u16_unchecked`].
+    #[inline]
+    unsafe fn write_u16_release_unchecked(&self, off: usize, v: u16) {
+        self.write_u16_release(off, v)
+    }
+    /// [`RingMemory::write_u16_fenced`] at a checked offset.
+    /// # Safety
+    /// As [`RingMemory::read_u16_unchecked`].
+    #[inline]
+    unsafe fn write_u16_fenced_unchecked(&self, off: usize, v: u16) {
+        self.write_u16_fenced(off, v)
+    }
 }
 
 /// A ring in memory this side reaches through a pointer (the normal world's own pages).
@@ -116,6 +177,30 @@ impl RawRing {
         // atomicity of an aligned 16-bit access and the ordering of the instructions the
         // atomic operations compile to (x86: `xchg`, a full barrier; AArch64: `stlrh`/`ldarh`).
         Some(unsafe { AtomicU16::from_ptr(p) })
+    }
+
+    /// The `T` at `off`, unchecked.
+    /// # Safety
+    /// `off + size_of::<T>() <= self.len` and `off` is a multiple of `align_of::<T>()`.
+    #[inline]
+    unsafe fn at<T>(&self, off: usize) -> *mut T {
+        debug_assert!(
+            off.checked_add(core::mem::size_of::<T>()).is_some_and(|end| end <= self.len)
+                && off % core::mem::align_of::<T>() == 0,
+            "unchecked ring access out of layout"
+        );
+        // SAFETY: in bounds (the caller's contract), so the result stays inside the allocation.
+        unsafe { self.base.as_ptr().add(off) }.cast()
+    }
+
+    /// [`RawRing::atomic_u16`] unchecked.
+    /// # Safety
+    /// As [`RawRing::at`] for a u16.
+    #[inline]
+    unsafe fn atomic_u16_at(&self, off: usize) -> &AtomicU16 {
+        // SAFETY: in bounds and 2-aligned (the caller's contract, and `base` is 8-aligned); the
+        // rest as in `atomic_u16`.
+        unsafe { AtomicU16::from_ptr(self.at::<u16>(off)) }
     }
 
     #[inline]
@@ -149,6 +234,22 @@ macro_rules! raw_access {
             }
         }
     };
+    (unchecked $read:ident, $t:ty) => {
+        #[inline]
+        unsafe fn $read(&self, off: usize) -> $t {
+            // SAFETY: in bounds and aligned (the caller's contract, `base` is 8-aligned);
+            // volatile because the peer writes this memory concurrently.
+            <$t>::from_le(unsafe { self.at::<$t>(off).read_volatile() })
+        }
+    };
+    (unchecked $read:ident, $write:ident, $t:ty) => {
+        raw_access!(unchecked $read, $t);
+        #[inline]
+        unsafe fn $write(&self, off: usize, v: $t) {
+            // SAFETY: in bounds and aligned (the caller's contract, `base` is 8-aligned).
+            unsafe { self.at::<$t>(off).write_volatile(v.to_le()) }
+        }
+    };
 }
 
 /// Asks the CPU to bring the cache line holding `p` close (a read hint: `prefetcht0` on
@@ -176,15 +277,32 @@ impl RingMemory for RawRing {
     fn len(&self) -> usize {
         self.len
     }
+    // A hint never faults, whatever the address: no check.
     #[inline]
     fn prefetch(&self, off: usize) {
-        if let Some(p) = self.ptr::<u8>(off) {
-            prefetch_line(p);
-        }
+        prefetch_line(self.base.as_ptr().wrapping_add(off));
     }
     raw_access!(read_u16, write_u16, u16);
     raw_access!(read_u32, write_u32, u32);
     raw_access!(read_u64, write_u64, u64);
+    raw_access!(unchecked read_u16_unchecked, write_u16_unchecked, u16);
+    raw_access!(unchecked read_u32_unchecked, u32);
+    raw_access!(unchecked read_u64_unchecked, write_u64_unchecked, u64);
+    #[inline]
+    unsafe fn read_u16_acquire_unchecked(&self, off: usize) -> u16 {
+        // SAFETY: the caller's contract is `atomic_u16_at`'s.
+        u16::from_le(unsafe { self.atomic_u16_at(off) }.load(Ordering::Acquire))
+    }
+    #[inline]
+    unsafe fn write_u16_release_unchecked(&self, off: usize, v: u16) {
+        // SAFETY: the caller's contract is `atomic_u16_at`'s.
+        unsafe { self.atomic_u16_at(off) }.store(v.to_le(), Ordering::Release)
+    }
+    #[inline]
+    unsafe fn write_u16_fenced_unchecked(&self, off: usize, v: u16) {
+        // SAFETY: the caller's contract is `atomic_u16_at`'s.
+        unsafe { self.atomic_u16_at(off) }.store(v.to_le(), Ordering::SeqCst)
+    }
 
     // One ordered access instead of a plain access and a separate barrier: on AArch64 a
     // load-acquire (`ldarh`) instead of `ldrh` + `dmb ishld`, a store-release (`stlrh`)
@@ -288,6 +406,49 @@ impl Layout {
     }
 }
 
+/// The byte offsets a [`DriverQueue`] uses, worked out once from its [`Layout`]. Every access
+/// made through them is inside the ring's memory: [`DriverQueue::new`] checks that the memory
+/// holds the whole layout, and the ring slots are taken modulo `num` (`mask`). See
+/// [`DriverQueue::new`] for the alignment.
+#[derive(Clone, Copy)]
+struct Offsets {
+    /// `num - 1` (`num` is a power of two).
+    mask: u16,
+    avail_idx: usize,
+    /// The avail ring's slot 0.
+    avail_ring: usize,
+    used_flags: usize,
+    used_idx: usize,
+    /// The used ring's entry 0.
+    used_ring: usize,
+}
+
+impl Offsets {
+    fn of(l: &Layout) -> Self {
+        Offsets {
+            mask: l.num - 1,
+            avail_idx: l.avail_idx(),
+            avail_ring: l.avail_ring(0),
+            used_flags: l.used_flags(),
+            used_idx: l.used_idx(),
+            used_ring: l.used_ring(0),
+        }
+    }
+    /// Descriptor `i` (taken modulo `num`).
+    #[inline]
+    fn desc(&self, i: u16) -> usize {
+        16 * usize::from(i & self.mask)
+    }
+    #[inline]
+    fn avail_slot(&self, idx: u16) -> usize {
+        self.avail_ring + 2 * usize::from(idx & self.mask)
+    }
+    #[inline]
+    fn used_entry(&self, idx: u16) -> usize {
+        self.used_ring + 8 * usize::from(idx & self.mask)
+    }
+}
+
 /// A used entry as the device reported it, after validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Used {
@@ -324,6 +485,8 @@ pub enum RingError {
 pub struct DriverQueue<M: RingMemory> {
     mem: M,
     layout: Layout,
+    /// Where the words this end touches are, from `layout`.
+    at: Offsets,
     avail_idx: u16,
     last_used: u16,
     /// Used entries announced by the last [`DriverQueue::used_pending`] (behind an index read
@@ -340,6 +503,14 @@ pub struct DriverQueue<M: RingMemory> {
 
 impl<M: RingMemory> DriverQueue<M> {
     /// A queue over zeroed memory `mem` laid out as `layout`.
+    ///
+    /// The check here is what every later access relies on: with `mem.len() >= layout.size()`,
+    /// each offset in [`Offsets`] (a descriptor, an avail slot or a used entry modulo `num`, the
+    /// index and flag words) is inside `mem`, the layout's arithmetic (spec §5.3) being
+    /// `desc[num]` (16 B each) at 0, then `avail` {flags, idx, ring[num]}, then `used` {flags,
+    /// idx, ring[num] of 8 B} at `used_off` >= the end of `avail`. Aligned too: descriptors at
+    /// multiples of 16, avail words at even offsets, and `used_off` a multiple of `align` >= 4,
+    /// so the used words are even and the used entries' u32 words multiples of 4.
     pub fn new(mem: M, layout: Layout) -> Result<Self, LayoutError> {
         if mem.len() < layout.size() {
             return Err(LayoutError::TooSmall { needed: layout.size(), have: mem.len() });
@@ -356,6 +527,7 @@ impl<M: RingMemory> DriverQueue<M> {
         Ok(DriverQueue {
             mem,
             layout,
+            at: Offsets::of(&layout),
             avail_idx: 0,
             last_used: 0,
             announced: 0,
@@ -384,8 +556,8 @@ impl<M: RingMemory> DriverQueue<M> {
         let Some(top) = self.n_free.checked_sub(1) else { return Err(RingError::Full) };
         let Some(&idx) = self.free.get(usize::from(top)) else { return Err(RingError::Full) };
         // `free` holds only indices below `num` (it starts as 0..num and takes back only
-        // descriptors checked in flight), so `desc(idx)` is inside the layout.
-        let d = self.layout.desc(idx);
+        // descriptors checked in flight); `desc` takes it modulo `num` all the same.
+        let d = self.at.desc(idx);
         // len (bytes 8..12), flags (12..14) and next (14..16, 0: no chain) as one 8-aligned
         // little-endian word.
         let flags = if device_writable { DESC_F_WRITE } else { 0 };
@@ -396,14 +568,17 @@ impl<M: RingMemory> DriverQueue<M> {
         // caches instead of moving to this core and back on every message; the words are
         // compared in shared memory, not in a copy of ours, so whatever is there is what the
         // device reads.
-        if self.mem.read_u64(d) != addr {
-            self.mem.write_u64(d, addr);
+        // SAFETY: a descriptor's two words and an avail slot, inside the memory (see `Offsets`).
+        unsafe {
+            if self.mem.read_u64_unchecked(d) != addr {
+                self.mem.write_u64_unchecked(d, addr);
+            }
+            if self.mem.read_u64_unchecked(d + 8) != word {
+                self.mem.write_u64_unchecked(d + 8, word);
+            }
+            self.mem.write_u16_unchecked(self.at.avail_slot(self.avail_idx), idx);
         }
-        if self.mem.read_u64(d + 8) != word {
-            self.mem.write_u64(d + 8, word);
-        }
-        self.mem.write_u16(self.layout.avail_ring(self.avail_idx), idx);
-        if let Some(slot) = self.avail_shadow.get_mut(usize::from(self.avail_idx & (self.layout.num() - 1))) {
+        if let Some(slot) = self.avail_shadow.get_mut(usize::from(self.avail_idx & self.at.mask)) {
             *slot = idx;
         }
         self.n_free = top;
@@ -413,7 +588,8 @@ impl<M: RingMemory> DriverQueue<M> {
         // The descriptor and ring slot must be visible before the index that publishes them
         // (virtio 1.2 §2.7.13.3; Linux virtqueue_add_split(): virtio_wmb() before avail->idx).
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_u16_release(self.layout.avail_idx(), self.avail_idx);
+        // SAFETY: the avail index word (see `Offsets`).
+        unsafe { self.mem.write_u16_release_unchecked(self.at.avail_idx, self.avail_idx) };
         Ok(idx)
     }
 
@@ -438,8 +614,11 @@ impl<M: RingMemory> DriverQueue<M> {
         if self.device_wants_kick() {
             return true;
         }
-        self.mem.write_u16_fenced(self.layout.avail_idx(), self.avail_idx);
-        self.mem.read_u16_acquire(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
+        // SAFETY: the avail index word (see `Offsets`).
+        unsafe { self.mem.write_u16_fenced_unchecked(self.at.avail_idx, self.avail_idx) };
+        // SAFETY: the used flags word (see `Offsets`).
+        let flags = unsafe { self.mem.read_u16_acquire_unchecked(self.at.used_flags) };
+        flags & USED_F_NO_NOTIFY == 0
     }
 
     /// Used entries the device has published and the driver not yet taken: the size of the
@@ -454,7 +633,8 @@ impl<M: RingMemory> DriverQueue<M> {
     /// [`DriverQueue::pop_pending`] without reading it again.
     #[inline]
     pub fn used_pending(&mut self) -> Result<u16, RingError> {
-        let now = self.mem.read_u16_acquire(self.layout.used_idx());
+        // SAFETY: the used index word (see `Offsets`).
+        let now = unsafe { self.mem.read_u16_acquire_unchecked(self.at.used_idx) };
         let n = now.wrapping_sub(self.last_used);
         if n > self.layout.num() {
             self.announced = 0;
@@ -468,7 +648,9 @@ impl<M: RingMemory> DriverQueue<M> {
     /// barrier: a hint for when to publish, not the kick decision ([`DriverQueue::needs_kick`]).
     #[inline]
     pub fn device_wants_kick(&self) -> bool {
-        self.mem.read_u16_acquire(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
+        // SAFETY: the used flags word (see `Offsets`).
+        let flags = unsafe { self.mem.read_u16_acquire_unchecked(self.at.used_flags) };
+        flags & USED_F_NO_NOTIFY == 0
     }
 
     /// Starts fetching the line of `used.idx` (and the first used entries beside it), to be
@@ -476,7 +658,7 @@ impl<M: RingMemory> DriverQueue<M> {
     /// after a call returns lets their lines come in together.
     #[inline]
     pub fn prefetch_used(&self) {
-        self.mem.prefetch(self.layout.used_idx());
+        self.mem.prefetch(self.at.used_idx);
     }
 
     /// The descriptor a device that returns buffers in the order it took them (Trusty does)
@@ -487,13 +669,14 @@ impl<M: RingMemory> DriverQueue<M> {
         if self.last_used == self.avail_idx {
             return None;
         }
-        self.avail_shadow.get(usize::from(self.last_used & (self.layout.num() - 1))).copied()
+        self.avail_shadow.get(usize::from(self.last_used & self.at.mask)).copied()
     }
 
     /// Takes the next used entry, if any, validating everything the device wrote.
     pub fn pop_used(&mut self) -> Result<Option<Used>, RingError> {
         // Read the entry only after seeing the index that published it (acquire).
-        let now = self.mem.read_u16_acquire(self.layout.used_idx());
+        // SAFETY: the used index word (see `Offsets`).
+        let now = unsafe { self.mem.read_u16_acquire_unchecked(self.at.used_idx) };
         if now == self.last_used {
             return Ok(None);
         }
@@ -520,9 +703,9 @@ impl<M: RingMemory> DriverQueue<M> {
     /// checks the id against the trusted in-flight table.
     #[inline]
     fn take_entry(&mut self) -> Result<Used, RingError> {
-        let e = self.layout.used_ring(self.last_used);
-        let id = self.mem.read_u32(e);
-        let len = self.mem.read_u32(e + 4);
+        let e = self.at.used_entry(self.last_used);
+        // SAFETY: a used entry's two words (see `Offsets`).
+        let (id, len) = unsafe { (self.mem.read_u32_unchecked(e), self.mem.read_u32_unchecked(e + 4)) };
         self.last_used = self.last_used.wrapping_add(1);
         let slot = usize::try_from(id).ok().and_then(|i| self.in_flight.get_mut(i));
         match slot {
@@ -782,6 +965,32 @@ mod tests {
         assert_eq!(Layout::new(33, 4096), Err(LayoutError::BadNum(33)));
         assert_eq!(Layout::new(0, 4096), Err(LayoutError::BadNum(0)));
         assert_eq!(Layout::new(32, 3), Err(LayoutError::BadAlign(3)));
+    }
+
+    /// What the driver's unchecked accesses rely on: for every ring size and alignment, each
+    /// offset `Offsets` gives (any slot index, wrapped) is the layout's, inside `size()` and
+    /// aligned for the word read there.
+    #[test]
+    fn every_offset_the_driver_uses_is_inside_the_layout_and_aligned() {
+        let mut num = 1u32;
+        while num <= 32768 {
+            for align in [4u32, 8, 16, 64, 4096] {
+                let l = Layout::new(num, align).unwrap();
+                let at = Offsets::of(&l);
+                let size = l.size();
+                let fits = |off: usize, n: usize| off % n == 0 && off + n <= size;
+                assert!(fits(at.avail_idx, 2) && fits(at.used_flags, 2) && fits(at.used_idx, 2));
+                assert_eq!((at.avail_idx, at.used_flags, at.used_idx), (l.avail_idx(), l.used_flags(), l.used_idx()));
+                for i in [0u16, 1, (num - 1) as u16, num as u16, u16::MAX] {
+                    assert!(fits(at.desc(i), 8) && fits(at.desc(i) + 8, 8), "desc {i} of {num}");
+                    assert!(fits(at.avail_slot(i), 2), "avail slot {i} of {num}");
+                    assert!(fits(at.used_entry(i), 4) && fits(at.used_entry(i) + 4, 4), "used entry {i} of {num}");
+                    assert_eq!(at.avail_slot(i), l.avail_ring(i));
+                    assert_eq!(at.used_entry(i), l.used_ring(i));
+                }
+            }
+            num *= 2;
+        }
     }
 
     #[test]
