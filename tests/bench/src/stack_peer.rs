@@ -32,7 +32,7 @@ use trusty_platform::trusty::{CallPolicy, Trusty};
 use trusty_virtio::rsc;
 use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, RawRing};
 use trusty_virtio::Bus;
-use trusty_model::host::{move_to_last_core, HostMailbox, MailboxServer, StopFlag, Unpark};
+use trusty_model::host::{move_to_last_core, HostMailbox, IdleSpin, MailboxServer, StopFlag, Unpark};
 
 /// The port whose messages come back to their sender.
 pub const ECHO_PORT: &str = "com.android.ipc-unittest.srv.echo";
@@ -785,28 +785,16 @@ impl Drop for PeerThread {
 }
 
 /// The peer's thread: serves each request of the host mailbox, spinning while requests come
-/// and sleeping after [`PEER_SPIN_NS`] without one (the stack's event unparks it; a token from
-/// an unpark before the park makes it return at once, so no request is missed).
+/// and sleeping after [`PEER_SPIN_NS`] without one until the stack's event unparks it.
 fn peer_thread(peer: Arc<Mutex<Peer>>, mut server: MailboxServer, stop: &StopFlag) {
     move_to_last_core();
-    let mut idle_since: Option<Instant> = None;
-    let mut polls = 0u32;
+    let start = Instant::now();
+    let mut idle = IdleSpin::new(PEER_SPIN_NS);
     while !stop.stopped() {
         if server.poll(|regs| answer(lock(&peer).call(regs))) {
-            idle_since = None;
-            polls = 0;
-            continue;
-        }
-        std::hint::spin_loop();
-        polls += 1;
-        if polls < 64 {
-            continue;
-        }
-        polls = 0;
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed().as_nanos() >= u128::from(PEER_SPIN_NS) {
-            std::thread::park_timeout(std::time::Duration::from_nanos(PEER_PARK_NS));
-            idle_since = None;
+            idle.worked();
+        } else if idle.spin() {
+            idle.rest(start.elapsed().as_nanos() as u64, PEER_PARK_NS);
         }
     }
 }

@@ -984,8 +984,7 @@ impl CoresThread {
 /// Trusty VM profile, the guest's mailbox page; runs the work calls left; sleeps after
 /// [`MODEL_SPIN_NS`] idle until an event unparks it or a service timer is due.
 fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, mut server: MailboxServer, stop: &StopFlag) {
-    let mut idle_since: Option<u64> = None;
-    let mut polls = 0u32;
+    let mut idle = IdleSpin::new(MODEL_SPIN_NS);
     // A Trusty VM profile also has the guest's own mailbox to watch on every poll; otherwise
     // the spin touches only the host mailbox words, and the model (its lock) only when a
     // request came or every 64 polls (timers, work left by a call).
@@ -1025,33 +1024,66 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, mut server: Mail
             }
         }
         if worked {
-            idle_since = None;
-            polls = 0;
+            idle.worked();
             continue;
         }
-        std::hint::spin_loop();
-        polls += 1;
-        if polls < 64 {
+        if !idle.spin() {
             continue;
         }
-        polls = 0;
-        // Idle: one clock read per 64 polls.
         let now = clock.now_ns();
         let Ok(mut m) = model.lock() else { return };
         let next = m.next_deadline();
         if next.is_some_and(|d| d <= now) || m.has_pending_work() {
             m.run_background();
-            idle_since = None;
+            idle.worked();
             continue;
         }
         drop(m);
-        let since = *idle_since.get_or_insert(now);
-        if now - since >= MODEL_SPIN_NS {
-            let sleep = next.map_or(MODEL_PARK_NS, |d| d.saturating_sub(now)).min(MODEL_PARK_NS);
-            // Woken early by an event (`Unpark`); a token from an unpark before this park
-            // makes it return at once, so no request is missed.
-            thread::park_timeout(Duration::from_nanos(sleep));
-            idle_since = None;
+        idle.rest(now, next.map_or(MODEL_PARK_NS, |d| d.saturating_sub(now)).min(MODEL_PARK_NS));
+    }
+}
+
+/// The idle side of a polling thread (the model's, a peer's): it spins, looks at the clock once
+/// per [`IdleSpin::POLLS`] polls, and after a stretch of idle spinning sleeps until an event
+/// ([`Unpark`]) or a deadline. A token from an unpark that came before the park makes the park
+/// return at once, so no request is missed.
+pub struct IdleSpin {
+    spin_ns: u64,
+    polls: u32,
+    idle_since: Option<u64>,
+}
+
+impl IdleSpin {
+    /// Polls between two clock reads.
+    pub const POLLS: u32 = 64;
+
+    /// Spins for `spin_ns` of idleness before it sleeps.
+    pub fn new(spin_ns: u64) -> IdleSpin {
+        IdleSpin { spin_ns, polls: 0, idle_since: None }
+    }
+    /// The poll found work: idleness starts again from zero.
+    pub fn worked(&mut self) {
+        self.polls = 0;
+        self.idle_since = None;
+    }
+    /// One idle poll (a spin-loop hint); true once every [`IdleSpin::POLLS`]: time to read the
+    /// clock and call [`IdleSpin::rest`].
+    pub fn spin(&mut self) -> bool {
+        std::hint::spin_loop();
+        self.polls += 1;
+        if self.polls < Self::POLLS {
+            return false;
+        }
+        self.polls = 0;
+        true
+    }
+    /// Nothing to do at `now` (ns, any monotonic clock): sleeps for at most `max_sleep_ns` once
+    /// idle for the spin time.
+    pub fn rest(&mut self, now: u64, max_sleep_ns: u64) {
+        let since = *self.idle_since.get_or_insert(now);
+        if now.saturating_sub(since) >= self.spin_ns {
+            thread::park_timeout(Duration::from_nanos(max_sleep_ns));
+            self.idle_since = None;
         }
     }
 }
