@@ -1,9 +1,11 @@
 //! `tipc-bench`: the machine reference (a cache line bounced between two cores, memcpy in L1)
 //! and the stack's figures against it, measured in the same run: echo round trips (p50/p99) and
 //! one-way streaming for `-D sim` (the model inside each call), `-D sim-cores` (the model
-//! polling a mailbox on the other core) and `stack` (the normal-world stack alone, against the
-//! minimal echo peer of [`tipc_bench::stack_peer`] run inside each call), secure calls per echo
-//! and heap allocations per message on the caller's thread.
+//! polling a mailbox on the other core), `stack` (the normal-world stack alone, against the
+//! minimal echo peer of [`tipc_bench::stack_peer`] run inside each call) and `stack-cores` (the
+//! same peer polling the mailbox on the other core: the stack and its cross-core transport
+//! without the model's work), secure calls per echo and heap allocations per message on the
+//! caller's thread.
 //!
 //! `--json` prints the same figures as one JSON object; `--quick` runs few iterations (a smoke
 //! run: it checks that everything runs, not how fast).
@@ -17,14 +19,15 @@ use std::time::Instant;
 use trusty_stack::{bring_up_platform, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
-use tipc_bench::stack_peer;
+use tipc_bench::stack_peer::{self, Placement};
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 const SIZES: [usize; 4] = [16, 256, 1024, 4000];
-const MODES: [(&str, Mode); 3] = [("sim", Mode::Sim), ("cores", Mode::Cores), ("stack", Mode::Stack)];
+const MODES: [(&str, Mode); 4] =
+    [("sim", Mode::Sim), ("cores", Mode::Cores), ("stack", Mode::Stack), ("stack-cores", Mode::StackCores)];
 const ECHO_PORT: &str = stack_peer::ECHO_PORT;
 const SINK_PORT: &str = stack_peer::SINK_PORT;
 /// Every wait in the bench is bounded: a stuck peer fails the run instead of hanging it.
@@ -35,9 +38,10 @@ struct Opts {
     quick: bool,
     /// Modes to measure; empty: all.
     modes: Vec<String>,
-    /// `--stack-loop SIZE ROUNDS` / `--sim-loop SIZE ROUNDS` / `--cores-loop SIZE ROUNDS`: only
-    /// echo round trips of the stack alone, with the model inside each call, or with the model
-    /// on the other core, for a profiler.
+    /// `--stack-loop SIZE ROUNDS` / `--sim-loop SIZE ROUNDS` / `--cores-loop SIZE ROUNDS` /
+    /// `--stack-cores-loop SIZE ROUNDS`: only echo round trips of the stack alone, with the
+    /// model inside each call, with the model on the other core, or with the minimal peer on
+    /// the other core, for a profiler.
     stack_loop: Option<(Mode, usize, u64)>,
 }
 
@@ -129,20 +133,25 @@ enum Mode {
     Cores,
     /// The minimal echo peer on the caller's thread: the stack alone.
     Stack,
+    /// The minimal echo peer on the other core, behind the mailbox: the stack and its
+    /// cross-core transport, without the model's work.
+    StackCores,
 }
 
 fn bring_up(mode: Mode) -> Result<Up, String> {
     let model_mode = match mode {
         Mode::Sim => ModelMode::Sync,
         Mode::Cores => ModelMode::Cores,
-        Mode::Stack => {
-            let rig = stack_peer::bring_up(StackConfig::default().tipc)?;
+        Mode::Stack | Mode::StackCores => {
+            let placement = if mode == Mode::Stack { Placement::InCall } else { Placement::OtherCore };
+            let rig = stack_peer::bring_up_at(StackConfig::default().tipc, placement)?;
             let (peer, peer2) = (rig.peer.clone(), rig.peer.clone());
             return Ok(Up {
                 dev: rig.dev,
                 calls: Box::new(move || peer.stats().calls),
                 clock_reads: Some(Box::new(move || peer2.clock_reads())),
-                peer: Some(rig.peer),
+                // The peer's share of an echo is timed only inside the caller's thread.
+                peer: (mode == Mode::Stack).then_some(rig.peer),
             });
         }
     };
@@ -258,8 +267,8 @@ fn stream(up: &mut Up, size: usize, iters: usize) -> Result<(f64, f64), String> 
 /// Echo round trips of the stack alone in a loop and nothing else (for `perf record` or
 /// `perf stat -e task-clock`): prints the mean wall time per echo.
 fn stack_loop(mode: Mode, size: usize, rounds: u64) -> Result<(), String> {
-    // As the full run does: the caller on core 0, the model thread on the last core.
-    if matches!(mode, Mode::Cores) && cpu_count() > 1 {
+    // As the full run does: the caller on core 0, the peer's thread on the last core.
+    if matches!(mode, Mode::Cores | Mode::StackCores) && cpu_count() > 1 {
         pin_to_cpu(0);
     }
     let mut up = bring_up(mode)?;
@@ -313,9 +322,10 @@ fn run(o: &Opts) -> Result<(), String> {
                 out.insert(format!("echo.{name}.{s}.own_ns"), own);
             }
             out.insert(format!("allocs_per_message.{name}.{s}"), e.allocs_per_message);
-            // In `cores` mode the caller's thread runs only the stack, in `stack` mode the stack
-            // and the echo peer (which allocates nothing per message): their allocations are the
-            // data path's. In `sim` mode the model runs on the same thread and is counted too.
+            // In `cores` and `stack-cores` modes the caller's thread runs only the stack, in
+            // `stack` mode the stack and the echo peer (which allocates nothing per message):
+            // their allocations are the data path's. In `sim` mode the model runs on the same
+            // thread and is counted too.
             if mode != Mode::Sim {
                 allocs.push(e.allocs_per_message);
             }
@@ -358,13 +368,13 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
         println!("memcpy {s:>5} B in L1: {m:>8.1} ns  ({:.2} GB/s)", s as f64 / m);
     }
     println!();
-    println!("echo round trip            p50        p99   p50/cache-line RTT");
+    println!("echo round trip                 p50        p99   p50/cache-line RTT");
     let measured = |name: &str| out.contains_key(&format!("echo.{name}.16.p50_ns"));
     for (name, _) in MODES.iter().filter(|(n, _)| measured(n)) {
         for s in SIZES {
             let p50 = g(&format!("echo.{name}.{s}.p50_ns"));
             let p99 = g(&format!("echo.{name}.{s}.p99_ns"));
-            println!("  {name:<6} {s:>5} B  {:>8.2} us {:>8.2} us  {:>8.1}x", p50 / 1e3, p99 / 1e3, p50 / rtt);
+            println!("  {name:<11} {s:>5} B  {:>8.2} us {:>8.2} us  {:>8.1}x", p50 / 1e3, p99 / 1e3, p50 / rtt);
         }
     }
     if measured("stack") {
@@ -379,20 +389,20 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
         }
     }
     println!();
-    println!("one-way streaming          msgs/s       MB/s   of L1 memcpy bandwidth");
+    println!("one-way streaming               msgs/s       MB/s   of L1 memcpy bandwidth");
     for (name, _) in MODES.iter().filter(|(n, _)| measured(n)) {
         for s in SIZES {
             let msgs = g(&format!("stream.{name}.{s}.msgs_s"));
             let mb = g(&format!("stream.{name}.{s}.mb_s"));
             let l1 = s as f64 / g(&format!("reference.memcpy_ns.{s}")) * 1e3;
-            println!("  {name:<6} {s:>5} B  {:>10.0} {:>10.1}   1/{:.0}", msgs, mb, l1 / mb);
+            println!("  {name:<11} {s:>5} B  {:>10.0} {:>10.1}   1/{:.0}", msgs, mb, l1 / mb);
         }
     }
     println!();
     println!("secure calls per echo: {:.2}", g("calls_per_echo"));
     println!("clock reads per echo, the stack alone (stack, 16 B): {:.2}", g("clock_reads_per_echo.stack.16"));
     println!(
-        "heap allocations per message, the stack alone (cores and stack modes, caller's thread): {:.2}",
+        "heap allocations per message, the stack alone (cores, stack, stack-cores; caller's thread): {:.2}",
         g("allocs_per_message")
     );
     if measured("sim") {
@@ -413,14 +423,15 @@ fn main() {
             "--mode" => match args.next() {
                 Some(m) if MODES.iter().any(|(n, _)| *n == m) => o.modes.push(m),
                 m => {
-                    eprintln!("tipc-bench: --mode takes one of sim, cores, stack (got {m:?})");
+                    eprintln!("tipc-bench: --mode takes one of sim, cores, stack, stack-cores (got {m:?})");
                     std::process::exit(2);
                 }
             },
-            "--stack-loop" | "--sim-loop" | "--cores-loop" => {
+            "--stack-loop" | "--sim-loop" | "--cores-loop" | "--stack-cores-loop" => {
                 let mode = match a.as_str() {
                     "--sim-loop" => Mode::Sim,
                     "--cores-loop" => Mode::Cores,
+                    "--stack-cores-loop" => Mode::StackCores,
                     _ => Mode::Stack,
                 };
                 let size = args.next().and_then(|a| a.parse().ok()).filter(|&s: &usize| (1..=4000).contains(&s));
@@ -432,7 +443,7 @@ fn main() {
                 o.stack_loop = Some((mode, size, rounds));
             }
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack|stack-cores]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS | --stack-cores-loop SIZE ROUNDS");
                 return;
             }
             other => {

@@ -3,8 +3,11 @@
 //! NOPs) and serves the TIPC device's two vrings from their device end, with just enough of
 //! TIPC's control protocol for two ports: an echo port (every message comes back) and a sink
 //! (every message is taken and dropped). There is no IPC core, no scheduler and no heap use per
-//! message, and it runs inside [`Conduit::call`] on the caller's thread (like `-D sim`), so the
-//! time of an echo is the stack's own plus this peer's few ring operations and its one copy.
+//! message. It runs inside [`Conduit::call`] on the caller's thread (like `-D sim`), so the
+//! time of an echo is the stack's own plus this peer's few ring operations and its one copy;
+//! or on its own thread on the other core behind the Xen Trusty VM's mailbox protocol (like
+//! `-D sim-cores`), which measures the stack and its cross-core transport against a peer as
+//! lean as a polling virtio echo peer, the model's work left out ([`Placement`]).
 //!
 //! It follows upstream Trusty's `lib/trusty/tipc_virtio_dev.c` where it implements something
 //! (cited per function). It is strict about memory the way the model is: it reaches the normal
@@ -29,6 +32,7 @@ use trusty_platform::trusty::{CallPolicy, Trusty};
 use trusty_virtio::rsc;
 use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, RawRing};
 use trusty_virtio::Bus;
+use trusty_model::host::{move_to_last_core, HostMailbox, IdleSpin, MailboxServer, StopFlag, Unpark};
 
 /// The port whose messages come back to their sender.
 pub const ECHO_PORT: &str = "com.android.ipc-unittest.srv.echo";
@@ -740,6 +744,11 @@ fn lock(p: &Mutex<Peer>) -> MutexGuard<'_, Peer> {
     p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The registers of the peer's answer: w0 only (every call this peer serves returns one word).
+fn answer(r: i64) -> [u64; 8] {
+    [r as u64 & 0xffff_ffff, 0, 0, 0, 0, 0, 0, 0]
+}
+
 impl Conduit for PeerConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
         let start = self.timing.on.load(Ordering::Relaxed).then(Instant::now);
@@ -747,7 +756,46 @@ impl Conduit for PeerConduit {
         if let Some(t) = start {
             self.timing.ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
-        [r as u64 & 0xffff_ffff, 0, 0, 0, 0, 0, 0, 0]
+        answer(r)
+    }
+}
+
+/// How long the peer's thread (`Placement::OtherCore`) spins without a request before it
+/// sleeps until the stack's event unparks it, as the model's thread does.
+const PEER_SPIN_NS: u64 = 200_000;
+/// Longest sleep of an idle peer thread.
+const PEER_PARK_NS: u64 = 10_000_000;
+/// Timeout of the stack's mailbox calls to the peer's thread.
+const PEER_MAILBOX_TIMEOUT_MS: u64 = 5_000;
+
+/// The peer's own thread on the other core; stopped and joined when the last handle goes.
+struct PeerThread {
+    stop: Arc<StopFlag>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PeerThread {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(h) = self.handle.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
+
+/// The peer's thread: serves each request of the host mailbox, spinning while requests come
+/// and sleeping after [`PEER_SPIN_NS`] without one until the stack's event unparks it.
+fn peer_thread(peer: Arc<Mutex<Peer>>, mut server: MailboxServer, stop: &StopFlag) {
+    move_to_last_core();
+    let start = Instant::now();
+    let mut idle = IdleSpin::new(PEER_SPIN_NS);
+    while !stop.stopped() {
+        if server.poll(|regs| answer(lock(&peer).call(regs))) {
+            idle.worked();
+        } else if idle.spin() {
+            idle.rest(start.elapsed().as_nanos() as u64, PEER_PARK_NS);
+        }
     }
 }
 
@@ -758,6 +806,8 @@ pub struct PeerHandle {
     shares: Arc<ShareTable>,
     clock_reads: Arc<AtomicU64>,
     timing: Arc<PeerTiming>,
+    /// The peer's thread when it runs on the other core.
+    _thread: Option<Arc<PeerThread>>,
 }
 
 impl PeerHandle {
@@ -765,7 +815,8 @@ impl PeerHandle {
     pub fn stats(&self) -> PeerStats {
         lock(&self.peer).stats
     }
-    /// Switches the timing of the peer's calls on or off (off at bring-up).
+    /// Switches the timing of the peer's calls on or off (off at bring-up). Only calls made
+    /// inside the stack's thread (`Placement::InCall`) are timed.
     pub fn time_calls(&self, on: bool) {
         self.timing.on.store(on, Ordering::Relaxed);
     }
@@ -785,15 +836,33 @@ impl PeerHandle {
 
 /// A stack brought up against the peer.
 pub struct StackRig {
-    /// The stack: TIPC device over the Trusty virtio bus and the call discipline.
+    /// The stack: TIPC device over the Trusty virtio bus and the call discipline. Declared
+    /// first, so that it is dropped (and makes its last calls) while the peer still answers.
     pub dev: TipcDevice,
     /// The peer.
     pub peer: PeerHandle,
 }
 
+/// Where the peer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Inside each call, on the stack's thread (as `-D sim` runs the model).
+    InCall,
+    /// On its own thread on the other core, serving the Xen Trusty VM's mailbox protocol
+    /// (`trusty_platform::mailbox`) as `-D sim-cores` runs the model: the stack's calls go
+    /// through the same `MailboxConduit` it uses with a Trusty VM.
+    OtherCore,
+}
+
 /// Brings the stack up (version string, API negotiation, GET_DESCR, START, GO_ONLINE) against
-/// a fresh peer with Trusty's default table (two 32-entry rings, 4096-byte buffers).
+/// a fresh peer with Trusty's default table (two 32-entry rings, 4096-byte buffers), run
+/// inside each call.
 pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
+    bring_up_at(cfg, Placement::InCall)
+}
+
+/// As [`bring_up`], with the peer where `placement` says.
+pub fn bring_up_at(cfg: Config, placement: Placement) -> Result<StackRig, String> {
     let shares: Arc<ShareTable> = Arc::default();
     let peer = Arc::new(Mutex::new(Peer {
         shares: shares.clone(),
@@ -812,11 +881,26 @@ pub fn bring_up(cfg: Config) -> Result<StackRig, String> {
     let clock_reads = Arc::new(AtomicU64::new(0));
     let clock: Arc<dyn Clock> = Arc::new(HostClock { inner: trusty_stack::backend::linux::StdClock::new(), reads: clock_reads.clone() });
     let timing: Arc<PeerTiming> = Arc::default();
-    let conduit = PeerConduit { peer: peer.clone(), timing: timing.clone() };
-    let mut trusty = Trusty::new(Arc::new(conduit), clock, CallPolicy::default());
+    let (conduit, thread): (Arc<dyn Conduit>, _) = match placement {
+        Placement::InCall => (Arc::new(PeerConduit { peer: peer.clone(), timing: timing.clone() }), None),
+        Placement::OtherCore => {
+            let mailbox = HostMailbox::new();
+            let server = mailbox.server();
+            let stop: Arc<StopFlag> = Arc::default();
+            let (p, s) = (peer.clone(), stop.clone());
+            let handle = std::thread::Builder::new()
+                .name("stack-peer-core".into())
+                .spawn(move || peer_thread(p, server, &s))
+                .map_err(|e| format!("spawn the peer's thread: {e}"))?;
+            let events = Arc::new(Unpark(handle.thread().clone()));
+            let conduit = mailbox.conduit(events, clock.clone(), PEER_MAILBOX_TIMEOUT_MS);
+            (conduit, Some(Arc::new(PeerThread { stop, handle: Some(handle) })))
+        }
+    };
+    let mut trusty = Trusty::new(conduit, clock, CallPolicy::default());
     trusty.version_string_or_log().map_err(|e| format!("version string: {e}"))?;
     trusty.negotiate_api(api::CURRENT).map_err(|e| format!("API version: {e}"))?;
     let mem = SharedMemory::new(Box::new(HeapPages), Box::new(PeerSharer { table: shares.clone() }));
     let dev = TipcDevice::probe(Bus::new(trusty, mem), cfg).map_err(|e| format!("bring-up on the stack peer: {e}"))?;
-    Ok(StackRig { dev, peer: PeerHandle { peer, shares, clock_reads, timing } })
+    Ok(StackRig { dev, peer: PeerHandle { peer, shares, clock_reads, timing, _thread: thread } })
 }

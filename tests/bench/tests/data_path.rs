@@ -99,3 +99,35 @@ fn connect_refusal_disconnect_and_teardown_against_the_peer() {
     r.expect("teardown");
     assert_eq!(peer.live_shares(), 0, "shares left after teardown");
 }
+
+/// The peer on the other core, behind the mailbox (`tipc-bench`'s `stack-cores` mode): the
+/// same echoes and counts as inside the call, and teardown stops its thread.
+#[test]
+fn the_peer_on_the_other_core_answers_through_the_mailbox_with_one_call_per_echo() {
+    let cfg = tipc::Config { idle_pump_ms: 600_000, ..tipc::Config::default() };
+    let mut rig = stack_peer::bring_up_at(cfg, stack_peer::Placement::OtherCore).unwrap_or_else(|e| panic!("{e}"));
+    let ch = rig.dev.connect(ECHO_PORT).expect("connect");
+    for size in SIZES {
+        let msg: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+        let mut back = vec![0u8; size];
+        for _ in 0..50 {
+            echo(&mut rig, ch, &msg, &mut back);
+        }
+        let calls = rig.peer.stats().calls;
+        let before = allocs_on_this_thread();
+        const ROUNDS: u64 = 500;
+        for _ in 0..ROUNDS {
+            echo(&mut rig, ch, &msg, &mut back);
+        }
+        assert_eq!(allocs_on_this_thread() - before, 0, "heap allocations on the stack's thread, {size} B");
+        assert_eq!(rig.peer.stats().calls - calls, ROUNDS, "secure calls in {ROUNDS} echoes of {size} B");
+        assert_eq!(back, msg, "the echo brought back other bytes");
+    }
+    rig.dev.close(ch).expect("close");
+    let s = rig.peer.stats();
+    assert_eq!((s.refused, s.malformed, s.lost), (0, 0, 0), "{s:?}");
+    let peer = rig.peer.clone();
+    let (_bus, r) = rig.dev.shutdown();
+    r.expect("teardown through the mailbox");
+    assert_eq!(peer.live_shares(), 0, "shares left after teardown");
+}

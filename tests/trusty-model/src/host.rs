@@ -630,7 +630,7 @@ impl Sim {
     /// Event channels to the model (when it plays a Trusty VM).
     pub fn events(&self) -> Arc<dyn EventChannel> {
         if let Some(c) = &self.cores {
-            return Arc::new(WakeModel(c.handle.thread().clone()));
+            return Arc::new(Unpark(c.handle.thread().clone()));
         }
         Arc::new(HostEvents { model: self.model.clone(), thread: self.thread.as_ref().map(|(tx, _)| tx.clone()) })
     }
@@ -671,7 +671,7 @@ impl Sim {
 impl Drop for Sim {
     fn drop(&mut self) {
         if let Some(c) = self.cores.take() {
-            c.stop.0.store(true, Ordering::Release);
+            c.stop.stop();
             c.handle.thread().unpark();
             let _ = c.handle.join();
         }
@@ -724,7 +724,7 @@ fn model_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, rx: mpsc::Receiv
 #[repr(C, align(4096))]
 struct MailboxPage(std::cell::UnsafeCell<[u8; PAGE_SIZE]>);
 
-// SAFETY: the page is shared between exactly two threads (the conduit's caller and the model
+// SAFETY: the page is shared between exactly two threads (the conduit's caller and the serving
 // thread), which access it only with volatile word accesses ordered by fences (the mailbox
 // protocol), as two CPUs share memory.
 unsafe impl Send for MailboxPage {}
@@ -737,23 +737,130 @@ impl MailboxPage {
     }
 }
 
+/// A mailbox page in host memory, shared by a normal-world [`MailboxConduit`] on one thread and
+/// a [`MailboxServer`] on another: the Xen Trusty VM's mailbox protocol
+/// (`trusty_platform::mailbox`) between two host threads, as between two CPUs.
+///
+/// [`MailboxConduit`]: trusty_platform::mailbox::MailboxConduit
+pub struct HostMailbox {
+    page: Arc<MailboxPage>,
+}
+
+impl Default for HostMailbox {
+    fn default() -> Self {
+        HostMailbox::new()
+    }
+}
+
+impl HostMailbox {
+    /// A fresh, zeroed page.
+    pub fn new() -> HostMailbox {
+        HostMailbox { page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))) }
+    }
+
+    /// The normal world's end: a [`MailboxConduit`] over this page that signals the server
+    /// through `events` and times calls with `clock`. It holds the page alive.
+    ///
+    /// [`MailboxConduit`]: trusty_platform::mailbox::MailboxConduit
+    pub fn conduit(&self, events: Arc<dyn EventChannel>, clock: Arc<dyn Clock>, timeout_ms: u64) -> Arc<dyn Conduit> {
+        let page_ptr = std::ptr::NonNull::new(self.page.ptr()).expect("an allocated page");
+        // SAFETY: the page is page-aligned and 4 KiB, kept alive by the conduit (and the
+        // server) for as long as either uses it, and nothing but these two touch it.
+        let inner = unsafe { trusty_platform::mailbox::MailboxConduit::new(page_ptr, events, clock, 0, timeout_ms) };
+        Arc::new(HostConduit { inner, _page: self.page.clone() })
+    }
+
+    /// The serving end (the Trusty VM's side), for another thread.
+    pub fn server(&self) -> MailboxServer {
+        MailboxServer { page: self.page.clone(), served: 0 }
+    }
+}
+
 /// The host mailbox conduit, holding the page it points into so the page outlives every user.
-struct CoresConduit {
+struct HostConduit {
     inner: trusty_platform::mailbox::MailboxConduit,
     _page: Arc<MailboxPage>,
 }
 
-impl Conduit for CoresConduit {
+impl Conduit for HostConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
         self.inner.call(regs)
     }
 }
 
-/// The model thread's stop flag, alone in its cache lines (128 bytes: a line and the one
+/// The Trusty VM's end of a [`HostMailbox`]: serves each request the conduit publishes once,
+/// in order, as the Xen Trusty VM image does with the guest's mailbox.
+pub struct MailboxServer {
+    page: Arc<MailboxPage>,
+    /// Sequence number of the last request served.
+    served: u32,
+}
+
+impl MailboxServer {
+    fn word32(&self, off: usize) -> u32 {
+        // SAFETY: `off` is a protocol constant inside the 4 KiB page this server holds alive,
+        // aligned for a u32.
+        u32::from_le(unsafe { self.page.ptr().add(off).cast::<u32>().read_volatile() })
+    }
+
+    /// Serves the request published since the last one, if there is one: `serve` gets its
+    /// registers and returns the answer's, which is published with its sequence number. True if
+    /// a request was served. Reads one word of the page when there is none.
+    pub fn poll(&mut self, serve: impl FnOnce([u64; 8]) -> [u64; 8]) -> bool {
+        use trusty_platform::mailbox as mb;
+        let req = self.word32(mb::OFF_REQ_SEQ);
+        if req == self.served || self.word32(mb::OFF_MAGIC) != mb::MAILBOX_MAGIC {
+            return false;
+        }
+        let page = self.page.ptr();
+        // Acquire pairs with the conduit's Release before it stores the request sequence word
+        // (`MailboxConduit::publish`): the request registers are visible now.
+        fence(Ordering::Acquire);
+        let mut regs = [0u64; 8];
+        for (i, r) in regs.iter_mut().enumerate() {
+            // SAFETY: the request words are protocol constants inside the page, 8-byte aligned.
+            *r = u64::from_le(unsafe { page.add(mb::OFF_REQUEST + 8 * i).cast::<u64>().read_volatile() });
+        }
+        let out = serve(regs);
+        for (i, r) in out.iter().enumerate() {
+            // Unchanged words stay unwritten (the conduit does the same with its requests): the
+            // answers of a data path's NOPs are all alike, so only the sequence word's line goes
+            // back to the caller's core.
+            // SAFETY: the response words are protocol constants inside the page, 8-byte aligned.
+            let word = unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>() };
+            // SAFETY: as above.
+            if unsafe { word.read_volatile() } != r.to_le() {
+                // SAFETY: as above.
+                unsafe { word.write_volatile(r.to_le()) };
+            }
+        }
+        // Release pairs with the conduit's Acquire after it sees the response sequence word
+        // (`MailboxConduit::answered`): the answer registers are visible first.
+        fence(Ordering::Release);
+        // SAFETY: the response sequence word is a protocol constant inside the page, aligned.
+        unsafe { page.add(mb::OFF_RSP_SEQ).cast::<u32>().write_volatile(req.to_le()) };
+        self.served = req;
+        true
+    }
+}
+
+/// A polling thread's stop flag, alone in its cache lines (128 bytes: a line and the one
 /// fetched with it): the thread reads it on every poll, and a heap neighbour written by the
 /// stack's core would otherwise pull that line away from it each time.
 #[repr(C, align(128))]
-struct StopFlag(AtomicBool);
+#[derive(Default)]
+pub struct StopFlag(AtomicBool);
+
+impl StopFlag {
+    /// Tells the thread to stop (it sees it at its next poll; unpark it if it may sleep).
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    /// Whether the thread was told to stop.
+    pub fn stopped(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// The model's thread in [`ModelMode::Cores`].
 struct CoresThread {
@@ -761,11 +868,11 @@ struct CoresThread {
     handle: thread::JoinHandle<()>,
 }
 
-/// An event to the model thread: unparks it if it went to sleep after spinning idle (an atomic
-/// store when it is spinning, a futex wake only when it sleeps).
-struct WakeModel(thread::Thread);
+/// An event to a polling thread (the model's, a peer's): unparks it if it went to sleep after
+/// spinning idle (an atomic store when it is spinning, a futex wake only when it sleeps).
+pub struct Unpark(pub thread::Thread);
 
-impl EventChannel for WakeModel {
+impl EventChannel for Unpark {
     fn notify(&self, _port: u32) {
         self.0.unpark();
     }
@@ -843,54 +950,41 @@ pub fn cpu_count() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Moves the calling thread, a polling server, to the last core: a benchmark pins its own
+/// thread to core 0. A thread is born with its creator's affinity; if the last core is not ours
+/// to take, it at least must not stay pinned to the creator's core (where it would run only
+/// while the stack sleeps: every call would wait out the stack's spin and one pause, ~160 us).
+pub fn move_to_last_core() {
+    let cpus = cpu_count();
+    if cpus > 1 && !pin_to_cpu(cpus - 1) {
+        unpin();
+    }
+}
+
 impl CoresThread {
     fn spawn(model: Arc<Mutex<Model>>, clock: Arc<StdClock>) -> (Arc<dyn Conduit>, CoresThread) {
-        let page = Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE])));
-        let stop = Arc::new(StopFlag(AtomicBool::new(false)));
+        let mailbox = HostMailbox::new();
+        let server = mailbox.server();
+        let stop: Arc<StopFlag> = Arc::default();
         let s = stop.clone();
         let c = clock.clone();
-        let p = page.clone();
         let handle = thread::Builder::new()
             .name("trusty-model-core".into())
             .spawn(move || {
-                // The last core: a benchmark pins its own thread to core 0. This thread was
-                // born with its creator's affinity; if the last core is not ours to take, it
-                // at least must not stay pinned to the creator's core (where it would run only
-                // while the stack sleeps: every call would wait out the stack's spin and one
-                // pause, ~160 us).
-                let cpus = cpu_count();
-                if cpus > 1 && !pin_to_cpu(cpus - 1) {
-                    unpin();
-                }
-                cores_thread(model, c, &p, &s.0)
+                move_to_last_core();
+                cores_thread(model, c, server, &s)
             })
             .expect("spawn the model thread");
-        let events: Arc<dyn EventChannel> = Arc::new(WakeModel(handle.thread().clone()));
-        let page_ptr = std::ptr::NonNull::new(page.ptr()).expect("an allocated page");
-        // SAFETY: the page is page-aligned and 4 KiB, kept alive by the conduit (and the model
-        // thread) for as long as either uses it, and nothing but these two touch it.
-        let inner = unsafe {
-            trusty_platform::mailbox::MailboxConduit::new(page_ptr, events, clock, 0, CORES_MAILBOX_TIMEOUT_MS)
-        };
-        (Arc::new(CoresConduit { inner, _page: page }), CoresThread { stop, handle })
+        let conduit = mailbox.conduit(Arc::new(Unpark(handle.thread().clone())), clock, CORES_MAILBOX_TIMEOUT_MS);
+        (conduit, CoresThread { stop, handle })
     }
 }
 
 /// The model thread of [`ModelMode::Cores`]: spins on the host mailbox (SMC calls) and, for a
 /// Trusty VM profile, the guest's mailbox page; runs the work calls left; sleeps after
 /// [`MODEL_SPIN_NS`] idle until an event unparks it or a service timer is due.
-fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPage, stop: &AtomicBool) {
-    use trusty_platform::mailbox as mb;
-    let page = page.ptr();
-    // SAFETY (for the accesses below): `page` is the 4 KiB page this thread holds alive; every
-    // offset is a protocol constant inside it and aligned for its word size.
-    let word32 = |off: usize| -> u32 {
-        // SAFETY: see above.
-        u32::from_le(unsafe { page.add(off).cast::<u32>().read_volatile() })
-    };
-    let mut served = 0u32;
-    let mut idle_since: Option<u64> = None;
-    let mut polls = 0u32;
+fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, mut server: MailboxServer, stop: &StopFlag) {
+    let mut idle = IdleSpin::new(MODEL_SPIN_NS);
     // A Trusty VM profile also has the guest's own mailbox to watch on every poll; otherwise
     // the spin touches only the host mailbox words, and the model (its lock) only when a
     // request came or every 64 polls (timers, work left by a call).
@@ -898,49 +992,27 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
         Ok(m) => matches!(m.config().path, crate::model::Path::XenVm { .. }),
         Err(_) => return,
     };
-    while !stop.load(Ordering::Acquire) {
-        let mut worked = false;
+    while !stop.stopped() {
         // Work a served call left behind (seen under the call's own lock: no second lock
         // per call when there is none, which is always outside threaded mode).
         let mut left_work = false;
-        let req = word32(mb::OFF_REQ_SEQ);
-        if word32(mb::OFF_MAGIC) == mb::MAILBOX_MAGIC && req != served {
-            // Acquire pairs with the conduit's Release before it stores the request sequence
-            // word (`MailboxConduit::publish`): the request registers are visible now.
-            fence(Ordering::Acquire);
-            let mut regs = [0u64; 8];
-            for (i, r) in regs.iter_mut().enumerate() {
-                // SAFETY: see above.
-                *r = u64::from_le(unsafe { page.add(mb::OFF_REQUEST + 8 * i).cast::<u64>().read_volatile() });
+        let mut poisoned = false;
+        let mut worked = server.poll(|regs| match model.lock() {
+            Ok(mut m) => {
+                m.prefetch_rings();
+                let out = m.smc(regs);
+                left_work = m.has_pending_work();
+                out
             }
-            let out = match model.lock() {
-                Ok(mut m) => {
-                    m.prefetch_rings();
-                    let out = m.smc(regs);
-                    left_work = m.has_pending_work();
-                    out
-                }
-                Err(_) => return,
-            };
-            for (i, r) in out.iter().enumerate() {
-                // Unchanged words stay unwritten (the conduit does the same with its requests):
-                // the answers of a data path's NOPs are all alike, so only the sequence word's
-                // line goes back to the caller's core.
-                // SAFETY: see above.
-                let word = unsafe { page.add(mb::OFF_RESPONSE + 8 * i).cast::<u64>() };
-                // SAFETY: see above.
-                if unsafe { word.read_volatile() } != r.to_le() {
-                    // SAFETY: see above.
-                    unsafe { word.write_volatile(r.to_le()) };
-                }
+            Err(_) => {
+                poisoned = true;
+                // The model panicked under its lock: the caller hears what Trusty says after a
+                // panic, and this thread ends.
+                [u64::from(trusty_platform::smc::SmError::Panic.code() as u32), 0, 0, 0, 0, 0, 0, 0]
             }
-            // Release pairs with the conduit's Acquire after it sees the response sequence
-            // word (`MailboxConduit::answered`): the answer registers are visible first.
-            fence(Ordering::Release);
-            // SAFETY: see above.
-            unsafe { page.add(mb::OFF_RSP_SEQ).cast::<u32>().write_volatile(req.to_le()) };
-            served = req;
-            worked = true;
+        });
+        if poisoned {
+            return;
         }
         if vm || left_work {
             let Ok(mut m) = model.lock() else { return };
@@ -952,33 +1024,66 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, page: &MailboxPa
             }
         }
         if worked {
-            idle_since = None;
-            polls = 0;
+            idle.worked();
             continue;
         }
-        std::hint::spin_loop();
-        polls += 1;
-        if polls < 64 {
+        if !idle.spin() {
             continue;
         }
-        polls = 0;
-        // Idle: one clock read per 64 polls.
         let now = clock.now_ns();
         let Ok(mut m) = model.lock() else { return };
         let next = m.next_deadline();
         if next.is_some_and(|d| d <= now) || m.has_pending_work() {
             m.run_background();
-            idle_since = None;
+            idle.worked();
             continue;
         }
         drop(m);
-        let since = *idle_since.get_or_insert(now);
-        if now - since >= MODEL_SPIN_NS {
-            let sleep = next.map_or(MODEL_PARK_NS, |d| d.saturating_sub(now)).min(MODEL_PARK_NS);
-            // Woken early by an event (`WakeModel`); a token from an unpark before this park
-            // makes it return at once, so no request is missed.
-            thread::park_timeout(Duration::from_nanos(sleep));
-            idle_since = None;
+        idle.rest(now, next.map_or(MODEL_PARK_NS, |d| d.saturating_sub(now)).min(MODEL_PARK_NS));
+    }
+}
+
+/// The idle side of a polling thread (the model's, a peer's): it spins, looks at the clock once
+/// per [`IdleSpin::POLLS`] polls, and after a stretch of idle spinning sleeps until an event
+/// ([`Unpark`]) or a deadline. A token from an unpark that came before the park makes the park
+/// return at once, so no request is missed.
+pub struct IdleSpin {
+    spin_ns: u64,
+    polls: u32,
+    idle_since: Option<u64>,
+}
+
+impl IdleSpin {
+    /// Polls between two clock reads.
+    pub const POLLS: u32 = 64;
+
+    /// Spins for `spin_ns` of idleness before it sleeps.
+    pub fn new(spin_ns: u64) -> IdleSpin {
+        IdleSpin { spin_ns, polls: 0, idle_since: None }
+    }
+    /// The poll found work: idleness starts again from zero.
+    pub fn worked(&mut self) {
+        self.polls = 0;
+        self.idle_since = None;
+    }
+    /// One idle poll (a spin-loop hint); true once every [`IdleSpin::POLLS`]: time to read the
+    /// clock and call [`IdleSpin::rest`].
+    pub fn spin(&mut self) -> bool {
+        std::hint::spin_loop();
+        self.polls += 1;
+        if self.polls < Self::POLLS {
+            return false;
+        }
+        self.polls = 0;
+        true
+    }
+    /// Nothing to do at `now` (ns, any monotonic clock): sleeps for at most `max_sleep_ns` once
+    /// idle for the spin time.
+    pub fn rest(&mut self, now: u64, max_sleep_ns: u64) {
+        let since = *self.idle_since.get_or_insert(now);
+        if now.saturating_sub(since) >= self.spin_ns {
+            thread::park_timeout(Duration::from_nanos(max_sleep_ns));
+            self.idle_since = None;
         }
     }
 }
