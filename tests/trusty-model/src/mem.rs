@@ -727,7 +727,7 @@ impl ShareTable {
     /// table stays borrowed, so nothing can reclaim the share meanwhile; a reclaimed handle is
     /// not found and faults, as with `map`); under the other schemes it is `map`, `f`,
     /// `unmap`. `None` when the mapping is refused.
-    #[inline]
+    #[inline(always)]
     pub fn with_mapped<R>(&mut self, id: u64, len: usize, write: bool, purpose: &str, f: impl FnOnce(&Span<'_>) -> R) -> Option<R> {
         if self.scheme != IdScheme::FfaHandle {
             let m = self.map(id, len, write, purpose)?;
@@ -746,7 +746,7 @@ impl ShareTable {
 
     /// The FF-A share `id` as a [`Span`] of `len` bytes, checked as `map_ffa` checks it
     /// (lib/sm/shared_mem.c ext_mem_get_vmm_obj(): shared, long enough, writable if written).
-    #[inline]
+    #[inline(always)]
     fn share_span(&mut self, id: u64, len: usize, write: bool) -> Result<Span<'_>, SpanRefused> {
         let share = self.shares.get_recent(id).ok_or(SpanRefused::NeverShared)?;
         if len > share.size {

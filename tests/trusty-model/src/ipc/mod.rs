@@ -824,7 +824,7 @@ impl Core {
     /// channel's port-counter slot (one look-up for both).
     /// `fill` writes the message (cut to the queue's item size) into the queue's buffer; if it
     /// fails, nothing is queued and the answer is ERR_NOT_VALID.
-    #[inline]
+    #[inline(always)]
     fn deliver(&mut self, id: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
         let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
@@ -1615,12 +1615,12 @@ impl Ipc {
     /// (cut to the item size: `fill` gets the slice to fill, and copies the message's first
     /// bytes into it), so the device can copy straight from the normal world's buffer. A
     /// `fill` that fails (returns false) queues nothing: ERR_NOT_VALID.
-    #[inline]
+    #[inline(always)]
     pub fn deliver_from(&mut self, chan: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, now: u64) -> Result<usize, i32> {
         self.deliver_counted(chan, len, fill, Vec::new(), now).map_err(|(e, _)| e)
     }
 
-    #[inline]
+    #[inline(always)]
     fn deliver_counted(
         &mut self,
         chan: ChanId,
