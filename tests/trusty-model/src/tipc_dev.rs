@@ -246,7 +246,7 @@ impl TipcDev {
         for _ in 0..100_000 {
             self.stats.rounds += 1;
             let mut progress = self.drain_from_ns(shares, ipc, now)?;
-            progress |= ipc.run(now);
+            progress |= ipc.run_inline(now);
             progress |= self.collect_released(shares, ipc);
             progress |= self.flush_to_ns(shares, ipc);
             if let Some(e) = self.violation.take() {

@@ -1676,6 +1676,12 @@ impl Ipc {
     /// sleeps, pending accepts). Returns whether anything happened. A `now` earlier than one seen
     /// before is treated as that earlier-seen maximum (time is monotonic).
     pub fn run(&mut self, now: u64) -> bool {
+        self.run_inline(now)
+    }
+
+    /// [`Ipc::run`], inlined into the device's round.
+    #[inline(always)]
+    pub(crate) fn run_inline(&mut self, now: u64) -> bool {
         self.core.advance(now);
         // The data path's usual case: no timer armed, a handle just queued. The general loop
         // below would start its first pass with the lowest app that has work; that step is
