@@ -1104,6 +1104,14 @@ impl Span<'_> {
                 return true;
             }
         }
+        self.write_parts_one_by_one(parts)
+    }
+
+    /// [`Span::write_parts`] outside the direct run (or to a read-only span): part by part,
+    /// out of line, so that the parts are only gathered where this is needed.
+    #[cold]
+    #[inline(never)]
+    fn write_parts_one_by_one<const N: usize>(&self, parts: [(usize, &[u8]); N]) -> bool {
         parts.iter().all(|(off, d)| self.write(*off, d))
     }
 
