@@ -433,7 +433,7 @@ impl Model {
 
     /// The secure monitor's entry point: one SMC from the normal world with x0..x7, as it
     /// arrives after whatever hypervisor stands in between.
-    #[inline]
+    #[inline(always)]
     pub fn smc(&mut self, regs: [u64; 8]) -> [u64; 8] {
         self.stats.smcs += 1;
         let f = regs[0] as u32;
@@ -620,7 +620,7 @@ impl Model {
     /// sm_return_and_wait_for_next_stdcall() (NOPs go to sm_nopcall_table, everything else to
     /// sm_queue_stdcall()) and sm_sched_nonsecure_fiq_loop() (fast calls answered at once;
     /// after platform_halt() every call answers SM_ERR_PANIC).
-    #[inline]
+    #[inline(always)]
     fn trusty_call(&mut self, regs: [u64; 8]) -> [u64; 8] {
         let f = regs[0] as u32;
         self.stats.plain_trusty_smcs += 1;
