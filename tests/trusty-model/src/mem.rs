@@ -727,7 +727,7 @@ impl ShareTable {
     /// table stays borrowed, so nothing can reclaim the share meanwhile; a reclaimed handle is
     /// not found and faults, as with `map`); under the other schemes it is `map`, `f`,
     /// `unmap`. `None` when the mapping is refused.
-    #[inline]
+    #[inline(always)]
     pub fn with_mapped<R>(&mut self, id: u64, len: usize, write: bool, purpose: &str, f: impl FnOnce(&Span<'_>) -> R) -> Option<R> {
         if self.scheme != IdScheme::FfaHandle {
             let m = self.map(id, len, write, purpose)?;
@@ -746,7 +746,7 @@ impl ShareTable {
 
     /// The FF-A share `id` as a [`Span`] of `len` bytes, checked as `map_ffa` checks it
     /// (lib/sm/shared_mem.c ext_mem_get_vmm_obj(): shared, long enough, writable if written).
-    #[inline]
+    #[inline(always)]
     fn share_span(&mut self, id: u64, len: usize, write: bool) -> Result<Span<'_>, SpanRefused> {
         let share = self.shares.get_recent(id).ok_or(SpanRefused::NeverShared)?;
         if len > share.size {
@@ -998,6 +998,7 @@ unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
 /// [`Mapping`], borrowed from the share table for the length of a call, so it needs no
 /// reference counts and nothing to give back, and cannot outlive the share (the table, which
 /// alone can end it, is borrowed meanwhile).
+#[derive(Clone, Copy)]
 pub struct Span<'a> {
     ranges: &'a [PhysRange],
     len: usize,
@@ -1056,12 +1057,14 @@ impl Span<'_> {
             unsafe { copy_bytes(p, out.as_mut_ptr(), out.len()) };
             return true;
         }
-        self.read_through_phys(off, out)
+        Span::read_through_phys(*self, off, out)
     }
 
-    /// [`Span::read`] outside the direct run: page by page through [`PhysMem`].
+    /// [`Span::read`] outside the direct run: page by page through [`PhysMem`]. The paths off
+    /// the direct run take the span by value (a copy made only where they are called), so that
+    /// the direct accesses never need it in memory.
     #[inline(never)]
-    fn read_through_phys(&self, off: usize, out: &mut [u8]) -> bool {
+    fn read_through_phys(self, off: usize, out: &mut [u8]) -> bool {
         let mut done = 0;
         while done < out.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(out.len() - done);
@@ -1084,7 +1087,7 @@ impl Span<'_> {
             unsafe { copy_bytes(data.as_ptr(), p, data.len()) };
             return true;
         }
-        self.write_through_phys(off, data)
+        Span::write_through_phys(*self, off, data)
     }
 
     /// [`Span::write`] of each `(offset, bytes)` part, with one bound check for all of them
@@ -1104,12 +1107,20 @@ impl Span<'_> {
                 return true;
             }
         }
+        Span::write_parts_one_by_one(*self, parts)
+    }
+
+    /// [`Span::write_parts`] outside the direct run (or to a read-only span): part by part,
+    /// out of line, so that the parts are only gathered where this is needed.
+    #[cold]
+    #[inline(never)]
+    fn write_parts_one_by_one<const N: usize>(self, parts: [(usize, &[u8]); N]) -> bool {
         parts.iter().all(|(off, d)| self.write(*off, d))
     }
 
     /// [`Span::write`] outside the direct run: page by page through [`PhysMem`].
     #[inline(never)]
-    fn write_through_phys(&self, off: usize, data: &[u8]) -> bool {
+    fn write_through_phys(self, off: usize, data: &[u8]) -> bool {
         let mut done = 0;
         while done < data.len() {
             let chunk = (PAGE_SIZE - (off + done) % PAGE_SIZE).min(data.len() - done);

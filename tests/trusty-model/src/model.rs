@@ -433,7 +433,7 @@ impl Model {
 
     /// The secure monitor's entry point: one SMC from the normal world with x0..x7, as it
     /// arrives after whatever hypervisor stands in between.
-    #[inline]
+    #[inline(always)]
     pub fn smc(&mut self, regs: [u64; 8]) -> [u64; 8] {
         self.stats.smcs += 1;
         let f = regs[0] as u32;
@@ -620,7 +620,7 @@ impl Model {
     /// sm_return_and_wait_for_next_stdcall() (NOPs go to sm_nopcall_table, everything else to
     /// sm_queue_stdcall()) and sm_sched_nonsecure_fiq_loop() (fast calls answered at once;
     /// after platform_halt() every call answers SM_ERR_PANIC).
-    #[inline]
+    #[inline(always)]
     fn trusty_call(&mut self, regs: [u64; 8]) -> [u64; 8] {
         let f = regs[0] as u32;
         self.stats.plain_trusty_smcs += 1;
@@ -760,6 +760,7 @@ impl Model {
     /// handler result is returned at once, otherwise Trusty runs (sm_wait_for_smcall()) and the
     /// CPU comes back with NOP_DONE when idle or NOP_INTERRUPTED on an interrupt
     /// (sm_irq_return_ns()).
+    #[inline(always)]
     fn nop(&mut self, a: [u32; 3]) -> i32 {
         if matches!(self.std, StdState::Fiq(_)) {
             return SmError::InterleavedSmc.code();
@@ -789,6 +790,7 @@ impl Model {
     /// lib/trusty/smcall.c trusty_sm_nopcall(): SMC_NC_VDEV_KICK_VQ -> virtio_kick_vq(), any
     /// other Trusted-OS function ERR_NOT_SUPPORTED; an unregistered entity is
     /// SM_ERR_UNDEFINED_SMC.
+    #[inline(always)]
     fn nop_args(&mut self, a0: u32, a1: u32, a2: u32) -> i32 {
         if a0 == 0 {
             0
@@ -1002,6 +1004,7 @@ impl Model {
 
     /// lib/trusty/trusty_virtio.c virtio_kick_vq() -> tipc_vdev_kick_vq(): bus ACTIVE
     /// (ERR_BAD_STATE), devid and vqid known (ERR_NOT_FOUND); the ring's thread is woken.
+    #[inline(always)]
     fn kick(&mut self, devid: u32, vqid: u32) -> i32 {
         if self.bus != BusState::Active {
             return lk::ERR_BAD_STATE;
@@ -1015,6 +1018,7 @@ impl Model {
     }
 
     /// Runs Trusty until it idles: ring work, services, timers that are due.
+    #[inline(always)]
     fn run_until_idle(&mut self) -> bool {
         // Time has moved on since the last call; the IPC core reads the clock only if a timer
         // is armed or an app asks for the time (time 0 below adds nothing: time never goes

@@ -246,7 +246,7 @@ impl TipcDev {
         for _ in 0..100_000 {
             self.stats.rounds += 1;
             let mut progress = self.drain_from_ns(shares, ipc, now)?;
-            progress |= ipc.run(now);
+            progress |= ipc.run_inline(now);
             progress |= self.collect_released(shares, ipc);
             progress |= self.flush_to_ns(shares, ipc);
             if let Some(e) = self.violation.take() {
@@ -380,6 +380,7 @@ impl TipcDev {
     /// its error), shorter than the header or 16 + hdr.len != descriptor length is
     /// ERR_INVALID_ARGS, a control message carrying shm_cnt is ERR_INVALID_ARGS, then
     /// handle_ctrl_msg() or handle_chan_msg().
+    #[inline(always)]
     fn handle_ns_frame(&mut self, id: u64, len: u32, shares: &mut ShareTable, ipc: &mut Ipc, now: u64) -> i32 {
         let len = len as usize;
         // hdr.len is 16 bits, so a longer descriptor can never match it (ERR_INVALID_ARGS below);
@@ -478,7 +479,7 @@ impl TipcDev {
     /// still in the normal world's buffer: `fill` copies it into the queue's buffer. The same
     /// checks in the same order (the endpoint by dst must belong to hdr.src, then the TA's
     /// queue).
-    #[inline]
+    #[inline(always)]
     fn deliver_in_place(&mut self, header: &Header, fill: impl FnOnce(&mut [u8]) -> bool, ipc: &mut Ipc, now: u64) -> i32 {
         let slot = header.dst.wrapping_sub(wire::TRUSTY_ADDR_BASE) as usize;
         let Some(ep) = self.endpoints.get(slot).copied().flatten().filter(|e| e.remote == header.src) else {
@@ -686,7 +687,7 @@ impl TipcDev {
     #[inline]
     fn send_data(&mut self, ns_addr: u32, data: &[u8], shares: &mut ShareTable) {
         let header = Header { src: 0, dst: ns_addr, shm_cnt: 0, len: data.len() as u16, flags: 0 };
-        self.put_frame_parts(&header.encode(), data, None, shares);
+        self.put_frame_parts_inline(&header.encode(), data, None, shares);
     }
 
     fn send_malformed(&mut self, kind: Malformed, shares: &mut ShareTable) {
@@ -775,6 +776,12 @@ impl TipcDev {
     /// [`TipcDev::put_frame`] of the frame `head` followed by `body` (a data frame's header
     /// and payload, written to the rx buffer in place: no frame assembled first).
     fn put_frame_parts(&mut self, head: &[u8], body: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
+        self.put_frame_parts_inline(head, body, used_len, shares);
+    }
+
+    /// [`TipcDev::put_frame_parts`], inlined where a data frame is sent.
+    #[inline(always)]
+    fn put_frame_parts_inline(&mut self, head: &[u8], body: &[u8], used_len: Option<u32>, shares: &mut ShareTable) {
         let Some(ring) = self.to_ns.as_mut() else { return };
         let (head_id, first) = match ring.queue.pop_avail_first(&ring.mem) {
             Ok(Some(taken)) => taken,

@@ -52,7 +52,7 @@ impl<V> IdMap<V> {
     }
 
     /// The record of `id`: on a cache hit without touching the cache or the index.
-    #[inline]
+    #[inline(always)]
     pub(super) fn get_mut(&mut self, id: &ChanId) -> Option<&mut V> {
         let hint = self.recent[Self::bucket(*id)] as usize;
         if matches!(self.slots.get(hint), Some(Some((held, _))) if held == id) {

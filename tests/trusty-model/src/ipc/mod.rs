@@ -524,6 +524,14 @@ struct Core {
     spare: Vec<Vec<u8>>,
 }
 
+/// A scheduler pass of [`Ipc::run`] under way: the next app to look at, and whether an app
+/// has acted in it so far.
+#[derive(Clone, Copy)]
+struct Pass {
+    from: usize,
+    stepped: bool,
+}
+
 /// Most message buffers kept for reuse.
 const SPARE_BUFFERS: usize = 64;
 
@@ -816,7 +824,7 @@ impl Core {
     /// channel's port-counter slot (one look-up for both).
     /// `fill` writes the message (cut to the queue's item size) into the queue's buffer; if it
     /// fails, nothing is queued and the answer is ERR_NOT_VALID.
-    #[inline]
+    #[inline(always)]
     fn deliver(&mut self, id: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
         let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
@@ -1484,6 +1492,10 @@ struct App {
 pub struct Ipc {
     core: Core,
     apps: Vec<App>,
+    /// Tests: how often [`Ipc::run`] ended after its first step alone, and how often it went
+    /// on with the general loop after that step.
+    #[cfg(test)]
+    first_step: (u64, u64),
 }
 
 impl Default for Ipc {
@@ -1510,6 +1522,8 @@ impl Ipc {
         Ipc {
             core: Core::new(),
             apps: Vec::new(),
+            #[cfg(test)]
+            first_step: (0, 0),
         }
     }
 
@@ -1601,12 +1615,12 @@ impl Ipc {
     /// (cut to the item size: `fill` gets the slice to fill, and copies the message's first
     /// bytes into it), so the device can copy straight from the normal world's buffer. A
     /// `fill` that fails (returns false) queues nothing: ERR_NOT_VALID.
-    #[inline]
+    #[inline(always)]
     pub fn deliver_from(&mut self, chan: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, now: u64) -> Result<usize, i32> {
         self.deliver_counted(chan, len, fill, Vec::new(), now).map_err(|(e, _)| e)
     }
 
-    #[inline]
+    #[inline(always)]
     fn deliver_counted(
         &mut self,
         chan: ChanId,
@@ -1662,25 +1676,66 @@ impl Ipc {
     /// sleeps, pending accepts). Returns whether anything happened. A `now` earlier than one seen
     /// before is treated as that earlier-seen maximum (time is monotonic).
     pub fn run(&mut self, now: u64) -> bool {
+        self.run_inline(now)
+    }
+
+    /// [`Ipc::run`], inlined into the device's round.
+    #[inline(always)]
+    pub(crate) fn run_inline(&mut self, now: u64) -> bool {
         self.core.advance(now);
+        // The data path's usual case: no timer armed, a handle just queued. The general loop
+        // below would start its first pass with the lowest app that has work; that step is
+        // taken here, and when it leaves nothing queued and no timer armed the loop's rest (a
+        // look for a next app, a second pass that finds everything idle) is known to do
+        // nothing. Otherwise the loop goes on exactly where its first pass would be.
+        let mut resume = None;
+        if self.core.next_deadline.is_none() {
+            if let Some(app) = self.core.ready.next_busy(0).filter(|&a| a < self.apps.len()) {
+                let stepped = self.step_app(app);
+                if stepped && self.core.ready.all_idle() && self.core.next_deadline.is_none() {
+                    #[cfg(debug_assertions)]
+                    self.core.check_ready_lists();
+                    #[cfg(test)]
+                    {
+                        self.first_step.0 += 1;
+                    }
+                    return true;
+                }
+                #[cfg(test)]
+                {
+                    self.first_step.1 += 1;
+                }
+                resume = Some(Pass { from: app + 1, stepped });
+            }
+        }
+        self.run_passes(resume)
+    }
+
+    /// [`Ipc::run`]'s scheduler loop, from the start of a pass or from `resume` (a first pass,
+    /// begun with no timer due, to go on with).
+    fn run_passes(&mut self, mut resume: Option<Pass>) -> bool {
         let mut any = false;
         loop {
-            // An app acts only on a queued handle (every raise queues it, see [`ready`]) or a
-            // due timer; with neither, a pass would do nothing. The clock is read only when a
-            // timer is armed.
-            let timer_due = self.timer_due();
-            if self.core.ready.all_idle() && !timer_due {
-                #[cfg(debug_assertions)]
-                self.core.check_ready_lists();
-                return any;
-            }
-            let mut pass = false;
+            let (timer_due, mut from, mut pass) = match resume.take() {
+                Some(Pass { from, stepped }) => (false, from, stepped),
+                None => {
+                    // An app acts only on a queued handle (every raise queues it, see [`ready`])
+                    // or a due timer; with neither, a pass would do nothing. The clock is read
+                    // only when a timer is armed.
+                    let timer_due = self.timer_due();
+                    if self.core.ready.all_idle() && !timer_due {
+                        #[cfg(debug_assertions)]
+                        self.core.check_ready_lists();
+                        return any;
+                    }
+                    (timer_due, 0, false)
+                }
+            };
             // Round-robin, one handler call per app per pass: deterministic and fair.
             // With a timer due every app is stepped; otherwise an app is skipped only when its
             // step would find nothing: no handle queued for it (an earlier handler's raise is
             // queued at once, so an app after it raised during this pass is still met in it).
             // The ready lists name those apps without a look at each idle one.
-            let mut from = 0;
             loop {
                 let next = if timer_due { Some(from) } else { self.core.ready.next_busy(from) };
                 let Some(app) = next.filter(|&a| a < self.apps.len()) else { break };
@@ -1714,6 +1769,7 @@ impl Ipc {
     }
 
     /// Give one app one handler call if it has something to do. Returns whether it did.
+    #[inline(always)]
     fn step_app(&mut self, app: usize) -> bool {
         let Some(slot) = self.apps.get_mut(app) else {
             return false;

@@ -864,6 +864,87 @@ fn random_operations_keep_invariants() {
     }
 }
 
+/// An app with no port that may keep a timer armed far in the future: while it does,
+/// [`Ipc::run`] never takes its first-step shortcut (it is only for runs with no timer armed),
+/// and the timer never fires, so the other apps see exactly what they would without it.
+struct FarTimer(bool);
+
+impl TrustedApp for FarTimer {
+    fn start(&mut self, ctx: &mut Ctx<'_>) {
+        if self.0 {
+            ctx.set_timer(Some(u64::MAX / 2));
+        }
+    }
+    fn on_port_event(&mut self, _ctx: &mut Ctx<'_>, _port: PortId, _events: Events) {}
+    fn on_chan_event(&mut self, _ctx: &mut Ctx<'_>, _chan: ChanId, _events: Events) {}
+    fn on_timer(&mut self, _ctx: &mut Ctx<'_>) {
+        panic!("the far timer fired");
+    }
+}
+
+/// [`Ipc::run`]'s first-step shortcut (no timer armed: the lowest busy app's step, and the
+/// end when that leaves nothing queued) against the general loop alone (a far timer armed):
+/// the same random operations on the unittest services give the same answers, events, run
+/// results and counters, and the shortcut was taken both ways (ended and went on).
+#[test]
+fn runs_with_and_without_the_first_step_shortcut_agree() {
+    let names: Vec<Vec<u8>> = ["closer1", "closer2", "closer3", "datasink", "ns_only", "echo", "uuid"]
+        .iter()
+        .map(|n| srv(n))
+        .chain([b"com.android.ipc-unittest.ctrl".to_vec()])
+        .collect();
+    let mut taken = (0, 0);
+    for seed in 0..12u64 {
+        let mut ipcs = [false, true].map(|armed| {
+            let mut ipc = Ipc::with_unittest_services();
+            ipc.add_app(Box::new(FarTimer(armed)));
+            ipc
+        });
+        assert_eq!(ipcs[0].next_deadline(), None);
+        assert_eq!(ipcs[1].next_deadline(), Some(u64::MAX / 2));
+        let mut rng = Lcg(seed);
+        let mut now = 0u64;
+        let mut chans: Vec<ChanId> = Vec::new();
+        for step in 0..3000 {
+            let op = rng.below(10);
+            let (a, b) = (rng.next(), rng.next());
+            let mut outcome = Vec::new();
+            for ipc in ipcs.iter_mut() {
+                let seen = match op {
+                    0 => format!("{:?}", ipc.connect_ns(&names[(a % names.len() as u64) as usize], now)),
+                    1..=3 if !chans.is_empty() => {
+                        let c = chans[(a % chans.len() as u64) as usize];
+                        format!("{:?}", ipc.deliver(c, &vec![b as u8; (b % 80) as usize], now))
+                    }
+                    4 if !chans.is_empty() && b % 3 == 0 => {
+                        ipc.ns_close(chans[(a % chans.len() as u64) as usize], now);
+                        String::new()
+                    }
+                    6..=8 => format!("{}", ipc.run(now)),
+                    _ => format!("{:?}", core::iter::from_fn(|| ipc.pop_event()).take((a % 6) as usize).collect::<Vec<_>>()),
+                };
+                outcome.push(seen);
+            }
+            assert_eq!(outcome[0], outcome[1], "seed {seed} step {step} op {op}");
+            if op == 5 {
+                // Time moves on (the closers' sleeps end; the far timer never comes).
+                now += a % (150 * MS);
+            }
+            // The channels the normal world knows: every id handed out so far.
+            if op == 0 && outcome[0].starts_with("Ok(") {
+                let id: u32 = outcome[0].trim_start_matches("Ok(ChanId(").trim_end_matches("))").parse().unwrap();
+                chans.push(ChanId(id));
+            }
+            assert_eq!(ipcs[0].stats(), ipcs[1].stats(), "seed {seed} step {step}");
+            assert_eq!(ipcs[0].pending_events(), ipcs[1].pending_events());
+        }
+        assert_eq!(ipcs[1].first_step, (0, 0), "a run with a timer armed takes no shortcut");
+        taken.0 += ipcs[0].first_step.0;
+        taken.1 += ipcs[0].first_step.1;
+    }
+    assert!(taken.0 >= 20 && taken.1 >= 20, "shortcut ended {} times, went on {} times", taken.0, taken.1);
+}
+
 /// What one client of the ctrl app saw.
 struct CtrlRun {
     /// Every message, in order (the last is the status byte).
