@@ -7,18 +7,26 @@
 //! without the model's work), secure calls per echo and heap allocations per message on the
 //! caller's thread.
 //!
+//! The cross-core reference changes under the run: this VM's host moves its two vCPUs between
+//! near and far physical cores within seconds (a cache-line round trip of 38, 69 or 325 ns). So
+//! besides the reference at the start of the run, every echo series has its own: it is measured
+//! in chunks, each between two short cache-line round trips; the chunks whose two agree count
+//! ([`tipc_bench::chunks`]), and the series' ratio is the median of theirs. The loop modes print
+//! a round trip measured just before and just after the loop.
+//!
 //! `--json` prints the same figures as one JSON object; `--quick` runs few iterations (a smoke
 //! run: it checks that everything runs, not how fast).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use trusty_stack::{bring_up_platform, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
+use tipc_bench::chunks::{select, Chunk, Selection};
 use tipc_bench::stack_peer::{self, Placement};
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
 
@@ -43,6 +51,8 @@ struct Opts {
     /// model inside each call, with the model on the other core, or with the minimal peer on
     /// the other core, for a profiler.
     stack_loop: Option<(Mode, usize, u64)>,
+    /// `--no-ref`: the loop modes without their cache-line references (for callgrind).
+    no_ref: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -50,53 +60,164 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Round trip of one cache line between this thread (core 0) and a thread on the last core:
-/// this side writes an odd value, the other answers with the next even one. Median of 3
-/// batches, each at most `iters` round trips or 300 ms (a loaded machine deschedules spinners).
-fn cacheline_rtt_ns(iters: u64) -> f64 {
-    #[repr(align(128))]
-    struct Line(AtomicU64);
-    const STOP: u64 = u64::MAX;
-    let line = Arc::new(Line(AtomicU64::new(0)));
-    let l = line.clone();
-    let other = cpu_count().saturating_sub(1);
-    let t = std::thread::spawn(move || {
-        pin_to_cpu(other);
-        loop {
-            // Acquire/Release: a plain ping-pong of one word; the orderings add nothing to the
-            // line's transfer on arm64 or x86, which is what is measured.
-            let v = l.0.load(Ordering::Acquire);
-            if v == STOP {
-                return;
+/// The line the reference bounces, alone in its cache lines (128 bytes: two 64-byte lines, as
+/// the adjacent-line prefetcher pairs them).
+#[repr(align(128))]
+struct Line(AtomicU64);
+
+/// What the caller and the pinger thread share: the line and whether the thread should be awake.
+struct PingShared {
+    line: Line,
+    awake: AtomicBool,
+}
+
+/// Values of the line above the ping-pong's counter (which starts at 0 and never gets near).
+/// The caller asks the thread to stop answering and park:
+const PING_PARK: u64 = u64::MAX - 1;
+/// The thread's answer to `PING_PARK`: it is about to park.
+const PING_PARKED: u64 = u64::MAX - 2;
+/// The caller asks the thread to exit.
+const PING_STOP: u64 = u64::MAX;
+
+/// A thread pinned to the last core that answers a cache line's pings while a reference is
+/// measured, and sleeps (parked) between measurements: while echoes are measured it must not
+/// take the last core from the peer that runs there in `cores` and `stack-cores` modes. The
+/// caller writes an odd value, the thread answers with the next even one.
+struct Pinger {
+    shared: Arc<PingShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The last value the thread answered (even): the next ping writes `v + 1`.
+    v: u64,
+    /// One CPU: the two sides share it and must yield to each other, not spin.
+    yields: bool,
+}
+
+/// Waits one poll of a spin loop: a spin-loop hint, or with one CPU for both sides a yield to
+/// the other (a spinning wait would last until the scheduler's tick).
+fn ping_wait(yields: bool) {
+    if yields {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+impl Pinger {
+    fn spawn() -> Pinger {
+        let shared = Arc::new(PingShared { line: Line(AtomicU64::new(0)), awake: AtomicBool::new(false) });
+        let sh = shared.clone();
+        let other = cpu_count().saturating_sub(1);
+        let yields = other == 0;
+        let thread = std::thread::spawn(move || {
+            pin_to_cpu(other);
+            loop {
+                while !sh.awake.load(Ordering::Acquire) {
+                    std::thread::park();
+                }
+                loop {
+                    // Acquire/Release: a plain ping-pong of one word; the orderings add nothing
+                    // to the line's transfer on arm64 or x86, which is what is measured.
+                    let v = sh.line.0.load(Ordering::Acquire);
+                    if v == PING_STOP {
+                        return;
+                    }
+                    if v == PING_PARK {
+                        // `awake` goes down before the answer: the caller wakes the thread
+                        // again only after it has seen the answer.
+                        sh.awake.store(false, Ordering::Release);
+                        sh.line.0.store(PING_PARKED, Ordering::Release);
+                        break;
+                    }
+                    if v % 2 == 1 && v < PING_PARKED {
+                        sh.line.0.store(v + 1, Ordering::Release);
+                    }
+                    ping_wait(yields);
+                }
             }
-            if v % 2 == 1 {
-                l.0.store(v + 1, Ordering::Release);
+        });
+        Pinger { shared, thread: Some(thread), v: 0, yields }
+    }
+
+    fn wake(&self) {
+        self.shared.awake.store(true, Ordering::Release);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+    }
+
+    /// Writes `value` and spins until the line reads `expect`, at most 5 s (a thread that
+    /// cannot run fails the run instead of hanging it).
+    fn exchange(&self, value: u64, expect: u64) -> Result<(), String> {
+        let line = &self.shared.line.0;
+        line.store(value, Ordering::Release);
+        let mut spins = 0u32;
+        let mut since: Option<Instant> = None;
+        while line.load(Ordering::Acquire) != expect {
+            ping_wait(self.yields);
+            spins = spins.wrapping_add(1);
+            if spins & 0xffff == 0 && since.get_or_insert_with(Instant::now).elapsed().as_secs() >= 5 {
+                return Err("cache-line reference: the thread on the last core did not answer in 5 s".into());
             }
+        }
+        Ok(())
+    }
+
+    /// Cache-line round trip between this thread (core 0) and the pinger (the last core): the
+    /// median of `batches` (at most 8) batches, each of `per_batch` round trips or until `cap`
+    /// (a loaded machine deschedules spinners; the median also drops a batch that the peer's
+    /// thread on the last core interrupted). Allocates nothing: it runs between echoes whose
+    /// allocations are counted.
+    fn rtt_ns(&mut self, batches: usize, per_batch: u64, cap: Duration) -> Result<f64, String> {
+        let mut means = [0f64; 8];
+        let batches = batches.clamp(1, means.len());
+        self.wake();
+        // The first round trip waits for the thread to wake up: not timed.
+        self.exchange(self.v + 1, self.v + 2)?;
+        self.v += 2;
+        for mean in &mut means[..batches] {
+            let start = Instant::now();
+            let mut n = 0;
+            while n < per_batch.max(1) {
+                self.exchange(self.v + 1, self.v + 2)?;
+                self.v += 2;
+                n += 1;
+                if n % 64 == 0 && start.elapsed() >= cap {
+                    break;
+                }
+            }
+            *mean = start.elapsed().as_nanos() as f64 / n as f64;
+        }
+        self.exchange(PING_PARK, PING_PARKED)?;
+        Ok(median(&mut means[..batches]))
+    }
+
+    /// A short reference around echoes: 5 batches of `per_batch` round trips (400: under 1 ms
+    /// in all at the far placement, 325 ns). It first spins (on this core, which a sleep would
+    /// let the host idle and perhaps move) for longer than a peer on the last core spins idle
+    /// after its last echo (200 us for the model and the stack peer), so that the pinger has
+    /// that core to itself.
+    fn short_rtt_ns(&mut self, per_batch: u64) -> Result<f64, String> {
+        let start = Instant::now();
+        while start.elapsed() < PEER_IDLE_SPIN {
             std::hint::spin_loop();
         }
-    });
-    let mut batches = Vec::new();
-    let mut v = 0;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let mut n = 0;
-        while n < iters {
-            line.0.store(v + 1, Ordering::Release);
-            while line.0.load(Ordering::Acquire) != v + 2 {
-                std::hint::spin_loop();
-            }
-            v += 2;
-            n += 1;
-            if n % 1024 == 0 && start.elapsed().as_millis() >= 300 {
-                break;
-            }
-        }
-        batches.push(start.elapsed().as_nanos() as f64 / n as f64);
+        self.rtt_ns(5, per_batch, Duration::from_millis(2))
     }
-    line.0.store(STOP, Ordering::Release);
-    let _ = t.join();
-    median(&mut batches)
 }
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.wake();
+        self.shared.line.0.store(PING_STOP, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Longer than the model's and the stack peer's idle spin (`MODEL_SPIN_NS`, `PEER_SPIN_NS`).
+const PEER_IDLE_SPIN: Duration = Duration::from_micros(300);
 
 /// memcpy of `size` bytes within L1 (both buffers hot), ns per copy. Median of 3 batches.
 fn memcpy_ns(size: usize, iters: u64) -> f64 {
@@ -162,6 +283,14 @@ fn bring_up(mode: Mode) -> Result<Up, String> {
 }
 
 struct EchoFigures {
+    /// The series' cache-line reference: the median of its kept chunks' (ns).
+    ref_rtt_ns: f64,
+    /// The median of its kept chunks' p50 / reference.
+    ratio: f64,
+    /// At least half of the chunks kept (in one of the attempts).
+    stable: bool,
+    chunks_kept: usize,
+    attempts: usize,
     p50_ns: f64,
     p99_ns: f64,
     calls_per_echo: f64,
@@ -186,7 +315,82 @@ fn instant_pair_ns() -> f64 {
     median(&mut v)
 }
 
-fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
+/// Chunks of an echo series, each between two short cache-line references.
+const CHUNKS: usize = 8;
+/// How far a chunk's references before and after it may differ: the larger at most 25% above
+/// the smaller (the placements seen here, 38, 69 and 325 ns, differ 1.8x and more; two short
+/// references on one placement differed by under 10% in 97% of 776 chunks, at most ~15%).
+const REF_TOLERANCE: f64 = 0.25;
+/// Attempts at a series before it is reported as placement unstable.
+const ATTEMPTS: usize = 3;
+/// Untimed echoes after each reference: they bring back the steady state the reference broke
+/// (a peer on the last core that went to sleep after its idle spin, the lines where echoes
+/// leave them).
+const REWARM: usize = 32;
+
+/// Round trips per batch of the short references around a series' chunks (5 batches each).
+fn ref_batch(quick: bool) -> u64 {
+    if quick {
+        40
+    } else {
+        400
+    }
+}
+
+/// One measurement of an echo series: every echo's time, the choice among its chunks, and the
+/// counts over its timed echoes.
+struct Attempt {
+    times: Vec<f64>,
+    sel: Selection,
+    smcs: u64,
+    reads: Option<u64>,
+    allocs: u64,
+}
+
+/// `iters` timed echoes in [`CHUNKS`] chunks, a short cache-line reference before the first
+/// and after each (the one after a chunk is the one before the next).
+fn series(
+    up: &mut Up,
+    one: &mut dyn FnMut(&mut TipcDevice) -> Result<(), String>,
+    iters: usize,
+    pinger: &mut Pinger,
+    quick: bool,
+) -> Result<Attempt, String> {
+    let mut times = Vec::with_capacity(iters);
+    let mut chunks = Vec::with_capacity(CHUNKS);
+    let (mut smcs, mut allocs) = (0, 0);
+    let mut reads = up.clock_reads.as_ref().map(|_| 0);
+    let mut before = pinger.short_rtt_ns(ref_batch(quick))?;
+    for i in 0..CHUNKS {
+        let n = iters / CHUNKS + if i == CHUNKS - 1 { iters % CHUNKS } else { 0 };
+        for _ in 0..REWARM.min(n) {
+            one(&mut up.dev)?;
+        }
+        let from = times.len();
+        let smcs0 = (up.calls)();
+        let reads0 = up.clock_reads.as_ref().map(|f| f());
+        let allocs0 = allocs_on_this_thread();
+        for _ in 0..n {
+            let t = Instant::now();
+            one(&mut up.dev)?;
+            times.push(t.elapsed().as_nanos() as f64);
+        }
+        allocs += allocs_on_this_thread() - allocs0;
+        smcs += (up.calls)() - smcs0;
+        if let (Some(r), Some(f), Some(r0)) = (reads.as_mut(), up.clock_reads.as_ref(), reads0) {
+            *r += f() - r0;
+        }
+        let mut chunk = times[from..].to_vec();
+        chunk.sort_by(|a, b| a.total_cmp(b));
+        let p50_ns = chunk.get(chunk.len() / 2).copied().unwrap_or(f64::NAN);
+        let after = pinger.short_rtt_ns(ref_batch(quick))?;
+        chunks.push(Chunk { p50_ns, ref_before_ns: before, ref_after_ns: after });
+        before = after;
+    }
+    Ok(Attempt { times, sel: select(&chunks, REF_TOLERANCE), smcs, reads, allocs })
+}
+
+fn echo(up: &mut Up, size: usize, iters: usize, pinger: &mut Pinger, quick: bool) -> Result<EchoFigures, String> {
     let ch = up.dev.connect(ECHO_PORT).map_err(|e| format!("connect {ECHO_PORT}: {e}"))?;
     let msg = vec![0xa5u8; size];
     let mut back = vec![0u8; size];
@@ -201,18 +405,19 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
     for _ in 0..iters.min(1000) {
         one(&mut up.dev)?;
     }
-    let mut times = Vec::with_capacity(iters);
-    let smcs0 = (up.calls)();
-    let reads0 = up.clock_reads.as_ref().map(|f| f());
-    let allocs0 = allocs_on_this_thread();
-    for _ in 0..iters {
-        let t = Instant::now();
-        one(&mut up.dev)?;
-        times.push(t.elapsed().as_nanos() as f64);
+    // Measured again while the placement keeps changing under it, at most ATTEMPTS times; the
+    // figures are the first stable attempt's, or the one that kept the most chunks.
+    let mut best: Option<Attempt> = None;
+    let mut attempts = 0;
+    while attempts < ATTEMPTS && !best.as_ref().is_some_and(|b| b.sel.stable) {
+        attempts += 1;
+        let a = series(up, &mut one, iters, pinger, quick)?;
+        // (`Option::is_none_or` is newer than the crate's rust-version.)
+        if !matches!(&best, Some(b) if a.sel.chunks_kept() < b.sel.chunks_kept()) {
+            best = Some(a);
+        }
     }
-    let allocs = allocs_on_this_thread() - allocs0;
-    let smcs = (up.calls)() - smcs0;
-    let reads = up.clock_reads.as_ref().zip(reads0).map(|(f, r0)| f() - r0);
+    let Attempt { mut times, sel, smcs, reads, allocs } = best.ok_or("no echo series measured")?;
     times.sort_by(|a, b| a.total_cmp(b));
     let p50_ns = times[times.len() / 2];
     // A second pass with the peer's calls timed: the peer's share of an echo (median over the
@@ -237,6 +442,11 @@ fn echo(up: &mut Up, size: usize, iters: usize) -> Result<EchoFigures, String> {
     }
     up.dev.close(ch).map_err(|e| format!("close: {e}"))?;
     Ok(EchoFigures {
+        ref_rtt_ns: sel.ref_ns,
+        ratio: sel.ratio,
+        stable: sel.stable,
+        chunks_kept: sel.chunks_kept(),
+        attempts,
         p50_ns,
         p99_ns: times[(times.len() * 99 / 100).min(times.len() - 1)],
         calls_per_echo: smcs as f64 / iters as f64,
@@ -265,16 +475,24 @@ fn stream(up: &mut Up, size: usize, iters: usize) -> Result<(f64, f64), String> 
 }
 
 /// Echo round trips of the stack alone in a loop and nothing else (for `perf record` or
-/// `perf stat -e task-clock`): prints the mean wall time per echo.
-fn stack_loop(mode: Mode, size: usize, rounds: u64) -> Result<(), String> {
-    // As the full run does: the caller on core 0, the peer's thread on the last core.
-    if matches!(mode, Mode::Cores | Mode::StackCores) && cpu_count() > 1 {
+/// `perf stat -e task-clock`): prints the mean wall time per echo and, unless `no_ref`, a
+/// cache-line round trip measured just before and just after the loop and the mean's ratio to
+/// their mean (the placement of this VM's two vCPUs on the host changes within seconds; the
+/// two differ when it changed during the loop). `no_ref` for callgrind: the reference's spin
+/// loops would add a varying count of instructions.
+fn stack_loop(mode: Mode, size: usize, rounds: u64, no_ref: bool) -> Result<(), String> {
+    // As the full run does: the caller on core 0, the peer's thread on the last core. The
+    // reference needs the caller on a known core whatever the mode.
+    if (!no_ref || matches!(mode, Mode::Cores | Mode::StackCores)) && cpu_count() > 1 {
         pin_to_cpu(0);
     }
+    let mut pinger = (!no_ref).then(Pinger::spawn);
     let mut up = bring_up(mode)?;
     let ch = up.dev.connect(ECHO_PORT).map_err(|e| format!("connect {ECHO_PORT}: {e}"))?;
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
+    // 5 x 1000 round trips: a few ms at most.
+    let before = pinger.as_mut().map(|p| p.short_rtt_ns(1000)).transpose()?;
     let start = Instant::now();
     for _ in 0..rounds {
         up.dev.send(ch, &[&msg], &[], WAIT).map_err(|e| format!("echo send: {e}"))?;
@@ -284,7 +502,14 @@ fn stack_loop(mode: Mode, size: usize, rounds: u64) -> Result<(), String> {
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / rounds.max(1) as f64;
-    println!("{size} B: {ns:.0} ns per echo (wall, mean of {rounds})");
+    let after = pinger.as_mut().map(|p| p.short_rtt_ns(1000)).transpose()?;
+    match before.zip(after) {
+        Some((b, a)) => println!(
+            "{size} B: {ns:.0} ns per echo (wall, mean of {rounds}); cache-line RTT {b:.1}/{a:.1} ns before/after; {:.1}x",
+            ns / ((b + a) / 2.0)
+        ),
+        None => println!("{size} B: {ns:.0} ns per echo (wall, mean of {rounds})"),
+    }
     Ok(())
 }
 
@@ -296,7 +521,10 @@ fn run(o: &Opts) -> Result<(), String> {
     let (rtt_iters, cpy_iters, echo_iters, stream_iters) =
         if o.quick { (1_000, 1_000, 200, 200) } else { (200_000, 2_000_000, 20_000, 50_000) };
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
-    let rtt = cacheline_rtt_ns(rtt_iters);
+    let mut pinger = Pinger::spawn();
+    // Once at the start, as before the per-series references: 3 batches of `rtt_iters` round
+    // trips or 300 ms each.
+    let rtt = pinger.rtt_ns(3, rtt_iters, Duration::from_millis(300))?;
     out.insert("reference.cacheline_rtt_ns".into(), rtt);
     for s in SIZES {
         out.insert(format!("reference.memcpy_ns.{s}"), memcpy_ns(s, cpy_iters));
@@ -309,8 +537,13 @@ fn run(o: &Opts) -> Result<(), String> {
         }
         let mut up = bring_up(mode)?;
         for s in SIZES {
-            let e = echo(&mut up, s, echo_iters)?;
+            let e = echo(&mut up, s, echo_iters, &mut pinger, o.quick)?;
             out.insert(format!("echo.{name}.{s}.p50_ns"), e.p50_ns);
+            out.insert(format!("echo.{name}.{s}.ref_rtt_ns"), e.ref_rtt_ns);
+            out.insert(format!("echo.{name}.{s}.ratio"), e.ratio);
+            out.insert(format!("echo.{name}.{s}.stable"), if e.stable { 1.0 } else { 0.0 });
+            out.insert(format!("echo.{name}.{s}.chunks_kept"), e.chunks_kept as f64);
+            out.insert(format!("echo.{name}.{s}.attempts"), e.attempts as f64);
             out.insert(format!("echo.{name}.{s}.p99_ns"), e.p99_ns);
             calls.push(e.calls_per_echo);
             out.insert(format!("calls_per_echo.{name}.{s}"), e.calls_per_echo);
@@ -340,7 +573,7 @@ fn run(o: &Opts) -> Result<(), String> {
     if o.json {
         print_json(&out);
     } else {
-        print_table(&out, cpus);
+        print_table(&out, cpus, o.quick);
     }
     Ok(())
 }
@@ -358,23 +591,45 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
+fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
     let g = |k: &str| out.get(k).copied().unwrap_or(f64::NAN);
     let rtt = g("reference.cacheline_rtt_ns");
     println!("machine: {cpus} cpus; reference measured in this run");
-    println!("cache-line round trip across cores: {rtt:.1} ns");
+    println!("cache-line round trip across cores, at the start of the run: {rtt:.1} ns");
     for s in SIZES {
         let m = g(&format!("reference.memcpy_ns.{s}"));
         println!("memcpy {s:>5} B in L1: {m:>8.1} ns  ({:.2} GB/s)", s as f64 / m);
     }
     println!();
-    println!("echo round trip                 p50        p99   p50/cache-line RTT");
+    println!(
+        "echo round trip; ref RTT: the series' own cache-line round trip, {} short ones ({} round trips) before and after",
+        CHUNKS + 1,
+        5 * ref_batch(quick)
+    );
+    println!(
+        "each of its {CHUNKS} chunks; a chunk whose two differ by more than {:.0}% is dropped; ref RTT and ratio are",
+        REF_TOLERANCE * 100.0
+    );
+    println!("medians over the kept chunks (this VM's vCPUs change host cores within seconds)");
+    println!("                                p50        p99     ref RTT   p50/ref RTT   chunks kept");
     let measured = |name: &str| out.contains_key(&format!("echo.{name}.16.p50_ns"));
     for (name, _) in MODES.iter().filter(|(n, _)| measured(n)) {
         for s in SIZES {
-            let p50 = g(&format!("echo.{name}.{s}.p50_ns"));
-            let p99 = g(&format!("echo.{name}.{s}.p99_ns"));
-            println!("  {name:<11} {s:>5} B  {:>8.2} us {:>8.2} us  {:>8.1}x", p50 / 1e3, p99 / 1e3, p50 / rtt);
+            let k = |f: &str| g(&format!("echo.{name}.{s}.{f}"));
+            let attempts = k("attempts");
+            let note = match (k("stable") == 1.0, attempts > 1.0) {
+                (true, false) => String::new(),
+                (true, true) => format!(" (attempt {attempts:.0})"),
+                (false, _) => format!("  placement unstable ({attempts:.0} attempts)"),
+            };
+            println!(
+                "  {name:<11} {s:>5} B  {:>8.2} us {:>8.2} us  {:>7.1} ns  {:>10.1}x   {:>3}/{CHUNKS}{note}",
+                k("p50_ns") / 1e3,
+                k("p99_ns") / 1e3,
+                k("ref_rtt_ns"),
+                k("ratio"),
+                k("chunks_kept"),
+            );
         }
     }
     if measured("stack") {
@@ -414,12 +669,13 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize) {
 }
 
 fn main() {
-    let mut o = Opts { json: false, quick: false, modes: Vec::new(), stack_loop: None };
+    let mut o = Opts { json: false, quick: false, modes: Vec::new(), stack_loop: None, no_ref: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--json" => o.json = true,
             "--quick" => o.quick = true,
+            "--no-ref" => o.no_ref = true,
             "--mode" => match args.next() {
                 Some(m) if MODES.iter().any(|(n, _)| *n == m) => o.modes.push(m),
                 m => {
@@ -443,17 +699,17 @@ fn main() {
                 o.stack_loop = Some((mode, size, rounds));
             }
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack|stack-cores]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS | --stack-cores-loop SIZE ROUNDS");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack|stack-cores]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS | --stack-cores-loop SIZE ROUNDS [--no-ref]");
                 return;
             }
             other => {
-                eprintln!("tipc-bench: unknown argument '{other}' (expected --json, --quick, --mode)");
+                eprintln!("tipc-bench: unknown argument '{other}' (expected --json, --quick, --mode, a loop mode, --no-ref)");
                 std::process::exit(2);
             }
         }
     }
     let r = match o.stack_loop {
-        Some((mode, size, rounds)) => stack_loop(mode, size, rounds),
+        Some((mode, size, rounds)) => stack_loop(mode, size, rounds, o.no_ref),
         None => run(&o),
     };
     if let Err(e) = r {
