@@ -21,6 +21,7 @@ use trusty_platform::smc::Conduit;
 
 use crate::mem::PhysMem;
 use crate::model::{Model, ModelConfig};
+use crate::timeline::CallTimeline;
 
 /// Size of a stage-2 block: guest RAM is mapped to physical memory in 2 MiB blocks.
 pub const STAGE2_BLOCK: u64 = 2 * 1024 * 1024;
@@ -744,6 +745,8 @@ impl MailboxPage {
 /// [`MailboxConduit`]: trusty_platform::mailbox::MailboxConduit
 pub struct HostMailbox {
     page: Arc<MailboxPage>,
+    /// The timeline installed when the mailbox was made ([`crate::timeline::install`]).
+    timeline: Option<Arc<CallTimeline>>,
 }
 
 impl Default for HostMailbox {
@@ -755,7 +758,16 @@ impl Default for HostMailbox {
 impl HostMailbox {
     /// A fresh, zeroed page.
     pub fn new() -> HostMailbox {
-        HostMailbox { page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))) }
+        HostMailbox {
+            page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))),
+            timeline: crate::timeline::installed(),
+        }
+    }
+
+    /// A fresh page whose two ends stamp their calls on `timeline` (whatever
+    /// [`crate::timeline::install`] says).
+    pub fn with_timeline(timeline: Arc<CallTimeline>) -> HostMailbox {
+        HostMailbox { timeline: Some(timeline), ..HostMailbox::new() }
     }
 
     /// The normal world's end: a [`MailboxConduit`] over this page that signals the server
@@ -767,12 +779,12 @@ impl HostMailbox {
         // SAFETY: the page is page-aligned and 4 KiB, kept alive by the conduit (and the
         // server) for as long as either uses it, and nothing but these two touch it.
         let inner = unsafe { trusty_platform::mailbox::MailboxConduit::new(page_ptr, events, clock, 0, timeout_ms) };
-        Arc::new(HostConduit { inner, _page: self.page.clone() })
+        Arc::new(HostConduit { inner, _page: self.page.clone(), timeline: self.timeline.clone() })
     }
 
     /// The serving end (the Trusty VM's side), for another thread.
     pub fn server(&self) -> MailboxServer {
-        MailboxServer { page: self.page.clone(), served: 0 }
+        MailboxServer { page: self.page.clone(), served: 0, timeline: self.timeline.clone() }
     }
 }
 
@@ -780,11 +792,20 @@ impl HostMailbox {
 struct HostConduit {
     inner: trusty_platform::mailbox::MailboxConduit,
     _page: Arc<MailboxPage>,
+    timeline: Option<Arc<CallTimeline>>,
 }
 
 impl Conduit for HostConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
-        self.inner.call(regs)
+        match &self.timeline {
+            None => self.inner.call(regs),
+            Some(t) => {
+                let n = t.caller_enter();
+                let out = self.inner.call(regs);
+                t.caller_return(n);
+                out
+            }
+        }
     }
 }
 
@@ -794,6 +815,7 @@ pub struct MailboxServer {
     page: Arc<MailboxPage>,
     /// Sequence number of the last request served.
     served: u32,
+    timeline: Option<Arc<CallTimeline>>,
 }
 
 impl MailboxServer {
@@ -811,6 +833,9 @@ impl MailboxServer {
         let req = self.word32(mb::OFF_REQ_SEQ);
         if req == self.served || self.word32(mb::OFF_MAGIC) != mb::MAILBOX_MAGIC {
             return false;
+        }
+        if let Some(t) = &self.timeline {
+            t.server_stamp(req, 0);
         }
         let page = self.page.ptr();
         // Acquire pairs with the conduit's Release before it stores the request sequence word
@@ -837,6 +862,9 @@ impl MailboxServer {
         // Release pairs with the conduit's Acquire after it sees the response sequence word
         // (`MailboxConduit::answered`): the answer registers are visible first.
         fence(Ordering::Release);
+        if let Some(t) = &self.timeline {
+            t.server_stamp(req, 1);
+        }
         // SAFETY: the response sequence word is a protocol constant inside the page, aligned.
         unsafe { page.add(mb::OFF_RSP_SEQ).cast::<u32>().write_volatile(req.to_le()) };
         self.served = req;
@@ -1092,6 +1120,44 @@ impl IdleSpin {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// Both ends of a host mailbox stamp each call on its timeline, and a round trip of one
+    /// call splits into parts that add up to it.
+    #[test]
+    fn a_host_mailbox_splits_its_calls_on_its_timeline() {
+        let timeline = Arc::new(CallTimeline::new());
+        let mailbox = HostMailbox::with_timeline(timeline.clone());
+        let mut server = mailbox.server();
+        let stop = Arc::new(StopFlag::default());
+        let stop2 = stop.clone();
+        let peer = thread::spawn(move || {
+            while !stop2.stopped() {
+                if !server.poll(|regs| [regs[0] + 1, 0, 0, 0, 0, 0, 0, 0]) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let conduit = mailbox.conduit(Arc::new(Unpark(peer.thread().clone())), StdClock::new(), 1_000);
+        assert_eq!(conduit.call([41, 0, 0, 0, 0, 0, 0, 0])[0], 42, "unrecorded calls still go through");
+        let mut x = 0;
+        let (s, counted) = crate::timeline::split_round_trips(&timeline, 200, || {
+            x += 2;
+            let out = conduit.call([x, 0, 0, 0, 0, 0, 0, 0]);
+            if out[0] == x + 1 {
+                Ok(())
+            } else {
+                Err(out[0])
+            }
+        })
+        .expect("every call answered");
+        stop.stop();
+        peer.join().unwrap();
+        assert_eq!(counted, 200, "every round trip was one matched call");
+        for v in [s.before, s.request, s.serve, s.answer, s.after] {
+            assert!(v.is_finite() && v >= 0.0, "{s:?}");
+        }
+        assert_eq!(timeline.calls(), 201);
+    }
 
     /// The coarse reading the stack's idle catch-up uses is stale by at most the lag it
     /// reports and never ahead of the precise one; asked for less lag, the clock answers

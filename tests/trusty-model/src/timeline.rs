@@ -1,0 +1,307 @@
+//! Where the time of a cross-core call goes: time stamps taken on both ends of a
+//! [`HostMailbox`](crate::host::HostMailbox), the caller's conduit (when the call enters and when
+//! it returns) and the serving thread (when it sees the request and when it has written the
+//! answer), matched by request number. A bench reads them to split a cross-core echo into the
+//! caller's work before the call, the request's crossing, the peer's work, the answer's
+//! crossing and the caller's work after it.
+//!
+//! Test tooling: nothing here is linked into what ships. A mailbox made while no timeline is
+//! installed takes no stamp at all; one made after [`install`] takes two per call and side
+//! while [`CallTimeline::set_recording`] is on (a counter read and two stores each, plus the
+//! stamps themselves).
+
+use std::boxed::Box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use std::vec::Vec;
+
+/// Calls remembered: stamps of older calls are overwritten (ring of the last `CAPACITY`).
+pub const CAPACITY: usize = 1 << 16;
+
+/// A counter that both cores read alike: the time-stamp counter on x86-64 (invariant and
+/// synchronised across cores where the CPU says `constant_tsc`/`nonstop_tsc`, as KVM guests
+/// do), the virtual counter on AArch64, elsewhere nanoseconds since the first call.
+#[inline(always)]
+pub fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC reads a counter; it touches no memory.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let v: u64;
+        // SAFETY: CNTVCT_EL0 is readable at EL0 on Linux; reading it has no other effect.
+        unsafe { core::arch::asm!("mrs {0}, cntvct_el0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+/// Ticks of [`ticks`] per nanosecond, measured once against the monotonic clock (20 ms).
+pub fn ticks_per_ns() -> f64 {
+    static RATE: OnceLock<f64> = OnceLock::new();
+    *RATE.get_or_init(|| {
+        let (t0, i0) = (ticks(), Instant::now());
+        while i0.elapsed().as_millis() < 20 {
+            std::hint::spin_loop();
+        }
+        let (t1, ns) = (ticks(), i0.elapsed().as_nanos() as f64);
+        (t1.wrapping_sub(t0) as f64 / ns).max(f64::MIN_POSITIVE)
+    })
+}
+
+/// Stamps of the calls through one host mailbox.
+pub struct CallTimeline {
+    recording: AtomicBool,
+    /// Calls the conduit made (recorded or not); the k-th call (from 1) publishes request k
+    /// unless it was refused BUSY without being published, which the matching detects.
+    calls: AtomicU64,
+    /// By call number: [entered, returned]. Written by the caller's thread only.
+    caller: Box<[[AtomicU64; 2]]>,
+    /// By request number: [seen, answered]. Written by the serving thread only (another
+    /// cache line than the caller's stamps, so the two never pull each other's lines).
+    server: Box<[[AtomicU64; 2]]>,
+}
+
+impl Default for CallTimeline {
+    fn default() -> Self {
+        CallTimeline::new()
+    }
+}
+
+fn slots() -> Box<[[AtomicU64; 2]]> {
+    (0..CAPACITY).map(|_| [AtomicU64::new(0), AtomicU64::new(0)]).collect()
+}
+
+impl CallTimeline {
+    /// An empty timeline, not recording.
+    pub fn new() -> CallTimeline {
+        CallTimeline { recording: AtomicBool::new(false), calls: AtomicU64::new(0), caller: slots(), server: slots() }
+    }
+
+    /// Starts or stops taking stamps.
+    pub fn set_recording(&self, on: bool) {
+        self.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// Calls made so far through the conduit (the next call is number `calls() + 1`).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The caller's side, around one call: returns the call's number.
+    #[inline]
+    pub(crate) fn caller_enter(&self) -> u64 {
+        // Only the caller's thread writes the counter: a load and a store, no locked add.
+        let n = self.calls.load(Ordering::Relaxed) + 1;
+        self.calls.store(n, Ordering::Relaxed);
+        if self.recording.load(Ordering::Relaxed) {
+            self.caller[n as usize % CAPACITY][0].store(ticks(), Ordering::Relaxed);
+        }
+        n
+    }
+
+    #[inline]
+    pub(crate) fn caller_return(&self, n: u64) {
+        if self.recording.load(Ordering::Relaxed) {
+            self.caller[n as usize % CAPACITY][1].store(ticks(), Ordering::Relaxed);
+        }
+    }
+
+    /// The server's side: `k` 0 when request `req` is seen, 1 when its answer is written.
+    #[inline]
+    pub(crate) fn server_stamp(&self, req: u32, k: usize) {
+        if self.recording.load(Ordering::Relaxed) {
+            self.server[req as usize % CAPACITY][k].store(ticks(), Ordering::Relaxed);
+        }
+    }
+
+    /// The stamps of call `n`: (entered, seen, answered, returned), if all four were taken for
+    /// this call and lie in that order (a call refused without being published, or stamps of an
+    /// older call still in a slot, fail the order and are left out).
+    pub fn call(&self, n: u64) -> Option<[u64; 4]> {
+        let i = n as usize % CAPACITY;
+        let c = &self.caller[i];
+        let s = &self.server[i];
+        let t = [c[0].load(Ordering::Relaxed), s[0].load(Ordering::Relaxed), s[1].load(Ordering::Relaxed), c[1].load(Ordering::Relaxed)];
+        (t[0] != 0 && t.windows(2).all(|w| w[0] <= w[1])).then_some(t)
+    }
+}
+
+/// How one round trip (an echo) through a single call splits, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Split {
+    /// From the round trip's start to the call's entry: the caller's work before the call.
+    pub before: f64,
+    /// From the call's entry to the serving thread seeing the request: the conduit publishing
+    /// it and the line crossing to the other core.
+    pub request: f64,
+    /// The serving thread's work on the request, to its answer written.
+    pub serve: f64,
+    /// From the answer written to the call's return: the line crossing back, and the conduit
+    /// reading the answer.
+    pub answer: f64,
+    /// From the call's return to the round trip's end: the caller's work after the call.
+    pub after: f64,
+}
+
+/// Medians of each part of [`Split`] over round trips given as (start, end, call number), start
+/// and end in [`ticks`]; round trips whose call is not matched (see [`CallTimeline::call`]) or
+/// whose start and end do not enclose it are left out. Returns the medians and how many round
+/// trips counted.
+pub fn split(t: &CallTimeline, trips: &[(u64, u64, u64)]) -> (Split, usize) {
+    let per_ns = ticks_per_ns();
+    let mut parts: [Vec<f64>; 5] = Default::default();
+    for &(start, end, n) in trips {
+        let Some([entered, seen, answered, returned]) = t.call(n) else { continue };
+        if start > entered || returned > end {
+            continue;
+        }
+        let marks = [start, entered, seen, answered, returned, end];
+        for (p, w) in parts.iter_mut().zip(marks.windows(2)) {
+            p.push((w[1] - w[0]) as f64 / per_ns);
+        }
+    }
+    let counted = parts[0].len();
+    let mut med = [0.0; 5];
+    for (m, p) in med.iter_mut().zip(parts.iter_mut()) {
+        p.sort_by(|a, b| a.total_cmp(b));
+        *m = p.get(p.len() / 2).copied().unwrap_or(f64::NAN);
+    }
+    (Split { before: med[0], request: med[1], serve: med[2], answer: med[3], after: med[4] }, counted)
+}
+
+/// Runs `iters` round trips through `one` with `t` recording, and splits those made of exactly
+/// one call through the timeline's mailbox (see [`split`]).
+pub fn split_round_trips<E>(
+    t: &CallTimeline,
+    iters: usize,
+    mut one: impl FnMut() -> Result<(), E>,
+) -> Result<(Split, usize), E> {
+    let mut trips = Vec::with_capacity(iters);
+    t.set_recording(true);
+    let mut run = || {
+        for _ in 0..iters {
+            let before = t.calls();
+            let start = ticks();
+            one()?;
+            let end = ticks();
+            if t.calls() == before + 1 {
+                trips.push((start, end, before + 1));
+            }
+        }
+        Ok(())
+    };
+    let r = run();
+    t.set_recording(false);
+    r.map(|()| split(t, &trips))
+}
+
+static INSTALLED: OnceLock<Arc<CallTimeline>> = OnceLock::new();
+
+/// Makes `t` the timeline of every [`HostMailbox`](crate::host::HostMailbox) made from now on
+/// (once per process; a second call returns the first timeline).
+pub fn install(t: Arc<CallTimeline>) -> Arc<CallTimeline> {
+    INSTALLED.get_or_init(|| t).clone()
+}
+
+/// The installed timeline, if any.
+pub fn installed() -> Option<Arc<CallTimeline>> {
+    INSTALLED.get().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_counts_only_with_its_four_stamps_in_order() {
+        let t = CallTimeline::new();
+        t.set_recording(true);
+        let n = t.caller_enter();
+        assert_eq!(t.call(n), None, "the server's stamps are missing");
+        t.server_stamp(n as u32, 0);
+        t.server_stamp(n as u32, 1);
+        assert_eq!(t.call(n), None, "the return is missing");
+        t.caller_return(n);
+        let s = t.call(n).expect("four stamps in order");
+        assert!(s.windows(2).all(|w| w[0] <= w[1]));
+        // A call the server never saw keeps the stamps of the call CAPACITY before it, which
+        // came before its entry: out of order, left out.
+        let m = n + CAPACITY as u64;
+        while t.calls() < m - 1 {
+            t.caller_enter();
+        }
+        assert_eq!(t.caller_enter(), m);
+        t.caller_return(m);
+        assert_eq!(t.call(m), None, "stale server stamps do not match a newer call");
+    }
+
+    #[test]
+    fn nothing_is_stamped_while_not_recording() {
+        let t = CallTimeline::new();
+        let n = t.caller_enter();
+        t.server_stamp(n as u32, 0);
+        t.server_stamp(n as u32, 1);
+        t.caller_return(n);
+        assert_eq!(t.call(n), None);
+        assert_eq!(t.calls(), 1, "calls are counted all the same");
+    }
+
+    #[test]
+    fn split_takes_the_median_of_each_part_and_skips_what_does_not_enclose_its_call() {
+        let t = CallTimeline::new();
+        t.set_recording(true);
+        let mut trips = Vec::new();
+        for _ in 0..3 {
+            let start = ticks();
+            let n = t.caller_enter();
+            t.server_stamp(n as u32, 0);
+            t.server_stamp(n as u32, 1);
+            t.caller_return(n);
+            trips.push((start, ticks(), n));
+        }
+        // A round trip whose end comes before its call returned is not counted.
+        let (s0, _, n0) = trips[0];
+        trips.push((s0, s0, n0));
+        let (s, counted) = split(&t, &trips);
+        assert_eq!(counted, 3);
+        for v in [s.before, s.request, s.serve, s.answer, s.after] {
+            assert!(v.is_finite() && v >= 0.0, "{s:?}");
+        }
+        let (_, none) = split(&t, &[]);
+        assert_eq!(none, 0);
+    }
+
+    #[test]
+    fn round_trips_of_one_call_are_split_and_others_are_not() {
+        let t = CallTimeline::new();
+        let serve = |t: &CallTimeline| {
+            let n = t.caller_enter();
+            t.server_stamp(n as u32, 0);
+            t.server_stamp(n as u32, 1);
+            t.caller_return(n);
+        };
+        let mut i = 0;
+        // Every third round trip makes two calls, one in three none: only a third count.
+        let (_, counted) = split_round_trips::<()>(&t, 9, || {
+            i += 1;
+            for _ in 0..i % 3 {
+                serve(&t);
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(counted, 3);
+        assert!(!t.recording.load(Ordering::Relaxed), "recording ends with the round trips");
+        let err = split_round_trips(&t, 5, || Err("peer gone"));
+        assert_eq!(err.unwrap_err(), "peer gone");
+        assert!(!t.recording.load(Ordering::Relaxed), "and when one fails");
+    }
+}
