@@ -29,6 +29,7 @@ use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
 use tipc_bench::chunks::{select, Chunk, Selection};
 use tipc_bench::stack_peer::{self, Placement};
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
+use trusty_model::timeline::{split_round_trips, CallTimeline, Split};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -238,6 +239,8 @@ fn memcpy_ns(size: usize, iters: u64) -> f64 {
 /// A stack brought up against one peer, and how to count the calls it made into that peer.
 struct Up {
     dev: TipcDevice,
+    /// The timeline of the host mailbox the stack calls through (`cores`, `stack-cores`).
+    timeline: Option<Arc<CallTimeline>>,
     calls: Box<dyn Fn() -> u64>,
     /// The stack's clock reads, where the peer counts them (stack mode).
     clock_reads: Option<Box<dyn Fn() -> u64>>,
@@ -260,6 +263,16 @@ enum Mode {
 }
 
 fn bring_up(mode: Mode) -> Result<Up, String> {
+    let mut up = bring_up_stack(mode)?;
+    // The host mailbox this bring-up made, if it made one: the newest timeline, unless it is the
+    // one an earlier mode's mailbox left (the in-call modes make none).
+    if matches!(mode, Mode::Cores | Mode::StackCores) {
+        up.timeline = trusty_model::timeline::latest();
+    }
+    Ok(up)
+}
+
+fn bring_up_stack(mode: Mode) -> Result<Up, String> {
     let model_mode = match mode {
         Mode::Sim => ModelMode::Sync,
         Mode::Cores => ModelMode::Cores,
@@ -269,6 +282,7 @@ fn bring_up(mode: Mode) -> Result<Up, String> {
             let (peer, peer2) = (rig.peer.clone(), rig.peer.clone());
             return Ok(Up {
                 dev: rig.dev,
+                timeline: None,
                 calls: Box::new(move || peer.stats().calls),
                 clock_reads: Some(Box::new(move || peer2.clock_reads())),
                 // The peer's share of an echo is timed only inside the caller's thread.
@@ -279,7 +293,7 @@ fn bring_up(mode: Mode) -> Result<Up, String> {
     let profile = platforms::by_name("native-api5").ok_or("built-in profile native-api5 missing")?;
     let sim = profile.boot(model_mode);
     let (dev, _) = bring_up_platform(profile.access(&sim), StackConfig::default()).map_err(|e| e.to_string())?;
-    Ok(Up { dev, calls: Box::new(move || sim.model().stats().smcs), clock_reads: None, peer: None })
+    Ok(Up { dev, timeline: None, calls: Box::new(move || sim.model().stats().smcs), clock_reads: None, peer: None })
 }
 
 struct EchoFigures {
@@ -298,6 +312,9 @@ struct EchoFigures {
     clock_reads_per_echo: Option<f64>,
     /// Median time inside the peer per echo (ns), timer cost taken out (stack mode).
     peer_ns: Option<f64>,
+    /// Where a cross-core echo's time goes (`cores`, `stack-cores`): the medians of its parts,
+    /// how many echoes were split, and the cache-line round trips before and after that pass.
+    split: Option<(Split, usize, f64, f64)>,
     /// The p50 without the peer's share and the timer's cost: the stack's own (stack mode).
     own_ns: Option<f64>,
 }
@@ -440,8 +457,21 @@ fn echo(up: &mut Up, size: usize, iters: usize, pinger: &mut Pinger, quick: bool
         // The bench's own start/stop pair is in every sample too.
         own_ns = Some(p50_ns - pair - p);
     }
+    // A third pass for a cross-core mode: each echo's call stamped on both cores, its time split
+    // into the stack's work before and after the call, the two crossings and the peer's work.
+    let mut split = None;
+    if let Some(t) = up.timeline.clone() {
+        let before = pinger.short_rtt_ns(ref_batch(quick))?;
+        for _ in 0..REWARM {
+            one(&mut up.dev)?;
+        }
+        let (parts, counted) = split_round_trips(&t, iters, || one(&mut up.dev))?;
+        let after = pinger.short_rtt_ns(ref_batch(quick))?;
+        split = Some((parts, counted, before, after));
+    }
     up.dev.close(ch).map_err(|e| format!("close: {e}"))?;
     Ok(EchoFigures {
+        split,
         ref_rtt_ns: sel.ref_ns,
         ratio: sel.ratio,
         stable: sel.stable,
@@ -521,6 +551,8 @@ fn run(o: &Opts) -> Result<(), String> {
     let (rtt_iters, cpy_iters, echo_iters, stream_iters) =
         if o.quick { (1_000, 1_000, 200, 200) } else { (200_000, 2_000_000, 20_000, 50_000) };
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    // Host mailboxes made from here on (`cores`, `stack-cores`) stamp their calls.
+    trusty_model::timeline::enable();
     let mut pinger = Pinger::spawn();
     // Once at the start, as before the per-series references: 3 batches of `rtt_iters` round
     // trips or 300 ms each.
@@ -553,6 +585,17 @@ fn run(o: &Opts) -> Result<(), String> {
             if let (Some(p), Some(own)) = (e.peer_ns, e.own_ns) {
                 out.insert(format!("echo.{name}.{s}.peer_ns"), p);
                 out.insert(format!("echo.{name}.{s}.own_ns"), own);
+            }
+            if let Some((parts, counted, before, after)) = e.split {
+                let k = |part: &str| format!("echo.{name}.{s}.split.{part}");
+                out.insert(k("before_call_ns"), parts.before);
+                out.insert(k("request_ns"), parts.request);
+                out.insert(k("serve_ns"), parts.serve);
+                out.insert(k("answer_ns"), parts.answer);
+                out.insert(k("after_call_ns"), parts.after);
+                out.insert(k("echoes"), counted as f64);
+                out.insert(k("ref_rtt_ns"), (before + after) / 2.0);
+                out.insert(k("ref_steady"), if (Chunk { p50_ns: 1.0, ref_before_ns: before, ref_after_ns: after }).steady(REF_TOLERANCE) { 1.0 } else { 0.0 });
             }
             out.insert(format!("allocs_per_message.{name}.{s}"), e.allocs_per_message);
             // In `cores` and `stack-cores` modes the caller's thread runs only the stack, in
@@ -630,6 +673,30 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
                 k("ratio"),
                 k("chunks_kept"),
             );
+        }
+    }
+    let split_modes: Vec<&str> =
+        ["cores", "stack-cores"].into_iter().filter(|n| out.contains_key(&format!("echo.{n}.16.split.echoes"))).collect();
+    if !split_modes.is_empty() {
+        println!("where a cross-core echo's time goes: medians of each part over one more pass of the series, each");
+        println!("call stamped on both cores (time-stamp counter); before/after: the stack's work around the call;");
+        println!("request/answer: a call crossing to the other core and back; peer: its work on the request");
+        println!("                        before    request     peer    answer     after    ref RTT   echoes");
+        for name in split_modes {
+            for s in SIZES {
+                let k = |part: &str| g(&format!("echo.{name}.{s}.split.{part}"));
+                let steady = if k("ref_steady") == 1.0 { "" } else { "  placement changed" };
+                println!(
+                    "  {name:<11} {s:>5} B  {:>6.0} ns {:>6.0} ns {:>6.0} ns {:>6.0} ns {:>6.0} ns {:>6.1} ns  {:>7.0}{steady}",
+                    k("before_call_ns"),
+                    k("request_ns"),
+                    k("serve_ns"),
+                    k("answer_ns"),
+                    k("after_call_ns"),
+                    k("ref_rtt_ns"),
+                    k("echoes"),
+                );
+            }
         }
     }
     if measured("stack") {

@@ -745,7 +745,7 @@ impl MailboxPage {
 /// [`MailboxConduit`]: trusty_platform::mailbox::MailboxConduit
 pub struct HostMailbox {
     page: Arc<MailboxPage>,
-    /// The timeline installed when the mailbox was made ([`crate::timeline::install`]).
+    /// Its own timeline, if timelines were enabled when it was made ([`crate::timeline::enable`]).
     timeline: Option<Arc<CallTimeline>>,
 }
 
@@ -760,14 +760,13 @@ impl HostMailbox {
     pub fn new() -> HostMailbox {
         HostMailbox {
             page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))),
-            timeline: crate::timeline::installed(),
+            timeline: crate::timeline::for_new_mailbox(),
         }
     }
 
-    /// A fresh page whose two ends stamp their calls on `timeline` (whatever
-    /// [`crate::timeline::install`] says).
+    /// A fresh page whose two ends stamp their calls on `timeline`.
     pub fn with_timeline(timeline: Arc<CallTimeline>) -> HostMailbox {
-        HostMailbox { timeline: Some(timeline), ..HostMailbox::new() }
+        HostMailbox { page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))), timeline: Some(timeline) }
     }
 
     /// The normal world's end: a [`MailboxConduit`] over this page that signals the server

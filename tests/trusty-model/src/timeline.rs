@@ -5,14 +5,15 @@
 //! caller's work before the call, the request's crossing, the peer's work, the answer's
 //! crossing and the caller's work after it.
 //!
-//! Test tooling: nothing here is linked into what ships. A mailbox made while no timeline is
-//! installed takes no stamp at all; one made after [`install`] takes two per call and side
-//! while [`CallTimeline::set_recording`] is on (a counter read and two stores each, plus the
-//! stamps themselves).
+//! Test tooling: nothing here is linked into what ships. A mailbox made before [`enable`] has
+//! no timeline and takes no stamp at all; one made after it gets its own ([`latest`] hands it
+//! to the bench) and takes two stamps per call and side while
+//! [`CallTimeline::set_recording`] is on.
 
 use std::boxed::Box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::AtomicBool as Flag;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use std::vec::Vec;
 
@@ -56,12 +57,21 @@ pub fn ticks_per_ns() -> f64 {
     })
 }
 
+/// A value alone in its cache lines (a line and the one fetched with it): the caller writes
+/// its call counter on every call, and the serving thread must not pull that line over when it
+/// reads the recording flag.
+#[repr(align(128))]
+#[derive(Default)]
+struct Alone<T>(T);
+
 /// Stamps of the calls through one host mailbox.
 pub struct CallTimeline {
-    recording: AtomicBool,
+    /// Written only when recording starts or stops: stays shared in both cores' caches.
+    recording: Alone<AtomicBool>,
     /// Calls the conduit made (recorded or not); the k-th call (from 1) publishes request k
     /// unless it was refused BUSY without being published, which the matching detects.
-    calls: AtomicU64,
+    /// Written by the caller's thread only.
+    calls: Alone<AtomicU64>,
     /// By call number: [entered, returned]. Written by the caller's thread only.
     caller: Box<[[AtomicU64; 2]]>,
     /// By request number: [seen, answered]. Written by the serving thread only (another
@@ -82,26 +92,31 @@ fn slots() -> Box<[[AtomicU64; 2]]> {
 impl CallTimeline {
     /// An empty timeline, not recording.
     pub fn new() -> CallTimeline {
-        CallTimeline { recording: AtomicBool::new(false), calls: AtomicU64::new(0), caller: slots(), server: slots() }
+        CallTimeline { recording: Alone::default(), calls: Alone::default(), caller: slots(), server: slots() }
     }
 
     /// Starts or stops taking stamps.
     pub fn set_recording(&self, on: bool) {
-        self.recording.store(on, Ordering::Relaxed);
+        self.recording.0.store(on, Ordering::Relaxed);
     }
 
     /// Calls made so far through the conduit (the next call is number `calls() + 1`).
     pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
+        self.calls.0.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn recording(&self) -> bool {
+        self.recording.0.load(Ordering::Relaxed)
     }
 
     /// The caller's side, around one call: returns the call's number.
     #[inline]
     pub(crate) fn caller_enter(&self) -> u64 {
         // Only the caller's thread writes the counter: a load and a store, no locked add.
-        let n = self.calls.load(Ordering::Relaxed) + 1;
-        self.calls.store(n, Ordering::Relaxed);
-        if self.recording.load(Ordering::Relaxed) {
+        let n = self.calls.0.load(Ordering::Relaxed) + 1;
+        self.calls.0.store(n, Ordering::Relaxed);
+        if self.recording() {
             self.caller[n as usize % CAPACITY][0].store(ticks(), Ordering::Relaxed);
         }
         n
@@ -109,7 +124,7 @@ impl CallTimeline {
 
     #[inline]
     pub(crate) fn caller_return(&self, n: u64) {
-        if self.recording.load(Ordering::Relaxed) {
+        if self.recording() {
             self.caller[n as usize % CAPACITY][1].store(ticks(), Ordering::Relaxed);
         }
     }
@@ -117,7 +132,7 @@ impl CallTimeline {
     /// The server's side: `k` 0 when request `req` is seen, 1 when its answer is written.
     #[inline]
     pub(crate) fn server_stamp(&self, req: u32, k: usize) {
-        if self.recording.load(Ordering::Relaxed) {
+        if self.recording() {
             self.server[req as usize % CAPACITY][k].store(ticks(), Ordering::Relaxed);
         }
     }
@@ -203,17 +218,30 @@ pub fn split_round_trips<E>(
     r.map(|()| split(t, &trips))
 }
 
-static INSTALLED: OnceLock<Arc<CallTimeline>> = OnceLock::new();
+static ENABLED: Flag = Flag::new(false);
+static LATEST: Mutex<Option<Arc<CallTimeline>>> = Mutex::new(None);
 
-/// Makes `t` the timeline of every [`HostMailbox`](crate::host::HostMailbox) made from now on
-/// (once per process; a second call returns the first timeline).
-pub fn install(t: Arc<CallTimeline>) -> Arc<CallTimeline> {
-    INSTALLED.get_or_init(|| t).clone()
+/// Every [`HostMailbox`](crate::host::HostMailbox) made from now on gets a timeline of its own
+/// (its call and request numbers start together at 1), which [`latest`] returns.
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
 }
 
-/// The installed timeline, if any.
-pub fn installed() -> Option<Arc<CallTimeline>> {
-    INSTALLED.get().cloned()
+/// The timeline of the host mailbox made last since [`enable`], if any.
+pub fn latest() -> Option<Arc<CallTimeline>> {
+    LATEST.lock().ok()?.clone()
+}
+
+/// A timeline for a new host mailbox if timelines are enabled (it becomes the [`latest`]).
+pub(crate) fn for_new_mailbox() -> Option<Arc<CallTimeline>> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let t = Arc::new(CallTimeline::new());
+    if let Ok(mut l) = LATEST.lock() {
+        *l = Some(t.clone());
+    }
+    Some(t)
 }
 
 #[cfg(test)]
@@ -299,9 +327,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(counted, 3);
-        assert!(!t.recording.load(Ordering::Relaxed), "recording ends with the round trips");
+        assert!(!t.recording(), "recording ends with the round trips");
         let err = split_round_trips(&t, 5, || Err("peer gone"));
         assert_eq!(err.unwrap_err(), "peer gone");
-        assert!(!t.recording.load(Ordering::Relaxed), "and when one fails");
+        assert!(!t.recording(), "and when one fails");
     }
 }
