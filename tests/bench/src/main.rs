@@ -236,6 +236,54 @@ fn memcpy_ns(size: usize, iters: u64) -> f64 {
     median(&mut batches)
 }
 
+/// The transport alone: a call through the host mailbox (the stack's `MailboxConduit`) to a
+/// thread on the last core that polls it and answers at once, with the same words each time,
+/// as a data path's NOPs are (so only the sequence words' line crosses, each way). Returns the
+/// p50 of `iters` calls (ns) and the cache-line round trips just before and after.
+fn mailbox_call_ns(pinger: &mut Pinger, iters: usize, quick: bool) -> Result<(f64, f64, f64), String> {
+    use trusty_model::host::{move_to_last_core, HostMailbox, IdleSpin, StdClock, StopFlag, Unpark};
+    use trusty_model::timeline::{ticks, ticks_per_ns};
+    let mailbox = HostMailbox::new();
+    let mut server = mailbox.server();
+    let stop = Arc::new(StopFlag::default());
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("mailbox-echo".into())
+        .spawn(move || {
+            move_to_last_core();
+            let start = Instant::now();
+            let mut idle = IdleSpin::new(200_000);
+            while !stop2.stopped() {
+                if server.poll(|regs| [regs[0], 0, 0, 0, 0, 0, 0, 0]) {
+                    idle.worked();
+                } else if idle.spin() {
+                    idle.rest(start.elapsed().as_nanos() as u64, 1_000_000);
+                }
+            }
+        })
+        .map_err(|e| format!("spawn the mailbox thread: {e}"))?;
+    let conduit = mailbox.conduit(Arc::new(Unpark(thread.thread().clone())), StdClock::new(), 5_000);
+    let call = [u64::from(trusty_platform::smc::call::SC_NOP), 0, 0, 0, 0, 0, 0, 0];
+    let before = pinger.short_rtt_ns(ref_batch(quick))?;
+    let mut ticks_per_call = Vec::with_capacity(iters);
+    for i in 0..iters + REWARM {
+        let t0 = ticks();
+        let out = conduit.call(call);
+        let t1 = ticks();
+        if out[0] != call[0] {
+            return Err(format!("mailbox thread answered {:#x}", out[0]));
+        }
+        if i >= REWARM {
+            ticks_per_call.push(t1.wrapping_sub(t0) as f64);
+        }
+    }
+    let after = pinger.short_rtt_ns(ref_batch(quick))?;
+    stop.stop();
+    thread.thread().unpark();
+    let _ = thread.join();
+    Ok((median(&mut ticks_per_call) / ticks_per_ns(), before, after))
+}
+
 /// A stack brought up against one peer, and how to count the calls it made into that peer.
 struct Up {
     dev: TipcDevice,
@@ -561,6 +609,11 @@ fn run(o: &Opts) -> Result<(), String> {
     for s in SIZES {
         out.insert(format!("reference.memcpy_ns.{s}"), memcpy_ns(s, cpy_iters));
     }
+    let (call_ns, before, after) = mailbox_call_ns(&mut pinger, echo_iters, o.quick)?;
+    out.insert("transport.mailbox_call_ns".into(), call_ns);
+    out.insert("transport.ref_rtt_ns".into(), (before + after) / 2.0);
+    let steady = Chunk { p50_ns: call_ns, ref_before_ns: before, ref_after_ns: after }.steady(REF_TOLERANCE);
+    out.insert("transport.ref_steady".into(), if steady { 1.0 } else { 0.0 });
     let mut calls = Vec::new();
     let mut allocs = Vec::new();
     for (name, mode) in MODES {
@@ -642,6 +695,13 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
     for s in SIZES {
         let m = g(&format!("reference.memcpy_ns.{s}"));
         println!("memcpy {s:>5} B in L1: {m:>8.1} ns  ({:.2} GB/s)", s as f64 / m);
+    }
+    let call = g("transport.mailbox_call_ns");
+    if call.is_finite() {
+        let r = g("transport.ref_rtt_ns");
+        let steady = if g("transport.ref_steady") == 1.0 { "" } else { "; placement changed" };
+        println!("the transport alone: a mailbox call answered at once by a thread polling on the other core,");
+        println!("  the same words each time (only the sequence words' line crosses): p50 {call:.0} ns, {:.2}x its ref RTT {r:.1} ns{steady}", call / r);
     }
     println!();
     println!(

@@ -799,9 +799,14 @@ impl Conduit for HostConduit {
         match &self.timeline {
             None => self.inner.call(regs),
             Some(t) => {
-                let n = t.caller_enter();
+                let n = t.next_call();
+                if !t.is_recording() {
+                    return self.inner.call(regs);
+                }
+                let entered = crate::timeline::ticks();
                 let out = self.inner.call(regs);
-                t.caller_return(n);
+                let returned = crate::timeline::ticks();
+                t.record_call(n, entered, returned);
                 out
             }
         }
@@ -833,9 +838,8 @@ impl MailboxServer {
         if req == self.served || self.word32(mb::OFF_MAGIC) != mb::MAILBOX_MAGIC {
             return false;
         }
-        if let Some(t) = &self.timeline {
-            t.server_stamp(req, 0);
-        }
+        let timeline = self.timeline.as_ref().filter(|t| t.is_recording());
+        let seen = timeline.map(|_| crate::timeline::ticks());
         let page = self.page.ptr();
         // Acquire pairs with the conduit's Release before it stores the request sequence word
         // (`MailboxConduit::publish`): the request registers are visible now.
@@ -861,11 +865,12 @@ impl MailboxServer {
         // Release pairs with the conduit's Acquire after it sees the response sequence word
         // (`MailboxConduit::answered`): the answer registers are visible first.
         fence(Ordering::Release);
-        if let Some(t) = &self.timeline {
-            t.server_stamp(req, 1);
-        }
+        let answered = timeline.map(|_| crate::timeline::ticks());
         // SAFETY: the response sequence word is a protocol constant inside the page, aligned.
         unsafe { page.add(mb::OFF_RSP_SEQ).cast::<u32>().write_volatile(req.to_le()) };
+        if let (Some(t), Some(seen), Some(answered)) = (timeline, seen, answered) {
+            t.record_serve(req, seen, answered);
+        }
         self.served = req;
         true
     }

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use std::vec::Vec;
 
-/// Calls remembered: stamps of older calls are overwritten (ring of the last `CAPACITY`).
-pub const CAPACITY: usize = 1 << 16;
+/// Calls remembered: stamps of older calls are overwritten (ring of the last `CAPACITY`; 256 KiB
+/// a side, which stays in L2).
+pub const CAPACITY: usize = 1 << 14;
 
 /// A counter that both cores read alike: the time-stamp counter on x86-64 (invariant and
 /// synchronised across cores where the CPU says `constant_tsc`/`nonstop_tsc`, as KVM guests
@@ -110,31 +111,37 @@ impl CallTimeline {
         self.recording.0.load(Ordering::Relaxed)
     }
 
-    /// The caller's side, around one call: returns the call's number.
+    /// Numbers the caller's next call (from 1).
     #[inline]
-    pub(crate) fn caller_enter(&self) -> u64 {
+    pub(crate) fn next_call(&self) -> u64 {
         // Only the caller's thread writes the counter: a load and a store, no locked add.
         let n = self.calls.0.load(Ordering::Relaxed) + 1;
         self.calls.0.store(n, Ordering::Relaxed);
-        if self.recording() {
-            self.caller[n as usize % CAPACITY][0].store(ticks(), Ordering::Relaxed);
-        }
         n
     }
 
+    /// Whether stamps are being taken.
     #[inline]
-    pub(crate) fn caller_return(&self, n: u64) {
-        if self.recording() {
-            self.caller[n as usize % CAPACITY][1].store(ticks(), Ordering::Relaxed);
-        }
+    pub(crate) fn is_recording(&self) -> bool {
+        self.recording()
     }
 
-    /// The server's side: `k` 0 when request `req` is seen, 1 when its answer is written.
+    /// The caller's stamps of call `n`. Stored once the call has returned: a store of a stamp
+    /// made during the call would wait in the store buffer ahead of the call's own (x86
+    /// stores leave in program order), and a slot whose line is not in L1 would hold them up.
     #[inline]
-    pub(crate) fn server_stamp(&self, req: u32, k: usize) {
-        if self.recording() {
-            self.server[req as usize % CAPACITY][k].store(ticks(), Ordering::Relaxed);
-        }
+    pub(crate) fn record_call(&self, n: u64, entered: u64, returned: u64) {
+        let slot = &self.caller[n as usize % CAPACITY];
+        slot[0].store(entered, Ordering::Relaxed);
+        slot[1].store(returned, Ordering::Relaxed);
+    }
+
+    /// The server's stamps of request `req`, stored once its answer is published (as above).
+    #[inline]
+    pub(crate) fn record_serve(&self, req: u32, seen: u64, answered: u64) {
+        let slot = &self.server[req as usize % CAPACITY];
+        slot[0].store(seen, Ordering::Relaxed);
+        slot[1].store(answered, Ordering::Relaxed);
     }
 
     /// The stamps of call `n`: (entered, seen, answered, returned), if all four were taken for
@@ -248,38 +255,54 @@ pub(crate) fn for_new_mailbox() -> Option<Arc<CallTimeline>> {
 mod tests {
     use super::*;
 
+    /// One call through both ends, as the host conduit and the server stamp it.
+    fn served_call(t: &CallTimeline) -> u64 {
+        let n = t.next_call();
+        let entered = ticks();
+        let (seen, answered) = (ticks(), ticks());
+        t.record_serve(n as u32, seen, answered);
+        t.record_call(n, entered, ticks());
+        n
+    }
+
     #[test]
     fn a_call_counts_only_with_its_four_stamps_in_order() {
         let t = CallTimeline::new();
-        t.set_recording(true);
-        let n = t.caller_enter();
-        assert_eq!(t.call(n), None, "the server's stamps are missing");
-        t.server_stamp(n as u32, 0);
-        t.server_stamp(n as u32, 1);
-        assert_eq!(t.call(n), None, "the return is missing");
-        t.caller_return(n);
+        let n = t.next_call();
+        let entered = ticks();
+        assert_eq!(t.call(n), None, "no stamps yet");
+        let (seen, answered) = (ticks(), ticks());
+        t.record_serve(n as u32, seen, answered);
+        assert_eq!(t.call(n), None, "the caller's stamps are missing");
+        t.record_call(n, entered, ticks());
         let s = t.call(n).expect("four stamps in order");
         assert!(s.windows(2).all(|w| w[0] <= w[1]));
         // A call the server never saw keeps the stamps of the call CAPACITY before it, which
         // came before its entry: out of order, left out.
         let m = n + CAPACITY as u64;
         while t.calls() < m - 1 {
-            t.caller_enter();
+            t.next_call();
         }
-        assert_eq!(t.caller_enter(), m);
-        t.caller_return(m);
+        assert_eq!(t.next_call(), m);
+        let entered = ticks();
+        t.record_call(m, entered, ticks());
         assert_eq!(t.call(m), None, "stale server stamps do not match a newer call");
+        // Stamps out of order (a clock that went back between the cores) are left out too.
+        let k = t.next_call();
+        t.record_serve(k as u32, 10, 20);
+        t.record_call(k, 30, 40);
+        assert_eq!(t.call(k), None);
     }
 
     #[test]
-    fn nothing_is_stamped_while_not_recording() {
+    fn calls_are_counted_whether_or_not_recording() {
         let t = CallTimeline::new();
-        let n = t.caller_enter();
-        t.server_stamp(n as u32, 0);
-        t.server_stamp(n as u32, 1);
-        t.caller_return(n);
-        assert_eq!(t.call(n), None);
-        assert_eq!(t.calls(), 1, "calls are counted all the same");
+        assert!(!t.is_recording());
+        t.next_call();
+        t.set_recording(true);
+        assert!(t.is_recording());
+        t.next_call();
+        assert_eq!(t.calls(), 2);
     }
 
     #[test]
@@ -289,10 +312,7 @@ mod tests {
         let mut trips = Vec::new();
         for _ in 0..3 {
             let start = ticks();
-            let n = t.caller_enter();
-            t.server_stamp(n as u32, 0);
-            t.server_stamp(n as u32, 1);
-            t.caller_return(n);
+            let n = served_call(&t);
             trips.push((start, ticks(), n));
         }
         // A round trip whose end comes before its call returned is not counted.
@@ -310,18 +330,12 @@ mod tests {
     #[test]
     fn round_trips_of_one_call_are_split_and_others_are_not() {
         let t = CallTimeline::new();
-        let serve = |t: &CallTimeline| {
-            let n = t.caller_enter();
-            t.server_stamp(n as u32, 0);
-            t.server_stamp(n as u32, 1);
-            t.caller_return(n);
-        };
         let mut i = 0;
         // Every third round trip makes two calls, one in three none: only a third count.
         let (_, counted) = split_round_trips::<()>(&t, 9, || {
             i += 1;
             for _ in 0..i % 3 {
-                serve(&t);
+                served_call(&t);
             }
             Ok(())
         })
