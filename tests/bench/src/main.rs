@@ -29,6 +29,7 @@ use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
 use tipc_bench::chunks::{select, Chunk, Selection};
 use tipc_bench::stack_peer::{self, Placement};
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
+use trusty_model::timeline::{split_round_trips, CallTimeline, Split};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -235,9 +236,59 @@ fn memcpy_ns(size: usize, iters: u64) -> f64 {
     median(&mut batches)
 }
 
+/// The transport alone: a call through the host mailbox (the stack's `MailboxConduit`) to a
+/// thread on the last core that polls it and answers at once, with the same words each time,
+/// as a data path's NOPs are (so only the sequence words' line crosses, each way). Returns the
+/// p50 of `iters` calls (ns) and the cache-line round trips just before and after.
+fn mailbox_call_ns(pinger: &mut Pinger, iters: usize, quick: bool) -> Result<(f64, f64, f64), String> {
+    use trusty_model::host::{move_to_last_core, HostMailbox, IdleSpin, StdClock, StopFlag, Unpark};
+    use trusty_model::timeline::{ticks, ticks_per_ns};
+    let mailbox = HostMailbox::new();
+    let mut server = mailbox.server();
+    let stop = Arc::new(StopFlag::default());
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("mailbox-echo".into())
+        .spawn(move || {
+            move_to_last_core();
+            let start = Instant::now();
+            let mut idle = IdleSpin::new(200_000);
+            while !stop2.stopped() {
+                if server.poll(|regs| [regs[0], 0, 0, 0, 0, 0, 0, 0]) {
+                    idle.worked();
+                } else if idle.spin() {
+                    idle.rest(start.elapsed().as_nanos() as u64, 1_000_000);
+                }
+            }
+        })
+        .map_err(|e| format!("spawn the mailbox thread: {e}"))?;
+    let conduit = mailbox.conduit(Arc::new(Unpark(thread.thread().clone())), StdClock::new(), 5_000);
+    let call = [u64::from(trusty_platform::smc::call::SC_NOP), 0, 0, 0, 0, 0, 0, 0];
+    let before = pinger.short_rtt_ns(ref_batch(quick))?;
+    let mut ticks_per_call = Vec::with_capacity(iters);
+    for i in 0..iters + REWARM {
+        let t0 = ticks();
+        let out = conduit.call(call);
+        let t1 = ticks();
+        if out[0] != call[0] {
+            return Err(format!("mailbox thread answered {:#x}", out[0]));
+        }
+        if i >= REWARM {
+            ticks_per_call.push(t1.wrapping_sub(t0) as f64);
+        }
+    }
+    let after = pinger.short_rtt_ns(ref_batch(quick))?;
+    stop.stop();
+    thread.thread().unpark();
+    let _ = thread.join();
+    Ok((median(&mut ticks_per_call) / ticks_per_ns(), before, after))
+}
+
 /// A stack brought up against one peer, and how to count the calls it made into that peer.
 struct Up {
     dev: TipcDevice,
+    /// The timeline of the host mailbox the stack calls through (`cores`, `stack-cores`).
+    timeline: Option<Arc<CallTimeline>>,
     calls: Box<dyn Fn() -> u64>,
     /// The stack's clock reads, where the peer counts them (stack mode).
     clock_reads: Option<Box<dyn Fn() -> u64>>,
@@ -260,6 +311,16 @@ enum Mode {
 }
 
 fn bring_up(mode: Mode) -> Result<Up, String> {
+    let mut up = bring_up_stack(mode)?;
+    // The host mailbox this bring-up made, if it made one: the newest timeline, unless it is the
+    // one an earlier mode's mailbox left (the in-call modes make none).
+    if matches!(mode, Mode::Cores | Mode::StackCores) {
+        up.timeline = trusty_model::timeline::latest();
+    }
+    Ok(up)
+}
+
+fn bring_up_stack(mode: Mode) -> Result<Up, String> {
     let model_mode = match mode {
         Mode::Sim => ModelMode::Sync,
         Mode::Cores => ModelMode::Cores,
@@ -269,6 +330,7 @@ fn bring_up(mode: Mode) -> Result<Up, String> {
             let (peer, peer2) = (rig.peer.clone(), rig.peer.clone());
             return Ok(Up {
                 dev: rig.dev,
+                timeline: None,
                 calls: Box::new(move || peer.stats().calls),
                 clock_reads: Some(Box::new(move || peer2.clock_reads())),
                 // The peer's share of an echo is timed only inside the caller's thread.
@@ -279,7 +341,7 @@ fn bring_up(mode: Mode) -> Result<Up, String> {
     let profile = platforms::by_name("native-api5").ok_or("built-in profile native-api5 missing")?;
     let sim = profile.boot(model_mode);
     let (dev, _) = bring_up_platform(profile.access(&sim), StackConfig::default()).map_err(|e| e.to_string())?;
-    Ok(Up { dev, calls: Box::new(move || sim.model().stats().smcs), clock_reads: None, peer: None })
+    Ok(Up { dev, timeline: None, calls: Box::new(move || sim.model().stats().smcs), clock_reads: None, peer: None })
 }
 
 struct EchoFigures {
@@ -298,6 +360,9 @@ struct EchoFigures {
     clock_reads_per_echo: Option<f64>,
     /// Median time inside the peer per echo (ns), timer cost taken out (stack mode).
     peer_ns: Option<f64>,
+    /// Where a cross-core echo's time goes (`cores`, `stack-cores`): the medians of its parts,
+    /// how many echoes were split, and the cache-line round trips before and after that pass.
+    split: Option<(Split, usize, f64, f64)>,
     /// The p50 without the peer's share and the timer's cost: the stack's own (stack mode).
     own_ns: Option<f64>,
 }
@@ -440,8 +505,21 @@ fn echo(up: &mut Up, size: usize, iters: usize, pinger: &mut Pinger, quick: bool
         // The bench's own start/stop pair is in every sample too.
         own_ns = Some(p50_ns - pair - p);
     }
+    // A third pass for a cross-core mode: each echo's call stamped on both cores, its time split
+    // into the stack's work before and after the call, the two crossings and the peer's work.
+    let mut split = None;
+    if let Some(t) = up.timeline.clone() {
+        let before = pinger.short_rtt_ns(ref_batch(quick))?;
+        for _ in 0..REWARM {
+            one(&mut up.dev)?;
+        }
+        let (parts, counted) = split_round_trips(&t, iters, || one(&mut up.dev))?;
+        let after = pinger.short_rtt_ns(ref_batch(quick))?;
+        split = Some((parts, counted, before, after));
+    }
     up.dev.close(ch).map_err(|e| format!("close: {e}"))?;
     Ok(EchoFigures {
+        split,
         ref_rtt_ns: sel.ref_ns,
         ratio: sel.ratio,
         stable: sel.stable,
@@ -521,6 +599,8 @@ fn run(o: &Opts) -> Result<(), String> {
     let (rtt_iters, cpy_iters, echo_iters, stream_iters) =
         if o.quick { (1_000, 1_000, 200, 200) } else { (200_000, 2_000_000, 20_000, 50_000) };
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    // Host mailboxes made from here on (`cores`, `stack-cores`) stamp their calls.
+    trusty_model::timeline::enable();
     let mut pinger = Pinger::spawn();
     // Once at the start, as before the per-series references: 3 batches of `rtt_iters` round
     // trips or 300 ms each.
@@ -529,6 +609,11 @@ fn run(o: &Opts) -> Result<(), String> {
     for s in SIZES {
         out.insert(format!("reference.memcpy_ns.{s}"), memcpy_ns(s, cpy_iters));
     }
+    let (call_ns, before, after) = mailbox_call_ns(&mut pinger, echo_iters, o.quick)?;
+    out.insert("transport.mailbox_call_ns".into(), call_ns);
+    out.insert("transport.ref_rtt_ns".into(), (before + after) / 2.0);
+    let steady = Chunk { p50_ns: call_ns, ref_before_ns: before, ref_after_ns: after }.steady(REF_TOLERANCE);
+    out.insert("transport.ref_steady".into(), if steady { 1.0 } else { 0.0 });
     let mut calls = Vec::new();
     let mut allocs = Vec::new();
     for (name, mode) in MODES {
@@ -553,6 +638,17 @@ fn run(o: &Opts) -> Result<(), String> {
             if let (Some(p), Some(own)) = (e.peer_ns, e.own_ns) {
                 out.insert(format!("echo.{name}.{s}.peer_ns"), p);
                 out.insert(format!("echo.{name}.{s}.own_ns"), own);
+            }
+            if let Some((parts, counted, before, after)) = e.split {
+                let k = |part: &str| format!("echo.{name}.{s}.split.{part}");
+                out.insert(k("before_call_ns"), parts.before);
+                out.insert(k("request_ns"), parts.request);
+                out.insert(k("serve_ns"), parts.serve);
+                out.insert(k("answer_ns"), parts.answer);
+                out.insert(k("after_call_ns"), parts.after);
+                out.insert(k("echoes"), counted as f64);
+                out.insert(k("ref_rtt_ns"), (before + after) / 2.0);
+                out.insert(k("ref_steady"), if (Chunk { p50_ns: 1.0, ref_before_ns: before, ref_after_ns: after }).steady(REF_TOLERANCE) { 1.0 } else { 0.0 });
             }
             out.insert(format!("allocs_per_message.{name}.{s}"), e.allocs_per_message);
             // In `cores` and `stack-cores` modes the caller's thread runs only the stack, in
@@ -600,6 +696,13 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
         let m = g(&format!("reference.memcpy_ns.{s}"));
         println!("memcpy {s:>5} B in L1: {m:>8.1} ns  ({:.2} GB/s)", s as f64 / m);
     }
+    let call = g("transport.mailbox_call_ns");
+    if call.is_finite() {
+        let r = g("transport.ref_rtt_ns");
+        let steady = if g("transport.ref_steady") == 1.0 { "" } else { "; placement changed" };
+        println!("the transport alone: a mailbox call answered at once by a thread polling on the other core,");
+        println!("  the same words each time (only the sequence words' line crosses): p50 {call:.0} ns, {:.2}x its ref RTT {r:.1} ns{steady}", call / r);
+    }
     println!();
     println!(
         "echo round trip; ref RTT: the series' own cache-line round trip, {} short ones ({} round trips) before and after",
@@ -630,6 +733,30 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
                 k("ratio"),
                 k("chunks_kept"),
             );
+        }
+    }
+    let split_modes: Vec<&str> =
+        ["cores", "stack-cores"].into_iter().filter(|n| out.contains_key(&format!("echo.{n}.16.split.echoes"))).collect();
+    if !split_modes.is_empty() {
+        println!("where a cross-core echo's time goes: medians of each part over one more pass of the series, each");
+        println!("call stamped on both cores (time-stamp counter); before/after: the stack's work around the call;");
+        println!("request/answer: a call crossing to the other core and back; peer: its work on the request");
+        println!("                        before    request     peer    answer     after    ref RTT   echoes");
+        for name in split_modes {
+            for s in SIZES {
+                let k = |part: &str| g(&format!("echo.{name}.{s}.split.{part}"));
+                let steady = if k("ref_steady") == 1.0 { "" } else { "  placement changed" };
+                println!(
+                    "  {name:<11} {s:>5} B  {:>6.0} ns {:>6.0} ns {:>6.0} ns {:>6.0} ns {:>6.0} ns {:>6.1} ns  {:>7.0}{steady}",
+                    k("before_call_ns"),
+                    k("request_ns"),
+                    k("serve_ns"),
+                    k("answer_ns"),
+                    k("after_call_ns"),
+                    k("ref_rtt_ns"),
+                    k("echoes"),
+                );
+            }
         }
     }
     if measured("stack") {

@@ -21,6 +21,7 @@ use trusty_platform::smc::Conduit;
 
 use crate::mem::PhysMem;
 use crate::model::{Model, ModelConfig};
+use crate::timeline::CallTimeline;
 
 /// Size of a stage-2 block: guest RAM is mapped to physical memory in 2 MiB blocks.
 pub const STAGE2_BLOCK: u64 = 2 * 1024 * 1024;
@@ -744,6 +745,8 @@ impl MailboxPage {
 /// [`MailboxConduit`]: trusty_platform::mailbox::MailboxConduit
 pub struct HostMailbox {
     page: Arc<MailboxPage>,
+    /// Its own timeline, if timelines were enabled when it was made ([`crate::timeline::enable`]).
+    timeline: Option<Arc<CallTimeline>>,
 }
 
 impl Default for HostMailbox {
@@ -755,7 +758,15 @@ impl Default for HostMailbox {
 impl HostMailbox {
     /// A fresh, zeroed page.
     pub fn new() -> HostMailbox {
-        HostMailbox { page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))) }
+        HostMailbox {
+            page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))),
+            timeline: crate::timeline::for_new_mailbox(),
+        }
+    }
+
+    /// A fresh page whose two ends stamp their calls on `timeline`.
+    pub fn with_timeline(timeline: Arc<CallTimeline>) -> HostMailbox {
+        HostMailbox { page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))), timeline: Some(timeline) }
     }
 
     /// The normal world's end: a [`MailboxConduit`] over this page that signals the server
@@ -767,12 +778,12 @@ impl HostMailbox {
         // SAFETY: the page is page-aligned and 4 KiB, kept alive by the conduit (and the
         // server) for as long as either uses it, and nothing but these two touch it.
         let inner = unsafe { trusty_platform::mailbox::MailboxConduit::new(page_ptr, events, clock, 0, timeout_ms) };
-        Arc::new(HostConduit { inner, _page: self.page.clone() })
+        Arc::new(HostConduit { inner, _page: self.page.clone(), timeline: self.timeline.clone() })
     }
 
     /// The serving end (the Trusty VM's side), for another thread.
     pub fn server(&self) -> MailboxServer {
-        MailboxServer { page: self.page.clone(), served: 0 }
+        MailboxServer { page: self.page.clone(), served: 0, timeline: self.timeline.clone() }
     }
 }
 
@@ -780,11 +791,25 @@ impl HostMailbox {
 struct HostConduit {
     inner: trusty_platform::mailbox::MailboxConduit,
     _page: Arc<MailboxPage>,
+    timeline: Option<Arc<CallTimeline>>,
 }
 
 impl Conduit for HostConduit {
     fn call(&self, regs: [u64; 8]) -> [u64; 8] {
-        self.inner.call(regs)
+        match &self.timeline {
+            None => self.inner.call(regs),
+            Some(t) => {
+                let n = t.next_call();
+                if !t.is_recording() {
+                    return self.inner.call(regs);
+                }
+                let entered = crate::timeline::ticks();
+                let out = self.inner.call(regs);
+                let returned = crate::timeline::ticks();
+                t.record_call(n, entered, returned);
+                out
+            }
+        }
     }
 }
 
@@ -794,6 +819,7 @@ pub struct MailboxServer {
     page: Arc<MailboxPage>,
     /// Sequence number of the last request served.
     served: u32,
+    timeline: Option<Arc<CallTimeline>>,
 }
 
 impl MailboxServer {
@@ -812,6 +838,8 @@ impl MailboxServer {
         if req == self.served || self.word32(mb::OFF_MAGIC) != mb::MAILBOX_MAGIC {
             return false;
         }
+        let timeline = self.timeline.as_ref().filter(|t| t.is_recording());
+        let seen = timeline.map(|_| crate::timeline::ticks());
         let page = self.page.ptr();
         // Acquire pairs with the conduit's Release before it stores the request sequence word
         // (`MailboxConduit::publish`): the request registers are visible now.
@@ -837,8 +865,12 @@ impl MailboxServer {
         // Release pairs with the conduit's Acquire after it sees the response sequence word
         // (`MailboxConduit::answered`): the answer registers are visible first.
         fence(Ordering::Release);
+        let answered = timeline.map(|_| crate::timeline::ticks());
         // SAFETY: the response sequence word is a protocol constant inside the page, aligned.
         unsafe { page.add(mb::OFF_RSP_SEQ).cast::<u32>().write_volatile(req.to_le()) };
+        if let (Some(t), Some(seen), Some(answered)) = (timeline, seen, answered) {
+            t.record_serve(req, seen, answered);
+        }
         self.served = req;
         true
     }
@@ -1092,6 +1124,44 @@ impl IdleSpin {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// Both ends of a host mailbox stamp each call on its timeline, and a round trip of one
+    /// call splits into parts that add up to it.
+    #[test]
+    fn a_host_mailbox_splits_its_calls_on_its_timeline() {
+        let timeline = Arc::new(CallTimeline::new());
+        let mailbox = HostMailbox::with_timeline(timeline.clone());
+        let mut server = mailbox.server();
+        let stop = Arc::new(StopFlag::default());
+        let stop2 = stop.clone();
+        let peer = thread::spawn(move || {
+            while !stop2.stopped() {
+                if !server.poll(|regs| [regs[0] + 1, 0, 0, 0, 0, 0, 0, 0]) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let conduit = mailbox.conduit(Arc::new(Unpark(peer.thread().clone())), StdClock::new(), 1_000);
+        assert_eq!(conduit.call([41, 0, 0, 0, 0, 0, 0, 0])[0], 42, "unrecorded calls still go through");
+        let mut x = 0;
+        let (s, counted) = crate::timeline::split_round_trips(&timeline, 200, || {
+            x += 2;
+            let out = conduit.call([x, 0, 0, 0, 0, 0, 0, 0]);
+            if out[0] == x + 1 {
+                Ok(())
+            } else {
+                Err(out[0])
+            }
+        })
+        .expect("every call answered");
+        stop.stop();
+        peer.join().unwrap();
+        assert_eq!(counted, 200, "every round trip was one matched call");
+        for v in [s.before, s.request, s.serve, s.answer, s.after] {
+            assert!(v.is_finite() && v >= 0.0, "{s:?}");
+        }
+        assert_eq!(timeline.calls(), 201);
+    }
 
     /// The coarse reading the stack's idle catch-up uses is stale by at most the lag it
     /// reports and never ahead of the precise one; asked for less lag, the clock answers

@@ -20,6 +20,8 @@ pub mod mem;
 pub mod model;
 pub mod raw;
 pub mod tipc_dev;
+#[cfg(feature = "std")]
+pub mod timeline;
 pub mod xen_ffa;
 
 pub use model::{Injection, Model, ModelConfig, ModelStats, Variant};
