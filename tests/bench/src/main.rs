@@ -241,7 +241,7 @@ fn memcpy_ns(size: usize, iters: u64) -> f64 {
 /// as a data path's NOPs are (so only the sequence words' line crosses, each way). Returns the
 /// p50 of `iters` calls (ns) and the cache-line round trips just before and after.
 fn mailbox_call_ns(pinger: &mut Pinger, iters: usize, quick: bool) -> Result<(f64, f64, f64), String> {
-    use trusty_model::host::{move_to_last_core, HostMailbox, IdleSpin, StdClock, StopFlag, Unpark};
+    use trusty_model::host::{move_to_last_core, HostMailbox, StdClock, StopFlag, Unpark};
     use trusty_model::timeline::{ticks, ticks_per_ns};
     let mailbox = HostMailbox::new();
     let mut server = mailbox.server();
@@ -251,15 +251,8 @@ fn mailbox_call_ns(pinger: &mut Pinger, iters: usize, quick: bool) -> Result<(f6
         .name("mailbox-echo".into())
         .spawn(move || {
             move_to_last_core();
-            let start = Instant::now();
-            let mut idle = IdleSpin::new(200_000);
-            while !stop2.stopped() {
-                if server.poll(|regs| [regs[0], 0, 0, 0, 0, 0, 0, 0]) {
-                    idle.worked();
-                } else if idle.spin() {
-                    idle.rest(start.elapsed().as_nanos() as u64, 1_000_000);
-                }
-            }
+            // Idle like the stack peer's thread: 200 us of spinning, then 10 ms sleeps.
+            server.serve_until_stopped(&stop2, 200_000, 10_000_000, |regs| [regs[0], 0, 0, 0, 0, 0, 0, 0]);
         })
         .map_err(|e| format!("spawn the mailbox thread: {e}"))?;
     let conduit = mailbox.conduit(Arc::new(Unpark(thread.thread().clone())), StdClock::new(), 5_000);

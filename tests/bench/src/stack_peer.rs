@@ -32,7 +32,7 @@ use trusty_platform::trusty::{CallPolicy, Trusty};
 use trusty_virtio::rsc;
 use trusty_virtio::vring::{DeviceQueue, DeviceRingError, Layout, RawRing};
 use trusty_virtio::Bus;
-use trusty_model::host::{move_to_last_core, HostMailbox, IdleSpin, MailboxServer, StopFlag, Unpark};
+use trusty_model::host::{move_to_last_core, HostMailbox, MailboxServer, StopFlag, Unpark};
 
 /// The port whose messages come back to their sender.
 pub const ECHO_PORT: &str = "com.android.ipc-unittest.srv.echo";
@@ -788,15 +788,7 @@ impl Drop for PeerThread {
 /// and sleeping after [`PEER_SPIN_NS`] without one until the stack's event unparks it.
 fn peer_thread(peer: Arc<Mutex<Peer>>, mut server: MailboxServer, stop: &StopFlag) {
     move_to_last_core();
-    let start = Instant::now();
-    let mut idle = IdleSpin::new(PEER_SPIN_NS);
-    while !stop.stopped() {
-        if server.poll(|regs| answer(lock(&peer).call(regs))) {
-            idle.worked();
-        } else if idle.spin() {
-            idle.rest(start.elapsed().as_nanos() as u64, PEER_PARK_NS);
-        }
-    }
+    server.serve_until_stopped(stop, PEER_SPIN_NS, PEER_PARK_NS, |regs| answer(lock(&peer).call(regs)));
 }
 
 /// The test's view of the peer.
