@@ -561,7 +561,22 @@ impl TipcDevice {
                 break;
             }
         }
+        self.prefetch_next_send();
         any
+    }
+
+    /// Starts fetching for ownership the lines the next send writes: the tx ring's avail index
+    /// and slot, and the first line (the header's) of the tx buffer it takes. A peer on another
+    /// core (a Trusty VM) read them last, so each store would otherwise have to take its line
+    /// back while the kick's request word waits behind it; asked for here, right after a call,
+    /// the lines move while the caller does whatever it does before it sends. Not the rx
+    /// ring's: re-posts are batched, and Trusty reads its avail lines on every message.
+    #[inline]
+    fn prefetch_next_send(&self) {
+        self.tx.queue.prefetch_next_add();
+        if let Some(buf) = self.tx_free.last().and_then(|&b| self.bufs.get(b as usize)) {
+            trusty_virtio::vring::prefetch_line_for_write(buf.as_ptr());
+        }
     }
 
     /// Starts fetching together the lines the other side of a call wrote and this scan is
