@@ -22,13 +22,23 @@ impl Chunk {
         (self.ref_before_ns + self.ref_after_ns) / 2.0
     }
 
-    /// Whether the references before and after agree: the larger at most `1 + tolerance` times
-    /// the smaller. A non-positive or non-finite reference (a failed measurement) never agrees.
+    /// Whether the references before and after agree ([`references_agree`]) and the chunk
+    /// has a p50.
     pub fn steady(&self, tolerance: f64) -> bool {
-        let (a, b) = (self.ref_before_ns, self.ref_after_ns);
-        let ok = |x: f64| x.is_finite() && x > 0.0;
-        ok(a) && ok(b) && ok(self.p50_ns) && a.max(b) <= a.min(b) * (1.0 + tolerance)
+        measured(self.p50_ns) && references_agree(self.ref_before_ns, self.ref_after_ns, tolerance)
     }
+}
+
+fn measured(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// Whether two references taken around one measurement agree, so that it ran on one placement:
+/// the larger at most `1 + tolerance` times the smaller. A non-positive or non-finite reference
+/// (a failed measurement) never agrees.
+pub fn references_agree(before_ns: f64, after_ns: f64, tolerance: f64) -> bool {
+    let (a, b) = (before_ns, after_ns);
+    measured(a) && measured(b) && a.max(b) <= a.min(b) * (1.0 + tolerance)
 }
 
 /// What a series' chunks give.
@@ -96,6 +106,9 @@ mod tests {
         assert!(c(500.0, 125.0, 100.0).steady(0.25));
         assert!(!c(500.0, 100.0, 126.0).steady(0.25));
         assert!(!c(500.0, 69.0, 325.0).steady(0.25));
+        assert!(!c(f64::NAN, 100.0, 100.0).steady(0.25), "a chunk without a p50");
+        assert!(references_agree(100.0, 125.0, 0.25) && !references_agree(100.0, 126.0, 0.25));
+        assert!(!references_agree(0.0, 0.0, 0.25) && !references_agree(f64::NAN, 100.0, 0.25));
         assert!(!c(500.0, 0.0, 0.0).steady(0.25));
         assert!(!c(500.0, f64::NAN, 70.0).steady(0.25));
         assert!(!c(f64::NAN, 70.0, 70.0).steady(0.25));

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use trusty_stack::{bring_up_platform, StackConfig};
 use tipc::{Timeout, TipcDevice};
 use tipc_bench::alloc_count::{allocs_on_this_thread, CountingAlloc};
-use tipc_bench::chunks::{select, Chunk, Selection};
+use tipc_bench::chunks::{references_agree, select, Chunk, Selection};
 use tipc_bench::stack_peer::{self, Placement};
 use trusty_model::host::{cpu_count, pin_to_cpu, ModelMode};
 use trusty_model::timeline::{split_round_trips, CallTimeline, Split};
@@ -605,7 +605,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let (call_ns, before, after) = mailbox_call_ns(&mut pinger, echo_iters, o.quick)?;
     out.insert("transport.mailbox_call_ns".into(), call_ns);
     out.insert("transport.ref_rtt_ns".into(), (before + after) / 2.0);
-    let steady = Chunk { p50_ns: call_ns, ref_before_ns: before, ref_after_ns: after }.steady(REF_TOLERANCE);
+    let steady = references_agree(before, after, REF_TOLERANCE);
     out.insert("transport.ref_steady".into(), if steady { 1.0 } else { 0.0 });
     let mut calls = Vec::new();
     let mut allocs = Vec::new();
@@ -641,7 +641,7 @@ fn run(o: &Opts) -> Result<(), String> {
                 out.insert(k("after_call_ns"), parts.after);
                 out.insert(k("echoes"), counted as f64);
                 out.insert(k("ref_rtt_ns"), (before + after) / 2.0);
-                out.insert(k("ref_steady"), if (Chunk { p50_ns: 1.0, ref_before_ns: before, ref_after_ns: after }).steady(REF_TOLERANCE) { 1.0 } else { 0.0 });
+                out.insert(k("ref_steady"), if references_agree(before, after, REF_TOLERANCE) { 1.0 } else { 0.0 });
             }
             out.insert(format!("allocs_per_message.{name}.{s}"), e.allocs_per_message);
             // In `cores` and `stack-cores` modes the caller's thread runs only the stack, in

@@ -733,6 +733,9 @@ unsafe impl Send for MailboxPage {}
 unsafe impl Sync for MailboxPage {}
 
 impl MailboxPage {
+    fn zeroed() -> Arc<MailboxPage> {
+        Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE])))
+    }
     fn ptr(&self) -> *mut u8 {
         self.0.get().cast()
     }
@@ -759,14 +762,14 @@ impl HostMailbox {
     /// A fresh, zeroed page.
     pub fn new() -> HostMailbox {
         HostMailbox {
-            page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))),
+            page: MailboxPage::zeroed(),
             timeline: crate::timeline::for_new_mailbox(),
         }
     }
 
     /// A fresh page whose two ends stamp their calls on `timeline`.
     pub fn with_timeline(timeline: Arc<CallTimeline>) -> HostMailbox {
-        HostMailbox { page: Arc::new(MailboxPage(std::cell::UnsafeCell::new([0; PAGE_SIZE]))), timeline: Some(timeline) }
+        HostMailbox { page: MailboxPage::zeroed(), timeline: Some(timeline) }
     }
 
     /// The normal world's end: a [`MailboxConduit`] over this page that signals the server
