@@ -168,6 +168,16 @@ enum RxMsg {
     Copied(Vec<u8>),
 }
 
+impl RxMsg {
+    /// The payload's length.
+    fn len(&self) -> usize {
+        match self {
+            RxMsg::Buffer { len, .. } => *len,
+            RxMsg::Copied(v) => v.len(),
+        }
+    }
+}
+
 struct Channel {
     generation: u32,
     local: u32,
@@ -1583,16 +1593,19 @@ impl TipcDevice {
                 self.scan();
             }
             let chan = self.channel(id)?;
-            if let Some(msg) = chan.queue.front() {
-                let len = match msg {
-                    RxMsg::Buffer { len, .. } => *len,
-                    RxMsg::Copied(v) => v.len(),
-                };
-                let capacity: usize = bufs.iter().map(|b| b.len()).sum();
-                if capacity < len {
+            if let Some(msg) = chan.queue.pop_front() {
+                let len = msg.len();
+                // Whether the message fits whole; the sum stops as soon as it does. (Lengths of
+                // distinct `&mut [u8]` cannot add up past isize::MAX.)
+                let mut capacity = 0usize;
+                if len > 0 && !bufs.iter().any(|b| {
+                    capacity += b.len();
+                    capacity >= len
+                }) {
+                    // Back where it was: the slot it left is free, so this cannot allocate.
+                    chan.queue.push_front(msg);
                     return Err(Error::MessageSize);
                 }
-                let Some(msg) = chan.queue.pop_front() else { return Err(Error::BadHandle) };
                 let mut at = 0usize;
                 for out in bufs.iter_mut() {
                     if at >= len {
