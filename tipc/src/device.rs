@@ -1429,8 +1429,10 @@ impl TipcDevice {
         if !shm.is_empty() && state != ChannelState::Connected {
             return Err(Error::NotConnected);
         }
-        let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
-        let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
+        // Saturating sums: a length past usize::MAX is refused (MessageSize) as usize::MAX is.
+        // `shm.len()` is at most 65535 here, so its product cannot overflow.
+        let data_len = iov.iter().fold(0usize, |acc, s| acc.saturating_add(s.len()));
+        let payload_len = data_len.saturating_add(shm.len() * wire::SHM_DESC_LEN);
         // A Trusty idle for `idle_pump_ms` gets a NOP first: it runs only when called, so what
         // it would have done meanwhile (a service closing the channel, AOSP's closer3) must be
         // seen before the send, as Linux sees it through Trusty's own interrupts. This is the
@@ -1439,11 +1441,10 @@ impl TipcDevice {
         // returns.
         self.catch_up_then(false)?;
         let b = self.get_tx_buffer(timeout)?;
-        let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
-        else {
+        if payload_len > self.max_message_size() {
             self.tx_free.push(b);
             return Err(Error::MessageSize);
-        };
+        }
         // The wait may have let the peer close the channel or take the device offline.
         let (local, remote) = match self.channel(id) {
             Ok(c) if c.state == ChannelState::Connected => (c.local, c.remote),
