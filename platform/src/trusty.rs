@@ -209,11 +209,32 @@ impl Trusty {
         self.pending.map(|c| PendingCall { fid: c.fid, restart_fiq_owed: c.fiq })
     }
 
+    /// One secure call; notes a failed transport or a Trusty panic. Out of line: shared by
+    /// every call but the common NOP's ([`Trusty::raw_inline`]).
+    #[inline(never)]
     fn raw(&mut self, fid: u32, a0: u32, a1: u32, a2: u32) -> i32 {
+        self.raw_inline(fid, a0, a1, a2)
+    }
+
+    /// [`Trusty::raw`], inlined where a call saves a NOP (a kick, a pump) its cost; the rare
+    /// outcomes are out of line.
+    #[inline(always)]
+    fn raw_inline(&mut self, fid: u32, a0: u32, a1: u32, a2: u32) -> i32 {
         self.stats.smcs += 1;
         let regs = [u64::from(fid), u64::from(a0), u64::from(a1), u64::from(a2), 0, 0, 0, 0];
         let result = result32(&self.conduit.call(regs));
-        if let Some(why) = self.conduit.failure() {
+        let failure = self.conduit.failure();
+        if failure.is_some() || result == SmError::Panic.code() {
+            self.note_trouble(fid, result, failure);
+        }
+        result
+    }
+
+    /// After a call: the transport failed (`failure`), or Trusty panicked (`result`).
+    #[cold]
+    #[inline(never)]
+    fn note_trouble(&mut self, fid: u32, result: i32, failure: Option<&'static str>) {
+        if let Some(why) = failure {
             if self.transport_failed.is_none() {
                 log::error!("call {fid:#x}: {why}");
             }
@@ -225,7 +246,6 @@ impl Trusty {
             self.pending = None;
             self.nop_fiq_owed = false;
         }
-        result
     }
 
     fn check_alive(&self) -> Result<(), Error> {
@@ -478,12 +498,13 @@ impl Trusty {
             self.settle_std_fiq(deadline)?;
         }
         self.stats.nop_calls += 1;
-        let r = self.raw(call::SC_NOP, a0, a1, a2);
+        let r = self.raw_inline(call::SC_NOP, a0, a1, a2);
         self.check_transport()?;
-        match SmError::from_code(r) {
-            None | Some(SmError::NopDone) => Ok(()),
-            _ => self.nop_rest(r, deadline),
+        // Done: no error code (`SmError::from_code` is None), or NOP_DONE.
+        if r >= 0 || r == SmError::NopDone.code() {
+            return Ok(());
         }
+        self.nop_rest(r, deadline)
     }
 
     /// A NOP answered `r`, which did not end it: FIQ_INTERRUPTED is followed by RESTART_FIQ
