@@ -748,29 +748,7 @@ impl TipcDevice {
         };
         let payload_len = usize::from(header.len);
         if header.dst == wire::CTRL_ADDR {
-            // Most control messages fit on the stack; Linux accepts longer bodies for some types
-            // (GO_ONLINE, RELEASE), which are read into the heap.
-            let mut small = [0u8; wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
-            let mut large = Vec::new();
-            let p: &mut [u8] = match small.get_mut(..payload_len) {
-                Some(p) => p,
-                None => {
-                    large.resize(payload_len, 0);
-                    &mut large
-                }
-            };
-            let parsed = buf
-                .read(wire::HEADER_LEN, p)
-                .map_err(|_| FrameError::BadLength { used })
-                // shm_cnt is not written by Trusty on what it sends (spec §11 5): ignore it.
-                .and_then(|()| wire::parse_ctrl(p, 0, false));
-            match parsed {
-                Ok(msg) => self.handle_ctrl(msg),
-                Err(e) => {
-                    self.stats.malformed_frames += 1;
-                    log::warn!("dropping malformed control message: {e:?}");
-                }
-            }
+            self.handle_ctrl_frame(b, payload_len, used);
             return b;
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
@@ -797,6 +775,36 @@ impl TipcDevice {
         };
         chan.queue.push_back(msg);
         repost
+    }
+
+    /// A control message in rx buffer `b` (its header validated): parsed and handled.
+    // Out of line: rare next to data, and its parse buffers would widen every scan's frame.
+    #[inline(never)]
+    fn handle_ctrl_frame(&mut self, b: BufId, payload_len: usize, used: u32) {
+        let Some(buf) = self.bufs.get(b as usize) else { return };
+        // Most control messages fit on the stack; Linux accepts longer bodies for some types
+        // (GO_ONLINE, RELEASE), which are read into the heap.
+        let mut small = [0u8; wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
+        let mut large = Vec::new();
+        let p: &mut [u8] = match small.get_mut(..payload_len) {
+            Some(p) => p,
+            None => {
+                large.resize(payload_len, 0);
+                &mut large
+            }
+        };
+        let parsed = buf
+            .read(wire::HEADER_LEN, p)
+            .map_err(|_| FrameError::BadLength { used })
+            // shm_cnt is not written by Trusty on what it sends (spec §11 5): ignore it.
+            .and_then(|()| wire::parse_ctrl(p, 0, false));
+        match parsed {
+            Ok(msg) => self.handle_ctrl(msg),
+            Err(e) => {
+                self.stats.malformed_frames += 1;
+                log::warn!("dropping malformed control message: {e:?}");
+            }
+        }
     }
 
     /// No spare buffer was free: the payload of rx buffer `b` is copied out so the buffer can
