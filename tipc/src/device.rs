@@ -257,7 +257,7 @@ pub struct TipcDevice {
     channels: Vec<Option<Channel>>,
     next_generation: u32,
     by_addr: BTreeMap<u32, u32>,
-    /// The slot `by_addr` last gave: checked first (see `slot_of_addr`).
+    /// The slot `by_addr` last gave: checked first (see `route`).
     route_hint: u32,
     /// Where the search for the next local address starts (cyclic allocation, see `open`).
     next_local: u32,
@@ -754,8 +754,7 @@ impl TipcDevice {
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
         let limit = self.rx_limit;
         // One address lookup and one slot look-up per message.
-        let slot = self.slot_of_addr(header.dst);
-        let chan = match slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
+        let chan = match Self::route(&mut self.channels, &self.by_addr, &mut self.route_hint, header.dst) {
             Some(c) if c.state == ChannelState::Connected => c,
             _ => {
                 self.stats.undeliverable_frames += 1;
@@ -827,19 +826,26 @@ impl TipcDevice {
         log::warn!("dropping malformed frame from Trusty: {e:?}");
     }
 
-    /// The slot of the open channel whose local address is `addr`. The slot `by_addr` gave
-    /// last is tried first: it is the answer while the channel in it has that address, as
-    /// local addresses are unique among open channels and `by_addr` holds exactly the open
-    /// ones; so a stream of messages for one channel skips the map.
+    /// The open channel whose local address is `addr`. The slot `by_addr` gave last
+    /// (`route_hint`) is tried first: it is the answer while the channel in it has that address,
+    /// as local addresses are unique among open channels and `by_addr` holds exactly the open
+    /// ones; so a stream of messages for one channel skips the map. (Fields, not `self`: the
+    /// caller goes on using the device's other fields.)
     #[inline]
-    fn slot_of_addr(&mut self, addr: u32) -> Option<usize> {
-        let hint = self.route_hint as usize;
-        if self.channels.get(hint).and_then(Option::as_ref).is_some_and(|c| c.local == addr) {
-            return Some(hint);
+    fn route<'a>(
+        channels: &'a mut [Option<Channel>],
+        by_addr: &BTreeMap<u32, u32>,
+        route_hint: &mut u32,
+        addr: u32,
+    ) -> Option<&'a mut Channel> {
+        let hint = *route_hint as usize;
+        if channels.get(hint).and_then(Option::as_ref).is_some_and(|c| c.local == addr) {
+            // The same look-up again: the compiler folds the two into one.
+            return channels.get_mut(hint).and_then(Option::as_mut);
         }
-        let slot = *self.by_addr.get(&addr)?;
-        self.route_hint = slot;
-        Some(slot as usize)
+        let slot = *by_addr.get(&addr)?;
+        *route_hint = slot;
+        channels.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
     #[inline]
@@ -1244,8 +1250,7 @@ impl TipcDevice {
     // Out of line: the control messages' two look-ups share one copy of the search.
     #[inline(never)]
     fn channel_by_addr(&mut self, addr: u32) -> Option<&mut Channel> {
-        let slot = self.slot_of_addr(addr)?;
-        self.channels.get_mut(slot)?.as_mut()
+        Self::route(&mut self.channels, &self.by_addr, &mut self.route_hint, addr)
     }
 
     fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Error> {
