@@ -209,11 +209,32 @@ impl Trusty {
         self.pending.map(|c| PendingCall { fid: c.fid, restart_fiq_owed: c.fiq })
     }
 
+    /// One secure call; notes a failed transport or a Trusty panic. Out of line: shared by
+    /// every call but the common NOP's ([`Trusty::raw_inline`]).
+    #[inline(never)]
     fn raw(&mut self, fid: u32, a0: u32, a1: u32, a2: u32) -> i32 {
+        self.raw_inline(fid, a0, a1, a2)
+    }
+
+    /// [`Trusty::raw`], inlined where a call saves a NOP (a kick, a pump) its cost; the rare
+    /// outcomes are out of line.
+    #[inline(always)]
+    fn raw_inline(&mut self, fid: u32, a0: u32, a1: u32, a2: u32) -> i32 {
         self.stats.smcs += 1;
         let regs = [u64::from(fid), u64::from(a0), u64::from(a1), u64::from(a2), 0, 0, 0, 0];
         let result = result32(&self.conduit.call(regs));
-        if let Some(why) = self.conduit.failure() {
+        let failure = self.conduit.failure();
+        if failure.is_some() || result == SmError::Panic.code() {
+            self.note_trouble(fid, result, failure);
+        }
+        result
+    }
+
+    /// After a call: the transport failed (`failure`), or Trusty panicked (`result`).
+    #[cold]
+    #[inline(never)]
+    fn note_trouble(&mut self, fid: u32, result: i32, failure: Option<&'static str>) {
+        if let Some(why) = failure {
             if self.transport_failed.is_none() {
                 log::error!("call {fid:#x}: {why}");
             }
@@ -225,7 +246,6 @@ impl Trusty {
             self.pending = None;
             self.nop_fiq_owed = false;
         }
-        result
     }
 
     fn check_alive(&self) -> Result<(), Error> {
@@ -399,7 +419,7 @@ impl Trusty {
     fn wait_for_nop_progress(&mut self, deadline: &Deadline) -> Result<(), Error> {
         let idle = Deadline::after_ms(&*self.clock, self.policy.cpu_idle_timeout_ms).min(*deadline);
         loop {
-            match self.nop_inner(0, 0, 0, &mut Limit::At(idle)) {
+            match self.nop_inner::<false>(0, 0, 0, &mut Limit::At(idle)) {
                 Ok(()) => return Ok(()),
                 Err(e @ (Error::Sm(SmError::Panic) | Error::TransportFailed(_))) => return Err(e),
                 Err(_) if !idle.expired(&*self.clock) => self.clock.relax(),
@@ -424,7 +444,7 @@ impl Trusty {
         }
         // The clock is read only if Trusty does not finish the NOP at once: the common NOP
         // (a kick, a pump) costs no clock read.
-        self.nop_inner(a0, a1, a2, &mut Limit::After(self.policy.std_call_timeout_ms))
+        self.nop_inner::<true>(a0, a1, a2, &mut Limit::After(self.policy.std_call_timeout_ms))
     }
 
     /// Issues whatever RESTART_FIQ is owed (a NOP's, or a pending standard call's) before a
@@ -469,21 +489,31 @@ impl Trusty {
 
     /// The NOP itself: whatever RESTART_FIQ is owed first, then SMC_SC_NOP. Inline: on the
     /// common path (nothing owed, Trusty done at once) it is one call of `raw` and two checks;
-    /// every other answer goes on in [`Trusty::nop_rest`].
+    /// every other answer goes on in [`Trusty::nop_rest`]. `INLINE_CALL`: the secure call is
+    /// inlined too ([`Trusty::raw_inline`]), for [`Trusty::nop`] (every kick and pump), not for
+    /// the CPU_IDLE wait's NOPs (a standard call's slow path: one out-of-line copy is enough).
     #[inline]
-    fn nop_inner(&mut self, a0: u32, a1: u32, a2: u32, deadline: &mut Limit) -> Result<(), Error> {
+    fn nop_inner<const INLINE_CALL: bool>(
+        &mut self,
+        a0: u32,
+        a1: u32,
+        a2: u32,
+        deadline: &mut Limit,
+    ) -> Result<(), Error> {
         // Checked inline: nothing is owed on the common path (a kick, a pump).
         if self.nop_fiq_owed || self.pending.is_some_and(|c| c.fiq) {
             self.settle_nop_fiq(deadline)?;
             self.settle_std_fiq(deadline)?;
         }
         self.stats.nop_calls += 1;
-        let r = self.raw(call::SC_NOP, a0, a1, a2);
+        let r =
+            if INLINE_CALL { self.raw_inline(call::SC_NOP, a0, a1, a2) } else { self.raw(call::SC_NOP, a0, a1, a2) };
         self.check_transport()?;
-        match SmError::from_code(r) {
-            None | Some(SmError::NopDone) => Ok(()),
-            _ => self.nop_rest(r, deadline),
+        // Done: no error code (`SmError::from_code` is None), or NOP_DONE.
+        if r >= 0 || r == SmError::NopDone.code() {
+            return Ok(());
         }
+        self.nop_rest(r, deadline)
     }
 
     /// A NOP answered `r`, which did not end it: FIQ_INTERRUPTED is followed by RESTART_FIQ

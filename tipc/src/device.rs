@@ -168,6 +168,16 @@ enum RxMsg {
     Copied(Vec<u8>),
 }
 
+impl RxMsg {
+    /// The payload's length.
+    fn len(&self) -> usize {
+        match self {
+            RxMsg::Buffer { len, .. } => *len,
+            RxMsg::Copied(v) => v.len(),
+        }
+    }
+}
+
 struct Channel {
     generation: u32,
     local: u32,
@@ -247,7 +257,7 @@ pub struct TipcDevice {
     channels: Vec<Option<Channel>>,
     next_generation: u32,
     by_addr: BTreeMap<u32, u32>,
-    /// The slot `by_addr` last gave: checked first (see `slot_of_addr`).
+    /// The slot `by_addr` last gave: checked first (see `route`).
     route_hint: u32,
     /// Where the search for the next local address starts (cyclic allocation, see `open`).
     next_local: u32,
@@ -593,6 +603,9 @@ impl TipcDevice {
         }
     }
 
+    /// Takes back the tx buffers Trusty returned. Inlined into `scan` (every echo: a call of its
+    /// own cost ~20 instructions) and into `wait_tx_buffer`.
+    #[inline(always)]
     fn scan_tx(&mut self) -> bool {
         let pending = match self.tx.queue.used_pending() {
             Ok(n) => n,
@@ -738,36 +751,13 @@ impl TipcDevice {
         };
         let payload_len = usize::from(header.len);
         if header.dst == wire::CTRL_ADDR {
-            // Most control messages fit on the stack; Linux accepts longer bodies for some types
-            // (GO_ONLINE, RELEASE), which are read into the heap.
-            let mut small = [0u8; wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
-            let mut large = Vec::new();
-            let p: &mut [u8] = match small.get_mut(..payload_len) {
-                Some(p) => p,
-                None => {
-                    large.resize(payload_len, 0);
-                    &mut large
-                }
-            };
-            let parsed = buf
-                .read(wire::HEADER_LEN, p)
-                .map_err(|_| FrameError::BadLength { used })
-                // shm_cnt is not written by Trusty on what it sends (spec §11 5): ignore it.
-                .and_then(|()| wire::parse_ctrl(p, 0, false));
-            match parsed {
-                Ok(msg) => self.handle_ctrl(msg),
-                Err(e) => {
-                    self.stats.malformed_frames += 1;
-                    log::warn!("dropping malformed control message: {e:?}");
-                }
-            }
+            self.handle_ctrl_frame(b, payload_len, used);
             return b;
         }
         // Data: route by dst only; Trusty leaves src 0 (spec §11 subtlety 5).
         let limit = self.rx_limit;
         // One address lookup and one slot look-up per message.
-        let slot = self.slot_of_addr(header.dst);
-        let chan = match slot.and_then(|s| self.channels.get_mut(s)).and_then(Option::as_mut) {
+        let chan = match Self::route(&mut self.channels, &self.by_addr, &mut self.route_hint, header.dst) {
             Some(c) if c.state == ChannelState::Connected => c,
             _ => {
                 self.stats.undeliverable_frames += 1;
@@ -776,8 +766,7 @@ impl TipcDevice {
         };
         let queued = chan.queue.len();
         if queued >= limit {
-            self.stats.rx_queue_overflows += 1;
-            log::warn!("channel {}: {queued} messages unread, discarding an incoming one", header.dst);
+            Self::rx_queue_full(&mut self.stats, header.dst, queued);
             return b;
         }
         self.stats.messages_received += 1;
@@ -787,6 +776,44 @@ impl TipcDevice {
         };
         chan.queue.push_back(msg);
         repost
+    }
+
+    /// A control message in rx buffer `b` (its header validated): parsed and handled.
+    // Out of line: rare next to data, and its parse buffers would widen every scan's frame.
+    #[inline(never)]
+    fn handle_ctrl_frame(&mut self, b: BufId, payload_len: usize, used: u32) {
+        let Some(buf) = self.bufs.get(b as usize) else { return };
+        // Most control messages fit on the stack; Linux accepts longer bodies for some types
+        // (GO_ONLINE, RELEASE), which are read into the heap.
+        let mut small = [0u8; wire::CTRL_HEADER_LEN + wire::PORT_NAME_FIELD];
+        let mut large = Vec::new();
+        let p: &mut [u8] = match small.get_mut(..payload_len) {
+            Some(p) => p,
+            None => {
+                large.resize(payload_len, 0);
+                &mut large
+            }
+        };
+        let parsed = buf
+            .read(wire::HEADER_LEN, p)
+            .map_err(|_| FrameError::BadLength { used })
+            // shm_cnt is not written by Trusty on what it sends (spec §11 5): ignore it.
+            .and_then(|()| wire::parse_ctrl(p, 0, false));
+        match parsed {
+            Ok(msg) => self.handle_ctrl(msg),
+            Err(e) => {
+                self.stats.malformed_frames += 1;
+                log::warn!("dropping malformed control message: {e:?}");
+            }
+        }
+    }
+
+    // Cold and out of line: the scan's code stays small.
+    #[cold]
+    #[inline(never)]
+    fn rx_queue_full(stats: &mut DeviceStats, addr: u32, queued: usize) {
+        stats.rx_queue_overflows += 1;
+        log::warn!("channel {addr}: {queued} messages unread, discarding an incoming one");
     }
 
     /// No spare buffer was free: the payload of rx buffer `b` is copied out so the buffer can
@@ -809,19 +836,26 @@ impl TipcDevice {
         log::warn!("dropping malformed frame from Trusty: {e:?}");
     }
 
-    /// The slot of the open channel whose local address is `addr`. The slot `by_addr` gave
-    /// last is tried first: it is the answer while the channel in it has that address, as
-    /// local addresses are unique among open channels and `by_addr` holds exactly the open
-    /// ones; so a stream of messages for one channel skips the map.
+    /// The open channel whose local address is `addr`. The slot `by_addr` gave last
+    /// (`route_hint`) is tried first: it is the answer while the channel in it has that address,
+    /// as local addresses are unique among open channels and `by_addr` holds exactly the open
+    /// ones; so a stream of messages for one channel skips the map. (Fields, not `self`: the
+    /// caller goes on using the device's other fields.)
     #[inline]
-    fn slot_of_addr(&mut self, addr: u32) -> Option<usize> {
-        let hint = self.route_hint as usize;
-        if self.channels.get(hint).and_then(Option::as_ref).is_some_and(|c| c.local == addr) {
-            return Some(hint);
+    fn route<'a>(
+        channels: &'a mut [Option<Channel>],
+        by_addr: &BTreeMap<u32, u32>,
+        route_hint: &mut u32,
+        addr: u32,
+    ) -> Option<&'a mut Channel> {
+        let hint = *route_hint as usize;
+        if channels.get(hint).and_then(Option::as_ref).is_some_and(|c| c.local == addr) {
+            // The same look-up again: the compiler folds the two into one.
+            return channels.get_mut(hint).and_then(Option::as_mut);
         }
-        let slot = *self.by_addr.get(&addr)?;
-        self.route_hint = slot;
-        Some(slot as usize)
+        let slot = *by_addr.get(&addr)?;
+        *route_hint = slot;
+        channels.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
     #[inline]
@@ -1226,8 +1260,7 @@ impl TipcDevice {
     // Out of line: the control messages' two look-ups share one copy of the search.
     #[inline(never)]
     fn channel_by_addr(&mut self, addr: u32) -> Option<&mut Channel> {
-        let slot = self.slot_of_addr(addr)?;
-        self.channels.get_mut(slot)?.as_mut()
+        Self::route(&mut self.channels, &self.by_addr, &mut self.route_hint, addr)
     }
 
     fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Error> {
@@ -1419,8 +1452,10 @@ impl TipcDevice {
         if !shm.is_empty() && state != ChannelState::Connected {
             return Err(Error::NotConnected);
         }
-        let data_len = iov.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len()));
-        let payload_len = data_len.and_then(|d| shm.len().checked_mul(wire::SHM_DESC_LEN)?.checked_add(d));
+        // Saturating sums: a length past usize::MAX is refused (MessageSize) as usize::MAX is.
+        // `shm.len()` is at most 65535 here, so its product cannot overflow.
+        let data_len = iov.iter().fold(0usize, |acc, s| acc.saturating_add(s.len()));
+        let payload_len = data_len.saturating_add(shm.len() * wire::SHM_DESC_LEN);
         // A Trusty idle for `idle_pump_ms` gets a NOP first: it runs only when called, so what
         // it would have done meanwhile (a service closing the channel, AOSP's closer3) must be
         // seen before the send, as Linux sees it through Trusty's own interrupts. This is the
@@ -1429,11 +1464,10 @@ impl TipcDevice {
         // returns.
         self.catch_up_then(false)?;
         let b = self.get_tx_buffer(timeout)?;
-        let (Some(data_len), Some(payload_len)) = (data_len, payload_len.filter(|&n| n <= self.max_message_size()))
-        else {
+        if payload_len > self.max_message_size() {
             self.tx_free.push(b);
             return Err(Error::MessageSize);
-        };
+        }
         // The wait may have let the peer close the channel or take the device offline.
         let (local, remote) = match self.channel(id) {
             Ok(c) if c.state == ChannelState::Connected => (c.local, c.remote),
@@ -1448,22 +1482,10 @@ impl TipcDevice {
             }
         };
         let header = Header { src: local, dst: remote, shm_cnt: shm.len() as u16, len: payload_len as u16, flags: 0 };
-        let written = self.bufs.get(b as usize).ok_or(Error::NoMemory).and_then(|buf| {
-            (|| {
-                buf.write(0, &header.encode())?;
-                let mut at = wire::HEADER_LEN;
-                for part in iov {
-                    buf.write(at, part)?;
-                    at += part.len();
-                }
-                for d in shm {
-                    buf.write(at, &d.encode())?;
-                    at += wire::SHM_DESC_LEN;
-                }
-                Ok::<(), trusty_platform::Error>(())
-            })()
-            .map_err(Error::from)
-        });
+        let written = match self.bufs.get(b as usize) {
+            Some(buf) => Self::write_frame(buf, &header, iov, shm).map_err(Error::from),
+            None => Err(Error::NoMemory),
+        };
         if let Err(e) = written {
             self.tx_free.push(b);
             return Err(e);
@@ -1474,6 +1496,23 @@ impl TipcDevice {
         }
         self.queue_tx(b, wire::HEADER_LEN + payload_len, shm)?;
         Ok(data_len)
+    }
+
+    /// Writes a message (header, data, shm descriptors) into tx buffer `buf`.
+    // Inlined into `send`, its one caller: a call of its own cost an echo ~20 instructions.
+    #[inline(always)]
+    fn write_frame(buf: &SharedBuf, header: &Header, iov: &[&[u8]], shm: &[ShmDesc]) -> Result<(), trusty_platform::Error> {
+        buf.write(0, &header.encode())?;
+        let mut at = wire::HEADER_LEN;
+        for part in iov {
+            buf.write(at, part)?;
+            at += part.len();
+        }
+        for d in shm {
+            buf.write(at, &d.encode())?;
+            at += wire::SHM_DESC_LEN;
+        }
+        Ok(())
     }
 
     /// Sends one message with memory references to pages the stack does not own (spec §6.9;
@@ -1578,16 +1617,19 @@ impl TipcDevice {
                 self.scan();
             }
             let chan = self.channel(id)?;
-            if let Some(msg) = chan.queue.front() {
-                let len = match msg {
-                    RxMsg::Buffer { len, .. } => *len,
-                    RxMsg::Copied(v) => v.len(),
-                };
-                let capacity: usize = bufs.iter().map(|b| b.len()).sum();
-                if capacity < len {
+            if let Some(msg) = chan.queue.pop_front() {
+                let len = msg.len();
+                // Whether the message fits whole; the sum stops as soon as it does. (Lengths of
+                // distinct `&mut [u8]` cannot add up past isize::MAX.)
+                let mut capacity = 0usize;
+                if len > 0 && !bufs.iter().any(|b| {
+                    capacity += b.len();
+                    capacity >= len
+                }) {
+                    // Back where it was: the slot it left is free, so this cannot allocate.
+                    chan.queue.push_front(msg);
                     return Err(Error::MessageSize);
                 }
-                let Some(msg) = chan.queue.pop_front() else { return Err(Error::BadHandle) };
                 let mut at = 0usize;
                 for out in bufs.iter_mut() {
                     if at >= len {

@@ -314,22 +314,36 @@ pub fn prefetch_line_for_write(p: *const u8) {
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 #[inline(always)]
 fn x86_has_prefetchw() -> bool {
-    use core::sync::atomic::AtomicU8;
-    // 0: not asked yet, 1: no, 2: yes.
-    static HAS: AtomicU8 = AtomicU8::new(0);
-    match HAS.load(Ordering::Relaxed) {
-        0 => {
-            // `__cpuid` is a safe function in newer Rust, unsafe in the rust-version (1.81).
-            #[allow(unused_unsafe)]
-            // SAFETY: CPUID exists on every x86-64 CPU, and so does leaf 8000_0001h (it is where
-            // a CPU says it has long mode at all).
-            let leaf = unsafe { core::arch::x86_64::__cpuid(0x8000_0001) };
-            let has = leaf.ecx & (1 << 8) != 0;
-            HAS.store(if has { 2 } else { 1 }, Ordering::Relaxed);
-            has
-        }
-        known => known == 2,
+    // Both known answers are tested inline, so that a prefetch costs one load and two compares;
+    // only the first asks the CPU.
+    match X86_PREFETCHW.load(Ordering::Relaxed) {
+        X86_PREFETCHW_YES => true,
+        X86_PREFETCHW_NO => false,
+        _ => x86_ask_prefetchw(),
     }
+}
+
+/// Whether the CPU has PREFETCHW: [`X86_PREFETCHW_YES`], [`X86_PREFETCHW_NO`], or 0 (not asked yet).
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+static X86_PREFETCHW: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+const X86_PREFETCHW_NO: u8 = 1;
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+const X86_PREFETCHW_YES: u8 = 2;
+
+/// Asks the CPU whether it has PREFETCHW (once; out of line, as it runs once).
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[cold]
+#[inline(never)]
+fn x86_ask_prefetchw() -> bool {
+    // `__cpuid` is a safe function in newer Rust, unsafe in the rust-version (1.81).
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86-64 CPU, and so does leaf 8000_0001h (it is where a CPU
+    // says it has long mode at all).
+    let leaf = unsafe { core::arch::x86_64::__cpuid(0x8000_0001) };
+    let has = leaf.ecx & (1 << 8) != 0;
+    X86_PREFETCHW.store(if has { X86_PREFETCHW_YES } else { X86_PREFETCHW_NO }, Ordering::Relaxed);
+    has
 }
 
 impl RingMemory for RawRing {
