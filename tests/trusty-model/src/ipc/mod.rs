@@ -1878,11 +1878,11 @@ impl Ipc {
                 chan_id,
                 events,
             );
-            let sleeping = core.is_sleeping(app);
+            // Whether the app sleeps (`Core::is_sleeping`) is asked only when it decides.
             if let Some(chan) = core.chans.get_mut(&chan_id) {
                 if chan.ta == TaSide::Open
                     && chan.unread() > 0
-                    && (chan.progress != progress_before || sleeping)
+                    && (chan.progress != progress_before || matches!(core.sleep_until.get(app), Some(Some(_))))
                 {
                     chan.signal = true;
                     core.ready.raise(core.sleep_until.len(), chan.owner, Handle::Chan(chan_id));
