@@ -826,7 +826,6 @@ impl Core {
     /// fails, nothing is queued and the answer is ERR_NOT_VALID.
     #[inline(always)]
     fn deliver(&mut self, id: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
-        let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
         let slot = chan.stats_slot;
         if let Err(e) = chan.accepts_from_ns() {
@@ -850,7 +849,7 @@ impl Core {
         }
         chan.inbound.push_back(InMsg { data: buf, handles });
         chan.signal = true;
-        self.ready.raise(apps, chan.owner, Handle::Chan(id));
+        self.ready.raise(self.sleep_until.len(), chan.owner, Handle::Chan(id));
         (Ok(n), slot)
     }
 
