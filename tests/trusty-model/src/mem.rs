@@ -96,8 +96,11 @@ struct Share {
     ranges: Arc<[PhysRange]>,
     /// Bytes shared (the ranges' total).
     size: usize,
-    /// The first range's place in memory ([`PhysMem::direct`]), found once at share time.
+    /// The first range's place in memory ([`PhysMem::direct`]), found once at share time
+    /// (kept only when it covers the whole first range).
     direct: Option<DirectSpan>,
+    /// Bytes of the first range: the most that `direct` reaches of the share.
+    first_bytes: usize,
     writable: bool,
     /// Mappings the secure side holds (a mapped share cannot be reclaimed).
     mapped: u32,
@@ -537,8 +540,10 @@ impl ShareTable {
         let handle = self.next_handle;
         self.next_handle += 2;
         let size = ranges.iter().map(|r| r.pages as usize * PAGE_SIZE).sum();
+        let first_bytes = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE));
         let direct = ranges.first().and_then(|r| self.phys.direct(r.addr, r.pages as usize * PAGE_SIZE));
-        self.shares.insert(handle, Share { ranges: Arc::from(ranges), size, direct, writable, mapped: 0 });
+        let direct = direct.filter(|d| d.len >= first_bytes);
+        self.shares.insert(handle, Share { ranges: Arc::from(ranges), size, direct, first_bytes, writable, mapped: 0 });
         self.stats.shared_total += 1;
         self.stats.live = self.shares.len();
         self.stats.max_live = self.stats.max_live.max(self.stats.live);
@@ -756,8 +761,9 @@ impl ShareTable {
             return Err(SpanRefused::ReadOnly);
         }
         let ranges: &[PhysRange] = &share.ranges;
-        let run = ranges.first().map_or(0, |r| (r.pages as usize).saturating_mul(PAGE_SIZE).min(len));
-        let direct = share.direct.filter(|d| d.len >= run).map(|d| DirectSpan { ptr: d.ptr, len: run });
+        // The first range's bytes up to `len`, which `direct` covers (found at share time).
+        let run = share.first_bytes.min(len);
+        let direct = share.direct.map(|d| DirectSpan { ptr: d.ptr, len: run });
         Ok(Span { ranges, len, writable: write, phys: &self.phys, direct })
     }
 

@@ -123,6 +123,14 @@ pub struct TipcDev {
     ns_buf_hint: usize,
 }
 
+/// `n.next_multiple_of(PAGE_SIZE)` in two instructions (the page size is a power of two),
+/// overflowing where it does.
+#[inline(always)]
+fn whole_pages(n: usize) -> usize {
+    const _: () = assert!(PAGE_SIZE.is_power_of_two());
+    (n + (PAGE_SIZE - 1)) & !(PAGE_SIZE - 1)
+}
+
 /// Buckets of [`TipcDev`]'s slot hints (channel ids are handed out in sequence).
 const SLOT_HINTS: usize = 64;
 
@@ -388,7 +396,7 @@ impl TipcDev {
         if len > wire::HEADER_LEN + usize::from(u16::MAX) {
             return lk::ERR_INVALID_ARGS;
         }
-        let pages = len.max(1).next_multiple_of(PAGE_SIZE);
+        let pages = whole_pages(len.max(1));
         // Trusty maps whole pages of the buffer, read-only, for this one message (a refused
         // mapping is its error). A data message without memory references goes from the
         // mapped buffer straight into the channel's queue (handle_rx_msg() -> ipc_send_msg()
@@ -637,6 +645,14 @@ impl TipcDev {
             }
             let Some(ev) = ipc.pop_event() else { return any };
             any = true;
+            // The usual event first, told apart with one test of the variant.
+            if let IpcEvent::Message { chan, data } = ev {
+                if let Some(remote) = self.endpoint_of(chan).map(|e| e.remote) {
+                    self.send_data(remote, &data, shares);
+                }
+                ipc.recycle(data);
+                continue;
+            }
             match ev {
                 IpcEvent::Accepted { chan, max_msg_size, max_msg_cnt } => {
                     if let Some(slot) = self.slot_of(chan) {
@@ -658,12 +674,8 @@ impl TipcDev {
                         self.send_frame_ctrl(&Ctrl::DiscReq { target: remote }, src, shares);
                     }
                 }
-                IpcEvent::Message { chan, data } => {
-                    if let Some(remote) = self.endpoint_of(chan).map(|e| e.remote) {
-                        self.send_data(remote, &data, shares);
-                    }
-                    ipc.recycle(data);
-                }
+                // Sent above.
+                IpcEvent::Message { .. } => {}
             }
         }
     }
@@ -834,7 +846,7 @@ impl TipcDev {
         };
         // Everything but shm_cnt (bytes 10..12 of the header); a frame too short for a header
         // (only the broken frames of fault injection) is written as it is.
-        let written = shares.with_mapped(d.addr, cap.next_multiple_of(PAGE_SIZE), true, "rx buffer (secure to NS)", #[inline(always)] |m| {
+        let written = shares.with_mapped(d.addr, whole_pages(cap), true, "rx buffer (secure to NS)", #[inline(always)] |m| {
             if n >= wire::HEADER_LEN && head.len() == wire::HEADER_LEN {
                 // A data frame: the header's fields (fixed sizes, copied inline), then the payload.
                 m.write_parts([(0, &head[..10]), (12, &head[12..16]), (16, &body[..n - wire::HEADER_LEN])])

@@ -826,7 +826,6 @@ impl Core {
     /// fails, nothing is queued and the answer is ERR_NOT_VALID.
     #[inline(always)]
     fn deliver(&mut self, id: ChanId, len: usize, fill: impl FnOnce(&mut [u8]) -> bool, handles: Vec<MemRef>) -> (Delivery, Option<usize>) {
-        let apps = self.sleep_until.len();
         let Some(chan) = self.chans.get_mut(&id) else { return (Err((lk::ERR_NOT_FOUND, handles)), None) };
         let slot = chan.stats_slot;
         if let Err(e) = chan.accepts_from_ns() {
@@ -850,7 +849,7 @@ impl Core {
         }
         chan.inbound.push_back(InMsg { data: buf, handles });
         chan.signal = true;
-        self.ready.raise(apps, chan.owner, Handle::Chan(id));
+        self.ready.raise(self.sleep_until.len(), chan.owner, Handle::Chan(id));
         (Ok(n), slot)
     }
 
@@ -893,18 +892,21 @@ impl Core {
     #[inline]
     fn pop_event(&mut self) -> Option<IpcEvent> {
         let ev = self.events.pop_front()?;
-        match &ev {
-            IpcEvent::Message { chan, .. } => {
-                if let Some(c) = self.chans.get_mut(chan) {
-                    c.outbound = c.outbound.saturating_sub(1);
-                    if c.send_blocked {
-                        c.send_blocked = false;
-                        c.unblocked = true;
-                        c.signal = true;
-                        self.ready.raise(self.sleep_until.len(), c.owner, Handle::Chan(*chan));
-                    }
+        // A message, the usual event, is told apart with one test of the variant.
+        if let IpcEvent::Message { chan, .. } = &ev {
+            if let Some(c) = self.chans.get_mut(chan) {
+                c.outbound = c.outbound.saturating_sub(1);
+                if c.send_blocked {
+                    c.send_blocked = false;
+                    c.unblocked = true;
+                    c.signal = true;
+                    self.ready.raise(self.sleep_until.len(), c.owner, Handle::Chan(*chan));
                 }
             }
+            return Some(ev);
+        }
+        match &ev {
+            IpcEvent::Message { .. } => {}
             IpcEvent::Closed { chan } => {
                 if let Some(c) = self.chans.get_mut(chan) {
                     if c.ns == NsSide::Closing {
@@ -1878,11 +1880,11 @@ impl Ipc {
                 chan_id,
                 events,
             );
-            let sleeping = core.is_sleeping(app);
+            // Whether the app sleeps (`Core::is_sleeping`) is asked only when it decides.
             if let Some(chan) = core.chans.get_mut(&chan_id) {
                 if chan.ta == TaSide::Open
                     && chan.unread() > 0
-                    && (chan.progress != progress_before || sleeping)
+                    && (chan.progress != progress_before || matches!(core.sleep_until.get(app), Some(Some(_))))
                 {
                     chan.signal = true;
                     core.ready.raise(core.sleep_until.len(), chan.owner, Handle::Chan(chan_id));

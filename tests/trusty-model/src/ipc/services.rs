@@ -450,7 +450,6 @@ impl Echo {
     }
 
     fn handle_msgs(&mut self, ctx: &mut Ctx<'_>, chan: ChanId) -> Result<(), i32> {
-        let max = self.port.config.msg_num as usize;
         // Nothing held back: each message can go straight back (get, read, send, put) while
         // the NS queue has room; the first one that cannot takes the general path below.
         // With nothing held on any channel this needs no look-up here: `echo_queued` refuses
@@ -464,6 +463,7 @@ impl Echo {
         if !nothing_held && queue.is_empty() && ctx.echo_queued(chan).is_ok() {
             return Ok(());
         }
+        let max = self.port.config.msg_num as usize;
         while queue.len() < max {
             let mut buf = self.spare.pop().unwrap_or_default();
             match ctx.get_msg_into(chan, &mut buf) {
