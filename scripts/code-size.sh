@@ -9,6 +9,12 @@
 # OPT_LEVEL=3 (or any level) measures the same image built at that level instead, in a target
 # directory of its own (target/code-size-opt<N>) so that the images of the scenarios stay as
 # they are. A RUSTFLAGS in the environment would replace the config's flags: refused.
+#
+# GENERICS=1 builds the image with v0 symbol mangling (target/code-size-v0[-opt<N>]), whose
+# names carry generic arguments: a generic of another crate instantiated with a stack crate's
+# type (`BTreeMap<u64, tipc::device::ForeignHold>`'s node code, `drop_in_place::<Bus>`) then
+# counts for that stack crate. The default (legacy) names have no generic arguments, so there
+# that code counts as "other", as nm's crate-by-path tally has always put it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=lib/setup.sh
@@ -20,13 +26,17 @@ if [[ -z $ELF ]]; then
     [[ -z ${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-} ]] || setup_die "RUSTFLAGS is set: it would replace .cargo/config.toml's opt-level for $TARGET"
     need_rust_target "$TARGET"
     dir=${CARGO_TARGET_DIR:-$ROOT/target}
-    if [[ -n ${OPT_LEVEL:-} ]]; then
-        export CARGO_TARGET_AARCH64_UNKNOWN_NONE_RUSTFLAGS="-C opt-level=$OPT_LEVEL"
-        dir=$ROOT/target/code-size-opt$OPT_LEVEL
+    config_level=$(sed -n 's/^rustflags = .*"opt-level=\([^"]*\)".*/\1/p' "$ROOT/.cargo/config.toml")
+    if [[ -n ${OPT_LEVEL:-} || -n ${GENERICS:-} ]]; then
+        flags="-C opt-level=${OPT_LEVEL:-$config_level}"
+        dir=$ROOT/target/code-size
+        [[ -n ${GENERICS:-} ]] && flags+=" -C symbol-mangling-version=v0" && dir+=-v0
+        [[ -n ${OPT_LEVEL:-} ]] && dir+=-opt$OPT_LEVEL
+        export CARGO_TARGET_AARCH64_UNKNOWN_NONE_RUSTFLAGS=$flags
     fi
     (cd "$ROOT" && CARGO_TARGET_DIR=$dir cargo build --release --locked --target "$TARGET" -p qemu-images --bin stack-domu) >&2
     ELF=$dir/$TARGET/release/stack-domu
-    echo "opt-level: ${OPT_LEVEL:-$(sed -n 's/^rustflags = .*"opt-level=\([^"]*\)".*/\1/p' "$ROOT/.cargo/config.toml")} ($ELF)"
+    echo "opt-level: ${OPT_LEVEL:-$config_level}${GENERICS:+, v0 names: generic code instantiated with a type of a stack crate counts for that crate} ($ELF)"
 fi
 [[ -f $ELF ]] || setup_die "no such image: $ELF"
 # Which sharers and call conduits the image links (trusty-stack's per-mechanism features decide).
