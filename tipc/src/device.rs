@@ -285,9 +285,15 @@ pub struct TipcDevice {
     shm_outstanding: BTreeMap<u64, u32>,
     /// Memory ids Trusty released (or whose message was dropped): the owner may reclaim them.
     shm_released: VecDeque<u64>,
-    /// Memory the stack shared for [`TipcDevice::send_memrefs`], by id: what keeps it alive,
-    /// held until Trusty releases the reference and the share is reclaimed.
-    foreign: BTreeMap<u64, ForeignHold>,
+    /// Memory the stack shared for [`TipcDevice::send_memrefs`], by id: the slot of
+    /// `foreign_holds` holding what keeps it alive until Trusty releases the reference and the
+    /// share is reclaimed. (A map of plain integers, like `shm_outstanding`: one copy of the
+    /// map's code serves both, where a map of holds was a second copy, 7.5 KB of aarch64 code.)
+    foreign: BTreeMap<u64, u32>,
+    /// What keeps each object of `foreign` alive, by slot; `None` in a free slot.
+    foreign_holds: Vec<Option<ForeignHold>>,
+    /// The free slots of `foreign_holds`.
+    foreign_free: Vec<u32>,
     /// Foreign memory whose reclaim Trusty refused: kept alive for good (spec §3.3).
     foreign_leaked: Vec<ForeignHold>,
     /// When the secure side last had the CPU (ns), or earlier: a call made without a clock read
@@ -446,6 +452,8 @@ impl TipcDevice {
             shm_outstanding: BTreeMap::new(),
             shm_released: VecDeque::new(),
             foreign: BTreeMap::new(),
+            foreign_holds: Vec::new(),
+            foreign_free: Vec::new(),
             foreign_leaked: Vec::new(),
             last_secure_call: 0,
             clock_seen: 0,
@@ -974,7 +982,9 @@ impl TipcDevice {
     /// `dma_buf_put()`). A refused reclaim keeps the memory alive for good: Trusty may still map
     /// it. Returns whether `id` was such memory.
     fn reclaim_foreign(&mut self, id: u64) -> bool {
-        let Some(hold) = self.foreign.remove(&id) else { return false };
+        let Some(slot) = self.foreign.remove(&id) else { return false };
+        let hold = self.foreign_holds.get_mut(slot as usize).and_then(Option::take);
+        self.foreign_free.push(slot);
         match self.bus.mem().sharer_mut().reclaim(MemoryId(id)) {
             Ok(()) => {
                 self.stats.memrefs_reclaimed += 1;
@@ -982,10 +992,31 @@ impl TipcDevice {
             }
             Err(e) => {
                 log::warn!("cannot reclaim memory reference {id:#x}: {e}; keeping it alive");
-                self.foreign_leaked.push(hold);
+                if let Some(hold) = hold {
+                    self.foreign_leaked.push(hold);
+                }
             }
         }
         true
+    }
+
+    /// Keeps `hold` alive for memory id `id` until [`TipcDevice::reclaim_foreign`] takes it.
+    fn hold_foreign(&mut self, id: u64, hold: ForeignHold) {
+        let slot = match self.foreign_free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.foreign_holds.push(None);
+                // At most one slot per id held, and ids held are bounded by what the sharer
+                // hands out: far below u32::MAX.
+                (self.foreign_holds.len() - 1) as u32
+            }
+        };
+        if let Some(free) = self.foreign_holds.get_mut(slot as usize) {
+            *free = Some(hold);
+        }
+        // `send_memrefs` refuses an id still in use (`id_in_use`) before it holds anything.
+        let replaced = self.foreign.insert(id, slot);
+        debug_assert!(replaced.is_none(), "memory id {id:#x} held twice");
     }
 
     /// Memory references sent with [`TipcDevice::send_memrefs`] that Trusty still holds.
@@ -1558,7 +1589,7 @@ impl TipcDevice {
                     descs.push(ShmDesc { obj_id: mid.0, size: r.size, tag: r.tag });
                     // Registered before the message goes out: the RELEASE may come back inside
                     // the kick (Linux tipc_shared_handle_register() before queuing).
-                    self.foreign.insert(mid.0, ForeignHold { _keep: r.keep });
+                    self.hold_foreign(mid.0, ForeignHold { _keep: r.keep });
                 }
                 Err(e) => {
                     failure = Some(e.into());

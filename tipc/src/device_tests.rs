@@ -412,6 +412,49 @@ fn a_foreign_memref_is_kept_until_its_release_then_reclaimed() {
     assert_eq!(h.dev.take_released(), None, "the stack's own share is not handed out");
 }
 
+/// Many objects held at once, released out of order and sent again: each RELEASE lets go of
+/// exactly its own object (the holds live in reused slots named by the id's map entry).
+#[test]
+fn foreign_memrefs_released_out_of_order_let_go_of_their_own_objects() {
+    let mut h = Harness::new(Config::default(), 8);
+    let (ch, _) = connect(&mut h);
+    let live0 = h.dev.bus().mem_ref().sharer().live_shares();
+    let send = |h: &mut Harness, addr: u64| {
+        let (r, gone) = foreign(addr, 1);
+        h.dev.send_memrefs(ch, &[b"m"], vec![r], Timeout::Ms(1000)).unwrap();
+        let sent = h.peer().sent.last().map(|s| (s.header, s.payload.clone())).expect("a frame");
+        let id = wire::split_shm(&sent.0, &sent.1).expect("descriptors").1.next().expect("one").obj_id;
+        h.dev.pump().unwrap();
+        (id, gone)
+    };
+    let mut held: Vec<(u64, _)> = (0..6u64).map(|i| send(&mut h, 0x4600_0000_0000 + (i << 24))).collect();
+    assert_eq!(h.dev.memrefs_outstanding(), 6);
+    for round in 0..3u64 {
+        // Release the third, then the first: only those two objects go.
+        for pick in [2, 0] {
+            let (id, gone) = held.remove(pick);
+            h.peer().queue_ctrl(&Ctrl::Release { id });
+            h.dev.pump().unwrap();
+            assert!(dropped(&gone), "round {round}: the released object is let go");
+            assert!(held.iter().all(|(_, g)| !dropped(g)), "round {round}: the others are kept");
+        }
+        assert_eq!(h.dev.memrefs_outstanding(), held.len());
+        // Two more take the freed slots.
+        for i in 0..2u64 {
+            held.push(send(&mut h, 0x4700_0000_0000 + ((round * 2 + i) << 24)));
+        }
+        assert_eq!(h.dev.memrefs_outstanding(), 6);
+    }
+    for (id, gone) in held.drain(..).rev() {
+        h.peer().queue_ctrl(&Ctrl::Release { id });
+        h.dev.pump().unwrap();
+        assert!(dropped(&gone));
+    }
+    assert_eq!(h.dev.memrefs_outstanding(), 0);
+    assert_eq!(h.dev.bus().mem_ref().sharer().live_shares(), live0);
+    assert_eq!(h.dev.stats().memrefs_reclaimed, 12);
+}
+
 /// Errors leave nothing shared and let go of every object at once: a channel not connected
 /// (dn_share_fd() checks it first), an empty object, and a send that cannot get a tx buffer.
 #[test]
