@@ -1816,11 +1816,17 @@ impl TipcDevice {
     /// Releases the ring memory and hands back the bus.
     fn into_bus_only(self) -> Bus {
         let TipcDevice { mut bus, rx, tx, .. } = self;
-        for ring in [rx, tx] {
-            let Ring { queue, mem, .. } = ring;
-            drop(queue);
-            let _ = bus.mem().release(mem);
-        }
+        Self::release_ring(&mut bus, rx);
+        Self::release_ring(&mut bus, tx);
         bus
+    }
+
+    /// Drops a ring's queue, then releases the memory under it.
+    // Out of line: one copy for both rings (a loop over the two was unrolled into two).
+    #[inline(never)]
+    fn release_ring(bus: &mut Bus, ring: Ring) {
+        let Ring { queue, mem, .. } = ring;
+        drop(queue);
+        let _ = bus.mem().release(mem);
     }
 }
