@@ -1350,12 +1350,7 @@ impl TipcDevice {
         let mut candidate = self.next_local.clamp(wire::MIN_LOCAL_ADDR, MAX);
         // Each step skips a run of taken addresses; at most one wrap.
         for _ in 0..2 {
-            for (&addr, _) in self.by_addr.range(candidate..) {
-                if addr != candidate {
-                    break;
-                }
-                candidate = addr.checked_add(1)?;
-            }
+            candidate = Self::first_unheld(&self.by_addr, candidate)?;
             if candidate <= MAX {
                 self.next_local = if candidate == MAX { wire::MIN_LOCAL_ADDR } else { candidate + 1 };
                 return Some(candidate);
@@ -1363,6 +1358,19 @@ impl TipcDevice {
             candidate = wire::MIN_LOCAL_ADDR;
         }
         None
+    }
+
+    /// The first address from `candidate` on that `by_addr` does not hold; `None` past u32::MAX.
+    // Out of line: `alloc_local`'s two passes (its loop is unrolled) share one copy of the walk.
+    #[inline(never)]
+    fn first_unheld(by_addr: &BTreeMap<u32, u32>, mut candidate: u32) -> Option<u32> {
+        for (&addr, _) in by_addr.range(candidate..) {
+            if addr != candidate {
+                break;
+            }
+            candidate = addr.checked_add(1)?;
+        }
+        Some(candidate)
     }
 
     /// Sends CONN_REQ for `port` (spec §6.4 steps 2-3) without waiting for the answer.
