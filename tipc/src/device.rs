@@ -333,6 +333,13 @@ impl core::fmt::Debug for ForeignMemRef {
     }
 }
 
+/// A table of `n` empty [`BufId`] slots.
+// Out of line: bring-up makes three, and each inlined allocation and fill was a copy.
+#[inline(never)]
+fn no_bufs(n: usize) -> Box<[BufId]> {
+    alloc::vec![NO_BUF; n].into_boxed_slice()
+}
+
 /// What keeps one sent foreign object alive.
 struct ForeignHold {
     _keep: alloc::boxed::Box<dyn core::any::Any + Send>,
@@ -427,9 +434,9 @@ impl TipcDevice {
             buf_size,
             state: DeviceState::Offline,
             bufs: Vec::new(),
-            rx_posted: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
+            rx_posted: no_bufs(rx_num),
             rx_spare: Vec::new(),
-            tx_posted: alloc::vec![NO_BUF; tx_num].into_boxed_slice(),
+            tx_posted: no_bufs(tx_num),
             tx_shm: (0..tx_num).map(|_| Vec::new()).collect(),
             tx_free: Vec::new(),
             tx_allocated: 0,
@@ -445,7 +452,7 @@ impl TipcDevice {
             rx_limit: 1,
             rx_batch: 1,
             pump_ns: cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS),
-            rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
+            rx_repost: no_bufs(rx_num),
             rx_held: 0,
             rx_kick_pending: false,
             scan_owed: true,
