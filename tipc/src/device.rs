@@ -333,6 +333,13 @@ impl core::fmt::Debug for ForeignMemRef {
     }
 }
 
+/// A table of `n` empty [`BufId`] slots.
+// Out of line: bring-up makes three, and each inlined allocation and fill was a copy.
+#[inline(never)]
+fn no_bufs(n: usize) -> Box<[BufId]> {
+    alloc::vec![NO_BUF; n].into_boxed_slice()
+}
+
 /// What keeps one sent foreign object alive.
 struct ForeignHold {
     _keep: alloc::boxed::Box<dyn core::any::Any + Send>,
@@ -427,9 +434,9 @@ impl TipcDevice {
             buf_size,
             state: DeviceState::Offline,
             bufs: Vec::new(),
-            rx_posted: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
+            rx_posted: no_bufs(rx_num),
             rx_spare: Vec::new(),
-            tx_posted: alloc::vec![NO_BUF; tx_num].into_boxed_slice(),
+            tx_posted: no_bufs(tx_num),
             tx_shm: (0..tx_num).map(|_| Vec::new()).collect(),
             tx_free: Vec::new(),
             tx_allocated: 0,
@@ -445,7 +452,7 @@ impl TipcDevice {
             rx_limit: 1,
             rx_batch: 1,
             pump_ns: cfg.idle_pump_ms.saturating_mul(trusty_platform::clock::NS_PER_MS),
-            rx_repost: alloc::vec![NO_BUF; rx_num].into_boxed_slice(),
+            rx_repost: no_bufs(rx_num),
             rx_held: 0,
             rx_kick_pending: false,
             scan_owed: true,
@@ -1350,12 +1357,7 @@ impl TipcDevice {
         let mut candidate = self.next_local.clamp(wire::MIN_LOCAL_ADDR, MAX);
         // Each step skips a run of taken addresses; at most one wrap.
         for _ in 0..2 {
-            for (&addr, _) in self.by_addr.range(candidate..) {
-                if addr != candidate {
-                    break;
-                }
-                candidate = addr.checked_add(1)?;
-            }
+            candidate = Self::first_unheld(&self.by_addr, candidate)?;
             if candidate <= MAX {
                 self.next_local = if candidate == MAX { wire::MIN_LOCAL_ADDR } else { candidate + 1 };
                 return Some(candidate);
@@ -1363,6 +1365,19 @@ impl TipcDevice {
             candidate = wire::MIN_LOCAL_ADDR;
         }
         None
+    }
+
+    /// The first address from `candidate` on that `by_addr` does not hold; `None` past u32::MAX.
+    // Out of line: `alloc_local`'s two passes (its loop is unrolled) share one copy of the walk.
+    #[inline(never)]
+    fn first_unheld(by_addr: &BTreeMap<u32, u32>, mut candidate: u32) -> Option<u32> {
+        for (&addr, _) in by_addr.range(candidate..) {
+            if addr != candidate {
+                break;
+            }
+            candidate = addr.checked_add(1)?;
+        }
+        Some(candidate)
     }
 
     /// Sends CONN_REQ for `port` (spec §6.4 steps 2-3) without waiting for the answer.
@@ -1730,27 +1745,34 @@ impl TipcDevice {
     /// gone in any case.
     pub fn close(&mut self, id: ChannelId) -> Result<(), Error> {
         self.channel(id)?;
-        let Some(mut chan) = self.channels.get_mut(id.slot as usize).and_then(Option::take) else {
+        let Some(chan) = self.channels.get_mut(id.slot as usize).and_then(Option::take) else {
             return Err(Error::BadHandle);
         };
-        self.by_addr.remove(&chan.local);
-        while let Some(msg) = chan.queue.pop_front() {
-            if let RxMsg::Buffer { buf, .. } = msg {
-                self.rx_spare.push(buf);
-            }
-        }
-        let was = chan.state;
-        chan.state = ChannelState::Stale;
-        let on_wire = matches!(was, ChannelState::Connected | ChannelState::Connecting) || chan.disc_on_close;
+        let Channel { local, remote, state: was, disc_on_close, queue, .. } = chan;
+        self.by_addr.remove(&local);
+        Self::discard_queue(&mut self.rx_spare, queue);
+        let on_wire = matches!(was, ChannelState::Connected | ChannelState::Connecting) || disc_on_close;
         if on_wire && self.state == DeviceState::Online {
             // target = Trusty's address, 0 while still connecting (spec §6.8 step 2).
-            let target = chan.remote;
-            if let Err(e) = self.send_ctrl(&Ctrl::DiscReq { target }, chan.local) {
-                log::warn!("could not send DISC_REQ for channel {}: {e}", chan.local);
+            let target = remote;
+            if let Err(e) = self.send_ctrl(&Ctrl::DiscReq { target }, local) {
+                log::warn!("could not send DISC_REQ for channel {local}: {e}");
                 return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Drops a closed channel's queue: the rx buffers of its messages go back to the spares.
+    // Out of line, and the queue moved here: a channel kept whole in close was dropped on each
+    // of its returns, each with a copy of the queue's drop glue (unrolled at opt-level 3).
+    #[inline(never)]
+    fn discard_queue(rx_spare: &mut Vec<BufId>, mut queue: VecDeque<RxMsg>) {
+        while let Some(msg) = queue.pop_front() {
+            if let RxMsg::Buffer { buf, .. } = msg {
+                rx_spare.push(buf);
+            }
+        }
     }
 
     /// Open channels.
@@ -1816,11 +1838,17 @@ impl TipcDevice {
     /// Releases the ring memory and hands back the bus.
     fn into_bus_only(self) -> Bus {
         let TipcDevice { mut bus, rx, tx, .. } = self;
-        for ring in [rx, tx] {
-            let Ring { queue, mem, .. } = ring;
-            drop(queue);
-            let _ = bus.mem().release(mem);
-        }
+        Self::release_ring(&mut bus, rx);
+        Self::release_ring(&mut bus, tx);
         bus
+    }
+
+    /// Drops a ring's queue, then releases the memory under it.
+    // Out of line: one copy for both rings (a loop over the two was unrolled into two).
+    #[inline(never)]
+    fn release_ring(bus: &mut Bus, ring: Ring) {
+        let Ring { queue, mem, .. } = ring;
+        drop(queue);
+        let _ = bus.mem().release(mem);
     }
 }
