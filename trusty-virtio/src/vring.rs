@@ -988,6 +988,19 @@ impl DeviceQueue {
         mem.write_u16_fenced(self.layout.used_flags(), if no_notify { USED_F_NO_NOTIFY } else { 0 });
     }
 
+    /// The next available chain's head and first descriptor, left on the ring: for a device
+    /// end that prepares for the buffer it takes next (a cache matter), never a substitute for
+    /// the pop, which checks and takes it. `None` when the ring is empty or what the driver
+    /// published would fail the pop's checks.
+    pub fn peek_avail_first<M: RingMemory + ?Sized>(&self, mem: &M) -> Option<(u16, Desc)> {
+        let now = mem.read_u16_acquire(self.layout.avail_idx());
+        if now == self.last_avail || now.wrapping_sub(self.last_avail) > self.layout.num() {
+            return None;
+        }
+        let head = mem.read_u16(self.layout.avail_ring(self.last_avail));
+        (head < self.layout.num()).then(|| (head, self.read_desc(mem, head)))
+    }
+
     /// Starts fetching the lines of `avail.idx` and of the next avail slot (see
     /// [`RingMemory::prefetch`]), to be read soon by a pop.
     #[inline]
