@@ -1166,6 +1166,35 @@ mod tests {
     }
 
     #[test]
+    fn a_peek_shows_what_the_next_pop_takes_and_takes_nothing() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let ring = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        let a = drv.add(0x7000, 64, true).unwrap();
+        let b = drv.add(0x8000, 32, true).unwrap();
+        for _ in 0..2 {
+            assert_eq!(dev.peek_avail_first(&ring), Some((a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE })));
+        }
+        assert_eq!(dev.pop_avail_one(&ring), Ok(Some((a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE }))));
+        assert_eq!(dev.peek_avail_first(&ring).map(|(h, _)| h), Some(b));
+        assert_eq!(dev.pop_avail_one(&ring).unwrap().map(|(h, _)| h), Some(b));
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        // What the pop would refuse is not shown: a head out of range, an index jump.
+        drv.add(0x9000, 16, true).unwrap();
+        let slot = l.avail_ring(2);
+        let good = ring.read_u16(slot);
+        ring.write_u16(slot, 4);
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        ring.write_u16(slot, good);
+        ring.write_u16(l.avail_idx(), 100);
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        assert!(matches!(dev.pop_avail_one(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
+    }
+
+    #[test]
     fn pop_avail_first_takes_one_head_and_read_chain_checks_every_link() {
         let mut m = Mem::new(8192);
         let l = Layout::new(4, 4096).unwrap();
