@@ -988,6 +988,19 @@ impl DeviceQueue {
         mem.write_u16_fenced(self.layout.used_flags(), if no_notify { USED_F_NO_NOTIFY } else { 0 });
     }
 
+    /// The next available chain's head and first descriptor, left on the ring: for a device
+    /// end that prepares for the buffer it takes next (a cache matter), never a substitute for
+    /// the pop, which checks and takes it. `None` when the ring is empty or what the driver
+    /// published would fail the pop's checks.
+    pub fn peek_avail_first<M: RingMemory + ?Sized>(&self, mem: &M) -> Option<(u16, Desc)> {
+        let now = mem.read_u16_acquire(self.layout.avail_idx());
+        if now == self.last_avail || now.wrapping_sub(self.last_avail) > self.layout.num() {
+            return None;
+        }
+        let head = mem.read_u16(self.layout.avail_ring(self.last_avail));
+        (head < self.layout.num()).then(|| (head, self.read_desc(mem, head)))
+    }
+
     /// Starts fetching the lines of `avail.idx` and of the next avail slot (see
     /// [`RingMemory::prefetch`]), to be read soon by a pop.
     #[inline]
@@ -1149,6 +1162,35 @@ mod tests {
         assert_eq!(dev.pop_avail_one(&ring), Ok(None));
         // An index jump is reported as pop_avail reports it.
         ring.write_u16(l.avail_idx(), 100);
+        assert!(matches!(dev.pop_avail_one(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
+    }
+
+    #[test]
+    fn a_peek_shows_what_the_next_pop_takes_and_takes_nothing() {
+        let mut m = Mem::new(8192);
+        let l = Layout::new(4, 4096).unwrap();
+        let mut drv = DriverQueue::new(m.raw(), l).unwrap();
+        let ring = m.raw();
+        let mut dev = DeviceQueue::new(l);
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        let a = drv.add(0x7000, 64, true).unwrap();
+        let b = drv.add(0x8000, 32, true).unwrap();
+        for _ in 0..2 {
+            assert_eq!(dev.peek_avail_first(&ring), Some((a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE })));
+        }
+        assert_eq!(dev.pop_avail_one(&ring), Ok(Some((a, Desc { addr: 0x7000, len: 64, flags: DESC_F_WRITE }))));
+        assert_eq!(dev.peek_avail_first(&ring).map(|(h, _)| h), Some(b));
+        assert_eq!(dev.pop_avail_one(&ring).unwrap().map(|(h, _)| h), Some(b));
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        // What the pop would refuse is not shown: a head out of range, an index jump.
+        drv.add(0x9000, 16, true).unwrap();
+        let slot = l.avail_ring(2);
+        let good = ring.read_u16(slot);
+        ring.write_u16(slot, 4);
+        assert_eq!(dev.peek_avail_first(&ring), None);
+        ring.write_u16(slot, good);
+        ring.write_u16(l.avail_idx(), 100);
+        assert_eq!(dev.peek_avail_first(&ring), None);
         assert!(matches!(dev.pop_avail_one(&ring), Err(DeviceRingError::AvailIndexJump { .. })));
     }
 

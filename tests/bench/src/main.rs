@@ -252,7 +252,7 @@ fn mailbox_call_ns(pinger: &mut Pinger, iters: usize, quick: bool) -> Result<(f6
         .spawn(move || {
             move_to_last_core();
             // Idle like the stack peer's thread: 200 us of spinning, then 10 ms sleeps.
-            server.serve_until_stopped(&stop2, 200_000, 10_000_000, |regs| [regs[0], 0, 0, 0, 0, 0, 0, 0]);
+            server.serve_until_stopped(&stop2, 200_000, 10_000_000, |regs| [regs[0], 0, 0, 0, 0, 0, 0, 0], || ());
         })
         .map_err(|e| format!("spawn the mailbox thread: {e}"))?;
     let conduit = mailbox.conduit(Arc::new(Unpark(thread.thread().clone())), StdClock::new(), 5_000);

@@ -294,7 +294,15 @@ struct Peer {
     /// A ring error Trusty panics on (lib/trusty vqueue): every later call answers PANIC.
     panicked: bool,
     stats: PeerStats,
+    /// How far the last frame written to each rx buffer reached, by the buffer's id
+    /// (direct-mapped on its share slot; a slot names its id), and the id of the last one
+    /// filled: for [`Peer::prepare_next_rx_write`].
+    rx_reach: [(u64, usize); RX_REACH_SLOTS],
+    rx_last: u64,
 }
+
+/// Slots of [`Peer::rx_reach`] (a power of two above the ring size).
+const RX_REACH_SLOTS: usize = 64;
 
 /// A mapping the peer was allowed: `len` bytes at `ptr`.
 struct Mapped {
@@ -694,6 +702,10 @@ impl Peer {
                 }
                 self.stats.frames_out += 1;
                 self.stats.bytes_copied += payload.len() as u64;
+                if let Some(slot) = slot_of(desc.addr) {
+                    self.rx_reach[slot % RX_REACH_SLOTS] = (desc.addr, n);
+                }
+                self.rx_last = desc.addr;
                 n as u32
             }
             None => {
@@ -705,6 +717,45 @@ impl Peer {
             ring.queue.push_used(&ring.mem, head, used);
         }
         true
+    }
+
+    /// Between calls, on the other core: takes for writing the lines of the rx buffer the
+    /// next frame goes to (the next one on vring 0), as far as the last frame written there
+    /// reached, by storing back the byte each line starts with (memory keeps what it holds).
+    /// The stack has read those lines since, and the next frame's copy would otherwise wait for
+    /// each of them to come back from its core (the model does the same:
+    /// `TipcDev::prepare_next_rx_write`). Not for the buffer just filled (a stack with a single
+    /// rx buffer posted reads it now), and quiet: a buffer not (or no longer) shared
+    /// read-write that long is left alone and not counted as refused.
+    fn prepare_next_rx_write(&mut self) {
+        let Some(ring) = self.to_ns.as_ref() else { return };
+        let Some((_, desc)) = ring.queue.peek_avail_first(&ring.mem) else { return };
+        let Some(slot) = slot_of(desc.addr) else { return };
+        let (id, reach) = self.rx_reach[slot % RX_REACH_SLOTS];
+        let reach = reach.min(desc.len as usize);
+        if id != desc.addr || id == self.rx_last || reach == 0 {
+            return;
+        }
+        let generation = self.shares.generation.load(Ordering::Acquire);
+        if generation != self.cache_gen {
+            self.cache.clone_from(&self.shares.slots());
+            self.cache_gen = generation;
+        }
+        let Some(share) = self.cache.get(slot).copied().flatten().filter(|s| s.id == id && s.writable && reach <= s.len)
+        else {
+            return;
+        };
+        let base = share.addr as *mut u8;
+        let mut off = 0;
+        while off < reach {
+            // SAFETY: `off < reach <= share.len`: inside a live read-write share (as `map`
+            // grants); the byte stored is the one read.
+            unsafe {
+                let p = base.add(off);
+                p.write_volatile(p.read_volatile());
+            }
+            off = (base as usize + off + 64) / 64 * 64 - base as usize;
+        }
     }
 
     /// Moves outbox frames into rx buffers while both last.
@@ -788,7 +839,9 @@ impl Drop for PeerThread {
 /// and sleeping after [`PEER_SPIN_NS`] without one until the stack's event unparks it.
 fn peer_thread(peer: Arc<Mutex<Peer>>, mut server: MailboxServer, stop: &StopFlag) {
     move_to_last_core();
-    server.serve_until_stopped(stop, PEER_SPIN_NS, PEER_PARK_NS, |regs| answer(lock(&peer).call(regs)));
+    server.serve_until_stopped(stop, PEER_SPIN_NS, PEER_PARK_NS, |regs| answer(lock(&peer).call(regs)), || {
+        lock(&peer).prepare_next_rx_write()
+    });
 }
 
 /// The test's view of the peer.
@@ -869,6 +922,8 @@ pub fn bring_up_at(cfg: Config, placement: Placement) -> Result<StackRig, String
         no_notify: None,
         panicked: false,
         stats: PeerStats::default(),
+        rx_reach: [(0, 0); RX_REACH_SLOTS],
+        rx_last: 0,
     }));
     let clock_reads = Arc::new(AtomicU64::new(0));
     let clock: Arc<dyn Clock> = Arc::new(HostClock { inner: trusty_stack::backend::linux::StdClock::new(), reads: clock_reads.clone() });

@@ -882,18 +882,21 @@ impl MailboxServer {
     /// spins while requests come, and after `spin_ns` without one sleeps (at most `park_ns` at
     /// a time) until the caller's event unparks it ([`IdleSpin`], [`Unpark`]). The stack peer's
     /// thread and the bench's transport reference serve this way; the model's thread, which
-    /// also runs timers and left-over work, has its own loop.
+    /// also runs timers and left-over work, has its own loop. `between` runs after each
+    /// answer, while the caller works on it (a peer's preparation for the next request).
     pub fn serve_until_stopped(
         &mut self,
         stop: &StopFlag,
         spin_ns: u64,
         park_ns: u64,
         mut serve: impl FnMut([u64; 8]) -> [u64; 8],
+        mut between: impl FnMut(),
     ) {
         let start = std::time::Instant::now();
         let mut idle = IdleSpin::new(spin_ns);
         while !stop.stopped() {
             if self.poll(&mut serve) {
+                between();
                 idle.worked();
             } else if idle.spin() {
                 idle.rest(start.elapsed().as_nanos() as u64, park_ns);
@@ -1071,6 +1074,11 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, mut server: Mail
         });
         if poisoned {
             return;
+        }
+        if worked {
+            // The answer is out: while the caller works, the next frame out gets its lines.
+            let Ok(mut m) = model.lock() else { return };
+            m.prepare_next_rx_write();
         }
         if vm || left_work {
             let Ok(mut m) = model.lock() else { return };

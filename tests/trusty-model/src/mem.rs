@@ -749,6 +749,44 @@ impl ShareTable {
         }
     }
 
+    /// Takes the first `len` bytes of the writable share `id` into this core's cache for
+    /// writing, by storing back, a line at a time, the byte each line starts with: memory
+    /// keeps exactly what it held. For a buffer the normal world has read since this side last
+    /// wrote it: the lines are then in the other core's cache, and a copy into them pays for
+    /// each line's trip back while it runs (at 4000 bytes about 450 ns of a 1.7 us echo at the
+    /// 67 ns placement, 120 ns when the lines were taken beforehand; `PREFETCHW` left that
+    /// unchanged on this machine). Only under the FF-A scheme and within the share's direct
+    /// run, and quietly: an id not shared (writable, that long) is left alone, no fault, no
+    /// mapping counted.
+    ///
+    /// Storing into a buffer the driver made available to this side changes nothing it may
+    /// read: it reads an rx buffer only after the device returns it, up to the used length.
+    pub fn touch_for_write(&mut self, id: u64, len: usize) {
+        if self.scheme != IdScheme::FfaHandle {
+            return;
+        }
+        let Some(share) = self.shares.get_recent(id) else { return };
+        if !share.writable || len > share.size {
+            return;
+        }
+        let Some(direct) = share.direct else { return };
+        let run = share.first_bytes.min(len).min(direct.len);
+        let base = direct.ptr.as_ptr();
+        let mut off = 0;
+        while off < run {
+            // SAFETY: `off < run`, inside the direct run `PhysMem::direct` vouched for when the
+            // share was made, kept alive by the `PhysMem` and the share this table holds (it is
+            // borrowed here, so the share cannot be reclaimed meanwhile); the share is writable,
+            // and the byte written is the one read.
+            unsafe {
+                let p = base.add(off);
+                p.write_volatile(p.read_volatile());
+            }
+            // The next line's first byte (lines of 64 bytes or less are all reached).
+            off = (base as usize + off + 64) / 64 * 64 - base as usize;
+        }
+    }
+
     /// The FF-A share `id` as a [`Span`] of `len` bytes, checked as `map_ffa` checks it
     /// (lib/sm/shared_mem.c ext_mem_get_vmm_obj(): shared, long enough, writable if written).
     #[inline(always)]
@@ -1384,6 +1422,32 @@ mod tests {
             let ro = share(&ram, &mut t, page, 1, PERM_RO);
             assert!(t.with_mapped(ro, 16, true, "write to a read-only share", |_| ()).is_none());
             assert_eq!(t.faults().len(), 3);
+        }
+    }
+
+    /// Taking a share's lines for writing leaves every byte as it was, and is quiet (no fault,
+    /// nothing touched) for an id never shared, reclaimed, read-only or shorter than asked.
+    #[test]
+    fn touching_for_write_keeps_the_bytes_and_refuses_quietly() {
+        for stage2 in [Stage2::Identity, Stage2::Translated { pa_base: 0x8000_0000 }] {
+            let (ram, mut t) = table(stage2);
+            let page = BASE + 0x5000;
+            let pattern: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect();
+            assert!(PhysMem::write(&*ram, ram.ipa_to_pa(page).unwrap(), &pattern));
+            let h = share(&ram, &mut t, page, 2, PERM_RW);
+            for len in [0, 1, 63, 64, 65, 4000, 2 * PAGE_SIZE] {
+                t.touch_for_write(h, len);
+            }
+            let ro = share(&ram, &mut t, page, 1, PERM_RO);
+            t.touch_for_write(ro, 64);
+            t.touch_for_write(h, 2 * PAGE_SIZE + 1);
+            t.touch_for_write(0xdead_beef, 64);
+            assert_eq!(t.mem_reclaim(h), Ok(()));
+            t.touch_for_write(h, 64);
+            let mut back = alloc::vec![0u8; 2 * PAGE_SIZE];
+            assert!(PhysMem::read(&*ram, ram.ipa_to_pa(page).unwrap(), &mut back));
+            assert!(back == pattern, "every byte as it was");
+            assert!(t.faults().is_empty(), "{:?}", t.faults());
         }
     }
 

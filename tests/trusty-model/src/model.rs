@@ -1056,6 +1056,12 @@ impl Model {
         self.tipc.prefetch_rings();
     }
 
+    /// Between calls, in [`ModelMode::Cores`]: the next frame to the normal world's lines taken
+    /// for writing ahead ([`TipcDev::prepare_next_rx_write`]).
+    pub fn prepare_next_rx_write(&mut self) {
+        self.tipc.prepare_next_rx_write(&mut self.shares);
+    }
+
     /// Whether a kick or a control message is waiting for [`Model::run_background`].
     pub fn has_pending_work(&self) -> bool {
         self.work_pending

@@ -121,6 +121,19 @@ pub struct TipcDev {
     /// at the next one's place (a driver reuses its last freed buffer first), used only as a
     /// cache hint by [`TipcDev::prefetch_rings`], never to reach memory.
     ns_buf_hint: usize,
+    /// How far the last frame to the normal world written to each rx buffer reached, by the
+    /// buffer's id (direct-mapped on it; a slot names its id): for
+    /// [`TipcDev::prepare_next_rx_write`].
+    rx_reach: [(u64, usize); RX_REACH_SLOTS],
+    /// The id of the rx buffer the last frame to the normal world went to.
+    rx_last_written: u64,
+}
+
+/// Slots of [`TipcDev::rx_reach`] (a power of two, above the usual ring size of 32).
+const RX_REACH_SLOTS: usize = 64;
+
+fn rx_reach_slot(id: u64) -> usize {
+    (id ^ id >> 12) as usize & (RX_REACH_SLOTS - 1)
 }
 
 /// `n.next_multiple_of(PAGE_SIZE)` in two instructions (the page size is a power of two),
@@ -153,6 +166,8 @@ impl TipcDev {
             no_notify: [None; 2],
             slot_hints: [0; SLOT_HINTS],
             ns_buf_hint: 0,
+            rx_reach: [(0, 0); RX_REACH_SLOTS],
+            rx_last_written: 0,
         }
     }
 
@@ -291,6 +306,24 @@ impl TipcDev {
             trusty_virtio::vring::prefetch_line(p);
             trusty_virtio::vring::prefetch_line(p.wrapping_add(64));
         }
+    }
+
+    /// Between calls (a Trusty VM on another core): takes for writing, into this core's
+    /// cache, the lines of the rx buffer the next frame to the normal world goes to (the next
+    /// one on vring 0), as far as the last frame written there reached
+    /// ([`ShareTable::touch_for_write`]: memory keeps what it holds). The driver has read those
+    /// lines since, so the next frame's copy would otherwise wait for each of them to come
+    /// back from its core. Nothing is done for the buffer just filled (a driver that keeps one
+    /// rx buffer posted reads it now) or one never written. The frame itself still takes,
+    /// maps and checks its buffer as always.
+    pub fn prepare_next_rx_write(&self, shares: &mut ShareTable) {
+        let Some(ring) = &self.to_ns else { return };
+        let Some((_, d)) = ring.queue.peek_avail_first(&ring.mem) else { return };
+        let (id, reach) = self.rx_reach[rx_reach_slot(d.addr)];
+        if id != d.addr || id == self.rx_last_written || reach == 0 {
+            return;
+        }
+        shares.touch_for_write(id, reach.min(d.len as usize));
     }
 
     /// Whether a round of [`TipcDev::run`] could make progress: a chain waiting on vring 1
@@ -865,6 +898,8 @@ impl TipcDev {
             shares.fault("ffa-handle", d.addr, format!("write of {n} bytes to an rx buffer failed"));
         }
         self.stats.frames_to_ns += 1;
+        self.rx_reach[rx_reach_slot(d.addr)] = (d.addr, n);
+        self.rx_last_written = d.addr;
         ring.queue.push_used(&ring.mem, head_id, used_len.unwrap_or(n as u32));
     }
 }
