@@ -294,9 +294,9 @@ struct Peer {
     /// A ring error Trusty panics on (lib/trusty vqueue): every later call answers PANIC.
     panicked: bool,
     stats: PeerStats,
-    /// How far the last frame written to each rx buffer reached, by the buffer's id
-    /// (direct-mapped on its share slot; a slot names its id), and the id of the last one
-    /// filled: for [`Peer::prepare_next_rx_write`].
+    /// How far the last frame written to each rx buffer reached (0 once its lines were taken
+    /// back), by the buffer's id (direct-mapped on its share slot; a slot names its id), and
+    /// the id of the last one filled: for [`Peer::prepare_next_rx_write`].
     rx_reach: [(u64, usize); RX_REACH_SLOTS],
     rx_last: u64,
 }
@@ -756,6 +756,8 @@ impl Peer {
             }
             off = (base as usize + off + 64) / 64 * 64 - base as usize;
         }
+        // Once is enough until the next frame there.
+        self.rx_reach[slot % RX_REACH_SLOTS].1 = 0;
     }
 
     /// Moves outbox frames into rx buffers while both last.

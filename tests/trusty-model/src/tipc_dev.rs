@@ -121,9 +121,9 @@ pub struct TipcDev {
     /// at the next one's place (a driver reuses its last freed buffer first), used only as a
     /// cache hint by [`TipcDev::prefetch_rings`], never to reach memory.
     ns_buf_hint: usize,
-    /// How far the last frame to the normal world written to each rx buffer reached, by the
-    /// buffer's id (direct-mapped on it; a slot names its id): for
-    /// [`TipcDev::prepare_next_rx_write`].
+    /// How far the last frame to the normal world written to each rx buffer reached (0 once
+    /// its lines were taken back), by the buffer's id (direct-mapped on it; a slot names its
+    /// id): for [`TipcDev::prepare_next_rx_write`].
     rx_reach: [(u64, usize); RX_REACH_SLOTS],
     /// The id of the rx buffer the last frame to the normal world went to.
     rx_last_written: u64,
@@ -316,14 +316,18 @@ impl TipcDev {
     /// back from its core. Nothing is done for the buffer just filled (a driver that keeps one
     /// rx buffer posted reads it now) or one never written. The frame itself still takes,
     /// maps and checks its buffer as always.
-    pub fn prepare_next_rx_write(&self, shares: &mut ShareTable) {
+    pub fn prepare_next_rx_write(&mut self, shares: &mut ShareTable) {
         let Some(ring) = &self.to_ns else { return };
         let Some((_, d)) = ring.queue.peek_avail_first(&ring.mem) else { return };
-        let (id, reach) = self.rx_reach[rx_reach_slot(d.addr)];
+        let slot = rx_reach_slot(d.addr);
+        let (id, reach) = self.rx_reach[slot];
         if id != d.addr || id == self.rx_last_written || reach == 0 {
             return;
         }
         shares.touch_for_write(id, reach.min(d.len as usize));
+        // Once is enough until the next frame there (calls that bring no frame out, a stream
+        // into Trusty, find nothing to do).
+        self.rx_reach[slot].1 = 0;
     }
 
     /// Whether a round of [`TipcDev::run`] could make progress: a chain waiting on vring 1
