@@ -745,17 +745,9 @@ impl Peer {
         else {
             return;
         };
-        let base = share.addr as *mut u8;
-        let mut off = 0;
-        while off < reach {
-            // SAFETY: `off < reach <= share.len`: inside a live read-write share (as `map`
-            // grants); the byte stored is the one read.
-            unsafe {
-                let p = base.add(off);
-                p.write_volatile(p.read_volatile());
-            }
-            off = (base as usize + off + 64) / 64 * 64 - base as usize;
-        }
+        // SAFETY: `reach <= share.len` bytes of a live read-write share (as `map` grants); the
+        // stack does not write an rx buffer it has posted.
+        unsafe { trusty_model::mem::touch_lines_for_write(share.addr as *mut u8, reach) };
         // Once is enough until the next frame there.
         self.rx_reach[slot % RX_REACH_SLOTS].1 = 0;
     }

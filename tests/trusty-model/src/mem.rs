@@ -47,6 +47,27 @@ pub trait PhysMem: Send + Sync {
     }
 }
 
+/// Takes the lines of `len` bytes at `base` into this core's cache for writing, by storing back
+/// the byte each line starts with (every byte keeps its value): for a peer about to copy into
+/// memory the other side has read since (see [`ShareTable::touch_for_write`]).
+///
+/// # Safety
+/// `base..base + len` must be writable memory that stays valid for the call; another thread may
+/// read it meanwhile (it sees the same bytes), none may write it.
+pub unsafe fn touch_lines_for_write(base: *mut u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        // SAFETY: `off < len`, inside the range the caller vouches for; the byte written is the
+        // one read.
+        unsafe {
+            let p = base.add(off);
+            p.write_volatile(p.read_volatile());
+        }
+        // The next line's first byte (lines of 64 bytes or less are all reached).
+        off = (base as usize + off + 64) / 64 * 64 - base as usize;
+    }
+}
+
 /// A run of process memory standing for a run of physical memory (see [`PhysMem::direct`]).
 #[derive(Clone, Copy, Debug)]
 pub struct DirectSpan {
@@ -771,20 +792,11 @@ impl ShareTable {
         }
         let Some(direct) = share.direct else { return };
         let run = share.first_bytes.min(len).min(direct.len);
-        let base = direct.ptr.as_ptr();
-        let mut off = 0;
-        while off < run {
-            // SAFETY: `off < run`, inside the direct run `PhysMem::direct` vouched for when the
-            // share was made, kept alive by the `PhysMem` and the share this table holds (it is
-            // borrowed here, so the share cannot be reclaimed meanwhile); the share is writable,
-            // and the byte written is the one read.
-            unsafe {
-                let p = base.add(off);
-                p.write_volatile(p.read_volatile());
-            }
-            // The next line's first byte (lines of 64 bytes or less are all reached).
-            off = (base as usize + off + 64) / 64 * 64 - base as usize;
-        }
+        // SAFETY: `run` bytes from the start of the direct run `PhysMem::direct` vouched for
+        // when the share was made, kept alive by the `PhysMem` and the share this table holds
+        // (it is borrowed here, so the share cannot be reclaimed meanwhile); the share is
+        // writable.
+        unsafe { touch_lines_for_write(direct.ptr.as_ptr(), run) };
     }
 
     /// The FF-A share `id` as a [`Span`] of `len` bytes, checked as `map_ffa` checks it
