@@ -880,10 +880,10 @@ impl DeviceQueue {
         self.layout
     }
 
-    /// The head of the next available chain, taken off the avail ring (checked as Trusty's
-    /// `vqueue_get_avail_buf()` does: an index jump or a head out of range is fatal there).
-    #[inline]
-    fn pop_avail_head<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<u16>, DeviceRingError> {
+    /// The head of the next available chain, checked as Trusty's `vqueue_get_avail_buf()`
+    /// checks it (an index jump or a head out of range is fatal there), left on the ring.
+    #[inline(always)]
+    fn next_avail_head<M: RingMemory + ?Sized>(&self, mem: &M) -> Result<Option<u16>, DeviceRingError> {
         // Acquire: the slot and descriptor the index publishes are read after it.
         let now = mem.read_u16_acquire(self.layout.avail_idx());
         if now == self.last_avail {
@@ -896,8 +896,17 @@ impl DeviceQueue {
         if head >= self.layout.num() {
             return Err(DeviceRingError::HeadOutOfRange { head });
         }
-        self.last_avail = self.last_avail.wrapping_add(1);
         Ok(Some(head))
+    }
+
+    /// [`DeviceQueue::next_avail_head`], taken off the avail ring.
+    #[inline]
+    fn pop_avail_head<M: RingMemory + ?Sized>(&mut self, mem: &M) -> Result<Option<u16>, DeviceRingError> {
+        let head = self.next_avail_head(mem)?;
+        if head.is_some() {
+            self.last_avail = self.last_avail.wrapping_add(1);
+        }
+        Ok(head)
     }
 
     #[inline]
@@ -993,12 +1002,8 @@ impl DeviceQueue {
     /// the pop, which checks and takes it. `None` when the ring is empty or what the driver
     /// published would fail the pop's checks.
     pub fn peek_avail_first<M: RingMemory + ?Sized>(&self, mem: &M) -> Option<(u16, Desc)> {
-        let now = mem.read_u16_acquire(self.layout.avail_idx());
-        if now == self.last_avail || now.wrapping_sub(self.last_avail) > self.layout.num() {
-            return None;
-        }
-        let head = mem.read_u16(self.layout.avail_ring(self.last_avail));
-        (head < self.layout.num()).then(|| (head, self.read_desc(mem, head)))
+        let head = self.next_avail_head(mem).ok().flatten()?;
+        Some((head, self.read_desc(mem, head)))
     }
 
     /// Starts fetching the lines of `avail.idx` and of the next avail slot (see

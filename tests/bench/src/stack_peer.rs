@@ -311,16 +311,21 @@ struct Mapped {
 }
 
 impl Peer {
-    /// Looks `id` up (through the cache) and grants `len` bytes of it, writable only if it was
-    /// shared read-write. Refused accesses are counted.
-    fn map(&mut self, id: u64, len: usize, write: bool) -> Option<Mapped> {
+    /// The share `id` names, from the cached copy of the share table (refreshed when the
+    /// table has changed since).
+    fn share_of(&mut self, id: u64) -> Option<Share> {
         let generation = self.shares.generation.load(Ordering::Acquire);
         if generation != self.cache_gen {
             self.cache.clone_from(&self.shares.slots());
             self.cache_gen = generation;
         }
-        let share = slot_of(id).and_then(|s| self.cache.get(s).copied().flatten()).filter(|s| s.id == id);
-        match share {
+        slot_of(id).and_then(|s| self.cache.get(s).copied().flatten()).filter(|s| s.id == id)
+    }
+
+    /// Looks `id` up (through the cache) and grants `len` bytes of it, writable only if it was
+    /// shared read-write. Refused accesses are counted.
+    fn map(&mut self, id: u64, len: usize, write: bool) -> Option<Mapped> {
+        match self.share_of(id) {
             Some(s) if len <= s.len && (s.writable || !write) => Some(Mapped { ptr: s.addr as *mut u8, len }),
             _ => {
                 self.stats.refused += 1;
@@ -736,15 +741,7 @@ impl Peer {
         if id != desc.addr || id == self.rx_last || reach == 0 {
             return;
         }
-        let generation = self.shares.generation.load(Ordering::Acquire);
-        if generation != self.cache_gen {
-            self.cache.clone_from(&self.shares.slots());
-            self.cache_gen = generation;
-        }
-        let Some(share) = self.cache.get(slot).copied().flatten().filter(|s| s.id == id && s.writable && reach <= s.len)
-        else {
-            return;
-        };
+        let Some(share) = self.share_of(id).filter(|s| s.writable && reach <= s.len) else { return };
         // SAFETY: `reach <= share.len` bytes of a live read-write share (as `map` grants); the
         // stack does not write an rx buffer it has posted.
         unsafe { trusty_model::mem::touch_lines_for_write(share.addr as *mut u8, reach) };

@@ -1075,18 +1075,19 @@ fn cores_thread(model: Arc<Mutex<Model>>, clock: Arc<StdClock>, mut server: Mail
         if poisoned {
             return;
         }
-        if worked {
-            // The answer is out: while the caller works, the next frame out gets its lines.
+        if worked || vm || left_work {
             let Ok(mut m) = model.lock() else { return };
-            m.prepare_next_rx_write();
-        }
-        if vm || left_work {
-            let Ok(mut m) = model.lock() else { return };
-            // A Trusty VM profile: the guest's own mailbox (granted page), the same protocol.
-            worked |= m.serve_mailbox();
-            if m.has_pending_work() {
-                m.run_background();
-                worked = true;
+            if worked {
+                // The answer is out: while the caller works, the next frame out gets its lines.
+                m.prepare_next_rx_write();
+            }
+            if vm || left_work {
+                // A Trusty VM profile: the guest's own mailbox (granted page), the same protocol.
+                worked |= m.serve_mailbox();
+                if m.has_pending_work() {
+                    m.run_background();
+                    worked = true;
+                }
             }
         }
         if worked {
