@@ -71,7 +71,7 @@ for key in reference.cacheline_rtt_ns reference.memcpy_ns.4000 echo.sim.16.p50_n
     stream.cores.4000.mb_s echo.stack.16.p50_ns echo.stack.4000.p99_ns stream.stack.4000.mb_s \
     echo.stack-cores.16.p50_ns stream.stack-cores.4000.mb_s echo.cores.16.ratio echo.cores.16.ref_rtt_ns \
     echo.cores.16.stable echo.cores.16.chunks_kept echo.cores.16.split.request_ns \
-    echo.stack-cores.4000.split.serve_ns transport.mailbox_call_ns calls_per_echo \
+    echo.stack-cores.4000.split.serve_ns transport.mailbox_call_ns reference.echo_floor_ns calls_per_echo \
     allocs_per_message; do
     grep -q "\"$key\"" <<<"$bench_json" || { echo "tipc-bench --json lacks $key" >&2; exit 1; }
 done

@@ -54,6 +54,9 @@ struct Opts {
     stack_loop: Option<(Mode, usize, u64)>,
     /// `--no-ref`: the loop modes without their cache-line references (for callgrind).
     no_ref: bool,
+    /// `--floor-loop ROUNDS`: only the echo floor ([`tipc_bench::floor`]), between two
+    /// cache-line references.
+    floor_loop: Option<u32>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -275,6 +278,15 @@ fn mailbox_call_ns(pinger: &mut Pinger, iters: usize, quick: bool) -> Result<(f6
     thread.thread().unpark();
     let _ = thread.join();
     Ok((median(&mut ticks_per_call) / ticks_per_ns(), before, after))
+}
+
+/// The echo floor ([`tipc_bench::floor`]) between two short cache-line round trips: (ns per
+/// echo, reference before, reference after).
+fn echo_floor(pinger: &mut Pinger, quick: bool) -> Result<(f64, f64, f64), String> {
+    let before = pinger.short_rtt_ns(ref_batch(quick))?;
+    let floor = tipc_bench::floor::echo_floor_ns(8, if quick { 500 } else { 20_000 })?;
+    let after = pinger.short_rtt_ns(ref_batch(quick))?;
+    Ok((floor, before, after))
 }
 
 /// A stack brought up against one peer, and how to count the calls it made into that peer.
@@ -584,6 +596,25 @@ fn stack_loop(mode: Mode, size: usize, rounds: u64, no_ref: bool) -> Result<(), 
     Ok(())
 }
 
+/// `--floor-loop ROUNDS`: the echo floor alone, as the loop modes print their echoes (ns per
+/// echo, here the median of 5 batches of ROUNDS; the cache-line round trips just before and
+/// after, the ratio to their mean).
+fn floor_loop(rounds: u32) -> Result<(), String> {
+    if cpu_count() < 2 {
+        return Err("the echo floor needs two CPUs".into());
+    }
+    pin_to_cpu(0);
+    let mut pinger = Pinger::spawn();
+    let before = pinger.short_rtt_ns(1000)?;
+    let ns = tipc_bench::floor::echo_floor_ns(5, rounds)?;
+    let after = pinger.short_rtt_ns(1000)?;
+    println!(
+        "echo floor: {ns:.0} ns per echo (wall, median of 5 batches of {rounds}); cache-line RTT {before:.1}/{after:.1} ns before/after; {:.1}x",
+        ns / ((before + after) / 2.0)
+    );
+    Ok(())
+}
+
 fn run(o: &Opts) -> Result<(), String> {
     let cpus = cpu_count();
     if cpus > 1 {
@@ -607,6 +638,13 @@ fn run(o: &Opts) -> Result<(), String> {
     out.insert("transport.ref_rtt_ns".into(), (before + after) / 2.0);
     let steady = references_agree(before, after, REF_TOLERANCE);
     out.insert("transport.ref_steady".into(), if steady { 1.0 } else { 0.0 });
+    if cpus > 1 {
+        let (floor_ns, before, after) = echo_floor(&mut pinger, o.quick)?;
+        out.insert("reference.echo_floor_ns".into(), floor_ns);
+        out.insert("reference.echo_floor_ref_rtt_ns".into(), (before + after) / 2.0);
+        let steady = references_agree(before, after, REF_TOLERANCE);
+        out.insert("reference.echo_floor_ref_steady".into(), if steady { 1.0 } else { 0.0 });
+    }
     let mut calls = Vec::new();
     let mut allocs = Vec::new();
     for (name, mode) in MODES {
@@ -695,6 +733,13 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
         let steady = if g("transport.ref_steady") == 1.0 { "" } else { "; placement changed" };
         println!("the transport alone: a mailbox call answered at once by a thread polling on the other core,");
         println!("  the same words each time (only the sequence words' line crosses): p50 {call:.0} ns, {:.2}x its ref RTT {r:.1} ns{steady}", call / r);
+    }
+    let floor = g("reference.echo_floor_ns");
+    if floor.is_finite() {
+        let r = g("reference.echo_floor_ref_rtt_ns");
+        let steady = if g("reference.echo_floor_ref_steady") == 1.0 { "" } else { "; placement changed" };
+        println!("the echo floor: a 16 B echo's cache lines (mailbox, tx buffer, avail ring, rx buffer, used rings)");
+        println!("  moved between the cores with no other work: {floor:.0} ns, {:.2}x its ref RTT {r:.1} ns{steady}", floor / r);
     }
     println!();
     println!(
@@ -789,7 +834,7 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
 }
 
 fn main() {
-    let mut o = Opts { json: false, quick: false, modes: Vec::new(), stack_loop: None, no_ref: false };
+    let mut o = Opts { json: false, quick: false, modes: Vec::new(), stack_loop: None, no_ref: false, floor_loop: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -818,19 +863,27 @@ fn main() {
                 };
                 o.stack_loop = Some((mode, size, rounds));
             }
+            "--floor-loop" => {
+                let Some(rounds) = args.next().and_then(|a| a.parse().ok()).filter(|&r: &u32| r > 0) else {
+                    eprintln!("tipc-bench: --floor-loop takes ROUNDS (1..2^32)");
+                    std::process::exit(2);
+                };
+                o.floor_loop = Some(rounds);
+            }
             "-h" | "--help" => {
-                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack|stack-cores]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS | --stack-cores-loop SIZE ROUNDS [--no-ref]");
+                println!("usage: tipc-bench [--json] [--quick] [--mode sim|cores|stack|stack-cores]... | --stack-loop SIZE ROUNDS | --sim-loop SIZE ROUNDS | --cores-loop SIZE ROUNDS | --stack-cores-loop SIZE ROUNDS [--no-ref] | --floor-loop ROUNDS");
                 return;
             }
             other => {
-                eprintln!("tipc-bench: unknown argument '{other}' (expected --json, --quick, --mode, a loop mode, --no-ref)");
+                eprintln!("tipc-bench: unknown argument '{other}' (expected --json, --quick, --mode, a loop mode, --no-ref, --floor-loop)");
                 std::process::exit(2);
             }
         }
     }
-    let r = match o.stack_loop {
-        Some((mode, size, rounds)) => stack_loop(mode, size, rounds, o.no_ref),
-        None => run(&o),
+    let r = match (o.stack_loop, o.floor_loop) {
+        (Some((mode, size, rounds)), _) => stack_loop(mode, size, rounds, o.no_ref),
+        (None, Some(rounds)) => floor_loop(rounds),
+        (None, None) => run(&o),
     };
     if let Err(e) = r {
         eprintln!("tipc-bench: {e}");
