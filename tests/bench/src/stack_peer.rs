@@ -496,18 +496,10 @@ impl Peer {
     }
 
     /// On the other core, as a request arrives: asks for the lines the call reads first
-    /// together (both avail lines of each ring, where the last frame lay) instead of one
-    /// after the other as each read depends on the last, as the model's thread does
-    /// (`TipcDev::prefetch_rings`). Hints only: nothing is read through them.
+    /// together, as the model's thread does ([`trusty_model::mem::prefetch_call_lines`]).
     fn prefetch_rings(&self) {
-        for r in [&self.from_ns, &self.to_ns].into_iter().flatten() {
-            r.queue.prefetch_avail(&r.mem);
-        }
-        if self.ns_buf_hint != 0 {
-            let p = self.ns_buf_hint as *const u8;
-            trusty_virtio::vring::prefetch_line(p);
-            trusty_virtio::vring::prefetch_line(p.wrapping_add(64));
-        }
+        let rings = [&self.from_ns, &self.to_ns].into_iter().flatten().map(|r| (&r.queue, &r.mem));
+        trusty_model::mem::prefetch_call_lines(rings, self.ns_buf_hint);
     }
 
     /// tipc_rx_thread_func(): take each available buffer, handle it, return it with the status.

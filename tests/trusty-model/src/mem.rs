@@ -47,6 +47,30 @@ pub trait PhysMem: Send + Sync {
     }
 }
 
+/// For a secure-side peer polling on another core, as a request arrives: asks for the lines its
+/// call reads first together, instead of one after the other as each read depends on the last
+/// (the avail index, then the slot it names, then the buffer): both avail lines of each ring
+/// ([`DeviceQueue::prefetch_avail`]) and the first two lines at `last_frame`, where the last
+/// frame from the normal world lay (0: none yet), a guess that is right when the driver hands
+/// its last freed buffer out first. Hints only: a prefetch never faults and reads nothing into
+/// the program, so any address will do.
+///
+/// [`DeviceQueue::prefetch_avail`]: trusty_virtio::vring::DeviceQueue::prefetch_avail
+#[inline(always)]
+pub fn prefetch_call_lines<'a, M: RingMemory + 'a>(
+    rings: impl IntoIterator<Item = (&'a trusty_virtio::vring::DeviceQueue, &'a M)>,
+    last_frame: usize,
+) {
+    for (queue, mem) in rings {
+        queue.prefetch_avail(mem);
+    }
+    if last_frame != 0 {
+        let p = last_frame as *const u8;
+        trusty_virtio::vring::prefetch_line(p);
+        trusty_virtio::vring::prefetch_line(p.wrapping_add(64));
+    }
+}
+
 /// Takes the lines of `len` bytes at `base` into this core's cache for writing, by storing back
 /// the byte each line starts with (every byte keeps its value): for a peer about to copy into
 /// memory the other side has read since (see [`ShareTable::touch_for_write`]).

@@ -298,14 +298,8 @@ impl TipcDev {
     /// out its last freed buffer first, so that the message crosses with the ring indices
     /// instead of after them.
     pub fn prefetch_rings(&self) {
-        for r in [&self.from_ns, &self.to_ns].into_iter().flatten() {
-            r.queue.prefetch_avail(&r.mem);
-        }
-        if self.ns_buf_hint != 0 {
-            let p = self.ns_buf_hint as *const u8;
-            trusty_virtio::vring::prefetch_line(p);
-            trusty_virtio::vring::prefetch_line(p.wrapping_add(64));
-        }
+        let rings = [&self.from_ns, &self.to_ns].into_iter().flatten().map(|r| (&r.queue, &r.mem));
+        crate::mem::prefetch_call_lines(rings, self.ns_buf_hint);
     }
 
     /// Between calls (a Trusty VM on another core): takes for writing, into this core's
