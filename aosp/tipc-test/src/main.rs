@@ -12,9 +12,18 @@ use tipc_test::backend::{SimBackend, TipcBackend};
 use tipc_test::cases::{self, Params, Rng, TestCase};
 use tipc_test::kernel::KernelBackend;
 use tipc_test::runner;
+use tipc_test::StdEnv;
 use trusty_model::host::ModelMode;
 use trusty_model::Variant;
 use trusty_platform::plan::Mechanism;
+
+/// `println!` to stdout through [`tipc_test::env::print_line`]: a reader that went away ends the
+/// program quietly instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        tipc_test::env::print_line(format_args!($($arg)*))
+    };
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "tipc-test", about = "Run AOSP's TIPC tests against Trusty (by default, the embedded model)")]
@@ -179,7 +188,7 @@ fn main() -> ExitCode {
     }
     if args.list_platforms {
         for p in platforms::all() {
-            println!("{:<26} {}", p.name, p.description);
+            outln!("{:<26} {}", p.name, p.description);
         }
         return ExitCode::SUCCESS;
     }
@@ -261,13 +270,13 @@ fn main() -> ExitCode {
             if args.bench > 0 {
                 eprintln!("{}", b.bring_up_info().plan);
             } else {
-                println!("{}", b.bring_up_info().plan);
+                outln!("{}", b.bring_up_info().plan);
             }
             Box::new(b)
         }
         Err(e) => {
             if let Some(line) = &e.sharing {
-                println!("{line}");
+                outln!("{line}");
             }
             eprintln!("tipc-test: {e}");
             return ExitCode::from(2);
@@ -282,15 +291,15 @@ fn run(mut backend: Box<dyn TipcBackend>, args: &Args, selected: &[&'static Test
         // Keep stdout pure JSON in benchmark mode.
         eprintln!("{}", backend.describe());
     } else if !args.silent {
-        println!("{}", backend.describe());
+        outln!("{}", backend.describe());
     }
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     let mut rng = Rng::new(seed);
     if args.bench > 0 {
         let mut failed = false;
         for t in selected {
-            match runner::bench(&mut *backend, t, params, &mut rng, args.bench) {
-                Ok(r) => println!("{}", runner::bench_json(t.name, &r)),
+            match runner::bench(&mut *backend, &StdEnv::command(), t, params, &mut rng, args.bench) {
+                Ok(r) => outln!("{}", runner::bench_json(t.name, &r)),
                 Err(e) => {
                     eprintln!("FAIL {}: {e}", t.name);
                     failed = true;
@@ -299,7 +308,7 @@ fn run(mut backend: Box<dyn TipcBackend>, args: &Args, selected: &[&'static Test
         }
         return if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS };
     }
-    let summary = runner::run_tests(&mut *backend, selected, params, &mut rng);
+    let summary = runner::run_tests(&mut *backend, &StdEnv::command(), selected, params, &mut rng);
     if summary.failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -13,13 +13,13 @@ pub fn run_one(b: &mut dyn TipcBackend, t: &TestCase, p: &Params, rng: &mut Rng)
     generic::run_one(b, &StdEnv::new(), t, p, rng)
 }
 
-/// Runs `tests` in order, printing one result line each and the summary line.
-pub fn run_tests(b: &mut dyn TipcBackend, tests: &[&TestCase], p: &Params, rng: &mut Rng) -> Summary {
-    generic::run_tests(b, &StdEnv::new(), tests, p, rng)
+/// Runs `tests` in order, printing one result line each and the summary line in `env`.
+pub fn run_tests(b: &mut dyn TipcBackend, env: &StdEnv, tests: &[&TestCase], p: &Params, rng: &mut Rng) -> Summary {
+    generic::run_tests(b, env, tests, p, rng)
 }
 
 /// Runs `t` `n + 1` times: the first run is "cold", the other `n` give min / max / avg
 /// (tipc-test's `-B`). Stops at the first failure.
-pub fn bench(b: &mut dyn TipcBackend, t: &TestCase, p: &Params, rng: &mut Rng, n: u32) -> Result<BenchResult, String> {
-    generic::bench(b, &StdEnv::new(), t, p, rng, n)
+pub fn bench(b: &mut dyn TipcBackend, env: &StdEnv, t: &TestCase, p: &Params, rng: &mut Rng, n: u32) -> Result<BenchResult, String> {
+    generic::bench(b, env, t, p, rng, n)
 }

@@ -235,3 +235,28 @@ fn all_tests_pass_through_trusty_ipcd_s_socket() {
     assert!(out.starts_with(&format!("libtrusty: {dev}")), "{out}");
     assert_eq!(out.lines().last(), Some("15 passed, 0 failed"), "{out}");
 }
+
+/// A reader that goes away (`tipc-test ... | head -1`) ends the run at once and quietly, as
+/// AOSP's C tipc-test dies of SIGPIPE: status 141, no panic on stderr. The run lasts seconds
+/// and prints all along, so its next line comes after the reader is gone.
+#[test]
+fn a_reader_that_goes_away_ends_the_run_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tipc-test"))
+        .args(["-D", "sim", "-t", "all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tipc-test");
+    let mut first = String::new();
+    {
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        reader.read_line(&mut first).expect("a first line");
+    } // the reader goes away here
+    let out = child.wait_with_output().expect("wait for tipc-test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(first.starts_with("sharing: "), "{first}");
+    assert_eq!(out.status.code(), Some(tipc_test::env::EXIT_READER_GONE), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
