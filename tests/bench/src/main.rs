@@ -834,6 +834,11 @@ fn print_table(out: &BTreeMap<String, f64>, cpus: usize, quick: bool) {
 }
 
 fn main() {
+    // A reader that goes away (`tipc-bench | head`) ends the bench quietly, as SIGPIPE ends a C
+    // program: Rust starts with SIGPIPE ignored, and `println!` then panics on EPIPE. The bench
+    // writes to no pipe or socket but its output.
+    // SAFETY: sets a signal's disposition to the default, before any thread exists; no handler.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let mut o = Opts { json: false, quick: false, modes: Vec::new(), stack_loop: None, no_ref: false, floor_loop: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
