@@ -8,7 +8,7 @@
 //! publishes them with the word the other side polls; the other side, once that word moves,
 //! asks for every line it is about to read at once (as the stack's scan and the peers do) and
 //! then reads them in their dependency order (an index, then the slot or entry it names, then
-//! the buffer). The lines, each alone in its 64 bytes:
+//! the buffer). The lines, each alone in its 128-byte pair (see [`CacheLine`]):
 //! - the mailbox line: the request and response sequence words share it, as in the host
 //!   mailbox (`trusty_platform::mailbox`, offsets 4 and 8);
 //! - the request: the tx buffer's first line (header and 16 bytes), the avail slot and the avail
@@ -98,14 +98,8 @@ fn echo(l: &Lines, seq: u32) -> Result<u32, String> {
     l.avail_slot.at(seq as usize).store(0, Ordering::Relaxed);
     l.avail_idx.at(0).store(seq, Ordering::Release);
     l.mailbox.at(REQ).store(seq, Ordering::Release);
-    let mut spins = 0u32;
-    let mut since: Option<Instant> = None;
-    while l.mailbox.at(RSP).load(Ordering::Acquire) != seq {
-        std::hint::spin_loop();
-        spins = spins.wrapping_add(1);
-        if spins & 0xffff == 0 && since.get_or_insert_with(Instant::now).elapsed().as_secs() >= 5 {
-            return Err("echo floor: the thread on the last core did not answer in 5 s".into());
-        }
+    if !crate::spin_until(|| l.mailbox.at(RSP).load(Ordering::Acquire) == seq, std::hint::spin_loop, 5) {
+        return Err("echo floor: the thread on the last core did not answer in 5 s".into());
     }
     l.rx_used_idx.prefetch();
     l.rx_used_entry.prefetch();

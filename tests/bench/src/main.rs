@@ -154,14 +154,8 @@ impl Pinger {
     fn exchange(&self, value: u64, expect: u64) -> Result<(), String> {
         let line = &self.shared.line.0;
         line.store(value, Ordering::Release);
-        let mut spins = 0u32;
-        let mut since: Option<Instant> = None;
-        while line.load(Ordering::Acquire) != expect {
-            ping_wait(self.yields);
-            spins = spins.wrapping_add(1);
-            if spins & 0xffff == 0 && since.get_or_insert_with(Instant::now).elapsed().as_secs() >= 5 {
-                return Err("cache-line reference: the thread on the last core did not answer in 5 s".into());
-            }
+        if !tipc_bench::spin_until(|| line.load(Ordering::Acquire) == expect, || ping_wait(self.yields), 5) {
+            return Err("cache-line reference: the thread on the last core did not answer in 5 s".into());
         }
         Ok(())
     }
@@ -600,9 +594,6 @@ fn stack_loop(mode: Mode, size: usize, rounds: u64, no_ref: bool) -> Result<(), 
 /// echo, here the median of 5 batches of ROUNDS; the cache-line round trips just before and
 /// after, the ratio to their mean).
 fn floor_loop(rounds: u32) -> Result<(), String> {
-    if cpu_count() < 2 {
-        return Err("the echo floor needs two CPUs".into());
-    }
     pin_to_cpu(0);
     let mut pinger = Pinger::spawn();
     let before = pinger.short_rtt_ns(1000)?;
