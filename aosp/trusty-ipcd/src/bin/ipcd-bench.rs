@@ -155,6 +155,24 @@ fn daemon(o: &Opts, dir: &Path) -> Result<Vec<f64>, String> {
     result
 }
 
+/// Writes one line to stdout without panicking: this binary talks to the daemon over sockets,
+/// so SIGPIPE stays ignored (a dead daemon must be an error, not our death) and a reader that
+/// went away (`ipcd-bench | head -1`) makes the write fail with EPIPE, where `println!` would
+/// panic. Then the run ends quietly with status 141, as a C program killed by SIGPIPE; any
+/// other write error with a message and status 1.
+fn print_line(line: &str) -> Result<(), ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ExitCode::from(141)),
+        Err(e) => {
+            eprintln!("ipcd-bench: writing to stdout: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(DAEMON_FLAG) {
@@ -173,7 +191,11 @@ fn main() -> ExitCode {
         eprintln!("ipcd-bench: {}: {e}", dir.display());
         return ExitCode::from(2);
     }
-    println!("echo round trip, {} bytes, {} rounds (after {} warm-up), platform {}", o.size, o.rounds, o.rounds / 10, o.platform);
+    let header = format!("echo round trip, {} bytes, {} rounds (after {} warm-up), platform {}", o.size, o.rounds, o.rounds / 10, o.platform);
+    if let Err(status) = print_line(&header) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return status;
+    }
     let mut failed = false;
     type Run = fn(&Opts, &Path) -> Result<Vec<f64>, String>;
     let runs: [(&str, Run); 3] = [
@@ -182,12 +204,17 @@ fn main() -> ExitCode {
         ("trusty-ipcd process", daemon),
     ];
     for (name, run) in runs {
-        match run(&o, &dir) {
-            Ok(us) => println!("{name:<24} {}", summary(us)),
+        let line = match run(&o, &dir) {
+            Ok(us) => format!("{name:<24} {}", summary(us)),
             Err(e) => {
-                println!("{name:<24} FAILED: {e}");
                 failed = true;
+                format!("{name:<24} FAILED: {e}")
             }
+        };
+        if let Err(status) = print_line(&line) {
+            // Each run has ended its daemon already; only the directory is left to remove.
+            let _ = std::fs::remove_dir_all(&dir);
+            return status;
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
