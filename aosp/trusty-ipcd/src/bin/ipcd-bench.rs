@@ -186,17 +186,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The header first: a reader gone already leaves nothing to clean up.
+    let header = format!("echo round trip, {} bytes, {} rounds (after {} warm-up), platform {}", o.size, o.rounds, o.rounds / 10, o.platform);
+    if let Err(status) = print_line(&header) {
+        return status;
+    }
     let dir: PathBuf = std::env::temp_dir().join(format!("ipcd-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("ipcd-bench: {}: {e}", dir.display());
         return ExitCode::from(2);
     }
-    let header = format!("echo round trip, {} bytes, {} rounds (after {} warm-up), platform {}", o.size, o.rounds, o.rounds / 10, o.platform);
-    if let Err(status) = print_line(&header) {
-        let _ = std::fs::remove_dir_all(&dir);
-        return status;
-    }
     let mut failed = false;
+    let mut stdout_failed = None;
     type Run = fn(&Opts, &Path) -> Result<Vec<f64>, String>;
     let runs: [(&str, Run); 3] = [
         ("in-process, stack API", |o, _| direct(o)),
@@ -212,12 +213,15 @@ fn main() -> ExitCode {
             }
         };
         if let Err(status) = print_line(&line) {
-            // Each run has ended its daemon already; only the directory is left to remove.
-            let _ = std::fs::remove_dir_all(&dir);
-            return status;
+            // Each run has ended its daemon already: only the directory is left, removed below.
+            stdout_failed = Some(status);
+            break;
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(status) = stdout_failed {
+        return status;
+    }
     if failed {
         ExitCode::FAILURE
     } else {
